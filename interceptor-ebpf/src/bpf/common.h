@@ -1,0 +1,55 @@
+/* Helpers shared by every program. Kept header-only so each program file stays a few lines. */
+#pragma once
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "abi.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define DNS_PORT 53
+#define LOOPBACK4 0x7f000001 /* 127.0.0.1 */
+
+/* cgroup sock_addr programs: 1 lets the syscall go on (with any rewrite we made). */
+#define ALLOW 1
+
+/* Set by the daemon before load (aya EbpfLoader::set_global). Read-only for the programs. */
+const volatile __u32 daemon_tgid = 0;      /* the daemon's own sockets are never captured */
+const volatile __u16 outbound_port = 15001; /* proxy::Outbound listener on loopback */
+const volatile __u16 dns_port = 15053;      /* dns::Server listener on loopback */
+const volatile __u16 inbound_port = 15006;  /* proxy::Inbound listener (sk_lookup target) */
+
+/* Exclusion is by process (tgid): it covers every socket the daemon opens, including ones made by
+ * libraries, with no per-socket setup, and it holds when the daemon runs inside the captured
+ * cgroup (the default cgroup is the root of the hierarchy). */
+static __always_inline int from_daemon(void)
+{
+	return (bpf_get_current_pid_tgid() >> 32) == daemon_tgid;
+}
+
+static __always_inline void ip_port_from_v4(struct ip_port *out, __u32 ip4, __u16 port)
+{
+	out->addr[0] = 0;
+	out->addr[1] = 0;
+	out->addr[2] = bpf_htonl(0xffff);
+	out->addr[3] = ip4;
+	out->port = port;
+	out->family = AF_INET;
+}
+
+static __always_inline int is_v4_mapped(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void ip_port_from_v6(struct ip_port *out, const __u32 *a, __u16 port)
+{
+	out->addr[0] = a[0];
+	out->addr[1] = a[1];
+	out->addr[2] = a[2];
+	out->addr[3] = a[3];
+	out->port = port;
+	out->family = is_v4_mapped(a) ? AF_INET : AF_INET6;
+}

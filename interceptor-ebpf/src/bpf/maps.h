@@ -1,0 +1,52 @@
+/* Every map of the capture object, declared once. Each says who writes it and who reads it. */
+#pragma once
+#include "common.h"
+
+/* Mesh service addresses to capture (VIP, service port). Value is reserved (0).
+ * Writer: daemon, capture::Maps::sync_vips keeps it equal to the mesh table.
+ * Reader: connect4/connect6. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ip_port);
+	__type(value, __u32);
+} vips SEC(".maps");
+
+/* Original destination of a redirected socket, by socket cookie. Cookies are never reused, so
+ * stale entries are harmless and LRU bounds them.
+ * Writer: connect4/6, sendmsg4/6. Reader: sockops (TCP to the outbound listener),
+ * recvmsg4/6 (DNS reply source), getpeername4/6. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct ip_port);
+} cookie_orig SEC(".maps");
+
+/* Original destination of a connection to the outbound listener, by the client's own
+ * (address, port): what the proxy sees as the peer of the accepted socket.
+ * Writer: sockops on ACTIVE_ESTABLISHED. Reader and deleter: daemon (capture::OrigDst). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ip_port);
+	__type(value, struct ip_port);
+} orig_by_peer SEC(".maps");
+
+/* Local TCP ports captured inbound, and ports that never are (SSH, admin).
+ * Writer: daemon at start. Reader: sk_lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, struct inbound_port);
+} inbound_ports SEC(".maps");
+
+/* The inbound listener socket that sk_lookup steers to. Key 0.
+ * Writer: daemon (proxy::Inbound's listener). Reader: sk_lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u32);
+} inbound_listener SEC(".maps");

@@ -1,0 +1,38 @@
+/* When a captured TCP connection is established, republish its original destination under the
+ * client's (address, port): the one key proxy::Outbound has after accept(). */
+#include "maps.h"
+
+/* remote_port is network order in the low 16 bits on some kernels and shifted into the high 16
+ * bits on others; accept both. */
+static __always_inline __u16 sockops_remote_port(const struct bpf_sock_ops *ctx)
+{
+	__u32 rp = ctx->remote_port;
+
+	return rp > 0xffff ? (__u16)bpf_ntohl(rp) : bpf_ntohs((__u16)rp);
+}
+
+SEC("sockops")
+int publish_orig_dst(struct bpf_sock_ops *ctx)
+{
+	struct ip_port client;
+	const struct ip_port *orig;
+	__u64 cookie;
+
+	if (ctx->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	if (sockops_remote_port(ctx) != outbound_port)
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	orig = bpf_map_lookup_elem(&cookie_orig, &cookie);
+	if (!orig)
+		return 1;
+	if (ctx->family == AF_INET) {
+		ip_port_from_v4(&client, ctx->local_ip4, (__u16)ctx->local_port);
+	} else {
+		__u32 ip6[4] = {ctx->local_ip6[0], ctx->local_ip6[1], ctx->local_ip6[2],
+				ctx->local_ip6[3]};
+		ip_port_from_v6(&client, ip6, (__u16)ctx->local_port);
+	}
+	bpf_map_update_elem(&orig_by_peer, &client, orig, BPF_ANY);
+	return 1;
+}

@@ -1,0 +1,71 @@
+//! The Rust mirror and the C structs can never drift: compare every mirrored struct with the BTF
+//! clang wrote into the object.
+
+use std::mem::{offset_of, size_of};
+
+use btf_rs::{Btf, Type};
+use interceptor_ebpf::abi::{InboundPort, IpPort};
+use object::{Object, ObjectSection, ObjectSymbol};
+
+fn btf() -> Btf {
+    let elf = object::File::parse(interceptor_ebpf::capture_object()).expect("capture object is ELF");
+    let section = elf.section_by_name(".BTF").expect("object has .BTF");
+    Btf::from_bytes(&section.data().expect(".BTF data")).expect("valid BTF")
+}
+
+/// (size, [(member name, byte offset)]) of a C struct.
+fn c_layout(btf: &Btf, name: &str) -> (usize, Vec<(String, usize)>) {
+    let types = btf.resolve_types_by_name(name).expect("struct in BTF");
+    let st = types
+        .iter()
+        .find_map(|t| match t {
+            Type::Struct(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{name} is not a struct in BTF"));
+    let members = st
+        .members
+        .iter()
+        .map(|m| {
+            let name = btf.resolve_name(m).expect("member name");
+            (name, m.bit_offset() as usize / 8)
+        })
+        .collect();
+    (st.size(), members)
+}
+
+#[test]
+fn ip_port_matches_c() {
+    let (size, members) = c_layout(&btf(), "ip_port");
+    assert_eq!(size, size_of::<IpPort>());
+    assert_eq!(
+        members,
+        vec![
+            ("addr".to_string(), offset_of!(IpPort, addr)),
+            ("port".to_string(), offset_of!(IpPort, port)),
+            ("family".to_string(), offset_of!(IpPort, family)),
+        ]
+    );
+}
+
+#[test]
+fn inbound_port_matches_c() {
+    let (size, members) = c_layout(&btf(), "inbound_port");
+    assert_eq!(size, size_of::<InboundPort>());
+    assert_eq!(members, vec![("action".to_string(), offset_of!(InboundPort, action))]);
+}
+
+#[test]
+fn object_has_every_program() {
+    let elf = object::File::parse(interceptor_ebpf::capture_object()).expect("ELF");
+    let names: Vec<String> = elf
+        .symbols()
+        .filter_map(|s| s.name().ok().map(str::to_string))
+        .collect();
+    let all = interceptor_ebpf::programs::SOCK_ADDR
+        .iter()
+        .chain([&interceptor_ebpf::programs::SOCKOPS, &interceptor_ebpf::programs::SK_LOOKUP]);
+    for p in all {
+        assert!(names.iter().any(|n| n == p), "program {p} missing from object");
+    }
+}
