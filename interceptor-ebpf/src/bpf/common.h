@@ -12,6 +12,13 @@
 #define DNS_PORT 53
 #define LOOPBACK4 0x7f000001 /* 127.0.0.1 */
 
+/* barrier_var (bpf_helpers.h) forces a ctx field load to happen where written: clang
+ * otherwise merges loads from different branches into one pointer-offset load, which the
+ * verifier rejects for ctx. */
+#ifndef barrier_var
+#define barrier_var(var) asm volatile("" : "=r"(var) : "0"(var))
+#endif
+
 /* cgroup sock_addr programs: 1 lets the syscall go on (with any rewrite we made). */
 #define ALLOW 1
 

@@ -16,6 +16,7 @@ int publish_orig_dst(struct bpf_sock_ops *ctx)
 {
 	struct ip_port client;
 	const struct ip_port *orig;
+	__u32 family, local_port, local4, local6[4];
 	__u64 cookie;
 
 	if (ctx->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
@@ -26,13 +27,24 @@ int publish_orig_dst(struct bpf_sock_ops *ctx)
 	orig = bpf_map_lookup_elem(&cookie_orig, &cookie);
 	if (!orig)
 		return 1;
-	if (ctx->family == AF_INET) {
-		ip_port_from_v4(&client, ctx->local_ip4, (__u16)ctx->local_port);
-	} else {
-		__u32 ip6[4] = {ctx->local_ip6[0], ctx->local_ip6[1], ctx->local_ip6[2],
-				ctx->local_ip6[3]};
-		ip_port_from_v6(&client, ip6, (__u16)ctx->local_port);
-	}
+	/* Read every field unconditionally: clang would otherwise share one pointer-offset load
+	 * between the branches, and the verifier rejects a modified ctx pointer. */
+	family = ctx->family;
+	local_port = ctx->local_port;
+	local4 = ctx->local_ip4;
+	local6[0] = ctx->local_ip6[0];
+	local6[1] = ctx->local_ip6[1];
+	local6[2] = ctx->local_ip6[2];
+	local6[3] = ctx->local_ip6[3];
+	barrier_var(local4);
+	barrier_var(local6[0]);
+	barrier_var(local6[1]);
+	barrier_var(local6[2]);
+	barrier_var(local6[3]);
+	if (family == AF_INET)
+		ip_port_from_v4(&client, local4, (__u16)local_port);
+	else
+		ip_port_from_v6(&client, local6, (__u16)local_port);
 	bpf_map_update_elem(&orig_by_peer, &client, orig, BPF_ANY);
 	return 1;
 }

@@ -1,0 +1,178 @@
+//! The kernel side at run time: load the capture object with aya, attach it to the cgroup, keep
+//! its VIP map equal to the mesh table. Dropping `Capture` detaches everything; the links are
+//! owned by this process, so they also go when it dies (fail-open).
+
+mod cgroup;
+mod orig_dst;
+
+pub use cgroup::{cgroup2_mount, resolve as resolve_cgroup};
+pub use orig_dst::OriginalDst;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use aya::maps::{HashMap, MapData};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use interceptor_ebpf::abi::IpPort;
+use interceptor_ebpf::{globals, maps, programs};
+
+use crate::mesh::Table;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("capture needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run as root")]
+    NotRoot,
+    #[error("no cgroup v2 hierarchy: {0}")]
+    NoCgroup2(String),
+    #[error("cgroup {0} does not exist")]
+    CgroupMissing(PathBuf),
+    #[error("{path} is not a cgroup v2 directory (the cgroup2 mount is {mount})")]
+    NotACgroup { path: PathBuf, mount: PathBuf },
+    #[error("cannot open cgroup {path}: {source}")]
+    OpenCgroup { path: PathBuf, source: std::io::Error },
+    #[error("loading the BPF object failed: {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("BPF program {program} failed to load: {message}")]
+    Program { program: &'static str, message: String },
+    #[error("BPF map {0} missing from the object")]
+    MapMissing(&'static str),
+    #[error("BPF map {map}: {source}")]
+    Map { map: &'static str, source: aya::maps::MapError },
+}
+
+fn program_error(program: &'static str, e: ProgramError) -> Error {
+    let message = match e {
+        ProgramError::LoadError { io_error, verifier_log } => format!("{io_error}\nverifier log:\n{verifier_log}"),
+        other => {
+            let mut msg = other.to_string();
+            let mut src = std::error::Error::source(&other);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            msg
+        }
+    };
+    Error::Program { program, message }
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub cgroup: PathBuf,
+    pub outbound_port: u16,
+    pub dns_port: u16,
+    pub inbound_port: u16,
+}
+
+/// The attached capture programs. Holds the links; drop to detach.
+pub struct Capture {
+    _ebpf: Ebpf,
+    cgroup: PathBuf,
+    attached: Vec<&'static str>,
+}
+
+impl Capture {
+    /// Loads and attaches every program to the cgroup. Returns the capture, the VIP map writer and
+    /// the original-destination reader.
+    pub fn attach(settings: &Settings) -> Result<(Self, Vips, OriginalDst), Error> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(Error::NotRoot);
+        }
+        let cgroup = File::open(&settings.cgroup).map_err(|source| Error::OpenCgroup { path: settings.cgroup.clone(), source })?;
+        let tgid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::DAEMON_TGID, &tgid, true)
+            .override_global(globals::OUTBOUND_PORT, &settings.outbound_port, true)
+            .override_global(globals::DNS_PORT, &settings.dns_port, true)
+            .override_global(globals::INBOUND_PORT, &settings.inbound_port, true)
+            .load(interceptor_ebpf::capture_object())?;
+        let mut attached = Vec::new();
+        for name in programs::SOCK_ADDR {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::Program { program: name, message: "missing from object".into() })?
+                .try_into()
+                .map_err(|e| program_error(name, e))?;
+            prog.load().map_err(|e| program_error(name, e))?;
+            // A bpf_link always coexists with other programs on the cgroup; the kernel rejects
+            // the ALLOW_MULTI flag on links, so "Single" (flags 0) is the right mode here.
+            prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| program_error(name, e))?;
+            attached.push(name);
+        }
+        let name = programs::SOCKOPS;
+        let prog: &mut SockOps = ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Program { program: name, message: "missing from object".into() })?
+            .try_into()
+            .map_err(|e| program_error(name, e))?;
+        prog.load().map_err(|e| program_error(name, e))?;
+        prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| program_error(name, e))?;
+        attached.push(name);
+
+        let vips = take_hash::<IpPort, u32>(&mut ebpf, maps::VIPS)?;
+        let orig = take_hash::<IpPort, IpPort>(&mut ebpf, maps::ORIG_BY_PEER)?;
+        tracing::info!(cgroup = %settings.cgroup.display(), programs = ?attached, "capture attached");
+        Ok((
+            Self { _ebpf: ebpf, cgroup: settings.cgroup.clone(), attached },
+            Vips { map: vips, current: HashSet::new() },
+            OriginalDst::from_map(orig),
+        ))
+    }
+
+    pub fn cgroup(&self) -> &std::path::Path {
+        &self.cgroup
+    }
+
+    pub fn programs(&self) -> &[&'static str] {
+        &self.attached
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        tracing::info!(cgroup = %self.cgroup.display(), "capture detached");
+    }
+}
+
+fn take_hash<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, Error> {
+    let map = ebpf.take_map(name).ok_or(Error::MapMissing(name))?;
+    HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })
+}
+
+/// Writer of the kernel's set of captured (VIP, port) pairs.
+pub struct Vips {
+    map: HashMap<MapData, IpPort, u32>,
+    current: HashSet<IpPort>,
+}
+
+impl Vips {
+    /// Makes the kernel map equal to the table's captured addresses: additions first, so a
+    /// service that moves is never briefly uncaptured.
+    pub fn sync(&mut self, table: &Table) -> Result<usize, Error> {
+        let want: HashSet<IpPort> = table.captured().map(IpPort::from_socket_addr).collect();
+        for k in want.difference(&self.current) {
+            self.map.insert(k, 0, 0).map_err(|source| Error::Map { map: maps::VIPS, source })?;
+        }
+        for k in self.current.difference(&want) {
+            let _ = self.map.remove(k);
+        }
+        self.current = want;
+        Ok(self.current.len())
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.current.is_empty()
+    }
+
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.current.contains(&IpPort::from_socket_addr(addr))
+    }
+}

@@ -1,0 +1,11 @@
+//! interceptor: an eBPF transparent interceptor that joins Linux VMs to an Istio mesh.
+//!
+//! Modules, one concern each: `capture` (kernel programs), `mesh` (the model and its sources),
+//! `dns` (dns::Server), `proxy` (proxy::Outbound), `run` (wiring them into the daemon).
+
+pub mod capture;
+pub mod config;
+pub mod dns;
+pub mod mesh;
+pub mod proxy;
+pub mod run;

@@ -1,0 +1,104 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use interceptor::config::RunArgs;
+use interceptor::mesh::{self, FileSource};
+
+#[derive(Parser)]
+#[command(name = "interceptor", version, about = "eBPF transparent interceptor that joins Linux VMs to an Istio service mesh")]
+struct Cli {
+    /// Log format
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture DNS and mesh traffic of a cgroup and serve it until SIGINT/SIGTERM
+    Run(RunArgs),
+    /// Validate mesh files, print the table, exit 1 on error
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Istio YAML files or directories
+    #[arg(long, num_args = 1.., required = true, value_name = "PATH")]
+    mesh: Vec<PathBuf>,
+    /// Istio meshNetworks YAML
+    #[arg(long, value_name = "FILE")]
+    mesh_networks: Option<PathBuf>,
+    /// This VM's namespace
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Cluster DNS domain
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Print the table as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let opts = mesh::Options { namespace: args.namespace, cluster_domain: args.cluster_domain };
+    let source = FileSource::new(args.mesh, args.mesh_networks, opts);
+    let table = interceptor::run::first_table(&source)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&table)?);
+        return Ok(());
+    }
+    println!("{} services, {} workloads, {} DNS names", table.services.len(), table.workloads.len(), table.names.len());
+    for svc in &table.services {
+        let vips: Vec<String> = svc.vips.iter().map(ToString::to_string).collect();
+        let ports: Vec<String> = svc.ports.iter().map(|p| format!("{}/{}", p.number, p.protocol)).collect();
+        println!(
+            "service {} ({}) vips [{}]{} ports [{}] resolution {:?}",
+            svc.host, svc.origin, vips.join(", "), if svc.auto_allocated { " (auto)" } else { "" }, ports.join(", "), svc.resolution
+        );
+        for w in &svc.endpoints {
+            let mtls = if w.speaks_istio_mtls() { "mTLS" } else { "plaintext" };
+            let net = if w.network.is_empty() { "-" } else { &w.network };
+            println!("  endpoint {} ({}) network {} weight {} {:?} {}", w.address, w.name, net, w.weight, w.health, mtls);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let result = match cli.command {
+        Command::Check(args) => check(args),
+        Command::Run(args) => args.resolve().and_then(|s| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(interceptor::run::run(s))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("interceptor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

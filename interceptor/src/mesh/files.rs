@@ -1,0 +1,166 @@
+//! The file source: Istio YAML files and directories on the VM, watched and re-read whole on
+//! change. A bad edit is reported and the table in force stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+use super::istio::parse_documents;
+use super::networks::Networks;
+use super::table::{Options, Resources, Table};
+use super::{Error, Store};
+
+#[derive(Clone, Debug)]
+pub struct FileSource {
+    paths: Vec<PathBuf>,
+    mesh_networks: Option<PathBuf>,
+    options: Options,
+}
+
+fn is_mesh_file(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
+impl FileSource {
+    pub fn new(paths: Vec<PathBuf>, mesh_networks: Option<PathBuf>, options: Options) -> Self {
+        Self { paths, mesh_networks, options }
+    }
+
+    /// The files the paths stand for: files as given, directories' *.yaml|*.yml|*.json sorted.
+    fn files(&self, errors: &mut Vec<Error>) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for p in &self.paths {
+            match std::fs::metadata(p) {
+                Ok(m) if m.is_dir() => match std::fs::read_dir(p) {
+                    Ok(rd) => {
+                        let mut files: Vec<PathBuf> = rd
+                            .filter_map(|e| e.ok().map(|e| e.path()))
+                            .filter(|p| is_mesh_file(p) && p.is_file())
+                            .collect();
+                        files.sort();
+                        out.extend(files);
+                    }
+                    Err(source) => errors.push(Error::Read { file: p.clone(), source }),
+                },
+                Ok(_) => out.push(p.clone()),
+                Err(source) => errors.push(Error::Read { file: p.clone(), source }),
+            }
+        }
+        out
+    }
+
+    /// Reads everything and builds a table; any error fails the whole load.
+    pub fn load(&self) -> Result<Table, Vec<Error>> {
+        let mut errors = Vec::new();
+        let mut res = Resources::default();
+        for file in self.files(&mut errors) {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => parse_documents(&file, &text, &self.options.namespace, &mut res, &mut errors),
+                Err(source) => errors.push(Error::Read { file, source }),
+            }
+        }
+        if let Some(file) = &self.mesh_networks {
+            match std::fs::read_to_string(file) {
+                Ok(text) => match Networks::from_yaml(&text) {
+                    Ok(n) => res.networks = n,
+                    Err(message) => errors.push(Error::File { file: file.clone(), message }),
+                },
+                Err(source) => errors.push(Error::Read { file: file.clone(), source }),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Table::build(res, self.options.clone()))
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Reloads into `store` whenever a watched file changes, until the returned task is dropped
+    /// or aborted.
+    pub fn watch(self, store: Arc<Store>) -> notify::Result<tokio::task::JoinHandle<()>> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut watched: Vec<PathBuf> = self.paths.clone();
+        watched.extend(self.mesh_networks.clone());
+        let interesting = watched.clone();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                let relevant = ev.paths.iter().any(|p| {
+                    interesting.iter().any(|w| p == w || (p.parent() == Some(w.as_path()) && is_mesh_file(p)))
+                });
+                if relevant && !ev.kind.is_access() {
+                    let _ = tx.send(());
+                }
+            }
+        })?;
+        // Watch directories, not files: editors and config managers replace files by rename,
+        // which a watch on the old inode would miss.
+        for p in &watched {
+            let dir = if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into()) };
+            let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+            watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        }
+        Ok(tokio::spawn(async move {
+            let _watcher = watcher;
+            while rx.recv().await.is_some() {
+                // Let a burst of writes settle so a half-written file is not read.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while rx.try_recv().is_ok() {}
+                match self.load() {
+                    Ok(table) => {
+                        let (services, workloads) = (table.services.len(), table.workloads.len());
+                        let version = store.publish(table);
+                        tracing::info!(version, services, workloads, "mesh table reloaded");
+                    }
+                    Err(errors) => {
+                        store.record_reload_error();
+                        for e in &errors {
+                            tracing::error!(error = %e, "mesh reload rejected");
+                        }
+                        tracing::warn!(version = store.load().version, "keeping the mesh table in force");
+                    }
+                }
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SE: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\nspec:\n  hosts: [a.example.com]\n  ports: [{number: 80}]\n  resolution: STATIC\n  endpoints: [{address: 10.0.0.1}]\n";
+
+    #[test]
+    fn directory_is_read_and_errors_fail_the_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), SE).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
+        let src = FileSource::new(vec![dir.path().into()], None, Options::default());
+        assert_eq!(src.load().unwrap().services.len(), 1);
+        std::fs::write(dir.path().join("b.yaml"), SE.replace("number: 80", "number: x")).unwrap();
+        let errors = src.load().unwrap_err();
+        assert!(errors[0].to_string().contains("b.yaml: document 1: spec.ports[0].number"), "{}", errors[0]);
+    }
+
+    #[tokio::test]
+    async fn hot_reload_keeps_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(&file, SE).unwrap();
+        let src = FileSource::new(vec![file.clone()], None, Options::default());
+        let store = Store::new(src.load().unwrap());
+        let mut changed = store.subscribe();
+        let _task = src.watch(store.clone()).unwrap();
+
+        std::fs::write(&file, SE.replace("a.example.com", "b.example.com")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), changed.changed()).await.unwrap().unwrap();
+        assert!(store.load().service_by_host("b.example.com").is_some());
+
+        std::fs::write(&file, "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\nspec: {hosts: []}\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(store.load().service_by_host("b.example.com").is_some());
+        assert_eq!(store.reload_errors(), 1);
+    }
+}

@@ -1,0 +1,167 @@
+//! What the mesh is made of, independent of where it came from (files now, xDS later).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+/// A service host: an exact FQDN or a wildcard `*.suffix`. Always lower case, no trailing dot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Host(String);
+
+impl Host {
+    pub fn new(name: &str) -> Self {
+        Self(name.trim_end_matches('.').to_ascii_lowercase())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.") || self.0 == "*"
+    }
+    /// Does `name` (lower case, no trailing dot) fall under this host?
+    pub fn matches(&self, name: &str) -> bool {
+        match self.0.strip_prefix('*') {
+            Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
+            None => self.0 == name,
+        }
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    #[default]
+    None,
+    Static,
+    Dns,
+    DnsRoundRobin,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Location {
+    MeshExternal,
+    #[default]
+    MeshInternal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub number: u16,
+    pub name: String,
+    pub protocol: String,
+    /// Port on the endpoints when a workload does not name one.
+    pub target_port: Option<u16>,
+}
+
+/// Where an endpoint can be reached.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum Address {
+    Ip(IpAddr),
+    /// resolution: DNS endpoints, resolved when a connection needs them.
+    Hostname(String),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Ip(ip) => ip.fmt(f),
+            Address::Hostname(h) => f.write_str(h),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+pub enum Health {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+/// Label Istio's auto-mTLS reads to decide that an endpoint speaks mTLS.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// A WorkloadEntry or an inline ServiceEntry endpoint: a pod or a VM.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Workload {
+    /// `namespace/name` for WorkloadEntries; `ServiceEntry/ns/name#i` for inline endpoints.
+    pub name: String,
+    pub namespace: String,
+    pub address: Address,
+    pub labels: BTreeMap<String, String>,
+    /// Port name -> port number on this workload.
+    pub ports: BTreeMap<String, u16>,
+    /// Empty: the network of this VM (single network mesh).
+    pub network: String,
+    pub locality: String,
+    pub weight: u32,
+    pub service_account: String,
+    pub health: Health,
+}
+
+impl Workload {
+    /// Istio's auto-mTLS rule (SPEC section 5).
+    pub fn speaks_istio_mtls(&self) -> bool {
+        self.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
+    }
+
+    /// The port this workload serves `port` of a service on.
+    pub fn target_port(&self, port: &ServicePort) -> u16 {
+        self.ports
+            .get(&port.name)
+            .copied()
+            .or(port.target_port)
+            .unwrap_or(port.number)
+    }
+}
+
+/// One host of a ServiceEntry (Istio turns a multi-host ServiceEntry into one service per host).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Service {
+    pub host: Host,
+    /// The ServiceEntry this came from, `namespace/name`.
+    pub origin: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    /// True when the VIPs were allocated by us (the ServiceEntry had no addresses).
+    pub auto_allocated: bool,
+    pub ports: Vec<ServicePort>,
+    pub resolution: Resolution,
+    pub location: Location,
+    pub subject_alt_names: Vec<String>,
+    pub endpoints: Vec<Arc<Workload>>,
+}
+
+impl Service {
+    pub fn port(&self, number: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.number == number)
+    }
+
+    /// `name.ns.svc.<domain>` hosts are served like Kubernetes services (name variants in DNS),
+    /// the way istiod's name table reports them.
+    pub fn kubernetes_name<'a>(&'a self, cluster_domain: &str) -> Option<(&'a str, &'a str)> {
+        let rest = self.host.as_str().strip_suffix(cluster_domain)?.strip_suffix('.')?;
+        let rest = rest.strip_suffix(".svc")?;
+        let (name, ns) = rest.split_once('.')?;
+        (!name.is_empty() && !ns.is_empty() && !ns.contains('.') && !self.host.is_wildcard())
+            .then_some((name, ns))
+    }
+}
+
+/// A WorkloadGroup: kept in the table for auto-registration (a later source).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WorkloadGroup {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub template: Workload,
+}

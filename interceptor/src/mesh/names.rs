@@ -1,0 +1,88 @@
+//! The DNS name table (Istio's NDS): which names answer with which addresses. Part of the mesh
+//! model because istiod computes it, so an xDS source will write it directly.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::Serialize;
+
+use super::model::{Host, Service};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct NameEntry {
+    /// The service host the name belongs to (the CNAME target for search-domain names).
+    pub host: Host,
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NameTable {
+    exact: HashMap<String, NameEntry>,
+    wildcards: Vec<(Host, NameEntry)>,
+}
+
+impl NameTable {
+    /// Builds the table with Istio's name variants (SPEC section 4).
+    pub fn build<'a>(
+        services: impl IntoIterator<Item = &'a Service>,
+        namespace: &str,
+        cluster_domain: &str,
+    ) -> Self {
+        let mut table = NameTable::default();
+        for svc in services {
+            if svc.vips.is_empty() {
+                continue;
+            }
+            let mut entry = NameEntry { host: svc.host.clone(), ..Default::default() };
+            for ip in &svc.vips {
+                match ip {
+                    IpAddr::V4(v4) => entry.v4.push(*v4),
+                    IpAddr::V6(v6) => entry.v6.push(*v6),
+                }
+            }
+            if svc.host.is_wildcard() {
+                table.wildcards.push((svc.host.clone(), entry));
+                continue;
+            }
+            let mut names = vec![svc.host.as_str().to_string()];
+            if let Some((name, ns)) = svc.kubernetes_name(cluster_domain) {
+                names.push(format!("{name}.{ns}"));
+                names.push(format!("{name}.{ns}.svc"));
+                if ns == namespace {
+                    names.push(name.to_string());
+                }
+            }
+            for n in names {
+                // First service wins a name: services are in a stable order.
+                table.exact.entry(n).or_insert_with(|| entry.clone());
+            }
+        }
+        // Most specific wildcard first.
+        table.wildcards.sort_by_key(|(h, _)| std::cmp::Reverse(h.as_str().len()));
+        table
+    }
+
+    /// `name`: lower case, no trailing dot.
+    pub fn lookup(&self, name: &str) -> Option<&NameEntry> {
+        self.exact
+            .get(name)
+            .or_else(|| self.wildcards.iter().find(|(h, _)| h.matches(name)).map(|(_, e)| e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every exact name (for `/config_dump` and `check`).
+    pub fn names(&self) -> impl Iterator<Item = (&str, &NameEntry)> {
+        self.exact
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .chain(self.wildcards.iter().map(|(h, e)| (h.as_str(), e)))
+    }
+}

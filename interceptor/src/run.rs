@@ -1,0 +1,127 @@
+//! The daemon: wires sources, capture and data paths together, and takes them down on signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::net::UdpSocket;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::capture::{self, Capture, OriginalDst};
+use crate::config::{CaptureMode, Settings};
+use crate::dns::{self, ResolvConf, Upstream};
+use crate::mesh::{self, FileSource, Store};
+use crate::proxy::{self, Outbound};
+
+/// The mesh source for these settings.
+pub fn file_source(s: &Settings) -> FileSource {
+    let opts = mesh::Options { namespace: s.namespace.clone(), cluster_domain: s.cluster_domain.clone() };
+    let paths = if s.mesh_explicit || s.mesh.iter().any(|p| p.exists()) { s.mesh.clone() } else { vec![] };
+    if paths.is_empty() {
+        tracing::warn!(default = crate::config::DEFAULT_MESH_DIR, "no mesh files: starting with an empty mesh table");
+    }
+    FileSource::new(paths, s.mesh_networks.clone(), opts)
+}
+
+/// Loads the first table or fails with every error found.
+pub fn first_table(source: &FileSource) -> anyhow::Result<mesh::Table> {
+    source.load().map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
+        anyhow::anyhow!("invalid mesh configuration:\n{}", list.join("\n"))
+    })
+}
+
+async fn bind_udp(addrs: &[SocketAddr]) -> anyhow::Result<Vec<UdpSocket>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        match UdpSocket::bind(a).await {
+            Ok(s) => out.push(s),
+            Err(e) => tracing::warn!(addr = %a, error = %e, "DNS: cannot listen on UDP"),
+        }
+    }
+    if out.is_empty() {
+        bail!("DNS: no UDP listener could be bound on {addrs:?}");
+    }
+    Ok(out)
+}
+
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let source = file_source(&s);
+    let store = Store::new(first_table(&source)?);
+    let table = store.load();
+    tracing::info!(services = table.services.len(), workloads = table.workloads.len(), names = table.names.len(), "mesh table loaded");
+    drop(table);
+
+    let cgroup = match s.capture {
+        CaptureMode::Ebpf => Some(capture::resolve_cgroup(s.cgroup.as_deref())?),
+        CaptureMode::None => None,
+    };
+    let resolv = ResolvConf::read(&s.resolv_conf).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no upstream nameservers: names outside the mesh get SERVFAIL");
+        ResolvConf::default()
+    });
+
+    // Listeners before capture: a captured connection must never meet a closed port.
+    let outbound_addrs = Settings::loopback(s.outbound_port);
+    let dns_addrs = Settings::loopback(s.dns_port);
+    let outbound_listeners = proxy::bind_all(&outbound_addrs, "outbound").await.context("outbound listener")?;
+    let dns_tcp = proxy::bind_all(&dns_addrs, "DNS").await.context("DNS TCP listener")?;
+    let dns_udp = bind_udp(&dns_addrs).await?;
+
+    let (capture, mut vips, orig) = match &cgroup {
+        Some(path) => {
+            let settings = capture::Settings { cgroup: path.clone(), outbound_port: s.outbound_port, dns_port: s.dns_port, inbound_port: s.inbound_port };
+            let (c, v, o) = Capture::attach(&settings)?;
+            (Some(c), Some(v), o)
+        }
+        None => (None, None, OriginalDst::netfilter_only()),
+    };
+    if let Some(v) = vips.as_mut() {
+        let n = v.sync(&store.load())?;
+        tracing::info!(captured = n, "capture map synced");
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(mut v) = vips {
+        let store = store.clone();
+        let mut changed = store.subscribe();
+        tasks.spawn(async move {
+            while changed.changed().await.is_ok() {
+                match v.sync(&store.load()) {
+                    Ok(n) => tracing::info!(captured = n, "capture map synced"),
+                    Err(e) => tracing::error!(error = %e, "capture map sync failed"),
+                }
+            }
+        });
+    }
+    let _watch = source.watch(store.clone()).context("watching mesh files")?;
+
+    let outbound = Outbound::new(store.clone(), Arc::new(orig), outbound_addrs.to_vec());
+    for l in outbound_listeners {
+        tasks.spawn(outbound.clone().serve(l));
+    }
+    let upstream = Upstream::new(resolv.nameservers.clone(), Duration::from_secs(5));
+    let dns = dns::Server::new(store.clone(), upstream, resolv.search.first().cloned());
+    for l in dns_tcp {
+        tasks.spawn(dns.clone().serve_tcp(l));
+    }
+    for u in dns_udp {
+        tasks.spawn(dns.clone().serve_udp(u));
+    }
+    tracing::info!(
+        outbound = s.outbound_port, dns = s.dns_port, upstream = ?resolv.nameservers,
+        cgroup = ?capture.as_ref().map(|c| c.cgroup().to_path_buf()), "interceptor ready"
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    // Detach first: from here on traffic flows as if we had never run.
+    drop(capture);
+    tasks.abort_all();
+    Ok(())
+}
