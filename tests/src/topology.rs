@@ -1,0 +1,122 @@
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{interceptor_bin, unique_id, Interceptor, Netns, Proc, TestCgroup, Veth};
+
+/// Addresses of the vm <-> pod link. Namespaces are isolated, so every test can use the same
+/// subnet.
+pub struct Subnet;
+
+impl Subnet {
+    pub const VM4: &'static str = "10.77.0.1";
+    pub const POD4: &'static str = "10.77.0.2";
+    /// A second address on the pod: a "real" service address for fail-open checks.
+    pub const POD4_B: &'static str = "10.77.0.3";
+    pub const VM6: &'static str = "fd00:77::1";
+    pub const POD6: &'static str = "fd00:77::2";
+    /// A nameserver address nobody answers on: only capture can answer it.
+    pub const FAKE_NS: &'static str = "10.77.0.53";
+}
+
+/// The single-network topology of SPEC section 9: `vm` (test cgroup, interceptor) and `pod`,
+/// joined by a veth.
+pub struct VmPod {
+    pub id: u32,
+    pub dir: tempfile::TempDir,
+    // Drop order: processes (fields of the test) first, then the cgroup, then namespaces.
+    pub cgroup: TestCgroup,
+    pub vm: Netns,
+    pub pod: Netns,
+}
+
+impl VmPod {
+    pub fn new() -> Self {
+        crate::require_prerequisites();
+        let id = unique_id();
+        let dir = tempfile::Builder::new().prefix("interceptor-test-").tempdir().expect("tempdir");
+        let vm = Netns::new(format!("ic{id:x}-vm"));
+        let pod = Netns::new(format!("ic{id:x}-pod"));
+        Veth::connect(
+            &vm,
+            &format!("ic{id:x}v"),
+            &[&format!("{}/24", Subnet::VM4), &format!("{}/64", Subnet::VM6)],
+            &pod,
+            &format!("ic{id:x}p"),
+            &[&format!("{}/24", Subnet::POD4), &format!("{}/24", Subnet::POD4_B), &format!("{}/64", Subnet::POD6)],
+        );
+        let cgroup = TestCgroup::new(&format!("interceptor-test-{id:x}"));
+        Self { id, dir, cgroup, vm, pod }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, text).expect("write test file");
+        p
+    }
+
+    /// A command inside the vm's captured cgroup.
+    pub fn in_cgroup(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = self.vm.cmd(program);
+        c.args(args);
+        self.cgroup.wrap(&c)
+    }
+
+    /// A command in the vm namespace but outside the captured cgroup.
+    pub fn outside(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = self.vm.cmd(program);
+        c.args(args);
+        c
+    }
+
+    /// `getent hosts NAME` in the cgroup with `resolv` as /etc/resolv.conf (private mount ns).
+    pub fn getent(&self, resolv: &Path, name: &str) -> Command {
+        let script = format!("mount --bind {} /etc/resolv.conf && exec getent hosts {name}", resolv.display());
+        self.in_cgroup("unshare", &["-m", "sh", "-c", &script])
+    }
+
+    /// Starts `interceptor run` in the vm namespace, inside the captured cgroup (so the test also
+    /// proves the daemon never captures itself).
+    pub fn start_interceptor(&self, mesh: &Path, resolv: &Path, extra: &[&str]) -> Interceptor {
+        Interceptor::start(self.interceptor_cmd(mesh, resolv, extra), self.path("interceptor.log"))
+    }
+
+    pub fn interceptor_cmd(&self, mesh: &Path, resolv: &Path, extra: &[&str]) -> Command {
+        let mut c = self.vm.cmd(interceptor_bin().to_str().expect("utf-8 path"));
+        c.arg("run").arg("--mesh").arg(mesh).arg("--cgroup").arg(self.cgroup.path()).arg("--resolv-conf").arg(resolv);
+        c.args(extra);
+        c.env("RUST_LOG", "info");
+        self.cgroup.wrap(&c)
+    }
+
+    /// The http-echo test server in the pod namespace.
+    pub fn pod_http(&self, name: &str, addrs: &[&str]) -> Proc {
+        let mut c = self.pod.cmd(crate::helper_bin("http-echo").to_str().expect("utf-8 path"));
+        c.arg(name).args(addrs);
+        let mut p = Proc::spawn(name, c, self.path(&format!("{name}.log")));
+        p.wait_for_output("listening", 10.0);
+        p
+    }
+
+    /// dnsmasq in the pod namespace on `addr`:53 with the given `host-record`s.
+    pub fn pod_dnsmasq(&self, addr: &str, records: &[&str]) -> Proc {
+        let mut c = self.pod.cmd("dnsmasq");
+        c.args(["-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces", "--log-queries", "--log-facility=-", "--pid-file=", "--user=root"])
+            .arg(format!("--listen-address={addr}"));
+        for r in records {
+            c.arg(format!("--host-record={r}"));
+        }
+        let mut p = Proc::spawn("dnsmasq", c, self.path("dnsmasq.log"));
+        p.wait_for_output("started", 10.0);
+        p
+    }
+}
+
+impl Default for VmPod {
+    fn default() -> Self {
+        Self::new()
+    }
+}
