@@ -7,7 +7,8 @@ pub mod abi;
 #[repr(C, align(8))]
 struct Aligned<B: ?Sized>(B);
 
-static OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/capture.bpf.o")));
+static OBJECT: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/capture.bpf.o")));
 
 /// The compiled capture object (ELF, with BTF), ready for `aya::EbpfLoader::load`.
 pub fn capture_object() -> &'static [u8] {

@@ -8,9 +8,10 @@ use interceptor_ebpf::abi::{InboundPort, IpPort};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 fn btf() -> Btf {
-    let elf = object::File::parse(interceptor_ebpf::capture_object()).expect("capture object is ELF");
+    let elf =
+        object::File::parse(interceptor_ebpf::capture_object()).expect("capture object is ELF");
     let section = elf.section_by_name(".BTF").expect("object has .BTF");
-    Btf::from_bytes(&section.data().expect(".BTF data")).expect("valid BTF")
+    Btf::from_bytes(section.data().expect(".BTF data")).expect("valid BTF")
 }
 
 /// (size, [(member name, byte offset)]) of a C struct.
@@ -52,7 +53,10 @@ fn ip_port_matches_c() {
 fn inbound_port_matches_c() {
     let (size, members) = c_layout(&btf(), "inbound_port");
     assert_eq!(size, size_of::<InboundPort>());
-    assert_eq!(members, vec![("action".to_string(), offset_of!(InboundPort, action))]);
+    assert_eq!(
+        members,
+        vec![("action".to_string(), offset_of!(InboundPort, action))]
+    );
 }
 
 #[test]
@@ -62,10 +66,14 @@ fn object_has_every_program() {
         .symbols()
         .filter_map(|s| s.name().ok().map(str::to_string))
         .collect();
-    let all = interceptor_ebpf::programs::SOCK_ADDR
-        .iter()
-        .chain([&interceptor_ebpf::programs::SOCKOPS, &interceptor_ebpf::programs::SK_LOOKUP]);
+    let all = interceptor_ebpf::programs::SOCK_ADDR.iter().chain([
+        &interceptor_ebpf::programs::SOCKOPS,
+        &interceptor_ebpf::programs::SK_LOOKUP,
+    ]);
     for p in all {
-        assert!(names.iter().any(|n| n == p), "program {p} missing from object");
+        assert!(
+            names.iter().any(|n| n == p),
+            "program {p} missing from object"
+        );
     }
 }

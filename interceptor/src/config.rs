@@ -111,7 +111,12 @@ fn ports(list: &str, what: &str) -> anyhow::Result<Vec<u16>> {
     list.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| anyhow::anyhow!("{what}: {s:?} is not a port")))
+        .map(|s| {
+            s.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| anyhow::anyhow!("{what}: {s:?} is not a port"))
+        })
         .collect()
 }
 
@@ -119,7 +124,11 @@ impl RunArgs {
     /// Flags win over the file, field by field.
     fn merge(self, file: RunArgs) -> RunArgs {
         RunArgs {
-            mesh: if self.mesh.is_empty() { file.mesh } else { self.mesh },
+            mesh: if self.mesh.is_empty() {
+                file.mesh
+            } else {
+                self.mesh
+            },
             mesh_networks: self.mesh_networks.or(file.mesh_networks),
             network: self.network.or(file.network),
             namespace: self.namespace.or(file.namespace),
@@ -141,26 +150,43 @@ impl RunArgs {
     pub fn resolve(self) -> anyhow::Result<Settings> {
         let args = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                 let de = serde_yaml_ng::Deserializer::from_str(&text);
-                let file: RunArgs = serde_path_to_error::deserialize(de)
-                    .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))?;
+                let file: RunArgs = serde_path_to_error::deserialize(de).map_err(|e| {
+                    anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner())
+                })?;
                 self.merge(file)
             }
             None => self,
         };
         let inbound = args.inbound_ports.unwrap_or_default();
         let inbound_all = inbound.trim() == "*";
-        let inbound_ports = if inbound_all { vec![] } else { ports(&inbound, "--inbound-ports")? };
-        let exclude = ports(args.exclude_inbound_ports.as_deref().unwrap_or("22,15020,15021"), "--exclude-inbound-ports")?;
+        let inbound_ports = if inbound_all {
+            vec![]
+        } else {
+            ports(&inbound, "--inbound-ports")?
+        };
+        let exclude = ports(
+            args.exclude_inbound_ports
+                .as_deref()
+                .unwrap_or("22,15020,15021"),
+            "--exclude-inbound-ports",
+        )?;
         let mesh_explicit = !args.mesh.is_empty();
         Ok(Settings {
-            mesh: if mesh_explicit { args.mesh } else { vec![DEFAULT_MESH_DIR.into()] },
+            mesh: if mesh_explicit {
+                args.mesh
+            } else {
+                vec![DEFAULT_MESH_DIR.into()]
+            },
             mesh_explicit,
             mesh_networks: args.mesh_networks,
             network: args.network.unwrap_or_default(),
             namespace: args.namespace.unwrap_or_else(|| "default".into()),
-            cluster_domain: args.cluster_domain.unwrap_or_else(|| "cluster.local".into()),
+            cluster_domain: args
+                .cluster_domain
+                .unwrap_or_else(|| "cluster.local".into()),
             certs: args.certs,
             cgroup: args.cgroup,
             inbound_ports,
@@ -170,7 +196,9 @@ impl RunArgs {
             outbound_port: args.outbound_port.unwrap_or(15001),
             inbound_port: args.inbound_port.unwrap_or(15006),
             dns_port: args.dns_port.unwrap_or(15053),
-            resolv_conf: args.resolv_conf.unwrap_or_else(|| "/etc/resolv.conf".into()),
+            resolv_conf: args
+                .resolv_conf
+                .unwrap_or_else(|| "/etc/resolv.conf".into()),
             capture: args.capture.unwrap_or_default(),
         })
     }
@@ -178,7 +206,10 @@ impl RunArgs {
 
 impl Settings {
     pub fn loopback(port: u16) -> [SocketAddr; 2] {
-        [SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))]
+        [
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+        ]
     }
 }
 
@@ -190,12 +221,31 @@ mod tests {
     fn flags_override_file() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.yaml");
-        std::fs::write(&f, "namespace: prod\ndns-port: 5353\nmesh: [/x]\ninbound-ports: '8080, 9090'\n").unwrap();
-        let s = RunArgs { config: Some(f.clone()), dns_port: Some(1053), ..Default::default() }.resolve().unwrap();
-        assert_eq!((s.namespace.as_str(), s.dns_port, s.inbound_ports.clone()), ("prod", 1053, vec![8080, 9090]));
+        std::fs::write(
+            &f,
+            "namespace: prod\ndns-port: 5353\nmesh: [/x]\ninbound-ports: '8080, 9090'\n",
+        )
+        .unwrap();
+        let s = RunArgs {
+            config: Some(f.clone()),
+            dns_port: Some(1053),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            (s.namespace.as_str(), s.dns_port, s.inbound_ports.clone()),
+            ("prod", 1053, vec![8080, 9090])
+        );
         assert_eq!(s.exclude_inbound_ports, vec![22, 15020, 15021]);
         std::fs::write(&f, "namespce: prod\n").unwrap();
-        let e = RunArgs { config: Some(f), ..Default::default() }.resolve().unwrap_err().to_string();
+        let e = RunArgs {
+            config: Some(f),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("namespce"), "{e}");
     }
 }

@@ -6,7 +6,11 @@ use interceptor::config::RunArgs;
 use interceptor::mesh::{self, FileSource};
 
 #[derive(Parser)]
-#[command(name = "interceptor", version, about = "eBPF transparent interceptor that joins Linux VMs to an Istio service mesh")]
+#[command(
+    name = "interceptor",
+    version,
+    about = "eBPF transparent interceptor that joins Linux VMs to an Istio service mesh"
+)]
 struct Cli {
     /// Log format
     #[arg(long, global = true, value_enum, default_value = "human")]
@@ -49,7 +53,8 @@ struct CheckArgs {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -62,25 +67,53 @@ fn init_logs(format: LogFormat) {
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
-    let opts = mesh::Options { namespace: args.namespace, cluster_domain: args.cluster_domain };
+    let opts = mesh::Options {
+        namespace: args.namespace,
+        cluster_domain: args.cluster_domain,
+    };
     let source = FileSource::new(args.mesh, args.mesh_networks, opts);
     let table = interceptor::run::first_table(&source)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&table)?);
         return Ok(());
     }
-    println!("{} services, {} workloads, {} DNS names", table.services.len(), table.workloads.len(), table.names.len());
+    println!(
+        "{} services, {} workloads, {} DNS names",
+        table.services.len(),
+        table.workloads.len(),
+        table.names.len()
+    );
     for svc in &table.services {
         let vips: Vec<String> = svc.vips.iter().map(ToString::to_string).collect();
-        let ports: Vec<String> = svc.ports.iter().map(|p| format!("{}/{}", p.number, p.protocol)).collect();
+        let ports: Vec<String> = svc
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.number, p.protocol))
+            .collect();
         println!(
             "service {} ({}) vips [{}]{} ports [{}] resolution {:?}",
-            svc.host, svc.origin, vips.join(", "), if svc.auto_allocated { " (auto)" } else { "" }, ports.join(", "), svc.resolution
+            svc.host,
+            svc.origin,
+            vips.join(", "),
+            if svc.auto_allocated { " (auto)" } else { "" },
+            ports.join(", "),
+            svc.resolution
         );
         for w in &svc.endpoints {
-            let mtls = if w.speaks_istio_mtls() { "mTLS" } else { "plaintext" };
-            let net = if w.network.is_empty() { "-" } else { &w.network };
-            println!("  endpoint {} ({}) network {} weight {} {:?} {}", w.address, w.name, net, w.weight, w.health, mtls);
+            let mtls = if w.speaks_istio_mtls() {
+                "mTLS"
+            } else {
+                "plaintext"
+            };
+            let net = if w.network.is_empty() {
+                "-"
+            } else {
+                &w.network
+            };
+            println!(
+                "  endpoint {} ({}) network {} weight {} {:?} {}",
+                w.address, w.name, net, w.weight, w.health, mtls
+            );
         }
     }
     Ok(())

@@ -16,10 +16,20 @@ use crate::proxy::{self, Outbound};
 
 /// The mesh source for these settings.
 pub fn file_source(s: &Settings) -> FileSource {
-    let opts = mesh::Options { namespace: s.namespace.clone(), cluster_domain: s.cluster_domain.clone() };
-    let paths = if s.mesh_explicit || s.mesh.iter().any(|p| p.exists()) { s.mesh.clone() } else { vec![] };
+    let opts = mesh::Options {
+        namespace: s.namespace.clone(),
+        cluster_domain: s.cluster_domain.clone(),
+    };
+    let paths = if s.mesh_explicit || s.mesh.iter().any(|p| p.exists()) {
+        s.mesh.clone()
+    } else {
+        vec![]
+    };
     if paths.is_empty() {
-        tracing::warn!(default = crate::config::DEFAULT_MESH_DIR, "no mesh files: starting with an empty mesh table");
+        tracing::warn!(
+            default = crate::config::DEFAULT_MESH_DIR,
+            "no mesh files: starting with an empty mesh table"
+        );
     }
     FileSource::new(paths, s.mesh_networks.clone(), opts)
 }
@@ -50,7 +60,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let source = file_source(&s);
     let store = Store::new(first_table(&source)?);
     let table = store.load();
-    tracing::info!(services = table.services.len(), workloads = table.workloads.len(), names = table.names.len(), "mesh table loaded");
+    tracing::info!(
+        services = table.services.len(),
+        workloads = table.workloads.len(),
+        names = table.names.len(),
+        "mesh table loaded"
+    );
     drop(table);
 
     let cgroup = match s.capture {
@@ -65,13 +80,22 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     // Listeners before capture: a captured connection must never meet a closed port.
     let outbound_addrs = Settings::loopback(s.outbound_port);
     let dns_addrs = Settings::loopback(s.dns_port);
-    let outbound_listeners = proxy::bind_all(&outbound_addrs, "outbound").await.context("outbound listener")?;
-    let dns_tcp = proxy::bind_all(&dns_addrs, "DNS").await.context("DNS TCP listener")?;
+    let outbound_listeners = proxy::bind_all(&outbound_addrs, "outbound")
+        .await
+        .context("outbound listener")?;
+    let dns_tcp = proxy::bind_all(&dns_addrs, "DNS")
+        .await
+        .context("DNS TCP listener")?;
     let dns_udp = bind_udp(&dns_addrs).await?;
 
     let (capture, mut vips, orig) = match &cgroup {
         Some(path) => {
-            let settings = capture::Settings { cgroup: path.clone(), outbound_port: s.outbound_port, dns_port: s.dns_port, inbound_port: s.inbound_port };
+            let settings = capture::Settings {
+                cgroup: path.clone(),
+                outbound_port: s.outbound_port,
+                dns_port: s.dns_port,
+                inbound_port: s.inbound_port,
+            };
             let (c, v, o) = Capture::attach(&settings)?;
             (Some(c), Some(v), o)
         }

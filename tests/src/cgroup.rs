@@ -15,14 +15,17 @@ pub fn cgroup2_mount() -> PathBuf {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
         })
-        .expect("no cgroup2 mount in /proc/mounts: the tests need cgroup v2 (hybrid `unified` is fine)")
+        .expect(
+            "no cgroup2 mount in /proc/mounts: the tests need cgroup v2 (hybrid `unified` is fine)",
+        )
 }
 
 impl TestCgroup {
     pub fn new(name: &str) -> Self {
         let path = cgroup2_mount().join(name);
         let _ = std::fs::remove_dir(&path);
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
         Self { path }
     }
 
@@ -49,10 +52,20 @@ impl TestCgroup {
 
     /// Number of BPF programs attached to this cgroup, per bpftool.
     pub fn attached_programs(&self) -> usize {
-        let out = Command::new("bpftool").arg("cgroup").arg("show").arg(&self.path).output().expect("run bpftool");
+        let out = Command::new("bpftool")
+            .arg("cgroup")
+            .arg("show")
+            .arg(&self.path)
+            .output()
+            .expect("run bpftool");
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter(|l| l.trim_start().chars().next().is_some_and(|c| c.is_ascii_digit()))
+            .filter(|l| {
+                l.trim_start()
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
+            })
             .count()
     }
 
@@ -78,6 +91,9 @@ impl Drop for TestCgroup {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        eprintln!("warning: could not remove test cgroup {}", self.path.display());
+        eprintln!(
+            "warning: could not remove test cgroup {}",
+            self.path.display()
+        );
     }
 }

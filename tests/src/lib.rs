@@ -7,7 +7,7 @@ mod netns;
 mod process;
 mod topology;
 
-pub use cgroup::TestCgroup;
+pub use cgroup::{cgroup2_mount, TestCgroup};
 pub use netns::{Netns, Veth};
 pub use process::{settle, Interceptor, Proc};
 pub use topology::{Subnet, VmPod};
@@ -27,10 +27,22 @@ pub fn unique_id() -> u32 {
 /// Every test needs these; fail loudly (never skip) when they are missing.
 pub fn require_prerequisites() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root (netns, cgroups, BPF): run `cargo xtask test` as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests need root (netns, cgroups, BPF): run `cargo xtask test` as root"
+    );
     for tool in ["ip", "nsenter", "bpftool", "dig", "unshare"] {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false);
-        assert!(found, "missing tool `{tool}`: run `cargo xtask setup` (installs every prerequisite)");
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "missing tool `{tool}`: run `cargo xtask setup` (installs every prerequisite)"
+        );
     }
 }
 
@@ -40,7 +52,9 @@ pub fn interceptor_bin() -> PathBuf {
         return p.into();
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     for profile in ["debug", "release"] {
         let p = target.join(profile).join("interceptor");
         if p.exists() {
@@ -53,16 +67,34 @@ pub fn interceptor_bin() -> PathBuf {
 /// A helper binary of this crate (http-echo, udp-query, loadgen): built next to the test
 /// executables' `deps/` directory.
 pub fn helper_bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("INTERCEPTOR_HELPERS_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) }).expect("exe dir");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("exe dir");
     let p = dir.join(name);
-    assert!(p.exists(), "helper binary {} missing: build with `cargo build -p interceptor-tests --bins`", p.display());
+    assert!(
+        p.exists(),
+        "helper binary {} missing: build with `cargo build -p interceptor-tests --bins`",
+        p.display()
+    );
     p
 }
 
 /// Runs a command to completion, panicking with its output if it fails.
 pub fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}{}",
@@ -75,7 +107,9 @@ pub fn sh(cmd: &mut Command) -> String {
 
 /// Output of a command that may fail: (success, stdout, stderr).
 pub fn try_sh(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -30,7 +30,9 @@ impl Netns {
     /// and hides a hybrid cgroup2 mount) execs in place, so the child's pid is the program's.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path())).arg("--").arg(program);
+        c.arg(format!("--net={}", self.path()))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -42,7 +44,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -51,9 +55,27 @@ pub struct Veth;
 
 impl Veth {
     /// Creates `a_if` in `a` and `b_if` in `b`, both up, with the given addresses (CIDR).
-    pub fn connect(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) {
+    pub fn connect(
+        a: &Netns,
+        a_if: &str,
+        a_addrs: &[&str],
+        b: &Netns,
+        b_if: &str,
+        b_addrs: &[&str],
+    ) {
         sh(Command::new("ip").args([
-            "link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns", b.name(),
+            "link",
+            "add",
+            a_if,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_if,
+            "netns",
+            b.name(),
         ]));
         for (ns, ifname, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
             for addr in addrs {

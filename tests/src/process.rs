@@ -21,7 +21,11 @@ impl Proc {
             .stderr(Stdio::from(err))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"));
-        Self { child, log, name: name.to_string() }
+        Self {
+            child,
+            log,
+            name: name.to_string(),
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -49,7 +53,11 @@ impl Proc {
             }
         });
         if found != Some(true) {
-            panic!("{} did not print {needle:?}; output:\n{}", self.name, self.output());
+            panic!(
+                "{} did not print {needle:?}; output:\n{}",
+                self.name,
+                self.output()
+            );
         }
     }
 
@@ -71,7 +79,12 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
         if std::thread::panicking() {
-            eprintln!("--- {} output ({}):\n{}", self.name, self.log.display(), self.output());
+            eprintln!(
+                "--- {} output ({}):\n{}",
+                self.name,
+                self.log.display(),
+                self.output()
+            );
         }
     }
 }
@@ -96,7 +109,10 @@ impl Interceptor {
 
     /// Waits until the log shows `needle` at least `count` times.
     pub fn wait_log_count(&self, needle: &str, count: usize, secs: f64) -> bool {
-        wait_for(secs, || (self.log().matches(needle).count() >= count).then_some(())).is_some()
+        wait_for(secs, || {
+            (self.log().matches(needle).count() >= count).then_some(())
+        })
+        .is_some()
     }
 }
 

@@ -33,19 +33,35 @@ impl VmPod {
     pub fn new() -> Self {
         crate::require_prerequisites();
         let id = unique_id();
-        let dir = tempfile::Builder::new().prefix("interceptor-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("interceptor-test-")
+            .tempdir()
+            .expect("tempdir");
         let vm = Netns::new(format!("ic{id:x}-vm"));
         let pod = Netns::new(format!("ic{id:x}-pod"));
         Veth::connect(
             &vm,
             &format!("ic{id:x}v"),
-            &[&format!("{}/24", Subnet::VM4), &format!("{}/64", Subnet::VM6)],
+            &[
+                &format!("{}/24", Subnet::VM4),
+                &format!("{}/64", Subnet::VM6),
+            ],
             &pod,
             &format!("ic{id:x}p"),
-            &[&format!("{}/24", Subnet::POD4), &format!("{}/24", Subnet::POD4_B), &format!("{}/64", Subnet::POD6)],
+            &[
+                &format!("{}/24", Subnet::POD4),
+                &format!("{}/24", Subnet::POD4_B),
+                &format!("{}/64", Subnet::POD6),
+            ],
         );
         let cgroup = TestCgroup::new(&format!("interceptor-test-{id:x}"));
-        Self { id, dir, cgroup, vm, pod }
+        Self {
+            id,
+            dir,
+            cgroup,
+            vm,
+            pod,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -74,19 +90,31 @@ impl VmPod {
 
     /// `getent hosts NAME` in the cgroup with `resolv` as /etc/resolv.conf (private mount ns).
     pub fn getent(&self, resolv: &Path, name: &str) -> Command {
-        let script = format!("mount --bind {} /etc/resolv.conf && exec getent hosts {name}", resolv.display());
+        let script = format!(
+            "mount --bind {} /etc/resolv.conf && exec getent hosts {name}",
+            resolv.display()
+        );
         self.in_cgroup("unshare", &["-m", "sh", "-c", &script])
     }
 
     /// Starts `interceptor run` in the vm namespace, inside the captured cgroup (so the test also
     /// proves the daemon never captures itself).
     pub fn start_interceptor(&self, mesh: &Path, resolv: &Path, extra: &[&str]) -> Interceptor {
-        Interceptor::start(self.interceptor_cmd(mesh, resolv, extra), self.path("interceptor.log"))
+        Interceptor::start(
+            self.interceptor_cmd(mesh, resolv, extra),
+            self.path("interceptor.log"),
+        )
     }
 
     pub fn interceptor_cmd(&self, mesh: &Path, resolv: &Path, extra: &[&str]) -> Command {
         let mut c = self.vm.cmd(interceptor_bin().to_str().expect("utf-8 path"));
-        c.arg("run").arg("--mesh").arg(mesh).arg("--cgroup").arg(self.cgroup.path()).arg("--resolv-conf").arg(resolv);
+        c.arg("run")
+            .arg("--mesh")
+            .arg(mesh)
+            .arg("--cgroup")
+            .arg(self.cgroup.path())
+            .arg("--resolv-conf")
+            .arg(resolv);
         c.args(extra);
         c.env("RUST_LOG", "info");
         self.cgroup.wrap(&c)
@@ -94,7 +122,9 @@ impl VmPod {
 
     /// The http-echo test server in the pod namespace.
     pub fn pod_http(&self, name: &str, addrs: &[&str]) -> Proc {
-        let mut c = self.pod.cmd(crate::helper_bin("http-echo").to_str().expect("utf-8 path"));
+        let mut c = self
+            .pod
+            .cmd(crate::helper_bin("http-echo").to_str().expect("utf-8 path"));
         c.arg(name).args(addrs);
         let mut p = Proc::spawn(name, c, self.path(&format!("{name}.log")));
         p.wait_for_output("listening", 10.0);
@@ -104,8 +134,18 @@ impl VmPod {
     /// dnsmasq in the pod namespace on `addr`:53 with the given `host-record`s.
     pub fn pod_dnsmasq(&self, addr: &str, records: &[&str]) -> Proc {
         let mut c = self.pod.cmd("dnsmasq");
-        c.args(["-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces", "--log-queries", "--log-facility=-", "--pid-file=", "--user=root"])
-            .arg(format!("--listen-address={addr}"));
+        c.args([
+            "-k",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--log-queries",
+            "--log-facility=-",
+            "--pid-file=",
+            "--user=root",
+        ])
+        .arg(format!("--listen-address={addr}"));
         for r in records {
             c.arg(format!("--host-record={r}"));
         }

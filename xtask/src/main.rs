@@ -1,1 +1,154 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench ...`.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[path = "../../interceptor-ebpf/build/compile.rs"]
+mod compile;
+
+#[derive(Parser)]
+#[command(about = "interceptor project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install every prerequisite (apt packages, cargo tools) that is missing; idempotent
+    Setup,
+    /// Compile the C BPF programs to target/bpf/capture.bpf.o
+    BuildEbpf,
+    /// Set up, then run formatting, clippy and the whole test suite (what CI runs)
+    Test,
+    /// Set up, build, and show a VM namespace whose curl to a mesh service name is captured
+    Demo,
+    /// Benchmarks, each side by side with a peer in the same run
+    Bench {
+        #[arg(value_enum, default_value = "all")]
+        which: bench::Which,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Builds the daemon and the test helper binaries.
+pub fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut c = cargo();
+    c.args([
+        "build",
+        "-p",
+        "interceptor",
+        "-p",
+        "interceptor-tests",
+        "--bins",
+    ]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" }))
+}
+
+/// Removes namespaces and cgroups left by an earlier test run that was killed before its
+/// destructors ran. Only names this project's harness makes.
+fn sweep_leftovers() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            let ours = name.starts_with("ic")
+                && name.contains('-')
+                && name[2..]
+                    .split('-')
+                    .next()
+                    .is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()));
+            if ours {
+                eprintln!("removing leftover netns {name}");
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    let mount = interceptor_tests::cgroup2_mount();
+    if let Ok(rd) = std::fs::read_dir(&mount) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("interceptor-test-")
+            {
+                eprintln!("removing leftover cgroup {}", e.path().display());
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
+fn test() -> anyhow::Result<()> {
+    setup::ensure()?;
+    sweep_leftovers();
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let bin = build(false)?;
+    run(cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .env("INTERCEPTOR_BIN", bin.join("interceptor")))?;
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
+    setup::ensure()?;
+    let src = root().join("interceptor-ebpf").join(compile::SOURCE_DIR);
+    let out_dir = root().join("target").join("bpf");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join("capture.bpf.o");
+    compile::compile(&src, &out).map_err(anyhow::Error::msg)?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::ensure(),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Test => test(),
+        Task::Demo => demo::run(),
+        Task::Bench { which } => bench::run(which),
+    }
+}

@@ -7,7 +7,8 @@ use super::Error;
 
 /// The cgroup2 mount point, read from /proc/mounts (never assumed).
 pub fn cgroup2_mount() -> Result<PathBuf, Error> {
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| Error::NoCgroup2(e.to_string()))?;
+    let mounts =
+        std::fs::read_to_string("/proc/mounts").map_err(|e| Error::NoCgroup2(e.to_string()))?;
     mounts
         .lines()
         .filter_map(|l| {
@@ -25,7 +26,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -45,7 +49,9 @@ pub fn resolve(requested: Option<&Path>) -> Result<PathBuf, Error> {
         Some(p) if p.is_absolute() => p.to_path_buf(),
         Some(p) => mount.join(p),
     };
-    let canon = path.canonicalize().map_err(|_| Error::CgroupMissing(path.clone()))?;
+    let canon = path
+        .canonicalize()
+        .map_err(|_| Error::CgroupMissing(path.clone()))?;
     if !canon.starts_with(&mount) || !canon.join("cgroup.procs").exists() {
         return Err(Error::NotACgroup { path: canon, mount });
     }
@@ -57,6 +63,9 @@ mod tests {
     #[test]
     fn unescapes_octal() {
         assert_eq!(super::unescape("/a\\040b"), "/a b");
-        assert_eq!(super::unescape("/sys/fs/cgroup/unified"), "/sys/fs/cgroup/unified");
+        assert_eq!(
+            super::unescape("/sys/fs/cgroup/unified"),
+            "/sys/fs/cgroup/unified"
+        );
     }
 }

@@ -32,20 +32,32 @@ pub enum Error {
     #[error("{path} is not a cgroup v2 directory (the cgroup2 mount is {mount})")]
     NotACgroup { path: PathBuf, mount: PathBuf },
     #[error("cannot open cgroup {path}: {source}")]
-    OpenCgroup { path: PathBuf, source: std::io::Error },
+    OpenCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading the BPF object failed: {0}")]
     Object(#[from] aya::EbpfError),
     #[error("BPF program {program} failed to load: {message}")]
-    Program { program: &'static str, message: String },
+    Program {
+        program: &'static str,
+        message: String,
+    },
     #[error("BPF map {0} missing from the object")]
     MapMissing(&'static str),
     #[error("BPF map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
 }
 
 fn program_error(program: &'static str, e: ProgramError) -> Error {
     let message = match e {
-        ProgramError::LoadError { io_error, verifier_log } => format!("{io_error}\nverifier log:\n{verifier_log}"),
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => format!("{io_error}\nverifier log:\n{verifier_log}"),
         other => {
             let mut msg = other.to_string();
             let mut src = std::error::Error::source(&other);
@@ -82,7 +94,10 @@ impl Capture {
         if unsafe { libc::geteuid() } != 0 {
             return Err(Error::NotRoot);
         }
-        let cgroup = File::open(&settings.cgroup).map_err(|source| Error::OpenCgroup { path: settings.cgroup.clone(), source })?;
+        let cgroup = File::open(&settings.cgroup).map_err(|source| Error::OpenCgroup {
+            path: settings.cgroup.clone(),
+            source,
+        })?;
         let tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::DAEMON_TGID, &tgid, true)
@@ -94,31 +109,46 @@ impl Capture {
         for name in programs::SOCK_ADDR {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
-                .ok_or_else(|| Error::Program { program: name, message: "missing from object".into() })?
+                .ok_or_else(|| Error::Program {
+                    program: name,
+                    message: "missing from object".into(),
+                })?
                 .try_into()
                 .map_err(|e| program_error(name, e))?;
             prog.load().map_err(|e| program_error(name, e))?;
             // A bpf_link always coexists with other programs on the cgroup; the kernel rejects
             // the ALLOW_MULTI flag on links, so "Single" (flags 0) is the right mode here.
-            prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| program_error(name, e))?;
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| program_error(name, e))?;
             attached.push(name);
         }
         let name = programs::SOCKOPS;
         let prog: &mut SockOps = ebpf
             .program_mut(name)
-            .ok_or_else(|| Error::Program { program: name, message: "missing from object".into() })?
+            .ok_or_else(|| Error::Program {
+                program: name,
+                message: "missing from object".into(),
+            })?
             .try_into()
             .map_err(|e| program_error(name, e))?;
         prog.load().map_err(|e| program_error(name, e))?;
-        prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| program_error(name, e))?;
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| program_error(name, e))?;
         attached.push(name);
 
         let vips = take_hash::<IpPort, u32>(&mut ebpf, maps::VIPS)?;
         let orig = take_hash::<IpPort, IpPort>(&mut ebpf, maps::ORIG_BY_PEER)?;
         tracing::info!(cgroup = %settings.cgroup.display(), programs = ?attached, "capture attached");
         Ok((
-            Self { _ebpf: ebpf, cgroup: settings.cgroup.clone(), attached },
-            Vips { map: vips, current: HashSet::new() },
+            Self {
+                _ebpf: ebpf,
+                cgroup: settings.cgroup.clone(),
+                attached,
+            },
+            Vips {
+                map: vips,
+                current: HashSet::new(),
+            },
             OriginalDst::from_map(orig),
         ))
     }
@@ -138,7 +168,10 @@ impl Drop for Capture {
     }
 }
 
-fn take_hash<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, Error> {
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, Error> {
     let map = ebpf.take_map(name).ok_or(Error::MapMissing(name))?;
     HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })
 }
@@ -155,7 +188,10 @@ impl Vips {
     pub fn sync(&mut self, table: &Table) -> Result<usize, Error> {
         let want: HashSet<IpPort> = table.captured().map(IpPort::from_socket_addr).collect();
         for k in want.difference(&self.current) {
-            self.map.insert(k, 0, 0).map_err(|source| Error::Map { map: maps::VIPS, source })?;
+            self.map.insert(k, 0, 0).map_err(|source| Error::Map {
+                map: maps::VIPS,
+                source,
+            })?;
         }
         for k in self.current.difference(&want) {
             let _ = self.map.remove(k);

@@ -17,7 +17,9 @@ pub struct OriginalDst {
 
 impl OriginalDst {
     pub(super) fn from_map(map: HashMap<MapData, IpPort, IpPort>) -> Self {
-        Self { map: Some(Mutex::new(map)) }
+        Self {
+            map: Some(Mutex::new(map)),
+        }
     }
 
     /// No eBPF capture: only connections redirected by netfilter can be resolved.
@@ -27,10 +29,11 @@ impl OriginalDst {
 
     pub fn lookup(&self, stream: &TcpStream) -> Option<SocketAddr> {
         let peer = stream.peer_addr().ok()?;
-        self.from_ebpf(peer).or_else(|| netfilter_original_dst(stream))
+        self.take_from_ebpf(peer)
+            .or_else(|| netfilter_original_dst(stream))
     }
 
-    fn from_ebpf(&self, peer: SocketAddr) -> Option<SocketAddr> {
+    fn take_from_ebpf(&self, peer: SocketAddr) -> Option<SocketAddr> {
         let map = self.map.as_ref()?;
         let key = IpPort::from_socket_addr(peer);
         let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
@@ -50,7 +53,14 @@ fn netfilter_original_dst(stream: &TcpStream) -> Option<SocketAddr> {
         let mut ss: libc::sockaddr_storage = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         let level = if v6 { libc::SOL_IPV6 } else { libc::SOL_IP };
-        if libc::getsockopt(fd, level, SO_ORIGINAL_DST, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) != 0 {
+        if libc::getsockopt(
+            fd,
+            level,
+            SO_ORIGINAL_DST,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) != 0
+        {
             return None;
         }
         match ss.ss_family as libc::c_int {

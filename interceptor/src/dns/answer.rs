@@ -13,7 +13,11 @@ use crate::mesh::NameTable;
 pub const TTL: u32 = 30;
 
 /// The table's answer to `query`, or None when the query must go upstream.
-pub fn from_table(query: &Message, names: &NameTable, search_domain: Option<&str>) -> Option<Message> {
+pub fn from_table(
+    query: &Message,
+    names: &NameTable,
+    search_domain: Option<&str>,
+) -> Option<Message> {
     let q = query.queries().first()?;
     if query.queries().len() != 1 || q.query_class() != DNSClass::IN {
         return None;
@@ -36,7 +40,11 @@ pub fn from_table(query: &Message, names: &NameTable, search_domain: Option<&str
             let short = text.strip_suffix(search_domain?)?.strip_suffix('.')?;
             let e = names.lookup(short)?;
             let target = Name::from_ascii(format!("{short}.")).ok()?;
-            answers.push(Record::from_rdata(asked.clone(), TTL, RData::CNAME(CNAME(target))));
+            answers.push(Record::from_rdata(
+                asked.clone(),
+                TTL,
+                RData::CNAME(CNAME(target)),
+            ));
             e
         }
     };
@@ -90,7 +98,9 @@ pub fn formerr(packet: &[u8]) -> Option<Vec<u8>> {
     }
     let id = u16::from_be_bytes([packet[0], packet[1]]);
     let op = OpCode::from_u8((packet[2] >> 3) & 0x0f);
-    Message::error_msg(id, op, ResponseCode::FormErr).to_vec().ok()
+    Message::error_msg(id, op, ResponseCode::FormErr)
+        .to_vec()
+        .ok()
 }
 
 /// Encodes `resp` for a client that accepts `max` bytes, dropping answers and setting TC when it
@@ -128,7 +138,12 @@ mod tests {
             namespace: "default".into(),
             vips: vec!["240.240.0.5".parse().unwrap()],
             auto_allocated: false,
-            ports: vec![ServicePort { number: 80, name: "http".into(), protocol: "HTTP".into(), target_port: None }],
+            ports: vec![ServicePort {
+                number: 80,
+                name: "http".into(),
+                protocol: "HTTP".into(),
+                target_port: None,
+            }],
             resolution: Resolution::Static,
             location: Location::MeshInternal,
             subject_alt_names: vec![],
@@ -161,7 +176,12 @@ mod tests {
     #[test]
     fn search_domain_cname() {
         let n = names();
-        let r = from_table(&query("product.corp.internal.", RecordType::A), &n, Some("corp.internal")).unwrap();
+        let r = from_table(
+            &query("product.corp.internal.", RecordType::A),
+            &n,
+            Some("corp.internal"),
+        )
+        .unwrap();
         assert_eq!(r.answers().len(), 2);
         assert!(matches!(r.answers()[0].data(), RData::CNAME(c) if c.0.to_ascii() == "product."));
         assert_eq!(r.answers()[1].name().to_ascii(), "product.");
@@ -170,11 +190,16 @@ mod tests {
     #[test]
     fn formerr_and_truncation() {
         assert!(formerr(&[1, 2, 3]).is_none());
-        let f = Message::from_vec(&formerr(&[0, 9, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff]).unwrap()).unwrap();
+        let f = Message::from_vec(&formerr(&[0, 9, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff]).unwrap())
+            .unwrap();
         assert_eq!((f.id(), f.response_code()), (9, ResponseCode::FormErr));
         let mut big = response_to(&query("x.", RecordType::A), ResponseCode::NoError);
         for i in 0..100u8 {
-            big.add_answer(Record::from_rdata(Name::from_ascii("x.").unwrap(), 30, RData::A(A::new(10, 0, 0, i))));
+            big.add_answer(Record::from_rdata(
+                Name::from_ascii("x.").unwrap(),
+                30,
+                RData::A(A::new(10, 0, 0, i)),
+            ));
         }
         let bytes = encode(big, 512).unwrap();
         assert!(bytes.len() <= 512);

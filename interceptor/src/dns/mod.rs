@@ -32,7 +32,11 @@ pub struct Server {
 
 impl Server {
     pub fn new(store: Arc<Store>, upstream: Upstream, search_domain: Option<String>) -> Arc<Self> {
-        Arc::new(Self { store, upstream, search_domain })
+        Arc::new(Self {
+            store,
+            upstream,
+            search_domain,
+        })
     }
 
     /// The response to one query packet, or None to drop it.
@@ -45,18 +49,28 @@ impl Server {
                 return answer::formerr(packet).map(|b| (b, Source::FormErr));
             }
         };
-        let max = if tcp { 65535 } else { usize::from(query.max_payload()) };
+        let max = if tcp {
+            65535
+        } else {
+            usize::from(query.max_payload())
+        };
         let table = self.store.load();
-        if let Some(resp) = answer::from_table(&query, &table.names, self.search_domain.as_deref()) {
+        if let Some(resp) = answer::from_table(&query, &table.names, self.search_domain.as_deref())
+        {
             return answer::encode(resp, max).map(|b| (b, Source::Table));
         }
         drop(table);
         match self.upstream.exchange(packet, tcp).await {
             Ok(bytes) => Some((bytes, Source::Upstream)),
             Err(e) => {
-                let name = query.queries().first().map(|q| q.name().to_string()).unwrap_or_default();
+                let name = query
+                    .queries()
+                    .first()
+                    .map(|q| q.name().to_string())
+                    .unwrap_or_default();
                 tracing::warn!(%name, error = %e, "DNS upstream failed; SERVFAIL");
-                answer::encode(answer::response_to(&query, ResponseCode::ServFail), max).map(|b| (b, Source::ServFail))
+                answer::encode(answer::response_to(&query, ResponseCode::ServFail), max)
+                    .map(|b| (b, Source::ServFail))
             }
         }
     }
@@ -101,13 +115,19 @@ impl Server {
     async fn tcp_connection(&self, mut stream: TcpStream) {
         let idle = std::time::Duration::from_secs(10);
         loop {
-            let Ok(Ok(len)) = tokio::time::timeout(idle, stream.read_u16()).await else { return };
+            let Ok(Ok(len)) = tokio::time::timeout(idle, stream.read_u16()).await else {
+                return;
+            };
             let mut packet = vec![0u8; usize::from(len)];
             if stream.read_exact(&mut packet).await.is_err() {
                 return;
             }
-            let Some((resp, _)) = self.handle(&packet, true).await else { continue };
-            let Ok(rlen) = u16::try_from(resp.len()) else { return };
+            let Some((resp, _)) = self.handle(&packet, true).await else {
+                continue;
+            };
+            let Ok(rlen) = u16::try_from(resp.len()) else {
+                return;
+            };
             let mut framed = Vec::with_capacity(resp.len() + 2);
             framed.extend_from_slice(&rlen.to_be_bytes());
             framed.extend_from_slice(&resp);

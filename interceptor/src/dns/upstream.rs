@@ -19,7 +19,8 @@ pub struct ResolvConf {
 impl ResolvConf {
     pub fn read(path: &Path) -> Result<Self, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let conf = resolv_conf::Config::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let conf =
+            resolv_conf::Config::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         let nameservers = conf
             .nameservers
             .iter()
@@ -34,7 +35,10 @@ impl ResolvConf {
             .map(|s| s.trim_end_matches('.').to_ascii_lowercase())
             .filter(|s| !s.is_empty())
             .collect();
-        Ok(Self { nameservers, search })
+        Ok(Self {
+            nameservers,
+            search,
+        })
     }
 }
 
@@ -93,7 +97,11 @@ fn id_of(msg: &[u8]) -> Option<u16> {
 }
 
 async fn exchange_udp(server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-    let local: SocketAddr = if server.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let local: SocketAddr = if server.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
     let sock = UdpSocket::bind(local).await?;
     // Connected: a closed port fails fast (ICMP) and only this server's datagrams arrive.
     sock.connect(server).await?;

@@ -20,12 +20,19 @@ pub struct FileSource {
 }
 
 fn is_mesh_file(p: &Path) -> bool {
-    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
 }
 
 impl FileSource {
     pub fn new(paths: Vec<PathBuf>, mesh_networks: Option<PathBuf>, options: Options) -> Self {
-        Self { paths, mesh_networks, options }
+        Self {
+            paths,
+            mesh_networks,
+            options,
+        }
     }
 
     /// The files the paths stand for: files as given, directories' *.yaml|*.yml|*.json sorted.
@@ -42,10 +49,16 @@ impl FileSource {
                         files.sort();
                         out.extend(files);
                     }
-                    Err(source) => errors.push(Error::Read { file: p.clone(), source }),
+                    Err(source) => errors.push(Error::Read {
+                        file: p.clone(),
+                        source,
+                    }),
                 },
                 Ok(_) => out.push(p.clone()),
-                Err(source) => errors.push(Error::Read { file: p.clone(), source }),
+                Err(source) => errors.push(Error::Read {
+                    file: p.clone(),
+                    source,
+                }),
             }
         }
         out
@@ -57,7 +70,9 @@ impl FileSource {
         let mut res = Resources::default();
         for file in self.files(&mut errors) {
             match std::fs::read_to_string(&file) {
-                Ok(text) => parse_documents(&file, &text, &self.options.namespace, &mut res, &mut errors),
+                Ok(text) => {
+                    parse_documents(&file, &text, &self.options.namespace, &mut res, &mut errors)
+                }
                 Err(source) => errors.push(Error::Read { file, source }),
             }
         }
@@ -65,9 +80,15 @@ impl FileSource {
             match std::fs::read_to_string(file) {
                 Ok(text) => match Networks::from_yaml(&text) {
                     Ok(n) => res.networks = n,
-                    Err(message) => errors.push(Error::File { file: file.clone(), message }),
+                    Err(message) => errors.push(Error::File {
+                        file: file.clone(),
+                        message,
+                    }),
                 },
-                Err(source) => errors.push(Error::Read { file: file.clone(), source }),
+                Err(source) => errors.push(Error::Read {
+                    file: file.clone(),
+                    source,
+                }),
             }
         }
         if errors.is_empty() {
@@ -87,7 +108,9 @@ impl FileSource {
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if let Ok(ev) = ev {
                 let relevant = ev.paths.iter().any(|p| {
-                    interesting.iter().any(|w| p == w || (p.parent() == Some(w.as_path()) && is_mesh_file(p)))
+                    interesting
+                        .iter()
+                        .any(|w| p == w || (p.parent() == Some(w.as_path()) && is_mesh_file(p)))
                 });
                 if relevant && !ev.kind.is_access() {
                     let _ = tx.send(());
@@ -97,8 +120,18 @@ impl FileSource {
         // Watch directories, not files: editors and config managers replace files by rename,
         // which a watch on the old inode would miss.
         for p in &watched {
-            let dir = if p.is_dir() { p.clone() } else { p.parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into()) };
-            let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+            let dir = if p.is_dir() {
+                p.clone()
+            } else {
+                p.parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| ".".into())
+            };
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            };
             watcher.watch(&dir, RecursiveMode::NonRecursive)?;
         }
         Ok(tokio::spawn(async move {
@@ -118,7 +151,10 @@ impl FileSource {
                         for e in &errors {
                             tracing::error!(error = %e, "mesh reload rejected");
                         }
-                        tracing::warn!(version = store.load().version, "keeping the mesh table in force");
+                        tracing::warn!(
+                            version = store.load().version,
+                            "keeping the mesh table in force"
+                        );
                     }
                 }
             }
@@ -139,9 +175,19 @@ mod tests {
         std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
         let src = FileSource::new(vec![dir.path().into()], None, Options::default());
         assert_eq!(src.load().unwrap().services.len(), 1);
-        std::fs::write(dir.path().join("b.yaml"), SE.replace("number: 80", "number: x")).unwrap();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            SE.replace("number: 80", "number: x"),
+        )
+        .unwrap();
         let errors = src.load().unwrap_err();
-        assert!(errors[0].to_string().contains("b.yaml: document 1: spec.ports[0].number"), "{}", errors[0]);
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("b.yaml: document 1: spec.ports[0].number"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[tokio::test]
@@ -155,7 +201,10 @@ mod tests {
         let _task = src.watch(store.clone()).unwrap();
 
         std::fs::write(&file, SE.replace("a.example.com", "b.example.com")).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), changed.changed()).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), changed.changed())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(store.load().service_by_host("b.example.com").is_some());
 
         std::fs::write(&file, "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\nspec: {hosts: []}\n").unwrap();

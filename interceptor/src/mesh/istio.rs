@@ -10,7 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use super::model::{Address, Health, Host, Location, Resolution, ServicePort, Workload, WorkloadGroup};
+use super::model::{
+    Address, Health, Host, Location, Resolution, ServicePort, Workload, WorkloadGroup,
+};
 use super::table::{Resources, ServiceDecl};
 use super::Error;
 
@@ -99,13 +101,22 @@ struct Doc<'a> {
 
 impl Doc<'_> {
     fn err(&self, field: impl Into<String>, message: impl std::fmt::Display) -> Error {
-        Error::Invalid { file: self.file.to_path_buf(), doc: self.index, field: field.into(), message: message.to_string() }
+        Error::Invalid {
+            file: self.file.to_path_buf(),
+            doc: self.index,
+            field: field.into(),
+            message: message.to_string(),
+        }
     }
 
     fn typed<T: DeserializeOwned>(&self, value: Value, prefix: &str) -> Result<T, Error> {
         serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { prefix.to_string() } else { format!("{prefix}.{path}") };
+            let field = if path == "." {
+                prefix.to_string()
+            } else {
+                format!("{prefix}.{path}")
+            };
             self.err(field, e.inner())
         })
     }
@@ -118,7 +129,13 @@ fn str_at<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
 /// Parses every document of `text` into `res`. A bad document adds to `errors` and nothing to
 /// `res`; the caller decides whether any error discards the whole input (it does: a table is
 /// applied whole or not at all).
-pub fn parse_documents(file: &Path, text: &str, default_namespace: &str, res: &mut Resources, errors: &mut Vec<Error>) {
+pub fn parse_documents(
+    file: &Path,
+    text: &str,
+    default_namespace: &str,
+    res: &mut Resources,
+    errors: &mut Vec<Error>,
+) {
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let doc = Doc { file, index: i + 1 };
         let value = match Value::deserialize(de) {
@@ -136,7 +153,12 @@ pub fn parse_documents(file: &Path, text: &str, default_namespace: &str, res: &m
     }
 }
 
-fn parse_document(doc: &Doc, value: Value, default_namespace: &str, res: &mut Resources) -> Result<(), Error> {
+fn parse_document(
+    doc: &Doc,
+    value: Value,
+    default_namespace: &str,
+    res: &mut Resources,
+) -> Result<(), Error> {
     let api = str_at(&value, "apiVersion").ok_or_else(|| doc.err("apiVersion", "missing"))?;
     let kind = str_at(&value, "kind").ok_or_else(|| doc.err("kind", "missing"))?;
     let (group, version) = api.split_once('/').unwrap_or(("", api));
@@ -145,17 +167,30 @@ fn parse_document(doc: &Doc, value: Value, default_namespace: &str, res: &mut Re
         return Ok(());
     }
     if !VERSIONS.contains(&version) {
-        return Err(doc.err("apiVersion", format!("{api}: supported versions are {}", VERSIONS.join(", "))));
+        return Err(doc.err(
+            "apiVersion",
+            format!("{api}: supported versions are {}", VERSIONS.join(", ")),
+        ));
     }
-    let meta = value.get("metadata").ok_or_else(|| doc.err("metadata", "missing"))?;
-    let name = str_at(meta, "name").filter(|n| !n.is_empty()).ok_or_else(|| doc.err("metadata.name", "missing"))?;
-    let namespace = str_at(meta, "namespace").unwrap_or(default_namespace).to_string();
+    let meta = value
+        .get("metadata")
+        .ok_or_else(|| doc.err("metadata", "missing"))?;
+    let name = str_at(meta, "name")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| doc.err("metadata.name", "missing"))?;
+    let namespace = str_at(meta, "namespace")
+        .unwrap_or(default_namespace)
+        .to_string();
     let origin = format!("{namespace}/{name}");
-    let spec = value.get("spec").cloned().unwrap_or(Value::Mapping(Default::default()));
+    let spec = value
+        .get("spec")
+        .cloned()
+        .unwrap_or(Value::Mapping(Default::default()));
     match kind {
         "ServiceEntry" => {
             let spec: ServiceEntrySpec = doc.typed(spec, "spec")?;
-            res.services.push(service_entry(doc, origin, namespace, spec)?);
+            res.services
+                .push(service_entry(doc, origin, namespace, spec)?);
         }
         "WorkloadEntry" => {
             let spec: WorkloadEntrySpec = doc.typed(spec, "spec")?;
@@ -165,8 +200,20 @@ fn parse_document(doc: &Doc, value: Value, default_namespace: &str, res: &mut Re
         }
         "WorkloadGroup" => {
             let spec: WorkloadGroupSpec = doc.typed(spec, "spec")?;
-            let template = workload(doc, "spec.template", origin.clone(), &namespace, spec.template, true)?;
-            res.groups.push(WorkloadGroup { name: origin, namespace, labels: spec.metadata.labels, template });
+            let template = workload(
+                doc,
+                "spec.template",
+                origin.clone(),
+                &namespace,
+                spec.template,
+                true,
+            )?;
+            res.groups.push(WorkloadGroup {
+                name: origin,
+                namespace,
+                labels: spec.metadata.labels,
+                template,
+            });
         }
         other => {
             tracing::info!(file = %doc.file.display(), doc = doc.index, kind = other, "kind not used by interceptor; ignored");
@@ -181,7 +228,11 @@ fn health(value: &Value) -> Health {
         .get("status")
         .and_then(|s| s.get("conditions"))
         .and_then(Value::as_sequence)
-        .is_some_and(|cs| cs.iter().any(|c| str_at(c, "type") == Some("Healthy") && str_at(c, "status") == Some("False")));
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                str_at(c, "type") == Some("Healthy") && str_at(c, "status") == Some("False")
+            })
+        });
     if unhealthy {
         Health::Unhealthy
     } else {
@@ -195,30 +246,48 @@ fn valid_host(h: &str) -> bool {
         || (!name.is_empty()
             && name.len() <= 253
             && name.split('.').all(|l| {
-                !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             }))
 }
 
 fn parse_ip(s: &str) -> Option<IpAddr> {
     // A single-address CIDR is a plain address; wider ranges are not VIPs.
-    let s = s.strip_suffix("/32").or_else(|| s.strip_suffix("/128")).unwrap_or(s);
+    let s = s
+        .strip_suffix("/32")
+        .or_else(|| s.strip_suffix("/128"))
+        .unwrap_or(s);
     s.parse().ok()
 }
 
-fn service_entry(doc: &Doc, origin: String, namespace: String, spec: ServiceEntrySpec) -> Result<ServiceDecl, Error> {
+fn service_entry(
+    doc: &Doc,
+    origin: String,
+    namespace: String,
+    spec: ServiceEntrySpec,
+) -> Result<ServiceDecl, Error> {
     if spec.hosts.is_empty() {
         return Err(doc.err("spec.hosts", "at least one host is required"));
     }
     let mut hosts = Vec::new();
     for (i, h) in spec.hosts.iter().enumerate() {
         if !valid_host(h) {
-            return Err(doc.err(format!("spec.hosts[{i}]"), format!("{h:?} is not a DNS name or *.wildcard")));
+            return Err(doc.err(
+                format!("spec.hosts[{i}]"),
+                format!("{h:?} is not a DNS name or *.wildcard"),
+            ));
         }
         hosts.push(Host::new(h));
     }
     let mut addresses = Vec::new();
     for (i, a) in spec.addresses.iter().enumerate() {
-        let ip = parse_ip(a).ok_or_else(|| doc.err(format!("spec.addresses[{i}]"), format!("{a:?} is not an IP address (CIDR ranges are not supported)")))?;
+        let ip = parse_ip(a).ok_or_else(|| {
+            doc.err(
+                format!("spec.addresses[{i}]"),
+                format!("{a:?} is not an IP address (CIDR ranges are not supported)"),
+            )
+        })?;
         addresses.push(ip);
     }
     if spec.ports.is_empty() {
@@ -233,28 +302,50 @@ fn service_entry(doc: &Doc, origin: String, namespace: String, spec: ServiceEntr
             return Err(doc.err(format!("spec.ports[{i}].targetPort"), "must be 1-65535"));
         }
         if ports.iter().any(|q| q.number == p.number) {
-            return Err(doc.err(format!("spec.ports[{i}].number"), format!("port {} listed twice", p.number)));
+            return Err(doc.err(
+                format!("spec.ports[{i}].number"),
+                format!("port {} listed twice", p.number),
+            ));
         }
-        let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into()).to_ascii_uppercase();
+        let protocol = p
+            .protocol
+            .clone()
+            .unwrap_or_else(|| "TCP".into())
+            .to_ascii_uppercase();
         ports.push(ServicePort {
             number: p.number,
-            name: p.name.clone().unwrap_or_else(|| format!("{}-{}", protocol.to_ascii_lowercase(), p.number)),
+            name: p
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", protocol.to_ascii_lowercase(), p.number)),
             protocol,
             target_port: p.target_port,
         });
     }
     if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
-        return Err(doc.err("spec.workloadSelector", "only one of workloadSelector and endpoints may be set"));
+        return Err(doc.err(
+            "spec.workloadSelector",
+            "only one of workloadSelector and endpoints may be set",
+        ));
     }
-    if spec.resolution == Resolution::Dns && spec.endpoints.is_empty() && hosts.iter().any(Host::is_wildcard) {
-        return Err(doc.err("spec.resolution", "DNS resolution needs endpoints when a host is a wildcard"));
+    if spec.resolution == Resolution::Dns
+        && spec.endpoints.is_empty()
+        && hosts.iter().any(Host::is_wildcard)
+    {
+        return Err(doc.err(
+            "spec.resolution",
+            "DNS resolution needs endpoints when a host is a wildcard",
+        ));
     }
     let mut endpoints = Vec::new();
     for (i, ep) in spec.endpoints.into_iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
         let w = workload(doc, &field, format!("{origin}#{i}"), &namespace, ep, false)?;
         if matches!(w.address, Address::Hostname(_)) && spec.resolution == Resolution::Static {
-            return Err(doc.err(format!("{field}.address"), "STATIC resolution needs an IP address"));
+            return Err(doc.err(
+                format!("{field}.address"),
+                "STATIC resolution needs an IP address",
+            ));
         }
         endpoints.push(w);
     }
@@ -272,12 +363,26 @@ fn service_entry(doc: &Doc, origin: String, namespace: String, spec: ServiceEntr
     })
 }
 
-fn workload(doc: &Doc, field: &str, name: String, namespace: &str, spec: WorkloadEntrySpec, template: bool) -> Result<Workload, Error> {
+fn workload(
+    doc: &Doc,
+    field: &str,
+    name: String,
+    namespace: &str,
+    spec: WorkloadEntrySpec,
+    template: bool,
+) -> Result<Workload, Error> {
     let address = match spec.address.as_deref() {
         Some(a) if !a.is_empty() => match a.parse::<IpAddr>() {
             Ok(ip) => Address::Ip(ip),
-            Err(_) if valid_host(a) && !a.starts_with('*') => Address::Hostname(a.to_ascii_lowercase()),
-            Err(_) => return Err(doc.err(format!("{field}.address"), format!("{a:?} is not an IP address or host name"))),
+            Err(_) if valid_host(a) && !a.starts_with('*') => {
+                Address::Hostname(a.to_ascii_lowercase())
+            }
+            Err(_) => {
+                return Err(doc.err(
+                    format!("{field}.address"),
+                    format!("{a:?} is not an IP address or host name"),
+                ))
+            }
         },
         // A WorkloadGroup template has no address: auto-registration fills it in.
         _ if template => Address::Hostname(String::new()),
@@ -309,7 +414,13 @@ mod tests {
     fn parse(text: &str) -> (Resources, Vec<Error>) {
         let mut res = Resources::default();
         let mut errors = Vec::new();
-        parse_documents(Path::new("mesh.yaml"), text, "default", &mut res, &mut errors);
+        parse_documents(
+            Path::new("mesh.yaml"),
+            text,
+            "default",
+            &mut res,
+            &mut errors,
+        );
         (res, errors)
     }
 
@@ -355,15 +466,24 @@ metadata: {name: x}
         let bad = GOOD.replace("number: 8080", "number: 80800");
         let (_, errors) = parse(&bad);
         let msg = errors[0].to_string();
-        assert!(msg.starts_with("mesh.yaml: document 1: spec.ports[0].number:"), "{msg}");
+        assert!(
+            msg.starts_with("mesh.yaml: document 1: spec.ports[0].number:"),
+            "{msg}"
+        );
 
         let bad = GOOD.replace("address: 10.0.0.2", "adress: 10.0.0.2");
         let msg = parse(&bad).1[0].to_string();
-        assert!(msg.contains("document 2") && msg.contains("adress"), "{msg}");
+        assert!(
+            msg.contains("document 2") && msg.contains("adress"),
+            "{msg}"
+        );
 
         let bad = GOOD.replace("resolution: STATIC", "resolution: STATC");
         let msg = parse(&bad).1[0].to_string();
-        assert!(msg.contains("spec.resolution") && msg.contains("STATC"), "{msg}");
+        assert!(
+            msg.contains("spec.resolution") && msg.contains("STATC"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -371,7 +491,11 @@ metadata: {name: x}
         let (_, errors) = parse(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\nspec:\n  hosts: [a.example.com]\n  ports: [{number: 80}]\n  resolution: STATIC\n  endpoints: [{address: db.example.com}]\n",
         );
-        assert!(errors[0].to_string().contains("spec.endpoints[0].address"), "{}", errors[0]);
+        assert!(
+            errors[0].to_string().contains("spec.endpoints[0].address"),
+            "{}",
+            errors[0]
+        );
         let (_, errors) = parse("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\nspec:\n  hosts: [a.example.com]\n  ports: [{number: 80}]\n  workloadSelector: {labels: {a: b}}\n  endpoints: [{address: 1.2.3.4}]\n");
         assert!(errors[0].to_string().contains("spec.workloadSelector"));
     }

@@ -10,7 +10,10 @@ mod vip;
 
 pub use files::FileSource;
 pub use istio::parse_documents;
-pub use model::{Address, Health, Host, Location, Resolution, Service, ServicePort, Workload, WorkloadGroup, TLS_MODE_LABEL};
+pub use model::{
+    Address, Health, Host, Location, Resolution, Service, ServicePort, Workload, WorkloadGroup,
+    TLS_MODE_LABEL,
+};
 pub use names::{NameEntry, NameTable};
 pub use networks::{Cidr, Gateway, Network, Networks};
 pub use table::{Options, Resources, ServiceDecl, Table};
@@ -26,9 +29,17 @@ use tokio::sync::watch;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{file}: {source}")]
-    Read { file: PathBuf, source: std::io::Error },
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file}: document {doc}: {field}: {message}")]
-    Invalid { file: PathBuf, doc: usize, field: String, message: String },
+    Invalid {
+        file: PathBuf,
+        doc: usize,
+        field: String,
+        message: String,
+    },
     #[error("{file}: {message}")]
     File { file: PathBuf, message: String },
 }

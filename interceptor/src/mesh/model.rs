@@ -149,7 +149,11 @@ impl Service {
     /// `name.ns.svc.<domain>` hosts are served like Kubernetes services (name variants in DNS),
     /// the way istiod's name table reports them.
     pub fn kubernetes_name<'a>(&'a self, cluster_domain: &str) -> Option<(&'a str, &'a str)> {
-        let rest = self.host.as_str().strip_suffix(cluster_domain)?.strip_suffix('.')?;
+        let rest = self
+            .host
+            .as_str()
+            .strip_suffix(cluster_domain)?
+            .strip_suffix('.')?;
         let rest = rest.strip_suffix(".svc")?;
         let (name, ns) = rest.split_once('.')?;
         (!name.is_empty() && !ns.is_empty() && !ns.contains('.') && !self.host.is_wildcard())

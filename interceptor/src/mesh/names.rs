@@ -34,7 +34,10 @@ impl NameTable {
             if svc.vips.is_empty() {
                 continue;
             }
-            let mut entry = NameEntry { host: svc.host.clone(), ..Default::default() };
+            let mut entry = NameEntry {
+                host: svc.host.clone(),
+                ..Default::default()
+            };
             for ip in &svc.vips {
                 match ip {
                     IpAddr::V4(v4) => entry.v4.push(*v4),
@@ -59,15 +62,20 @@ impl NameTable {
             }
         }
         // Most specific wildcard first.
-        table.wildcards.sort_by_key(|(h, _)| std::cmp::Reverse(h.as_str().len()));
+        table
+            .wildcards
+            .sort_by_key(|(h, _)| std::cmp::Reverse(h.as_str().len()));
         table
     }
 
     /// `name`: lower case, no trailing dot.
     pub fn lookup(&self, name: &str) -> Option<&NameEntry> {
-        self.exact
-            .get(name)
-            .or_else(|| self.wildcards.iter().find(|(h, _)| h.matches(name)).map(|(_, e)| e))
+        self.exact.get(name).or_else(|| {
+            self.wildcards
+                .iter()
+                .find(|(h, _)| h.matches(name))
+                .map(|(_, e)| e)
+        })
     }
 
     pub fn len(&self) -> usize {

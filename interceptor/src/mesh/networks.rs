@@ -35,7 +35,9 @@ pub struct Cidr {
 impl Cidr {
     pub fn parse(s: &str) -> Result<Self, String> {
         let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = if p.is_empty() {
             max
@@ -74,7 +76,10 @@ impl Networks {
     }
 
     pub fn gateways(&self, network: &str) -> &[Gateway] {
-        self.networks.get(network).map(|n| n.gateways.as_slice()).unwrap_or(&[])
+        self.networks
+            .get(network)
+            .map(|n| n.gateways.as_slice())
+            .unwrap_or(&[])
     }
 
     /// Parses a meshNetworks document (`networks:` at the top).
@@ -110,7 +115,8 @@ impl Networks {
             locality: Option<String>,
         }
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let file: File = serde_path_to_error::deserialize(de).map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+        let file: File = serde_path_to_error::deserialize(de)
+            .map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
         let mut out = Networks::default();
         for (name, raw) in file.networks {
             let mut net = Network::default();
@@ -118,9 +124,15 @@ impl Networks {
                 match (ep.from_cidr, ep.from_registry) {
                     (Some(c), None) => net
                         .cidrs
-                        .push(Cidr::parse(&c).map_err(|e| format!("networks.{name}.endpoints[{i}].fromCidr: {e}"))?),
+                        .push(Cidr::parse(&c).map_err(|e| {
+                            format!("networks.{name}.endpoints[{i}].fromCidr: {e}")
+                        })?),
                     (None, Some(r)) => net.registries.push(r),
-                    _ => return Err(format!("networks.{name}.endpoints[{i}]: exactly one of fromCidr, fromRegistry")),
+                    _ => {
+                        return Err(format!(
+                            "networks.{name}.endpoints[{i}]: exactly one of fromCidr, fromRegistry"
+                        ))
+                    }
                 }
             }
             for (i, gw) in raw.gateways.into_iter().enumerate() {
@@ -133,7 +145,10 @@ impl Networks {
                         ))
                     }
                 };
-                net.gateways.push(Gateway { address, port: gw.port });
+                net.gateways.push(Gateway {
+                    address,
+                    port: gw.port,
+                });
             }
             out.networks.insert(name, net);
         }

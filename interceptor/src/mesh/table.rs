@@ -21,7 +21,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { namespace: "default".into(), cluster_domain: "cluster.local".into() }
+        Self {
+            namespace: "default".into(),
+            cluster_domain: "cluster.local".into(),
+        }
     }
 }
 
@@ -110,7 +113,9 @@ impl Table {
                     continue;
                 }
                 let (vips, auto_allocated) = match allocated.get(host) {
-                    Some((v4, v6)) if d.addresses.is_empty() => (vec![IpAddr::V4(*v4), IpAddr::V6(*v6)], true),
+                    Some((v4, v6)) if d.addresses.is_empty() => {
+                        (vec![IpAddr::V4(*v4), IpAddr::V6(*v6)], true)
+                    }
                     _ => (d.addresses.clone(), false),
                 };
                 by_host.insert(host.clone(), services.len());
@@ -140,7 +145,11 @@ impl Table {
                 }
             }
         }
-        let names = NameTable::build(services.iter().map(|s| s.as_ref()), &options.namespace, &options.cluster_domain);
+        let names = NameTable::build(
+            services.iter().map(|s| s.as_ref()),
+            &options.namespace,
+            &options.cluster_domain,
+        );
         Table {
             version: 0,
             options,
@@ -157,7 +166,10 @@ impl Table {
     /// The service and port a captured connection to `dst` (a VIP:port) is for.
     pub fn service_for(&self, dst: SocketAddr) -> Option<(&Arc<Service>, &ServicePort)> {
         let ip = match dst.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
             v4 => v4,
         };
         let svc = &self.services[*self.by_vip.get(&(ip, dst.port()))?];
@@ -165,12 +177,16 @@ impl Table {
     }
 
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
-        self.by_host.get(&Host::new(host)).map(|i| &self.services[*i])
+        self.by_host
+            .get(&Host::new(host))
+            .map(|i| &self.services[*i])
     }
 
     /// Every (VIP, port) the kernel must capture.
     pub fn captured(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.by_vip.keys().map(|(ip, port)| SocketAddr::new(*ip, *port))
+        self.by_vip
+            .keys()
+            .map(|(ip, port)| SocketAddr::new(*ip, *port))
     }
 }
 
@@ -184,7 +200,10 @@ mod tests {
             name: format!("{ns}/{ip}"),
             namespace: ns.into(),
             address: Address::Ip(ip.parse().unwrap()),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ports: BTreeMap::new(),
             network: String::new(),
             locality: String::new(),
@@ -199,7 +218,12 @@ mod tests {
             origin: "default/product".into(),
             namespace: "default".into(),
             hosts: vec![Host::new("product.default.svc.cluster.local")],
-            ports: vec![ServicePort { number: 8080, name: "http".into(), protocol: "HTTP".into(), target_port: Some(9080) }],
+            ports: vec![ServicePort {
+                number: 8080,
+                name: "http".into(),
+                protocol: "HTTP".into(),
+                target_port: Some(9080),
+            }],
             resolution: Resolution::Static,
             selector: Some([("app".to_string(), "product".to_string())].into()),
             ..Default::default()
@@ -218,7 +242,9 @@ mod tests {
             ..Default::default()
         };
         let t = Table::build(res, Options::default());
-        let svc = t.service_by_host("product.default.svc.cluster.local").unwrap();
+        let svc = t
+            .service_by_host("product.default.svc.cluster.local")
+            .unwrap();
         assert_eq!(svc.endpoints.len(), 1);
         assert!(svc.auto_allocated);
         let vip = svc.vips[0];
@@ -227,15 +253,29 @@ mod tests {
         assert_eq!(svc.endpoints[0].target_port(port), 9080);
         assert!(t.service_for(SocketAddr::new(vip, 8081)).is_none());
         assert_eq!(t.captured().count(), 2); // v4 and v6 VIP
-        for name in ["product.default.svc.cluster.local", "product.default", "product.default.svc", "product"] {
+        for name in [
+            "product.default.svc.cluster.local",
+            "product.default",
+            "product.default.svc",
+            "product",
+        ] {
             assert!(t.names.lookup(name).is_some(), "{name}");
         }
     }
 
     #[test]
     fn short_name_only_in_own_namespace() {
-        let res = Resources { services: vec![product()], ..Default::default() };
-        let t = Table::build(res, Options { namespace: "other".into(), cluster_domain: "cluster.local".into() });
+        let res = Resources {
+            services: vec![product()],
+            ..Default::default()
+        };
+        let t = Table::build(
+            res,
+            Options {
+                namespace: "other".into(),
+                cluster_domain: "cluster.local".into(),
+            },
+        );
         assert!(t.names.lookup("product").is_none());
         assert!(t.names.lookup("product.default").is_some());
     }
@@ -250,11 +290,17 @@ mod tests {
         wild.endpoints = vec![workload("default", "10.2.0.9", &[])];
         let res = Resources {
             services: vec![wild],
-            networks: Networks::from_yaml("networks:\n  b:\n    endpoints: [{fromCidr: 10.2.0.0/16}]\n").unwrap(),
+            networks: Networks::from_yaml(
+                "networks:\n  b:\n    endpoints: [{fromCidr: 10.2.0.0/16}]\n",
+            )
+            .unwrap(),
             ..Default::default()
         };
         let t = Table::build(res, Options::default());
-        assert_eq!(t.names.lookup("a.example.com").unwrap().v4, vec!["192.0.2.1".parse::<std::net::Ipv4Addr>().unwrap()]);
+        assert_eq!(
+            t.names.lookup("a.example.com").unwrap().v4,
+            vec!["192.0.2.1".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
         assert!(t.names.lookup("example.com").is_none());
         assert_eq!(t.services[0].endpoints[0].network, "b");
     }

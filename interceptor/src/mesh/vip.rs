@@ -19,7 +19,9 @@ fn fnv1a(s: &str) -> u64 {
 
 /// Allocates one v4 and one v6 address per host. Hosts are taken in sorted order, so on a hash
 /// collision the winner is decided by name, never by which file was read first.
-pub fn allocate<'a>(hosts: impl IntoIterator<Item = &'a Host>) -> BTreeMap<Host, (Ipv4Addr, Ipv6Addr)> {
+pub fn allocate<'a>(
+    hosts: impl IntoIterator<Item = &'a Host>,
+) -> BTreeMap<Host, (Ipv4Addr, Ipv6Addr)> {
     let mut sorted: Vec<&Host> = hosts.into_iter().collect();
     sorted.sort();
     sorted.dedup();
@@ -39,7 +41,10 @@ pub fn allocate<'a>(hosts: impl IntoIterator<Item = &'a Host>) -> BTreeMap<Host,
         }
         out.insert(
             host.clone(),
-            (Ipv4Addr::from(V4_BASE + slot4), Ipv6Addr::from(V6_BASE + slot6)),
+            (
+                Ipv4Addr::from(V4_BASE + slot4),
+                Ipv6Addr::from(V6_BASE + slot6),
+            ),
         );
     }
     out
@@ -67,7 +72,9 @@ mod tests {
 
     #[test]
     fn many_hosts_get_distinct_addresses() {
-        let hosts: Vec<Host> = (0..20_000).map(|i| Host::new(&format!("s{i}.ns.svc.cluster.local"))).collect();
+        let hosts: Vec<Host> = (0..20_000)
+            .map(|i| Host::new(&format!("s{i}.ns.svc.cluster.local")))
+            .collect();
         let all = allocate(hosts.iter());
         let v4: HashSet<_> = all.values().map(|(v4, _)| *v4).collect();
         assert_eq!(v4.len(), hosts.len());

@@ -27,7 +27,12 @@ pub struct Outbound {
 
 impl Outbound {
     pub fn new(store: Arc<Store>, orig: Arc<OriginalDst>, own: Vec<SocketAddr>) -> Arc<Self> {
-        Arc::new(Self { store, orig, outliers: Outliers::default(), own })
+        Arc::new(Self {
+            store,
+            orig,
+            outliers: Outliers::default(),
+            own,
+        })
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -102,7 +107,11 @@ fn dns_self_target(svc: &crate::mesh::Service, port: &crate::mesh::ServicePort) 
         service_account: String::new(),
         health: crate::mesh::Health::Healthy,
     };
-    Some(Target { address: w.address.clone(), port: w.target_port(port), workload: Arc::new(w) })
+    Some(Target {
+        address: w.address.clone(),
+        port: w.target_port(port),
+        workload: Arc::new(w),
+    })
 }
 
 async fn connect(target: &Target) -> std::io::Result<TcpStream> {
@@ -116,11 +125,25 @@ async fn connect(target: &Target) -> std::io::Result<TcpStream> {
     };
     tokio::time::timeout(CONNECT_TIMEOUT, fut)
         .await
-        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        })
 }
 
-async fn relay(mut client: TcpStream, mut upstream: TcpStream, host: &crate::mesh::Host, dst: SocketAddr, target: &Target, started: Instant) {
-    let result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024).await;
+async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    host: &crate::mesh::Host,
+    dst: SocketAddr,
+    target: &Target,
+    started: Instant,
+) {
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024)
+            .await;
     let _ = client.shutdown().await;
     match result {
         Ok((sent, received)) => tracing::info!(

@@ -53,7 +53,9 @@ impl Outliers {
 
     fn is_ejected(&self, target: &Target) -> bool {
         let m = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        !m.is_empty() && m.get(&target.label()).is_some_and(|t| t.elapsed() < EJECTION)
+        !m.is_empty()
+            && m.get(&target.label())
+                .is_some_and(|t| t.elapsed() < EJECTION)
     }
 }
 
@@ -66,15 +68,21 @@ pub fn order(svc: &Service, port: &ServicePort, outliers: &Outliers) -> Vec<Targ
         .iter()
         .filter(|w| w.health == Health::Healthy)
         .map(|w| {
-            let target = Target { workload: w.clone(), address: w.address.clone(), port: w.target_port(port) };
+            let target = Target {
+                workload: w.clone(),
+                address: w.address.clone(),
+                port: w.target_port(port),
+            };
             // Efraimidis-Spirakis: sorting by u^(1/w) is weighted sampling without replacement.
             let u: f64 = rng.random_range(f64::EPSILON..1.0);
             (u.powf(1.0 / f64::from(w.weight.max(1))), target)
         })
         .collect();
     keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let (mut good, ejected): (Vec<Target>, Vec<Target>) =
-        keyed.into_iter().map(|(_, t)| t).partition(|t| !outliers.is_ejected(t));
+    let (mut good, ejected): (Vec<Target>, Vec<Target>) = keyed
+        .into_iter()
+        .map(|(_, t)| t)
+        .partition(|t| !outliers.is_ejected(t));
     good.extend(ejected);
     good
 }
@@ -86,7 +94,12 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn svc(weights: &[u32]) -> (Service, ServicePort) {
-        let port = ServicePort { number: 80, name: "http".into(), protocol: "HTTP".into(), target_port: None };
+        let port = ServicePort {
+            number: 80,
+            name: "http".into(),
+            protocol: "HTTP".into(),
+            target_port: None,
+        };
         let endpoints = weights
             .iter()
             .enumerate()
@@ -101,7 +114,11 @@ mod tests {
                     locality: String::new(),
                     weight: *w,
                     service_account: "sa".into(),
-                    health: if *w == 0 { Health::Unhealthy } else { Health::Healthy },
+                    health: if *w == 0 {
+                        Health::Unhealthy
+                    } else {
+                        Health::Healthy
+                    },
                 })
             })
             .collect();
@@ -124,7 +141,9 @@ mod tests {
     fn weights_skew_the_first_choice() {
         let (s, p) = svc(&[1, 3]);
         let o = Outliers::default();
-        let firsts = (0..4000).filter(|_| order(&s, &p, &o)[0].workload.name == "w1").count();
+        let firsts = (0..4000)
+            .filter(|_| order(&s, &p, &o)[0].workload.name == "w1")
+            .count();
         assert!((2700..3300).contains(&firsts), "{firsts}");
         assert_eq!(order(&s, &p, &o)[0].port / 1000, 8);
     }
@@ -135,7 +154,11 @@ mod tests {
         let o = Outliers::default();
         let all = order(&s, &p, &o);
         assert_eq!(all.len(), 2);
-        let w0 = all.iter().find(|t| t.workload.name == "w0").unwrap().clone();
+        let w0 = all
+            .iter()
+            .find(|t| t.workload.name == "w0")
+            .unwrap()
+            .clone();
         o.failed(&w0);
         for _ in 0..50 {
             assert_eq!(order(&s, &p, &o)[0].workload.name, "w2");

@@ -21,13 +21,19 @@ fn serve(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
     let body = format!("{name} {method} {path} from {peer}\n");
     print!("{body}");
     std::io::stdout().flush()?;
-    write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     stream.flush()
 }
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let name = args.next().ok_or_else(|| anyhow::anyhow!("usage: http-echo NAME ADDR..."))?;
+    let name = args
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("usage: http-echo NAME ADDR..."))?;
     let mut handles = Vec::new();
     for addr in args {
         let listener = TcpListener::bind(&addr).map_err(|e| anyhow::anyhow!("bind {addr}: {e}"))?;

@@ -15,7 +15,10 @@ fn one(addr: SocketAddr) -> std::io::Result<Duration> {
     let mut buf = [0u8; 512];
     let n = s.read(&mut buf)?;
     if n == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before the first byte"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before the first byte",
+        ));
     }
     let first_byte = start.elapsed();
     while s.read(&mut buf)? > 0 {}
@@ -24,7 +27,9 @@ fn one(addr: SocketAddr) -> std::io::Result<Duration> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [addr, secs, conc] = args.as_slice() else { anyhow::bail!("usage: loadgen ADDR SECONDS CONCURRENCY") };
+    let [addr, secs, conc] = args.as_slice() else {
+        anyhow::bail!("usage: loadgen ADDR SECONDS CONCURRENCY")
+    };
     let addr: SocketAddr = addr.parse()?;
     let secs: f64 = secs.parse()?;
     let conc: usize = conc.parse()?;
@@ -53,7 +58,11 @@ fn main() -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "{}",
         serde_json::json!({"connections": all.len(), "errors": errors, "cps": all.len() as f64 / elapsed, "p50_us": pct(0.50), "p99_us": pct(0.99)})

@@ -14,11 +14,19 @@ fn main() -> anyhow::Result<()> {
         [s, n, ..] => (s.parse::<SocketAddr>()?, Name::from_ascii(n)?),
         _ => anyhow::bail!("usage: udp-query SERVER:PORT NAME [A|AAAA]"),
     };
-    let rtype = if args.get(2).map(String::as_str) == Some("AAAA") { RecordType::AAAA } else { RecordType::A };
+    let rtype = if args.get(2).map(String::as_str) == Some("AAAA") {
+        RecordType::AAAA
+    } else {
+        RecordType::A
+    };
     let mut msg = Message::new();
     msg.set_id(0x4242).set_recursion_desired(true);
     msg.add_query(Query::query(name, rtype));
-    let sock = UdpSocket::bind(if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    let sock = UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
     sock.set_read_timeout(Some(Duration::from_secs(3)))?;
     sock.send_to(&msg.to_vec()?, server)?;
     let mut buf = [0u8; 4096];
@@ -33,6 +41,11 @@ fn main() -> anyhow::Result<()> {
             _ => None,
         })
         .collect();
-    println!("from={from} id={} rcode={} answers={}", reply.id(), reply.response_code(), answers.join(","));
+    println!(
+        "from={from} id={} rcode={} answers={}",
+        reply.id(),
+        reply.response_code(),
+        answers.join(",")
+    );
     Ok(())
 }

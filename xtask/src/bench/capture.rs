@@ -1,0 +1,151 @@
+//! `cargo xtask bench capture`: new connections per second and connect+first-byte latency for a
+//! client in the VM, three ways against the same server in one run:
+//! (a) direct, (b) eBPF capture into proxy::Outbound, (c) the same listener behind an iptables
+//! REDIRECT rule (how Istio's sidecar and agent capture).
+
+use std::path::Path;
+
+use interceptor_tests::{interceptor_bin, sh, Interceptor, Subnet, VmPod};
+
+use super::{helper, loadgen, median, Load};
+
+const ROUNDS: usize = 3;
+const CPS_SECS: &str = "3";
+const CPS_CONCURRENCY: &str = "4";
+const LAT_SECS: &str = "2";
+
+const MESH: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: product, namespace: default}
+spec:
+  hosts: [product.default.svc.cluster.local]
+  addresses: [240.240.7.7]
+  ports: [{number: 8080, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 10.77.0.2}]
+"#;
+const VIP: &str = "240.240.7.7:8080";
+
+pub fn run(out: &Path) -> anyhow::Result<()> {
+    let t = VmPod::new();
+    for ns in [&t.vm, &t.pod] {
+        // TIME_WAIT reuse inside the test namespaces only (a per-netns sysctl).
+        sh(ns.cmd("sysctl").args(["-qw", "net.ipv4.tcp_tw_reuse=1"]));
+    }
+    let mesh = t.write("mesh.yaml", MESH);
+    let resolv = t.write("resolv.conf", "nameserver 10.77.0.53\n");
+    let _server = t.pod_http("server", &["10.77.0.2:8080"]);
+
+    // (b): eBPF capture, the daemon in the cgroup as in production. Logs at warn: the bench
+    // measures the data path, not the access log.
+    let mut ebpf_cmd = t.interceptor_cmd(&mesh, &resolv, &[]);
+    ebpf_cmd.env("RUST_LOG", "warn,interceptor::run=info");
+    let _ebpf = Interceptor::start(ebpf_cmd, t.path("ebpf.log"));
+    // (c): the same binary, no eBPF, behind iptables REDIRECT on another port.
+    let mut ipt_cmd = t.vm.cmd(interceptor_bin().to_str().expect("utf-8"));
+    ipt_cmd
+        .args([
+            "run",
+            "--capture",
+            "none",
+            "--outbound-port",
+            "15002",
+            "--dns-port",
+            "15054",
+            "--mesh",
+        ])
+        .arg(&mesh)
+        .arg("--resolv-conf")
+        .arg(&resolv)
+        .env("RUST_LOG", "warn,interceptor::run=info");
+    let _ipt = Interceptor::start(ipt_cmd, t.path("iptables.log"));
+    let veth = format!("ic{:x}v", t.id);
+    t.vm.ip(&["route", "add", "240.240.0.0/16", "dev", &veth]);
+    sh(t.vm.cmd("iptables").args([
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "240.240.7.7",
+        "--dport",
+        "8080",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15002",
+    ]));
+
+    let lg = helper("loadgen");
+    let lg = lg.to_str().expect("utf-8");
+    let direct = format!("{}:8080", Subnet::POD4);
+    let modes: [(&str, &str, bool); 3] = [
+        ("a direct", &direct, false),
+        ("b eBPF", VIP, true),
+        ("c iptables", VIP, false),
+    ];
+    let mut cps: Vec<Vec<f64>> = vec![vec![]; 3];
+    let mut p50: Vec<Vec<f64>> = vec![vec![]; 3];
+    let mut p99: Vec<Vec<f64>> = vec![vec![]; 3];
+    for round in 0..ROUNDS {
+        for (i, (name, addr, in_cgroup)) in modes.iter().enumerate() {
+            let cmd = |secs: &str, conc: &str| {
+                if *in_cgroup {
+                    t.in_cgroup(lg, &[addr, secs, conc])
+                } else {
+                    t.outside(lg, &[addr, secs, conc])
+                }
+            };
+            let load: Load = loadgen(cmd(CPS_SECS, CPS_CONCURRENCY))?;
+            let lat: Load = loadgen(cmd(LAT_SECS, "1"))?;
+            anyhow::ensure!(
+                load.errors == 0 && lat.errors == 0,
+                "{name}: {} connection errors",
+                load.errors + lat.errors
+            );
+            eprintln!(
+                "round {round} {name}: {:.0} conn/s, p50 {:.0} us, p99 {:.0} us",
+                load.cps, lat.p50_us, lat.p99_us
+            );
+            cps[i].push(load.cps);
+            p50[i].push(lat.p50_us);
+            p99[i].push(lat.p99_us);
+        }
+    }
+    let m = |v: &Vec<Vec<f64>>| -> Vec<f64> { v.iter().map(|x| median(x.clone())).collect() };
+    let (cps, p50, p99) = (m(&cps), m(&p50), m(&p99));
+    println!("\ncapture bench: median of {ROUNDS} rounds; CPS at concurrency {CPS_CONCURRENCY}, latency at concurrency 1 (connect + first byte)");
+    println!(
+        "{:<12} {:>10} {:>10} {:>10}",
+        "mode", "conn/s", "p50 us", "p99 us"
+    );
+    for (i, (name, _, _)) in modes.iter().enumerate() {
+        println!(
+            "{:<12} {:>10.0} {:>10.0} {:>10.0}",
+            name, cps[i], p50[i], p99[i]
+        );
+    }
+    println!(
+        "b/c CPS {:.2} (goal >= 1.2)   b/a CPS {:.2}",
+        cps[1] / cps[2],
+        cps[1] / cps[0]
+    );
+    println!(
+        "b/c p50 {:.2}   b/a p50 {:.2}   b/c p99 {:.2}",
+        p50[1] / p50[2],
+        p50[1] / p50[0],
+        p99[1] / p99[2]
+    );
+    let json = serde_json::json!({
+        "modes": ["direct", "ebpf", "iptables"], "cps": cps, "p50_us": p50, "p99_us": p99,
+        "b_over_c_cps": cps[1] / cps[2], "b_over_a_cps": cps[1] / cps[0],
+    });
+    std::fs::write(
+        out.join("capture.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    Ok(())
+}

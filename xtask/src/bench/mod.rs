@@ -1,0 +1,66 @@
+//! Benchmarks. Each runs the product and a peer side by side in one run, on the same machine
+//! and topology, and reports ratios (never absolute pass/fail).
+
+mod capture;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Which {
+    Capture,
+    All,
+}
+
+pub fn run(which: Which) -> anyhow::Result<()> {
+    crate::setup::ensure()?;
+    let dir = crate::build(true)?;
+    std::env::set_var("INTERCEPTOR_BIN", dir.join("interceptor"));
+    std::env::set_var("INTERCEPTOR_HELPERS_DIR", &dir);
+    let out = crate::root().join("target").join("bench");
+    std::fs::create_dir_all(&out)?;
+    match which {
+        Which::Capture | Which::All => capture::run(&out)?,
+    }
+    Ok(())
+}
+
+/// One loadgen result.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Load {
+    pub cps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub errors: u64,
+}
+
+pub fn loadgen(mut cmd: Command) -> anyhow::Result<Load> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "loadgen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("loadgen JSON")?;
+    Ok(Load {
+        cps: v["cps"].as_f64().unwrap_or(0.0),
+        p50_us: v["p50_us"].as_f64().unwrap_or(0.0),
+        p99_us: v["p99_us"].as_f64().unwrap_or(0.0),
+        errors: v["errors"].as_u64().unwrap_or(0),
+    })
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+pub fn helper(name: &str) -> PathBuf {
+    interceptor_tests::helper_bin(name)
+}
