@@ -42,11 +42,14 @@ pub fn first_table(source: &FileSource) -> anyhow::Result<mesh::Table> {
     })
 }
 
-async fn bind_udp(addrs: &[SocketAddr]) -> anyhow::Result<Vec<UdpSocket>> {
+fn bind_udp(addrs: &[SocketAddr]) -> anyhow::Result<Vec<UdpSocket>> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut out = Vec::new();
     for a in addrs {
-        match UdpSocket::bind(a).await {
-            Ok(s) => out.push(s),
+        match dns::bind_udp(*a, workers) {
+            Ok(s) => out.extend(s),
             Err(e) => tracing::warn!(addr = %a, error = %e, "DNS: cannot listen on UDP"),
         }
     }
@@ -86,7 +89,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let dns_tcp = proxy::bind_all(&dns_addrs, "DNS")
         .await
         .context("DNS TCP listener")?;
-    let dns_udp = bind_udp(&dns_addrs).await?;
+    let dns_udp = bind_udp(&dns_addrs)?;
 
     let (capture, mut vips, orig) = match &cgroup {
         Some(path) => {

@@ -139,6 +139,7 @@ impl VmPod {
             "--conf-file=/dev/null",
             "--no-resolv",
             "--no-hosts",
+            "--local=/#/",
             "--bind-interfaces",
             "--log-queries",
             "--log-facility=-",

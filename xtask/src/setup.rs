@@ -36,7 +36,33 @@ fn installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// cargo subcommands the tasks use.
+const CARGO_TOOLS: &[(&str, &str)] = &[("cargo-fuzz", "cargo-fuzz")];
+
+fn ensure_cargo_tools() -> anyhow::Result<()> {
+    for (bin, krate) in CARGO_TOOLS {
+        let have = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {bin}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !have {
+            run(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .args(["install", "--locked", krate]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 pub fn ensure() -> anyhow::Result<()> {
+    ensure_packages()?;
+    ensure_cargo_tools()
+}
+
+fn ensure_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());

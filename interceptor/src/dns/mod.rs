@@ -6,9 +6,11 @@ mod upstream;
 
 pub use upstream::{ResolvConf, Upstream};
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -23,11 +25,42 @@ pub enum Source {
     FormErr,
 }
 
+/// Query counters by outcome (read by the admin endpoint).
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub table: AtomicU64,
+    pub upstream: AtomicU64,
+    pub servfail: AtomicU64,
+    pub formerr: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+impl Stats {
+    fn count(&self, source: Option<Source>) {
+        let c = match source {
+            Some(Source::Table) => &self.table,
+            Some(Source::Upstream) => &self.upstream,
+            Some(Source::ServFail) => &self.servfail,
+            Some(Source::FormErr) => &self.formerr,
+            None => &self.dropped,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What to do with one packet, decided without waiting on anything.
+enum Decision {
+    Reply(Vec<u8>, Source),
+    Forward(Message),
+    Drop,
+}
+
 pub struct Server {
     store: Arc<Store>,
     upstream: Upstream,
     /// The first search domain of the VM's resolv.conf (for the CNAME rule).
     search_domain: Option<String>,
+    pub stats: Stats,
 }
 
 impl Server {
@@ -36,30 +69,43 @@ impl Server {
             store,
             upstream,
             search_domain,
+            stats: Stats::default(),
         })
     }
 
-    /// The response to one query packet, or None to drop it.
-    pub async fn handle(&self, packet: &[u8], tcp: bool) -> Option<(Vec<u8>, Source)> {
+    fn decide(&self, packet: &[u8], tcp: bool) -> Decision {
         let query = match Message::from_vec(packet) {
-            Ok(q) if q.message_type() == hickory_proto::op::MessageType::Query => q,
-            Ok(_) => return None,
+            Ok(q) if q.message_type() == MessageType::Query => q,
+            Ok(_) => return Decision::Drop,
             Err(e) => {
                 tracing::debug!(error = %e, "malformed DNS query");
-                return answer::formerr(packet).map(|b| (b, Source::FormErr));
+                return match answer::formerr(packet) {
+                    Some(b) => Decision::Reply(b, Source::FormErr),
+                    None => Decision::Drop,
+                };
             }
         };
-        let max = if tcp {
-            65535
-        } else {
-            usize::from(query.max_payload())
-        };
+        // One snapshot per query: a reload in between can never mix two tables.
         let table = self.store.load();
-        if let Some(resp) = answer::from_table(&query, &table.names, self.search_domain.as_deref())
-        {
-            return answer::encode(resp, max).map(|b| (b, Source::Table));
+        match answer::from_table(&query, &table.names, self.search_domain.as_deref()) {
+            Some(resp) => match answer::encode(resp, max_size(&query, tcp)) {
+                Some(b) => Decision::Reply(b, Source::Table),
+                None => Decision::Drop,
+            },
+            None => Decision::Forward(query),
         }
-        drop(table);
+    }
+
+    /// The answer to `packet` when it needs no upstream (a table answer, FORMERR), else None.
+    /// Never panics, whatever the bytes: the fuzz target drives this.
+    pub fn answer_locally(&self, packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        match self.decide(packet, tcp) {
+            Decision::Reply(b, _) => Some(b),
+            _ => None,
+        }
+    }
+
+    async fn forward(&self, query: Message, packet: &[u8], tcp: bool) -> Option<(Vec<u8>, Source)> {
         match self.upstream.exchange(packet, tcp).await {
             Ok(bytes) => Some((bytes, Source::Upstream)),
             Err(e) => {
@@ -69,10 +115,24 @@ impl Server {
                     .map(|q| q.name().to_string())
                     .unwrap_or_default();
                 tracing::warn!(%name, error = %e, "DNS upstream failed; SERVFAIL");
-                answer::encode(answer::response_to(&query, ResponseCode::ServFail), max)
-                    .map(|b| (b, Source::ServFail))
+                answer::encode(
+                    answer::response_to(&query, ResponseCode::ServFail),
+                    max_size(&query, tcp),
+                )
+                .map(|b| (b, Source::ServFail))
             }
         }
+    }
+
+    /// The response to one query packet, or None to drop it.
+    pub async fn handle(&self, packet: &[u8], tcp: bool) -> Option<(Vec<u8>, Source)> {
+        let out = match self.decide(packet, tcp) {
+            Decision::Reply(b, s) => Some((b, s)),
+            Decision::Forward(q) => self.forward(q, packet, tcp).await,
+            Decision::Drop => None,
+        };
+        self.stats.count(out.as_ref().map(|(_, s)| *s));
+        out
     }
 
     pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket) {
@@ -86,14 +146,25 @@ impl Server {
                     continue;
                 }
             };
-            let packet = buf[..n].to_vec();
-            let (this, socket) = (self.clone(), socket.clone());
-            // One task per query: a slow upstream never holds up the next query.
-            tokio::spawn(async move {
-                if let Some((resp, _)) = this.handle(&packet, false).await {
+            match self.decide(&buf[..n], false) {
+                // Table answers are sent inline: no task, no copy of the query.
+                Decision::Reply(resp, source) => {
+                    self.stats.count(Some(source));
                     let _ = socket.send_to(&resp, from).await;
                 }
-            });
+                Decision::Drop => self.stats.count(None),
+                // Upstream may be slow: never hold up the next query for it.
+                Decision::Forward(query) => {
+                    let (this, socket, packet) = (self.clone(), socket.clone(), buf[..n].to_vec());
+                    tokio::spawn(async move {
+                        let out = this.forward(query, &packet, false).await;
+                        this.stats.count(out.as_ref().map(|(_, s)| *s));
+                        if let Some((resp, _)) = out {
+                            let _ = socket.send_to(&resp, from).await;
+                        }
+                    });
+                }
+            }
         }
     }
 
@@ -112,28 +183,60 @@ impl Server {
         }
     }
 
-    async fn tcp_connection(&self, mut stream: TcpStream) {
+    /// Queries on one connection are answered as they complete (RFC 7766 pipelining): a slow
+    /// upstream answer does not hold up a table answer behind it.
+    async fn tcp_connection(self: Arc<Self>, stream: TcpStream) {
         let idle = std::time::Duration::from_secs(10);
+        let (mut rd, wr) = stream.into_split();
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
+        let mut inflight = tokio::task::JoinSet::new();
         loop {
-            let Ok(Ok(len)) = tokio::time::timeout(idle, stream.read_u16()).await else {
-                return;
+            let Ok(Ok(len)) = tokio::time::timeout(idle, rd.read_u16()).await else {
+                break;
             };
             let mut packet = vec![0u8; usize::from(len)];
-            if stream.read_exact(&mut packet).await.is_err() {
-                return;
+            if rd.read_exact(&mut packet).await.is_err() {
+                break;
             }
-            let Some((resp, _)) = self.handle(&packet, true).await else {
-                continue;
-            };
-            let Ok(rlen) = u16::try_from(resp.len()) else {
-                return;
-            };
-            let mut framed = Vec::with_capacity(resp.len() + 2);
-            framed.extend_from_slice(&rlen.to_be_bytes());
-            framed.extend_from_slice(&resp);
-            if stream.write_all(&framed).await.is_err() {
-                return;
-            }
+            let (this, wr) = (self.clone(), wr.clone());
+            inflight.spawn(async move {
+                if let Some((resp, _)) = this.handle(&packet, true).await {
+                    if let Ok(rlen) = u16::try_from(resp.len()) {
+                        let mut framed = Vec::with_capacity(resp.len() + 2);
+                        framed.extend_from_slice(&rlen.to_be_bytes());
+                        framed.extend_from_slice(&resp);
+                        let _ = wr.lock().await.write_all(&framed).await;
+                    }
+                }
+            });
+            while inflight.try_join_next().is_some() {}
         }
+        // The client half-closed: finish what it asked before closing.
+        while inflight.join_next().await.is_some() {}
     }
+}
+
+fn max_size(query: &Message, tcp: bool) -> usize {
+    if tcp {
+        65535
+    } else {
+        usize::from(query.max_payload())
+    }
+}
+
+/// UDP sockets for `addr`, one per core with SO_REUSEPORT so queries spread across cores.
+pub fn bind_udp(addr: SocketAddr, count: usize) -> std::io::Result<Vec<UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out = Vec::new();
+    for _ in 0..count.max(1) {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        out.push(UdpSocket::from_std(s.into())?);
+    }
+    Ok(out)
 }

@@ -1,0 +1,382 @@
+//! Issue 3 scenarios: DNS from the mesh table by Istio's rules, everything else forwarded to a
+//! real resolver (dnsmasq in the pod namespace). Every query is made by a real client inside the
+//! captured cgroup, aimed at a nameserver address nobody answers on.
+
+use std::time::Instant;
+
+use interceptor_tests::{helper_bin, sh, try_sh, Interceptor, Proc, Subnet, VmPod};
+
+const MESH: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: product, namespace: default}
+spec:
+  hosts: [product.default.svc.cluster.local]
+  addresses: [240.240.0.10, 2001:2::10]
+  ports: [{number: 8080, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 10.77.0.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  addresses: [240.240.0.11]
+  ports: [{number: 9080, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 10.77.0.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wild, namespace: default}
+spec:
+  hosts: ["*.wild.example"]
+  addresses: [192.0.2.50]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: auto, namespace: default}
+spec:
+  hosts: [api.partner.example]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+"#;
+
+/// A service whose A answer does not fit in 512 bytes.
+fn big_service() -> String {
+    let addrs: Vec<String> = (1..=60).map(|i| format!("10.99.0.{i}")).collect();
+    format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: big, namespace: default}}\nspec:\n  hosts: [big.example.internal]\n  addresses: [{}]\n  ports: [{{number: 80}}]\n  resolution: STATIC\n  endpoints: [{{address: 10.77.0.2}}]\n",
+        addrs.join(", ")
+    )
+}
+
+struct Dns {
+    t: VmPod,
+    ic: Interceptor,
+    upstream: Proc,
+}
+
+impl Dns {
+    fn start() -> Self {
+        let t = VmPod::new();
+        let upstream = t.pod_dnsmasq(
+            Subnet::POD4,
+            &[
+                "ext.example.org,192.0.2.77",
+                "product.default.svc.cluster.local,192.0.2.99",
+            ],
+        );
+        let mesh = t.write("mesh.yaml", &(MESH.to_string() + &big_service()));
+        let resolv = t.write(
+            "resolv.conf",
+            &format!(
+                "search corp.internal svc.cluster.local\nnameserver {}\n",
+                Subnet::POD4
+            ),
+        );
+        let ic = t.start_interceptor(&mesh, &resolv, &[]);
+        Self { t, ic, upstream }
+    }
+
+    /// `dig @<fake nameserver> ARGS` in the captured cgroup: (ok, output).
+    fn dig(&self, args: &[&str]) -> String {
+        let ns = format!("@{}", Subnet::FAKE_NS);
+        let mut all = vec!["+time=3", "+tries=1", &ns];
+        all.extend_from_slice(args);
+        sh(&mut self.t.in_cgroup("dig", &all))
+    }
+
+    fn short(&self, name: &str, rtype: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .dig(&["+short", name, rtype])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn answer_lines(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .collect()
+}
+
+#[test]
+fn name_variants_answer_a_and_aaaa_authoritatively() {
+    let d = Dns::start();
+    for name in [
+        "product.default.svc.cluster.local",
+        "product.default.svc",
+        "product.default",
+        "product",
+    ] {
+        assert_eq!(d.short(name, "A"), vec!["240.240.0.10"], "A {name}");
+        assert_eq!(d.short(name, "AAAA"), vec!["2001:2::10"], "AAAA {name}");
+    }
+    // Another namespace: no short name, the rest works.
+    assert_eq!(d.short("reviews.shop", "A"), vec!["240.240.0.11"]);
+    let full = d.dig(&[
+        "+noall",
+        "+answer",
+        "+comments",
+        "product.default.svc.cluster.local",
+        "A",
+    ]);
+    assert!(
+        full.contains("flags: qr aa rd ra"),
+        "authoritative flag missing:\n{full}"
+    );
+    let answers = answer_lines(&full);
+    assert_eq!(answers.len(), 1);
+    let fields: Vec<&str> = answers[0].split_whitespace().collect();
+    assert_eq!(
+        (fields[1], fields[3]),
+        ("30", "A"),
+        "TTL 30: {}",
+        answers[0]
+    );
+    // The short name of another namespace is not ours: it goes upstream (NXDOMAIN there).
+    let out = d.dig(&["+noall", "+comments", "reviews", "A"]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    // Auto-allocated VIPs for an address-less ServiceEntry, both families.
+    let v4 = d.short("api.partner.example", "A");
+    let v6 = d.short("api.partner.example", "AAAA");
+    assert!(v4.len() == 1 && v4[0].starts_with("240.240."), "{v4:?}");
+    assert!(v6.len() == 1 && v6[0].starts_with("2001:2::"), "{v6:?}");
+}
+
+#[test]
+fn search_domain_gets_a_cname_and_glibc_resolves_through_it() {
+    let d = Dns::start();
+    let out = d.dig(&["+noall", "+answer", "product.corp.internal", "A"]);
+    let answers = answer_lines(&out);
+    assert_eq!(answers.len(), 2, "{out}");
+    assert!(
+        answers[0].contains("CNAME") && answers[0].trim_end().ends_with("product."),
+        "{out}"
+    );
+    assert!(
+        answers[1].starts_with("product.") && answers[1].contains("240.240.0.10"),
+        "{out}"
+    );
+    // glibc with the search list of the VM: `getent hosts product` tries product.corp.internal
+    // first and must accept the CNAME answer.
+    let resolv = d.t.write(
+        "glibc.conf",
+        &format!(
+            "search corp.internal\nnameserver {}\noptions timeout:2 attempts:1\n",
+            Subnet::FAKE_NS
+        ),
+    );
+    let out = sh(&mut d.t.getent(&resolv, "product"));
+    assert!(
+        out.starts_with("2001:2::10") || out.starts_with("240.240.0.10"),
+        "{out}"
+    );
+}
+
+#[test]
+fn wildcard_nodata_and_nxdomain() {
+    let d = Dns::start();
+    assert_eq!(d.short("anything.wild.example", "A"), vec!["192.0.2.50"]);
+    assert_eq!(d.short("a.b.wild.example", "A"), vec!["192.0.2.50"]);
+    // A known name without a record of the family: NOERROR, empty (not NXDOMAIN).
+    let out = d.dig(&[
+        "+noall",
+        "+comments",
+        "+answer",
+        "reviews.shop.svc.cluster.local",
+        "AAAA",
+    ]);
+    assert!(
+        out.contains("status: NOERROR") && out.contains("aa"),
+        "{out}"
+    );
+    assert!(answer_lines(&out).is_empty(), "{out}");
+    // Not in the table: upstream's NXDOMAIN.
+    let out = d.dig(&[
+        "+noall",
+        "+comments",
+        "nothing.default.svc.cluster.local",
+        "A",
+    ]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    let out = d.dig(&["+noall", "+comments", "wild.example", "A"]);
+    assert!(
+        out.contains("status: NXDOMAIN"),
+        "the wildcard must not match its own suffix: {out}"
+    );
+}
+
+#[test]
+fn other_types_and_unknown_names_go_upstream() {
+    let t = VmPod::new();
+    // dnsmasq with SRV, MX and PTR records; forwarded unchanged.
+    let mut c = t.pod.cmd("dnsmasq");
+    c.args([
+        "-k",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--local=/#/",
+        "--bind-interfaces",
+        "--log-queries",
+        "--log-facility=-",
+        "--pid-file=",
+        "--user=root",
+    ])
+    .arg(format!("--listen-address={}", Subnet::POD4))
+    .arg("--host-record=ext.example.org,192.0.2.77")
+    .arg("--srv-host=_http._tcp.product.default.svc.cluster.local,srv-target.example,8080,1,2")
+    .arg("--mx-host=product.default.svc.cluster.local,mail.example,10")
+    .arg("--ptr-record=2.0.77.10.in-addr.arpa,pod.example");
+    let mut dnsmasq = Proc::spawn("dnsmasq", c, t.path("dnsmasq2.log"));
+    dnsmasq.wait_for_output("started", 10.0);
+    let mesh = t.write("mesh.yaml", MESH);
+    let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::POD4));
+    let _ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let d = |args: &[&str]| {
+        let ns = format!("@{}", Subnet::FAKE_NS);
+        let mut all = vec!["+time=3", "+tries=1", "+short", &ns];
+        all.extend_from_slice(args);
+        sh(&mut t.in_cgroup("dig", &all)).trim().to_string()
+    };
+    assert_eq!(
+        d(&["_http._tcp.product.default.svc.cluster.local", "SRV"]),
+        "1 2 8080 srv-target.example."
+    );
+    assert_eq!(
+        d(&["product.default.svc.cluster.local", "MX"]),
+        "10 mail.example."
+    );
+    assert_eq!(d(&["-x", "10.77.0.2"]), "pod.example.");
+    assert_eq!(d(&["ext.example.org", "A"]), "192.0.2.77");
+    assert_eq!(d(&["+tcp", "ext.example.org", "A"]), "192.0.2.77");
+    let log = dnsmasq.output();
+    for q in [
+        "query[SRV]",
+        "query[MX]",
+        "query[PTR]",
+        "query[A] ext.example.org from 10.77.0.1",
+    ] {
+        assert!(log.contains(q), "upstream did not see {q}:\n{log}");
+    }
+}
+
+#[test]
+fn upstream_down_gives_servfail_within_the_timeout_and_the_next_server_is_tried() {
+    let t = VmPod::new();
+    let mesh = t.write("mesh.yaml", MESH);
+    // 10.77.0.99 does not exist: queries to it just time out.
+    let resolv = t.write("resolv.conf", "nameserver 10.77.0.99\n");
+    let _ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let ns = format!("@{}", Subnet::FAKE_NS);
+    let start = Instant::now();
+    let (_, out, _) = try_sh(&mut t.in_cgroup(
+        "dig",
+        &[
+            "+time=9",
+            "+tries=1",
+            "+noall",
+            "+comments",
+            &ns,
+            "ext.example.org",
+        ],
+    ));
+    let took = start.elapsed().as_secs_f64();
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+    assert!(
+        (4.0..7.5).contains(&took),
+        "SERVFAIL came after {took:.1}s; the upstream timeout is 5s"
+    );
+    // Mesh names do not depend on upstream at all.
+    assert_eq!(
+        sh(&mut t.in_cgroup("dig", &["+short", "+time=2", "+tries=1", &ns, "product"])).trim(),
+        "240.240.0.10"
+    );
+    drop(_ic);
+
+    // A dead server first, a live one second: the answer comes from the second.
+    let _up = t.pod_dnsmasq(Subnet::POD4, &["ext.example.org,192.0.2.77"]);
+    let resolv = t.write(
+        "resolv2.conf",
+        &format!("nameserver 10.77.0.99\nnameserver {}\n", Subnet::POD4),
+    );
+    let _ic = Interceptor::start(t.interceptor_cmd(&mesh, &resolv, &[]), t.path("ic2.log"));
+    let out = sh(&mut t.in_cgroup(
+        "dig",
+        &["+short", "+time=8", "+tries=1", &ns, "ext.example.org"],
+    ));
+    assert_eq!(out.trim(), "192.0.2.77");
+}
+
+#[test]
+fn large_answers_truncate_over_udp_and_are_whole_over_tcp() {
+    let d = Dns::start();
+    let udp = d.dig(&[
+        "+ignore",
+        "+noedns",
+        "+noall",
+        "+comments",
+        "+answer",
+        "big.example.internal",
+        "A",
+    ]);
+    assert!(udp.contains(" tc"), "TC flag missing over UDP:\n{udp}");
+    let n_udp = answer_lines(&udp).len();
+    assert!(n_udp > 0 && n_udp < 60, "{n_udp} answers over UDP");
+    let edns = d.dig(&[
+        "+ignore",
+        "+bufsize=4096",
+        "+noall",
+        "+answer",
+        "big.example.internal",
+        "A",
+    ]);
+    assert_eq!(answer_lines(&edns).len(), 60, "EDNS 4096 fits all");
+    let tcp = d.dig(&["+tcp", "+noall", "+answer", "big.example.internal", "A"]);
+    assert_eq!(answer_lines(&tcp).len(), 60);
+}
+
+#[test]
+fn malformed_packets_get_formerr_and_the_server_keeps_answering() {
+    let d = Dns::start();
+    let q = helper_bin("udp-query");
+    let q = q.to_str().unwrap();
+    let server = format!("{}:53", Subnet::FAKE_NS);
+    // A header (id 0x1234, one question) followed by a truncated name.
+    let out = sh(&mut d
+        .t
+        .in_cgroup(q, &["--raw", "123401000001000000000000ff61", &server]));
+    assert!(out.contains("id=4660 rcode=1"), "expected FORMERR: {out}");
+    // Too short for a header: dropped, no answer.
+    let (ok, _, _) = try_sh(&mut d.t.in_cgroup(q, &["--raw", "1234", &server]));
+    assert!(!ok, "a 2-byte packet got an answer");
+    assert_eq!(d.short("product", "A"), vec!["240.240.0.10"]);
+    let log = d.ic.log();
+    assert!(!log.contains("panicked"), "{log}");
+    let _ = &d.upstream;
+}
+
+#[test]
+fn editing_the_mesh_file_changes_answers_without_restart() {
+    let d = Dns::start();
+    assert_eq!(d.short("product", "A"), vec!["240.240.0.10"]);
+    let mesh = d.t.path("mesh.yaml");
+    let text = std::fs::read_to_string(&mesh)
+        .unwrap()
+        .replace("240.240.0.10", "240.240.0.20");
+    std::fs::write(&mesh, text).unwrap();
+    assert!(d.ic.wait_log_count("mesh table reloaded", 1, 10.0));
+    assert_eq!(d.short("product", "A"), vec!["240.240.0.20"]);
+    assert_eq!(
+        d.short("product.default.svc.cluster.local", "AAAA"),
+        vec!["2001:2::10"]
+    );
+}
