@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -18,8 +19,9 @@ pub struct NameEntry {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct NameTable {
-    exact: HashMap<String, NameEntry>,
-    wildcards: Vec<(Host, NameEntry)>,
+    /// Every name variant of a service shares one entry.
+    exact: HashMap<String, Arc<NameEntry>>,
+    wildcards: Vec<(Host, Arc<NameEntry>)>,
 }
 
 impl NameTable {
@@ -44,6 +46,7 @@ impl NameTable {
                     IpAddr::V6(v6) => entry.v6.push(*v6),
                 }
             }
+            let entry = Arc::new(entry);
             if svc.host.is_wildcard() {
                 table.wildcards.push((svc.host.clone(), entry));
                 continue;
@@ -70,12 +73,15 @@ impl NameTable {
 
     /// `name`: lower case, no trailing dot.
     pub fn lookup(&self, name: &str) -> Option<&NameEntry> {
-        self.exact.get(name).or_else(|| {
-            self.wildcards
-                .iter()
-                .find(|(h, _)| h.matches(name))
-                .map(|(_, e)| e)
-        })
+        self.exact
+            .get(name)
+            .or_else(|| {
+                self.wildcards
+                    .iter()
+                    .find(|(h, _)| h.matches(name))
+                    .map(|(_, e)| e)
+            })
+            .map(Arc::as_ref)
     }
 
     pub fn len(&self) -> usize {
@@ -90,7 +96,7 @@ impl NameTable {
     pub fn names(&self) -> impl Iterator<Item = (&str, &NameEntry)> {
         self.exact
             .iter()
-            .map(|(k, v)| (k.as_str(), v))
-            .chain(self.wildcards.iter().map(|(h, e)| (h.as_str(), e)))
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .chain(self.wildcards.iter().map(|(h, e)| (h.as_str(), e.as_ref())))
     }
 }

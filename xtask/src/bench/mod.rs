@@ -2,6 +2,7 @@
 //! and topology, and reports ratios (never absolute pass/fail).
 
 mod capture;
+mod dns;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,6 +12,7 @@ use anyhow::Context;
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Which {
     Capture,
+    Dns,
     All,
 }
 
@@ -21,8 +23,11 @@ pub fn run(which: Which) -> anyhow::Result<()> {
     std::env::set_var("INTERCEPTOR_HELPERS_DIR", &dir);
     let out = crate::root().join("target").join("bench");
     std::fs::create_dir_all(&out)?;
-    match which {
-        Which::Capture | Which::All => capture::run(&out)?,
+    if matches!(which, Which::Capture | Which::All) {
+        capture::run(&out)?;
+    }
+    if matches!(which, Which::Dns | Which::All) {
+        dns::run(&out)?;
     }
     Ok(())
 }

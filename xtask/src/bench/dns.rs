@@ -1,0 +1,216 @@
+//! `cargo xtask bench dns`: dnsperf against dns::Server and, in the same run, against dnsmasq
+//! serving the same names from a hosts file, both on loopback of a test namespace. QPS at
+//! saturation, latency p50/p99 at a fixed rate below saturation, and the interceptor's RSS.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use interceptor_tests::{interceptor_bin, sh, Interceptor, Proc, VmPod};
+
+use super::median;
+
+const ROUNDS: usize = 3;
+const QPS_SECS: &str = "4";
+const LAT_RATE: &str = "20000";
+const LAT_SECS: &str = "3";
+const DNSMASQ_PORT: &str = "5300";
+const OUR_PORT: &str = "15053";
+
+struct Table {
+    name: &'static str,
+    mesh: String,
+    hosts: String,
+    queries: String,
+}
+
+/// `n` Kubernetes-style services in 20 namespaces with explicit VIPs, so both servers hold the
+/// same names and addresses. Queries cycle through every name variant.
+fn table(name: &'static str, n: usize) -> Table {
+    let (mut mesh, mut hosts, mut queries) = (String::new(), String::new(), String::new());
+    for i in 0..n {
+        let ns = if i % 20 == 0 {
+            "default".to_string()
+        } else {
+            format!("ns{}", i % 20)
+        };
+        let svc = format!("svc{i}");
+        let ip = format!("240.240.{}.{}", (i / 250) % 250, i % 250 + 1);
+        let _ = write!(
+            mesh,
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec:\n  hosts: [{svc}.{ns}.svc.cluster.local]\n  addresses: [{ip}]\n  ports: [{{number: 80, name: http}}]\n  resolution: STATIC\n  endpoints: [{{address: 10.77.0.2}}]\n"
+        );
+        let mut names = vec![
+            format!("{svc}.{ns}.svc.cluster.local"),
+            format!("{svc}.{ns}.svc"),
+            format!("{svc}.{ns}"),
+        ];
+        if ns == "default" {
+            names.push(svc.clone());
+        }
+        let _ = writeln!(hosts, "{ip} {}", names.join(" "));
+        let _ = writeln!(queries, "{} A", names[i % names.len()]);
+    }
+    Table {
+        name,
+        mesh,
+        hosts,
+        queries,
+    }
+}
+
+fn dnsperf(t: &VmPod, port: &str, queries: &Path, extra: &[&str]) -> anyhow::Result<String> {
+    let mut c = t.vm.cmd("dnsperf");
+    c.args(["-s", "127.0.0.1", "-p", port, "-d"])
+        .arg(queries)
+        .args(extra);
+    let out = c.output().context("dnsperf")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "dnsperf failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn qps(t: &VmPod, port: &str, queries: &Path) -> anyhow::Result<f64> {
+    let out = dnsperf(
+        t,
+        port,
+        queries,
+        &["-l", QPS_SECS, "-c", "4", "-q", "200", "-T", "1"],
+    )?;
+    let lost = out
+        .lines()
+        .find(|l| l.contains("Queries lost:"))
+        .unwrap_or("");
+    let qps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Queries per second:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .context("dnsperf printed no QPS")?;
+    if !lost.contains(" 0 (") {
+        eprintln!("  note: {}", lost.trim());
+    }
+    Ok(qps)
+}
+
+/// (p50, p99) in microseconds at a fixed query rate.
+fn latency(t: &VmPod, port: &str, queries: &Path) -> anyhow::Result<(f64, f64)> {
+    let out = dnsperf(
+        t,
+        port,
+        queries,
+        &["-l", LAT_SECS, "-Q", LAT_RATE, "-v", "-T", "1"],
+    )?;
+    let mut lat: Vec<f64> = out
+        .lines()
+        .filter(|l| l.starts_with("> NOERROR"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|s| s * 1e6)
+        .collect();
+    anyhow::ensure!(!lat.is_empty(), "no answered queries in the latency run");
+    lat.sort_by(f64::total_cmp);
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    Ok((p(0.5), p(0.99)))
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn run(out: &Path) -> anyhow::Result<()> {
+    let mut report = Vec::new();
+    println!("\ndns bench: dnsperf, median of {ROUNDS} rounds; QPS with 4 clients x 200 outstanding; latency at {LAT_RATE} q/s");
+    println!(
+        "{:<14} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "table", "ours q/s", "dnsmasq q/s", "ratio", "p50 us", "p99 us", "dm p99", "RSS MiB"
+    );
+    for tbl in [table("mesh names", 20), table("10k services", 10_000)] {
+        let t = VmPod::new();
+        let mesh = t.write("mesh.yaml", &tbl.mesh);
+        let hosts = t.write("hosts", &tbl.hosts);
+        let queries = t.write("queries", &tbl.queries);
+        let resolv = t.write("resolv.conf", "nameserver 127.0.0.1\n");
+        let mut cmd = t.vm.cmd(interceptor_bin().to_str().context("utf-8")?);
+        cmd.args(["run", "--capture", "none", "--dns-port", OUR_PORT, "--mesh"])
+            .arg(&mesh)
+            .arg("--resolv-conf")
+            .arg(&resolv)
+            .env("RUST_LOG", "warn,interceptor::run=info");
+        let ours = Interceptor::start(cmd, t.path("interceptor.log"));
+        let mut dm = t.vm.cmd("dnsmasq");
+        dm.args([
+            "-k",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--local=/#/",
+            "--log-facility=-",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--pid-file=",
+            "--user=root",
+        ])
+        .arg(format!("--port={DNSMASQ_PORT}"))
+        .arg(format!("--addn-hosts={}", hosts.display()));
+        let mut dnsmasq = Proc::spawn("dnsmasq", dm, t.path("dnsmasq.log"));
+        dnsmasq.wait_for_output("started", 10.0);
+        // Same answer from both before measuring anything.
+        let probe = tbl
+            .queries
+            .lines()
+            .nth(7)
+            .and_then(|l| l.split(' ').next())
+            .context("queries")?
+            .to_string();
+        let a = sh(t
+            .vm
+            .cmd("dig")
+            .args(["+short", "-p", OUR_PORT, "@127.0.0.1", &probe]));
+        let b = sh(t
+            .vm
+            .cmd("dig")
+            .args(["+short", "-p", DNSMASQ_PORT, "@127.0.0.1", &probe]));
+        anyhow::ensure!(
+            a == b && !a.trim().is_empty(),
+            "servers disagree on {probe}: {a:?} vs {b:?}"
+        );
+
+        let (mut q_ours, mut q_dm, mut p50, mut p99, mut dm99) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..ROUNDS {
+            q_ours.push(qps(&t, OUR_PORT, &queries)?);
+            q_dm.push(qps(&t, DNSMASQ_PORT, &queries)?);
+            let (a, b) = latency(&t, OUR_PORT, &queries)?;
+            p50.push(a);
+            p99.push(b);
+            dm99.push(latency(&t, DNSMASQ_PORT, &queries)?.1);
+        }
+        let rss = rss_kib(ours.proc.pid()) as f64 / 1024.0;
+        let (qo, qd) = (median(q_ours), median(q_dm));
+        let (p50, p99, dm99) = (median(p50), median(p99), median(dm99));
+        println!(
+            "{:<14} {:>12.0} {:>12.0} {:>8.2} {:>8.0} {:>8.0} {:>8.0} {:>10.1}",
+            tbl.name,
+            qo,
+            qd,
+            qo / qd,
+            p50,
+            p99,
+            dm99,
+            rss
+        );
+        report.push(serde_json::json!({"table": tbl.name, "ours_qps": qo, "dnsmasq_qps": qd, "ratio": qo / qd, "p50_us": p50, "p99_us": p99, "dnsmasq_p99_us": dm99, "rss_mib": rss}));
+        drop(dnsmasq);
+        drop(ours);
+    }
+    println!("goals: ratio >= 2, p99 < 200 us, RSS with 10k services < 32 MiB");
+    std::fs::write(out.join("dns.json"), serde_json::to_string_pretty(&report)?)?;
+    Ok(())
+}
