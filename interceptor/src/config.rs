@@ -59,6 +59,11 @@ pub struct RunArgs {
     /// excluded whatever this says
     #[arg(long, value_name = "LIST")]
     pub exclude_inbound_ports: Option<String>,
+    /// Client identities allowed inbound: `spiffe://...` (every port) or `PORT=spiffe://...`;
+    /// repeatable [default: every identity the roots verify]
+    #[arg(long, value_name = "ID")]
+    #[serde(default)]
+    pub inbound_allow: Vec<String>,
     /// Inbound mTLS mode [default: permissive]
     #[arg(long, value_enum)]
     pub mtls_mode: Option<MtlsMode>,
@@ -97,6 +102,7 @@ pub struct Settings {
     pub inbound_ports: Vec<u16>,
     pub inbound_all: bool,
     pub exclude_inbound_ports: Vec<u16>,
+    pub inbound_allow: Vec<String>,
     pub mtls_mode: MtlsMode,
     pub outbound_port: u16,
     pub inbound_port: u16,
@@ -106,6 +112,8 @@ pub struct Settings {
 }
 
 pub const DEFAULT_MESH_DIR: &str = "/etc/interceptor/mesh";
+/// Never captured inbound, whatever the configuration says: SSH and the admin ports.
+pub const ALWAYS_EXCLUDED_INBOUND: [u16; 3] = [22, 15020, 15021];
 
 fn ports(list: &str, what: &str) -> anyhow::Result<Vec<u16>> {
     list.split(',')
@@ -137,6 +145,11 @@ impl RunArgs {
             cgroup: self.cgroup.or(file.cgroup),
             inbound_ports: self.inbound_ports.or(file.inbound_ports),
             exclude_inbound_ports: self.exclude_inbound_ports.or(file.exclude_inbound_ports),
+            inbound_allow: if self.inbound_allow.is_empty() {
+                file.inbound_allow
+            } else {
+                self.inbound_allow
+            },
             mtls_mode: self.mtls_mode.or(file.mtls_mode),
             outbound_port: self.outbound_port.or(file.outbound_port),
             inbound_port: self.inbound_port.or(file.inbound_port),
@@ -192,6 +205,7 @@ impl RunArgs {
             inbound_ports,
             inbound_all,
             exclude_inbound_ports: exclude,
+            inbound_allow: args.inbound_allow,
             mtls_mode: args.mtls_mode.unwrap_or_default(),
             outbound_port: args.outbound_port.unwrap_or(15001),
             inbound_port: args.inbound_port.unwrap_or(15006),
@@ -205,6 +219,21 @@ impl RunArgs {
 }
 
 impl Settings {
+    pub fn inbound_enabled(&self) -> bool {
+        self.inbound_all || !self.inbound_ports.is_empty()
+    }
+
+    /// Every port sk_lookup must leave alone: the configured exclusions, SSH, the admin ports and
+    /// our own listeners.
+    pub fn inbound_excluded(&self) -> Vec<u16> {
+        let mut v = self.exclude_inbound_ports.clone();
+        v.extend(ALWAYS_EXCLUDED_INBOUND);
+        v.extend([self.outbound_port, self.inbound_port, self.dns_port]);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     pub fn loopback(port: u16) -> [SocketAddr; 2] {
         [
             SocketAddr::from(([127, 0, 0, 1], port)),

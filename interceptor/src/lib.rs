@@ -6,6 +6,8 @@
 pub mod capture;
 pub mod config;
 pub mod dns;
+pub mod identity;
 pub mod mesh;
 pub mod proxy;
 pub mod run;
+pub mod tls;

@@ -1,6 +1,7 @@
 //! The daemon: wires sources, capture and data paths together, and takes them down on signal.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +12,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::capture::{self, Capture, OriginalDst};
 use crate::config::{CaptureMode, Settings};
 use crate::dns::{self, ResolvConf, Upstream};
+use crate::identity::{self, FileProvider};
 use crate::mesh::{self, FileSource, Store};
-use crate::proxy::{self, Outbound};
+use crate::proxy::{self, AllowList, Inbound, Outbound};
 
 /// The mesh source for these settings.
 pub fn file_source(s: &Settings) -> FileSource {
@@ -75,6 +77,24 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         CaptureMode::Ebpf => Some(capture::resolve_cgroup(s.cgroup.as_deref())?),
         CaptureMode::None => None,
     };
+    let identity = identity::Store::new(None);
+    let provider = match &s.certs {
+        Some(dir) => {
+            let p = FileProvider::new(dir.clone());
+            let id = p.load().context("identity (--certs)")?;
+            tracing::info!(spiffe = %id.spiffe, expires_in_s = id.expires_in().as_secs(), "identity loaded");
+            identity.set(id);
+            Some(p)
+        }
+        None => {
+            tracing::warn!(
+                "no --certs: mesh endpoints that require mTLS are unreachable, inbound mTLS is off"
+            );
+            None
+        }
+    };
+    let allow =
+        AllowList::parse(&s.inbound_allow).map_err(|e| anyhow::anyhow!("--inbound-allow: {e}"))?;
     let resolv = ResolvConf::read(&s.resolv_conf).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no upstream nameservers: names outside the mesh get SERVFAIL");
         ResolvConf::default()
@@ -90,16 +110,34 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         .await
         .context("DNS TCP listener")?;
     let dns_udp = bind_udp(&dns_addrs)?;
+    let inbound_addrs = [
+        SocketAddr::from(([0, 0, 0, 0], s.inbound_port)),
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, s.inbound_port)),
+    ];
+    let inbound_listeners = if s.inbound_enabled() {
+        proxy::bind_all(&inbound_addrs, "inbound")
+            .await
+            .context("inbound listener")?
+    } else {
+        vec![]
+    };
 
     let (capture, mut vips, orig) = match &cgroup {
         Some(path) => {
+            let inbound = s.inbound_enabled().then(|| capture::Inbound {
+                ports: s.inbound_ports.clone(),
+                all: s.inbound_all,
+                exclude: s.inbound_excluded(),
+            });
             let settings = capture::Settings {
                 cgroup: path.clone(),
                 outbound_port: s.outbound_port,
                 dns_port: s.dns_port,
                 inbound_port: s.inbound_port,
+                inbound,
             };
-            let (c, v, o) = Capture::attach(&settings)?;
+            let fds: Vec<RawFd> = inbound_listeners.iter().map(AsRawFd::as_raw_fd).collect();
+            let (c, v, o) = Capture::attach(&settings, &fds)?;
             (Some(c), Some(v), o)
         }
         None => (None, None, OriginalDst::netfilter_only()),
@@ -124,7 +162,20 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     let _watch = source.watch(store.clone()).context("watching mesh files")?;
 
-    let outbound = Outbound::new(store.clone(), Arc::new(orig), outbound_addrs.to_vec());
+    let _identity_watch = match provider {
+        Some(p) => Some(p.watch(identity.clone()).context("watching --certs")?),
+        None => None,
+    };
+    let inbound = Inbound::new(identity.clone(), s.mtls_mode, allow, s.inbound_port);
+    for l in inbound_listeners {
+        tasks.spawn(inbound.clone().serve(l));
+    }
+    let outbound = Outbound::new(
+        store.clone(),
+        identity.clone(),
+        Arc::new(orig),
+        outbound_addrs.to_vec(),
+    );
     for l in outbound_listeners {
         tasks.spawn(outbound.clone().serve(l));
     }

@@ -2,6 +2,7 @@
 //! them. Every resource is removed on drop, also when a test fails or panics, and nothing is
 //! ever attached outside the test's own cgroup.
 
+pub mod certs;
 mod cgroup;
 mod netns;
 mod process;

@@ -23,8 +23,10 @@ impl Subnet {
 pub struct VmPod {
     pub id: u32,
     pub dir: tempfile::TempDir,
-    // Drop order: processes (fields of the test) first, then the cgroup, then namespaces.
+    // Drop order: processes (fields of the test) first, then the cgroups, then namespaces.
     pub cgroup: TestCgroup,
+    /// The pod's own captured cgroup, for an interceptor running on the pod side.
+    pub pod_cgroup: TestCgroup,
     pub vm: Netns,
     pub pod: Netns,
 }
@@ -55,10 +57,12 @@ impl VmPod {
             ],
         );
         let cgroup = TestCgroup::new(&format!("interceptor-test-{id:x}"));
+        let pod_cgroup = TestCgroup::new(&format!("interceptor-test-{id:x}-pod"));
         Self {
             id,
             dir,
             cgroup,
+            pod_cgroup,
             vm,
             pod,
         }
@@ -118,6 +122,36 @@ impl VmPod {
         c.args(extra);
         c.env("RUST_LOG", "info");
         self.cgroup.wrap(&c)
+    }
+
+    /// `interceptor run` on the pod side: its own cgroup, inbound capture in the pod namespace.
+    pub fn pod_interceptor_cmd(
+        &self,
+        ns: &Netns,
+        mesh: &Path,
+        resolv: &Path,
+        extra: &[&str],
+    ) -> Command {
+        let mut c = ns.cmd(interceptor_bin().to_str().expect("utf-8 path"));
+        c.arg("run")
+            .arg("--mesh")
+            .arg(mesh)
+            .arg("--cgroup")
+            .arg(self.pod_cgroup.path())
+            .arg("--resolv-conf")
+            .arg(resolv);
+        c.args(extra);
+        c.env("RUST_LOG", "info");
+        self.pod_cgroup.wrap(&c)
+    }
+
+    /// An http-echo test server in namespace `ns`.
+    pub fn http_in(&self, ns: &Netns, name: &str, addrs: &[&str]) -> Proc {
+        let mut c = ns.cmd(crate::helper_bin("http-echo").to_str().expect("utf-8 path"));
+        c.arg(name).args(addrs);
+        let mut p = Proc::spawn(name, c, self.path(&format!("{name}.log")));
+        p.wait_for_output("listening", 10.0);
+        p
     }
 
     /// The http-echo test server in the pod namespace.

@@ -11,12 +11,14 @@ pub use orig_dst::OriginalDst;
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 
+use aya::maps::SockMap;
 use aya::maps::{HashMap, MapData};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use interceptor_ebpf::abi::IpPort;
+use interceptor_ebpf::abi::{InboundPort, IpPort, INBOUND_CAPTURE, INBOUND_EXCLUDE};
 use interceptor_ebpf::{globals, maps, programs};
 
 use crate::mesh::Table;
@@ -77,6 +79,21 @@ pub struct Settings {
     pub outbound_port: u16,
     pub dns_port: u16,
     pub inbound_port: u16,
+    /// Inbound capture (sk_lookup in this process's network namespace), if any.
+    pub inbound: Option<Inbound>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    /// Ports captured; ignored when `all`.
+    pub ports: Vec<u16>,
+    pub all: bool,
+    /// Never captured, whatever `ports` says (SSH and our own ports are added by the caller).
+    pub exclude: Vec<u16>,
+}
+
+fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map { map, source }
 }
 
 /// The attached capture programs. Holds the links; drop to detach.
@@ -89,7 +106,11 @@ pub struct Capture {
 impl Capture {
     /// Loads and attaches every program to the cgroup. Returns the capture, the VIP map writer and
     /// the original-destination reader.
-    pub fn attach(settings: &Settings) -> Result<(Self, Vips, OriginalDst), Error> {
+    /// `inbound_listeners`: the proxy::Inbound listener sockets (IPv4 first) sk_lookup steers to.
+    pub fn attach(
+        settings: &Settings,
+        inbound_listeners: &[RawFd],
+    ) -> Result<(Self, Vips, OriginalDst), Error> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(Error::NotRoot);
@@ -104,6 +125,11 @@ impl Capture {
             .override_global(globals::OUTBOUND_PORT, &settings.outbound_port, true)
             .override_global(globals::DNS_PORT, &settings.dns_port, true)
             .override_global(globals::INBOUND_PORT, &settings.inbound_port, true)
+            .override_global(
+                globals::INBOUND_ALL_PORTS,
+                &u8::from(settings.inbound.as_ref().is_some_and(|i| i.all)),
+                true,
+            )
             .load(interceptor_ebpf::capture_object())?;
         let mut attached = Vec::new();
         for name in programs::SOCK_ADDR {
@@ -136,6 +162,11 @@ impl Capture {
             .map_err(|e| program_error(name, e))?;
         attached.push(name);
 
+        if let Some(inbound) = &settings.inbound {
+            attach_inbound(&mut ebpf, inbound, inbound_listeners)?;
+            attached.push(programs::SK_LOOKUP);
+        }
+
         let vips = take_hash::<IpPort, u32>(&mut ebpf, maps::VIPS)?;
         let orig = take_hash::<IpPort, IpPort>(&mut ebpf, maps::ORIG_BY_PEER)?;
         tracing::info!(cgroup = %settings.cgroup.display(), programs = ?attached, "capture attached");
@@ -166,6 +197,75 @@ impl Drop for Capture {
     fn drop(&mut self) {
         tracing::info!(cgroup = %self.cgroup.display(), "capture detached");
     }
+}
+
+/// A borrowed descriptor for aya's SockMap::set, which wants something AsRawFd.
+struct Fd(RawFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Port policy and listeners first, then the program: it must never see a half-filled policy.
+fn attach_inbound(ebpf: &mut Ebpf, inbound: &Inbound, listeners: &[RawFd]) -> Result<(), Error> {
+    let mut ports: HashMap<&mut MapData, u16, InboundPort> = HashMap::try_from(
+        ebpf.map_mut(maps::INBOUND_PORTS)
+            .ok_or(Error::MapMissing(maps::INBOUND_PORTS))?,
+    )
+    .map_err(map_error(maps::INBOUND_PORTS))?;
+    if !inbound.all {
+        for p in &inbound.ports {
+            ports
+                .insert(
+                    p,
+                    InboundPort {
+                        action: INBOUND_CAPTURE,
+                    },
+                    0,
+                )
+                .map_err(map_error(maps::INBOUND_PORTS))?;
+        }
+    }
+    // Exclusions last: they win over a port listed in both.
+    for p in &inbound.exclude {
+        ports
+            .insert(
+                p,
+                InboundPort {
+                    action: INBOUND_EXCLUDE,
+                },
+                0,
+            )
+            .map_err(map_error(maps::INBOUND_PORTS))?;
+    }
+    let mut sockmap: SockMap<&mut MapData> = SockMap::try_from(
+        ebpf.map_mut(maps::INBOUND_LISTENER)
+            .ok_or(Error::MapMissing(maps::INBOUND_LISTENER))?,
+    )
+    .map_err(map_error(maps::INBOUND_LISTENER))?;
+    for (i, l) in listeners.iter().enumerate() {
+        sockmap
+            .set(i as u32, &Fd(*l), 0)
+            .map_err(map_error(maps::INBOUND_LISTENER))?;
+    }
+    let netns = File::open("/proc/self/ns/net").map_err(|source| Error::OpenCgroup {
+        path: "/proc/self/ns/net".into(),
+        source,
+    })?;
+    let name = programs::SK_LOOKUP;
+    let prog: &mut SkLookup = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Program {
+            program: name,
+            message: "missing from object".into(),
+        })?
+        .try_into()
+        .map_err(|e| program_error(name, e))?;
+    prog.load().map_err(|e| program_error(name, e))?;
+    prog.attach(&netns).map_err(|e| program_error(name, e))?;
+    Ok(())
 }
 
 fn take_hash<K: aya::Pod, V: aya::Pod>(

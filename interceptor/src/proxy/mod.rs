@@ -1,9 +1,14 @@
-//! Data paths for TCP: outbound (captured connections to mesh services).
+//! Data paths for TCP: outbound (captured connections to mesh services) and inbound (mTLS for
+//! this VM's own services).
 
+mod inbound;
 mod outbound;
 pub mod pick;
+mod relay;
 
-pub use outbound::Outbound;
+pub use inbound::{AllowList, Inbound};
+pub use outbound::{expected_identities, Outbound};
+pub use relay::relay;
 
 use std::net::SocketAddr;
 
@@ -30,12 +35,18 @@ pub async fn bind_all(addrs: &[SocketAddr], what: &str) -> std::io::Result<Vec<T
 }
 
 fn bind_reuse(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
-    sock.listen(4096)
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        // [::] must not also take IPv4: that is the IPv4 listener's job.
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    TcpListener::from_std(sock.into())
 }

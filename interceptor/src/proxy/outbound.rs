@@ -1,23 +1,37 @@
 //! proxy::Outbound: accepts captured connections, finds the service from the original
-//! destination and forwards to a healthy endpoint, trying the next on failure.
+//! destination and forwards to a healthy endpoint (mTLS for Istio endpoints, plaintext for the
+//! rest), trying the next endpoint when one fails.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
 
 use super::pick::{self, Outliers, Target};
+use super::relay::relay;
 use crate::capture::OriginalDst;
-use crate::mesh::{Address, Store};
+use crate::identity::{self, SpiffeId};
+use crate::mesh::{Address, Health, Resolution, Service, ServicePort, Store, Workload};
+use crate::tls;
 
 /// At most this many endpoints are tried for one connection.
 const MAX_ATTEMPTS: usize = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connection towards an endpoint.
+enum Upstream {
+    Plain(TcpStream),
+    Mtls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
 
 pub struct Outbound {
     store: Arc<Store>,
+    identity: Arc<identity::Store>,
     orig: Arc<OriginalDst>,
     outliers: Outliers,
     /// Our own listener addresses: a connection whose original destination is one of them would
@@ -26,9 +40,15 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(store: Arc<Store>, orig: Arc<OriginalDst>, own: Vec<SocketAddr>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        identity: Arc<identity::Store>,
+        orig: Arc<OriginalDst>,
+        own: Vec<SocketAddr>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
+            identity,
             orig,
             outliers: Outliers::default(),
             own,
@@ -51,7 +71,7 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
         let _ = client.set_nodelay(true);
         let Some(dst) = self.orig.lookup(&client) else {
             tracing::warn!(%peer, "outbound: no original destination for connection; closing");
@@ -61,41 +81,100 @@ impl Outbound {
             tracing::warn!(%peer, %dst, "outbound: connection to the proxy itself; closing");
             return;
         }
+        // One table snapshot for the whole connection.
         let table = self.store.load();
         let Some((svc, port)) = table.service_for(dst) else {
             tracing::warn!(%peer, original = %dst, "outbound: no mesh service at the original destination; closing");
             return;
         };
         let mut targets = pick::order(svc, port, &self.outliers);
-        if targets.is_empty() && svc.resolution == crate::mesh::Resolution::Dns {
+        if targets.is_empty() && svc.resolution == Resolution::Dns {
             // A DNS service without endpoints is reached at its own host name (Istio does this).
-            if let Some(w) = dns_self_target(svc, port) {
-                targets.push(w);
-            }
+            targets.push(dns_self_target(svc, port));
         }
-        let host = svc.host.clone();
-        drop(table);
         let started = Instant::now();
+        let tried = targets.len().min(MAX_ATTEMPTS);
         for target in targets.iter().take(MAX_ATTEMPTS) {
-            match connect(target).await {
+            match self.connect(svc, port, target).await {
                 Ok(upstream) => {
                     self.outliers.succeeded(target);
-                    tracing::info!(%peer, original = %dst, service = %host, endpoint = %target.label(), "outbound connection");
-                    relay(client, upstream, &host, dst, target, started).await;
+                    let mtls = matches!(upstream, Upstream::Mtls(_));
+                    tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.label(), mtls, "outbound connection");
+                    let result = match upstream {
+                        Upstream::Plain(mut up) => relay(&mut client, &mut up).await,
+                        Upstream::Mtls(mut up) => relay(&mut client, up.as_mut()).await,
+                    };
+                    let _ = client.shutdown().await;
+                    log_close(&result, dst, svc, target, started);
                     return;
                 }
                 Err(e) => {
                     self.outliers.failed(target);
-                    tracing::warn!(original = %dst, service = %host, endpoint = %target.label(), error = %e, "outbound: endpoint failed; trying the next");
+                    tracing::warn!(original = %dst, service = %svc.host, endpoint = %target.label(), error = %e, "outbound: endpoint failed; trying the next");
                 }
             }
         }
-        tracing::warn!(%peer, original = %dst, service = %host, tried = targets.len().min(MAX_ATTEMPTS), "outbound: no endpoint reachable; closing");
+        tracing::warn!(%peer, original = %dst, service = %svc.host, tried, "outbound: no endpoint reachable; closing");
+    }
+
+    async fn connect(
+        &self,
+        svc: &Service,
+        port: &ServicePort,
+        target: &Target,
+    ) -> std::io::Result<Upstream> {
+        let tcp = connect(target).await?;
+        if !target.workload.speaks_istio_mtls() {
+            return Ok(Upstream::Plain(tcp));
+        }
+        let id = self.identity.current().ok_or_else(|| {
+            std::io::Error::other(
+                "endpoint requires mTLS but no certificate is configured (--certs)",
+            )
+        })?;
+        let expected = expected_identities(
+            svc,
+            std::slice::from_ref(&target.workload),
+            id.trust_domain(),
+        );
+        let config = tls::client_for(&id.client, &id.roots, expected);
+        let name = ServerName::try_from(tls::sni(port.number, "", svc.host.as_str()))
+            .map_err(std::io::Error::other)?;
+        let handshake = TlsConnector::from(config).connect(name, tcp);
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+            })??;
+        Ok(Upstream::Mtls(Box::new(stream)))
     }
 }
 
-fn dns_self_target(svc: &crate::mesh::Service, port: &crate::mesh::ServicePort) -> Option<Target> {
-    let w = crate::mesh::Workload {
+/// Who may answer for `svc` on these workloads: the ServiceEntry's subjectAltNames when given,
+/// else each workload's service account in our trust domain.
+pub fn expected_identities(
+    svc: &Service,
+    workloads: &[Arc<Workload>],
+    trust_domain: &str,
+) -> Vec<SpiffeId> {
+    let from_entry: Vec<SpiffeId> = svc
+        .subject_alt_names
+        .iter()
+        .filter_map(|s| SpiffeId::parse(s))
+        .collect();
+    if !from_entry.is_empty() {
+        return from_entry;
+    }
+    let mut ids: Vec<SpiffeId> = workloads
+        .iter()
+        .map(|w| SpiffeId::new(trust_domain, &w.namespace, &w.service_account))
+        .collect();
+    ids.dedup();
+    ids
+}
+
+fn dns_self_target(svc: &Service, port: &ServicePort) -> Target {
+    let w = Workload {
         name: format!("{}#dns", svc.origin),
         namespace: svc.namespace.clone(),
         address: Address::Hostname(svc.host.to_string()),
@@ -105,13 +184,13 @@ fn dns_self_target(svc: &crate::mesh::Service, port: &crate::mesh::ServicePort) 
         locality: String::new(),
         weight: 1,
         service_account: String::new(),
-        health: crate::mesh::Health::Healthy,
+        health: Health::Healthy,
     };
-    Some(Target {
+    Target {
         address: w.address.clone(),
         port: w.target_port(port),
         workload: Arc::new(w),
-    })
+    }
 }
 
 async fn connect(target: &Target) -> std::io::Result<TcpStream> {
@@ -133,26 +212,22 @@ async fn connect(target: &Target) -> std::io::Result<TcpStream> {
         })
 }
 
-async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    host: &crate::mesh::Host,
+fn log_close(
+    result: &std::io::Result<(u64, u64)>,
     dst: SocketAddr,
+    svc: &Service,
     target: &Target,
     started: Instant,
 ) {
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024)
-            .await;
-    let _ = client.shutdown().await;
+    let duration_ms = started.elapsed().as_millis() as u64;
     match result {
         Ok((sent, received)) => tracing::info!(
-            original = %dst, service = %host, endpoint = %target.label(), sent, received,
-            duration_ms = started.elapsed().as_millis() as u64, "outbound connection closed"
+            original = %dst, service = %svc.host, endpoint = %target.label(), sent, received, duration_ms,
+            "outbound connection closed"
         ),
         Err(e) => tracing::info!(
-            original = %dst, service = %host, endpoint = %target.label(), error = %e,
-            duration_ms = started.elapsed().as_millis() as u64, "outbound connection reset"
+            original = %dst, service = %svc.host, endpoint = %target.label(), error = %e, duration_ms,
+            "outbound connection reset"
         ),
     }
 }

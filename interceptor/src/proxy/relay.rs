@@ -1,0 +1,18 @@
+//! Moving bytes both ways between two streams, half-close included, with bounded buffers:
+//! a side that stops reading stops us reading from the other (backpressure).
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Per-direction buffer: large enough for full TLS records, small enough for 10k connections.
+pub const BUFFER: usize = 64 * 1024;
+
+/// Relays until both directions are done. Returns (bytes a->b, bytes b->a).
+pub async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    // copy_bidirectional forwards EOF as shutdown(write) on the other side and keeps the
+    // opposite direction open: a half-closed request still gets its whole response.
+    tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER, BUFFER).await
+}
