@@ -242,6 +242,29 @@ impl Settings {
     }
 }
 
+/// Settings of `interceptor gateway`: the east-west gateway of one network.
+#[derive(Clone, Debug, clap::Args)]
+pub struct GatewayArgs {
+    /// Istio YAML files or directories (multi-document); watched and reloaded on change
+    #[arg(long, num_args = 1.., value_name = "PATH", default_value = DEFAULT_MESH_DIR)]
+    pub mesh: Vec<PathBuf>,
+    /// Istio meshNetworks YAML (which network an endpoint is in, by fromCidr)
+    #[arg(long, value_name = "FILE")]
+    pub mesh_networks: Option<PathBuf>,
+    /// The network this gateway serves: it routes only to endpoints in it
+    #[arg(long)]
+    pub network: String,
+    /// Address(es) to listen on for SNI-routed mTLS from other networks
+    #[arg(long, num_args = 1.., value_name = "ADDR", default_value = "0.0.0.0:15443")]
+    pub listen: Vec<SocketAddr>,
+    /// Namespace for documents that name none
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Cluster DNS domain
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use interceptor::config::RunArgs;
+use interceptor::config::{GatewayArgs, RunArgs};
 use interceptor::mesh::{self, FileSource};
 
 #[derive(Parser)]
@@ -29,6 +29,9 @@ enum LogFormat {
 enum Command {
     /// Capture DNS and mesh traffic of a cgroup and serve it until SIGINT/SIGTERM
     Run(RunArgs),
+    /// East-west gateway of a network: route mTLS by SNI to this network's endpoints, without
+    /// terminating it (Istio AUTO_PASSTHROUGH); needs no privileges
+    Gateway(GatewayArgs),
     /// Validate mesh files, print the table, exit 1 on error
     Check(CheckArgs),
 }
@@ -130,6 +133,11 @@ fn main() -> ExitCode {
                 .build()?
                 .block_on(interceptor::run::run(s))
         }),
+        Command::Gateway(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(interceptor::run::gateway(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,11 +10,11 @@ use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::capture::{self, Capture, OriginalDst};
-use crate::config::{CaptureMode, Settings};
+use crate::config::{CaptureMode, GatewayArgs, Settings};
 use crate::dns::{self, ResolvConf, Upstream};
 use crate::identity::{self, FileProvider};
 use crate::mesh::{self, FileSource, Store};
-use crate::proxy::{self, AllowList, Inbound, Outbound};
+use crate::proxy::{self, AllowList, Gateway, Inbound, Outbound};
 
 /// The mesh source for these settings.
 pub fn file_source(s: &Settings) -> FileSource {
@@ -175,6 +175,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         identity.clone(),
         Arc::new(orig),
         outbound_addrs.to_vec(),
+        s.network.clone(),
     );
     for l in outbound_listeners {
         tasks.spawn(outbound.clone().serve(l));
@@ -192,14 +193,55 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         cgroup = ?capture.as_ref().map(|c| c.cgroup().to_path_buf()), "interceptor ready"
     );
 
+    stop_signal().await?;
+    // Detach first: from here on traffic flows as if we had never run.
+    drop(capture);
+    tasks.abort_all();
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn stop_signal() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
-    // Detach first: from here on traffic flows as if we had never run.
-    drop(capture);
+    Ok(())
+}
+
+/// `interceptor gateway`: the same mesh sources as `run`, no capture, no identity (it never
+/// terminates TLS), so it needs no privileges.
+pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let opts = mesh::Options {
+        namespace: args.namespace,
+        cluster_domain: args.cluster_domain,
+    };
+    let source = FileSource::new(args.mesh, args.mesh_networks, opts);
+    let store = Store::new(first_table(&source)?);
+    let table = store.load();
+    let local = table
+        .services
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|w| w.network == args.network)
+        .count();
+    if !table.networks.networks.contains_key(&args.network) {
+        tracing::warn!(network = %args.network, "network not in meshNetworks: only endpoints that name it are served");
+    }
+    drop(table);
+    let listeners = proxy::bind_all(&args.listen, "gateway")
+        .await
+        .context("gateway listener")?;
+    let _watch = source.watch(store.clone()).context("watching mesh files")?;
+    let gateway = Gateway::new(store, args.network.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        tasks.spawn(gateway.clone().serve(l));
+    }
+    tracing::info!(network = %args.network, listen = ?args.listen, endpoints = local, "gateway ready");
+    stop_signal().await?;
     tasks.abort_all();
     Ok(())
 }

@@ -7,11 +7,12 @@ mod cgroup;
 mod netns;
 mod process;
 mod topology;
+pub mod wire;
 
 pub use cgroup::{cgroup2_mount, TestCgroup};
 pub use netns::{Netns, Veth};
 pub use process::{settle, Interceptor, Proc};
-pub use topology::{Subnet, VmPod};
+pub use topology::{MultiNet, Subnet, VmPod};
 
 use std::path::PathBuf;
 use std::process::Command;

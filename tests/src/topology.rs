@@ -195,3 +195,109 @@ impl Default for VmPod {
         Self::new()
     }
 }
+
+/// The multi-network topology of SPEC section 9. Network A: `vm` and `pod` (pod-a) as in
+/// [`VmPod`], plus the gateway's A leg. Network B: `pod_b`, reached only through `gw`: the vm has
+/// no route to it.
+///
+/// ```text
+///   vm 10.77.0.1 ──── 10.77.0.2 pod (pod-a)            network A
+///   vm 10.66.0.1 ──── 10.66.0.2 gw 10.88.0.1 ──── 10.88.0.2 pod_b   network B
+/// ```
+pub struct MultiNet {
+    /// pod_b's own captured cgroup (its interceptor serves inbound there).
+    pub pod_b_cgroup: TestCgroup,
+    pub base: VmPod,
+    pub gw: Netns,
+    pub pod_b: Netns,
+}
+
+impl MultiNet {
+    pub const VM_A: &'static str = "10.66.0.1";
+    pub const GW_A: &'static str = "10.66.0.2";
+    pub const GW_B: &'static str = "10.88.0.1";
+    pub const POD_B: &'static str = "10.88.0.2";
+
+    pub fn new() -> Self {
+        let base = VmPod::new();
+        let id = base.id;
+        let gw = Netns::new(format!("ic{id:x}-gw"));
+        let pod_b = Netns::new(format!("ic{id:x}-podb"));
+        Veth::connect(
+            &base.vm,
+            &format!("ic{id:x}ga"),
+            &[&format!("{}/24", Self::VM_A)],
+            &gw,
+            &format!("ic{id:x}gb"),
+            &[&format!("{}/24", Self::GW_A)],
+        );
+        Veth::connect(
+            &gw,
+            &format!("ic{id:x}gc"),
+            &[&format!("{}/24", Self::GW_B)],
+            &pod_b,
+            &format!("ic{id:x}pb"),
+            &[&format!("{}/24", Self::POD_B)],
+        );
+        let pod_b_cgroup = TestCgroup::new(&format!("interceptor-test-{id:x}-podb"));
+        Self {
+            pod_b_cgroup,
+            base,
+            gw,
+            pod_b,
+        }
+    }
+
+    /// The gateway's interface on network A (towards the vm) and on network B.
+    pub fn gw_ifaces(&self) -> (String, String) {
+        (
+            format!("ic{:x}gb", self.base.id),
+            format!("ic{:x}gc", self.base.id),
+        )
+    }
+
+    /// `interceptor run` on pod_b: inbound capture in its namespace, its own cgroup.
+    pub fn pod_b_interceptor_cmd(&self, mesh: &Path, resolv: &Path, extra: &[&str]) -> Command {
+        let mut c = self
+            .pod_b
+            .cmd(interceptor_bin().to_str().expect("utf-8 path"));
+        c.arg("run")
+            .arg("--mesh")
+            .arg(mesh)
+            .arg("--cgroup")
+            .arg(self.pod_b_cgroup.path())
+            .arg("--resolv-conf")
+            .arg(resolv);
+        c.args(extra);
+        c.env("RUST_LOG", "info");
+        self.pod_b_cgroup.wrap(&c)
+    }
+
+    /// `interceptor gateway` in `gw`, with every capability dropped: it must need none.
+    pub fn gateway_cmd(&self, mesh: &Path, networks: &Path, network: &str) -> Command {
+        let mut c = self.gw.cmd("setpriv");
+        c.args([
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(interceptor_bin())
+        .arg("gateway")
+        .arg("--mesh")
+        .arg(mesh)
+        .arg("--mesh-networks")
+        .arg(networks)
+        .args(["--network", network, "--listen"])
+        .arg(format!("{}:15443", Self::GW_A));
+        c.env("RUST_LOG", "info");
+        c
+    }
+}
+
+impl Default for MultiNet {
+    fn default() -> Self {
+        Self::new()
+    }
+}

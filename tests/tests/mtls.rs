@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use interceptor_tests::certs::{Ca, Key};
+use interceptor_tests::wire::{tcp_payloads, Tcpdump};
 use interceptor_tests::{
     sh, try_sh, wait_for, Interceptor, Netns, Proc, Subnet, TestCgroup, Veth, VmPod,
 };
@@ -165,41 +166,6 @@ fn curl_by_name_reaches_the_pod_through_both_interceptors() {
     );
 }
 
-/// TCP payloads from the VM to the pod's port 8080, in capture order, from `tcpdump -x`.
-fn client_payloads(pcap: &Path) -> Vec<Vec<u8>> {
-    let text = sh(Command::new("tcpdump")
-        .args(["-nn", "-x", "-r"])
-        .arg(pcap)
-        .arg("dst port 8080"));
-    let mut packets: Vec<Vec<u8>> = Vec::new();
-    for line in text.lines() {
-        if let Some(hex) = line
-            .trim_start()
-            .strip_prefix("0x")
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, h)| h)
-        {
-            let bytes = hex.split_whitespace().flat_map(|w| {
-                (0..w.len())
-                    .step_by(2)
-                    .map(move |i| u8::from_str_radix(&w[i..i + 2], 16).unwrap())
-            });
-            packets.last_mut().expect("hex before header").extend(bytes);
-        } else if !line.starts_with('\t') && !line.trim().is_empty() {
-            packets.push(Vec::new());
-        }
-    }
-    packets
-        .into_iter()
-        .filter_map(|p| {
-            let ihl = usize::from(p.first()? & 0x0f) * 4;
-            let doff = usize::from(p.get(ihl + 12)? >> 4) * 4;
-            let payload = p.get(ihl + doff..)?.to_vec();
-            (!payload.is_empty()).then_some(payload)
-        })
-        .collect()
-}
-
 #[test]
 fn the_wire_shows_a_client_hello_with_istio_sni_and_alpn_and_no_plaintext() {
     let m = Mesh::new();
@@ -211,34 +177,17 @@ fn the_wire_shows_a_client_hello_with_istio_sni_and_alpn_and_no_plaintext() {
         "product",
         1,
     )));
-    let pcap = m.t.path("wire.pcap");
     let veth = format!("ic{:x}p", m.t.id);
-    let mut dump = m.t.pod.cmd("tcpdump");
-    dump.args([
-        "-i",
-        &veth,
-        "--immediate-mode",
-        "-Z",
-        "root",
-        "-U",
-        "-nn",
-        "-w",
-    ])
-    .arg(&pcap)
-    .arg("tcp port 8080");
-    let mut dump = Proc::spawn("tcpdump", dump, m.t.path("tcpdump.log"));
-    dump.wait_for_output("listening on", 10.0);
+    let dump = Tcpdump::start(&m.t.pod, &veth, "tcp port 8080", m.t.path("wire.pcap"));
 
     let (ok, out) = m.curl("/secret-plaintext-marker");
     assert!(
         ok && out.contains("pod GET /secret-plaintext-marker"),
         "{out}"
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    dump.signal(libc::SIGINT);
-    dump.wait_exit(5.0);
+    let pcap = dump.stop();
 
-    let payloads = client_payloads(&pcap);
+    let payloads = tcp_payloads(&pcap, "dst port 8080");
     assert!(!payloads.is_empty(), "no client payload captured");
     let hello = interceptor::tls::parse_client_hello(&payloads[0])
         .expect("a TLS ClientHello")

@@ -75,6 +75,12 @@ impl Networks {
             .map(|(name, _)| name.as_str())
     }
 
+    /// Is any network reached through a gateway? Without one the mesh is flat: every endpoint
+    /// is reached directly (Istio's multi-network is off).
+    pub fn has_gateways(&self) -> bool {
+        self.networks.values().any(|n| !n.gateways.is_empty())
+    }
+
     pub fn gateways(&self, network: &str) -> &[Gateway] {
         self.networks
             .get(network)

@@ -1,11 +1,13 @@
-//! Data paths for TCP: outbound (captured connections to mesh services) and inbound (mTLS for
-//! this VM's own services).
+//! Data paths for TCP: outbound (captured connections to mesh services), inbound (mTLS for
+//! this VM's own services) and the east-west gateway (SNI routing between networks).
 
+mod gateway;
 mod inbound;
 mod outbound;
 pub mod pick;
 mod relay;
 
+pub use gateway::{route as gateway_route, Gateway, Refusal};
 pub use inbound::{AllowList, Inbound};
 pub use outbound::{expected_identities, Outbound};
 pub use relay::relay;

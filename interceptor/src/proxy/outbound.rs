@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
-use super::pick::{self, Outliers, Target};
+use super::pick::{self, Outliers, Scope, Target};
 use super::relay::relay;
 use crate::capture::OriginalDst;
 use crate::identity::{self, SpiffeId};
@@ -37,6 +37,8 @@ pub struct Outbound {
     /// Our own listener addresses: a connection whose original destination is one of them would
     /// loop.
     own: Vec<SocketAddr>,
+    /// This VM's network: endpoints elsewhere are reached through their network's gateway.
+    network: String,
 }
 
 impl Outbound {
@@ -45,6 +47,7 @@ impl Outbound {
         identity: Arc<identity::Store>,
         orig: Arc<OriginalDst>,
         own: Vec<SocketAddr>,
+        network: String,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -52,6 +55,7 @@ impl Outbound {
             orig,
             outliers: Outliers::default(),
             own,
+            network,
         })
     }
 
@@ -87,7 +91,11 @@ impl Outbound {
             tracing::warn!(%peer, original = %dst, "outbound: no mesh service at the original destination; closing");
             return;
         };
-        let mut targets = pick::order(svc, port, &self.outliers);
+        let scope = Scope::Sidecar {
+            network: &self.network,
+            networks: &table.networks,
+        };
+        let mut targets = pick::order(svc, port, scope, &self.outliers);
         if targets.is_empty() && svc.resolution == Resolution::Dns {
             // A DNS service without endpoints is reached at its own host name (Istio does this).
             targets.push(dns_self_target(svc, port));
@@ -99,7 +107,7 @@ impl Outbound {
                 Ok(upstream) => {
                     self.outliers.succeeded(target);
                     let mtls = matches!(upstream, Upstream::Mtls(_));
-                    tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.label(), mtls, "outbound connection");
+                    tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.label(), gateway_network = target.gateway_network(), mtls, "outbound connection");
                     let result = match upstream {
                         Upstream::Plain(mut up) => relay(&mut client, &mut up).await,
                         Upstream::Mtls(mut up) => relay(&mut client, up.as_mut()).await,
@@ -123,8 +131,8 @@ impl Outbound {
         port: &ServicePort,
         target: &Target,
     ) -> std::io::Result<Upstream> {
-        let tcp = connect(target).await?;
-        if !target.workload.speaks_istio_mtls() {
+        let tcp = target.connect(CONNECT_TIMEOUT).await?;
+        if !target.speaks_istio_mtls() {
             return Ok(Upstream::Plain(tcp));
         }
         let id = self.identity.current().ok_or_else(|| {
@@ -132,11 +140,9 @@ impl Outbound {
                 "endpoint requires mTLS but no certificate is configured (--certs)",
             )
         })?;
-        let expected = expected_identities(
-            svc,
-            std::slice::from_ref(&target.workload),
-            id.trust_domain(),
-        );
+        // Through a gateway: any endpoint behind it may answer, and it is their identity we
+        // check, never the gateway's (it only relays our TLS).
+        let expected = expected_identities(svc, target.workloads(), id.trust_domain());
         let config = tls::client_for(&id.client, &id.roots, expected);
         let name = ServerName::try_from(tls::sni(port.number, "", svc.host.as_str()))
             .map_err(std::io::Error::other)?;
@@ -165,11 +171,13 @@ pub fn expected_identities(
     if !from_entry.is_empty() {
         return from_entry;
     }
-    let mut ids: Vec<SpiffeId> = workloads
-        .iter()
-        .map(|w| SpiffeId::new(trust_domain, &w.namespace, &w.service_account))
-        .collect();
-    ids.dedup();
+    let mut ids: Vec<SpiffeId> = Vec::new();
+    for w in workloads {
+        let id = SpiffeId::new(trust_domain, &w.namespace, &w.service_account);
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
     ids
 }
 
@@ -186,30 +194,7 @@ fn dns_self_target(svc: &Service, port: &ServicePort) -> Target {
         service_account: String::new(),
         health: Health::Healthy,
     };
-    Target {
-        address: w.address.clone(),
-        port: w.target_port(port),
-        workload: Arc::new(w),
-    }
-}
-
-async fn connect(target: &Target) -> std::io::Result<TcpStream> {
-    let fut = async {
-        let stream = match &target.address {
-            Address::Ip(ip) => TcpStream::connect(SocketAddr::new(*ip, target.port)).await?,
-            Address::Hostname(h) => TcpStream::connect((h.as_str(), target.port)).await?,
-        };
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    };
-    tokio::time::timeout(CONNECT_TIMEOUT, fut)
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            ))
-        })
+    Target::direct(Arc::new(w), port)
 }
 
 fn log_close(

@@ -3,6 +3,7 @@
 
 mod capture;
 mod dns;
+mod mtls;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,6 +14,7 @@ use anyhow::Context;
 pub enum Which {
     Capture,
     Dns,
+    Mtls,
     All,
 }
 
@@ -28,6 +30,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
     }
     if matches!(which, Which::Dns | Which::All) {
         dns::run(&out)?;
+    }
+    if matches!(which, Which::Mtls | Which::All) {
+        mtls::run(&out)?;
     }
     Ok(())
 }

@@ -1,0 +1,189 @@
+//! proxy::Gateway: the east-west gateway of a network (SPEC section 7; Istio's AUTO_PASSTHROUGH,
+//! I: pilot/pkg/networking/core/gateway.go). Routes by the SNI of the client's ClientHello
+//! without terminating TLS, to an endpoint of its own network, and relays the raw bytes: the
+//! mTLS is end to end between the two sidecars and the gateway never sees plaintext.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::pick::{self, Outliers, Scope};
+use super::relay::relay;
+use crate::mesh::Store;
+use crate::tls::{self, ClientHello, Peeked};
+
+/// A client that sends nothing for this long is not one of ours.
+const FIRST_BYTES: Duration = Duration::from_secs(5);
+const HELLO: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many endpoints are tried for one connection.
+const MAX_ATTEMPTS: usize = 3;
+
+pub struct Gateway {
+    store: Arc<Store>,
+    network: String,
+    outliers: Outliers,
+}
+
+/// Why a connection was refused: the close is the answer, the log says why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("not TLS")]
+    NotTls,
+    #[error("no ClientHello within the wait")]
+    Silent,
+    #[error("malformed ClientHello: {0}")]
+    Malformed(String),
+    #[error("no istio ALPN (offered {0:?})")]
+    NoIstioAlpn(Vec<String>),
+    #[error("no SNI")]
+    NoSni,
+    #[error("SNI {0:?} is not outbound_.PORT_.SUBSET_.HOST")]
+    NotIstioSni(String),
+    #[error("unknown host {0:?}")]
+    UnknownHost(String),
+    #[error("host {host:?} has no port {port}")]
+    UnknownPort { host: String, port: u16 },
+    #[error("no healthy mTLS endpoint of {0:?} in this network")]
+    NoEndpoint(String),
+}
+
+/// Where a ClientHello asks to go: (host, port).
+pub fn route(hello: &ClientHello) -> Result<(String, u16), Refusal> {
+    if !hello.has_istio_alpn() {
+        let offered = hello
+            .alpn
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        return Err(Refusal::NoIstioAlpn(offered));
+    }
+    let sni = hello.sni.as_deref().ok_or(Refusal::NoSni)?;
+    let (port, _subset, host) =
+        tls::parse_sni(sni).ok_or_else(|| Refusal::NotIstioSni(sni.to_string()))?;
+    Ok((host.to_string(), port))
+}
+
+impl Gateway {
+    pub fn new(store: Arc<Store>, network: String) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            network,
+            outliers: Outliers::default(),
+        })
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((client, peer)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.handle(client, peer).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+        let started = Instant::now();
+        let _ = client.set_nodelay(true);
+        let hello = match tls::peek_client_hello(&client, FIRST_BYTES, HELLO).await {
+            Ok(Peeked::Tls(hello)) => hello,
+            Ok(Peeked::Plain) => return refuse(peer, None, Refusal::NotTls),
+            Ok(Peeked::Silent) => return refuse(peer, None, Refusal::Silent),
+            Ok(Peeked::Malformed(e)) => return refuse(peer, None, Refusal::Malformed(e)),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "gateway: connection failed before a ClientHello");
+                return;
+            }
+        };
+        let sni = hello.sni.clone();
+        let (host, port) = match route(&hello) {
+            Ok(r) => r,
+            Err(e) => return refuse(peer, sni.as_deref(), e),
+        };
+        // One table snapshot for the whole connection.
+        let table = self.store.load();
+        let Some(svc) = table.service_by_host(&host) else {
+            return refuse(peer, sni.as_deref(), Refusal::UnknownHost(host));
+        };
+        let Some(svc_port) = svc.port(port) else {
+            return refuse(peer, sni.as_deref(), Refusal::UnknownPort { host, port });
+        };
+        let scope = Scope::Gateway {
+            network: &self.network,
+        };
+        let targets = pick::order(svc, svc_port, scope, &self.outliers);
+        if targets.is_empty() {
+            return refuse(peer, sni.as_deref(), Refusal::NoEndpoint(host));
+        }
+        for target in targets.iter().take(MAX_ATTEMPTS) {
+            match target.connect(CONNECT_TIMEOUT).await {
+                Ok(mut upstream) => {
+                    self.outliers.succeeded(target);
+                    tracing::info!(%peer, sni = sni.as_deref().unwrap_or("-"), endpoint = %target.label(), "gateway connection");
+                    // The peeked ClientHello is still in the socket: the endpoint gets the
+                    // client's bytes from the first one on.
+                    let result = relay(&mut client, &mut upstream).await;
+                    let _ = client.shutdown().await;
+                    let duration_ms = started.elapsed().as_millis() as u64;
+                    match result {
+                        Ok((sent, received)) => {
+                            tracing::info!(%peer, endpoint = %target.label(), sent, received, duration_ms, "gateway connection closed")
+                        }
+                        Err(e) => {
+                            tracing::info!(%peer, endpoint = %target.label(), error = %e, duration_ms, "gateway connection reset")
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.outliers.failed(target);
+                    tracing::warn!(%peer, service = %svc.host, endpoint = %target.label(), error = %e, "gateway: endpoint failed; trying the next");
+                }
+            }
+        }
+        tracing::warn!(%peer, service = %svc.host, "gateway: no endpoint reachable; closing");
+    }
+}
+
+fn refuse(peer: SocketAddr, sni: Option<&str>, why: Refusal) {
+    tracing::warn!(%peer, sni = sni.unwrap_or("-"), reason = %why, "gateway: connection refused");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(sni: Option<&str>, alpn: &[&str]) -> ClientHello {
+        ClientHello {
+            sni: sni.map(str::to_string),
+            alpn: alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        }
+    }
+
+    #[test]
+    fn routes_istio_sni_and_refuses_the_rest() {
+        let sni = "outbound_.8080_._.product.default.svc.cluster.local";
+        assert_eq!(
+            route(&hello(Some(sni), &["istio"])),
+            Ok(("product.default.svc.cluster.local".into(), 8080))
+        );
+        assert_eq!(
+            route(&hello(Some(sni), &["h2"])),
+            Err(Refusal::NoIstioAlpn(vec!["h2".into()]))
+        );
+        assert_eq!(route(&hello(None, &["istio"])), Err(Refusal::NoSni));
+        assert!(matches!(
+            route(&hello(Some("product.default"), &["istio-peer-exchange"])),
+            Err(Refusal::NotIstioSni(_))
+        ));
+    }
+}
