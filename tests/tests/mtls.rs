@@ -2,7 +2,7 @@
 //! interceptor; real TLS (rustls on both ends, openssl as an independent client), real apps.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use interceptor_tests::certs::{Ca, Key};
 use interceptor_tests::wire::{tcp_payloads, Tcpdump};
