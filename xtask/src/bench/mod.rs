@@ -3,6 +3,7 @@
 
 mod capture;
 mod dns;
+mod gateway;
 mod mtls;
 
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ pub enum Which {
     Capture,
     Dns,
     Mtls,
+    Gateway,
     All,
 }
 
@@ -33,6 +35,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
     }
     if matches!(which, Which::Mtls | Which::All) {
         mtls::run(&out)?;
+    }
+    if matches!(which, Which::Gateway | Which::All) {
+        gateway::run(&out)?;
     }
     Ok(())
 }
@@ -73,4 +78,35 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn helper(name: &str) -> PathBuf {
     interceptor_tests::helper_bin(name)
+}
+
+/// Throughput in Gbit/s from `iperf3 -J`.
+pub fn iperf(mut cmd: Command) -> anyhow::Result<f64> {
+    let out = cmd.output().context("iperf3")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "iperf3 failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3 JSON")
+}
+
+/// (p50, p99) in microseconds from the `rrload` helper.
+pub fn rr(mut cmd: Command) -> anyhow::Result<(f64, f64)> {
+    let out = cmd.output().context("rrload")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rrload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        v["p50_us"].as_f64().unwrap_or(0.0),
+        v["p99_us"].as_f64().unwrap_or(0.0),
+    ))
 }

@@ -11,7 +11,7 @@ use anyhow::Context;
 use interceptor_tests::certs::{Ca, Key};
 use interceptor_tests::{sh, Interceptor, Proc, VmPod};
 
-use super::{helper, loadgen, median};
+use super::{helper, iperf, loadgen, median, rr};
 
 const ROUNDS: usize = 2;
 const IPERF_SECS: &str = "4";
@@ -68,37 +68,6 @@ struct Figures {
     p50: Vec<f64>,
     p99: Vec<f64>,
     cps: Vec<f64>,
-}
-
-fn iperf(cmd: Command) -> anyhow::Result<f64> {
-    let mut cmd = cmd;
-    let out = cmd.output().context("iperf3")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "iperf3 failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .context("iperf3 JSON")
-}
-
-fn rr(cmd: Command) -> anyhow::Result<(f64, f64)> {
-    let mut cmd = cmd;
-    let out = cmd.output().context("rrload")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "rrload failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok((
-        v["p50_us"].as_f64().unwrap_or(0.0),
-        v["p99_us"].as_f64().unwrap_or(0.0),
-    ))
 }
 
 pub fn run(out: &Path) -> anyhow::Result<()> {

@@ -1,0 +1,168 @@
+//! `cargo xtask bench gateway`: what the east-west gateway hop costs. The same VM, the same
+//! interceptor pair and the same servers, in one run: (a) vm -> pod-a in the VM's network,
+//! direct; (b) vm -> gw -> pod-b in network B. iperf3 single-stream throughput and
+//! request/response latency at a fixed rate over one connection.
+
+use std::path::Path;
+
+use anyhow::Context;
+use interceptor_tests::certs::{Ca, Key};
+use interceptor_tests::{sh, Interceptor, MultiNet, Proc};
+
+use super::{helper, iperf, median, rr};
+
+const ROUNDS: usize = 3;
+const IPERF_SECS: &str = "4";
+const RR_RATE: &str = "1000";
+const RR_SECS: &str = "4";
+const VIP_A: &str = "240.240.9.10";
+const VIP_B: &str = "240.240.9.11";
+
+fn mesh() -> String {
+    let service = |name: &str, vip: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  hosts: [{name}.default.svc.cluster.local]\n  addresses: [{vip}]\n  ports: [{{number: 5201, name: iperf}}, {{number: 7001, name: echo}}]\n  resolution: STATIC\n  workloadSelector: {{labels: {{app: {name}}}}}\n"
+        )
+    };
+    let workload = |name: &str, addr: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  address: {addr}\n  labels: {{app: {name}, security.istio.io/tlsMode: istio}}\n  serviceAccount: bench\n"
+        )
+    };
+    [
+        service("bench-a", VIP_A),
+        service("bench-b", VIP_B),
+        workload("bench-a", "10.77.0.2"),
+        workload("bench-b", MultiNet::POD_B),
+    ]
+    .concat()
+}
+
+pub fn run(out: &Path) -> anyhow::Result<()> {
+    let t = MultiNet::new();
+    let b = &t.base;
+    for ns in [&b.vm, &b.pod, &t.pod_b, &t.gw] {
+        sh(ns.cmd("sysctl").args(["-qw", "net.ipv4.tcp_tw_reuse=1"]));
+    }
+    let ca = Ca::new("bench root");
+    let vm_certs = ca.issue(
+        &b.path("vm-certs"),
+        "spiffe://cluster.local/ns/default/sa/vm",
+        Key::Ecdsa,
+    );
+    let pod_certs = ca.issue(
+        &b.path("pod-certs"),
+        "spiffe://cluster.local/ns/default/sa/bench",
+        Key::Ecdsa,
+    );
+    let mesh = b.write("mesh.yaml", &mesh());
+    let networks = b.write(
+        "networks.yaml",
+        &format!(
+            "networks:\n  a:\n    endpoints: [{{fromCidr: 10.77.0.0/24}}]\n  b:\n    endpoints: [{{fromCidr: 10.88.0.0/24}}]\n    gateways: [{{address: {}, port: 15443}}]\n",
+            MultiNet::GW_A
+        ),
+    );
+    let empty = b.write("empty.yaml", "# inbound only\n");
+    let resolv = b.write("resolv.conf", "nameserver 10.77.0.53\n");
+
+    // The same servers on both pods, each behind its own interceptor (inbound mTLS).
+    let mut procs: Vec<Proc> = Vec::new();
+    let mut sidecars: Vec<Interceptor> = Vec::new();
+    let pod_args = [
+        "--certs",
+        pod_certs.to_str().context("utf-8")?,
+        "--inbound-ports",
+        "5201,7001",
+    ];
+    for (ns, addr, side) in [(&b.pod, "10.77.0.2", "a"), (&t.pod_b, MultiNet::POD_B, "b")] {
+        let mut c = ns.cmd("iperf3");
+        c.args(["-s", "-B", addr, "-p", "5201"]);
+        let mut s = Proc::spawn("iperf3", c, b.path(&format!("iperf3-{side}.log")));
+        s.wait_for_output("Server listening", 10.0);
+        procs.push(s);
+        let mut c = ns.cmd(helper("tcp-echo").to_str().context("utf-8")?);
+        c.arg(format!("{addr}:7001"));
+        let mut e = Proc::spawn("tcp-echo", c, b.path(&format!("echo-{side}.log")));
+        e.wait_for_output("listening", 10.0);
+        procs.push(e);
+        let mut cmd = if side == "a" {
+            b.pod_interceptor_cmd(&b.pod, &empty, &resolv, &pod_args)
+        } else {
+            t.pod_b_interceptor_cmd(&empty, &resolv, &pod_args)
+        };
+        cmd.env("RUST_LOG", "warn,interceptor::run=info");
+        sidecars.push(Interceptor::start(
+            cmd,
+            b.path(&format!("pod-{side}-ic.log")),
+        ));
+    }
+    let mut gw_cmd = t.gateway_cmd(&mesh, &networks, "b");
+    gw_cmd.env("RUST_LOG", "warn,interceptor::run=info");
+    let mut gw = Proc::spawn("gateway", gw_cmd, b.path("gateway.log"));
+    gw.wait_for_output("gateway ready", 20.0);
+    let vm_args = [
+        "--certs",
+        vm_certs.to_str().context("utf-8")?,
+        "--mesh-networks",
+        networks.to_str().context("utf-8")?,
+        "--network",
+        "a",
+    ];
+    let mut vm_cmd = b.interceptor_cmd(&mesh, &resolv, &vm_args);
+    vm_cmd.env("RUST_LOG", "warn,interceptor::run=info");
+    let _vm = Interceptor::start(vm_cmd, b.path("vm-ic.log"));
+
+    let modes = ["a direct (same network)", "b via gateway"];
+    let rrl = helper("rrload");
+    let mut gbps: [Vec<f64>; 2] = Default::default();
+    let mut p50: [Vec<f64>; 2] = Default::default();
+    let mut p99: [Vec<f64>; 2] = Default::default();
+    for round in 0..ROUNDS {
+        for (m, vip) in [VIP_A, VIP_B].iter().enumerate() {
+            let g =
+                iperf(b.in_cgroup("iperf3", &["-c", vip, "-p", "5201", "-t", IPERF_SECS, "-J"]))?;
+            let (l50, l99) = rr(b.in_cgroup(
+                rrl.to_str().context("utf-8")?,
+                &[&format!("{vip}:7001"), RR_RATE, RR_SECS],
+            ))?;
+            eprintln!(
+                "round {round} {}: {g:.2} Gbit/s, rr p50 {l50:.0} us p99 {l99:.0} us",
+                modes[m]
+            );
+            gbps[m].push(g);
+            p50[m].push(l50);
+            p99[m].push(l99);
+        }
+    }
+    let med = |v: &[Vec<f64>; 2], m: usize| median(v[m].clone());
+    println!("\ngateway bench: median of {ROUNDS} rounds; iperf3 {IPERF_SECS}s one stream; request/response at {RR_RATE}/s over one connection; mTLS through the interceptor pair in both");
+    println!(
+        "{:<26} {:>10} {:>9} {:>9}",
+        "path", "Gbit/s", "p50 us", "p99 us"
+    );
+    for (m, name) in modes.iter().enumerate() {
+        println!(
+            "{:<26} {:>10.2} {:>9.0} {:>9.0}",
+            name,
+            med(&gbps, m),
+            med(&p50, m),
+            med(&p99, m)
+        );
+    }
+    let cost = 1.0 - med(&gbps, 1) / med(&gbps, 0);
+    let added = med(&p50, 1) - med(&p50, 0);
+    println!("gateway hop: throughput cost {:.1} % (goal <= 10 %), p50 added {added:.0} us (goal <= 100 us), p99 added {:.0} us", cost * 100.0, med(&p99, 1) - med(&p99, 0));
+    let json = serde_json::json!({
+        "modes": modes,
+        "gbps": [med(&gbps, 0), med(&gbps, 1)],
+        "p50_us": [med(&p50, 0), med(&p50, 1)],
+        "p99_us": [med(&p99, 0), med(&p99, 1)],
+    });
+    std::fs::write(
+        out.join("gateway.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    drop(gw);
+    Ok(())
+}
