@@ -5,7 +5,6 @@
 //! connection, and new connections per second.
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::Context;
 use interceptor_tests::certs::{Ca, Key};
