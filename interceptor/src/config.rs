@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// resolv.conf whose nameservers receive names not in the mesh [default: /etc/resolv.conf]
     #[arg(long, value_name = "FILE")]
     pub resolv_conf: Option<PathBuf>,
+    /// Admin endpoint: /healthz/ready, /stats/prometheus, /config_dump, /status, /explain
+    /// [default: 127.0.0.1:15020]
+    #[arg(long, value_name = "ADDR")]
+    pub admin_addr: Option<SocketAddr>,
     /// How connections reach the listeners [default: ebpf]
     #[arg(long, value_enum)]
     pub capture: Option<CaptureMode>,
@@ -109,8 +113,10 @@ pub struct Settings {
     pub dns_port: u16,
     pub resolv_conf: PathBuf,
     pub capture: CaptureMode,
+    pub admin_addr: SocketAddr,
 }
 
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
 pub const DEFAULT_MESH_DIR: &str = "/etc/interceptor/mesh";
 /// Never captured inbound, whatever the configuration says: SSH and the admin ports.
 pub const ALWAYS_EXCLUDED_INBOUND: [u16; 3] = [22, 15020, 15021];
@@ -156,6 +162,7 @@ impl RunArgs {
             dns_port: self.dns_port.or(file.dns_port),
             resolv_conf: self.resolv_conf.or(file.resolv_conf),
             capture: self.capture.or(file.capture),
+            admin_addr: self.admin_addr.or(file.admin_addr),
             config: self.config,
         }
     }
@@ -214,6 +221,9 @@ impl RunArgs {
                 .resolv_conf
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
             capture: args.capture.unwrap_or_default(),
+            admin_addr: args
+                .admin_addr
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15020))),
         })
     }
 }
@@ -228,7 +238,12 @@ impl Settings {
     pub fn inbound_excluded(&self) -> Vec<u16> {
         let mut v = self.exclude_inbound_ports.clone();
         v.extend(ALWAYS_EXCLUDED_INBOUND);
-        v.extend([self.outbound_port, self.inbound_port, self.dns_port]);
+        v.extend([
+            self.outbound_port,
+            self.inbound_port,
+            self.dns_port,
+            self.admin_addr.port(),
+        ]);
         v.sort_unstable();
         v.dedup();
         v

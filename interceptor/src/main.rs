@@ -34,6 +34,29 @@ enum Command {
     Gateway(GatewayArgs),
     /// Validate mesh files, print the table, exit 1 on error
     Check(CheckArgs),
+    /// Ask the running daemon what it does with a name or address: DNS from the table or
+    /// upstream, captured or not, which service, endpoints, gateways and SNI
+    Explain(ExplainArgs),
+    /// Ask the running daemon for its state: programs attached, cgroup, table, certificate
+    Status(AdminArgs),
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The daemon's admin endpoint
+    #[arg(long, value_name = "ADDR", default_value = interceptor::config::DEFAULT_ADMIN)]
+    admin: std::net::SocketAddr,
+    /// Print the daemon's JSON answer as is
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// HOST, HOST:PORT, IP:PORT or [IPv6]:PORT
+    target: String,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[derive(clap::Args)]
@@ -122,6 +145,30 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs one admin request on a small runtime.
+fn ask<'a, F, Fut>(args: &'a AdminArgs, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(&'a AdminArgs) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f(args))
+}
+
+/// Percent-encodes a query value (hosts and addresses carry `:`, `[`, `]`).
+fn encode_query(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
@@ -132,6 +179,27 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()?
                 .block_on(interceptor::run::run(s))
+        }),
+        Command::Explain(args) => ask(&args.admin, |admin| async move {
+            let path = format!("/explain?target={}", encode_query(&args.target));
+            let v: interceptor::admin::Verdict =
+                interceptor::admin::get_json(admin.admin, &path).await?;
+            if admin.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                interceptor::admin::print_explain(&v);
+            }
+            Ok(())
+        }),
+        Command::Status(args) => ask(&args, |admin| async move {
+            let s: interceptor::admin::Status =
+                interceptor::admin::get_json(admin.admin, "/status").await?;
+            if admin.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                interceptor::admin::print_status(&s);
+            }
+            Ok(())
         }),
         Command::Gateway(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

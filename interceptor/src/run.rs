@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,11 +10,13 @@ use anyhow::{bail, Context};
 use tokio::net::UdpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::admin;
 use crate::capture::{self, Capture, OriginalDst};
 use crate::config::{CaptureMode, GatewayArgs, Settings};
 use crate::dns::{self, ResolvConf, Upstream};
 use crate::identity::{self, FileProvider};
 use crate::mesh::{self, FileSource, Store};
+use crate::metrics::Metrics;
 use crate::proxy::{self, AllowList, Gateway, Inbound, Outbound};
 
 /// The mesh source for these settings.
@@ -100,6 +103,21 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         ResolvConf::default()
     });
 
+    // Admin first: readiness says 503 until everything below is up.
+    let metrics = Arc::new(Metrics::default());
+    let state = admin::State::new(
+        store.clone(),
+        identity.clone(),
+        metrics.clone(),
+        s.network.clone(),
+        resolv.nameservers.clone(),
+    );
+    let admin_listener = tokio::net::TcpListener::bind(s.admin_addr)
+        .await
+        .with_context(|| format!("admin endpoint {}", s.admin_addr))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(admin::Server::new(state.clone()).serve(admin_listener));
+
     // Listeners before capture: a captured connection must never meet a closed port.
     let outbound_addrs = Settings::loopback(s.outbound_port);
     let dns_addrs = Settings::loopback(s.dns_port);
@@ -144,17 +162,30 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     };
     if let Some(v) = vips.as_mut() {
         let n = v.sync(&store.load())?;
+        state.captured_vips.store(n, Ordering::Relaxed);
         tracing::info!(captured = n, "capture map synced");
     }
+    let _ = state.capture.set(admin::CaptureInfo {
+        cgroup: capture.as_ref().map(|c| c.cgroup().to_path_buf()),
+        programs: capture
+            .as_ref()
+            .map(|c| c.programs().iter().map(|p| p.to_string()).collect())
+            .unwrap_or_default(),
+        inbound_ports: s.inbound_ports.clone(),
+        inbound_all: s.inbound_all,
+    });
 
-    let mut tasks = tokio::task::JoinSet::new();
     if let Some(mut v) = vips {
         let store = store.clone();
+        let state = state.clone();
         let mut changed = store.subscribe();
         tasks.spawn(async move {
             while changed.changed().await.is_ok() {
                 match v.sync(&store.load()) {
-                    Ok(n) => tracing::info!(captured = n, "capture map synced"),
+                    Ok(n) => {
+                        state.captured_vips.store(n, Ordering::Relaxed);
+                        tracing::info!(captured = n, "capture map synced")
+                    }
                     Err(e) => tracing::error!(error = %e, "capture map sync failed"),
                 }
             }
@@ -166,7 +197,13 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         Some(p) => Some(p.watch(identity.clone()).context("watching --certs")?),
         None => None,
     };
-    let inbound = Inbound::new(identity.clone(), s.mtls_mode, allow, s.inbound_port);
+    let inbound = Inbound::new(
+        identity.clone(),
+        s.mtls_mode,
+        allow,
+        s.inbound_port,
+        metrics.clone(),
+    );
     for l in inbound_listeners {
         tasks.spawn(inbound.clone().serve(l));
     }
@@ -176,12 +213,14 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         Arc::new(orig),
         outbound_addrs.to_vec(),
         s.network.clone(),
+        metrics.clone(),
     );
     for l in outbound_listeners {
         tasks.spawn(outbound.clone().serve(l));
     }
     let upstream = Upstream::new(resolv.nameservers.clone(), Duration::from_secs(5));
     let dns = dns::Server::new(store.clone(), upstream, resolv.search.first().cloned());
+    let _ = state.dns.set(dns.clone());
     for l in dns_tcp {
         tasks.spawn(dns.clone().serve_tcp(l));
     }
@@ -190,14 +229,25 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     tracing::info!(
         outbound = s.outbound_port, dns = s.dns_port, upstream = ?resolv.nameservers,
-        cgroup = ?capture.as_ref().map(|c| c.cgroup().to_path_buf()), "interceptor ready"
+        admin = %s.admin_addr, cgroup = ?capture.as_ref().map(|c| c.cgroup().to_path_buf()), "interceptor ready"
     );
+    state.ready.store(true, Ordering::Release);
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
 
     stop_signal().await?;
+    state.ready.store(false, Ordering::Release);
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     // Detach first: from here on traffic flows as if we had never run.
     drop(capture);
     tasks.abort_all();
     Ok(())
+}
+
+/// Tells systemd (Type=notify) where we are; a no-op outside systemd.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -235,7 +285,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         .await
         .context("gateway listener")?;
     let _watch = source.watch(store.clone()).context("watching mesh files")?;
-    let gateway = Gateway::new(store, args.network.clone());
+    let gateway = Gateway::new(store, args.network.clone(), Arc::new(Metrics::default()));
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         tasks.spawn(gateway.clone().serve(l));

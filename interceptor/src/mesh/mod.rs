@@ -44,6 +44,13 @@ pub enum Error {
     File { file: PathBuf, message: String },
 }
 
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Holds the table in force. Readers take a snapshot (`load`) per connection or query and never
 /// see a half-applied table; writers replace it whole.
 pub struct Store {
@@ -56,6 +63,7 @@ pub struct Store {
 impl Store {
     pub fn new(mut first: Table) -> Arc<Self> {
         first.version = 1;
+        first.loaded_unix = now_unix();
         let (changed, _) = watch::channel(1);
         Arc::new(Self {
             current: ArcSwap::from_pointee(first),
@@ -72,6 +80,7 @@ impl Store {
     pub fn publish(&self, mut table: Table) -> u64 {
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
         table.version = version;
+        table.loaded_unix = now_unix();
         self.current.store(Arc::new(table));
         self.changed.send_replace(version);
         version

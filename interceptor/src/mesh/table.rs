@@ -56,6 +56,8 @@ pub struct Resources {
 pub struct Table {
     /// Set by `Store::publish`; 0 before.
     pub version: u64,
+    /// When the store took this table in force (seconds since the epoch).
+    pub loaded_unix: u64,
     pub options: Options,
     pub services: Vec<Arc<Service>>,
     pub workloads: Vec<Arc<Workload>>,
@@ -152,6 +154,7 @@ impl Table {
         );
         Table {
             version: 0,
+            loaded_unix: 0,
             options,
             services,
             workloads,

@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::pick::{self, Outliers, Scope};
 use super::relay::relay;
 use crate::mesh::Store;
+use crate::metrics::{self, Metrics, TcpLabels};
 use crate::tls::{self, ClientHello, Peeked};
 
 /// A client that sends nothing for this long is not one of ours.
@@ -26,6 +27,7 @@ pub struct Gateway {
     store: Arc<Store>,
     network: String,
     outliers: Outliers,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a connection was refused: the close is the answer, the log says why.
@@ -68,11 +70,12 @@ pub fn route(hello: &ClientHello) -> Result<(String, u16), Refusal> {
 }
 
 impl Gateway {
-    pub fn new(store: Arc<Store>, network: String) -> Arc<Self> {
+    pub fn new(store: Arc<Store>, network: String, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             store,
             network,
             outliers: Outliers::default(),
+            metrics,
         })
     }
 
@@ -131,8 +134,12 @@ impl Gateway {
                     tracing::info!(%peer, sni = sni.as_deref().unwrap_or("-"), endpoint = %target.label(), "gateway connection");
                     // The peeked ClientHello is still in the socket: the endpoint gets the
                     // client's bytes from the first one on.
+                    let labels = TcpLabels::new(metrics::GATEWAY, svc.host.to_string(), true);
+                    self.metrics.opened(&labels);
                     let result = relay(&mut client, &mut upstream).await;
                     let _ = client.shutdown().await;
+                    let (from_client, to_client) = result.as_ref().copied().unwrap_or((0, 0));
+                    self.metrics.closed(&labels, from_client, to_client);
                     let duration_ms = started.elapsed().as_millis() as u64;
                     match result {
                         Ok((sent, received)) => {

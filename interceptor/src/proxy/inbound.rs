@@ -14,6 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use super::relay::relay;
 use crate::config::MtlsMode;
 use crate::identity::{self, uri_sans, SpiffeId};
+use crate::metrics::{self, Metrics, TcpLabels};
 use crate::tls::{self, Peeked};
 
 /// How long to wait for a client's first bytes before treating it as a server-first protocol.
@@ -69,6 +70,7 @@ pub struct Inbound {
     allow: AllowList,
     /// Our listener port: a connection whose original destination is it would loop.
     own_port: u16,
+    metrics: Arc<Metrics>,
 }
 
 /// How a connection was handled, for the access log.
@@ -85,12 +87,14 @@ impl Inbound {
         mode: MtlsMode,
         allow: AllowList,
         own_port: u16,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             identity,
             mode,
             allow,
             own_port,
+            metrics,
         })
     }
 
@@ -251,7 +255,10 @@ impl Inbound {
                 )
             }
         };
+        let labels = TcpLabels::new(metrics::DESTINATION, dst.to_string(), true);
+        self.metrics.opened(&labels);
         let (rx, tx) = relay(&mut tls, &mut app).await.unwrap_or((0, 0));
+        self.metrics.closed(&labels, rx, tx);
         access_log(
             peer,
             dst,
@@ -287,7 +294,10 @@ impl Inbound {
                 )
             }
         };
+        let labels = TcpLabels::new(metrics::DESTINATION, dst.to_string(), false);
+        self.metrics.opened(&labels);
         let (rx, tx) = relay(&mut stream, &mut app).await.unwrap_or((0, 0));
+        self.metrics.closed(&labels, rx, tx);
         access_log(peer, dst, Some(kind), None, rx, tx, started, "ok");
     }
 }

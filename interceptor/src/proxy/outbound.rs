@@ -16,6 +16,7 @@ use super::relay::relay;
 use crate::capture::OriginalDst;
 use crate::identity::{self, SpiffeId};
 use crate::mesh::{Address, Health, Resolution, Service, ServicePort, Store, Workload};
+use crate::metrics::{self, Metrics, TcpLabels};
 use crate::tls;
 
 /// At most this many endpoints are tried for one connection.
@@ -39,6 +40,7 @@ pub struct Outbound {
     own: Vec<SocketAddr>,
     /// This VM's network: endpoints elsewhere are reached through their network's gateway.
     network: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Outbound {
@@ -48,6 +50,7 @@ impl Outbound {
         orig: Arc<OriginalDst>,
         own: Vec<SocketAddr>,
         network: String,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -56,6 +59,7 @@ impl Outbound {
             outliers: Outliers::default(),
             own,
             network,
+            metrics,
         })
     }
 
@@ -107,12 +111,16 @@ impl Outbound {
                 Ok(upstream) => {
                     self.outliers.succeeded(target);
                     let mtls = matches!(upstream, Upstream::Mtls(_));
+                    let labels = TcpLabels::new(metrics::SOURCE, svc.host.to_string(), mtls);
+                    self.metrics.opened(&labels);
                     tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.label(), gateway_network = target.gateway_network(), mtls, "outbound connection");
                     let result = match upstream {
                         Upstream::Plain(mut up) => relay(&mut client, &mut up).await,
                         Upstream::Mtls(mut up) => relay(&mut client, up.as_mut()).await,
                     };
                     let _ = client.shutdown().await;
+                    let (from_client, to_client) = result.as_ref().copied().unwrap_or((0, 0));
+                    self.metrics.closed(&labels, from_client, to_client);
                     log_close(&result, dst, svc, target, started);
                     return;
                 }

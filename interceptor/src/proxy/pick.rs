@@ -154,34 +154,54 @@ impl Outliers {
     }
 }
 
-/// The targets for `port` of `svc` in the order to try them: a weighted random order of the
-/// healthy reachable ones, recently failed ones moved to the back.
-pub fn order(
+/// An endpoint that cannot be reached from where the chooser stands, and why.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Skipped {
+    pub endpoint: String,
+    pub network: String,
+    pub reason: String,
+}
+
+/// Every reachable target for `port` of `svc` with its weight, and the endpoints left out. The
+/// one decision both the data path (`order`) and `interceptor explain` read.
+pub fn candidates(
     svc: &Service,
     port: &ServicePort,
     scope: Scope<'_>,
-    outliers: &Outliers,
-) -> Vec<Target> {
+) -> (Vec<(f64, Target)>, Vec<Skipped>) {
     let mut weighted: Vec<(f64, Target)> = Vec::new();
+    let mut skipped = Vec::new();
     let mut remote: BTreeMap<&str, Vec<Arc<Workload>>> = BTreeMap::new();
-    for w in svc.endpoints.iter().filter(|w| w.health == Health::Healthy) {
+    let skip = |w: &Workload, reason: &str| Skipped {
+        endpoint: w.name.clone(),
+        network: w.network.clone(),
+        reason: reason.to_string(),
+    };
+    for w in svc.endpoints.iter() {
+        if w.health != Health::Healthy {
+            skipped.push(skip(w, "unhealthy"));
+            continue;
+        }
+        let direct = (f64::from(w.weight.max(1)), Target::direct(w.clone(), port));
         match scope {
-            Scope::Gateway { network } => {
-                if is_local(w, network) && w.speaks_istio_mtls() {
-                    weighted.push((f64::from(w.weight.max(1)), Target::direct(w.clone(), port)));
-                }
+            Scope::Gateway { network } if is_local(w, network) && w.speaks_istio_mtls() => {
+                weighted.push(direct)
             }
+            Scope::Gateway { .. } if !w.speaks_istio_mtls() => {
+                skipped.push(skip(w, "no mTLS: the gateway relays TLS only"))
+            }
+            Scope::Gateway { .. } => skipped.push(skip(w, "not in the gateway's network")),
             Scope::Sidecar { network, networks } => {
                 if is_local(w, network) || !networks.has_gateways() {
-                    weighted.push((f64::from(w.weight.max(1)), Target::direct(w.clone(), port)));
+                    weighted.push(direct);
                 } else if w.speaks_istio_mtls() {
                     remote
                         .entry(w.network.as_str())
                         .or_default()
                         .push(w.clone());
-                } else if outliers.first_warning(svc.host.as_str(), &w.network) {
+                } else {
                     // The gateway routes by the SNI of our mTLS: plaintext cannot cross.
-                    tracing::warn!(service = %svc.host, network = %w.network, endpoint = %w.name, "endpoint in another network without mTLS is unreachable; skipped");
+                    skipped.push(skip(w, "another network and no mTLS"));
                 }
             }
         }
@@ -190,9 +210,11 @@ pub fn order(
         for (network, behind) in remote {
             let gateways = networks.gateways(network);
             if gateways.is_empty() {
-                if outliers.first_warning(svc.host.as_str(), network) {
-                    tracing::warn!(service = %svc.host, network, endpoints = behind.len(), "network has no gateway: its endpoints are unreachable; skipped");
-                }
+                skipped.extend(
+                    behind
+                        .iter()
+                        .map(|w| skip(w, "another network without a gateway")),
+                );
                 continue;
             }
             // Istio: a gateway weighs as the endpoints behind it, shared among the network's
@@ -209,6 +231,27 @@ pub fn order(
                 };
                 weighted.push((weight, target));
             }
+        }
+    }
+    (weighted, skipped)
+}
+
+/// The targets for `port` of `svc` in the order to try them: a weighted random order of the
+/// reachable ones, recently failed ones moved to the back.
+pub fn order(
+    svc: &Service,
+    port: &ServicePort,
+    scope: Scope<'_>,
+    outliers: &Outliers,
+) -> Vec<Target> {
+    let (weighted, skipped) = candidates(svc, port, scope);
+    let sidecar = matches!(scope, Scope::Sidecar { .. });
+    for s in skipped
+        .iter()
+        .filter(|s| sidecar && s.reason != "unhealthy")
+    {
+        if outliers.first_warning(svc.host.as_str(), &s.network) {
+            tracing::warn!(service = %svc.host, network = %s.network, endpoint = %s.endpoint, reason = %s.reason, "endpoint unreachable from here; skipped");
         }
     }
     let mut rng = rand::rng();

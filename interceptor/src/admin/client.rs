@@ -1,0 +1,163 @@
+//! The CLI side of `interceptor explain` and `interceptor status`: ask the running daemon's
+//! admin endpoint, print for a person.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+use super::{Status, Verdict};
+
+/// GETs `path` from the admin endpoint at `admin` and parses the JSON answer.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    admin: SocketAddr,
+    path: &str,
+) -> anyhow::Result<T> {
+    let stream = tokio::net::TcpStream::connect(admin).await.with_context(|| {
+        format!("cannot reach the interceptor admin endpoint at {admin}: is `interceptor run` running (--admin)?")
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, admin.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(
+        status.is_success(),
+        "{path}: {status}: {}",
+        String::from_utf8_lossy(&body).trim()
+    );
+    serde_json::from_slice(&body).with_context(|| format!("{path}: unexpected answer"))
+}
+
+pub fn print_explain(v: &Verdict) {
+    if let Some(d) = &v.dns {
+        match d.answered_from.as_str() {
+            "mesh table" => {
+                let addrs: Vec<String> = d.addresses.iter().map(ToString::to_string).collect();
+                println!(
+                    "DNS: {} is answered from the mesh table (service {}): {}",
+                    d.name,
+                    d.service.as_deref().unwrap_or("-"),
+                    addrs.join(", ")
+                );
+            }
+            _ => {
+                let ns: Vec<String> = d.upstream.iter().map(ToString::to_string).collect();
+                println!(
+                    "DNS: {} is not in the mesh: forwarded upstream to {}",
+                    d.name,
+                    if ns.is_empty() {
+                        "(no nameservers: SERVFAIL)".into()
+                    } else {
+                        ns.join(", ")
+                    }
+                );
+            }
+        }
+    }
+    for c in &v.connections {
+        println!(
+            "connect {}: {} ({})",
+            c.address,
+            if c.captured {
+                "CAPTURED"
+            } else {
+                "not captured"
+            },
+            c.why
+        );
+        for r in &c.routes {
+            println!(
+                "  -> {} via {} weight {:.2} {} endpoints [{}]",
+                r.connect_to,
+                r.via,
+                r.weight,
+                if r.mtls { "mTLS" } else { "plaintext" },
+                r.endpoints.join(", ")
+            );
+            if let Some(sni) = &r.sni {
+                println!(
+                    "     SNI {sni} ALPN istio, server must be one of [{}]",
+                    r.identities.join(", ")
+                );
+            }
+        }
+        for s in &c.skipped {
+            println!(
+                "  x  {} (network {:?}): {}",
+                s.endpoint, s.network, s.reason
+            );
+        }
+        if c.service.is_some() && c.routes.is_empty() {
+            println!("  no reachable endpoint: the connection would be closed");
+        }
+    }
+    if v.dns.is_none() && v.connections.is_empty() {
+        println!("give a port too (IP:PORT or HOST:PORT) to see what a connection would do");
+    }
+}
+
+pub fn print_status(s: &Status) {
+    println!("ready: {}", if s.ready { "yes" } else { "NO" });
+    match &s.capture {
+        Some(c) => {
+            let cgroup = c.cgroup.as_ref().map(|p| p.display().to_string());
+            println!(
+                "capture: {} program(s) on cgroup {}: {}",
+                c.programs.len(),
+                cgroup.as_deref().unwrap_or("(none: --capture none)"),
+                c.programs.join(", ")
+            );
+            if c.inbound_all || !c.inbound_ports.is_empty() {
+                let ports: Vec<String> = c.inbound_ports.iter().map(ToString::to_string).collect();
+                println!(
+                    "inbound ports: {}",
+                    if c.inbound_all {
+                        "*".into()
+                    } else {
+                        ports.join(",")
+                    }
+                );
+            }
+        }
+        None => println!("capture: not attached yet"),
+    }
+    println!("captured (VIP, port) entries: {}", s.captured_vips);
+    println!(
+        "mesh table: version {}, {} services, {} workloads, {} DNS names, loaded {}s ago, {} rejected reloads",
+        s.table.version,
+        s.table.services,
+        s.table.workloads,
+        s.table.names,
+        now_unix().saturating_sub(s.table.loaded_unix),
+        s.table.reload_errors
+    );
+    match &s.identity {
+        Some(id) => println!(
+            "identity: {} valid for {}h{}m",
+            id.spiffe,
+            id.expires_in_s / 3600,
+            id.expires_in_s % 3600 / 60
+        ),
+        None => println!("identity: none (no --certs: mTLS endpoints unreachable)"),
+    }
+    let ns: Vec<String> = s.nameservers.iter().map(ToString::to_string).collect();
+    println!(
+        "network: {:?}; upstream DNS: {}; up {}s",
+        s.network,
+        ns.join(", "),
+        s.uptime_s
+    );
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

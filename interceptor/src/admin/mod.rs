@@ -1,0 +1,390 @@
+//! The admin endpoint (Istio's port 15020): readiness, Prometheus metrics, a config dump, and
+//! the daemon's side of `interceptor explain` and `interceptor status`. It only reads: the mesh
+//! table, the identity, counters and what `run` reports about capture.
+
+mod client;
+mod explain;
+
+pub use client::{get_json, print_explain, print_status};
+pub use explain::{explain, Verdict};
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::dns;
+use crate::identity;
+use crate::mesh::Store;
+use crate::metrics::Metrics;
+
+/// What capture attached, once it has.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct CaptureInfo {
+    pub cgroup: Option<PathBuf>,
+    pub programs: Vec<String>,
+    pub inbound_ports: Vec<u16>,
+    pub inbound_all: bool,
+}
+
+/// Everything the admin endpoint reads. Data paths and sources own the values; `run` hands
+/// shared handles in and flips `ready`.
+pub struct State {
+    pub store: Arc<Store>,
+    pub identity: Arc<identity::Store>,
+    pub metrics: Arc<Metrics>,
+    pub dns: OnceLock<Arc<dns::Server>>,
+    pub capture: OnceLock<CaptureInfo>,
+    /// Entries in the kernel's VIP map after the last sync.
+    pub captured_vips: AtomicUsize,
+    pub ready: AtomicBool,
+    pub network: String,
+    pub nameservers: Vec<SocketAddr>,
+    pub started: SystemTime,
+}
+
+impl State {
+    pub fn new(
+        store: Arc<Store>,
+        identity: Arc<identity::Store>,
+        metrics: Arc<Metrics>,
+        network: String,
+        nameservers: Vec<SocketAddr>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            identity,
+            metrics,
+            dns: OnceLock::new(),
+            capture: OnceLock::new(),
+            captured_vips: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
+            network,
+            nameservers,
+            started: SystemTime::now(),
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn status(&self) -> Status {
+        let table = self.store.load();
+        let id = self.identity.current();
+        Status {
+            ready: self.is_ready(),
+            capture: self.capture.get().cloned(),
+            captured_vips: self.captured_vips.load(Ordering::Relaxed),
+            table: TableStatus {
+                version: table.version,
+                loaded_unix: table.loaded_unix,
+                services: table.services.len(),
+                workloads: table.workloads.len(),
+                names: table.names.len(),
+                reload_errors: self.store.reload_errors(),
+            },
+            identity: id.map(|id| IdentityStatus {
+                spiffe: id.spiffe.to_string(),
+                not_after_unix: unix(id.not_after),
+                expires_in_s: id.expires_in().as_secs(),
+            }),
+            network: self.network.clone(),
+            nameservers: self.nameservers.clone(),
+            uptime_s: self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        }
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub ready: bool,
+    pub capture: Option<CaptureInfo>,
+    pub captured_vips: usize,
+    pub table: TableStatus,
+    pub identity: Option<IdentityStatus>,
+    pub network: String,
+    pub nameservers: Vec<SocketAddr>,
+    pub uptime_s: u64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct TableStatus {
+    pub version: u64,
+    pub loaded_unix: u64,
+    pub services: usize,
+    pub workloads: usize,
+    pub names: usize,
+    pub reload_errors: u64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct IdentityStatus {
+    pub spiffe: String,
+    pub not_after_unix: u64,
+    pub expires_in_s: u64,
+}
+
+/// Values read at scrape time from the table, identity, DNS counters and capture.
+struct Pulled(Arc<State>);
+
+impl std::fmt::Debug for Pulled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pulled")
+    }
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for Pulled {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        let table = s.store.load();
+        gauge(
+            &mut e,
+            "interceptor_ready",
+            "1 when programs are attached, the table loaded and listeners up",
+            i64::from(s.is_ready()),
+        )?;
+        gauge(
+            &mut e,
+            "interceptor_mesh_table_version",
+            "Version of the mesh table in force",
+            table.version as i64,
+        )?;
+        gauge(
+            &mut e,
+            "interceptor_mesh_services",
+            "Services in the mesh table",
+            table.services.len() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "interceptor_mesh_workloads",
+            "Workloads in the mesh table",
+            table.workloads.len() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "interceptor_capture_vips",
+            "(VIP, port) entries in the kernel capture map",
+            s.captured_vips.load(Ordering::Relaxed) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "interceptor_capture_programs",
+            "BPF programs attached",
+            s.capture.get().map_or(0, |c| c.programs.len()) as i64,
+        )?;
+        if let Some(id) = s.identity.current() {
+            gauge(
+                &mut e,
+                "interceptor_cert_expiry_seconds",
+                "Seconds until the workload certificate expires",
+                id.expires_in().as_secs() as i64,
+            )?;
+        }
+        let c = ConstCounter::new(s.store.reload_errors());
+        c.encode(e.encode_descriptor(
+            "interceptor_mesh_reload_errors",
+            "Mesh source loads rejected (the last good table stayed)",
+            None,
+            c.metric_type(),
+        )?)?;
+        if let Some(dns) = s.dns.get() {
+            let st = &dns.stats;
+            let mut family = e.encode_descriptor(
+                "interceptor_dns_requests",
+                "DNS queries by how they were answered",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (result, v) in [
+                ("table", &st.table),
+                ("upstream", &st.upstream),
+                ("servfail", &st.servfail),
+                ("formerr", &st.formerr),
+                ("dropped", &st.dropped),
+            ] {
+                let labels = [("result", result)];
+                ConstCounter::new(v.load(Ordering::Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The admin HTTP server.
+pub struct Server {
+    state: Arc<State>,
+    registry: Registry,
+}
+
+impl Server {
+    pub fn new(state: Arc<State>) -> Arc<Self> {
+        let mut registry = Registry::default();
+        state.metrics.register(&mut registry);
+        registry.register_collector(Box::new(Pulled(state.clone())));
+        Arc::new(Self { state, registry })
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.route(req)) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(error = %e, "admin connection");
+                }
+            });
+        }
+    }
+
+    fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        }
+        match req.uri().path() {
+            "/healthz/ready" => {
+                if self.state.is_ready() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+                }
+            }
+            "/stats/prometheus" => {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+                    Ok(()) => {
+                        let mut r = text(StatusCode::OK, body);
+                        r.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static(
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            ),
+                        );
+                        r
+                    }
+                    Err(_) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "encoding failed\n".into(),
+                    ),
+                }
+            }
+            "/config_dump" => json(&self.config_dump()),
+            "/status" => json(&self.state.status()),
+            "/explain" => {
+                let target = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("target=")))
+                    .map(percent_decode);
+                match target {
+                    Some(t) => match explain(&self.state, &t) {
+                        Ok(v) => json(&v),
+                        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                    },
+                    None => text(
+                        StatusCode::BAD_REQUEST,
+                        "explain?target=HOST[:PORT]|IP:PORT\n".into(),
+                    ),
+                }
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "/healthz/ready /stats/prometheus /config_dump /status /explain?target=\n".into(),
+            ),
+        }
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let s = &self.state;
+        serde_json::json!({
+            "status": s.status(),
+            "mesh": &*s.store.load(),
+        })
+    }
+}
+
+/// `%xx` escapes and `+` of a query value (what curl and our client send).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (c, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+fn json<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(v) {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
