@@ -1,0 +1,290 @@
+//! Issue 6 scenarios: operating the daemon. Readiness, metrics that move with real traffic, the
+//! config dump, `interceptor explain` and `status` against the running daemon, and the ports that
+//! are never captured.
+
+use std::fmt::Write as _;
+
+use interceptor_tests::{interceptor_bin, sh, try_sh, Interceptor, Proc, Subnet, VmPod};
+
+const PRODUCT: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: product, namespace: default}
+spec:
+  hosts: [product.default.svc.cluster.local]
+  addresses: [240.240.1.1]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.77.0.2}]
+"#;
+
+/// `count` more services with two ports each: a capture map large enough that syncing it takes
+/// a while after the admin endpoint is up.
+fn many_services(count: usize) -> String {
+    let mut out = String::new();
+    for i in 0..count {
+        let _ = write!(
+            out,
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: s{i}, namespace: default}}\nspec:\n  hosts: [s{i}.default.svc.cluster.local]\n  ports: [{{number: 80, name: http}}, {{number: 443, name: https}}]\n  resolution: STATIC\n  endpoints: [{{address: 10.77.0.2}}]\n"
+        );
+    }
+    out
+}
+
+/// The body of `http://127.0.0.1:15020{path}` from inside the vm namespace.
+fn admin(t: &VmPod, path: &str) -> String {
+    sh(&mut t.outside(
+        "curl",
+        &["-sS", "-m", "5", &format!("http://127.0.0.1:15020{path}")],
+    ))
+}
+
+fn cli(t: &VmPod, args: &[&str]) -> String {
+    let mut c = t.vm.cmd(interceptor_bin().to_str().expect("utf-8"));
+    c.args(args);
+    sh(&mut c)
+}
+
+/// The value of the sample `line_prefix` in a Prometheus text exposition.
+fn sample(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
+    let t = VmPod::new();
+    let mesh = t.write("mesh.yaml", &(PRODUCT.to_string() + &many_services(6000)));
+    let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::FAKE_NS));
+    let _server = t.pod_http("server", &["10.77.0.2:8080"]);
+    // Poll readiness from before the daemon starts until it is ready.
+    let probe_log = t.path("probe.log");
+    let mut probe = t.vm.cmd("sh");
+    probe.args([
+        "-c",
+        "for i in $(seq 3000); do code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' http://127.0.0.1:15020/healthz/ready); echo $code; [ \"$code\" = 200 ] && exit 0; done",
+    ]);
+    let mut probe = Proc::spawn("probe", probe, probe_log.clone());
+    let ic = t.start_interceptor(&mesh, &resolv, &[]);
+    assert!(
+        probe.wait_exit(20.0).is_some_and(|s| s.success()),
+        "never ready: {}",
+        probe.output()
+    );
+    let codes: Vec<String> = probe.output().lines().map(str::to_string).collect();
+    // Refused (000) until the admin endpoint binds, 503 while programs attach and the capture map
+    // fills, then 200 for good.
+    let first_up = codes
+        .iter()
+        .position(|c| c != "000")
+        .expect("admin answered");
+    assert!(
+        codes[first_up..].iter().all(|c| c == "503" || c == "200"),
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes[first_up], "503",
+        "ready before attach and sync: {codes:?}"
+    );
+    assert_eq!(admin(&t, "/healthz/ready").trim(), "ready");
+
+    // Known traffic: 5 connections to the service VIP, 3 DNS queries answered from the table,
+    // 1 forwarded (and failing: nobody answers at the fake nameserver).
+    for i in 0..5 {
+        let out = sh(&mut t.in_cgroup(
+            "curl",
+            &["-sS", "-m", "5", &format!("http://240.240.1.1:8080/m{i}")],
+        ));
+        assert!(out.starts_with(&format!("server GET /m{i}")), "{out}");
+    }
+    for _ in 0..3 {
+        sh(&mut t.in_cgroup(
+            "dig",
+            &[
+                "+short",
+                "+tries=1",
+                "@10.77.0.53",
+                "product.default.svc.cluster.local",
+            ],
+        ));
+    }
+    let _ = try_sh(&mut t.in_cgroup(
+        "dig",
+        &[
+            "+tries=1",
+            "+time=8",
+            "@10.77.0.53",
+            "elsewhere.example",
+            "A",
+        ],
+    ));
+    assert!(
+        ic.wait_log_count("outbound connection closed", 5, 5.0),
+        "{}",
+        ic.log()
+    );
+
+    let text = admin(&t, "/stats/prometheus");
+    let labels = "{reporter=\"source\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"none\"}";
+    assert_eq!(
+        sample(
+            &text,
+            &format!("istio_tcp_connections_opened_total{labels}")
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("istio_tcp_connections_closed_total{labels}")
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    // Each request is one GET line plus headers; each response carries "server GET /mN from ...".
+    let received = sample(&text, &format!("istio_tcp_received_bytes_total{labels}")).unwrap_or(0.0);
+    let sent = sample(&text, &format!("istio_tcp_sent_bytes_total{labels}")).unwrap_or(0.0);
+    assert!(
+        received > 5.0 * 50.0 && sent > 5.0 * 60.0,
+        "received {received} sent {sent}"
+    );
+    assert_eq!(
+        sample(&text, "interceptor_dns_requests_total{result=\"table\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "interceptor_dns_requests_total{result=\"servfail\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "interceptor_mesh_services"), Some(6001.0));
+    // One VIP for product (port 8080); two auto VIPs (v4, v6) x two ports for every other service.
+    assert_eq!(
+        sample(&text, "interceptor_capture_vips"),
+        Some(1.0 + 6000.0 * 4.0)
+    );
+    assert_eq!(sample(&text, "interceptor_capture_programs"), Some(9.0));
+    assert_eq!(sample(&text, "interceptor_ready"), Some(1.0));
+    assert_eq!(
+        sample(&text, "interceptor_mesh_reload_errors_total"),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn config_dump_follows_a_file_edit_and_explain_and_status_tell_the_truth() {
+    let t = VmPod::new();
+    let mesh = t.write("mesh.yaml", PRODUCT);
+    let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::FAKE_NS));
+    let ic = t.start_interceptor(&mesh, &resolv, &[]);
+
+    let dump: serde_json::Value = serde_json::from_str(&admin(&t, "/config_dump")).expect("JSON");
+    assert_eq!(dump["mesh"]["version"], 1);
+    assert_eq!(
+        dump["mesh"]["services"][0]["host"],
+        "product.default.svc.cluster.local"
+    );
+    assert_eq!(
+        dump["status"]["capture"]["programs"]
+            .as_array()
+            .map(Vec::len),
+        Some(9)
+    );
+    std::fs::write(&mesh, PRODUCT.replace("product", "review")).expect("edit");
+    assert!(
+        ic.wait_log_count("mesh table reloaded", 1, 10.0),
+        "{}",
+        ic.log()
+    );
+    let dump: serde_json::Value = serde_json::from_str(&admin(&t, "/config_dump")).expect("JSON");
+    assert_eq!(dump["mesh"]["version"], 2);
+    assert_eq!(
+        dump["mesh"]["services"][0]["host"],
+        "review.default.svc.cluster.local"
+    );
+
+    // A captured VIP by name: DNS from the table, captured, straight to the endpoint.
+    let out = cli(&t, &["explain", "review.default.svc.cluster.local:8080"]);
+    assert!(out.contains("DNS: review.default.svc.cluster.local is answered from the mesh table (service review.default.svc.cluster.local): 240.240.1.1"), "{out}");
+    assert!(out.contains("connect 240.240.1.1:8080: CAPTURED"), "{out}");
+    assert!(
+        out.contains("-> 10.77.0.2:8080 via direct weight 1.00 plaintext"),
+        "{out}"
+    );
+    // The same address, another port; an address outside the mesh; a name outside the mesh.
+    let out = cli(&t, &["explain", "240.240.1.1:9999"]);
+    assert!(
+        out.contains("connect 240.240.1.1:9999: not captured"),
+        "{out}"
+    );
+    let out = cli(&t, &["explain", "10.77.0.3:80"]);
+    assert!(
+        out.contains("not captured (not a mesh service address"),
+        "{out}"
+    );
+    let out = cli(&t, &["explain", "www.example.org"]);
+    assert!(
+        out.contains("not in the mesh: forwarded upstream to 10.77.0.53:53"),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&cli(&t, &["explain", "--json", "[2001:db8::1]:53"])).expect("JSON");
+    assert_eq!(v["connections"][0]["captured"], true, "{v}");
+
+    let out = cli(&t, &["status"]);
+    assert!(out.contains("ready: yes"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "capture: 9 program(s) on cgroup {}",
+            t.cgroup.path().display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("mesh table: version 2, 1 services"), "{out}");
+    assert!(out.contains("captured (VIP, port) entries: 1"), "{out}");
+}
+
+#[test]
+fn ssh_and_the_admin_port_are_never_captured_inbound_whatever_the_config_says() {
+    let t = VmPod::new();
+    let mesh = t.write("mesh.yaml", "# inbound only\n");
+    let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::FAKE_NS));
+    // Apps on the VM: "SSH" on 22 and a service on 8080.
+    let _apps = t.http_in(&t.vm, "vm-app", &["10.77.0.1:22", "10.77.0.1:8080"]);
+    // Every port, nothing excluded, the admin endpoint on the VM's address.
+    let ic: Interceptor = t.start_interceptor(
+        &mesh,
+        &resolv,
+        &[
+            "--inbound-ports",
+            "*",
+            "--exclude-inbound-ports",
+            "",
+            "--admin-addr",
+            "10.77.0.1:15020",
+        ],
+    );
+    let from_pod = |port: u16, path: &str| {
+        let mut c = t.pod.cmd("curl");
+        c.args(["-sS", "-m", "5", &format!("http://10.77.0.1:{port}{path}")]);
+        sh(&mut c)
+    };
+    assert!(from_pod(8080, "/app").starts_with("vm-app GET /app"));
+    assert!(
+        ic.wait_log_count("service=10.77.0.1:8080", 1, 5.0),
+        "8080 is captured: {}",
+        ic.log()
+    );
+    assert!(from_pod(22, "/ssh").starts_with("vm-app GET /ssh from 10.77.0.2"));
+    assert_eq!(from_pod(15020, "/healthz/ready").trim(), "ready");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = ic.log();
+    assert!(
+        !log.contains("service=10.77.0.1:22 ") && !log.contains("service=10.77.0.1:15020"),
+        "{log}"
+    );
+}
