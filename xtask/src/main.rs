@@ -1,8 +1,11 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench ...`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench | install | uninstall |
+//! vagrant-test ...`.
 
 mod bench;
 mod demo;
+mod install;
 mod setup;
+mod vagrant;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,6 +37,30 @@ enum Task {
     Bench {
         #[arg(value_enum, default_value = "all")]
         which: bench::Which,
+    },
+    /// Install the daemon as a systemd service (binary, unit, example config and mesh); never
+    /// starts it
+    Install {
+        /// Stage the files under DIR instead of / (images, packages); nothing is run then
+        #[arg(long, env = "DESTDIR", value_name = "DIR")]
+        destdir: Option<PathBuf>,
+        /// Install this binary instead of building the release one
+        #[arg(long, value_name = "PATH")]
+        bin: Option<PathBuf>,
+    },
+    /// Remove exactly what `install` created; a config edited since is kept
+    Uninstall {
+        #[arg(long, env = "DESTDIR", value_name = "DIR")]
+        destdir: Option<PathBuf>,
+    },
+    /// Two Vagrant VMs: the scenario tests on one, and the installed service reaching the other
+    VagrantTest {
+        /// Leave the VMs running afterwards (`vagrant destroy -f` removes them)
+        #[arg(long)]
+        keep: bool,
+        /// Vagrant provider (libvirt, virtualbox) [default: Vagrant's own choice]
+        #[arg(long)]
+        provider: Option<String>,
     },
 }
 
@@ -129,6 +156,23 @@ fn test() -> anyhow::Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("INTERCEPTOR_BIN", bin.join("interceptor")))?;
+    fuzz(FUZZ_SECONDS)
+}
+
+/// Seconds each fuzz target runs in `test`: short and bounded, enough to catch a panic on the
+/// paths that read bytes from the network.
+const FUZZ_SECONDS: u32 = 20;
+
+/// libFuzzer over the DNS query path and ClientHello parsing (gateway SNI routing). No
+/// sanitizer: `-s none` builds on the stable toolchain; a panic still fails the run.
+fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    for target in ["dns_query", "client_hello"] {
+        run(cargo()
+            .current_dir(root().join("interceptor").join("fuzz"))
+            .args(["fuzz", "run", target, "-s", "none", "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-rss_limit_mb=2048"))?;
+    }
     Ok(())
 }
 
@@ -150,5 +194,8 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(),
         Task::Demo => demo::run(),
         Task::Bench { which } => bench::run(which),
+        Task::Install { destdir, bin } => install::install(destdir.as_deref(), bin.as_deref()),
+        Task::Uninstall { destdir } => install::uninstall(destdir.as_deref()),
+        Task::VagrantTest { keep, provider } => vagrant::test(keep, provider.as_deref()),
     }
 }

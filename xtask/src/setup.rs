@@ -7,7 +7,8 @@ use anyhow::bail;
 use crate::run;
 
 /// Debian packages: build (clang, libbpf headers), tests (iproute2, bpftool, dig, curl,
-/// dnsmasq, tcpdump, openssl), benches (iptables, iperf3, stunnel4, dnsperf).
+/// dnsmasq, tcpdump, openssl), benches (iptables, iperf3, stunnel4, dnsperf), packaging
+/// (systemd: `systemd-analyze verify` of the unit).
 const PACKAGES: &[&str] = &[
     "clang",
     "llvm",
@@ -26,6 +27,7 @@ const PACKAGES: &[&str] = &[
     "stunnel4",
     "dnsperf",
     "procps",
+    "systemd",
 ];
 
 fn installed(pkg: &str) -> bool {
