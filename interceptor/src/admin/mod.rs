@@ -254,17 +254,9 @@ impl Server {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        crate::proxy::accept_loop(listener, "admin", move |stream, _| {
             let this = self.clone();
-            tokio::spawn(async move {
+            async move {
                 let service = hyper::service::service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.route(req)) }
@@ -275,8 +267,9 @@ impl Server {
                 {
                     tracing::debug!(error = %e, "admin connection");
                 }
-            });
-        }
+            }
+        })
+        .await
     }
 
     fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {

@@ -80,18 +80,11 @@ impl Gateway {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((client, peer)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.handle(client, peer).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        super::accept_loop(listener, "gateway", move |stream, peer| {
+            let this = self.clone();
+            async move { this.handle(stream, peer).await }
+        })
+        .await
     }
 
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {

@@ -99,18 +99,11 @@ impl Inbound {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.handle(stream, peer).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        super::accept_loop(listener, "inbound", move |stream, peer| {
+            let this = self.clone();
+            async move { this.handle(stream, peer).await }
+        })
+        .await
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) {

@@ -12,9 +12,31 @@ pub use inbound::{AllowList, Inbound};
 pub use outbound::{expected_identities, Outbound};
 pub use relay::relay;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts forever, one task per connection. A failing accept (EMFILE and the like) backs off
+/// instead of spinning.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
 
 /// Binds a listener on each address; a missing address family (no IPv6 in this netns) is a
 /// warning, not a failure, as long as one listener is up.

@@ -64,19 +64,11 @@ impl Outbound {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((client, peer)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.handle(client, peer).await });
-                }
-                Err(e) => {
-                    // EMFILE and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        super::accept_loop(listener, "outbound", move |stream, peer| {
+            let this = self.clone();
+            async move { this.handle(stream, peer).await }
+        })
+        .await
     }
 
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {

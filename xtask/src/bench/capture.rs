@@ -53,6 +53,8 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
             "15002",
             "--dns-port",
             "15054",
+            "--admin-addr",
+            "127.0.0.1:15030",
             "--mesh",
         ])
         .arg(&mesh)

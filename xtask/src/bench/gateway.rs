@@ -77,7 +77,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     ];
     for (ns, addr, side) in [(&b.pod, "10.77.0.2", "a"), (&t.pod_b, MultiNet::POD_B, "b")] {
         let mut c = ns.cmd("iperf3");
-        c.args(["-s", "-B", addr, "-p", "5201"]);
+        c.args(["-s", "--forceflush", "-B", addr, "-p", "5201"]);
         let mut s = Proc::spawn("iperf3", c, b.path(&format!("iperf3-{side}.log")));
         s.wait_for_output("Server listening", 10.0);
         procs.push(s);

@@ -93,7 +93,14 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     let mut servers = Vec::new();
     for p in IPERF {
         let mut c = t.pod.cmd("iperf3");
-        c.args(["-s", "-B", "10.77.0.2", "-p", &p.to_string()]);
+        c.args([
+            "-s",
+            "--forceflush",
+            "-B",
+            "10.77.0.2",
+            "-p",
+            &p.to_string(),
+        ]);
         let mut s = Proc::spawn("iperf3", c, t.path(&format!("iperf3-{p}.log")));
         s.wait_for_output("Server listening", 10.0);
         servers.push(s);
