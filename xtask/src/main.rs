@@ -153,10 +153,67 @@ fn test() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     let bin = build(false)?;
-    run(cargo()
-        .args(["test", "--workspace", "--no-fail-fast"])
-        .env("INTERCEPTOR_BIN", bin.join("interceptor")))?;
-    fuzz(FUZZ_SECONDS)
+    let counts = run_tests(
+        cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .env("INTERCEPTOR_BIN", bin.join("interceptor")),
+    )?;
+    fuzz(FUZZ_SECONDS)?;
+    // One closing line for the whole suite: cargo prints one per test binary, the last of which
+    // (doc tests) counts none.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
+    );
+    Ok(())
+}
+
+#[derive(Default)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<Counts> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let mut counts = Counts::default();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (what, n) = (
+                        words.next(),
+                        words.next().and_then(|n| n.parse::<u64>().ok()),
+                    );
+                    match (what, n) {
+                        (Some("passed"), Some(n)) => counts.passed += n,
+                        (Some("failed"), Some(n)) => counts.failed += n,
+                        (Some("ignored"), Some(n)) => counts.ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "{cmd:?} failed: {status}; tests: {} passed, {} failed",
+            counts.passed,
+            counts.failed
+        );
+    }
+    Ok(counts)
 }
 
 /// Seconds each fuzz target runs in `test`: short and bounded, enough to catch a panic on the
