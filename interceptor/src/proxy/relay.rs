@@ -4,7 +4,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Per-direction buffer: large enough for full TLS records, small enough for 10k connections.
-pub const BUFFER: usize = 16 * 1024;
+pub const BUFFER: usize = 64 * 1024;
 
 /// Relays until both directions are done. Returns (bytes a->b, bytes b->a).
 pub async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
