@@ -481,3 +481,102 @@ fn rotated_certificates_are_used_by_new_connections() {
     let after = after.expect("new connections present the rotated certificate");
     assert!(after.contains("pod GET /b"), "{after}");
 }
+
+#[test]
+fn resumed_sessions_keep_the_client_identity_and_the_allow_list() {
+    let m = Mesh::new();
+    let app = m.t.pod_http("pod", &["10.77.0.2:8080"]);
+    let pod_ic = m.pod(
+        &m.t.pod,
+        &m.pod_certs,
+        &[
+            "--inbound-allow",
+            &format!("8080={TD}/vm"),
+            "--inbound-allow",
+            &format!("8443={TD}/someone-else"),
+        ],
+        "pod-ic.log",
+    );
+    let _vm_ic = m.vm(&vm_mesh(&workload(
+        "product-pod",
+        "10.77.0.2",
+        "product",
+        1,
+    )));
+    for i in 0..4 {
+        let (ok, out) = m.curl(&format!("/again{i}"));
+        assert!(
+            ok && out.starts_with(&format!("pod GET /again{i}")),
+            "{out}"
+        );
+    }
+    // The first connection makes a session, later ones resume it (no certificates sent), and
+    // every one still carries the VM's verified identity.
+    assert!(
+        pod_ic.wait_log_count("result=\"ok\"", 4, 5.0),
+        "{}",
+        pod_ic.log()
+    );
+    let log = pod_ic.log();
+    assert!(
+        log.contains("mode=Some(Mtls)") && log.contains("mode=Some(MtlsResumed)"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(&format!("identity=\"{TD}/vm\"")).count(),
+        4,
+        "{log}"
+    );
+    assert_eq!(app.output().matches("GET /again").count(), 4);
+
+    // A session made on a port the VM may use, resumed on a port it may not: still refused.
+    let session = m.t.path("session.pem");
+    let s_client = |port: &str, sess: &str| {
+        let mut c = m.t.outside(
+            "openssl",
+            &[
+                "s_client",
+                "-connect",
+                &format!("10.77.0.2:{port}"),
+                "-servername",
+                SNI,
+                "-alpn",
+                "istio",
+                "-ign_eof",
+            ],
+        );
+        c.arg(sess).arg(&session);
+        c.arg("-cert").arg(m.vm_certs.join("cert-chain.pem"));
+        c.arg("-key").arg(m.vm_certs.join("key.pem"));
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("openssl");
+        use std::io::Write;
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"GET /session HTTP/1.0\r\n\r\n");
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let first = s_client("8080", "-sess_out");
+    assert!(first.contains("pod GET /session"), "{first}");
+    let resumed = s_client("8443", "-sess_in");
+    assert!(
+        resumed.contains("Reused, TLSv1.3"),
+        "the session was not resumed: {resumed}"
+    );
+    assert!(!resumed.contains("pod GET"), "{resumed}");
+    assert!(
+        pod_ic.wait_log_count("denied: identity not allowed", 1, 5.0),
+        "{}",
+        pod_ic.log()
+    );
+    assert!(
+        pod_ic.log().contains("service=10.77.0.2:8443"),
+        "{}",
+        pod_ic.log()
+    );
+}

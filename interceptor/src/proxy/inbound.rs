@@ -77,6 +77,8 @@ pub struct Inbound {
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Mtls,
+    /// mTLS on a resumed session: the client's chain was verified when the session was made.
+    MtlsResumed,
     TlsPassthrough,
     Plaintext,
 }
@@ -248,6 +250,10 @@ impl Inbound {
                 )
             }
         };
+        let kind = match tls.get_ref().1.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => Kind::MtlsResumed,
+            _ => Kind::Mtls,
+        };
         let labels = TcpLabels::new(metrics::DESTINATION, dst.to_string(), true);
         self.metrics.opened(&labels);
         let (rx, tx) = relay(&mut tls, &mut app).await.unwrap_or((0, 0));
@@ -255,7 +261,7 @@ impl Inbound {
         access_log(
             peer,
             dst,
-            Some(Kind::Mtls),
+            Some(kind),
             client_id.as_ref(),
             rx,
             tx,

@@ -41,6 +41,7 @@ pub struct Outbound {
     /// This VM's network: endpoints elsewhere are reached through their network's gateway.
     network: String,
     metrics: Arc<Metrics>,
+    tls_configs: tls::ClientConfigs,
 }
 
 impl Outbound {
@@ -60,6 +61,7 @@ impl Outbound {
             own,
             network,
             metrics,
+            tls_configs: tls::ClientConfigs::default(),
         })
     }
 
@@ -143,7 +145,9 @@ impl Outbound {
         // Through a gateway: any endpoint behind it may answer, and it is their identity we
         // check, never the gateway's (it only relays our TLS).
         let expected = expected_identities(svc, target.workloads(), id.trust_domain());
-        let config = tls::client_for(&id.client, &id.roots, expected);
+        let config = self
+            .tls_configs
+            .get(&id.client, &id.roots, target.label(), expected);
         let name = ServerName::try_from(tls::sni(port.number, "", svc.host.as_str()))
             .map_err(std::io::Error::other)?;
         let handshake = TlsConnector::from(config).connect(name, tcp);

@@ -7,6 +7,7 @@ mod verify;
 pub use hello::{parse_client_hello, peek_client_hello, ClientHello, Peeked};
 pub use verify::SpiffeServerVerifier;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustls::client::ResolvesClientCert;
@@ -73,12 +74,14 @@ pub fn client_base(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(OneCert(cert.clone())));
     cfg.alpn_protocols = vec![ALPN_ISTIO.to_vec()];
-    // Resumption would skip the identity check of the endpoint actually reached.
+    // The base verifier accepts nobody; resumption belongs to the per-endpoint configs
+    // (ClientConfigs), never to this shared one.
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 
-/// The client config for one connection: the base with a verifier for `expected` identities.
+/// The client config for connections to one endpoint: the base with a verifier for `expected`
+/// identities and a resumption store of its own.
 pub fn client_for(
     base: &ClientConfig,
     roots: &Arc<RootCertStore>,
@@ -92,7 +95,52 @@ pub fn client_for(
             expected,
             provider,
         )));
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS_PER_ENDPOINT);
     Arc::new(cfg)
+}
+
+/// TLS 1.3 sessions kept per endpoint: a few, for connections opened at once.
+const SESSIONS_PER_ENDPOINT: usize = 8;
+/// Endpoint configs kept before the cache starts over.
+const MAX_ENDPOINT_CONFIGS: usize = 4096;
+
+type ConfigKey = (String, Vec<SpiffeId>);
+/// The base the configs were made from, and the configs.
+type ConfigCache = (Arc<ClientConfig>, HashMap<ConfigKey, Arc<ClientConfig>>);
+
+/// Client configs by (endpoint, expected identities). A resumed TLS 1.3 session skips the
+/// certificate check, so a session is only ever offered where it was made: to the same address,
+/// under the same identity expectation (rustls also refuses resumption across verifiers). A
+/// resumed handshake saves both certificate verifications and signatures, most of the cost of a
+/// new mTLS connection. A new identity (rotation) starts the cache over.
+#[derive(Default)]
+pub struct ClientConfigs {
+    inner: std::sync::Mutex<Option<ConfigCache>>,
+}
+
+impl ClientConfigs {
+    pub fn get(
+        &self,
+        base: &Arc<ClientConfig>,
+        roots: &Arc<RootCertStore>,
+        endpoint: String,
+        expected: Vec<SpiffeId>,
+    ) -> Arc<ClientConfig> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = match &*inner {
+            Some((b, map)) => !Arc::ptr_eq(b, base) || map.len() >= MAX_ENDPOINT_CONFIGS,
+            None => true,
+        };
+        if fresh {
+            *inner = Some((base.clone(), HashMap::new()));
+        }
+        let Some((_, map)) = inner.as_mut() else {
+            return client_for(base, roots, expected);
+        };
+        map.entry((endpoint, expected.clone()))
+            .or_insert_with(|| client_for(base, roots, expected))
+            .clone()
+    }
 }
 
 pub fn server_config(
@@ -108,6 +156,9 @@ pub fn server_config(
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(OneCert(cert.clone())));
+    // Stateful TLS 1.3 resumption for the mesh clients that reconnect: the session keeps the
+    // client's verified chain, so identity checks after a resumed handshake still see it.
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SERVER_SESSIONS);
     // Never istio-peer-exchange: negotiating it would oblige the metadata-exchange header.
     cfg.alpn_protocols = [
         b"istio".as_slice(),
@@ -120,6 +171,9 @@ pub fn server_config(
     .collect();
     Ok(Arc::new(cfg))
 }
+
+/// Resumable sessions the inbound side keeps (a few hundred bytes each).
+const SERVER_SESSIONS: usize = 16 * 1024;
 
 /// The Istio SNI for a service port (I: pilot/pkg/model/service.go BuildDNSSrvSubsetKey).
 pub fn sni(port: u16, subset: &str, host: &str) -> String {
@@ -141,6 +195,59 @@ pub fn parse_sni(sni: &str) -> Option<(u16, &str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_configs_are_kept_per_endpoint_and_identity_and_reset_on_rotation() {
+        let base = || {
+            Arc::new(
+                ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+        };
+        let (b1, b2) = (base(), base());
+        let roots = Arc::new(RootCertStore::empty());
+        let id = |s: &str| vec![SpiffeId::parse(s).unwrap()];
+        let c = ClientConfigs::default();
+        let a = c.get(
+            &b1,
+            &roots,
+            "10.0.0.1:80".into(),
+            id("spiffe://td/ns/a/sa/x"),
+        );
+        let same = c.get(
+            &b1,
+            &roots,
+            "10.0.0.1:80".into(),
+            id("spiffe://td/ns/a/sa/x"),
+        );
+        assert!(
+            Arc::ptr_eq(&a, &same),
+            "one config (one session store) per endpoint"
+        );
+        let other_ep = c.get(
+            &b1,
+            &roots,
+            "10.0.0.2:80".into(),
+            id("spiffe://td/ns/a/sa/x"),
+        );
+        let other_id = c.get(
+            &b1,
+            &roots,
+            "10.0.0.1:80".into(),
+            id("spiffe://td/ns/a/sa/y"),
+        );
+        assert!(!Arc::ptr_eq(&a, &other_ep) && !Arc::ptr_eq(&a, &other_id));
+        let rotated = c.get(
+            &b2,
+            &roots,
+            "10.0.0.1:80".into(),
+            id("spiffe://td/ns/a/sa/x"),
+        );
+        assert!(!Arc::ptr_eq(&a, &rotated), "a new identity starts over");
+    }
 
     #[test]
     fn sni_round_trip() {
