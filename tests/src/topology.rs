@@ -154,6 +154,19 @@ impl VmPod {
         p
     }
 
+    /// The http-bench server (one event loop, fixed answer) in namespace `ns`: for benchmarks.
+    pub fn bench_http_in(&self, ns: &Netns, addrs: &[&str]) -> Proc {
+        let mut c = ns.cmd(
+            crate::helper_bin("http-bench")
+                .to_str()
+                .expect("utf-8 path"),
+        );
+        c.args(addrs);
+        let mut p = Proc::spawn("http-bench", c, self.path("http-bench.log"));
+        p.wait_for_output("listening", 10.0);
+        p
+    }
+
     /// The http-echo test server in the pod namespace.
     pub fn pod_http(&self, name: &str, addrs: &[&str]) -> Proc {
         let mut c = self

@@ -50,10 +50,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     let mesh = t.write("mesh.yaml", MESH);
     let resolv = t.write("resolv.conf", "nameserver 10.77.0.53\n");
     let mesh_c = t.write("mesh-c.yaml", &MESH.replace(Subnet::POD4, POD_FROM_VM2));
-    let _server = t.pod_http(
-        "server",
-        &["10.77.0.2:8080", &format!("{POD_FROM_VM2}:8080")],
-    );
+    let _server = t.bench_http_in(&t.pod, &["10.77.0.2:8080", &format!("{POD_FROM_VM2}:8080")]);
 
     // (b): eBPF capture, the daemon in the cgroup as in production. Logs at warn: the bench
     // measures the data path, not the access log.

@@ -112,7 +112,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     echo.wait_for_output("listening", 10.0);
     let http_addrs: Vec<String> = HTTP.iter().map(|p| format!("10.77.0.2:{p}")).collect();
     let http_refs: Vec<&str> = http_addrs.iter().map(String::as_str).collect();
-    let _http = t.pod_http("http", &http_refs);
+    let _http = t.bench_http_in(&t.pod, &http_refs);
 
     // (b) the interceptor pair; logs at warn so the access log is not what we measure.
     let inbound = format!("{},{},{}", IPERF[0], ECHO[0], HTTP[0]);
