@@ -278,6 +278,9 @@ pub struct GatewayArgs {
     /// Cluster DNS domain
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// Admin endpoint: /healthz/ready, /stats/prometheus, /config_dump, /status
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+    pub admin_addr: SocketAddr,
 }
 
 #[cfg(test)]

@@ -281,16 +281,36 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         tracing::warn!(network = %args.network, "network not in meshNetworks: only endpoints that name it are served");
     }
     drop(table);
+    let metrics = Arc::new(Metrics::default());
+    let state = admin::State::new(
+        store.clone(),
+        identity::Store::new(None),
+        metrics.clone(),
+        args.network.clone(),
+        vec![],
+    );
+    let _ = state.capture.set(admin::CaptureInfo {
+        cgroup: None,
+        programs: vec![],
+        inbound_ports: vec![],
+        inbound_all: false,
+    });
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("admin endpoint {}", args.admin_addr))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(admin::Server::new(state.clone()).serve(admin_listener));
     let listeners = proxy::bind_all(&args.listen, "gateway")
         .await
         .context("gateway listener")?;
     let _watch = source.watch(store.clone()).context("watching mesh files")?;
-    let gateway = Gateway::new(store, args.network.clone(), Arc::new(Metrics::default()));
-    let mut tasks = tokio::task::JoinSet::new();
+    let gateway = Gateway::new(store, args.network.clone(), metrics);
     for l in listeners {
         tasks.spawn(gateway.clone().serve(l));
     }
-    tracing::info!(network = %args.network, listen = ?args.listen, endpoints = local, "gateway ready");
+    tracing::info!(network = %args.network, listen = ?args.listen, admin = %args.admin_addr, endpoints = local, "gateway ready");
+    state.ready.store(true, Ordering::Release);
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
     stop_signal().await?;
     tasks.abort_all();
     Ok(())

@@ -218,6 +218,14 @@ fn a_service_only_in_network_b_is_reached_through_the_gateway_with_tls_only_on_i
         "{}",
         m._pods[1].log()
     );
+    // Its own admin endpoint counts the relayed connection.
+    let metrics = interceptor_tests::sh(m.t.gw.cmd("curl").args([
+        "-sS",
+        "-m",
+        "5",
+        "http://127.0.0.1:15020/stats/prometheus",
+    ]));
+    assert!(metrics.contains(&format!("istio_tcp_connections_closed_total{{reporter=\"gateway\",destination_service=\"{ONLY_B}\",connection_security_policy=\"mutual_tls\"}} 1")), "{metrics}");
     // The gateway held no capability at all.
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).expect("gateway status");
