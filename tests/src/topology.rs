@@ -3,6 +3,22 @@ use std::process::Command;
 
 use crate::{interceptor_bin, unique_id, Interceptor, Netns, Proc, TestCgroup, Veth};
 
+/// `interceptor run` in `ns`, inside and capturing `cgroup` (so a test also proves the daemon
+/// never captures itself), logging at info.
+fn run_cmd(ns: &Netns, cgroup: &TestCgroup, mesh: &Path, resolv: &Path, extra: &[&str]) -> Command {
+    let mut c = ns.cmd(interceptor_bin().to_str().expect("utf-8 path"));
+    c.arg("run")
+        .arg("--mesh")
+        .arg(mesh)
+        .arg("--cgroup")
+        .arg(cgroup.path())
+        .arg("--resolv-conf")
+        .arg(resolv);
+    c.args(extra);
+    c.env("RUST_LOG", "info");
+    cgroup.wrap(&c)
+}
+
 /// Addresses of the vm <-> pod link. Namespaces are isolated, so every test can use the same
 /// subnet.
 pub struct Subnet;
@@ -111,17 +127,7 @@ impl VmPod {
     }
 
     pub fn interceptor_cmd(&self, mesh: &Path, resolv: &Path, extra: &[&str]) -> Command {
-        let mut c = self.vm.cmd(interceptor_bin().to_str().expect("utf-8 path"));
-        c.arg("run")
-            .arg("--mesh")
-            .arg(mesh)
-            .arg("--cgroup")
-            .arg(self.cgroup.path())
-            .arg("--resolv-conf")
-            .arg(resolv);
-        c.args(extra);
-        c.env("RUST_LOG", "info");
-        self.cgroup.wrap(&c)
+        run_cmd(&self.vm, &self.cgroup, mesh, resolv, extra)
     }
 
     /// `interceptor run` on the pod side: its own cgroup, inbound capture in the pod namespace.
@@ -132,17 +138,7 @@ impl VmPod {
         resolv: &Path,
         extra: &[&str],
     ) -> Command {
-        let mut c = ns.cmd(interceptor_bin().to_str().expect("utf-8 path"));
-        c.arg("run")
-            .arg("--mesh")
-            .arg(mesh)
-            .arg("--cgroup")
-            .arg(self.pod_cgroup.path())
-            .arg("--resolv-conf")
-            .arg(resolv);
-        c.args(extra);
-        c.env("RUST_LOG", "info");
-        self.pod_cgroup.wrap(&c)
+        run_cmd(ns, &self.pod_cgroup, mesh, resolv, extra)
     }
 
     /// An http-echo test server in namespace `ns`.
@@ -169,13 +165,7 @@ impl VmPod {
 
     /// The http-echo test server in the pod namespace.
     pub fn pod_http(&self, name: &str, addrs: &[&str]) -> Proc {
-        let mut c = self
-            .pod
-            .cmd(crate::helper_bin("http-echo").to_str().expect("utf-8 path"));
-        c.arg(name).args(addrs);
-        let mut p = Proc::spawn(name, c, self.path(&format!("{name}.log")));
-        p.wait_for_output("listening", 10.0);
-        p
+        self.http_in(&self.pod, name, addrs)
     }
 
     /// dnsmasq in the pod namespace on `addr`:53 with the given `host-record`s.
@@ -271,19 +261,7 @@ impl MultiNet {
 
     /// `interceptor run` on pod_b: inbound capture in its namespace, its own cgroup.
     pub fn pod_b_interceptor_cmd(&self, mesh: &Path, resolv: &Path, extra: &[&str]) -> Command {
-        let mut c = self
-            .pod_b
-            .cmd(interceptor_bin().to_str().expect("utf-8 path"));
-        c.arg("run")
-            .arg("--mesh")
-            .arg(mesh)
-            .arg("--cgroup")
-            .arg(self.pod_b_cgroup.path())
-            .arg("--resolv-conf")
-            .arg(resolv);
-        c.args(extra);
-        c.env("RUST_LOG", "info");
-        self.pod_b_cgroup.wrap(&c)
+        run_cmd(&self.pod_b, &self.pod_b_cgroup, mesh, resolv, extra)
     }
 
     /// `interceptor gateway` in `gw`, with every capability dropped: it must need none.
