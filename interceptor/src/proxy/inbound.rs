@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::relay::relay;
+use super::relay::{buffered, relay};
 use crate::config::MtlsMode;
 use crate::identity::{self, uri_sans, SpiffeId};
 use crate::metrics::{self, Metrics, TcpLabels};
@@ -188,7 +188,7 @@ impl Inbound {
                 "rejected: mTLS needs a certificate (--certs)",
             );
         };
-        let accept = TlsAcceptor::from(id.server.clone()).accept(stream);
+        let accept = TlsAcceptor::from(id.server.clone()).accept(buffered(stream));
         let mut tls = match tokio::time::timeout(HANDSHAKE, accept).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {

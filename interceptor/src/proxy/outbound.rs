@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use super::pick::{self, Outliers, Scope, Target};
-use super::relay::relay;
+use super::relay::{buffered, relay, Buffered};
 use crate::capture::OriginalDst;
 use crate::identity::{self, SpiffeId};
 use crate::mesh::{Address, Health, Resolution, Service, ServicePort, Store, Workload};
@@ -27,7 +27,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The connection towards an endpoint.
 enum Upstream {
     Plain(TcpStream),
-    Mtls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Mtls(Box<tokio_rustls::client::TlsStream<Buffered>>),
 }
 
 pub struct Outbound {
@@ -150,7 +150,7 @@ impl Outbound {
             .get(&id.client, &id.roots, target.label(), expected);
         let name = ServerName::try_from(tls::sni(port.number, "", svc.host.as_str()))
             .map_err(std::io::Error::other)?;
-        let handshake = TlsConnector::from(config).connect(name, tcp);
+        let handshake = TlsConnector::from(config).connect(name, buffered(tcp));
         let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| {
