@@ -7,11 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::pick::{self, Outliers, Scope};
-use super::relay::relay;
+use super::splice::splice_relay;
 use crate::mesh::Store;
 use crate::metrics::{self, Metrics, TcpLabels};
 use crate::tls::{self, ClientHello, Peeked};
@@ -87,7 +86,7 @@ impl Gateway {
         .await
     }
 
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
         let _ = client.set_nodelay(true);
         let hello = match tls::peek_client_hello(&client, FIRST_BYTES, HELLO).await {
@@ -122,15 +121,14 @@ impl Gateway {
         }
         for target in targets.iter().take(MAX_ATTEMPTS) {
             match target.connect(CONNECT_TIMEOUT).await {
-                Ok(mut upstream) => {
+                Ok(upstream) => {
                     self.outliers.succeeded(target);
                     tracing::info!(%peer, sni = sni.as_deref().unwrap_or("-"), endpoint = %target.label(), "gateway connection");
                     // The peeked ClientHello is still in the socket: the endpoint gets the
-                    // client's bytes from the first one on.
+                    // client's bytes from the first one on, spliced, never copied through us.
                     let labels = TcpLabels::new(metrics::GATEWAY, svc.host.to_string(), true);
                     self.metrics.opened(&labels);
-                    let result = relay(&mut client, &mut upstream).await;
-                    let _ = client.shutdown().await;
+                    let result = splice_relay(&client, &upstream).await;
                     let (from_client, to_client) = result.as_ref().copied().unwrap_or((0, 0));
                     self.metrics.closed(&labels, from_client, to_client);
                     let duration_ms = started.elapsed().as_millis() as u64;

@@ -6,11 +6,13 @@ mod inbound;
 mod outbound;
 pub mod pick;
 mod relay;
+mod splice;
 
 pub use gateway::{route as gateway_route, Gateway, Refusal};
 pub use inbound::{AllowList, Inbound};
 pub use outbound::{expected_identities, Outbound};
 pub use relay::relay;
+pub use splice::splice_relay;
 
 use std::future::Future;
 use std::net::SocketAddr;
