@@ -56,7 +56,7 @@ fn sample(text: &str, line_prefix: &str) -> Option<f64> {
 #[test]
 fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
     let t = VmPod::new();
-    let mesh = t.write("mesh.yaml", &(PRODUCT.to_string() + &many_services(6000)));
+    let mesh = t.write("mesh.yaml", &(PRODUCT.to_string() + &many_services(10_000)));
     let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::FAKE_NS));
     let _server = t.pod_http("server", &["10.77.0.2:8080"]);
     // Poll readiness from before the daemon starts until it is ready.
@@ -88,6 +88,8 @@ fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
         codes[first_up], "503",
         "ready before attach and sync: {codes:?}"
     );
+    let not_ready = codes.iter().filter(|c| *c == "503").count();
+    eprintln!("readiness probe: {not_ready} x 503 before 200");
     assert_eq!(admin(&t, "/healthz/ready").trim(), "ready");
 
     // Known traffic: 5 connections to the service VIP, 3 DNS queries answered from the table,
@@ -161,11 +163,11 @@ fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
         Some(1.0),
         "{text}"
     );
-    assert_eq!(sample(&text, "interceptor_mesh_services"), Some(6001.0));
+    assert_eq!(sample(&text, "interceptor_mesh_services"), Some(10_001.0));
     // One VIP for product (port 8080); two auto VIPs (v4, v6) x two ports for every other service.
     assert_eq!(
         sample(&text, "interceptor_capture_vips"),
-        Some(1.0 + 6000.0 * 4.0)
+        Some(1.0 + 10_000.0 * 4.0)
     );
     assert_eq!(sample(&text, "interceptor_capture_programs"), Some(9.0));
     assert_eq!(sample(&text, "interceptor_ready"), Some(1.0));
