@@ -52,7 +52,7 @@ struct Mesh {
     networks: PathBuf,
     /// http-echo "pod-a" and "pod-b", each behind its own interceptor (inbound mTLS).
     _apps: Vec<Proc>,
-    _pods: Vec<Interceptor>,
+    sidecars: Vec<Interceptor>,
 }
 
 impl Mesh {
@@ -113,7 +113,7 @@ impl Mesh {
             vm_mesh,
             networks,
             _apps: apps,
-            _pods: pods,
+            sidecars: pods,
         }
     }
 
@@ -214,9 +214,9 @@ fn a_service_only_in_network_b_is_reached_through_the_gateway_with_tls_only_on_i
     );
     // pod-b's sidecar terminated the VM's mTLS: the identity crossed the gateway intact.
     assert!(
-        m._pods[1].wait_log_count(&format!("identity=\"{TD}/vm\""), 1, 5.0),
+        m.sidecars[1].wait_log_count(&format!("identity=\"{TD}/vm\""), 1, 5.0),
         "{}",
-        m._pods[1].log()
+        m.sidecars[1].log()
     );
     // Its own admin endpoint counts the relayed connection.
     let metrics = interceptor_tests::sh(m.t.gw.cmd("curl").args([

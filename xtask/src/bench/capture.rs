@@ -43,10 +43,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         &format!("ic{:x}q", t.id),
         &[&format!("{POD_FROM_VM2}/24")],
     );
-    for ns in [&t.vm, &t.pod, &vm2] {
-        // TIME_WAIT reuse inside the test namespaces only (a per-netns sysctl).
-        sh(ns.cmd("sysctl").args(["-qw", "net.ipv4.tcp_tw_reuse=1"]));
-    }
+    super::reuse_time_wait(&[&t.vm, &t.pod, &vm2]);
     let mesh = t.write("mesh.yaml", MESH);
     let resolv = t.write("resolv.conf", "nameserver 10.77.0.53\n");
     let mesh_c = t.write("mesh-c.yaml", &MESH.replace(Subnet::POD4, POD_FROM_VM2));

@@ -6,10 +6,9 @@
 use std::path::Path;
 
 use anyhow::Context;
-use interceptor_tests::certs::{Ca, Key};
-use interceptor_tests::{sh, Interceptor, MultiNet, Proc};
+use interceptor_tests::{Interceptor, MultiNet, Proc};
 
-use super::{helper, iperf, median, rr};
+use super::{helper, iperf, median, mesh_certs, reuse_time_wait, rr};
 
 const ROUNDS: usize = 3;
 const IPERF_SECS: &str = "4";
@@ -41,20 +40,8 @@ fn mesh() -> String {
 pub fn run(out: &Path) -> anyhow::Result<()> {
     let t = MultiNet::new();
     let b = &t.base;
-    for ns in [&b.vm, &b.pod, &t.pod_b, &t.gw] {
-        sh(ns.cmd("sysctl").args(["-qw", "net.ipv4.tcp_tw_reuse=1"]));
-    }
-    let ca = Ca::new("bench root");
-    let vm_certs = ca.issue(
-        &b.path("vm-certs"),
-        "spiffe://cluster.local/ns/default/sa/vm",
-        Key::Ecdsa,
-    );
-    let pod_certs = ca.issue(
-        &b.path("pod-certs"),
-        "spiffe://cluster.local/ns/default/sa/bench",
-        Key::Ecdsa,
-    );
+    reuse_time_wait(&[&b.vm, &b.pod, &t.pod_b, &t.gw]);
+    let (vm_certs, pod_certs) = mesh_certs(b.dir.path());
     let mesh = b.write("mesh.yaml", &mesh());
     let networks = b.write(
         "networks.yaml",

@@ -76,6 +76,25 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// TIME_WAIT reuse inside the bench's own namespaces (a per-netns sysctl): connection-rate runs
+/// would otherwise run out of ports.
+pub fn reuse_time_wait(namespaces: &[&interceptor_tests::Netns]) {
+    for ns in namespaces {
+        interceptor_tests::sh(ns.cmd("sysctl").args(["-qw", "net.ipv4.tcp_tw_reuse=1"]));
+    }
+}
+
+/// A bench CA and the VM's and the pod's certificates (Istio VM layout), under `dir`.
+pub fn mesh_certs(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    use interceptor_tests::certs::{Ca, Key};
+    let ca = Ca::new("bench root");
+    let td = "spiffe://cluster.local/ns/default/sa";
+    (
+        ca.issue(&dir.join("vm-certs"), &format!("{td}/vm"), Key::Ecdsa),
+        ca.issue(&dir.join("pod-certs"), &format!("{td}/bench"), Key::Ecdsa),
+    )
+}
+
 pub fn helper(name: &str) -> PathBuf {
     interceptor_tests::helper_bin(name)
 }

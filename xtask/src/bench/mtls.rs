@@ -7,10 +7,9 @@
 use std::path::Path;
 
 use anyhow::Context;
-use interceptor_tests::certs::{Ca, Key};
-use interceptor_tests::{sh, Interceptor, Proc, VmPod};
+use interceptor_tests::{Interceptor, Proc, VmPod};
 
-use super::{helper, iperf, loadgen, median, rr};
+use super::{helper, iperf, loadgen, median, mesh_certs, reuse_time_wait, rr};
 
 const ROUNDS: usize = 2;
 const IPERF_SECS: &str = "4";
@@ -71,20 +70,8 @@ struct Figures {
 
 pub fn run(out: &Path) -> anyhow::Result<()> {
     let t = VmPod::new();
-    for ns in [&t.vm, &t.pod] {
-        sh(ns.cmd("sysctl").args(["-qw", "net.ipv4.tcp_tw_reuse=1"]));
-    }
-    let ca = Ca::new("bench root");
-    let vm_certs = ca.issue(
-        &t.path("vm-certs"),
-        "spiffe://cluster.local/ns/default/sa/vm",
-        Key::Ecdsa,
-    );
-    let pod_certs = ca.issue(
-        &t.path("pod-certs"),
-        "spiffe://cluster.local/ns/default/sa/bench",
-        Key::Ecdsa,
-    );
+    reuse_time_wait(&[&t.vm, &t.pod]);
+    let (vm_certs, pod_certs) = mesh_certs(t.dir.path());
     let mesh = t.write("mesh.yaml", MESH);
     let empty = t.write("empty.yaml", "# inbound only\n");
     let resolv = t.write("resolv.conf", "nameserver 10.77.0.53\n");
