@@ -69,10 +69,14 @@ pub struct InboundPort {
 // SAFETY: a single u32.
 unsafe impl aya::Pod for InboundPort {}
 
+/// `enum inbound_action`.
 pub const INBOUND_CAPTURE: u32 = 1;
 pub const INBOUND_EXCLUDE: u32 = 2;
 
-/// IPv4 source proxy::Inbound uses towards the local app; sk_lookup skips it (no re-capture).
+/// `enum abi_constant`: SSH, never captured inbound (sk_lookup skips it whatever the map says).
+pub const SSH_PORT: u16 = 22;
+/// `enum abi_constant`: the IPv4 source proxy::Inbound uses towards the local app; sk_lookup
+/// skips it (no re-capture).
 pub const INBOUND_SOURCE4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 #[cfg(test)]

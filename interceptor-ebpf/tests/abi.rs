@@ -4,7 +4,9 @@
 use std::mem::{offset_of, size_of};
 
 use btf_rs::{Btf, Type};
-use interceptor_ebpf::abi::{InboundPort, IpPort};
+use interceptor_ebpf::abi::{
+    InboundPort, IpPort, INBOUND_CAPTURE, INBOUND_EXCLUDE, INBOUND_SOURCE4, SSH_PORT,
+};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 fn btf() -> Btf {
@@ -56,6 +58,41 @@ fn inbound_port_matches_c() {
     assert_eq!(
         members,
         vec![("action".to_string(), offset_of!(InboundPort, action))]
+    );
+}
+
+/// The enumerators of a C enum, by name.
+fn c_enum(btf: &Btf, name: &str) -> Vec<(String, u32)> {
+    let types = btf.resolve_types_by_name(name).expect("enum in BTF");
+    let e = types
+        .iter()
+        .find_map(|t| match t {
+            Type::Enum(e) => Some(e.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{name} is not an enum in BTF"));
+    e.members
+        .iter()
+        .map(|m| (btf.resolve_name(m).expect("enumerator name"), m.val()))
+        .collect()
+}
+
+#[test]
+fn constants_match_c() {
+    let btf = btf();
+    assert_eq!(
+        c_enum(&btf, "inbound_action"),
+        vec![
+            ("INBOUND_CAPTURE".to_string(), INBOUND_CAPTURE),
+            ("INBOUND_EXCLUDE".to_string(), INBOUND_EXCLUDE),
+        ]
+    );
+    assert_eq!(
+        c_enum(&btf, "abi_constant"),
+        vec![
+            ("SSH_PORT".to_string(), u32::from(SSH_PORT)),
+            ("INBOUND_SOURCE4".to_string(), u32::from(INBOUND_SOURCE4)),
+        ]
     );
 }
 

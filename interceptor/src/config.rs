@@ -1,17 +1,33 @@
 //! Settings of `interceptor run`: flags, the same keys in a YAML file (`--config`), defaults.
-//! One struct serves clap and serde so the two can never disagree on a name.
+//! One struct serves clap and serde so the two can never disagree on a name; `resolve` turns it
+//! into typed settings, one section per part of the daemon.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum MtlsMode {
-    #[default]
-    Permissive,
-    Strict,
+use crate::mesh::{DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE};
+pub use crate::route::MtlsMode;
+use crate::route::{AllowList, AllowListError, InboundPolicy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {path}: {message}")]
+    Invalid {
+        file: PathBuf,
+        path: String,
+        message: String,
+    },
+    #[error("{what}: {value:?} is not a port")]
+    Port { what: &'static str, value: String },
+    #[error("--inbound-allow: {0}")]
+    Allow(#[from] AllowListError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
@@ -92,36 +108,78 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 }
 
+/// Ports of the daemon's own listeners (Istio's by default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ports {
+    /// proxy::Outbound on loopback: where capture sends mesh connections.
+    pub outbound: u16,
+    /// proxy::Inbound: where sk_lookup steers connections to this VM's services.
+    pub inbound: u16,
+    /// dns::Server on loopback, UDP and TCP.
+    pub dns: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            outbound: 15001,
+            inbound: 15006,
+            dns: 15053,
+        }
+    }
+}
+
+/// Where the mesh files are.
+#[derive(Clone, Debug)]
+pub struct MeshFiles {
+    pub paths: Vec<PathBuf>,
+    /// Named on the command line or in the config (a missing default directory is fine).
+    pub explicit: bool,
+    pub networks: Option<PathBuf>,
+}
+
+/// Which of this VM's ports are captured inbound.
+#[derive(Clone, Debug, Default)]
+pub struct InboundPorts {
+    /// Ports captured; ignored when `all`.
+    pub ports: Vec<u16>,
+    pub all: bool,
+    /// Never captured, whatever `ports` says (SSH, the admin ports and our listeners included).
+    pub exclude: Vec<u16>,
+}
+
+impl InboundPorts {
+    pub fn enabled(&self) -> bool {
+        self.all || !self.ports.is_empty()
+    }
+}
+
 /// Settings with every default applied.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub mesh: Vec<PathBuf>,
-    pub mesh_explicit: bool,
-    pub mesh_networks: Option<PathBuf>,
+    pub mesh: MeshFiles,
+    /// Name variants and the namespace of documents that name none.
+    pub options: crate::mesh::Options,
+    /// This VM's network ("" = single network).
     pub network: String,
-    pub namespace: String,
-    pub cluster_domain: String,
     pub certs: Option<PathBuf>,
-    pub cgroup: Option<PathBuf>,
-    pub inbound_ports: Vec<u16>,
-    pub inbound_all: bool,
-    pub exclude_inbound_ports: Vec<u16>,
-    pub inbound_allow: Vec<String>,
-    pub mtls_mode: MtlsMode,
-    pub outbound_port: u16,
-    pub inbound_port: u16,
-    pub dns_port: u16,
+    /// None: attach nothing (`--capture none`).
+    pub cgroup: Option<Option<PathBuf>>,
+    pub ports: Ports,
+    pub inbound: InboundPorts,
+    pub policy: InboundPolicy,
     pub resolv_conf: PathBuf,
-    pub capture: CaptureMode,
     pub admin_addr: SocketAddr,
 }
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
 pub const DEFAULT_MESH_DIR: &str = "/etc/interceptor/mesh";
-/// Never captured inbound, whatever the configuration says: SSH and the admin ports.
-pub const ALWAYS_EXCLUDED_INBOUND: [u16; 3] = [22, 15020, 15021];
+/// Never captured inbound, whatever the configuration says: SSH (the kernel program skips it
+/// too) and Istio's admin ports.
+pub const ALWAYS_EXCLUDED_INBOUND: [u16; 3] = [interceptor_ebpf::abi::SSH_PORT, 15020, 15021];
+const DEFAULT_EXCLUDED_INBOUND: &str = "22,15020,15021";
 
-fn ports(list: &str, what: &str) -> anyhow::Result<Vec<u16>> {
+fn ports(list: &str, what: &'static str) -> Result<Vec<u16>, Error> {
     list.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -129,9 +187,25 @@ fn ports(list: &str, what: &str) -> anyhow::Result<Vec<u16>> {
             s.parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| anyhow::anyhow!("{what}: {s:?} is not a port"))
+                .ok_or_else(|| Error::Port {
+                    what,
+                    value: s.to_string(),
+                })
         })
         .collect()
+}
+
+fn read_file(path: &Path) -> Result<RunArgs, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    let de = serde_yaml_ng::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| Error::Invalid {
+        file: path.to_path_buf(),
+        path: e.path().to_string(),
+        message: e.inner().to_string(),
+    })
 }
 
 impl RunArgs {
@@ -167,22 +241,17 @@ impl RunArgs {
         }
     }
 
-    pub fn resolve(self) -> anyhow::Result<Settings> {
+    pub fn resolve(self) -> Result<Settings, Error> {
         let args = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                let de = serde_yaml_ng::Deserializer::from_str(&text);
-                let file: RunArgs = serde_path_to_error::deserialize(de).map_err(|e| {
-                    anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner())
-                })?;
+                let file = read_file(path)?;
                 self.merge(file)
             }
             None => self,
         };
         let inbound = args.inbound_ports.unwrap_or_default();
-        let inbound_all = inbound.trim() == "*";
-        let inbound_ports = if inbound_all {
+        let all = inbound.trim() == "*";
+        let inbound_ports = if all {
             vec![]
         } else {
             ports(&inbound, "--inbound-ports")?
@@ -190,71 +259,67 @@ impl RunArgs {
         let exclude = ports(
             args.exclude_inbound_ports
                 .as_deref()
-                .unwrap_or("22,15020,15021"),
+                .unwrap_or(DEFAULT_EXCLUDED_INBOUND),
             "--exclude-inbound-ports",
         )?;
-        let mesh_explicit = !args.mesh.is_empty();
+        let defaults = Ports::default();
+        let ports = Ports {
+            outbound: args.outbound_port.unwrap_or(defaults.outbound),
+            inbound: args.inbound_port.unwrap_or(defaults.inbound),
+            dns: args.dns_port.unwrap_or(defaults.dns),
+        };
+        let admin_addr = args
+            .admin_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15020)));
+        let explicit = !args.mesh.is_empty();
         Ok(Settings {
-            mesh: if mesh_explicit {
-                args.mesh
-            } else {
-                vec![DEFAULT_MESH_DIR.into()]
+            mesh: MeshFiles {
+                paths: if explicit {
+                    args.mesh
+                } else {
+                    vec![DEFAULT_MESH_DIR.into()]
+                },
+                explicit,
+                networks: args.mesh_networks,
             },
-            mesh_explicit,
-            mesh_networks: args.mesh_networks,
+            options: crate::mesh::Options {
+                namespace: args.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+                cluster_domain: args
+                    .cluster_domain
+                    .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.into()),
+            },
             network: args.network.unwrap_or_default(),
-            namespace: args.namespace.unwrap_or_else(|| "default".into()),
-            cluster_domain: args
-                .cluster_domain
-                .unwrap_or_else(|| "cluster.local".into()),
             certs: args.certs,
-            cgroup: args.cgroup,
-            inbound_ports,
-            inbound_all,
-            exclude_inbound_ports: exclude,
-            inbound_allow: args.inbound_allow,
-            mtls_mode: args.mtls_mode.unwrap_or_default(),
-            outbound_port: args.outbound_port.unwrap_or(15001),
-            inbound_port: args.inbound_port.unwrap_or(15006),
-            dns_port: args.dns_port.unwrap_or(15053),
+            cgroup: match args.capture.unwrap_or_default() {
+                CaptureMode::Ebpf => Some(args.cgroup),
+                CaptureMode::None => None,
+            },
+            inbound: InboundPorts {
+                ports: inbound_ports,
+                all,
+                exclude: excluded(exclude, ports, admin_addr),
+            },
+            policy: InboundPolicy {
+                mode: args.mtls_mode.unwrap_or_default(),
+                allow: AllowList::parse(&args.inbound_allow)?,
+            },
+            ports,
             resolv_conf: args
                 .resolv_conf
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
-            capture: args.capture.unwrap_or_default(),
-            admin_addr: args
-                .admin_addr
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15020))),
+            admin_addr,
         })
     }
 }
 
-impl Settings {
-    pub fn inbound_enabled(&self) -> bool {
-        self.inbound_all || !self.inbound_ports.is_empty()
-    }
-
-    /// Every port sk_lookup must leave alone: the configured exclusions, SSH, the admin ports and
-    /// our own listeners.
-    pub fn inbound_excluded(&self) -> Vec<u16> {
-        let mut v = self.exclude_inbound_ports.clone();
-        v.extend(ALWAYS_EXCLUDED_INBOUND);
-        v.extend([
-            self.outbound_port,
-            self.inbound_port,
-            self.dns_port,
-            self.admin_addr.port(),
-        ]);
-        v.sort_unstable();
-        v.dedup();
-        v
-    }
-
-    pub fn loopback(port: u16) -> [SocketAddr; 2] {
-        [
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
-        ]
-    }
+/// Every port sk_lookup must leave alone: the configured exclusions, SSH, the admin ports and
+/// our own listeners.
+fn excluded(mut list: Vec<u16>, ports: Ports, admin: SocketAddr) -> Vec<u16> {
+    list.extend(ALWAYS_EXCLUDED_INBOUND);
+    list.extend([ports.outbound, ports.inbound, ports.dns, admin.port()]);
+    list.sort_unstable();
+    list.dedup();
+    list
 }
 
 /// Settings of `interceptor gateway`: the east-west gateway of one network.
@@ -273,10 +338,10 @@ pub struct GatewayArgs {
     #[arg(long, num_args = 1.., value_name = "ADDR", default_value = "0.0.0.0:15443")]
     pub listen: Vec<SocketAddr>,
     /// Namespace for documents that name none
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
     /// Cluster DNS domain
-    #[arg(long, default_value = "cluster.local")]
+    #[arg(long, default_value = DEFAULT_CLUSTER_DOMAIN)]
     pub cluster_domain: String,
     /// Admin endpoint: /healthz/ready, /stats/prometheus, /config_dump, /status
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
@@ -304,10 +369,18 @@ mod tests {
         .resolve()
         .unwrap();
         assert_eq!(
-            (s.namespace.as_str(), s.dns_port, s.inbound_ports.clone()),
+            (
+                s.options.namespace.as_str(),
+                s.ports.dns,
+                s.inbound.ports.clone()
+            ),
             ("prod", 1053, vec![8080, 9090])
         );
-        assert_eq!(s.exclude_inbound_ports, vec![22, 15020, 15021]);
+        // The defaults, SSH, the admin port and our own listeners.
+        assert_eq!(
+            s.inbound.exclude,
+            vec![22, 1053, 15001, 15006, 15020, 15021]
+        );
         std::fs::write(&f, "namespce: prod\n").unwrap();
         let e = RunArgs {
             config: Some(f),

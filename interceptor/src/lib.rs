@@ -1,16 +1,25 @@
 //! interceptor: an eBPF transparent interceptor that joins Linux VMs to an Istio mesh.
 //!
-//! Modules, one concern each: `capture` (kernel programs), `mesh` (the model and its sources),
-//! `dns` (dns::Server), `proxy` (proxy::Outbound, Inbound, Gateway), `identity`, `metrics`,
-//! `admin` (readiness, metrics, config dump, explain), `run` (wiring them into the daemon).
+//! One module per concern. Sources (`mesh`) write the mesh model, data paths (`proxy`, `dns`)
+//! read it; identity providers (`identity`) write the identity, `tls` turns it into configs the
+//! data paths read. `route` is the routing policy (pure functions `explain` calls too),
+//! `transport` dials a route's target, `net` moves bytes, `capture` holds the kernel programs,
+//! `admin` serves readiness, metrics and explain, `daemon` owns the parts.
 
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod daemon;
 pub mod dns;
+mod fault;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod net;
 pub mod proxy;
-pub mod run;
+pub mod readiness;
+pub mod route;
+pub mod spiffe;
 pub mod tls;
+pub mod transport;
+pub mod watch;

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use interceptor::config::{GatewayArgs, RunArgs};
-use interceptor::mesh::{self, FileSource};
+use interceptor::mesh::{self, FileSource, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE};
 
 #[derive(Parser)]
 #[command(
@@ -68,10 +68,10 @@ struct CheckArgs {
     #[arg(long, value_name = "FILE")]
     mesh_networks: Option<PathBuf>,
     /// This VM's namespace
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = DEFAULT_NAMESPACE)]
     namespace: String,
     /// Cluster DNS domain
-    #[arg(long, default_value = "cluster.local")]
+    #[arg(long, default_value = DEFAULT_CLUSTER_DOMAIN)]
     cluster_domain: String,
     /// Print the table as JSON
     #[arg(long)]
@@ -93,12 +93,12 @@ fn init_logs(format: LogFormat) {
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
-    let opts = mesh::Options {
+    let source = FileSource::new(args.mesh, args.mesh_networks, args.namespace.clone());
+    let options = mesh::Options {
         namespace: args.namespace,
         cluster_domain: args.cluster_domain,
     };
-    let source = FileSource::new(args.mesh, args.mesh_networks, opts);
-    let table = interceptor::run::first_table(&source)?;
+    let table = interceptor::daemon::check_table(&source, options)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&table)?);
         return Ok(());
@@ -174,11 +174,11 @@ fn main() -> ExitCode {
     init_logs(cli.log_format);
     let result = match cli.command {
         Command::Check(args) => check(args),
-        Command::Run(args) => args.resolve().and_then(|s| {
+        Command::Run(args) => args.resolve().map_err(anyhow::Error::from).and_then(|s| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(interceptor::run::run(s))
+                .block_on(interceptor::daemon::run(s))
         }),
         Command::Explain(args) => ask(&args.admin, |admin| async move {
             let path = format!("/explain?target={}", encode_query(&args.target));
@@ -205,7 +205,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(interceptor::run::gateway(args))),
+            .and_then(|rt| rt.block_on(interceptor::daemon::gateway(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

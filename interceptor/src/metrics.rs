@@ -1,6 +1,7 @@
 //! Connection counters the TCP data paths bump; the admin endpoint exposes them with whatever it
 //! reads at scrape time. Istio's standard TCP metric names and labels (I: istio.io docs,
-//! "Istio Standard Metrics"), so existing dashboards and alerts apply to VMs too.
+//! "Istio Standard Metrics"), so existing dashboards and alerts apply to VMs too. Every typed
+//! "no" of a data path (a dial that failed, a connection refused) is counted by its reason.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,10 +13,16 @@ pub const SOURCE: &str = "source";
 pub const DESTINATION: &str = "destination";
 /// Not an Istio reporter: the east-west gateway, which sees neither end's identity.
 pub const GATEWAY: &str = "gateway";
+/// A principal nobody proved (plaintext, or the gateway's view).
+pub const UNKNOWN: &str = "unknown";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,
+    /// The client's SPIFFE id as proved by its certificate (inbound), or ours (outbound).
+    pub source_principal: String,
+    /// The server's SPIFFE id as proved by its certificate (outbound), or ours (inbound).
+    pub destination_principal: String,
     /// The service host (outbound, gateway) or the local address:port served (inbound).
     pub destination_service: String,
     /// `mutual_tls` or `none`, as Istio labels it.
@@ -26,10 +33,24 @@ impl TcpLabels {
     pub fn new(reporter: &'static str, destination_service: String, mtls: bool) -> Self {
         Self {
             reporter,
+            source_principal: UNKNOWN.into(),
+            destination_principal: UNKNOWN.into(),
             destination_service,
             connection_security_policy: if mtls { "mutual_tls" } else { "none" },
         }
     }
+
+    pub fn principals(mut self, source: Option<&str>, destination: Option<&str>) -> Self {
+        self.source_principal = source.unwrap_or(UNKNOWN).to_string();
+        self.destination_principal = destination.unwrap_or(UNKNOWN).to_string();
+        self
+    }
+}
+
+/// A refusal or failure, by who saw it and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
 }
 
 #[derive(Default, Debug)]
@@ -40,6 +61,12 @@ pub struct Metrics {
     sent: Family<TcpLabels, Counter>,
     /// Bytes from the client (Istio: "received during request").
     received: Family<TcpLabels, Counter>,
+    /// Outbound and gateway: one endpoint attempt that failed.
+    dial_failures: Family<Reason, Counter>,
+    /// Inbound connections refused.
+    inbound_refused: Family<Reason, Counter>,
+    /// Gateway connections refused.
+    gateway_refused: Family<Reason, Counter>,
 }
 
 impl Metrics {
@@ -52,6 +79,18 @@ impl Metrics {
         self.closed.get_or_create(labels).inc();
         self.received.get_or_create(labels).inc_by(from_client);
         self.sent.get_or_create(labels).inc_by(to_client);
+    }
+
+    pub fn dial_failed(&self, reason: &'static str) {
+        self.dial_failures.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn inbound_refused(&self, reason: &'static str) {
+        self.inbound_refused.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn gateway_refused(&self, reason: &'static str) {
+        self.gateway_refused.get_or_create(&Reason { reason }).inc();
     }
 
     /// Adds the families to `registry` (they stay shared with the data paths).
@@ -76,6 +115,21 @@ impl Metrics {
             "Bytes received from the client during the connection",
             self.received.clone(),
         );
+        registry.register(
+            "interceptor_endpoint_failures",
+            "Endpoint attempts that failed (another endpoint is tried), by reason",
+            self.dial_failures.clone(),
+        );
+        registry.register(
+            "interceptor_inbound_refused",
+            "Inbound connections refused, by reason",
+            self.inbound_refused.clone(),
+        );
+        registry.register(
+            "interceptor_gateway_refused",
+            "Gateway connections refused, by reason",
+            self.gateway_refused.clone(),
+        );
     }
 }
 
@@ -86,15 +140,31 @@ mod tests {
     #[test]
     fn istio_names_and_labels_in_the_exposition() {
         let m = Metrics::default();
-        let l = TcpLabels::new(SOURCE, "product.default.svc.cluster.local".into(), true);
+        let l = TcpLabels::new(SOURCE, "product.default.svc.cluster.local".into(), true)
+            .principals(Some("spiffe://td/ns/a/sa/vm"), None);
         m.opened(&l);
         m.closed(&l, 10, 20);
+        m.inbound_refused("plaintext_strict");
         let mut reg = Registry::default();
         m.register(&mut reg);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
-        assert!(text.contains("istio_tcp_connections_opened_total{reporter=\"source\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"mutual_tls\"} 1"), "{text}");
-        assert!(text.contains("istio_tcp_received_bytes_total{reporter=\"source\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"mutual_tls\"} 10"), "{text}");
-        assert!(text.contains("istio_tcp_sent_bytes_total{reporter=\"source\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"mutual_tls\"} 20"), "{text}");
+        let labels = "reporter=\"source\",source_principal=\"spiffe://td/ns/a/sa/vm\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"mutual_tls\"";
+        assert!(
+            text.contains(&format!("istio_tcp_connections_opened_total{{{labels}}} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("istio_tcp_received_bytes_total{{{labels}}} 10")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("istio_tcp_sent_bytes_total{{{labels}}} 20")),
+            "{text}"
+        );
+        assert!(
+            text.contains("interceptor_inbound_refused_total{reason=\"plaintext_strict\"} 1"),
+            "{text}"
+        );
     }
 }

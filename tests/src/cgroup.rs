@@ -35,19 +35,7 @@ impl TestCgroup {
 
     /// Wraps `cmd` so the program runs inside this cgroup: a shell moves itself in, then execs.
     pub fn wrap(&self, cmd: &Command) -> Command {
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(&self.path)
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        c
+        wrap_in(&self.path, cmd)
     }
 
     /// Number of BPF programs attached to this cgroup, per bpftool.
@@ -76,6 +64,23 @@ impl TestCgroup {
             .filter_map(|l| l.trim().parse().ok())
             .collect()
     }
+}
+
+/// `cmd` run inside the cgroup at `path`: a shell moves itself in, then execs.
+pub fn wrap_in(path: &Path, cmd: &Command) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+        .arg(path)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
 }
 
 impl Drop for TestCgroup {

@@ -4,15 +4,16 @@
 
 pub mod certs;
 mod cgroup;
+pub mod envoy;
 mod netns;
 mod process;
 mod topology;
 pub mod wire;
 
 pub use cgroup::{cgroup2_mount, TestCgroup};
-pub use netns::{Netns, Veth};
-pub use process::{settle, Interceptor, Proc};
-pub use topology::{MultiNet, Subnet, VmPod};
+pub use netns::{Netns, NetnsRef, Veth};
+pub use process::{Interceptor, Metrics, Proc};
+pub use topology::{Net, Node, Run, Subnet, Topology};
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,14 +1,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use crate::wait_for;
+use crate::{wait_for, NetnsRef};
 
 /// A process this test started, output to a file. Killed (by its pid) on drop.
 pub struct Proc {
-    child: Child,
+    pub(crate) child: Child,
     log: PathBuf,
-    name: String,
+    pub(crate) name: String,
 }
 
 impl Proc {
@@ -89,33 +88,153 @@ impl Drop for Proc {
     }
 }
 
-/// A running `interceptor run`.
+/// A running `interceptor run` or `interceptor gateway`, and its admin endpoint.
 pub struct Interceptor {
     pub proc: Proc,
+    ns: NetnsRef,
+    admin: String,
 }
 
 impl Interceptor {
-    /// Starts `cmd` (an `interceptor run ...` already wrapped into netns and cgroup) and waits
-    /// until it says it is ready.
-    pub fn start(cmd: Command, log: PathBuf) -> Self {
-        let mut proc = Proc::spawn("interceptor", cmd, log);
-        proc.wait_for_output("interceptor ready", 20.0);
-        Self { proc }
+    /// Starts `cmd` (already wrapped into netns and cgroup) and waits until its readiness
+    /// endpoint at `admin` (inside `ns`) answers 200; panics with the log if it exits first.
+    pub fn start(cmd: Command, log: PathBuf, ns: NetnsRef, admin: &str) -> Self {
+        let proc = Proc::spawn("interceptor", cmd, log);
+        let mut ic = Self {
+            proc,
+            ns,
+            admin: admin.to_string(),
+        };
+        ic.wait_ready(30.0);
+        ic
+    }
+
+    /// Waits for readiness 200; panics with the log when the process exits or time runs out.
+    pub fn wait_ready(&mut self, secs: f64) {
+        let ready = wait_for(secs, || {
+            if matches!(self.admin_get("/healthz/ready"), Some((200, _))) {
+                return Some(true);
+            }
+            match self.proc.child.try_wait() {
+                Ok(Some(_)) => Some(false),
+                _ => None,
+            }
+        });
+        if ready != Some(true) {
+            panic!(
+                "{} never became ready; output:\n{}",
+                self.proc.name,
+                self.proc.output()
+            );
+        }
     }
 
     pub fn log(&self) -> String {
         self.proc.output()
     }
 
-    /// Waits until the log shows `needle` at least `count` times.
-    pub fn wait_log_count(&self, needle: &str, count: usize, secs: f64) -> bool {
+    /// `GET path` from the admin endpoint: (status, body).
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        self.ns.http_get(&self.admin, path)
+    }
+
+    /// The readiness endpoint's status code (None: nothing listening).
+    pub fn readiness(&self) -> Option<u16> {
+        self.admin_get("/healthz/ready").map(|(c, _)| c)
+    }
+
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        let (code, body) = self
+            .admin_get(path)
+            .unwrap_or_else(|| panic!("admin {path}: no answer"));
+        assert_eq!(code, 200, "admin {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("admin {path}: {e}: {body}"))
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let (code, body) = self
+            .admin_get("/stats/prometheus")
+            .expect("metrics endpoint answers");
+        assert_eq!(code, 200, "{body}");
+        Metrics(body)
+    }
+
+    /// The sum of every sample of `name` whose labels include `labels`.
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metrics().sum(name, labels)
+    }
+
+    /// Waits until `counter(name, labels)` reaches `at_least`; false on timeout.
+    pub fn wait_counter(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        at_least: f64,
+        secs: f64,
+    ) -> bool {
         wait_for(secs, || {
-            (self.log().matches(needle).count() >= count).then_some(())
+            (self.counter(name, labels) >= at_least).then_some(())
         })
         .is_some()
     }
+
+    /// The version of the mesh table in force.
+    pub fn table_version(&self) -> u64 {
+        self.json("/status")["table"]["version"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the table in force is newer than `version`.
+    pub fn wait_table_after(&self, version: u64, secs: f64) -> bool {
+        wait_for(secs, || (self.table_version() > version).then_some(())).is_some()
+    }
 }
 
-pub fn settle() {
-    std::thread::sleep(Duration::from_millis(50));
+/// A Prometheus text exposition.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// Every sample of `name`: (labels, value).
+    pub fn samples(&self, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (head, value) = l.rsplit_once(' ')?;
+                let value: f64 = value.parse().ok()?;
+                let (metric, labels) = match head.split_once('{') {
+                    Some((m, rest)) => (m, rest.strip_suffix('}')?),
+                    None => (head, ""),
+                };
+                (metric == name).then(|| (parse_labels(labels), value))
+            })
+            .collect()
+    }
+
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples(name)
+            .iter()
+            .filter(|(have, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+fn parse_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some((k, after)) = rest.split_once("=\"") {
+        let Some(end) = after.find('"') else { break };
+        out.push((
+            k.trim_start_matches(',').to_string(),
+            after[..end].to_string(),
+        ));
+        rest = &after[end + 1..];
+    }
+    out
 }

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use interceptor_tests::{interceptor_bin, sh, try_sh, Interceptor, Proc, Subnet, VmPod};
+use interceptor_tests::{interceptor_bin, sh, try_sh, Interceptor, Net, Proc, Subnet, Topology};
 
 const PRODUCT: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -31,16 +31,19 @@ fn many_services(count: usize) -> String {
     out
 }
 
-/// The body of `http://127.0.0.1:15020{path}` from inside the vm namespace.
-fn admin(t: &VmPod, path: &str) -> String {
-    sh(&mut t.outside(
+/// The body of `http://127.0.0.1:15020{path}` from inside the vm namespace, by curl.
+fn admin(t: &Net, path: &str) -> String {
+    sh(&mut t.node("vm").cmd(
         "curl",
         &["-sS", "-m", "5", &format!("http://127.0.0.1:15020{path}")],
     ))
 }
 
-fn cli(t: &VmPod, args: &[&str]) -> String {
-    let mut c = t.vm.cmd(interceptor_bin().to_str().expect("utf-8"));
+fn cli(t: &Net, args: &[&str]) -> String {
+    let mut c = t
+        .node("vm")
+        .ns
+        .cmd(interceptor_bin().to_str().expect("utf-8"));
     c.args(args);
     sh(&mut c)
 }
@@ -55,19 +58,20 @@ fn sample(text: &str, line_prefix: &str) -> Option<f64> {
 
 #[test]
 fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
-    let t = VmPod::new();
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
     let mesh = t.write("mesh.yaml", &(PRODUCT.to_string() + &many_services(10_000)));
     let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::FAKE_NS));
-    let _server = t.pod_http("server", &["10.77.0.2:8080"]);
+    let _server = t.node("pod").http("server", &["10.77.0.2:8080"]);
     // Poll readiness from before the daemon starts until it is ready.
     let probe_log = t.path("probe.log");
-    let mut probe = t.vm.cmd("sh");
+    let mut probe = vm.ns.cmd("sh");
     probe.args([
         "-c",
         "for i in $(seq 3000); do code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' http://127.0.0.1:15020/healthz/ready); echo $code; [ \"$code\" = 200 ] && exit 0; done",
     ]);
     let mut probe = Proc::spawn("probe", probe, probe_log.clone());
-    let ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
     assert!(
         probe.wait_exit(20.0).is_some_and(|s| s.success()),
         "never ready: {}",
@@ -95,14 +99,14 @@ fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
     // Known traffic: 5 connections to the service VIP, 3 DNS queries answered from the table,
     // 1 forwarded (and failing: nobody answers at the fake nameserver).
     for i in 0..5 {
-        let out = sh(&mut t.in_cgroup(
+        let out = sh(&mut vm.in_cgroup(
             "curl",
             &["-sS", "-m", "5", &format!("http://240.240.1.1:8080/m{i}")],
         ));
         assert!(out.starts_with(&format!("server GET /m{i}")), "{out}");
     }
     for _ in 0..3 {
-        sh(&mut t.in_cgroup(
+        sh(&mut vm.in_cgroup(
             "dig",
             &[
                 "+short",
@@ -112,7 +116,7 @@ fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
             ],
         ));
     }
-    let _ = try_sh(&mut t.in_cgroup(
+    let _ = try_sh(&mut vm.in_cgroup(
         "dig",
         &[
             "+tries=1",
@@ -123,13 +127,18 @@ fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
         ],
     ));
     assert!(
-        ic.wait_log_count("outbound connection closed", 5, 5.0),
+        ic.wait_counter(
+            "istio_tcp_connections_closed_total",
+            &[("reporter", "source")],
+            5.0,
+            5.0
+        ),
         "{}",
         ic.log()
     );
 
     let text = admin(&t, "/stats/prometheus");
-    let labels = "{reporter=\"source\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"none\"}";
+    let labels = "{reporter=\"source\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"none\"}";
     assert_eq!(
         sample(
             &text,
@@ -179,10 +188,11 @@ fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
 
 #[test]
 fn config_dump_follows_a_file_edit_and_explain_and_status_tell_the_truth() {
-    let t = VmPod::new();
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
     let mesh = t.write("mesh.yaml", PRODUCT);
     let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::FAKE_NS));
-    let ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
 
     let dump: serde_json::Value = serde_json::from_str(&admin(&t, "/config_dump")).expect("JSON");
     assert_eq!(dump["mesh"]["version"], 1);
@@ -197,11 +207,7 @@ fn config_dump_follows_a_file_edit_and_explain_and_status_tell_the_truth() {
         Some(9)
     );
     std::fs::write(&mesh, PRODUCT.replace("product", "review")).expect("edit");
-    assert!(
-        ic.wait_log_count("mesh table reloaded", 1, 10.0),
-        "{}",
-        ic.log()
-    );
+    assert!(ic.wait_table_after(1, 10.0), "{}", ic.log());
     let dump: serde_json::Value = serde_json::from_str(&admin(&t, "/config_dump")).expect("JSON");
     assert_eq!(dump["mesh"]["version"], 2);
     assert_eq!(
@@ -242,7 +248,7 @@ fn config_dump_follows_a_file_edit_and_explain_and_status_tell_the_truth() {
     assert!(
         out.contains(&format!(
             "capture: 9 program(s) on cgroup {}",
-            t.cgroup.path().display()
+            vm.cgroup.path().display()
         )),
         "{out}"
     );
@@ -252,41 +258,46 @@ fn config_dump_follows_a_file_edit_and_explain_and_status_tell_the_truth() {
 
 #[test]
 fn ssh_and_the_admin_port_are_never_captured_inbound_whatever_the_config_says() {
-    let t = VmPod::new();
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
     let mesh = t.write("mesh.yaml", "# inbound only\n");
     let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::FAKE_NS));
     // Apps on the VM: "SSH" on 22 and a service on 8080.
-    let _apps = t.http_in(&t.vm, "vm-app", &["10.77.0.1:22", "10.77.0.1:8080"]);
+    let apps = vm.http("vm-app", &["10.77.0.1:22", "10.77.0.1:8080"]);
     // Every port, nothing excluded, the admin endpoint on the VM's address.
-    let ic: Interceptor = t.start_interceptor(
-        &mesh,
-        &resolv,
-        &[
-            "--inbound-ports",
-            "*",
-            "--exclude-inbound-ports",
-            "",
-            "--admin-addr",
-            "10.77.0.1:15020",
-        ],
-    );
+    let ic: Interceptor = vm
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .args(["--inbound-ports", "*", "--exclude-inbound-ports", ""])
+        .admin("10.77.0.1:15020")
+        .start();
     let from_pod = |port: u16, path: &str| {
-        let mut c = t.pod.cmd("curl");
-        c.args(["-sS", "-m", "5", &format!("http://10.77.0.1:{port}{path}")]);
-        sh(&mut c)
+        sh(&mut t.node("pod").cmd(
+            "curl",
+            &["-sS", "-m", "5", &format!("http://10.77.0.1:{port}{path}")],
+        ))
     };
-    assert!(from_pod(8080, "/app").starts_with("vm-app GET /app"));
+    let inbound = |service: &str| {
+        ic.counter(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_service", service),
+            ],
+        )
+    };
+    // 8080 is captured: our inbound relays it (the app sees the sidecar's 127.0.0.6).
+    assert!(from_pod(8080, "/app").starts_with("vm-app GET /app from 127.0.0.6"));
     assert!(
-        ic.wait_log_count("service=10.77.0.1:8080", 1, 5.0),
-        "8080 is captured: {}",
-        ic.log()
+        interceptor_tests::wait_for(5.0, || (inbound("10.77.0.1:8080") == 1.0).then_some(()))
+            .is_some()
     );
+    // SSH and the admin port are not: the app sees the pod itself, the admin answers directly,
+    // and our inbound never counted them.
     assert!(from_pod(22, "/ssh").starts_with("vm-app GET /ssh from 10.77.0.2"));
     assert_eq!(from_pod(15020, "/healthz/ready").trim(), "ready");
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let log = ic.log();
-    assert!(
-        !log.contains("service=10.77.0.1:22 ") && !log.contains("service=10.77.0.1:15020"),
-        "{log}"
-    );
+    assert_eq!(inbound("10.77.0.1:22"), 0.0);
+    assert_eq!(inbound("10.77.0.1:15020"), 0.0);
+    assert!(apps.output().contains("GET /ssh from 10.77.0.2"));
 }

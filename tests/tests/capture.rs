@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use interceptor_tests::{interceptor_bin, sh, try_sh, wait_for, Proc, Subnet, VmPod};
+use interceptor_tests::{interceptor_bin, sh, try_sh, wait_for, Net, Subnet, Topology};
 
 /// product: selected WorkloadEntry in the pod (auto VIPs). db: a real address (10.77.0.3) whose
 /// traffic the mesh sends elsewhere, so capture and fail-open are told apart by who answers.
@@ -78,29 +78,38 @@ fn curl(cmd: &mut Command) -> String {
     sh(cmd)
 }
 
-fn setup() -> (VmPod, std::path::PathBuf, std::path::PathBuf) {
-    let t = VmPod::new();
+fn setup() -> (Net, std::path::PathBuf, std::path::PathBuf) {
+    let t = Topology::vm_pod();
     let mesh = t.write("mesh.yaml", MESH);
-    let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::POD4));
+    let resolv = t.write("resolv.conf", "nameserver 10.77.0.2\n");
     (t, mesh, resolv)
+}
+
+/// Connections the daemon relayed and closed, from its metrics.
+fn closed(ic: &interceptor_tests::Interceptor) -> f64 {
+    ic.counter(
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "source")],
+    )
 }
 
 #[test]
 fn captured_connection_reaches_the_endpoint_v4_and_v6() {
     let (t, mesh, resolv) = setup();
-    let pod = t.pod_http("pod", &POD_ADDRS);
-    let ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let (vm, pod_node) = (t.node("vm"), t.node("pod"));
+    let pod = pod_node.http("pod", &POD_ADDRS);
+    let ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
     let (v4, v6) = vips(&mesh, "product.default.svc.cluster.local");
 
-    let out = curl(&mut t.in_cgroup(
+    let out = curl(&mut vm.in_cgroup(
         "curl",
         &["-sS", "-m", "5", &format!("http://{v4}:8080/over-v4")],
     ));
     assert!(
-        out.starts_with(&format!("pod GET /over-v4 from {}:", Subnet::VM4)),
+        out.starts_with(&format!("pod GET /over-v4 from {}:", "10.77.0.1")),
         "{out}"
     );
-    let out = curl(&mut t.in_cgroup(
+    let out = curl(&mut vm.in_cgroup(
         "curl",
         &[
             "-sS",
@@ -117,7 +126,13 @@ fn captured_connection_reaches_the_endpoint_v4_and_v6() {
         served.contains("GET /over-v4") && served.contains("GET /over-v6"),
         "{served}"
     );
-    assert!(ic.wait_log_count("outbound connection closed", 2, 5.0));
+    assert!(ic.wait_counter(
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "source")],
+        2.0,
+        5.0
+    ));
+    // The access log names the original destination of each connection.
     let log = ic.log();
     assert!(
         log.contains(&format!("original={v4}:8080")),
@@ -132,12 +147,13 @@ fn captured_connection_reaches_the_endpoint_v4_and_v6() {
 #[test]
 fn dns_to_any_nameserver_is_answered_from_the_table() {
     let (t, mesh, resolv) = setup();
-    let _ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let vm = t.node("vm");
+    let _ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
     let (v4, v6) = vips(&mesh, "product.default.svc.cluster.local");
     let ns = format!("@{}", Subnet::FAKE_NS);
 
     // dig: connected UDP; dig checks the reply's source itself.
-    let out = sh(&mut t.in_cgroup(
+    let out = sh(&mut vm.in_cgroup(
         "dig",
         &[
             "+short",
@@ -149,7 +165,7 @@ fn dns_to_any_nameserver_is_answered_from_the_table() {
     ));
     assert_eq!(out.trim(), v4);
     // dig +tcp
-    let out = sh(&mut t.in_cgroup(
+    let out = sh(&mut vm.in_cgroup(
         "dig",
         &[
             "+short",
@@ -164,7 +180,7 @@ fn dns_to_any_nameserver_is_answered_from_the_table() {
     assert_eq!(out.trim(), v6);
     // Unconnected UDP (sendto/recvfrom): the reply must come from the nameserver asked.
     let q = env!("CARGO_BIN_EXE_udp-query");
-    let out = sh(&mut t.in_cgroup(
+    let out = sh(&mut vm.in_cgroup(
         q,
         &[
             &format!("{}:53", Subnet::FAKE_NS),
@@ -178,7 +194,7 @@ fn dns_to_any_nameserver_is_answered_from_the_table() {
             Subnet::FAKE_NS
         )
     );
-    let out = sh(&mut t.in_cgroup(
+    let out = sh(&mut vm.in_cgroup(
         q,
         &[
             "[fd00:77::53]:53",
@@ -198,7 +214,7 @@ fn dns_to_any_nameserver_is_answered_from_the_table() {
             Subnet::FAKE_NS
         ),
     );
-    let out = sh(&mut t.getent(&glibc_resolv, "product.default.svc.cluster.local"));
+    let out = sh(&mut vm.getent(&glibc_resolv, "product.default.svc.cluster.local"));
     assert!(
         out.starts_with(&v4) || out.starts_with(&v6),
         "getent: {out}"
@@ -212,16 +228,17 @@ fn dns_to_any_nameserver_is_answered_from_the_table() {
 #[test]
 fn uncaptured_processes_and_the_interceptor_itself_are_left_alone() {
     let (t, mesh, resolv) = setup();
-    let pod = t.pod_http("pod", &POD_ADDRS);
-    let dnsmasq = t.pod_dnsmasq(Subnet::POD4, &["ext.example.org,192.0.2.77"]);
-    let ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let (vm, pod_node) = (t.node("vm"), t.node("pod"));
+    let pod = pod_node.http("pod", &POD_ADDRS);
+    let dnsmasq = pod_node.dnsmasq("10.77.0.2", &["ext.example.org,192.0.2.77"]);
+    let ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
     let (v4, _) = vips(&mesh, "product.default.svc.cluster.local");
 
     // Outside the cgroup: the VIP is just an unroutable address, the fake nameserver is silent.
     let (ok, _, _) =
-        try_sh(&mut t.outside("curl", &["-sS", "-m", "2", &format!("http://{v4}:8080/")]));
+        try_sh(&mut vm.cmd("curl", &["-sS", "-m", "2", &format!("http://{v4}:8080/")]));
     assert!(!ok, "a process outside the cgroup was captured");
-    let (ok, out, _) = try_sh(&mut t.outside(
+    let (ok, out, _) = try_sh(&mut vm.cmd(
         "dig",
         &[
             "+short",
@@ -235,11 +252,15 @@ fn uncaptured_processes_and_the_interceptor_itself_are_left_alone() {
         !ok || out.trim().is_empty() || out.contains("timed out"),
         "DNS outside the cgroup was answered: {out}"
     );
-    assert!(!ic.log().contains("outbound connection"), "{}", ic.log());
+    assert_eq!(
+        closed(&ic),
+        0.0,
+        "a connection from outside the cgroup was relayed"
+    );
 
     // The interceptor runs inside the captured cgroup. Its upstream query to port 53 would come
     // back to itself if it were captured; dnsmasq answering proves it was not.
-    let out = sh(&mut t.in_cgroup(
+    let out = sh(&mut vm.in_cgroup(
         "dig",
         &[
             "+short",
@@ -260,13 +281,19 @@ fn uncaptured_processes_and_the_interceptor_itself_are_left_alone() {
 
     // An endpoint whose address is itself a captured VIP: the daemon's own connect is not
     // captured again, so the client reaches the server instead of looping.
-    let out = sh(&mut t.in_cgroup("curl", &["-sS", "-m", "5", "http://10.77.0.2:8081/self"]));
+    let out = sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", "http://10.77.0.2:8081/self"]));
     assert!(out.starts_with("pod GET /self"), "{out}");
     assert!(
         pod.output().matches("GET /self").count() == 1,
         "{}",
         pod.output()
     );
+    assert!(ic.wait_counter(
+        "istio_tcp_connections_closed_total",
+        &[("destination_service", "self.example.internal")],
+        1.0,
+        5.0
+    ));
     assert!(ic.log().contains("original=10.77.0.2:8081"));
 }
 
@@ -274,13 +301,14 @@ fn uncaptured_processes_and_the_interceptor_itself_are_left_alone() {
 /// its original destination: the real server at the db address, the real nameserver.
 fn fail_open_after(sig: i32) -> Option<std::process::ExitStatus> {
     let (t, mesh, resolv) = setup();
-    let _pod = t.pod_http("pod", &POD_ADDRS);
-    let _direct = t.pod_http("direct", &["10.77.0.3:9090"]);
-    let _dnsmasq = t.pod_dnsmasq(
-        Subnet::POD4,
+    let (vm, pod_node) = (t.node("vm"), t.node("pod"));
+    let _pod = pod_node.http("pod", &POD_ADDRS);
+    let _direct = pod_node.http("direct", &["10.77.0.3:9090"]);
+    let _dnsmasq = pod_node.dnsmasq(
+        "10.77.0.2",
         &["product.default.svc.cluster.local,192.0.2.99"],
     );
-    let mut ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let mut ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
     let (v4, _) = vips(&mesh, "product.default.svc.cluster.local");
     let dig = [
         "+short",
@@ -291,9 +319,9 @@ fn fail_open_after(sig: i32) -> Option<std::process::ExitStatus> {
     ];
     let db = ["-sS", "-m", "5", "http://10.77.0.3:9090/db"];
 
-    assert!(t.cgroup.attached_programs() >= 9, "programs not attached");
-    assert!(sh(&mut t.in_cgroup("curl", &db)).starts_with("pod GET /db"));
-    assert_eq!(sh(&mut t.in_cgroup("dig", &dig)).trim(), v4);
+    assert!(vm.cgroup.attached_programs() >= 9, "programs not attached");
+    assert!(sh(&mut vm.in_cgroup("curl", &db)).starts_with("pod GET /db"));
+    assert_eq!(sh(&mut vm.in_cgroup("dig", &dig)).trim(), v4);
 
     ic.proc.signal(sig);
     let status = ic.proc.wait_exit(10.0);
@@ -301,21 +329,21 @@ fn fail_open_after(sig: i32) -> Option<std::process::ExitStatus> {
         status.is_some(),
         "interceptor did not exit after signal {sig}"
     );
-    let detached = wait_for(5.0, || (t.cgroup.attached_programs() == 0).then_some(()));
+    let detached = wait_for(5.0, || (vm.cgroup.attached_programs() == 0).then_some(()));
     assert!(
         detached.is_some(),
         "programs still attached after exit:\n{}",
         sh(Command::new("bpftool")
             .arg("cgroup")
             .arg("show")
-            .arg(t.cgroup.path()))
+            .arg(vm.cgroup.path()))
     );
 
     assert!(
-        sh(&mut t.in_cgroup("curl", &db)).starts_with("direct GET /db"),
+        sh(&mut vm.in_cgroup("curl", &db)).starts_with("direct GET /db"),
         "traffic did not go to its original destination"
     );
-    assert_eq!(sh(&mut t.in_cgroup("dig", &dig)).trim(), "192.0.2.99");
+    assert_eq!(sh(&mut vm.in_cgroup("dig", &dig)).trim(), "192.0.2.99");
     status
 }
 
@@ -333,9 +361,9 @@ fn sigterm_detaches_and_exits_zero() {
 #[test]
 fn bad_mesh_file_at_start_fails_with_file_and_field() {
     let (t, _, resolv) = setup();
+    let vm = t.node("vm");
     let bad = t.write("bad.yaml", &MESH.replace("number: 9090", "number: 90900"));
-    let cmd = t.interceptor_cmd(&bad, &resolv, &[]);
-    let mut p = Proc::spawn("interceptor", cmd, t.path("bad.log"));
+    let mut p = vm.interceptor().mesh(&bad).resolv(&resolv).spawn();
     let status = p
         .wait_exit(20.0)
         .expect("interceptor exits on a bad mesh file");
@@ -345,16 +373,22 @@ fn bad_mesh_file_at_start_fails_with_file_and_field() {
         out.contains("bad.yaml: document 3: spec.ports[0].number"),
         "{out}"
     );
-    assert_eq!(t.cgroup.attached_programs(), 0);
+    assert_eq!(vm.cgroup.attached_programs(), 0);
 }
 
 #[test]
 fn bad_edit_while_running_keeps_the_last_good_table() {
     let (t, mesh, resolv) = setup();
-    let _pod = t.pod_http("pod", &POD_ADDRS);
-    let ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let (vm, pod_node) = (t.node("vm"), t.node("pod"));
+    let _pod = pod_node.http("pod", &POD_ADDRS);
+    let ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
     let (v4, _) = vips(&mesh, "product.default.svc.cluster.local");
     let url = format!("http://{v4}:8080/still");
+    let rejected = |ic: &interceptor_tests::Interceptor| {
+        ic.counter("interceptor_mesh_reload_errors_total", &[])
+    };
+    assert_eq!(rejected(&ic), 0.0);
+    let version = ic.table_version();
 
     std::fs::write(
         &mesh,
@@ -365,19 +399,21 @@ fn bad_edit_while_running_keeps_the_last_good_table() {
     )
     .unwrap();
     assert!(
-        ic.wait_log_count("mesh reload rejected", 1, 10.0),
+        wait_for(10.0, || (rejected(&ic) == 1.0).then_some(())).is_some(),
         "{}",
         ic.log()
     );
+    assert_eq!(ic.table_version(), version, "a bad edit replaced the table");
+    // The log says which file, document and field.
     assert!(
         ic.log().contains("mesh.yaml: document 1: spec.resolution"),
         "{}",
         ic.log()
     );
-    assert!(sh(&mut t.in_cgroup("curl", &["-sS", "-m", "5", &url])).starts_with("pod GET /still"));
+    assert!(sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", &url])).starts_with("pod GET /still"));
     let ns = format!("@{}", Subnet::FAKE_NS);
     assert_eq!(
-        sh(&mut t.in_cgroup("dig", &["+short", "+time=2", "+tries=1", &ns, "product"])).trim(),
+        sh(&mut vm.in_cgroup("dig", &["+short", "+time=2", "+tries=1", &ns, "product"])).trim(),
         v4
     );
 
@@ -387,13 +423,9 @@ fn bad_edit_while_running_keeps_the_last_good_table() {
         MESH.replace("db.example.internal", "db2.example.internal"),
     )
     .unwrap();
-    assert!(
-        ic.wait_log_count("mesh table reloaded", 1, 10.0),
-        "{}",
-        ic.log()
-    );
+    assert!(ic.wait_table_after(version, 10.0), "{}", ic.log());
     assert_eq!(
-        sh(&mut t.in_cgroup(
+        sh(&mut vm.in_cgroup(
             "dig",
             &["+short", "+time=2", "+tries=1", &ns, "db2.example.internal"]
         ))

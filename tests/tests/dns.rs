@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use interceptor_tests::{helper_bin, sh, try_sh, Interceptor, Proc, Subnet, VmPod};
+use interceptor_tests::{helper_bin, sh, try_sh, Interceptor, Net, Proc, Subnet, Topology};
 
 const MESH: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -55,16 +55,17 @@ fn big_service() -> String {
 }
 
 struct Dns {
-    t: VmPod,
+    // Drop order: the processes, then the topology.
     ic: Interceptor,
     upstream: Proc,
+    t: Net,
 }
 
 impl Dns {
     fn start() -> Self {
-        let t = VmPod::new();
-        let upstream = t.pod_dnsmasq(
-            Subnet::POD4,
+        let t = Topology::vm_pod();
+        let upstream = t.node("pod").dnsmasq(
+            "10.77.0.2",
             &[
                 "ext.example.org,192.0.2.77",
                 "product.default.svc.cluster.local,192.0.2.99",
@@ -73,13 +74,15 @@ impl Dns {
         let mesh = t.write("mesh.yaml", &(MESH.to_string() + &big_service()));
         let resolv = t.write(
             "resolv.conf",
-            &format!(
-                "search corp.internal svc.cluster.local\nnameserver {}\n",
-                Subnet::POD4
-            ),
+            "search corp.internal svc.cluster.local\nnameserver 10.77.0.2\n",
         );
-        let ic = t.start_interceptor(&mesh, &resolv, &[]);
-        Self { t, ic, upstream }
+        let ic = t
+            .node("vm")
+            .interceptor()
+            .mesh(&mesh)
+            .resolv(&resolv)
+            .start();
+        Self { ic, upstream, t }
     }
 
     /// `dig @<fake nameserver> ARGS` in the captured cgroup: (ok, output).
@@ -87,7 +90,7 @@ impl Dns {
         let ns = format!("@{}", Subnet::FAKE_NS);
         let mut all = vec!["+time=3", "+tries=1", &ns];
         all.extend_from_slice(args);
-        sh(&mut self.t.in_cgroup("dig", &all))
+        sh(&mut self.t.node("vm").in_cgroup("dig", &all))
     }
 
     fn short(&self, name: &str, rtype: &str) -> Vec<String> {
@@ -174,7 +177,7 @@ fn search_domain_gets_a_cname_and_glibc_resolves_through_it() {
             Subnet::FAKE_NS
         ),
     );
-    let out = sh(&mut d.t.getent(&resolv, "product"));
+    let out = sh(&mut d.t.node("vm").getent(&resolv, "product"));
     assert!(
         out.starts_with("2001:2::10") || out.starts_with("240.240.0.10"),
         "{out}"
@@ -216,9 +219,10 @@ fn wildcard_nodata_and_nxdomain() {
 
 #[test]
 fn other_types_and_unknown_names_go_upstream() {
-    let t = VmPod::new();
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
     // dnsmasq with SRV, MX and PTR records; forwarded unchanged.
-    let mut c = t.pod.cmd("dnsmasq");
+    let mut c = t.node("pod").ns.cmd("dnsmasq");
     c.args([
         "-k",
         "--conf-file=/dev/null",
@@ -231,7 +235,7 @@ fn other_types_and_unknown_names_go_upstream() {
         "--pid-file=",
         "--user=root",
     ])
-    .arg(format!("--listen-address={}", Subnet::POD4))
+    .arg("--listen-address=10.77.0.2")
     .arg("--host-record=ext.example.org,192.0.2.77")
     .arg("--srv-host=_http._tcp.product.default.svc.cluster.local,srv-target.example,8080,1,2")
     .arg("--mx-host=product.default.svc.cluster.local,mail.example,10")
@@ -239,13 +243,13 @@ fn other_types_and_unknown_names_go_upstream() {
     let mut dnsmasq = Proc::spawn("dnsmasq", c, t.path("dnsmasq2.log"));
     dnsmasq.wait_for_output("started", 10.0);
     let mesh = t.write("mesh.yaml", MESH);
-    let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::POD4));
-    let _ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let resolv = t.write("resolv.conf", "nameserver 10.77.0.2\n");
+    let _ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
     let d = |args: &[&str]| {
         let ns = format!("@{}", Subnet::FAKE_NS);
         let mut all = vec!["+time=3", "+tries=1", "+short", &ns];
         all.extend_from_slice(args);
-        sh(&mut t.in_cgroup("dig", &all)).trim().to_string()
+        sh(&mut vm.in_cgroup("dig", &all)).trim().to_string()
     };
     assert_eq!(
         d(&["_http._tcp.product.default.svc.cluster.local", "SRV"]),
@@ -271,14 +275,15 @@ fn other_types_and_unknown_names_go_upstream() {
 
 #[test]
 fn upstream_down_gives_servfail_within_the_timeout_and_the_next_server_is_tried() {
-    let t = VmPod::new();
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
     let mesh = t.write("mesh.yaml", MESH);
     // 10.77.0.99 does not exist: queries to it just time out.
     let resolv = t.write("resolv.conf", "nameserver 10.77.0.99\n");
-    let _ic = t.start_interceptor(&mesh, &resolv, &[]);
+    let ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
     let ns = format!("@{}", Subnet::FAKE_NS);
     let start = Instant::now();
-    let (_, out, _) = try_sh(&mut t.in_cgroup(
+    let (_, out, _) = try_sh(&mut vm.in_cgroup(
         "dig",
         &[
             "+time=9",
@@ -297,19 +302,26 @@ fn upstream_down_gives_servfail_within_the_timeout_and_the_next_server_is_tried(
     );
     // Mesh names do not depend on upstream at all.
     assert_eq!(
-        sh(&mut t.in_cgroup("dig", &["+short", "+time=2", "+tries=1", &ns, "product"])).trim(),
+        sh(&mut vm.in_cgroup("dig", &["+short", "+time=2", "+tries=1", &ns, "product"])).trim(),
         "240.240.0.10"
     );
-    drop(_ic);
+    drop(ic);
 
     // A dead server first, a live one second: the answer comes from the second.
-    let _up = t.pod_dnsmasq(Subnet::POD4, &["ext.example.org,192.0.2.77"]);
+    let _up = t
+        .node("pod")
+        .dnsmasq("10.77.0.2", &["ext.example.org,192.0.2.77"]);
     let resolv = t.write(
         "resolv2.conf",
-        &format!("nameserver 10.77.0.99\nnameserver {}\n", Subnet::POD4),
+        "nameserver 10.77.0.99\nnameserver 10.77.0.2\n",
     );
-    let _ic = Interceptor::start(t.interceptor_cmd(&mesh, &resolv, &[]), t.path("ic2.log"));
-    let out = sh(&mut t.in_cgroup(
+    let _ic = vm
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .log("ic2")
+        .start();
+    let out = sh(&mut vm.in_cgroup(
         "dig",
         &["+short", "+time=8", "+tries=1", &ns, "ext.example.org"],
     ));
@@ -351,16 +363,22 @@ fn malformed_packets_get_formerr_and_the_server_keeps_answering() {
     let q = q.to_str().unwrap();
     let server = format!("{}:53", Subnet::FAKE_NS);
     // A header (id 0x1234, one question) followed by a truncated name.
-    let out = sh(&mut d
-        .t
-        .in_cgroup(q, &["--raw", "123401000001000000000000ff61", &server]));
+    let vm = d.t.node("vm");
+    let out = sh(&mut vm.in_cgroup(q, &["--raw", "123401000001000000000000ff61", &server]));
     assert!(out.contains("id=4660 rcode=1"), "expected FORMERR: {out}");
     // Too short for a header: dropped, no answer.
-    let (ok, _, _) = try_sh(&mut d.t.in_cgroup(q, &["--raw", "1234", &server]));
+    let (ok, _, _) = try_sh(&mut vm.in_cgroup(q, &["--raw", "1234", &server]));
     assert!(!ok, "a 2-byte packet got an answer");
     assert_eq!(d.short("product", "A"), vec!["240.240.0.10"]);
-    let log = d.ic.log();
-    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(
+        d.ic.counter("interceptor_dns_requests_total", &[("result", "formerr")]),
+        1.0
+    );
+    assert_eq!(
+        d.ic.counter("interceptor_dns_requests_total", &[("result", "dropped")]),
+        1.0
+    );
+    assert_eq!(d.ic.readiness(), Some(200));
     let _ = &d.upstream;
 }
 
@@ -372,8 +390,9 @@ fn editing_the_mesh_file_changes_answers_without_restart() {
     let text = std::fs::read_to_string(&mesh)
         .unwrap()
         .replace("240.240.0.10", "240.240.0.20");
+    let version = d.ic.table_version();
     std::fs::write(&mesh, text).unwrap();
-    assert!(d.ic.wait_log_count("mesh table reloaded", 1, 10.0));
+    assert!(d.ic.wait_table_after(version, 10.0), "{}", d.ic.log());
     assert_eq!(d.short("product", "A"), vec!["240.240.0.20"]);
     assert_eq!(
         d.short("product.default.svc.cluster.local", "AAAA"),

@@ -7,11 +7,14 @@ use std::process::Stdio;
 
 use interceptor_tests::certs::{Ca, Key};
 use interceptor_tests::wire::{tcp_payloads, Tcpdump};
-use interceptor_tests::{try_sh, wait_for, Interceptor, MultiNet, Proc};
+use interceptor_tests::{try_sh, wait_for, Interceptor, Net, Proc, Topology};
 
 const TD: &str = "spiffe://cluster.local/ns/default/sa";
 const ONLY_B: &str = "onlyb.default.svc.cluster.local";
 const SNI_ONLY_B: &str = "outbound_.8080_._.onlyb.default.svc.cluster.local";
+/// pod-b's address in network B, and the gateway's leg in network A.
+const POD_B: &str = "10.88.0.2";
+const GW_A: &str = "10.77.0.3";
 
 /// `product` has an endpoint in each network; `onlyb` only in B. pod_b's service account is
 /// `sa_b` as far as the VM's table says (a test can lie here to check the identity).
@@ -30,8 +33,8 @@ fn mesh(sa_b: &str) -> String {
         entry("product", "product"),
         entry("onlyb", "onlyb"),
         workload("product-a", "10.77.0.2", "product", "product-a"),
-        workload("product-b", MultiNet::POD_B, "product", sa_b),
-        workload("onlyb", MultiNet::POD_B, "onlyb", sa_b),
+        workload("product-b", POD_B, "product", sa_b),
+        workload("onlyb", POD_B, "onlyb", sa_b),
     ]
     .concat()
 }
@@ -39,13 +42,23 @@ fn mesh(sa_b: &str) -> String {
 /// Networks by address; B's gateway is the gw's leg in A.
 fn networks() -> String {
     format!(
-        "networks:\n  network-a:\n    endpoints: [{{fromCidr: 10.77.0.0/24}}, {{fromCidr: 10.66.0.0/24}}]\n  network-b:\n    endpoints: [{{fromCidr: 10.88.0.0/24}}]\n    gateways: [{{address: {}, port: 15443}}]\n",
-        MultiNet::GW_A
+        "networks:\n  network-a:\n    endpoints: [{{fromCidr: 10.77.0.0/24}}]\n  network-b:\n    endpoints: [{{fromCidr: 10.88.0.0/24}}]\n    gateways: [{{address: {GW_A}, port: 15443}}]\n"
     )
 }
 
+/// SPEC section 9's multi-network topology: vm and pod (pod-a) in A, pod-b in B, gw in both.
+fn topology() -> Net {
+    Topology::new()
+        .network("a")
+        .network("b")
+        .node("vm", &["a"])
+        .node("pod", &["a"])
+        .node("gw", &["a", "b"])
+        .node("pod-b", &["b"])
+        .build()
+}
+
 struct Mesh {
-    t: MultiNet,
     vm_certs: PathBuf,
     resolv: PathBuf,
     vm_mesh: PathBuf,
@@ -53,112 +66,85 @@ struct Mesh {
     /// http-echo "pod-a" and "pod-b", each behind its own interceptor (inbound mTLS).
     _apps: Vec<Proc>,
     sidecars: Vec<Interceptor>,
+    t: Net,
 }
 
 impl Mesh {
     fn new() -> Self {
-        let t = MultiNet::new();
+        let t = topology();
         let ca = Ca::new("cluster.local root");
-        let vm_certs = ca.issue(&t.base.path("vm-certs"), &format!("{TD}/vm"), Key::Ecdsa);
-        let a_certs = ca.issue(
-            &t.base.path("a-certs"),
-            &format!("{TD}/product-a"),
-            Key::Ecdsa,
-        );
-        let b_certs = ca.issue(
-            &t.base.path("b-certs"),
-            &format!("{TD}/product-b"),
-            Key::Rsa,
-        );
-        let resolv = t.base.write(
+        let vm_certs = ca.issue(&t.path("vm-certs"), &format!("{TD}/vm"), Key::Ecdsa);
+        let a_certs = ca.issue(&t.path("a-certs"), &format!("{TD}/product-a"), Key::Ecdsa);
+        let b_certs = ca.issue(&t.path("b-certs"), &format!("{TD}/product-b"), Key::Rsa);
+        let resolv = t.write(
             "resolv.conf",
             "nameserver 10.77.0.53\noptions timeout:2 attempts:1\n",
         );
-        let pod_mesh = t.base.write("pod-mesh.yaml", "# pods only serve inbound\n");
-        let vm_mesh = t.base.write("vm-mesh.yaml", &mesh("product-b"));
-        let networks = t.base.write("networks.yaml", &networks());
-
+        let pod_mesh = t.write("pod-mesh.yaml", "# pods only serve inbound\n");
+        let vm_mesh = t.write("vm-mesh.yaml", &mesh("product-b"));
+        let networks = t.write("networks.yaml", &networks());
+        let (pod_a, pod_b) = (t.node("pod"), t.node("pod-b"));
         let apps = vec![
-            t.base.pod_http("pod-a", &["10.77.0.2:8080"]),
-            t.base
-                .http_in(&t.pod_b, "pod-b", &[&format!("{}:8080", MultiNet::POD_B)]),
+            pod_a.http("pod-a", &["10.77.0.2:8080"]),
+            pod_b.http("pod-b", &[&format!("{POD_B}:8080")]),
         ];
-        let inbound = |certs: &PathBuf| {
-            [
-                "--certs".to_string(),
-                certs.display().to_string(),
-                "--inbound-ports".into(),
-                "8080".into(),
-            ]
+        let sidecar = |node: &interceptor_tests::Node, certs: &PathBuf| {
+            node.interceptor()
+                .mesh(&pod_mesh)
+                .resolv(&resolv)
+                .certs(certs)
+                .args(["--inbound-ports", "8080"])
+                .start()
         };
-        let a_args = inbound(&a_certs);
-        let b_args = inbound(&b_certs);
-        let a: Vec<&str> = a_args.iter().map(String::as_str).collect();
-        let b: Vec<&str> = b_args.iter().map(String::as_str).collect();
-        let pods = vec![
-            Interceptor::start(
-                t.base
-                    .pod_interceptor_cmd(&t.base.pod, &pod_mesh, &resolv, &a),
-                t.base.path("pod-a-ic.log"),
-            ),
-            Interceptor::start(
-                t.pod_b_interceptor_cmd(&pod_mesh, &resolv, &b),
-                t.base.path("pod-b-ic.log"),
-            ),
-        ];
+        let sidecars = vec![sidecar(pod_a, &a_certs), sidecar(pod_b, &b_certs)];
         Self {
-            t,
             vm_certs,
             resolv,
             vm_mesh,
             networks,
             _apps: apps,
-            sidecars: pods,
+            sidecars,
+            t,
         }
     }
 
     fn vm(&self) -> Interceptor {
-        let certs = self.vm_certs.display().to_string();
-        let networks = self.networks.display().to_string();
-        let args = [
-            "--certs",
-            &certs,
-            "--mesh-networks",
-            &networks,
-            "--network",
-            "network-a",
-        ];
         self.t
-            .base
-            .start_interceptor(&self.vm_mesh, &self.resolv, &args)
+            .node("vm")
+            .interceptor()
+            .mesh(&self.vm_mesh)
+            .resolv(&self.resolv)
+            .certs(&self.vm_certs)
+            .arg("--mesh-networks")
+            .arg(&self.networks)
+            .args(["--network", "network-a"])
+            .start()
     }
 
     /// The gateway of network B, reading the same mesh files as the VM.
-    fn gateway(&self) -> Proc {
-        let cmd = self
-            .t
-            .gateway_cmd(&self.vm_mesh, &self.networks, "network-b");
-        let mut p = Proc::spawn("gateway", cmd, self.t.base.path("gateway.log"));
-        p.wait_for_output("gateway ready", 20.0);
-        p
+    fn gateway(&self) -> Interceptor {
+        self.t.node("gw").gateway(
+            &self.vm_mesh,
+            &self.networks,
+            "network-b",
+            &format!("{GW_A}:15443"),
+        )
     }
 
     /// `n` requests by name from the VM's captured cgroup, one connection each: the output
     /// lines, one per request ("<server> GET <path> from <peer>" or a curl error).
     fn curl(&self, host: &str, path: &str, n: usize) -> Vec<String> {
         let script = format!(
-            "mount --bind {} /etc/resolv.conf && for i in $(seq {n}); do curl -sS -m 5 http://{host}:8080{path} 2>&1 || echo FAILED; done",
-            self.resolv.display()
+            "for i in $(seq {n}); do curl -sS -m 5 http://{host}:8080{path} 2>&1 || echo FAILED; done"
         );
-        let (_, out, err) = try_sh(
-            &mut self
-                .t
-                .base
-                .in_cgroup("unshare", &["-m", "sh", "-c", &script]),
-        );
+        let (_, out, err) = try_sh(&mut self.t.node("vm").with_resolv(&self.resolv, &script));
         assert!(err.is_empty(), "{err}");
         out.lines().map(str::to_string).collect()
     }
+}
+
+fn gateway_refused(gw: &Interceptor, reason: &str) -> f64 {
+    gw.counter("interceptor_gateway_refused_total", &[("reason", reason)])
 }
 
 #[test]
@@ -167,13 +153,23 @@ fn a_service_only_in_network_b_is_reached_through_the_gateway_with_tls_only_on_i
     let gw = m.gateway();
     let vm = m.vm();
     // The VM has no way to network B but the gateway.
-    let (routed, _, err) = try_sh(&mut m.t.base.outside("ip", &["route", "get", MultiNet::POD_B]));
+    let (routed, _, err) = try_sh(&mut m.t.node("vm").cmd("ip", &["route", "get", POD_B]));
     assert!(!routed, "the vm must have no route to network B");
     assert!(err.contains("unreachable"), "{err}");
 
-    let (leg_a, leg_b) = m.t.gw_ifaces();
-    let dump_a = Tcpdump::start(&m.t.gw, &leg_a, "tcp", m.t.base.path("leg-a.pcap"));
-    let dump_b = Tcpdump::start(&m.t.gw, &leg_b, "tcp", m.t.base.path("leg-b.pcap"));
+    let gw_node = m.t.node("gw");
+    let dump_a = Tcpdump::start(
+        &gw_node.ns,
+        gw_node.iface("a"),
+        "tcp",
+        m.t.path("leg-a.pcap"),
+    );
+    let dump_b = Tcpdump::start(
+        &gw_node.ns,
+        gw_node.iface("b"),
+        "tcp",
+        m.t.path("leg-b.pcap"),
+    );
     let out = m.curl(ONLY_B, "/secret-plaintext-marker", 1);
     let (pcap_a, pcap_b) = (dump_a.stop(), dump_b.stop());
     assert_eq!(out.len(), 1, "{out:?}");
@@ -208,27 +204,27 @@ fn a_service_only_in_network_b_is_reached_through_the_gateway_with_tls_only_on_i
         vm.log()
     );
     assert!(
-        gw.output().contains(&format!("sni=\"{SNI_ONLY_B}\"")),
+        gw.log().contains(&format!("sni=\"{SNI_ONLY_B}\"")),
         "{}",
-        gw.output()
+        gw.log()
     );
     // pod-b's sidecar terminated the VM's mTLS: the identity crossed the gateway intact.
+    let vm_id = format!("{TD}/vm");
     assert!(
-        m.sidecars[1].wait_log_count(&format!("identity=\"{TD}/vm\""), 1, 5.0),
+        wait_for(5.0, || (m.sidecars[1].counter(
+            "istio_tcp_connections_closed_total",
+            &[("reporter", "destination"), ("source_principal", &vm_id)]
+        ) == 1.0)
+            .then_some(()))
+        .is_some(),
         "{}",
         m.sidecars[1].log()
     );
-    // Its own admin endpoint counts the relayed connection.
-    let metrics = interceptor_tests::sh(m.t.gw.cmd("curl").args([
-        "-sS",
-        "-m",
-        "5",
-        "http://127.0.0.1:15020/stats/prometheus",
-    ]));
-    assert!(metrics.contains(&format!("istio_tcp_connections_closed_total{{reporter=\"gateway\",destination_service=\"{ONLY_B}\",connection_security_policy=\"mutual_tls\"}} 1")), "{metrics}");
+    // Its own admin endpoint counts the relayed connection; it saw neither identity.
+    assert!(gw.metrics().0.contains(&format!("istio_tcp_connections_closed_total{{reporter=\"gateway\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"{ONLY_B}\",connection_security_policy=\"mutual_tls\"}} 1")), "{}", gw.metrics().0);
     // The gateway held no capability at all.
     let status =
-        std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).expect("gateway status");
+        std::fs::read_to_string(format!("/proc/{}/status", gw.proc.pid())).expect("gateway status");
     assert!(
         status.lines().any(|l| l == "CapEff:\t0000000000000000"),
         "{status}"
@@ -243,15 +239,19 @@ fn the_vm_checks_pod_b_identity_end_to_end_not_the_gateway() {
     assert!(m.curl(ONLY_B, "/right", 1)[0].starts_with("pod-b GET /right"));
     // The table now says onlyb runs as another service account: pod-b's real certificate no
     // longer matches, and the gateway (which has no certificate) cannot stand in for it.
+    let version = vm.table_version();
     std::fs::write(&m.vm_mesh, mesh("impostor")).expect("edit mesh");
+    assert!(vm.wait_table_after(version, 10.0), "{}", vm.log());
+    let out = m.curl(ONLY_B, "/wrong", 1);
+    assert!(!out[0].contains("pod-b GET"), "{out:?}");
     assert!(
-        vm.wait_log_count("mesh table reloaded", 1, 10.0),
+        vm.counter(
+            "interceptor_endpoint_failures_total",
+            &[("reason", "server_certificate")]
+        ) >= 1.0,
         "{}",
         vm.log()
     );
-    let out = m.curl(ONLY_B, "/wrong", 1);
-    assert!(!out[0].contains("pod-b GET"), "{out:?}");
-    assert!(vm.wait_log_count("is not one of", 1, 5.0), "{}", vm.log());
     let refusal = vm
         .log()
         .lines()
@@ -296,11 +296,11 @@ fn the_gateway_refuses_bad_hellos_and_keeps_serving() {
     let m = Mesh::new();
     let gw = m.gateway();
     let _vm = m.vm();
-    let gw_addr = format!("{}:15443", MultiNet::GW_A);
+    let gw_addr = format!("{GW_A}:15443");
     // A real TLS client with the VM's certificate and the right SNI: the handshake goes through
     // the gateway to pod-b's sidecar, whose certificate comes back.
     let s_client = |sni: &str, alpn: &str| {
-        let mut c = m.t.base.outside(
+        let mut c = m.t.node("vm").cmd(
             "openssl",
             &[
                 "s_client",
@@ -336,10 +336,9 @@ fn the_gateway_refuses_bad_hellos_and_keeps_serving() {
         "\\026\\003\\001\\000\\005hello",
     ] {
         let script = format!(
-            "exec 3<>/dev/tcp/{}/15443; printf '{garbage}' >&3; timeout 5 cat <&3; echo closed",
-            MultiNet::GW_A
+            "exec 3<>/dev/tcp/{GW_A}/15443; printf '{garbage}' >&3; timeout 5 cat <&3; echo closed"
         );
-        let (_, out, _) = try_sh(&mut m.t.base.outside("bash", &["-c", &script]));
+        let (_, out, _) = try_sh(&mut m.t.node("vm").cmd("bash", &["-c", &script]));
         assert_eq!(
             out.trim(),
             "closed",
@@ -347,18 +346,19 @@ fn the_gateway_refuses_bad_hellos_and_keeps_serving() {
         );
     }
     for reason in [
-        "no istio ALPN",
-        "unknown host",
-        "has no port 9999",
-        "not TLS",
-        "malformed ClientHello",
+        "no_istio_alpn",
+        "unknown_host",
+        "unknown_port",
+        "not_tls",
+        "malformed_hello",
     ] {
         assert!(
-            wait_for(5.0, || gw.output().contains(reason).then_some(())).is_some(),
+            wait_for(5.0, || (gateway_refused(&gw, reason) == 1.0).then_some(())).is_some(),
             "{reason}: {}",
-            gw.output()
+            gw.log()
         );
     }
+    assert_eq!(gw.readiness(), Some(200));
     // Still serving.
     assert!(m.curl(ONLY_B, "/after", 1)[0].starts_with("pod-b GET /after"));
 }

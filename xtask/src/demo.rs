@@ -7,11 +7,14 @@ use std::path::Path;
 use std::process::Command;
 
 use interceptor_tests::certs::{Ca, Key};
-use interceptor_tests::{sh, Interceptor, MultiNet, Proc, Subnet};
+use interceptor_tests::{sh, Subnet, Topology};
 
 use crate::{build, setup};
 
 const TD: &str = "spiffe://cluster.local/ns/default/sa";
+/// pod-b in network B, and the gateway's leg in network A.
+const POD_B: &str = "10.88.0.2";
+const GW_A: &str = "10.77.0.3";
 
 /// The mesh as the VM (and the gateway) see it: `product` has a pod in the VM's network,
 /// `reviews` only one in network B. Both pods run a sidecar (tlsMode istio).
@@ -30,8 +33,8 @@ fn mesh() -> String {
         "# The mesh as the VM sees it.\n".to_string(),
         service("product"),
         service("reviews"),
-        pod("product-pod-a", "product", Subnet::POD4),
-        pod("reviews-pod-b", "reviews", MultiNet::POD_B),
+        pod("product-pod-a", "product", "10.77.0.2"),
+        pod("reviews-pod-b", "reviews", POD_B),
     ]
     .concat()
 }
@@ -49,8 +52,15 @@ pub fn run() -> anyhow::Result<()> {
     let dir = build(false)?;
     let bin = dir.join("interceptor");
     std::env::set_var("INTERCEPTOR_BIN", &bin);
-    let t = MultiNet::new();
-    let b = &t.base;
+    let b = Topology::new()
+        .network("a")
+        .network("b")
+        .node("vm", &["a"])
+        .node("pod", &["a"])
+        .node("gw", &["a", "b"])
+        .node("pod-b", &["b"])
+        .build();
+    let vm = b.node("vm");
     let ca = Ca::new("cluster.local root");
     let vm_certs = ca.issue(&b.path("vm-certs"), &format!("{TD}/vm"), Key::Ecdsa);
     let a_certs = ca.issue(&b.path("a-certs"), &format!("{TD}/product"), Key::Ecdsa);
@@ -59,8 +69,7 @@ pub fn run() -> anyhow::Result<()> {
     let networks = b.write(
         "networks.yaml",
         &format!(
-            "networks:\n  network-a:\n    endpoints: [{{fromCidr: 10.77.0.0/24}}]\n  network-b:\n    endpoints: [{{fromCidr: 10.88.0.0/24}}]\n    gateways: [{{address: {}, port: 15443}}]\n",
-            MultiNet::GW_A
+            "networks:\n  network-a:\n    endpoints: [{{fromCidr: 10.77.0.0/24}}]\n  network-b:\n    endpoints: [{{fromCidr: 10.88.0.0/24}}]\n    gateways: [{{address: {GW_A}, port: 15443}}]\n"
         ),
     );
     // The VM's resolver points at a nameserver that does not exist: every answer below comes
@@ -73,50 +82,33 @@ pub fn run() -> anyhow::Result<()> {
 
     // The pods: an app behind a sidecar (interceptor with inbound mTLS) each.
     let _apps = [
-        b.pod_http("product-pod-a", &["10.77.0.2:8080"]),
-        b.http_in(
-            &t.pod_b,
-            "reviews-pod-b",
-            &[&format!("{}:8080", MultiNet::POD_B)],
-        ),
+        b.node("pod").http("product-pod-a", &["10.77.0.2:8080"]),
+        b.node("pod-b")
+            .http("reviews-pod-b", &[&format!("{POD_B}:8080")]),
     ];
-    let sidecar = |certs: &Path| {
-        let c = certs.to_str().unwrap_or_default().to_string();
-        vec![
-            "--certs".to_string(),
-            c,
-            "--inbound-ports".into(),
-            "8080".into(),
-        ]
+    let sidecar = |node: &str, certs: &Path| {
+        b.node(node)
+            .interceptor()
+            .mesh(&inbound_only)
+            .resolv(&resolv)
+            .certs(certs)
+            .args(["--inbound-ports", "8080"])
+            .log(&format!("{node}-sidecar"))
+            .start()
     };
-    let (a_args, b_args) = (sidecar(&a_certs), sidecar(&b_certs));
-    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
-    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
-    let sidecars = [
-        Interceptor::start(
-            b.pod_interceptor_cmd(&b.pod, &inbound_only, &resolv, &a_args),
-            b.path("pod-a-sidecar.log"),
-        ),
-        Interceptor::start(
-            t.pod_b_interceptor_cmd(&inbound_only, &resolv, &b_args),
-            b.path("pod-b-sidecar.log"),
-        ),
-    ];
-    let mut gw = Proc::spawn(
-        "gateway",
-        t.gateway_cmd(&mesh, &networks, "network-b"),
-        b.path("gateway.log"),
-    );
-    gw.wait_for_output("gateway ready", 20.0);
-    let vm_args = [
-        "--certs",
-        vm_certs.to_str().unwrap_or_default(),
-        "--mesh-networks",
-        networks.to_str().unwrap_or_default(),
-        "--network",
-        "network-a",
-    ];
-    let ic = b.start_interceptor(&mesh, &resolv, &vm_args);
+    let sidecars = [sidecar("pod", &a_certs), sidecar("pod-b", &b_certs)];
+    let gw = b
+        .node("gw")
+        .gateway(&mesh, &networks, "network-b", &format!("{GW_A}:15443"));
+    let ic = vm
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .certs(&vm_certs)
+        .arg("--mesh-networks")
+        .arg(&networks)
+        .args(["--network", "network-a"])
+        .start();
 
     show(
         "mesh table (interceptor check)",
@@ -131,18 +123,19 @@ pub fn run() -> anyhow::Result<()> {
         "http://product:8080/short-name",
         "http://reviews:8080/across-networks",
     ] {
-        let script = format!(
-            "mount --bind {} /etc/resolv.conf && exec curl -sS -m 5 {url}",
-            resolv.display()
-        );
         show(
             &format!(
                 "curl {url}   (in the VM's captured cgroup; the app sees its sidecar, 127.0.0.6)"
             ),
-            &sh(&mut b.in_cgroup("unshare", &["-m", "sh", "-c", &script])),
+            &sh(&mut vm.with_resolv(&resolv, &format!("exec curl -sS -m 5 {url}"))),
         );
     }
-    ic.wait_log_count("outbound connection closed", 3, 5.0);
+    ic.wait_counter(
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "source")],
+        3.0,
+        5.0,
+    );
     let pick = |log: &str, needles: &[&str]| -> String {
         log.lines()
             .filter(|l| needles.iter().any(|n| l.contains(n)))
@@ -155,14 +148,14 @@ pub fn run() -> anyhow::Result<()> {
     );
     show(
         "gateway log (routes by SNI, never decrypts)",
-        &pick(&gw.output(), &["gateway connection "]),
+        &pick(&gw.log(), &["gateway connection "]),
     );
     show(
         "pod-b sidecar log (the VM's identity arrived intact)",
         &pick(&sidecars[1].log(), &["inbound connection"]),
     );
     let cli = |args: &[&str]| {
-        let mut c = b.vm.cmd(bin.to_str().unwrap_or_default());
+        let mut c = vm.ns.cmd(bin.to_str().unwrap_or_default());
         c.args(args);
         sh(&mut c)
     };
@@ -171,10 +164,9 @@ pub fn run() -> anyhow::Result<()> {
         &cli(&["explain", "reviews:8080"]),
     );
     show("interceptor status", &cli(&["status"]));
-    let metrics = sh(&mut b.outside("curl", &["-sS", "http://127.0.0.1:15020/stats/prometheus"]));
     show(
         "curl 127.0.0.1:15020/stats/prometheus | grep istio_tcp_connections_opened",
-        &pick(&metrics, &["istio_tcp_connections_opened_total{"]),
+        &pick(&ic.metrics().0, &["istio_tcp_connections_opened_total{"]),
     );
     println!("\ndemo done: namespaces, cgroups and processes are removed now");
     Ok(())

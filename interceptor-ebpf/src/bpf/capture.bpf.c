@@ -8,3 +8,7 @@
 #include "sk_lookup.c"
 
 char LICENSE[] SEC("license") = "GPL";
+
+/* Read by no program: it puts enum abi_constant into the object's BTF, where tests/abi.rs
+ * checks the values against abi.rs. */
+const volatile enum abi_constant abi_constants = SSH_PORT;

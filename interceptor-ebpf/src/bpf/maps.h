@@ -3,7 +3,7 @@
 #include "common.h"
 
 /* Mesh service addresses to capture (VIP, service port). Value is reserved (0).
- * Writer: daemon, capture::Maps::sync_vips keeps it equal to the mesh table.
+ * Writer: daemon, capture::Vips::sync keeps it equal to the mesh table.
  * Reader: connect4/connect6. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -25,7 +25,7 @@ struct {
 
 /* Original destination of a connection to the outbound listener, by the client's own
  * (address, port): what the proxy sees as the peer of the accepted socket.
- * Writer: sockops on ACTIVE_ESTABLISHED. Reader and deleter: daemon (capture::OrigDst). */
+ * Writer: sockops on ACTIVE_ESTABLISHED. Reader and deleter: daemon (capture::OriginalDst). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -34,7 +34,7 @@ struct {
 } orig_by_peer SEC(".maps");
 
 /* Local TCP ports captured inbound, and ports that never are (SSH, admin).
- * Writer: daemon at start. Reader: sk_lookup. */
+ * Writer: daemon at attach (capture::attach_inbound). Reader: sk_lookup. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -42,8 +42,8 @@ struct {
 	__type(value, struct inbound_port);
 } inbound_ports SEC(".maps");
 
-/* The inbound listener socket that sk_lookup steers to. Key 0.
- * Writer: daemon (proxy::Inbound's listener). Reader: sk_lookup. */
+/* The proxy::Inbound listener sockets sk_lookup steers to: key 0 the IPv4 one, key 1 the IPv6
+ * one. Writer: daemon at attach (capture::attach_inbound). Reader: sk_lookup. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
 	__uint(max_entries, 2);

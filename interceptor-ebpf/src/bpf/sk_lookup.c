@@ -2,9 +2,6 @@
  * accepted socket's local address is the original destination. */
 #include "maps.h"
 
-#define SSH_PORT 22
-#define INBOUND_SOURCE4 0x7f000006 /* 127.0.0.6: proxy::Inbound's own connections to the app */
-
 /* "*" on the command line: every port not explicitly excluded. */
 const volatile __u8 inbound_all_ports = 0;
 

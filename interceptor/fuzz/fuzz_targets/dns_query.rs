@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use interceptor::dns::{Server, Upstream};
-use interceptor::mesh::{parse_documents, Options, Resources, Store, Table};
+use interceptor::dns::{Server, Stats, Upstream};
+use interceptor::mesh::{parse_documents, Options, Resources, SourceId, Store};
 use libfuzzer_sys::fuzz_target;
 
 const MESH: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: p, namespace: default}\nspec:\n  hosts: [product.default.svc.cluster.local, '*.wild.example']\n  addresses: [240.240.0.9, 2001:2::9]\n  ports: [{number: 80}]\n  resolution: STATIC\n";
@@ -19,8 +19,14 @@ fn server() -> &'static Arc<Server> {
         let mut errors = Vec::new();
         parse_documents(Path::new("fuzz.yaml"), MESH, "default", &mut res, &mut errors);
         assert!(errors.is_empty());
-        let store = Store::new(Table::build(res, Options::default()));
-        Server::new(store, Upstream::new(vec![], Duration::from_secs(1)), Some("corp.internal".into()))
+        let store = Store::new(Options::default());
+        store.publish(SourceId::Files, res);
+        Server::new(
+            store,
+            Upstream::new(vec![], Duration::from_secs(1)),
+            Some("corp.internal".into()),
+            Arc::new(Stats::default()),
+        )
     })
 }
 

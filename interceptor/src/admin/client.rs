@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
-use super::{Status, Verdict};
+use super::{AnsweredFrom, Status, Verdict};
 
 /// GETs `path` from the admin endpoint at `admin` and parses the JSON answer.
 pub async fn get_json<T: serde::de::DeserializeOwned>(
@@ -36,8 +36,8 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(
 
 pub fn print_explain(v: &Verdict) {
     if let Some(d) = &v.dns {
-        match d.answered_from.as_str() {
-            "mesh table" => {
+        match d.answered_from {
+            AnsweredFrom::MeshTable => {
                 let addrs: Vec<String> = d.addresses.iter().map(ToString::to_string).collect();
                 println!(
                     "DNS: {} is answered from the mesh table (service {}): {}",
@@ -46,7 +46,7 @@ pub fn print_explain(v: &Verdict) {
                     addrs.join(", ")
                 );
             }
-            _ => {
+            AnsweredFrom::Upstream => {
                 let ns: Vec<String> = d.upstream.iter().map(ToString::to_string).collect();
                 println!(
                     "DNS: {} is not in the mesh: forwarded upstream to {}",
@@ -103,7 +103,11 @@ pub fn print_explain(v: &Verdict) {
 }
 
 pub fn print_status(s: &Status) {
-    println!("ready: {}", if s.ready { "yes" } else { "NO" });
+    if s.ready {
+        println!("ready: yes");
+    } else {
+        println!("ready: NO ({})", s.readiness.reason());
+    }
     match &s.capture {
         Some(c) => {
             let cgroup = c.cgroup.as_ref().map(|p| p.display().to_string());
@@ -137,10 +141,28 @@ pub fn print_status(s: &Status) {
         now_unix().saturating_sub(s.table.loaded_unix),
         s.table.reload_errors
     );
+    for (source, st) in &s.sources {
+        println!(
+            "source {source}: {} services, {} workloads, published {}s ago, {} rejected{}",
+            st.services,
+            st.workloads,
+            now_unix().saturating_sub(st.published_unix),
+            st.rejected,
+            if st.shadowed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} hosts shadowed by a source of higher precedence",
+                    st.shadowed.len()
+                )
+            }
+        );
+    }
     match &s.identity {
         Some(id) => println!(
-            "identity: {} valid for {}h{}m",
+            "identity: {} (serial {}) valid for {}h{}m",
             id.spiffe,
+            id.serial,
             id.expires_in_s / 3600,
             id.expires_in_s % 3600 / 60
         ),

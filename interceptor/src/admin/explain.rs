@@ -6,9 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use super::State;
-use crate::mesh::{Service, ServicePort, Table};
-use crate::proxy::pick::{self, Scope};
-use crate::tls;
+use crate::mesh::Table;
+use crate::route::{self, Scope, Skipped, Transport};
+use crate::spiffe::DEFAULT_TRUST_DOMAIN;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Verdict {
@@ -17,11 +17,18 @@ pub struct Verdict {
     pub connections: Vec<ConnectionVerdict>,
 }
 
+/// Where a name's answer comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnsweredFrom {
+    MeshTable,
+    Upstream,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DnsVerdict {
     pub name: String,
-    /// "mesh table" or "upstream".
-    pub answered_from: String,
+    pub answered_from: AnsweredFrom,
     pub service: Option<String>,
     pub addresses: Vec<IpAddr>,
     /// Where a name outside the mesh is forwarded.
@@ -35,7 +42,7 @@ pub struct ConnectionVerdict {
     pub why: String,
     pub service: Option<String>,
     pub routes: Vec<Route>,
-    pub skipped: Vec<pick::Skipped>,
+    pub skipped: Vec<Skipped>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,7 +89,7 @@ pub fn explain(state: &State, target: &str) -> Result<Verdict, String> {
             let v = match table.names.lookup(&name) {
                 Some(e) => DnsVerdict {
                     name,
-                    answered_from: "mesh table".into(),
+                    answered_from: AnsweredFrom::MeshTable,
                     service: Some(e.host.to_string()),
                     addresses: e
                         .v4
@@ -94,7 +101,7 @@ pub fn explain(state: &State, target: &str) -> Result<Verdict, String> {
                 },
                 None => DnsVerdict {
                     name,
-                    answered_from: "upstream".into(),
+                    answered_from: AnsweredFrom::Upstream,
                     service: None,
                     addresses: vec![],
                     upstream: state.nameservers.clone(),
@@ -119,7 +126,7 @@ pub fn explain(state: &State, target: &str) -> Result<Verdict, String> {
 }
 
 fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdict {
-    let attached = state.capture.get().is_some_and(|c| !c.programs.is_empty());
+    let attached = state.capture.info().is_some_and(|c| !c.programs.is_empty());
     let mut v = ConnectionVerdict {
         address: dst,
         captured: false,
@@ -152,49 +159,52 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
         "a mesh service, but this daemon attaches no eBPF (only iptables REDIRECT reaches it)"
             .into()
     };
-    let scope = Scope::Sidecar {
-        network: &state.network,
-        networks: &table.networks,
-    };
-    let (targets, skipped) = pick::candidates(svc, port, scope);
-    v.skipped = skipped;
     let trust_domain = state
         .identity
         .current()
         .map(|id| id.trust_domain().to_string())
-        .unwrap_or_else(|| "cluster.local".into());
-    v.routes = targets
+        .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into());
+    // The very function proxy::Outbound calls for a connection.
+    let plan = route::plan(
+        svc,
+        port,
+        Scope::Sidecar {
+            network: &state.network,
+            networks: &table.networks,
+            trust_domain: &trust_domain,
+        },
+    );
+    v.skipped = plan.skipped;
+    v.routes = plan
+        .targets
         .iter()
-        .map(|(weight, t)| route(svc, port, t, *weight, &trust_domain))
+        .map(|(weight, t)| Route {
+            connect_to: t.endpoint.to_string(),
+            via: match (&t.via, t.gateway_network()) {
+                (_, Some(n)) => format!("gateway of network {n}"),
+                (route::Via::ServiceHost, _) => "the service's host name".into(),
+                _ => "direct".into(),
+            },
+            endpoints: t
+                .workloads()
+                .iter()
+                .map(|w| format!("{} ({})", w.name, w.address))
+                .collect(),
+            weight: *weight,
+            mtls: t.transport.is_mtls(),
+            sni: match &t.transport {
+                Transport::Tls { sni, .. } => Some(sni.to_string()),
+                Transport::Plain => None,
+            },
+            identities: match &t.transport {
+                Transport::Tls { identities, .. } => {
+                    identities.iter().map(ToString::to_string).collect()
+                }
+                Transport::Plain => vec![],
+            },
+        })
         .collect();
     v
-}
-
-fn route(svc: &Service, port: &ServicePort, t: &pick::Target, weight: f64, td: &str) -> Route {
-    let mtls = t.speaks_istio_mtls();
-    Route {
-        connect_to: t.label(),
-        via: match t.gateway_network() {
-            Some(n) => format!("gateway of network {n}"),
-            None => "direct".into(),
-        },
-        endpoints: t
-            .workloads()
-            .iter()
-            .map(|w| format!("{} ({})", w.name, w.address))
-            .collect(),
-        weight,
-        mtls,
-        sni: mtls.then(|| tls::sni(port.number, "", svc.host.as_str())),
-        identities: if mtls {
-            crate::proxy::expected_identities(svc, t.workloads(), td)
-                .iter()
-                .map(ToString::to_string)
-                .collect()
-        } else {
-            vec![]
-        },
-    }
 }
 
 #[cfg(test)]

@@ -1,18 +1,18 @@
 //! The admin endpoint (Istio's port 15020): readiness, Prometheus metrics, a config dump, and
 //! the daemon's side of `interceptor explain` and `interceptor status`. It only reads: the mesh
-//! table, the identity, counters and what `run` reports about capture.
+//! table, the identity, counters, readiness and capture's status, all handed in when it is made.
 
 mod client;
 mod explain;
 
 pub use client::{get_json, print_explain, print_status};
-pub use explain::{explain, Verdict};
+pub use explain::{explain, AnsweredFrom, Verdict};
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -28,69 +28,42 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use crate::capture;
 use crate::dns;
 use crate::identity;
-use crate::mesh::Store;
+use crate::mesh::{SourceId, SourceStatus, Store};
 use crate::metrics::Metrics;
+use crate::readiness::{Readiness, ReadinessState};
 
-/// What capture attached, once it has.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
-pub struct CaptureInfo {
-    pub cgroup: Option<PathBuf>,
-    pub programs: Vec<String>,
-    pub inbound_ports: Vec<u16>,
-    pub inbound_all: bool,
-}
-
-/// Everything the admin endpoint reads. Data paths and sources own the values; `run` hands
-/// shared handles in and flips `ready`.
+/// Everything the admin endpoint reads. The daemon's parts own the values and share them.
 pub struct State {
     pub store: Arc<Store>,
     pub identity: Arc<identity::Store>,
     pub metrics: Arc<Metrics>,
-    pub dns: OnceLock<Arc<dns::Server>>,
-    pub capture: OnceLock<CaptureInfo>,
-    /// Entries in the kernel's VIP map after the last sync.
-    pub captured_vips: AtomicUsize,
-    pub ready: AtomicBool,
+    pub readiness: Arc<Readiness>,
+    /// None in a process without a DNS server (the gateway).
+    pub dns: Option<Arc<dns::Stats>>,
+    pub capture: Arc<capture::Status>,
     pub network: String,
     pub nameservers: Vec<SocketAddr>,
     pub started: SystemTime,
 }
 
 impl State {
-    pub fn new(
-        store: Arc<Store>,
-        identity: Arc<identity::Store>,
-        metrics: Arc<Metrics>,
-        network: String,
-        nameservers: Vec<SocketAddr>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            store,
-            identity,
-            metrics,
-            dns: OnceLock::new(),
-            capture: OnceLock::new(),
-            captured_vips: AtomicUsize::new(0),
-            ready: AtomicBool::new(false),
-            network,
-            nameservers,
-            started: SystemTime::now(),
-        })
-    }
-
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.readiness.is_ready()
     }
 
     fn status(&self) -> Status {
         let table = self.store.load();
         let id = self.identity.current();
+        let readiness = self.readiness.state();
         Status {
-            ready: self.is_ready(),
-            capture: self.capture.get().cloned(),
-            captured_vips: self.captured_vips.load(Ordering::Relaxed),
+            ready: readiness.is_ready(),
+            readiness,
+            capture: self.capture.info(),
+            captured_vips: self.capture.vips(),
+            sources: self.store.sources(),
             table: TableStatus {
                 version: table.version,
                 loaded_unix: table.loaded_unix,
@@ -101,6 +74,7 @@ impl State {
             },
             identity: id.map(|id| IdentityStatus {
                 spiffe: id.spiffe.to_string(),
+                serial: id.serial.clone(),
                 not_after_unix: unix(id.not_after),
                 expires_in_s: id.expires_in().as_secs(),
             }),
@@ -120,8 +94,11 @@ fn unix(t: SystemTime) -> u64 {
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct Status {
     pub ready: bool,
-    pub capture: Option<CaptureInfo>,
+    pub readiness: ReadinessState,
+    pub capture: Option<capture::Info>,
     pub captured_vips: usize,
+    #[serde(default)]
+    pub sources: BTreeMap<SourceId, SourceStatus>,
     pub table: TableStatus,
     pub identity: Option<IdentityStatus>,
     pub network: String,
@@ -142,6 +119,8 @@ pub struct TableStatus {
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct IdentityStatus {
     pub spiffe: String,
+    #[serde(default)]
+    pub serial: String,
     pub not_after_unix: u64,
     pub expires_in_s: u64,
 }
@@ -192,13 +171,13 @@ impl Collector for Pulled {
             &mut e,
             "interceptor_capture_vips",
             "(VIP, port) entries in the kernel capture map",
-            s.captured_vips.load(Ordering::Relaxed) as i64,
+            s.capture.vips() as i64,
         )?;
         gauge(
             &mut e,
             "interceptor_capture_programs",
             "BPF programs attached",
-            s.capture.get().map_or(0, |c| c.programs.len()) as i64,
+            s.capture.info().map_or(0, |c| c.programs.len()) as i64,
         )?;
         if let Some(id) = s.identity.current() {
             gauge(
@@ -215,8 +194,7 @@ impl Collector for Pulled {
             None,
             c.metric_type(),
         )?)?;
-        if let Some(dns) = s.dns.get() {
-            let st = &dns.stats;
+        if let Some(st) = &s.dns {
             let mut family = e.encode_descriptor(
                 "interceptor_dns_requests",
                 "DNS queries by how they were answered",
@@ -254,7 +232,7 @@ impl Server {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        crate::proxy::accept_loop(listener, "admin", move |stream, _| {
+        crate::net::accept_loop(listener, "admin", move |stream, _| {
             let this = self.clone();
             async move {
                 let service = hyper::service::service_fn(move |req| {
@@ -278,10 +256,14 @@ impl Server {
         }
         match req.uri().path() {
             "/healthz/ready" => {
-                if self.state.is_ready() {
+                let r = self.state.readiness.state();
+                if r.is_ready() {
                     text(StatusCode::OK, "ready\n".into())
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {}\n", r.reason()),
+                    )
                 }
             }
             "/stats/prometheus" => {

@@ -13,6 +13,8 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use aya::maps::SockMap;
 use aya::maps::{HashMap, MapData};
@@ -21,6 +23,7 @@ use aya::{Ebpf, EbpfLoader};
 use interceptor_ebpf::abi::{InboundPort, IpPort, INBOUND_CAPTURE, INBOUND_EXCLUDE};
 use interceptor_ebpf::{globals, maps, programs};
 
+use crate::config::{InboundPorts, Ports};
 use crate::mesh::Table;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,20 +79,45 @@ fn program_error(program: &'static str, e: ProgramError) -> Error {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub cgroup: PathBuf,
-    pub outbound_port: u16,
-    pub dns_port: u16,
-    pub inbound_port: u16,
+    pub ports: Ports,
     /// Inbound capture (sk_lookup in this process's network namespace), if any.
-    pub inbound: Option<Inbound>,
+    pub inbound: Option<InboundPorts>,
 }
 
-#[derive(Clone, Debug)]
-pub struct Inbound {
-    /// Ports captured; ignored when `all`.
-    pub ports: Vec<u16>,
-    pub all: bool,
-    /// Never captured, whatever `ports` says (SSH and our own ports are added by the caller).
-    pub exclude: Vec<u16>,
+/// What capture attached, for status and metrics.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Info {
+    pub cgroup: Option<PathBuf>,
+    pub programs: Vec<String>,
+    pub inbound_ports: Vec<u16>,
+    pub inbound_all: bool,
+}
+
+/// Capture's state as the admin endpoint reads it: written at attach and on every sync.
+#[derive(Default)]
+pub struct Status {
+    info: Mutex<Option<Info>>,
+    vips: AtomicUsize,
+}
+
+impl Status {
+    pub fn set(&self, info: Info) {
+        *self.info.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+
+    /// None until capture is attached (or decided against).
+    pub fn info(&self) -> Option<Info> {
+        self.info.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_vips(&self, n: usize) {
+        self.vips.store(n, Ordering::Relaxed);
+    }
+
+    /// Entries in the kernel's VIP map after the last sync.
+    pub fn vips(&self) -> usize {
+        self.vips.load(Ordering::Relaxed)
+    }
 }
 
 fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
@@ -122,9 +150,9 @@ impl Capture {
         let tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::DAEMON_TGID, &tgid, true)
-            .override_global(globals::OUTBOUND_PORT, &settings.outbound_port, true)
-            .override_global(globals::DNS_PORT, &settings.dns_port, true)
-            .override_global(globals::INBOUND_PORT, &settings.inbound_port, true)
+            .override_global(globals::OUTBOUND_PORT, &settings.ports.outbound, true)
+            .override_global(globals::DNS_PORT, &settings.ports.dns, true)
+            .override_global(globals::INBOUND_PORT, &settings.ports.inbound, true)
             .override_global(
                 globals::INBOUND_ALL_PORTS,
                 &u8::from(settings.inbound.as_ref().is_some_and(|i| i.all)),
@@ -191,6 +219,16 @@ impl Capture {
     pub fn programs(&self) -> &[&'static str] {
         &self.attached
     }
+
+    /// What is attached, for status.
+    pub fn info(&self, inbound: Option<&InboundPorts>) -> Info {
+        Info {
+            cgroup: Some(self.cgroup.clone()),
+            programs: self.attached.iter().map(|p| p.to_string()).collect(),
+            inbound_ports: inbound.map(|i| i.ports.clone()).unwrap_or_default(),
+            inbound_all: inbound.is_some_and(|i| i.all),
+        }
+    }
 }
 
 impl Drop for Capture {
@@ -209,7 +247,11 @@ impl AsRawFd for Fd {
 }
 
 /// Port policy and listeners first, then the program: it must never see a half-filled policy.
-fn attach_inbound(ebpf: &mut Ebpf, inbound: &Inbound, listeners: &[RawFd]) -> Result<(), Error> {
+fn attach_inbound(
+    ebpf: &mut Ebpf,
+    inbound: &InboundPorts,
+    listeners: &[RawFd],
+) -> Result<(), Error> {
     let mut ports: HashMap<&mut MapData, u16, InboundPort> = HashMap::try_from(
         ebpf.map_mut(maps::INBOUND_PORTS)
             .ok_or(Error::MapMissing(maps::INBOUND_PORTS))?,

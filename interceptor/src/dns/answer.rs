@@ -128,28 +128,13 @@ pub fn encode(mut resp: Message, max: usize) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::{Host, Location, Resolution, Service, ServicePort};
+    use crate::mesh::Host;
     use hickory_proto::op::Query;
 
     fn names() -> NameTable {
-        let svc = Service {
-            host: Host::new("product.default.svc.cluster.local"),
-            origin: "default/product".into(),
-            namespace: "default".into(),
-            vips: vec!["240.240.0.5".parse().unwrap()],
-            auto_allocated: false,
-            ports: vec![ServicePort {
-                number: 80,
-                name: "http".into(),
-                protocol: "HTTP".into(),
-                target_port: None,
-            }],
-            resolution: Resolution::Static,
-            location: Location::MeshInternal,
-            subject_alt_names: vec![],
-            endpoints: vec![],
-        };
-        NameTable::build([&svc], "default", "cluster.local")
+        let host = Host::new("product.default.svc.cluster.local");
+        let vips: Vec<std::net::IpAddr> = vec!["240.240.0.5".parse().unwrap()];
+        NameTable::build([(&host, vips.as_slice())], "default", "cluster.local")
     }
 
     fn query(name: &str, t: RecordType) -> Message {

@@ -4,9 +4,8 @@
 mod answer;
 mod upstream;
 
-pub use upstream::{ResolvConf, Upstream};
+pub use upstream::{ResolvConf, ResolvError, Upstream};
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -60,16 +59,21 @@ pub struct Server {
     upstream: Upstream,
     /// The first search domain of the VM's resolv.conf (for the CNAME rule).
     search_domain: Option<String>,
-    pub stats: Stats,
+    stats: Arc<Stats>,
 }
 
 impl Server {
-    pub fn new(store: Arc<Store>, upstream: Upstream, search_domain: Option<String>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        upstream: Upstream,
+        search_domain: Option<String>,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             upstream,
             search_domain,
-            stats: Stats::default(),
+            stats,
         })
     }
 
@@ -169,18 +173,11 @@ impl Server {
     }
 
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.tcp_connection(stream).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "DNS TCP accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
+        crate::net::accept_loop(listener, "dns", move |stream, _| {
+            let this = self.clone();
+            async move { this.tcp_connection(stream).await }
+        })
+        .await
     }
 
     /// Queries on one connection are answered as they complete (RFC 7766 pipelining): a slow
@@ -222,21 +219,4 @@ fn max_size(query: &Message, tcp: bool) -> usize {
     } else {
         usize::from(query.max_payload())
     }
-}
-
-/// UDP sockets for `addr`, one per core with SO_REUSEPORT so queries spread across cores.
-pub fn bind_udp(addr: SocketAddr, count: usize) -> std::io::Result<Vec<UdpSocket>> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let mut out = Vec::new();
-    for _ in 0..count.max(1) {
-        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
-        }
-        s.set_reuse_port(true)?;
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
-        out.push(UdpSocket::from_std(s.into())?);
-    }
-    Ok(out)
 }

@@ -16,11 +16,34 @@ pub struct ResolvConf {
     pub search: Vec<String>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ResolvError {
+    #[error("{}: {source}", file.display())]
+    Read {
+        file: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", file.display())]
+    Parse {
+        file: std::path::PathBuf,
+        source: resolv_conf::ParseError,
+    },
+}
+
 impl ResolvConf {
-    pub fn read(path: &Path) -> Result<Self, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let conf =
-            resolv_conf::Config::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn read(path: &Path) -> Result<Self, ResolvError> {
+        let bytes = std::fs::read(path).map_err(|source| ResolvError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&bytes).map_err(|source| ResolvError::Parse {
+            file: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Self, resolv_conf::ParseError> {
+        let conf = resolv_conf::Config::parse(bytes)?;
         let nameservers = conf
             .nameservers
             .iter()

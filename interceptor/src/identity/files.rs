@@ -2,24 +2,22 @@
 //! root-cert.pem. Checked on load; reloaded when the files change.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use notify::{RecursiveMode, Watcher};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::sign::CertifiedKey;
-use x509_parser::prelude::{FromDer, X509Certificate};
-
-use super::spiffe::uri_sans;
-use super::{Error, Identity, Store};
+use super::{Error, Identity, Part, Provider, Store};
+use crate::watch::FileWatch;
 
 pub const CERT_CHAIN: &str = "cert-chain.pem";
 pub const KEY: &str = "key.pem";
 pub const ROOT_CERT: &str = "root-cert.pem";
 
+/// Rotation writes three files: how long to let the burst settle.
+const SETTLE: Duration = Duration::from_millis(200);
+
 pub struct FileProvider {
     dir: PathBuf,
+    current: Mutex<Option<Arc<Identity>>>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
@@ -32,180 +30,132 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
     })
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let pem = read(path)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| Error::Invalid {
-            file: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(Error::Invalid {
-            file: path.to_path_buf(),
-            message: "no PEM certificate".into(),
-        });
-    }
-    Ok(certs)
-}
-
 impl FileProvider {
     pub fn new(dir: PathBuf) -> Self {
-        Self { dir }
+        Self {
+            dir,
+            current: Mutex::new(None),
+        }
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads and checks the three files; errors name the file at fault.
     pub fn load(&self) -> Result<Identity, Error> {
-        let (chain_file, key_file, root_file) = (
-            self.dir.join(CERT_CHAIN),
-            self.dir.join(KEY),
-            self.dir.join(ROOT_CERT),
+        let file = |part: Part| {
+            self.dir.join(match part {
+                Part::Chain => CERT_CHAIN,
+                Part::Key => KEY,
+                Part::Roots => ROOT_CERT,
+            })
+        };
+        let (chain, key, roots) = (
+            read(&file(Part::Chain))?,
+            read(&file(Part::Key))?,
+            read(&file(Part::Roots))?,
         );
-        let chain = certs(&chain_file)?;
-        let roots = certs(&root_file)?;
-        let key_pem = read(&key_file)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| Error::Invalid {
-            file: key_file.clone(),
-            message: format!("no usable private key: {e}"),
-        })?;
-
-        let leaf = &chain[0];
-        let (_, parsed) = X509Certificate::from_der(leaf).map_err(|e| Error::Invalid {
-            file: chain_file.clone(),
-            message: format!("leaf certificate: {e}"),
-        })?;
-        let validity = parsed.validity();
-        let not_after = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(validity.not_after.timestamp().max(0) as u64);
-        let not_before = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(validity.not_before.timestamp().max(0) as u64);
-        let now = SystemTime::now();
-        if now > not_after {
-            return Err(Error::Expired {
-                file: chain_file,
-                not_after: validity.not_after.to_string(),
-            });
-        }
-        if now < not_before {
-            return Err(Error::NotYetValid {
-                file: chain_file,
-                not_before: validity.not_before.to_string(),
-            });
-        }
-        let spiffe = uri_sans(leaf)
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::NoSpiffe(chain_file.clone()))?;
-
-        let provider = crate::tls::provider();
-        let signer = provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| Error::Invalid {
-                file: key_file.clone(),
-                message: e.to_string(),
-            })?;
-        let certified = CertifiedKey::new(chain, signer);
-        certified.keys_match().map_err(|_| Error::KeyMismatch {
-            key: key_file,
-            cert: chain_file.clone(),
-        })?;
-
-        let mut store = rustls::RootCertStore::empty();
-        for r in roots {
-            store.add(r).map_err(|e| Error::Invalid {
-                file: root_file.clone(),
-                message: e.to_string(),
-            })?;
-        }
-        Identity::new(spiffe, Arc::new(certified), Arc::new(store), not_after)
+        Identity::from_pem(&chain, &key, &roots).map_err(|source| Error::Pem {
+            file: file(source.part()),
+            source,
+        })
     }
 
-    /// Reloads into `store` whenever a file in the directory changes. A bad set of files is
-    /// reported and the identity in force stays; existing connections are never touched.
-    pub fn watch(self, store: Arc<Store>) -> notify::Result<tokio::task::JoinHandle<()>> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if matches!(ev, Ok(ref e) if !e.kind.is_access()) {
-                let _ = tx.send(());
-            }
-        })?;
-        watcher.watch(&self.dir, RecursiveMode::NonRecursive)?;
-        Ok(tokio::spawn(async move {
-            let _watcher = watcher;
-            while rx.recv().await.is_some() {
-                // Rotation writes three files: wait for the burst to end.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                while rx.try_recv().is_ok() {}
-                match self.load() {
+    /// Loads into `store` now.
+    pub fn load_into(&self, store: &Store) -> Result<Arc<Identity>, Error> {
+        let id = store.set(self.load()?)?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Starts watching the directory now; the returned future reloads into `store` whenever a
+    /// file in it changes, until dropped. A bad set of files is reported and the identity in
+    /// force stays; existing connections are never touched.
+    pub fn watch(
+        self: Arc<Self>,
+        store: Arc<Store>,
+    ) -> notify::Result<impl std::future::Future<Output = ()> + Send> {
+        let mut changes = FileWatch::new(std::slice::from_ref(&self.dir), |_| true, SETTLE)?;
+        Ok(async move {
+            while changes.changed().await.is_some() {
+                match self.load_into(&store) {
                     Ok(id) => {
-                        tracing::info!(spiffe = %id.spiffe, expires_in_s = id.expires_in().as_secs(), "identity reloaded");
-                        store.set(id);
+                        tracing::info!(spiffe = %id.spiffe, serial = %id.serial, expires_in_s = id.expires_in().as_secs(), "identity reloaded")
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "identity reload rejected; keeping the current certificate")
                     }
                 }
             }
-        }))
+        })
+    }
+}
+
+impl Provider for FileProvider {
+    fn name(&self) -> &'static str {
+        "files"
+    }
+
+    fn current(&self) -> Option<Arc<Identity>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whoever writes the files renews them; we follow.
+    fn renew_at(&self) -> Option<SystemTime> {
+        None
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::pem;
+    use super::super::PemError;
     use super::*;
-    use rcgen::{CertificateParams, KeyPair, SanType};
 
-    /// Writes a self-signed leaf (it is its own root) with the given SAN and validity.
-    fn write(dir: &Path, san: Option<&str>, expired: bool) -> KeyPair {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::default();
-        if let Some(s) = san {
-            p.subject_alt_names = vec![SanType::URI(s.try_into().unwrap())];
-        }
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let cert = p.self_signed(&key).unwrap();
-        std::fs::write(dir.join(CERT_CHAIN), cert.pem()).unwrap();
-        std::fs::write(dir.join(KEY), key.serialize_pem()).unwrap();
-        std::fs::write(dir.join(ROOT_CERT), cert.pem()).unwrap();
-        key
+    fn write(dir: &Path, san: Option<&str>, expired: bool) {
+        let (c, k, r) = pem(san, expired);
+        std::fs::write(dir.join(CERT_CHAIN), c).unwrap();
+        std::fs::write(dir.join(KEY), k).unwrap();
+        std::fs::write(dir.join(ROOT_CERT), r).unwrap();
     }
 
     #[test]
-    fn loads_and_names_the_trust_domain() {
-        let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), Some("spiffe://example.org/ns/a/sa/b"), false);
-        let id = FileProvider::new(dir.path().into()).load().unwrap();
-        assert_eq!(id.trust_domain(), "example.org");
-        assert!(id.expires_in() > Duration::from_secs(3600));
-    }
-
-    #[test]
-    fn clear_errors() {
+    fn errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = FileProvider::new(dir.path().into());
         assert!(matches!(p.load(), Err(Error::Missing(f)) if f.ends_with(CERT_CHAIN)));
 
         write(dir.path(), Some("spiffe://example.org/ns/a/sa/b"), false);
+        assert_eq!(p.load().unwrap().trust_domain(), "example.org");
         std::fs::write(
             dir.path().join(KEY),
-            KeyPair::generate().unwrap().serialize_pem(),
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
         )
         .unwrap();
-        assert!(
-            matches!(p.load(), Err(Error::KeyMismatch { .. })),
-            "{:?}",
-            p.load().err()
-        );
+        match p.load() {
+            Err(Error::Pem { file, source }) => {
+                assert!(file.ends_with(KEY));
+                assert_eq!(source, PemError::KeyMismatch);
+            }
+            other => panic!("{other:?}"),
+        }
 
         write(dir.path(), Some("spiffe://example.org/ns/a/sa/b"), true);
         let e = p.load().err().unwrap().to_string();
-        assert!(e.contains("expired"), "{e}");
+        assert!(e.contains("cert-chain.pem") && e.contains("expired"), "{e}");
 
         write(dir.path(), None, false);
-        assert!(matches!(p.load(), Err(Error::NoSpiffe(_))));
+        assert!(matches!(
+            p.load(),
+            Err(Error::Pem {
+                source: PemError::NoSpiffe,
+                ..
+            })
+        ));
 
         std::fs::write(dir.path().join(KEY), "not a key").unwrap();
         assert!(p.load().err().unwrap().to_string().contains("key.pem"));

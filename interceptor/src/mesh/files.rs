@@ -1,22 +1,25 @@
 //! The file source: Istio YAML files and directories on the VM, watched and re-read whole on
-//! change. A bad edit is reported and the table in force stays.
+//! change. A bad edit is reported and the view in force stays.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
-
 use super::istio::parse_documents;
 use super::networks::Networks;
-use super::table::{Options, Resources, Table};
-use super::{Error, Store};
+use super::table::Resources;
+use super::{Error, SourceId, Store};
+use crate::watch::FileWatch;
+
+/// Let a burst of writes settle so a half-written file is not read.
+const SETTLE: Duration = Duration::from_millis(150);
 
 #[derive(Clone, Debug)]
 pub struct FileSource {
     paths: Vec<PathBuf>,
     mesh_networks: Option<PathBuf>,
-    options: Options,
+    /// Namespace of documents that name none.
+    namespace: String,
 }
 
 fn is_mesh_file(p: &Path) -> bool {
@@ -27,11 +30,11 @@ fn is_mesh_file(p: &Path) -> bool {
 }
 
 impl FileSource {
-    pub fn new(paths: Vec<PathBuf>, mesh_networks: Option<PathBuf>, options: Options) -> Self {
+    pub fn new(paths: Vec<PathBuf>, mesh_networks: Option<PathBuf>, namespace: String) -> Self {
         Self {
             paths,
             mesh_networks,
-            options,
+            namespace,
         }
     }
 
@@ -64,15 +67,13 @@ impl FileSource {
         out
     }
 
-    /// Reads everything and builds a table; any error fails the whole load.
-    pub fn load(&self) -> Result<Table, Vec<Error>> {
+    /// Reads everything; any error fails the whole load.
+    pub fn load(&self) -> Result<Resources, Vec<Error>> {
         let mut errors = Vec::new();
         let mut res = Resources::default();
         for file in self.files(&mut errors) {
             match std::fs::read_to_string(&file) {
-                Ok(text) => {
-                    parse_documents(&file, &text, &self.options.namespace, &mut res, &mut errors)
-                }
+                Ok(text) => parse_documents(&file, &text, &self.namespace, &mut res, &mut errors),
                 Err(source) => errors.push(Error::Read { file, source }),
             }
         }
@@ -80,9 +81,9 @@ impl FileSource {
             match std::fs::read_to_string(file) {
                 Ok(text) => match Networks::from_yaml(&text) {
                     Ok(n) => res.networks = n,
-                    Err(message) => errors.push(Error::File {
+                    Err(source) => errors.push(Error::Networks {
                         file: file.clone(),
-                        message,
+                        source,
                     }),
                 },
                 Err(source) => errors.push(Error::Read {
@@ -91,76 +92,58 @@ impl FileSource {
                 }),
             }
         }
-        let result = if errors.is_empty() {
-            Ok(Table::build(res, self.options.clone()))
+        release_freed_memory();
+        if errors.is_empty() {
+            Ok(res)
         } else {
             Err(errors)
-        };
-        release_freed_memory();
-        result
+        }
     }
 
-    /// Reloads into `store` whenever a watched file changes, until the returned task is dropped
-    /// or aborted.
-    pub fn watch(self, store: Arc<Store>) -> notify::Result<tokio::task::JoinHandle<()>> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    /// Loads into `store`, or reports why not (the view in force stays).
+    pub fn load_into(&self, store: &Store) -> Result<u64, Vec<Error>> {
+        match self.load() {
+            Ok(res) => {
+                let (services, workloads) = (res.services.len(), res.workloads.len());
+                let version = store.publish(SourceId::Files, res);
+                tracing::info!(version, services, workloads, "mesh files loaded");
+                Ok(version)
+            }
+            Err(errors) => {
+                store.record_reload_error(SourceId::Files);
+                for e in &errors {
+                    tracing::error!(error = %e, "mesh files rejected");
+                }
+                Err(errors)
+            }
+        }
+    }
+
+    /// Starts watching now (so no change after this call is missed); the returned future
+    /// reloads into `store` on every change, until dropped.
+    pub fn watch(
+        self,
+        store: Arc<Store>,
+    ) -> notify::Result<impl std::future::Future<Output = ()> + Send> {
         let mut watched: Vec<PathBuf> = self.paths.clone();
         watched.extend(self.mesh_networks.clone());
         let interesting = watched.clone();
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev {
-                let relevant = ev.paths.iter().any(|p| {
-                    interesting
-                        .iter()
-                        .any(|w| p == w || (p.parent() == Some(w.as_path()) && is_mesh_file(p)))
-                });
-                if relevant && !ev.kind.is_access() {
-                    let _ = tx.send(());
+        let relevant = move |p: &Path| {
+            interesting
+                .iter()
+                .any(|w| p == w || (p.parent() == Some(w.as_path()) && is_mesh_file(p)))
+        };
+        let mut changes = FileWatch::new(&watched, relevant, SETTLE)?;
+        Ok(async move {
+            while changes.changed().await.is_some() {
+                if self.load_into(&store).is_err() {
+                    tracing::warn!(
+                        version = store.load().version,
+                        "keeping the mesh table in force"
+                    );
                 }
             }
-        })?;
-        // Watch directories, not files: editors and config managers replace files by rename,
-        // which a watch on the old inode would miss.
-        for p in &watched {
-            let dir = if p.is_dir() {
-                p.clone()
-            } else {
-                p.parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| ".".into())
-            };
-            let dir = if dir.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                dir
-            };
-            watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-        }
-        Ok(tokio::spawn(async move {
-            let _watcher = watcher;
-            while rx.recv().await.is_some() {
-                // Let a burst of writes settle so a half-written file is not read.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                while rx.try_recv().is_ok() {}
-                match self.load() {
-                    Ok(table) => {
-                        let (services, workloads) = (table.services.len(), table.workloads.len());
-                        let version = store.publish(table);
-                        tracing::info!(version, services, workloads, "mesh table reloaded");
-                    }
-                    Err(errors) => {
-                        store.record_reload_error();
-                        for e in &errors {
-                            tracing::error!(error = %e, "mesh reload rejected");
-                        }
-                        tracing::warn!(
-                            version = store.load().version,
-                            "keeping the mesh table in force"
-                        );
-                    }
-                }
-            }
-        }))
+        })
     }
 }
 
@@ -185,7 +168,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), SE).unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
-        let src = FileSource::new(vec![dir.path().into()], None, Options::default());
+        let src = FileSource::new(vec![dir.path().into()], None, "default".into());
         assert_eq!(src.load().unwrap().services.len(), 1);
         std::fs::write(
             dir.path().join("b.yaml"),
@@ -207,10 +190,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("mesh.yaml");
         std::fs::write(&file, SE).unwrap();
-        let src = FileSource::new(vec![file.clone()], None, Options::default());
-        let store = Store::new(src.load().unwrap());
+        let src = FileSource::new(vec![file.clone()], None, "default".into());
+        let store = Store::new(Default::default());
+        src.load_into(&store).unwrap();
         let mut changed = store.subscribe();
-        let _task = src.watch(store.clone()).unwrap();
+        let _task = tokio::spawn(src.watch(store.clone()).unwrap());
 
         std::fs::write(&file, SE.replace("a.example.com", "b.example.com")).unwrap();
         tokio::time::timeout(Duration::from_secs(5), changed.changed())
@@ -220,8 +204,11 @@ mod tests {
         assert!(store.load().service_by_host("b.example.com").is_some());
 
         std::fs::write(&file, "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\nspec: {hosts: []}\n").unwrap();
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        assert!(store.load().service_by_host("b.example.com").is_some());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while store.reload_errors() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(store.reload_errors(), 1);
+        assert!(store.load().service_by_host("b.example.com").is_some());
     }
 }

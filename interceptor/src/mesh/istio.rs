@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -13,6 +14,9 @@ use serde_yaml_ng::Value;
 use super::model::{
     Address, Health, Host, Location, Resolution, ServicePort, Workload, WorkloadGroup,
 };
+
+/// The service account of a workload that names none (Kubernetes' default).
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 use super::table::{Resources, ServiceDecl};
 use super::Error;
 
@@ -196,7 +200,7 @@ fn parse_document(
             let spec: WorkloadEntrySpec = doc.typed(spec, "spec")?;
             let mut w = workload(doc, "spec", origin, &namespace, spec, false)?;
             w.health = health(&value);
-            res.workloads.push(w);
+            res.workloads.push(Arc::new(w));
         }
         "WorkloadGroup" => {
             let spec: WorkloadGroupSpec = doc.typed(spec, "spec")?;
@@ -347,19 +351,21 @@ fn service_entry(
                 "STATIC resolution needs an IP address",
             ));
         }
-        endpoints.push(w);
+        endpoints.push(Arc::new(w));
     }
     Ok(ServiceDecl {
         origin,
         namespace,
         hosts,
         addresses,
+        allocate_vips: true,
         ports,
         resolution: spec.resolution,
         location: spec.location,
         subject_alt_names: spec.subject_alt_names,
         selector: spec.workload_selector.map(|s| s.labels),
         endpoints,
+        port_endpoints: Default::default(),
     })
 }
 
@@ -402,7 +408,9 @@ fn workload(
         network: spec.network.unwrap_or_default(),
         locality: spec.locality.unwrap_or_default(),
         weight: spec.weight.filter(|w| *w > 0).unwrap_or(1),
-        service_account: spec.service_account.unwrap_or_else(|| "default".into()),
+        service_account: spec
+            .service_account
+            .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.into()),
         health: Health::Healthy,
     })
 }

@@ -20,6 +20,16 @@ impl Host {
     pub fn is_wildcard(&self) -> bool {
         self.0.starts_with("*.") || self.0 == "*"
     }
+    /// `name.ns.svc.<domain>` hosts are served like Kubernetes services (name variants in DNS),
+    /// the way istiod's name table reports them: (name, namespace).
+    pub fn kubernetes_name<'a>(&'a self, cluster_domain: &str) -> Option<(&'a str, &'a str)> {
+        let rest = self.0.strip_suffix(cluster_domain)?.strip_suffix('.')?;
+        let rest = rest.strip_suffix(".svc")?;
+        let (name, ns) = rest.split_once('.')?;
+        (!name.is_empty() && !ns.is_empty() && !ns.contains('.') && !self.is_wildcard())
+            .then_some((name, ns))
+    }
+
     /// Does `name` (lower case, no trailing dot) fall under this host?
     pub fn matches(&self, name: &str) -> bool {
         match self.0.strip_prefix('*') {
@@ -87,6 +97,11 @@ pub enum Health {
     Unhealthy,
 }
 
+/// The namespace of a workload or document that names none (Kubernetes' default).
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Kubernetes' cluster DNS domain unless configured otherwise.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
 /// Label Istio's auto-mTLS reads to decide that an endpoint speaks mTLS.
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
@@ -139,6 +154,10 @@ pub struct Service {
     pub location: Location,
     pub subject_alt_names: Vec<String>,
     pub endpoints: Vec<Arc<Workload>>,
+    /// Endpoints of one port when the source gives them per port (EDS); others use
+    /// `endpoints`.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub port_endpoints: BTreeMap<u16, Vec<Arc<Workload>>>,
 }
 
 impl Service {
@@ -146,18 +165,11 @@ impl Service {
         self.ports.iter().find(|p| p.number == number)
     }
 
-    /// `name.ns.svc.<domain>` hosts are served like Kubernetes services (name variants in DNS),
-    /// the way istiod's name table reports them.
-    pub fn kubernetes_name<'a>(&'a self, cluster_domain: &str) -> Option<(&'a str, &'a str)> {
-        let rest = self
-            .host
-            .as_str()
-            .strip_suffix(cluster_domain)?
-            .strip_suffix('.')?;
-        let rest = rest.strip_suffix(".svc")?;
-        let (name, ns) = rest.split_once('.')?;
-        (!name.is_empty() && !ns.is_empty() && !ns.contains('.') && !self.host.is_wildcard())
-            .then_some((name, ns))
+    /// The endpoints that serve `port`.
+    pub fn endpoints_for(&self, port: &ServicePort) -> &[Arc<Workload>] {
+        self.port_endpoints
+            .get(&port.number)
+            .unwrap_or(&self.endpoints)
     }
 }
 

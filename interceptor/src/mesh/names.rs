@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::model::{Host, Service};
+use super::model::Host;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct NameEntry {
@@ -25,50 +25,76 @@ pub struct NameTable {
 }
 
 impl NameTable {
-    /// Builds the table with Istio's name variants (SPEC section 4).
+    /// Builds the table of (host, VIPs) pairs with Istio's name variants (SPEC section 4).
     pub fn build<'a>(
-        services: impl IntoIterator<Item = &'a Service>,
+        services: impl IntoIterator<Item = (&'a Host, &'a [IpAddr])>,
         namespace: &str,
         cluster_domain: &str,
     ) -> Self {
         let mut table = NameTable::default();
-        for svc in services {
-            if svc.vips.is_empty() {
+        for (host, vips) in services {
+            if vips.is_empty() {
                 continue;
             }
-            let mut entry = NameEntry {
-                host: svc.host.clone(),
-                ..Default::default()
-            };
-            for ip in &svc.vips {
-                match ip {
-                    IpAddr::V4(v4) => entry.v4.push(*v4),
-                    IpAddr::V6(v6) => entry.v6.push(*v6),
-                }
-            }
-            let entry = Arc::new(entry);
-            if svc.host.is_wildcard() {
-                table.wildcards.push((svc.host.clone(), entry));
-                continue;
-            }
-            let mut names = vec![svc.host.as_str().to_string()];
-            if let Some((name, ns)) = svc.kubernetes_name(cluster_domain) {
+            let mut names = vec![host.as_str().to_string()];
+            if let Some((name, ns)) = host.kubernetes_name(cluster_domain) {
                 names.push(format!("{name}.{ns}"));
                 names.push(format!("{name}.{ns}.svc"));
                 if ns == namespace {
                     names.push(name.to_string());
                 }
             }
-            for n in names {
-                // First service wins a name: services are in a stable order.
-                table.exact.entry(n).or_insert_with(|| entry.clone());
+            table.insert(host, vips, names);
+        }
+        table
+    }
+
+    /// Adds `host` answering with `ips` under each of `names` (the first holder of a name keeps
+    /// it: callers go in a stable order). A wildcard host is matched by suffix instead.
+    pub fn insert(&mut self, host: &Host, ips: &[IpAddr], names: Vec<String>) {
+        let mut entry = NameEntry {
+            host: host.clone(),
+            ..Default::default()
+        };
+        for ip in ips {
+            match ip {
+                IpAddr::V4(v4) => entry.v4.push(*v4),
+                IpAddr::V6(v6) => entry.v6.push(*v6),
             }
         }
-        // Most specific wildcard first.
-        table
-            .wildcards
+        let entry = Arc::new(entry);
+        if host.is_wildcard() {
+            // Most specific wildcard first.
+            let at = self
+                .wildcards
+                .iter()
+                .position(|(h, _)| h.as_str().len() < host.as_str().len())
+                .unwrap_or(self.wildcards.len());
+            self.wildcards.insert(at, (host.clone(), entry));
+            return;
+        }
+        for n in names {
+            self.exact.entry(n).or_insert_with(|| entry.clone());
+        }
+    }
+
+    /// This table, with `under`'s names that this one does not have: a source's own table
+    /// (istiod's) first, the names of services only other sources know after it.
+    pub fn overlaid_on(&self, under: &NameTable) -> NameTable {
+        let mut out = self.clone();
+        for (name, entry) in &under.exact {
+            out.exact
+                .entry(name.clone())
+                .or_insert_with(|| entry.clone());
+        }
+        for (host, entry) in &under.wildcards {
+            if !out.wildcards.iter().any(|(h, _)| h == host) {
+                out.wildcards.push((host.clone(), entry.clone()));
+            }
+        }
+        out.wildcards
             .sort_by_key(|(h, _)| std::cmp::Reverse(h.as_str().len()));
-        table
+        out
     }
 
     /// `name`: lower case, no trailing dot.

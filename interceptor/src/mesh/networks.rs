@@ -26,6 +26,31 @@ pub struct Gateway {
     pub port: u16,
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CidrError {
+    #[error("{0:?} is not an IP address or CIDR")]
+    NotAnAddress(String),
+    #[error("{0:?} has a bad prefix length")]
+    BadPrefix(String),
+}
+
+/// A meshNetworks document that cannot be used, with the field at fault.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetworksError {
+    #[error("{path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("networks.{network}.endpoints[{index}].fromCidr: {source}")]
+    Cidr {
+        network: String,
+        index: usize,
+        source: CidrError,
+    },
+    #[error("networks.{network}.endpoints[{index}]: exactly one of fromCidr, fromRegistry")]
+    Endpoint { network: String, index: usize },
+    #[error("networks.{network}.gateways[{index}]: exactly one of address, registryServiceName")]
+    Gateway { network: String, index: usize },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Cidr {
     pub addr: IpAddr,
@@ -33,11 +58,11 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, CidrError> {
         let (a, p) = s.split_once('/').unwrap_or((s, ""));
         let addr: IpAddr = a
             .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+            .map_err(|_| CidrError::NotAnAddress(s.to_string()))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = if p.is_empty() {
             max
@@ -45,7 +70,7 @@ impl Cidr {
             p.parse::<u8>()
                 .ok()
                 .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?
+                .ok_or_else(|| CidrError::BadPrefix(s.to_string()))?
         };
         Ok(Self { addr, prefix })
     }
@@ -89,7 +114,7 @@ impl Networks {
     }
 
     /// Parses a meshNetworks document (`networks:` at the top).
-    pub fn from_yaml(text: &str) -> Result<Self, String> {
+    pub fn from_yaml(text: &str) -> Result<Self, NetworksError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct File {
@@ -121,23 +146,30 @@ impl Networks {
             locality: Option<String>,
         }
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let file: File = serde_path_to_error::deserialize(de)
-            .map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+        let file: File =
+            serde_path_to_error::deserialize(de).map_err(|e| NetworksError::Syntax {
+                path: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
         let mut out = Networks::default();
         for (name, raw) in file.networks {
             let mut net = Network::default();
             for (i, ep) in raw.endpoints.into_iter().enumerate() {
                 match (ep.from_cidr, ep.from_registry) {
-                    (Some(c), None) => net
-                        .cidrs
-                        .push(Cidr::parse(&c).map_err(|e| {
-                            format!("networks.{name}.endpoints[{i}].fromCidr: {e}")
-                        })?),
+                    (Some(c), None) => {
+                        net.cidrs
+                            .push(Cidr::parse(&c).map_err(|source| NetworksError::Cidr {
+                                network: name.clone(),
+                                index: i,
+                                source,
+                            })?)
+                    }
                     (None, Some(r)) => net.registries.push(r),
                     _ => {
-                        return Err(format!(
-                            "networks.{name}.endpoints[{i}]: exactly one of fromCidr, fromRegistry"
-                        ))
+                        return Err(NetworksError::Endpoint {
+                            network: name,
+                            index: i,
+                        })
                     }
                 }
             }
@@ -146,9 +178,10 @@ impl Networks {
                     (Some(a), None) => a.parse().map(Address::Ip).unwrap_or(Address::Hostname(a)),
                     (None, Some(s)) => Address::Hostname(s),
                     _ => {
-                        return Err(format!(
-                            "networks.{name}.gateways[{i}]: exactly one of address, registryServiceName"
-                        ))
+                        return Err(NetworksError::Gateway {
+                            network: name,
+                            index: i,
+                        })
                     }
                 };
                 net.gateways.push(Gateway {
@@ -181,8 +214,17 @@ mod tests {
     #[test]
     fn bad_gateway_names_the_field() {
         let e = Networks::from_yaml("networks:\n  b:\n    gateways: [{port: 1}]\n").unwrap_err();
-        assert!(e.contains("networks.b.gateways[0]"), "{e}");
+        assert!(e.to_string().contains("networks.b.gateways[0]"), "{e}");
         let e = Networks::from_yaml("networks:\n  b:\n    gatways: []\n").unwrap_err();
-        assert!(e.contains("gatways"), "{e}");
+        assert!(e.to_string().contains("gatways"), "{e}");
+        let e = Networks::from_yaml("networks:\n  b:\n    endpoints: [{fromCidr: 10.0.0.0/40}]\n")
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            NetworksError::Cidr {
+                source: CidrError::BadPrefix(_),
+                ..
+            }
+        ));
     }
 }

@@ -1,5 +1,10 @@
 //! `mesh::Table`: one immutable snapshot of the mesh, with the indices the data paths need.
 //! Sources produce `Resources`; `Table::build` resolves selectors, allocates VIPs and indexes.
+//! Building is in two layers: the *shape* (services, their VIPs, ports, the address and host
+//! indices and the derived name table) and the *endpoints*. A new table whose shape equals the
+//! previous one's reuses it and only resolves endpoints again, so an endpoint-only change (the
+//! usual EDS push) never re-allocates VIPs or rebuilds the name table; a service whose
+//! endpoints did not change keeps its `Arc`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -7,13 +12,16 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::model::{Host, Location, Resolution, Service, ServicePort, Workload, WorkloadGroup};
+use super::model::{
+    Address, Host, Location, Resolution, Service, ServicePort, Workload, WorkloadGroup,
+    DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE,
+};
 use super::names::NameTable;
 use super::networks::Networks;
 use super::vip;
 
 /// Settings of this VM that shape the table (name variants, default namespace).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Options {
     pub namespace: String,
     pub cluster_domain: String,
@@ -22,34 +30,70 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            namespace: "default".into(),
-            cluster_domain: "cluster.local".into(),
+            namespace: DEFAULT_NAMESPACE.into(),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.into(),
         }
     }
 }
 
-/// A ServiceEntry as a source declares it, before selectors and VIPs are resolved.
-#[derive(Clone, Debug, Default)]
+/// A service as a source declares it (a ServiceEntry, or istiod's clusters for one host),
+/// before selectors and VIPs are resolved.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceDecl {
     pub origin: String,
     pub namespace: String,
     pub hosts: Vec<Host>,
     pub addresses: Vec<IpAddr>,
+    /// Give VIPs to hosts without addresses (files; istiod allocates its own).
+    pub allocate_vips: bool,
     pub ports: Vec<ServicePort>,
     pub resolution: Resolution,
     pub location: Location,
     pub subject_alt_names: Vec<String>,
     pub selector: Option<BTreeMap<String, String>>,
-    pub endpoints: Vec<Workload>,
+    pub endpoints: Vec<Arc<Workload>>,
+    /// Endpoints per service port, when the source knows them per port (EDS is per cluster):
+    /// such a port uses these, not `endpoints`.
+    pub port_endpoints: BTreeMap<u16, Vec<Arc<Workload>>>,
+}
+
+impl ServiceDecl {
+    /// Everything but the endpoints: what VIPs, indices and names are made of.
+    fn same_shape(&self, other: &ServiceDecl) -> bool {
+        self.origin == other.origin
+            && self.namespace == other.namespace
+            && self.hosts == other.hosts
+            && self.addresses == other.addresses
+            && self.allocate_vips == other.allocate_vips
+            && self.ports == other.ports
+            && self.resolution == other.resolution
+            && self.location == other.location
+            && self.subject_alt_names == other.subject_alt_names
+    }
 }
 
 /// Everything a source knows, in source-neutral form.
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
     pub services: Vec<ServiceDecl>,
-    pub workloads: Vec<Workload>,
+    pub workloads: Vec<Arc<Workload>>,
     pub groups: Vec<WorkloadGroup>,
     pub networks: Networks,
+    /// A name table the source computed (istiod's NDS). None: names are derived from the
+    /// services, with Istio's variants.
+    pub names: Option<Arc<NameTable>>,
+}
+
+/// The shape layer, shared by every table built on it.
+#[derive(Debug, Default)]
+struct Shape {
+    decls: Vec<ServiceDecl>,
+    networks: Networks,
+    /// Per service: its decl and host.
+    services: Vec<(usize, Host, Vec<IpAddr>, bool)>,
+    by_vip: HashMap<(IpAddr, u16), usize>,
+    by_host: HashMap<Host, usize>,
+    derived_names: Arc<NameTable>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -63,95 +107,258 @@ pub struct Table {
     pub workloads: Vec<Arc<Workload>>,
     pub groups: Vec<WorkloadGroup>,
     pub networks: Networks,
-    pub names: NameTable,
+    pub names: Arc<NameTable>,
     #[serde(skip)]
-    by_vip: HashMap<(IpAddr, u16), usize>,
+    shape: Arc<Shape>,
+    /// The name table a source gave, if any (to tell a changed one from the same).
     #[serde(skip)]
-    by_host: HashMap<Host, usize>,
+    provided_names: Option<Arc<NameTable>>,
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-impl Table {
-    pub fn build(res: Resources, options: Options) -> Table {
-        let networks = res.networks;
-        let with_network = |mut w: Workload| {
-            if w.network.is_empty() {
-                if let super::model::Address::Ip(ip) = w.address {
-                    if let Some(n) = networks.network_of(ip) {
-                        w.network = n.to_string();
-                    }
-                }
-            }
-            Arc::new(w)
-        };
-        let workloads: Vec<Arc<Workload>> = res.workloads.into_iter().map(with_network).collect();
+/// Workloads by (namespace, label, value), so a selector is resolved without scanning every
+/// workload for every service.
+struct SelectorIndex<'a> {
+    workloads: &'a [Arc<Workload>],
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    by_namespace: HashMap<&'a str, Vec<usize>>,
+}
 
-        let mut decls = res.services;
+impl<'a> SelectorIndex<'a> {
+    fn new(workloads: &'a [Arc<Workload>]) -> Self {
+        let mut by_label: HashMap<_, Vec<usize>> = HashMap::new();
+        let mut by_namespace: HashMap<_, Vec<usize>> = HashMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            by_namespace
+                .entry(w.namespace.as_str())
+                .or_default()
+                .push(i);
+            for (k, v) in &w.labels {
+                by_label
+                    .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        Self {
+            workloads,
+            by_label,
+            by_namespace,
+        }
+    }
+
+    fn select(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<Arc<Workload>> {
+        let mut smallest: Option<&Vec<usize>> = self.by_namespace.get(namespace);
+        for (k, v) in selector {
+            match self.by_label.get(&(namespace, k.as_str(), v.as_str())) {
+                Some(c) if smallest.is_none_or(|s| c.len() < s.len()) => smallest = Some(c),
+                Some(_) => {}
+                None => return vec![],
+            }
+        }
+        smallest
+            .map(|c| {
+                c.iter()
+                    .map(|i| &self.workloads[*i])
+                    .filter(|w| selects(selector, &w.labels))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A workload's network: its own, else the meshNetworks network whose fromCidr holds it.
+fn with_network(w: &Arc<Workload>, networks: &Networks) -> Arc<Workload> {
+    if w.network.is_empty() {
+        if let Address::Ip(ip) = w.address {
+            if let Some(n) = networks.network_of(ip) {
+                let mut w2 = Workload::clone(w);
+                w2.network = n.to_string();
+                return Arc::new(w2);
+            }
+        }
+    }
+    w.clone()
+}
+
+/// A service's endpoints: for every port, and per port.
+type Endpoints = (Vec<Arc<Workload>>, BTreeMap<u16, Vec<Arc<Workload>>>);
+
+fn same_arcs<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+}
+
+impl Shape {
+    fn build(mut decls: Vec<ServiceDecl>, networks: Networks, options: &Options) -> Shape {
         // A stable order makes "first wins" on duplicate hosts independent of file order.
         decls.sort_by(|a, b| a.origin.cmp(&b.origin));
+        for d in &mut decls {
+            d.endpoints = vec![];
+            d.port_endpoints.clear();
+            d.selector = None;
+        }
         let needs_vip = decls
             .iter()
-            .filter(|d| d.addresses.is_empty() && d.resolution != Resolution::None)
+            .filter(|d| {
+                d.allocate_vips && d.addresses.is_empty() && d.resolution != Resolution::None
+            })
             .flat_map(|d| d.hosts.iter().filter(|h| !h.is_wildcard()));
         let allocated = vip::allocate(needs_vip);
 
         let mut services = Vec::new();
         let mut by_host = HashMap::new();
-        for d in decls {
-            let endpoints: Vec<Arc<Workload>> = match &d.selector {
-                Some(sel) => workloads
-                    .iter()
-                    .filter(|w| w.namespace == d.namespace && selects(sel, &w.labels))
-                    .cloned()
-                    .collect(),
-                None => d.endpoints.iter().cloned().map(with_network).collect(),
-            };
+        for (i, d) in decls.iter().enumerate() {
             for host in &d.hosts {
                 if by_host.contains_key(host) {
-                    tracing::warn!(%host, origin = %d.origin, "host already defined by another ServiceEntry; ignored");
+                    tracing::warn!(%host, origin = %d.origin, "host already defined by another service; ignored");
                     continue;
                 }
                 let (vips, auto_allocated) = match allocated.get(host) {
-                    Some((v4, v6)) if d.addresses.is_empty() => {
+                    Some((v4, v6)) if d.addresses.is_empty() && d.allocate_vips => {
                         (vec![IpAddr::V4(*v4), IpAddr::V6(*v6)], true)
                     }
                     _ => (d.addresses.clone(), false),
                 };
                 by_host.insert(host.clone(), services.len());
-                services.push(Arc::new(Service {
-                    host: host.clone(),
-                    origin: d.origin.clone(),
-                    namespace: d.namespace.clone(),
-                    vips,
-                    auto_allocated,
-                    ports: d.ports.clone(),
-                    resolution: d.resolution,
-                    location: d.location,
-                    subject_alt_names: d.subject_alt_names.clone(),
-                    endpoints: endpoints.clone(),
-                }));
+                services.push((i, host.clone(), vips, auto_allocated));
             }
         }
-
         let mut by_vip = HashMap::new();
-        for (i, svc) in services.iter().enumerate() {
-            for ip in &svc.vips {
-                for p in &svc.ports {
-                    if let Some(prev) = by_vip.insert((*ip, p.number), i) {
-                        tracing::warn!(vip = %ip, port = p.number, first = %services[prev].host, second = %svc.host, "two services claim one address and port; the first keeps it");
+        for (s, (d, host, vips, _)) in services.iter().enumerate() {
+            for ip in vips {
+                for p in &decls[*d].ports {
+                    if let Some(prev) = by_vip.insert((*ip, p.number), s) {
+                        tracing::warn!(vip = %ip, port = p.number, first = %services[prev].1, second = %host, "two services claim one address and port; the first keeps it");
                         by_vip.insert((*ip, p.number), prev);
                     }
                 }
             }
         }
-        let names = NameTable::build(
-            services.iter().map(|s| s.as_ref()),
+        let derived_names = Arc::new(NameTable::build(
+            services
+                .iter()
+                .map(|(_, host, vips, _)| (host, vips.as_slice())),
             &options.namespace,
             &options.cluster_domain,
-        );
+        ));
+        Shape {
+            decls,
+            networks,
+            services,
+            by_vip,
+            by_host,
+            derived_names,
+        }
+    }
+
+    fn same_as(&self, decls: &[ServiceDecl], networks: &Networks) -> bool {
+        if self.networks != *networks || self.decls.len() != decls.len() {
+            return false;
+        }
+        let mut sorted: Vec<&ServiceDecl> = decls.iter().collect();
+        sorted.sort_by(|a, b| a.origin.cmp(&b.origin));
+        self.decls.iter().zip(sorted).all(|(a, b)| a.same_shape(b))
+    }
+}
+
+impl Table {
+    /// A table from one source's resources.
+    pub fn build(res: Resources, options: Options) -> Table {
+        Self::build_on(res, options, None)
+    }
+
+    /// Like `build`, reusing `prev`'s shape (VIPs, indices, names) when the services are the
+    /// same but for their endpoints, and `prev`'s services whose endpoints did not change.
+    pub fn build_on(res: Resources, options: Options, prev: Option<&Table>) -> Table {
+        let prev = prev.filter(|p| p.options == options);
+        let shape = match prev {
+            Some(p) if p.shape.same_as(&res.services, &res.networks) => p.shape.clone(),
+            _ => Arc::new(Shape::build(
+                res.services.clone(),
+                res.networks.clone(),
+                &options,
+            )),
+        };
+        let networks = &shape.networks;
+        let workloads: Vec<Arc<Workload>> = res
+            .workloads
+            .iter()
+            .map(|w| with_network(w, networks))
+            .collect();
+        // The decls in shape order, with their endpoints.
+        let mut decls: Vec<&ServiceDecl> = res.services.iter().collect();
+        decls.sort_by(|a, b| a.origin.cmp(&b.origin));
+        let index = SelectorIndex::new(&workloads);
+        let mut resolved: Vec<Option<Endpoints>> = vec![None; decls.len()];
+        let mut services = Vec::with_capacity(shape.services.len());
+        for (s, (d, host, vips, auto_allocated)) in shape.services.iter().enumerate() {
+            let decl = decls[*d];
+            let (endpoints, port_endpoints) = resolved[*d]
+                .get_or_insert_with(|| {
+                    let endpoints = match &decl.selector {
+                        Some(sel) => index.select(&decl.namespace, sel),
+                        None => decl
+                            .endpoints
+                            .iter()
+                            .map(|w| with_network(w, networks))
+                            .collect(),
+                    };
+                    let by_port = decl
+                        .port_endpoints
+                        .iter()
+                        .map(|(p, ws)| (*p, ws.iter().map(|w| with_network(w, networks)).collect()))
+                        .collect();
+                    (endpoints, by_port)
+                })
+                .clone();
+            // Same shape and the same endpoint Arcs: the previous service as is.
+            if let Some(old) = prev
+                .filter(|p| Arc::ptr_eq(&p.shape, &shape))
+                .and_then(|p| p.services.get(s))
+            {
+                if same_arcs(&old.endpoints, &endpoints)
+                    && old.port_endpoints.len() == port_endpoints.len()
+                    && old
+                        .port_endpoints
+                        .iter()
+                        .zip(&port_endpoints)
+                        .all(|((pa, a), (pb, b))| pa == pb && same_arcs(a, b))
+                {
+                    services.push(old.clone());
+                    continue;
+                }
+            }
+            services.push(Arc::new(Service {
+                host: host.clone(),
+                origin: decl.origin.clone(),
+                namespace: decl.namespace.clone(),
+                vips: vips.clone(),
+                auto_allocated: *auto_allocated,
+                ports: decl.ports.clone(),
+                resolution: decl.resolution,
+                location: decl.location,
+                subject_alt_names: decl.subject_alt_names.clone(),
+                endpoints,
+                port_endpoints,
+            }));
+        }
+        let names = match (&res.names, prev) {
+            (None, _) => shape.derived_names.clone(),
+            // Same source table on the same shape: the same merged names.
+            (Some(given), Some(p))
+                if Arc::ptr_eq(&p.shape, &shape)
+                    && p.provided_names
+                        .as_ref()
+                        .is_some_and(|q| Arc::ptr_eq(q, given)) =>
+            {
+                p.names.clone()
+            }
+            (Some(given), _) => Arc::new(given.overlaid_on(&shape.derived_names)),
+        };
         Table {
             version: 0,
             loaded_unix: 0,
@@ -159,10 +366,10 @@ impl Table {
             services,
             workloads,
             groups: res.groups,
-            networks,
+            networks: shape.networks.clone(),
             names,
-            by_vip,
-            by_host,
+            provided_names: res.names,
+            shape,
         }
     }
 
@@ -175,28 +382,35 @@ impl Table {
                 .unwrap_or(IpAddr::V6(v6)),
             v4 => v4,
         };
-        let svc = &self.services[*self.by_vip.get(&(ip, dst.port()))?];
+        let svc = &self.services[*self.shape.by_vip.get(&(ip, dst.port()))?];
         Some((svc, svc.port(dst.port())?))
     }
 
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
-        self.by_host
+        self.shape
+            .by_host
             .get(&Host::new(host))
             .map(|i| &self.services[*i])
     }
 
     /// Every (VIP, port) the kernel must capture.
     pub fn captured(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.by_vip
+        self.shape
+            .by_vip
             .keys()
             .map(|(ip, port)| SocketAddr::new(*ip, *port))
+    }
+
+    /// Does this table share its shape with `other` (an endpoint-only change)?
+    pub fn same_shape(&self, other: &Table) -> bool {
+        Arc::ptr_eq(&self.shape, &other.shape)
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::mesh::model::{Address, Health};
+    use crate::mesh::model::Health;
 
     pub(crate) fn workload(ns: &str, ip: &str, labels: &[(&str, &str)]) -> Workload {
         Workload {
@@ -216,11 +430,12 @@ mod tests {
         }
     }
 
-    fn product() -> ServiceDecl {
+    pub(crate) fn product() -> ServiceDecl {
         ServiceDecl {
             origin: "default/product".into(),
             namespace: "default".into(),
             hosts: vec![Host::new("product.default.svc.cluster.local")],
+            allocate_vips: true,
             ports: vec![ServicePort {
                 number: 8080,
                 name: "http".into(),
@@ -238,9 +453,9 @@ mod tests {
         let res = Resources {
             services: vec![product()],
             workloads: vec![
-                workload("default", "10.0.0.2", &[("app", "product")]),
-                workload("default", "10.0.0.3", &[("app", "other")]),
-                workload("other", "10.0.0.4", &[("app", "product")]),
+                Arc::new(workload("default", "10.0.0.2", &[("app", "product")])),
+                Arc::new(workload("default", "10.0.0.3", &[("app", "other")])),
+                Arc::new(workload("other", "10.0.0.4", &[("app", "product")])),
             ],
             ..Default::default()
         };
@@ -290,7 +505,7 @@ mod tests {
         wild.hosts = vec![Host::new("*.example.com")];
         wild.addresses = vec!["192.0.2.1".parse().unwrap()];
         wild.selector = None;
-        wild.endpoints = vec![workload("default", "10.2.0.9", &[])];
+        wild.endpoints = vec![Arc::new(workload("default", "10.2.0.9", &[]))];
         let res = Resources {
             services: vec![wild],
             networks: Networks::from_yaml(
@@ -306,5 +521,59 @@ mod tests {
         );
         assert!(t.names.lookup("example.com").is_none());
         assert_eq!(t.services[0].endpoints[0].network, "b");
+    }
+
+    #[test]
+    fn an_endpoint_change_keeps_the_shape_and_untouched_services() {
+        let svc = |name: &str, ip: &str| {
+            let mut d = product();
+            d.origin = format!("default/{name}");
+            d.hosts = vec![Host::new(&format!("{name}.default.svc.cluster.local"))];
+            d.selector = None;
+            d.endpoints = vec![Arc::new(workload("default", ip, &[]))];
+            d
+        };
+        let (a, b) = (svc("a", "10.0.0.1"), svc("b", "10.0.0.2"));
+        let first = Table::build(
+            Resources {
+                services: vec![a.clone(), b.clone()],
+                ..Default::default()
+            },
+            Options::default(),
+        );
+        let mut b2 = b.clone();
+        b2.endpoints
+            .push(Arc::new(workload("default", "10.0.0.3", &[])));
+        let second = Table::build_on(
+            Resources {
+                services: vec![a.clone(), b2],
+                ..Default::default()
+            },
+            Options::default(),
+            Some(&first),
+        );
+        assert!(second.same_shape(&first));
+        assert!(Arc::ptr_eq(&first.names, &second.names));
+        let host = |t: &Table, h: &str| t.service_by_host(h).unwrap().clone();
+        assert!(Arc::ptr_eq(
+            &host(&first, "a.default.svc.cluster.local"),
+            &host(&second, "a.default.svc.cluster.local")
+        ));
+        assert_eq!(
+            host(&second, "b.default.svc.cluster.local").endpoints.len(),
+            2
+        );
+        // A new port is a new shape.
+        let mut a3 = a;
+        a3.ports[0].number = 9999;
+        let third = Table::build_on(
+            Resources {
+                services: vec![a3, b],
+                ..Default::default()
+            },
+            Options::default(),
+            Some(&second),
+        );
+        assert!(!third.same_shape(&second));
     }
 }

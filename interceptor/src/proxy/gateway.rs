@@ -9,23 +9,24 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::pick::{self, Outliers, Scope};
-use super::splice::splice_relay;
 use crate::mesh::Store;
 use crate::metrics::{self, Metrics, TcpLabels};
+use crate::net::splice_relay;
+use crate::route::{self, parse_sni, Outliers, Scope};
 use crate::tls::{self, ClientHello, Peeked};
+use crate::transport::{try_targets, Dialer, RawTcp};
 
 /// A client that sends nothing for this long is not one of ours.
 const FIRST_BYTES: Duration = Duration::from_secs(5);
 const HELLO: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most this many endpoints are tried for one connection.
 const MAX_ATTEMPTS: usize = 3;
 
 pub struct Gateway {
     store: Arc<Store>,
     network: String,
-    outliers: Outliers,
+    dialer: Dialer,
+    outliers: Arc<Outliers>,
     metrics: Arc<Metrics>,
 }
 
@@ -52,6 +53,23 @@ pub enum Refusal {
     NoEndpoint(String),
 }
 
+impl Refusal {
+    /// The value of the `reason` label of `interceptor_gateway_refused_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::NotTls => "not_tls",
+            Refusal::Silent => "silent",
+            Refusal::Malformed(_) => "malformed_hello",
+            Refusal::NoIstioAlpn(_) => "no_istio_alpn",
+            Refusal::NoSni => "no_sni",
+            Refusal::NotIstioSni(_) => "not_istio_sni",
+            Refusal::UnknownHost(_) => "unknown_host",
+            Refusal::UnknownPort { .. } => "unknown_port",
+            Refusal::NoEndpoint(_) => "no_endpoint",
+        }
+    }
+}
+
 /// Where a ClientHello asks to go: (host, port).
 pub fn route(hello: &ClientHello) -> Result<(String, u16), Refusal> {
     if !hello.has_istio_alpn() {
@@ -64,22 +82,29 @@ pub fn route(hello: &ClientHello) -> Result<(String, u16), Refusal> {
     }
     let sni = hello.sni.as_deref().ok_or(Refusal::NoSni)?;
     let (port, _subset, host) =
-        tls::parse_sni(sni).ok_or_else(|| Refusal::NotIstioSni(sni.to_string()))?;
+        parse_sni(sni).ok_or_else(|| Refusal::NotIstioSni(sni.to_string()))?;
     Ok((host.to_string(), port))
 }
 
 impl Gateway {
-    pub fn new(store: Arc<Store>, network: String, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        network: String,
+        dialer: Dialer,
+        outliers: Arc<Outliers>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             network,
-            outliers: Outliers::default(),
+            dialer,
+            outliers,
             metrics,
         })
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        super::accept_loop(listener, "gateway", move |stream, peer| {
+        crate::net::accept_loop(listener, "gateway", move |stream, peer| {
             let this = self.clone();
             async move { this.handle(stream, peer).await }
         })
@@ -91,9 +116,9 @@ impl Gateway {
         let _ = client.set_nodelay(true);
         let hello = match tls::peek_client_hello(&client, FIRST_BYTES, HELLO).await {
             Ok(Peeked::Tls(hello)) => hello,
-            Ok(Peeked::Plain) => return refuse(peer, None, Refusal::NotTls),
-            Ok(Peeked::Silent) => return refuse(peer, None, Refusal::Silent),
-            Ok(Peeked::Malformed(e)) => return refuse(peer, None, Refusal::Malformed(e)),
+            Ok(Peeked::Plain) => return self.refuse(peer, None, Refusal::NotTls),
+            Ok(Peeked::Silent) => return self.refuse(peer, None, Refusal::Silent),
+            Ok(Peeked::Malformed(e)) => return self.refuse(peer, None, Refusal::Malformed(e)),
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "gateway: connection failed before a ClientHello");
                 return;
@@ -102,58 +127,70 @@ impl Gateway {
         let sni = hello.sni.clone();
         let (host, port) = match route(&hello) {
             Ok(r) => r,
-            Err(e) => return refuse(peer, sni.as_deref(), e),
+            Err(e) => return self.refuse(peer, sni.as_deref(), e),
         };
         // One table snapshot for the whole connection.
         let table = self.store.load();
         let Some(svc) = table.service_by_host(&host) else {
-            return refuse(peer, sni.as_deref(), Refusal::UnknownHost(host));
+            return self.refuse(peer, sni.as_deref(), Refusal::UnknownHost(host));
         };
         let Some(svc_port) = svc.port(port) else {
-            return refuse(peer, sni.as_deref(), Refusal::UnknownPort { host, port });
+            return self.refuse(peer, sni.as_deref(), Refusal::UnknownPort { host, port });
         };
-        let scope = Scope::Gateway {
-            network: &self.network,
-        };
-        let targets = pick::order(svc, svc_port, scope, &self.outliers);
+        let plan = route::plan(
+            svc,
+            svc_port,
+            Scope::Gateway {
+                network: &self.network,
+            },
+        );
+        let targets = route::order(plan, &self.outliers);
         if targets.is_empty() {
-            return refuse(peer, sni.as_deref(), Refusal::NoEndpoint(host));
+            return self.refuse(peer, sni.as_deref(), Refusal::NoEndpoint(host));
         }
-        for target in targets.iter().take(MAX_ATTEMPTS) {
-            match target.connect(CONNECT_TIMEOUT).await {
-                Ok(upstream) => {
-                    self.outliers.succeeded(target);
-                    tracing::info!(%peer, sni = sni.as_deref().unwrap_or("-"), endpoint = %target.label(), "gateway connection");
-                    // The peeked ClientHello is still in the socket: the endpoint gets the
-                    // client's bytes from the first one on, spliced, never copied through us.
-                    let labels = TcpLabels::new(metrics::GATEWAY, svc.host.to_string(), true);
-                    self.metrics.opened(&labels);
-                    let result = splice_relay(&client, &upstream).await;
-                    let (from_client, to_client) = result.as_ref().copied().unwrap_or((0, 0));
-                    self.metrics.closed(&labels, from_client, to_client);
-                    let duration_ms = started.elapsed().as_millis() as u64;
-                    match result {
-                        Ok((sent, received)) => {
-                            tracing::info!(%peer, endpoint = %target.label(), sent, received, duration_ms, "gateway connection closed")
-                        }
-                        Err(e) => {
-                            tracing::info!(%peer, endpoint = %target.label(), error = %e, duration_ms, "gateway connection reset")
-                        }
-                    }
-                    return;
-                }
-                Err(e) => {
-                    self.outliers.failed(target);
-                    tracing::warn!(%peer, service = %svc.host, endpoint = %target.label(), error = %e, "gateway: endpoint failed; trying the next");
-                }
+        // The relay needs the raw socket: the bytes are the client's TLS, never ours.
+        let (i, upstream) = match try_targets(
+            &targets,
+            MAX_ATTEMPTS,
+            &self.outliers,
+            &self.metrics,
+            svc.host.as_str(),
+            &RawTcp(&self.dialer),
+        )
+        .await
+        {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::warn!(%peer, service = %svc.host, tried = e.tried, "gateway: no endpoint reachable; closing");
+                return;
+            }
+        };
+        let endpoint = &targets[i].endpoint;
+        tracing::info!(%peer, sni = sni.as_deref().unwrap_or("-"), %endpoint, "gateway connection");
+        // The peeked ClientHello is still in the socket: the endpoint gets the client's bytes
+        // from the first one on, spliced, never copied through us.
+        let labels = TcpLabels::new(metrics::GATEWAY, svc.host.to_string(), true);
+        self.metrics.opened(&labels);
+        let result = splice_relay(&client, &upstream).await;
+        let (from_client, to_client) = result.as_ref().copied().unwrap_or((0, 0));
+        self.metrics.closed(&labels, from_client, to_client);
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok((sent, received)) => {
+                tracing::info!(%peer, %endpoint, sent, received, duration_ms, "gateway connection closed")
+            }
+            Err(e) => {
+                tracing::info!(%peer, %endpoint, error = %e, duration_ms, "gateway connection reset")
             }
         }
-        tracing::warn!(%peer, service = %svc.host, "gateway: no endpoint reachable; closing");
     }
 }
 
-fn refuse(peer: SocketAddr, sni: Option<&str>, why: Refusal) {
-    tracing::warn!(%peer, sni = sni.unwrap_or("-"), reason = %why, "gateway: connection refused");
+impl Gateway {
+    fn refuse(&self, peer: SocketAddr, sni: Option<&str>, why: Refusal) {
+        self.metrics.gateway_refused(why.label());
+        tracing::warn!(%peer, sni = sni.unwrap_or("-"), reason = %why, "gateway: connection refused");
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,7 @@
 //! PERMISSIVE and STRICT as Istio's sidecar (SPEC section 6; I: pilot/pkg/networking/core/
 //! filterchain_options.go). The accepted socket's local address is the original destination.
 
-use std::collections::HashMap;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,65 +10,25 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::relay::{buffered, relay};
-use crate::config::MtlsMode;
-use crate::identity::{self, uri_sans, SpiffeId};
 use crate::metrics::{self, Metrics, TcpLabels};
+use crate::net::{buffered, relay};
+use crate::route::{InboundPolicy, MtlsMode};
+use crate::spiffe::{uri_sans, SpiffeId};
 use crate::tls::{self, Peeked};
 
 /// How long to wait for a client's first bytes before treating it as a server-first protocol.
 const FIRST_BYTES: Duration = Duration::from_millis(200);
 const HELLO: Duration = Duration::from_secs(5);
 const HANDSHAKE: Duration = Duration::from_secs(10);
-
-/// Allowed client identities: for every port, and per port. Empty: every verified identity.
-#[derive(Clone, Debug, Default)]
-pub struct AllowList {
-    pub all_ports: Vec<SpiffeId>,
-    pub by_port: HashMap<u16, Vec<SpiffeId>>,
-}
-
-impl AllowList {
-    /// Entries `spiffe://...` (every port) or `PORT=spiffe://...`.
-    pub fn parse(entries: &[String]) -> Result<Self, String> {
-        let mut out = Self::default();
-        for e in entries {
-            let (port, id) = match e.split_once('=') {
-                Some((p, id)) => (
-                    Some(
-                        p.trim()
-                            .parse::<u16>()
-                            .map_err(|_| format!("{e:?}: bad port"))?,
-                    ),
-                    id,
-                ),
-                None => (None, e.as_str()),
-            };
-            let id =
-                SpiffeId::parse(id.trim()).ok_or_else(|| format!("{e:?}: not a spiffe:// id"))?;
-            match port {
-                Some(p) => out.by_port.entry(p).or_default().push(id),
-                None => out.all_ports.push(id),
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn allows(&self, port: u16, id: Option<&SpiffeId>) -> bool {
-        let per_port = self.by_port.get(&port);
-        if self.all_ports.is_empty() && per_port.is_none() {
-            return true;
-        }
-        id.is_some_and(|id| self.all_ports.contains(id) || per_port.is_some_and(|l| l.contains(id)))
-    }
-}
+const APP_CONNECT: Duration = Duration::from_secs(5);
 
 pub struct Inbound {
-    identity: Arc<identity::Store>,
-    mode: MtlsMode,
-    allow: AllowList,
+    tls: Arc<tls::Store>,
+    policy: InboundPolicy,
     /// Our listener port: a connection whose original destination is it would loop.
     own_port: u16,
+    /// Where our IPv4 connections to the app come from: an address capture leaves alone.
+    app_source4: Ipv4Addr,
     metrics: Arc<Metrics>,
 }
 
@@ -83,25 +42,81 @@ enum Kind {
     Plaintext,
 }
 
+/// Why a connection was not served: the access log's result and a metric label.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("error before the first bytes: {0}")]
+    Peek(std::io::Error),
+    #[error("rejected: plaintext in STRICT mode")]
+    PlaintextStrict,
+    #[error("rejected: {0}")]
+    MalformedStrict(String),
+    #[error("rejected: mTLS needs a certificate (--certs)")]
+    NoCertificate,
+    #[error("handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("denied: identity not allowed")]
+    NotAllowed,
+    #[error("app unreachable: {0}")]
+    App(std::io::Error),
+}
+
+impl Refused {
+    fn label(&self) -> &'static str {
+        match self {
+            Refused::Peek(_) => "peek",
+            Refused::PlaintextStrict => "plaintext_strict",
+            Refused::MalformedStrict(_) => "malformed_strict",
+            Refused::NoCertificate => "no_certificate",
+            Refused::Handshake(_) => "handshake",
+            Refused::HandshakeTimeout => "handshake_timeout",
+            Refused::NotAllowed => "not_allowed",
+            Refused::App(_) => "app_unreachable",
+        }
+    }
+}
+
+/// One connection, for its access-log line.
+struct Conn {
+    peer: SocketAddr,
+    dst: SocketAddr,
+    started: Instant,
+    kind: Option<Kind>,
+    identity: Option<SpiffeId>,
+}
+
+impl Conn {
+    fn log(&self, received: u64, sent: u64, result: &dyn std::fmt::Display) {
+        tracing::info!(
+            peer = %self.peer, service = %self.dst, mode = ?self.kind,
+            identity = self.identity.as_ref().map(SpiffeId::as_str).unwrap_or("-"),
+            received, sent, duration_ms = self.started.elapsed().as_millis() as u64,
+            result = %result, "inbound connection"
+        );
+    }
+}
+
 impl Inbound {
     pub fn new(
-        identity: Arc<identity::Store>,
-        mode: MtlsMode,
-        allow: AllowList,
+        tls: Arc<tls::Store>,
+        policy: InboundPolicy,
         own_port: u16,
+        app_source4: Ipv4Addr,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            identity,
-            mode,
-            allow,
+            tls,
+            policy,
             own_port,
+            app_source4,
             metrics,
         })
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        super::accept_loop(listener, "inbound", move |stream, peer| {
+        crate::net::accept_loop(listener, "inbound", move |stream, peer| {
             let this = self.clone();
             async move { this.handle(stream, peer).await }
         })
@@ -109,207 +124,114 @@ impl Inbound {
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
-        let started = Instant::now();
         let Ok(dst) = stream.local_addr() else { return };
         if dst.port() == self.own_port {
             tracing::warn!(%peer, %dst, "inbound: connection to the proxy itself; closing");
             return;
         }
-        let _ = stream.set_nodelay(true);
-        let first = if self.mode == MtlsMode::Strict {
-            HELLO
-        } else {
-            FIRST_BYTES
+        let mut conn = Conn {
+            peer,
+            dst,
+            started: Instant::now(),
+            kind: None,
+            identity: None,
         };
-        let peeked = match tls::peek_client_hello(&stream, first, HELLO).await {
-            Ok(p) => p,
-            Err(e) => {
-                return access_log(peer, dst, None, None, 0, 0, started, &format!("error: {e}"))
-            }
-        };
-        let strict = self.mode == MtlsMode::Strict;
-        match peeked {
-            Peeked::Tls(hello) if strict || hello.has_istio_alpn() => {
-                self.terminate(stream, peer, dst, started).await
-            }
-            Peeked::Tls(_) => {
-                self.passthrough(stream, peer, dst, Kind::TlsPassthrough, started)
-                    .await
-            }
-            Peeked::Plain | Peeked::Silent if !strict => {
-                self.passthrough(stream, peer, dst, Kind::Plaintext, started)
-                    .await
-            }
-            Peeked::Plain | Peeked::Silent => access_log(
-                peer,
-                dst,
-                None,
-                None,
-                0,
-                0,
-                started,
-                "rejected: plaintext in STRICT mode",
-            ),
-            Peeked::Malformed(e) if !strict => {
-                // Not ours to judge: the app may speak something TLS-like.
-                tracing::debug!(%peer, error = %e, "inbound: unparsable TLS passed through");
-                self.passthrough(stream, peer, dst, Kind::TlsPassthrough, started)
-                    .await
-            }
-            Peeked::Malformed(e) => access_log(
-                peer,
-                dst,
-                None,
-                None,
-                0,
-                0,
-                started,
-                &format!("rejected: {e}"),
-            ),
+        if let Err(why) = self.serve_one(stream, &mut conn).await {
+            self.metrics.inbound_refused(why.label());
+            conn.log(0, 0, &why);
         }
     }
 
-    async fn terminate(
-        &self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        dst: SocketAddr,
-        started: Instant,
-    ) {
-        let Some(id) = self.identity.current() else {
-            return access_log(
-                peer,
-                dst,
-                Some(Kind::Mtls),
-                None,
-                0,
-                0,
-                started,
-                "rejected: mTLS needs a certificate (--certs)",
-            );
-        };
+    async fn serve_one(&self, stream: TcpStream, conn: &mut Conn) -> Result<(), Refused> {
+        let _ = stream.set_nodelay(true);
+        let strict = self.policy.mode == MtlsMode::Strict;
+        let first = if strict { HELLO } else { FIRST_BYTES };
+        let peeked = tls::peek_client_hello(&stream, first, HELLO)
+            .await
+            .map_err(Refused::Peek)?;
+        match peeked {
+            Peeked::Tls(hello) if strict || hello.has_istio_alpn() => {
+                self.terminate(stream, conn).await
+            }
+            Peeked::Tls(_) => self.passthrough(stream, conn, Kind::TlsPassthrough).await,
+            Peeked::Plain | Peeked::Silent if !strict => {
+                self.passthrough(stream, conn, Kind::Plaintext).await
+            }
+            Peeked::Plain | Peeked::Silent => Err(Refused::PlaintextStrict),
+            Peeked::Malformed(e) if !strict => {
+                // Not ours to judge: the app may speak something TLS-like.
+                tracing::debug!(peer = %conn.peer, error = %e, "inbound: unparsable TLS passed through");
+                self.passthrough(stream, conn, Kind::TlsPassthrough).await
+            }
+            Peeked::Malformed(e) => Err(Refused::MalformedStrict(e)),
+        }
+    }
+
+    async fn terminate(&self, stream: TcpStream, conn: &mut Conn) -> Result<(), Refused> {
+        conn.kind = Some(Kind::Mtls);
+        let id = self.tls.current().ok_or(Refused::NoCertificate)?;
         let accept = TlsAcceptor::from(id.server.clone()).accept(buffered(stream));
-        let mut tls = match tokio::time::timeout(HANDSHAKE, accept).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return access_log(
-                    peer,
-                    dst,
-                    Some(Kind::Mtls),
-                    None,
-                    0,
-                    0,
-                    started,
-                    &format!("handshake failed: {e}"),
-                )
-            }
-            Err(_) => {
-                return access_log(
-                    peer,
-                    dst,
-                    Some(Kind::Mtls),
-                    None,
-                    0,
-                    0,
-                    started,
-                    "handshake timed out",
-                )
-            }
-        };
-        let client_id = tls
+        let mut tls = tokio::time::timeout(HANDSHAKE, accept)
+            .await
+            .map_err(|_| Refused::HandshakeTimeout)?
+            .map_err(Refused::Handshake)?;
+        conn.identity = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|leaf| uri_sans(leaf).into_iter().next());
-        if !self.allow.allows(dst.port(), client_id.as_ref()) {
+        if !self
+            .policy
+            .allow
+            .allows(conn.dst.port(), conn.identity.as_ref())
+        {
             let _ = tls.shutdown().await;
-            return access_log(
-                peer,
-                dst,
-                Some(Kind::Mtls),
-                client_id.as_ref(),
-                0,
-                0,
-                started,
-                "denied: identity not allowed",
-            );
+            return Err(Refused::NotAllowed);
         }
-        let mut app = match connect_app(dst).await {
-            Ok(a) => a,
-            Err(e) => {
-                return access_log(
-                    peer,
-                    dst,
-                    Some(Kind::Mtls),
-                    client_id.as_ref(),
-                    0,
-                    0,
-                    started,
-                    &format!("app unreachable: {e}"),
-                )
-            }
-        };
-        let kind = match tls.get_ref().1.handshake_kind() {
-            Some(rustls::HandshakeKind::Resumed) => Kind::MtlsResumed,
-            _ => Kind::Mtls,
-        };
-        let labels = TcpLabels::new(metrics::DESTINATION, dst.to_string(), true);
+        let mut app = connect_app(conn.dst, self.app_source4)
+            .await
+            .map_err(Refused::App)?;
+        if let Some(rustls::HandshakeKind::Resumed) = tls.get_ref().1.handshake_kind() {
+            conn.kind = Some(Kind::MtlsResumed);
+        }
+        let labels = TcpLabels::new(metrics::DESTINATION, conn.dst.to_string(), true).principals(
+            conn.identity.as_ref().map(SpiffeId::as_str),
+            Some(id.spiffe.as_str()),
+        );
         self.metrics.opened(&labels);
         let (rx, tx) = relay(&mut tls, &mut app).await.unwrap_or((0, 0));
         self.metrics.closed(&labels, rx, tx);
-        access_log(
-            peer,
-            dst,
-            Some(kind),
-            client_id.as_ref(),
-            rx,
-            tx,
-            started,
-            "ok",
-        );
+        conn.log(rx, tx, &"ok");
+        Ok(())
     }
 
     async fn passthrough(
         &self,
         mut stream: TcpStream,
-        peer: SocketAddr,
-        dst: SocketAddr,
+        conn: &mut Conn,
         kind: Kind,
-        started: Instant,
-    ) {
-        let mut app = match connect_app(dst).await {
-            Ok(a) => a,
-            Err(e) => {
-                return access_log(
-                    peer,
-                    dst,
-                    Some(kind),
-                    None,
-                    0,
-                    0,
-                    started,
-                    &format!("app unreachable: {e}"),
-                )
-            }
-        };
-        let labels = TcpLabels::new(metrics::DESTINATION, dst.to_string(), false);
+    ) -> Result<(), Refused> {
+        conn.kind = Some(kind);
+        let mut app = connect_app(conn.dst, self.app_source4)
+            .await
+            .map_err(Refused::App)?;
+        let labels = TcpLabels::new(metrics::DESTINATION, conn.dst.to_string(), false);
         self.metrics.opened(&labels);
         let (rx, tx) = relay(&mut stream, &mut app).await.unwrap_or((0, 0));
         self.metrics.closed(&labels, rx, tx);
-        access_log(peer, dst, Some(kind), None, rx, tx, started, "ok");
+        conn.log(rx, tx, &"ok");
+        Ok(())
     }
 }
 
-/// Connects to the local app at the original destination. IPv4 from 127.0.0.6, as Istio's
-/// sidecar does, which sk_lookup skips so we are not captured again; IPv6 over loopback.
-async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
+/// Connects to the local app at the original destination. IPv4 from `source4` (127.0.0.6, as
+/// Istio's sidecar does), which sk_lookup skips so we are not captured again; IPv6 over
+/// loopback.
+async fn connect_app(dst: SocketAddr, source4: Ipv4Addr) -> std::io::Result<TcpStream> {
     let (socket, target) = if dst.is_ipv4() {
         let s = TcpSocket::new_v4()?;
-        s.bind(SocketAddr::from((
-            interceptor_ebpf::abi::INBOUND_SOURCE4,
-            0,
-        )))?;
+        s.bind(SocketAddr::from((source4, 0)))?;
         (s, dst)
     } else {
         (
@@ -317,46 +239,9 @@ async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
             SocketAddr::from((Ipv6Addr::LOCALHOST, dst.port())),
         )
     };
-    let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(target))
+    let stream = tokio::time::timeout(APP_CONNECT, socket.connect(target))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
     Ok(stream)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn access_log(
-    peer: SocketAddr,
-    dst: SocketAddr,
-    kind: Option<Kind>,
-    identity: Option<&SpiffeId>,
-    received: u64,
-    sent: u64,
-    started: Instant,
-    result: &str,
-) {
-    tracing::info!(
-        %peer, service = %dst, mode = ?kind, identity = identity.map(SpiffeId::as_str).unwrap_or("-"),
-        received, sent, duration_ms = started.elapsed().as_millis() as u64, result, "inbound connection"
-    );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn allow_list() {
-        let a = AllowList::parse(&[
-            "spiffe://td/ns/a/sa/x".into(),
-            "8080=spiffe://td/ns/b/sa/y".into(),
-        ])
-        .unwrap();
-        let x = SpiffeId::parse("spiffe://td/ns/a/sa/x").unwrap();
-        let y = SpiffeId::parse("spiffe://td/ns/b/sa/y").unwrap();
-        assert!(a.allows(9090, Some(&x)) && !a.allows(9090, Some(&y)));
-        assert!(a.allows(8080, Some(&y)) && !a.allows(8080, None));
-        assert!(AllowList::default().allows(1, None));
-        assert!(AllowList::parse(&["x=spiffe://a/b".into()]).is_err());
-    }
 }

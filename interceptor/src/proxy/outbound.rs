@@ -1,72 +1,66 @@
 //! proxy::Outbound: accepts captured connections, finds the service from the original
-//! destination and forwards to a healthy endpoint (mTLS for Istio endpoints, plaintext for the
-//! rest), trying the next endpoint when one fails.
+//! destination, plans its targets (`route::plan`, the same call `explain` makes) and relays to
+//! the first one that answers (`transport::try_targets`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsConnector;
 
-use super::pick::{self, Outliers, Scope, Target};
-use super::relay::{buffered, relay, Buffered};
 use crate::capture::OriginalDst;
-use crate::identity::{self, SpiffeId};
-use crate::mesh::{Address, Health, Resolution, Service, ServicePort, Store, Workload};
+use crate::mesh::{Service, Store};
 use crate::metrics::{self, Metrics, TcpLabels};
+use crate::net::relay;
+use crate::route::{self, Outliers, Scope, Target, Transport};
+use crate::spiffe::{SpiffeId, DEFAULT_TRUST_DOMAIN};
 use crate::tls;
+use crate::transport::{try_targets, Dialer, Upstream};
 
 /// At most this many endpoints are tried for one connection.
-const MAX_ATTEMPTS: usize = 3;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The connection towards an endpoint.
-enum Upstream {
-    Plain(TcpStream),
-    Mtls(Box<tokio_rustls::client::TlsStream<Buffered>>),
-}
+pub const MAX_ATTEMPTS: usize = 3;
 
 pub struct Outbound {
     store: Arc<Store>,
-    identity: Arc<identity::Store>,
+    tls: Arc<tls::Store>,
     orig: Arc<OriginalDst>,
-    outliers: Outliers,
+    dialer: Dialer,
+    outliers: Arc<Outliers>,
     /// Our own listener addresses: a connection whose original destination is one of them would
     /// loop.
     own: Vec<SocketAddr>,
     /// This VM's network: endpoints elsewhere are reached through their network's gateway.
     network: String,
     metrics: Arc<Metrics>,
-    tls_configs: tls::ClientConfigs,
 }
 
 impl Outbound {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<Store>,
-        identity: Arc<identity::Store>,
+        tls: Arc<tls::Store>,
         orig: Arc<OriginalDst>,
+        dialer: Dialer,
+        outliers: Arc<Outliers>,
         own: Vec<SocketAddr>,
         network: String,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
-            identity,
+            tls,
             orig,
-            outliers: Outliers::default(),
+            dialer,
+            outliers,
             own,
             network,
             metrics,
-            tls_configs: tls::ClientConfigs::default(),
         })
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        super::accept_loop(listener, "outbound", move |stream, peer| {
+        crate::net::accept_loop(listener, "outbound", move |stream, peer| {
             let this = self.clone();
             async move { this.handle(stream, peer).await }
         })
@@ -89,116 +83,58 @@ impl Outbound {
             tracing::warn!(%peer, original = %dst, "outbound: no mesh service at the original destination; closing");
             return;
         };
+        let tls = self.tls.current();
+        let trust_domain = tls
+            .as_ref()
+            .map(|c| c.trust_domain())
+            .unwrap_or(DEFAULT_TRUST_DOMAIN);
         let scope = Scope::Sidecar {
             network: &self.network,
             networks: &table.networks,
+            trust_domain,
         };
-        let mut targets = pick::order(svc, port, scope, &self.outliers);
-        if targets.is_empty() && svc.resolution == Resolution::Dns {
-            // A DNS service without endpoints is reached at its own host name (Istio does this).
-            targets.push(dns_self_target(svc, port));
-        }
+        let plan = route::plan(svc, port, scope);
+        self.outliers
+            .warn_unreachable(svc.host.as_str(), &plan.skipped);
+        let targets = route::order(plan, &self.outliers);
         let started = Instant::now();
-        let tried = targets.len().min(MAX_ATTEMPTS);
-        for target in targets.iter().take(MAX_ATTEMPTS) {
-            match self.connect(svc, port, target).await {
-                Ok(upstream) => {
-                    self.outliers.succeeded(target);
-                    let mtls = matches!(upstream, Upstream::Mtls(_));
-                    let labels = TcpLabels::new(metrics::SOURCE, svc.host.to_string(), mtls);
-                    self.metrics.opened(&labels);
-                    tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.label(), gateway_network = target.gateway_network(), mtls, "outbound connection");
-                    let result = match upstream {
-                        Upstream::Plain(mut up) => relay(&mut client, &mut up).await,
-                        Upstream::Mtls(mut up) => relay(&mut client, up.as_mut()).await,
-                    };
-                    let _ = client.shutdown().await;
-                    let (from_client, to_client) = result.as_ref().copied().unwrap_or((0, 0));
-                    self.metrics.closed(&labels, from_client, to_client);
-                    log_close(&result, dst, svc, target, started);
-                    return;
-                }
-                Err(e) => {
-                    self.outliers.failed(target);
-                    tracing::warn!(original = %dst, service = %svc.host, endpoint = %target.label(), error = %e, "outbound: endpoint failed; trying the next");
-                }
+        let (i, upstream) = match try_targets(
+            &targets,
+            MAX_ATTEMPTS,
+            &self.outliers,
+            &self.metrics,
+            svc.host.as_str(),
+            &self.dialer,
+        )
+        .await
+        {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::warn!(%peer, original = %dst, service = %svc.host, tried = e.tried, "outbound: no endpoint reachable; closing");
+                return;
             }
-        }
-        tracing::warn!(%peer, original = %dst, service = %svc.host, tried, "outbound: no endpoint reachable; closing");
+        };
+        let target = &targets[i];
+        let mtls = upstream.is_mtls();
+        let server = match &target.transport {
+            Transport::Tls { identities, .. } => upstream.peer_identity(identities),
+            Transport::Plain => None,
+        };
+        let labels = TcpLabels::new(metrics::SOURCE, svc.host.to_string(), mtls).principals(
+            tls.as_ref().filter(|_| mtls).map(|c| c.spiffe.as_str()),
+            server.as_ref().map(SpiffeId::as_str),
+        );
+        self.metrics.opened(&labels);
+        tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.endpoint, gateway_network = target.gateway_network(), mtls, "outbound connection");
+        let result = match upstream {
+            Upstream::Tcp(mut up) => relay(&mut client, &mut up).await,
+            Upstream::Tls(mut up) => relay(&mut client, up.as_mut()).await,
+        };
+        let _ = client.shutdown().await;
+        let (from_client, to_client) = result.as_ref().copied().unwrap_or((0, 0));
+        self.metrics.closed(&labels, from_client, to_client);
+        log_close(&result, dst, svc, target, started);
     }
-
-    async fn connect(
-        &self,
-        svc: &Service,
-        port: &ServicePort,
-        target: &Target,
-    ) -> std::io::Result<Upstream> {
-        let tcp = target.connect(CONNECT_TIMEOUT).await?;
-        if !target.speaks_istio_mtls() {
-            return Ok(Upstream::Plain(tcp));
-        }
-        let id = self.identity.current().ok_or_else(|| {
-            std::io::Error::other(
-                "endpoint requires mTLS but no certificate is configured (--certs)",
-            )
-        })?;
-        // Through a gateway: any endpoint behind it may answer, and it is their identity we
-        // check, never the gateway's (it only relays our TLS).
-        let expected = expected_identities(svc, target.workloads(), id.trust_domain());
-        let config = self
-            .tls_configs
-            .get(&id.client, &id.roots, target.label(), expected);
-        let name = ServerName::try_from(tls::sni(port.number, "", svc.host.as_str()))
-            .map_err(std::io::Error::other)?;
-        let handshake = TlsConnector::from(config).connect(name, buffered(tcp));
-        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-            })??;
-        Ok(Upstream::Mtls(Box::new(stream)))
-    }
-}
-
-/// Who may answer for `svc` on these workloads: the ServiceEntry's subjectAltNames when given,
-/// else each workload's service account in our trust domain.
-pub fn expected_identities(
-    svc: &Service,
-    workloads: &[Arc<Workload>],
-    trust_domain: &str,
-) -> Vec<SpiffeId> {
-    let from_entry: Vec<SpiffeId> = svc
-        .subject_alt_names
-        .iter()
-        .filter_map(|s| SpiffeId::parse(s))
-        .collect();
-    if !from_entry.is_empty() {
-        return from_entry;
-    }
-    let mut ids: Vec<SpiffeId> = Vec::new();
-    for w in workloads {
-        let id = SpiffeId::new(trust_domain, &w.namespace, &w.service_account);
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
-    ids
-}
-
-fn dns_self_target(svc: &Service, port: &ServicePort) -> Target {
-    let w = Workload {
-        name: format!("{}#dns", svc.origin),
-        namespace: svc.namespace.clone(),
-        address: Address::Hostname(svc.host.to_string()),
-        labels: Default::default(),
-        ports: Default::default(),
-        network: String::new(),
-        locality: String::new(),
-        weight: 1,
-        service_account: String::new(),
-        health: Health::Healthy,
-    };
-    Target::direct(Arc::new(w), port)
 }
 
 fn log_close(
@@ -211,11 +147,11 @@ fn log_close(
     let duration_ms = started.elapsed().as_millis() as u64;
     match result {
         Ok((sent, received)) => tracing::info!(
-            original = %dst, service = %svc.host, endpoint = %target.label(), sent, received, duration_ms,
+            original = %dst, service = %svc.host, endpoint = %target.endpoint, sent, received, duration_ms,
             "outbound connection closed"
         ),
         Err(e) => tracing::info!(
-            original = %dst, service = %svc.host, endpoint = %target.label(), error = %e, duration_ms,
+            original = %dst, service = %svc.host, endpoint = %target.endpoint, error = %e, duration_ms,
             "outbound connection reset"
         ),
     }

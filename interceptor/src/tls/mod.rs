@@ -2,12 +2,13 @@
 //! `istio` ALPN. Configs are built once per identity; only the verifier varies per connection.
 
 mod hello;
+mod store;
 mod verify;
 
 pub use hello::{parse_client_hello, peek_client_hello, ClientHello, Peeked};
+pub use store::{Configs, Store};
 pub use verify::SpiffeServerVerifier;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustls::client::ResolvesClientCert;
@@ -16,7 +17,21 @@ use rustls::server::{ClientHello as RustlsHello, ResolvesServerCert, WebPkiClien
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
 
-use crate::identity::SpiffeId;
+use crate::spiffe::SpiffeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the private key cannot sign: {0}")]
+    Key(rustls::Error),
+    #[error("the private key does not match the leaf certificate")]
+    KeyMismatch,
+    #[error("root certificate: {0}")]
+    Root(rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("TLS configuration: {0}")]
+    Config(rustls::Error),
+}
 
 /// ALPN the outbound side offers (SPEC section 5: not `istio-peer-exchange`).
 pub const ALPN_ISTIO: &[u8] = b"istio";
@@ -65,7 +80,7 @@ impl ResolvesClientCert for OneCert {
 pub fn client_base(
     cert: &Arc<CertifiedKey>,
     roots: &Arc<RootCertStore>,
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, Error> {
     let provider = provider();
     // A verifier that accepts no identity until a connection sets the ones it expects.
     let verifier = Arc::new(SpiffeServerVerifier::new(
@@ -75,13 +90,13 @@ pub fn client_base(
     ));
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(Error::Config)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(OneCert(cert.clone())));
     cfg.alpn_protocols = vec![ALPN_ISTIO.to_vec()];
     // The base verifier accepts nobody; resumption belongs to the per-endpoint configs
-    // (ClientConfigs), never to this shared one.
+    // (transport::ClientConfigs), never to this shared one.
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
@@ -107,59 +122,17 @@ pub fn client_for(
 
 /// TLS 1.3 sessions kept per endpoint: a few, for connections opened at once.
 const SESSIONS_PER_ENDPOINT: usize = 8;
-/// Endpoint configs kept before the cache starts over.
-const MAX_ENDPOINT_CONFIGS: usize = 4096;
-
-type ConfigKey = (String, Vec<SpiffeId>);
-/// The base the configs were made from, and the configs.
-type ConfigCache = (Arc<ClientConfig>, HashMap<ConfigKey, Arc<ClientConfig>>);
-
-/// Client configs by (endpoint, expected identities). A resumed TLS 1.3 session skips the
-/// certificate check, so a session is only ever offered where it was made: to the same address,
-/// under the same identity expectation (rustls also refuses resumption across verifiers). A
-/// resumed handshake saves both certificate verifications and signatures, most of the cost of a
-/// new mTLS connection. A new identity (rotation) starts the cache over.
-#[derive(Default)]
-pub struct ClientConfigs {
-    inner: std::sync::Mutex<Option<ConfigCache>>,
-}
-
-impl ClientConfigs {
-    pub fn get(
-        &self,
-        base: &Arc<ClientConfig>,
-        roots: &Arc<RootCertStore>,
-        endpoint: String,
-        expected: Vec<SpiffeId>,
-    ) -> Arc<ClientConfig> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = match &*inner {
-            Some((b, map)) => !Arc::ptr_eq(b, base) || map.len() >= MAX_ENDPOINT_CONFIGS,
-            None => true,
-        };
-        if fresh {
-            *inner = Some((base.clone(), HashMap::new()));
-        }
-        let Some((_, map)) = inner.as_mut() else {
-            return client_for(base, roots, expected);
-        };
-        map.entry((endpoint, expected.clone()))
-            .or_insert_with(|| client_for(base, roots, expected))
-            .clone()
-    }
-}
 
 pub fn server_config(
     cert: &Arc<CertifiedKey>,
     roots: &Arc<RootCertStore>,
-) -> Result<Arc<ServerConfig>, String> {
+) -> Result<Arc<ServerConfig>, Error> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| e.to_string())?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(Error::Config)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(OneCert(cert.clone())));
     // Stateful TLS 1.3 resumption for the mesh clients that reconnect: the session keeps the
@@ -183,95 +156,3 @@ pub fn server_config(
 
 /// Resumable sessions the inbound side keeps. Small on purpose: rustls scans it linearly.
 const SERVER_SESSIONS: usize = 256;
-
-/// The Istio SNI for a service port (I: pilot/pkg/model/service.go BuildDNSSrvSubsetKey).
-pub fn sni(port: u16, subset: &str, host: &str) -> String {
-    format!(
-        "outbound_.{port}_.{}_.{host}",
-        if subset.is_empty() { "" } else { subset }
-    )
-}
-
-/// Splits an Istio SNI `outbound_.P_.S_.H` into (port, subset, host).
-pub fn parse_sni(sni: &str) -> Option<(u16, &str, &str)> {
-    let rest = sni.strip_prefix("outbound_.")?;
-    let (port, rest) = rest.split_once("_.")?;
-    let (subset, host) = rest.split_once("_.")?;
-    let port = port.parse().ok()?;
-    (!host.is_empty()).then_some((port, subset, host))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn endpoint_configs_are_kept_per_endpoint_and_identity_and_reset_on_rotation() {
-        let base = || {
-            Arc::new(
-                ClientConfig::builder_with_provider(provider())
-                    .with_safe_default_protocol_versions()
-                    .unwrap()
-                    .with_root_certificates(RootCertStore::empty())
-                    .with_no_client_auth(),
-            )
-        };
-        let (b1, b2) = (base(), base());
-        let roots = Arc::new(RootCertStore::empty());
-        let id = |s: &str| vec![SpiffeId::parse(s).unwrap()];
-        let c = ClientConfigs::default();
-        let a = c.get(
-            &b1,
-            &roots,
-            "10.0.0.1:80".into(),
-            id("spiffe://td/ns/a/sa/x"),
-        );
-        let same = c.get(
-            &b1,
-            &roots,
-            "10.0.0.1:80".into(),
-            id("spiffe://td/ns/a/sa/x"),
-        );
-        assert!(
-            Arc::ptr_eq(&a, &same),
-            "one config (one session store) per endpoint"
-        );
-        let other_ep = c.get(
-            &b1,
-            &roots,
-            "10.0.0.2:80".into(),
-            id("spiffe://td/ns/a/sa/x"),
-        );
-        let other_id = c.get(
-            &b1,
-            &roots,
-            "10.0.0.1:80".into(),
-            id("spiffe://td/ns/a/sa/y"),
-        );
-        assert!(!Arc::ptr_eq(&a, &other_ep) && !Arc::ptr_eq(&a, &other_id));
-        let rotated = c.get(
-            &b2,
-            &roots,
-            "10.0.0.1:80".into(),
-            id("spiffe://td/ns/a/sa/x"),
-        );
-        assert!(!Arc::ptr_eq(&a, &rotated), "a new identity starts over");
-    }
-
-    #[test]
-    fn sni_round_trip() {
-        let s = sni(8080, "", "product.default.svc.cluster.local");
-        assert_eq!(s, "outbound_.8080_._.product.default.svc.cluster.local");
-        assert_eq!(
-            parse_sni(&s),
-            Some((8080, "", "product.default.svc.cluster.local"))
-        );
-        assert_eq!(parse_sni("outbound_.80_.v1_.a.b"), Some((80, "v1", "a.b")));
-        assert_eq!(parse_sni("inbound_.80_._.a"), None);
-        assert_eq!(parse_sni("outbound_.x_._.a"), None);
-        assert!(
-            rustls::pki_types::ServerName::try_from(s).is_ok(),
-            "rustls accepts the underscore SNI"
-        );
-    }
-}

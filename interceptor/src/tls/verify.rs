@@ -13,7 +13,7 @@ use rustls::{
     CertificateError, DigitallySignedStruct, Error, OtherError, RootCertStore, SignatureScheme,
 };
 
-use crate::identity::{uri_sans, SpiffeId};
+use crate::spiffe::{uri_sans, SpiffeId};
 
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
@@ -109,5 +109,82 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+
+    struct Ca {
+        cert: rcgen::Certificate,
+        key: KeyPair,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        let key = KeyPair::generate().unwrap();
+        Ca {
+            cert: p.self_signed(&key).unwrap(),
+            key,
+        }
+    }
+
+    fn leaf(ca: &Ca, san: &str) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(san.try_into().unwrap())];
+        p.signed_by(&key, &ca.cert, &ca.key).unwrap().der().clone()
+    }
+
+    fn verifier(ca: &Ca, expected: &[&str]) -> SpiffeServerVerifier {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.cert.der().clone()).unwrap();
+        SpiffeServerVerifier::new(
+            Arc::new(roots),
+            expected
+                .iter()
+                .map(|s| SpiffeId::parse(s).unwrap())
+                .collect(),
+            crate::tls::provider(),
+        )
+    }
+
+    fn check(v: &SpiffeServerVerifier, cert: &CertificateDer<'_>) -> Result<(), Error> {
+        let name = ServerName::try_from("outbound_.80_._.a.b").unwrap();
+        v.verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn accepts_only_an_expected_identity_under_the_roots() {
+        let ca1 = ca("one");
+        let good = leaf(&ca1, "spiffe://td/ns/a/sa/product");
+        assert!(check(
+            &verifier(
+                &ca1,
+                &["spiffe://td/ns/a/sa/x", "spiffe://td/ns/a/sa/product"]
+            ),
+            &good
+        )
+        .is_ok());
+        let e = check(&verifier(&ca1, &["spiffe://td/ns/a/sa/billing"]), &good).unwrap_err();
+        assert!(e.to_string().contains("is not one of"), "{e}");
+        // No identity expected: nobody is accepted (the base verifier of every client config).
+        assert!(check(&verifier(&ca1, &[]), &good).is_err());
+        // The right identity under another root.
+        let other = leaf(&ca("two"), "spiffe://td/ns/a/sa/product");
+        let e = check(&verifier(&ca1, &["spiffe://td/ns/a/sa/product"]), &other).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            ),
+            "{e}"
+        );
     }
 }

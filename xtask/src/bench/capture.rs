@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use interceptor_tests::{interceptor_bin, sh, Interceptor, Netns, Subnet, Veth, VmPod};
+use interceptor_tests::{interceptor_bin, sh, Interceptor, Topology};
 
 use super::{helper, loadgen, median, Load};
 
@@ -28,34 +28,35 @@ spec:
   endpoints: [{address: 10.77.0.2}]
 "#;
 const VIP: &str = "240.240.7.7:8080";
-/// The second VM namespace's link to the pod.
-const VM2: &str = "10.78.0.1";
-const POD_FROM_VM2: &str = "10.78.0.2";
+/// The pod's address on the second VM namespace's own link.
+const POD_FROM_VM2: &str = "10.88.0.2";
 
 pub fn run(out: &Path) -> anyhow::Result<()> {
-    let t = VmPod::new();
-    let vm2 = Netns::new(format!("ic{:x}-vm2", t.id));
-    Veth::connect(
-        &vm2,
-        &format!("ic{:x}w", t.id),
-        &[&format!("{VM2}/24")],
-        &t.pod,
-        &format!("ic{:x}q", t.id),
-        &[&format!("{POD_FROM_VM2}/24")],
-    );
-    super::reuse_time_wait(&[&t.vm, &t.pod, &vm2]);
+    let t = Topology::new()
+        .network("a")
+        .network("c")
+        .node("vm", &["a"])
+        .node("pod", &["a", "c"])
+        .node("vm2", &["c"])
+        .build();
+    let (vm, pod, vm2) = (t.node("vm"), t.node("pod"), t.node("vm2"));
+    super::reuse_time_wait(&[&vm.ns, &pod.ns, &vm2.ns]);
     let mesh = t.write("mesh.yaml", MESH);
     let resolv = t.write("resolv.conf", "nameserver 10.77.0.53\n");
-    let mesh_c = t.write("mesh-c.yaml", &MESH.replace(Subnet::POD4, POD_FROM_VM2));
-    let _server = t.bench_http_in(&t.pod, &["10.77.0.2:8080", &format!("{POD_FROM_VM2}:8080")]);
+    let mesh_c = t.write("mesh-c.yaml", &MESH.replace("10.77.0.2", POD_FROM_VM2));
+    let _server = pod.bench_http(&["10.77.0.2:8080", &format!("{POD_FROM_VM2}:8080")]);
 
     // (b): eBPF capture, the daemon in the cgroup as in production. Logs at warn: the bench
     // measures the data path, not the access log.
-    let mut ebpf_cmd = t.interceptor_cmd(&mesh, &resolv, &[]);
-    ebpf_cmd.env("RUST_LOG", "warn,interceptor::run=info");
-    let _ebpf = Interceptor::start(ebpf_cmd, t.path("ebpf.log"));
+    let _ebpf = vm
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .env("RUST_LOG", "warn")
+        .log("ebpf")
+        .start();
     // (c): the same binary, no eBPF, behind iptables REDIRECT on another port.
-    let mut ipt_cmd = vm2.cmd(interceptor_bin().to_str().expect("utf-8"));
+    let mut ipt_cmd = vm2.ns.cmd(interceptor_bin().to_str().expect("utf-8"));
     ipt_cmd
         .args([
             "run",
@@ -70,11 +71,16 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         .arg(&mesh_c)
         .arg("--resolv-conf")
         .arg(&resolv)
-        .env("RUST_LOG", "warn,interceptor::run=info");
-    let _ipt = Interceptor::start(ipt_cmd, t.path("iptables.log"));
-    let veth = format!("ic{:x}w", t.id);
-    vm2.ip(&["route", "add", "240.240.0.0/16", "dev", &veth]);
-    sh(vm2.cmd("iptables").args([
+        .env("RUST_LOG", "warn");
+    let _ipt = Interceptor::start(
+        ipt_cmd,
+        t.path("iptables.log"),
+        vm2.ns.handle(),
+        "127.0.0.1:15020",
+    );
+    vm2.ns
+        .ip(&["route", "add", "240.240.0.0/16", "dev", vm2.iface("c")]);
+    sh(vm2.ns.cmd("iptables").args([
         "-t",
         "nat",
         "-A",
@@ -93,7 +99,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
 
     let lg = helper("loadgen");
     let lg = lg.to_str().expect("utf-8");
-    let direct = format!("{}:8080", Subnet::POD4);
+    let direct = "10.77.0.2:8080".to_string();
     // Where each client runs: 0 the vm, 1 the vm's captured cgroup, 2 the iptables namespace.
     let modes: [(&str, &str, u8); 3] = [
         ("a direct", &direct, 0),
@@ -106,13 +112,9 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     for round in 0..ROUNDS {
         for (i, (name, addr, place)) in modes.iter().enumerate() {
             let cmd = |secs: &str, conc: &str| match place {
-                0 => t.outside(lg, &[addr, secs, conc]),
-                1 => t.in_cgroup(lg, &[addr, secs, conc]),
-                _ => {
-                    let mut c = vm2.cmd(lg);
-                    c.args([addr, secs, conc]);
-                    c
-                }
+                0 => vm.cmd(lg, &[addr, secs, conc]),
+                1 => vm.in_cgroup(lg, &[addr, secs, conc]),
+                _ => vm2.cmd(lg, &[addr, secs, conc]),
             };
             let load: Load = loadgen(cmd(CPS_SECS, CPS_CONCURRENCY))?;
             let lat: Load = loadgen(cmd(LAT_SECS, "1"))?;

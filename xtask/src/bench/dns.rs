@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
-use interceptor_tests::{interceptor_bin, sh, Interceptor, Proc, VmPod};
+use interceptor_tests::{interceptor_bin, sh, Interceptor, Net, Proc, Topology};
 
 use super::median;
 
@@ -59,8 +59,8 @@ fn table(name: &'static str, n: usize) -> Table {
     }
 }
 
-fn dnsperf(t: &VmPod, port: &str, queries: &Path, extra: &[&str]) -> anyhow::Result<String> {
-    let mut c = t.vm.cmd("dnsperf");
+fn dnsperf(t: &Net, port: &str, queries: &Path, extra: &[&str]) -> anyhow::Result<String> {
+    let mut c = t.node("vm").ns.cmd("dnsperf");
     c.args(["-s", "127.0.0.1", "-p", port, "-d"])
         .arg(queries)
         .args(extra);
@@ -90,7 +90,7 @@ fn cpu_seconds(pid: i32) -> f64 {
 }
 
 /// (queries per second, queries per CPU second of the server `pid`) at saturation.
-fn qps(t: &VmPod, port: &str, queries: &Path, pid: i32) -> anyhow::Result<(f64, f64)> {
+fn qps(t: &Net, port: &str, queries: &Path, pid: i32) -> anyhow::Result<(f64, f64)> {
     let cpu0 = cpu_seconds(pid);
     let out = dnsperf(
         t,
@@ -116,7 +116,7 @@ fn qps(t: &VmPod, port: &str, queries: &Path, pid: i32) -> anyhow::Result<(f64, 
 }
 
 /// (p50, p99) in microseconds at a fixed query rate.
-fn latency(t: &VmPod, port: &str, queries: &Path) -> anyhow::Result<(f64, f64)> {
+fn latency(t: &Net, port: &str, queries: &Path) -> anyhow::Result<(f64, f64)> {
     let out = dnsperf(
         t,
         port,
@@ -163,19 +163,27 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         "RSS MiB"
     );
     for tbl in [table("mesh names", 20), table("10k services", 10_000)] {
-        let t = VmPod::new();
+        let t = Topology::vm_pod();
         let mesh = t.write("mesh.yaml", &tbl.mesh);
         let hosts = t.write("hosts", &tbl.hosts);
         let queries = t.write("queries", &tbl.queries);
         let resolv = t.write("resolv.conf", "nameserver 127.0.0.1\n");
-        let mut cmd = t.vm.cmd(interceptor_bin().to_str().context("utf-8")?);
+        let mut cmd = t
+            .node("vm")
+            .ns
+            .cmd(interceptor_bin().to_str().context("utf-8")?);
         cmd.args(["run", "--capture", "none", "--dns-port", OUR_PORT, "--mesh"])
             .arg(&mesh)
             .arg("--resolv-conf")
             .arg(&resolv)
-            .env("RUST_LOG", "warn,interceptor::run=info");
-        let ours = Interceptor::start(cmd, t.path("interceptor.log"));
-        let mut dm = t.vm.cmd("dnsmasq");
+            .env("RUST_LOG", "warn");
+        let ours = Interceptor::start(
+            cmd,
+            t.path("interceptor.log"),
+            t.node("vm").ns.handle(),
+            "127.0.0.1:15020",
+        );
+        let mut dm = t.node("vm").ns.cmd("dnsmasq");
         dm.args([
             "-k",
             "--conf-file=/dev/null",
@@ -200,14 +208,9 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
             .and_then(|l| l.split(' ').next())
             .context("queries")?
             .to_string();
-        let a = sh(t
-            .vm
-            .cmd("dig")
-            .args(["+short", "-p", OUR_PORT, "@127.0.0.1", &probe]));
-        let b = sh(t
-            .vm
-            .cmd("dig")
-            .args(["+short", "-p", DNSMASQ_PORT, "@127.0.0.1", &probe]));
+        let vm = t.node("vm");
+        let a = sh(&mut vm.cmd("dig", &["+short", "-p", OUR_PORT, "@127.0.0.1", &probe]));
+        let b = sh(&mut vm.cmd("dig", &["+short", "-p", DNSMASQ_PORT, "@127.0.0.1", &probe]));
         anyhow::ensure!(
             a == b && !a.trim().is_empty(),
             "servers disagree on {probe}: {a:?} vs {b:?}"

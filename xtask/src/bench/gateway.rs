@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use interceptor_tests::{Interceptor, MultiNet, Proc};
+use interceptor_tests::{Interceptor, Proc, Topology};
 
 use super::{helper, iperf, median, mesh_certs, reuse_time_wait, rr};
 
@@ -16,6 +16,8 @@ const RR_RATE: &str = "1000";
 const RR_SECS: &str = "4";
 const VIP_A: &str = "240.240.9.10";
 const VIP_B: &str = "240.240.9.11";
+const POD_B: &str = "10.88.0.2";
+const GW_A: &str = "10.77.0.3";
 
 fn mesh() -> String {
     let service = |name: &str, vip: &str| {
@@ -32,22 +34,28 @@ fn mesh() -> String {
         service("bench-a", VIP_A),
         service("bench-b", VIP_B),
         workload("bench-a", "10.77.0.2"),
-        workload("bench-b", MultiNet::POD_B),
+        workload("bench-b", POD_B),
     ]
     .concat()
 }
 
 pub fn run(out: &Path) -> anyhow::Result<()> {
-    let t = MultiNet::new();
-    let b = &t.base;
-    reuse_time_wait(&[&b.vm, &b.pod, &t.pod_b, &t.gw]);
+    let b = Topology::new()
+        .network("a")
+        .network("b")
+        .node("vm", &["a"])
+        .node("pod", &["a"])
+        .node("gw", &["a", "b"])
+        .node("pod-b", &["b"])
+        .build();
+    let (vm, gw_node) = (b.node("vm"), b.node("gw"));
+    reuse_time_wait(&[&vm.ns, &b.node("pod").ns, &b.node("pod-b").ns, &gw_node.ns]);
     let (vm_certs, pod_certs) = mesh_certs(b.dir.path());
     let mesh = b.write("mesh.yaml", &mesh());
     let networks = b.write(
         "networks.yaml",
         &format!(
-            "networks:\n  a:\n    endpoints: [{{fromCidr: 10.77.0.0/24}}]\n  b:\n    endpoints: [{{fromCidr: 10.88.0.0/24}}]\n    gateways: [{{address: {}, port: 15443}}]\n",
-            MultiNet::GW_A
+            "networks:\n  a:\n    endpoints: [{{fromCidr: 10.77.0.0/24}}]\n  b:\n    endpoints: [{{fromCidr: 10.88.0.0/24}}]\n    gateways: [{{address: {GW_A}, port: 15443}}]\n"
         ),
     );
     let empty = b.write("empty.yaml", "# inbound only\n");
@@ -56,13 +64,11 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     // The same servers on both pods, each behind its own interceptor (inbound mTLS).
     let mut procs: Vec<Proc> = Vec::new();
     let mut sidecars: Vec<Interceptor> = Vec::new();
-    let pod_args = [
-        "--certs",
-        pod_certs.to_str().context("utf-8")?,
-        "--inbound-ports",
-        "5201,7001",
-    ];
-    for (ns, addr, side) in [(&b.pod, "10.77.0.2", "a"), (&t.pod_b, MultiNet::POD_B, "b")] {
+    for (node, addr, side) in [
+        (b.node("pod"), "10.77.0.2", "a"),
+        (b.node("pod-b"), POD_B, "b"),
+    ] {
+        let ns = &node.ns;
         let mut c = ns.cmd("iperf3");
         c.args(["-s", "--forceflush", "-B", addr, "-p", "5201"]);
         let mut s = Proc::spawn("iperf3", c, b.path(&format!("iperf3-{side}.log")));
@@ -73,32 +79,29 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         let mut e = Proc::spawn("tcp-echo", c, b.path(&format!("echo-{side}.log")));
         e.wait_for_output("listening", 10.0);
         procs.push(e);
-        let mut cmd = if side == "a" {
-            b.pod_interceptor_cmd(&b.pod, &empty, &resolv, &pod_args)
-        } else {
-            t.pod_b_interceptor_cmd(&empty, &resolv, &pod_args)
-        };
-        cmd.env("RUST_LOG", "warn,interceptor::run=info");
-        sidecars.push(Interceptor::start(
-            cmd,
-            b.path(&format!("pod-{side}-ic.log")),
-        ));
+        sidecars.push(
+            node.interceptor()
+                .mesh(&empty)
+                .resolv(&resolv)
+                .certs(&pod_certs)
+                .args(["--inbound-ports", "5201,7001"])
+                .env("RUST_LOG", "warn")
+                .log(&format!("pod-{side}-ic"))
+                .start(),
+        );
     }
-    let mut gw_cmd = t.gateway_cmd(&mesh, &networks, "b");
-    gw_cmd.env("RUST_LOG", "warn,interceptor::run=info");
-    let mut gw = Proc::spawn("gateway", gw_cmd, b.path("gateway.log"));
-    gw.wait_for_output("gateway ready", 20.0);
-    let vm_args = [
-        "--certs",
-        vm_certs.to_str().context("utf-8")?,
-        "--mesh-networks",
-        networks.to_str().context("utf-8")?,
-        "--network",
-        "a",
-    ];
-    let mut vm_cmd = b.interceptor_cmd(&mesh, &resolv, &vm_args);
-    vm_cmd.env("RUST_LOG", "warn,interceptor::run=info");
-    let _vm = Interceptor::start(vm_cmd, b.path("vm-ic.log"));
+    let gw = gw_node.gateway(&mesh, &networks, "b", &format!("{GW_A}:15443"));
+    let _vm = vm
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .certs(&vm_certs)
+        .arg("--mesh-networks")
+        .arg(&networks)
+        .args(["--network", "a"])
+        .env("RUST_LOG", "warn")
+        .log("vm-ic")
+        .start();
 
     let modes = ["a direct (same network)", "b via gateway"];
     let rrl = helper("rrload");
@@ -108,8 +111,8 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     for round in 0..ROUNDS {
         for (m, vip) in [VIP_A, VIP_B].iter().enumerate() {
             let g =
-                iperf(b.in_cgroup("iperf3", &["-c", vip, "-p", "5201", "-t", IPERF_SECS, "-J"]))?;
-            let (l50, l99) = rr(b.in_cgroup(
+                iperf(vm.in_cgroup("iperf3", &["-c", vip, "-p", "5201", "-t", IPERF_SECS, "-J"]))?;
+            let (l50, l99) = rr(vm.in_cgroup(
                 rrl.to_str().context("utf-8")?,
                 &[&format!("{vip}:7001"), RR_RATE, RR_SECS],
             ))?;

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use interceptor_tests::{Interceptor, Proc, VmPod};
+use interceptor_tests::{Proc, Topology};
 
 use super::{helper, iperf, loadgen, median, mesh_certs, reuse_time_wait, rr};
 
@@ -69,8 +69,9 @@ struct Figures {
 }
 
 pub fn run(out: &Path) -> anyhow::Result<()> {
-    let t = VmPod::new();
-    reuse_time_wait(&[&t.vm, &t.pod]);
+    let t = Topology::vm_pod();
+    let (vm, pod) = (t.node("vm"), t.node("pod"));
+    reuse_time_wait(&[&vm.ns, &pod.ns]);
     let (vm_certs, pod_certs) = mesh_certs(t.dir.path());
     let mesh = t.write("mesh.yaml", MESH);
     let empty = t.write("empty.yaml", "# inbound only\n");
@@ -79,7 +80,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     // Servers on the pod.
     let mut servers = Vec::new();
     for p in IPERF {
-        let mut c = t.pod.cmd("iperf3");
+        let mut c = pod.ns.cmd("iperf3");
         c.args([
             "-s",
             "--forceflush",
@@ -93,45 +94,42 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         servers.push(s);
     }
     let echo_addrs: Vec<String> = ECHO.iter().map(|p| format!("10.77.0.2:{p}")).collect();
-    let mut c = t.pod.cmd(helper("tcp-echo").to_str().context("utf-8")?);
+    let mut c = pod.ns.cmd(helper("tcp-echo").to_str().context("utf-8")?);
     c.args(&echo_addrs);
     let mut echo = Proc::spawn("tcp-echo", c, t.path("tcp-echo.log"));
     echo.wait_for_output("listening", 10.0);
     let http_addrs: Vec<String> = HTTP.iter().map(|p| format!("10.77.0.2:{p}")).collect();
     let http_refs: Vec<&str> = http_addrs.iter().map(String::as_str).collect();
-    let _http = t.bench_http_in(&t.pod, &http_refs);
+    let _http = pod.bench_http(&http_refs);
 
     // (b) the interceptor pair; logs at warn so the access log is not what we measure.
     let inbound = format!("{},{},{}", IPERF[0], ECHO[0], HTTP[0]);
-    let mut pod_cmd = t.pod_interceptor_cmd(
-        &t.pod,
-        &empty,
-        &resolv,
-        &[
-            "--certs",
-            pod_certs.to_str().context("utf-8")?,
-            "--inbound-ports",
-            &inbound,
-        ],
-    );
-    pod_cmd.env("RUST_LOG", "warn,interceptor::run=info");
-    let _pod_ic = Interceptor::start(pod_cmd, t.path("pod-ic.log"));
-    let mut vm_cmd = t.interceptor_cmd(
-        &mesh,
-        &resolv,
-        &["--certs", vm_certs.to_str().context("utf-8")?],
-    );
-    vm_cmd.env("RUST_LOG", "warn,interceptor::run=info");
-    let _vm_ic = Interceptor::start(vm_cmd, t.path("vm-ic.log"));
+    let _pod_ic = pod
+        .interceptor()
+        .mesh(&empty)
+        .resolv(&resolv)
+        .certs(&pod_certs)
+        .args(["--inbound-ports", &inbound])
+        .env("RUST_LOG", "warn")
+        .log("pod-ic")
+        .start();
+    let _vm_ic = vm
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .certs(&vm_certs)
+        .env("RUST_LOG", "warn")
+        .log("vm-ic")
+        .start();
 
     // (c) the stunnel pair.
     let srv_conf = t.write("stunnel-server.conf", &stunnel_conf(&pod_certs, false));
     let cli_conf = t.write("stunnel-client.conf", &stunnel_conf(&vm_certs, true));
-    let mut c = t.pod.cmd("stunnel4");
+    let mut c = pod.ns.cmd("stunnel4");
     c.arg(&srv_conf);
     let mut st_srv = Proc::spawn("stunnel-server", c, t.path("stunnel-server.log"));
     st_srv.wait_for_output("Configuration successful", 10.0);
-    let mut c = t.vm.cmd("stunnel4");
+    let mut c = vm.ns.cmd("stunnel4");
     c.arg(&cli_conf);
     let mut st_cli = Proc::spawn("stunnel-client", c, t.path("stunnel-client.log"));
     st_cli.wait_for_output("Configuration successful", 10.0);
@@ -151,9 +149,9 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
             // Only (b) runs in the captured cgroup; a and c must not be captured.
             let cmd = |program: &str, args: &[&str]| {
                 if m == 1 {
-                    t.in_cgroup(program, args)
+                    vm.in_cgroup(program, args)
                 } else {
-                    t.outside(program, args)
+                    vm.cmd(program, args)
                 }
             };
             let (host, port) = addr(m, IPERF);

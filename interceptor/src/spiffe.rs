@@ -1,4 +1,6 @@
 //! SPIFFE ids as Istio uses them: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! A leaf: identity (which certificate we hold), tls (what a peer must present) and route (who
+//! may answer for a service) all speak in these ids and none of them imports another for it.
 
 use std::fmt;
 
@@ -6,6 +8,9 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SpiffeId(String);
+
+/// Istio's trust domain when a mesh names none (and before this VM holds a certificate).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 impl SpiffeId {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {

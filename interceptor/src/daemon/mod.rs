@@ -1,0 +1,261 @@
+//! The daemon: `interceptor run` and `interceptor gateway` are each a list of parts started in
+//! order and owned by one supervisor. Every part reads and writes shared state the daemon
+//! makes first (`Ctx`): the mesh store that sources write and data paths read, the identity
+//! store that providers write and TLS reads, readiness, metrics, observed endpoint health.
+
+mod parts;
+mod supervisor;
+
+pub use supervisor::{Died, Handle, Supervisor};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::admin;
+use crate::capture;
+use crate::config::{GatewayArgs, Settings};
+use crate::dns::{self, ResolvConf};
+use crate::identity::{self, FileProvider, Identity};
+use crate::mesh::{self, FileSource};
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
+use crate::route::Outliers;
+use crate::tls;
+
+/// Readiness conditions of `interceptor run`.
+pub const TABLE: &str = "mesh table";
+pub const CAPTURE: &str = "capture";
+pub const LISTENERS: &str = "listeners";
+
+/// What every part shares.
+pub struct Ctx {
+    pub store: Arc<mesh::Store>,
+    pub identity: Arc<identity::Store>,
+    pub tls: Arc<tls::Store>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub outliers: Arc<Outliers>,
+    pub dns_stats: Arc<dns::Stats>,
+    pub capture: Arc<capture::Status>,
+    pub network: String,
+    pub started: SystemTime,
+}
+
+/// TLS takes the identities providers set. The one place the two meet.
+struct TlsCredentials(Arc<tls::Store>);
+
+impl identity::Credentials for TlsCredentials {
+    fn install(&self, id: &Identity) -> Result<(), String> {
+        self.0
+            .install(
+                id.spiffe.clone(),
+                id.chain.clone(),
+                &id.key,
+                &id.roots,
+                id.not_after,
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Ctx {
+    fn new(options: mesh::Options, network: String, conditions: &[&str]) -> Arc<Self> {
+        let tls = tls::Store::new();
+        Arc::new(Self {
+            store: mesh::Store::new(options),
+            identity: identity::Store::new(Arc::new(TlsCredentials(tls.clone()))),
+            tls,
+            metrics: Arc::new(Metrics::default()),
+            readiness: Readiness::new(conditions),
+            outliers: Arc::new(Outliers::default()),
+            dns_stats: Arc::new(dns::Stats::default()),
+            capture: Arc::new(capture::Status::default()),
+            network,
+            started: SystemTime::now(),
+        })
+    }
+
+    fn admin_state(&self, nameservers: Vec<SocketAddr>, dns: bool) -> Arc<admin::State> {
+        Arc::new(admin::State {
+            store: self.store.clone(),
+            identity: self.identity.clone(),
+            metrics: self.metrics.clone(),
+            readiness: self.readiness.clone(),
+            dns: dns.then(|| self.dns_stats.clone()),
+            capture: self.capture.clone(),
+            network: self.network.clone(),
+            nameservers,
+            started: self.started,
+        })
+    }
+}
+
+/// The mesh file source for these settings.
+pub fn file_source(s: &Settings) -> FileSource {
+    let paths = if s.mesh.explicit || s.mesh.paths.iter().any(|p| p.exists()) {
+        s.mesh.paths.clone()
+    } else {
+        tracing::warn!(
+            default = crate::config::DEFAULT_MESH_DIR,
+            "no mesh files: starting with an empty mesh table"
+        );
+        vec![]
+    };
+    FileSource::new(paths, s.mesh.networks.clone(), s.options.namespace.clone())
+}
+
+/// Joins every load error into one.
+pub fn mesh_errors(errors: Vec<mesh::Error>) -> anyhow::Error {
+    let list: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
+    anyhow::anyhow!("invalid mesh configuration:\n{}", list.join("\n"))
+}
+
+/// `interceptor run`.
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let ctx = Ctx::new(
+        s.options.clone(),
+        s.network.clone(),
+        &[TABLE, CAPTURE, LISTENERS],
+    );
+    let resolv = ResolvConf::read(&s.resolv_conf).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no upstream nameservers: names outside the mesh get SERVFAIL");
+        ResolvConf::default()
+    });
+    let mut sup = Supervisor::new(ctx.readiness.clone());
+
+    // Admin first: readiness says 503 until everything below is up.
+    sup.add(parts::admin(
+        ctx.admin_state(resolv.nameservers.clone(), true),
+        s.admin_addr,
+    )?);
+
+    // Sources: the first table, or the daemon does not start.
+    sup.add(parts::mesh_files(&ctx, file_source(&s))?);
+
+    // Identity providers.
+    match &s.certs {
+        Some(dir) => sup.add(parts::identity_files(&ctx, FileProvider::new(dir.clone()))?),
+        None => tracing::warn!(
+            "no --certs: mesh endpoints that require mTLS are unreachable, inbound mTLS is off"
+        ),
+    }
+
+    // Listeners before capture: a captured connection must never meet a closed port.
+    let listeners = parts::Listeners::bind(&s)?;
+    let inbound_fds = listeners.inbound_fds();
+    let capture = match &s.cgroup {
+        Some(cgroup) => {
+            let settings = capture::Settings {
+                cgroup: capture::resolve_cgroup(cgroup.as_deref())?,
+                ports: s.ports,
+                inbound: s.inbound.enabled().then(|| s.inbound.clone()),
+            };
+            Some(parts::Capture::attach(&ctx, settings, &inbound_fds)?)
+        }
+        None => {
+            ctx.capture.set(capture::Info::default());
+            ctx.readiness.set(CAPTURE, true);
+            None
+        }
+    };
+    let orig = capture
+        .as_ref()
+        .map(|c| c.original_dst())
+        .unwrap_or_else(|| Arc::new(capture::OriginalDst::netfilter_only()));
+    let (outbound, inbound, dns) = listeners.start(&ctx, &s, orig, resolv)?;
+    sup.add(dns);
+    sup.add(outbound);
+    if let Some(inbound) = inbound {
+        sup.add(inbound);
+    }
+    // Capture last: on the way down it is the first part stopped (fail-open before anything
+    // else goes).
+    if let Some(c) = capture {
+        sup.add(c.start(&ctx));
+    }
+    ctx.readiness.set(LISTENERS, true);
+    tracing::info!(
+        outbound = s.ports.outbound, dns = s.ports.dns, admin = %s.admin_addr,
+        cgroup = ?ctx.capture.info().and_then(|c| c.cgroup), "interceptor ready"
+    );
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    supervise(sup).await
+}
+
+/// Runs the parts until a stop signal (exit 0) or a dead part (exit non-zero).
+async fn supervise(sup: Supervisor) -> anyhow::Result<()> {
+    let stop = async {
+        if let Err(e) = stop_signal().await {
+            tracing::error!(error = %e, "cannot wait for signals");
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = sup.run(stop).await;
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    result.map_err(anyhow::Error::from)
+}
+
+/// Tells systemd (Type=notify) where we are; a no-op outside systemd.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn stop_signal() -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    Ok(())
+}
+
+/// `interceptor gateway`: the same mesh source as `run`, no capture, no identity (it never
+/// terminates TLS), so it needs no privileges.
+pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let options = mesh::Options {
+        namespace: args.namespace.clone(),
+        cluster_domain: args.cluster_domain.clone(),
+    };
+    let ctx = Ctx::new(options, args.network.clone(), &[TABLE, LISTENERS]);
+    ctx.capture.set(capture::Info::default());
+    let mut sup = Supervisor::new(ctx.readiness.clone());
+    sup.add(parts::admin(
+        ctx.admin_state(vec![], false),
+        args.admin_addr,
+    )?);
+    let source = FileSource::new(
+        args.mesh.clone(),
+        args.mesh_networks.clone(),
+        args.namespace.clone(),
+    );
+    sup.add(parts::mesh_files(&ctx, source)?);
+    let table = ctx.store.load();
+    if !table.networks.networks.contains_key(&args.network) {
+        tracing::warn!(network = %args.network, "network not in meshNetworks: only endpoints that name it are served");
+    }
+    let local = table
+        .services
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|w| w.network == args.network)
+        .count();
+    drop(table);
+    sup.add(parts::gateway(&ctx, &args.listen)?);
+    ctx.readiness.set(LISTENERS, true);
+    tracing::info!(network = %args.network, listen = ?args.listen, admin = %args.admin_addr, endpoints = local, "gateway ready");
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    supervise(sup).await
+}
+
+/// Loads the first table of `source` for `interceptor check`: every error, or the table.
+pub fn check_table(source: &FileSource, options: mesh::Options) -> anyhow::Result<mesh::Table> {
+    let res = source.load().map_err(mesh_errors)?;
+    Ok(mesh::Table::build(res, options))
+}

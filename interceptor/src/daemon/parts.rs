@@ -1,0 +1,241 @@
+//! How each part of the daemon starts: what it needs from the shared context, what it binds
+//! or loads before it counts as started (so a bad config fails the start, not a later request),
+//! and the future the supervisor then owns.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UdpSocket};
+
+use super::{mesh_errors, Ctx, Handle, CAPTURE, TABLE};
+use crate::admin;
+use crate::capture::{self, OriginalDst, Vips};
+use crate::config::Settings;
+use crate::dns::{self, ResolvConf, Upstream};
+use crate::identity::FileProvider;
+use crate::mesh::FileSource;
+use crate::net;
+use crate::proxy::{Gateway, Inbound, Outbound};
+use crate::transport::{Dialer, Timeouts};
+
+/// How long an upstream DNS exchange may take before the client gets SERVFAIL.
+const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// admin::Server: bound now (its port in use is a start failure), serving from here on.
+pub fn admin(state: Arc<admin::State>, addr: SocketAddr) -> anyhow::Result<Handle> {
+    let listeners =
+        net::bind_all(&[addr], "admin").with_context(|| format!("admin endpoint {addr}"))?;
+    let server = admin::Server::new(state);
+    Ok(Handle::loops(
+        "admin",
+        listeners.into_iter().map(move |l| server.clone().serve(l)),
+    ))
+}
+
+/// The mesh files: loaded now (every error listed, the daemon does not start half
+/// configured), watched from here on.
+pub fn mesh_files(ctx: &Ctx, source: FileSource) -> anyhow::Result<Handle> {
+    source.load_into(&ctx.store).map_err(mesh_errors)?;
+    ctx.readiness.set(TABLE, true);
+    let table = ctx.store.load();
+    tracing::info!(
+        services = table.services.len(),
+        workloads = table.workloads.len(),
+        names = table.names.len(),
+        "mesh table loaded"
+    );
+    let watch = source
+        .watch(ctx.store.clone())
+        .context("watching mesh files")?;
+    Ok(Handle::new("mesh files", async move {
+        watch.await;
+        anyhow::bail!("the mesh file watch ended")
+    }))
+}
+
+/// The identity files: loaded now, watched from here on.
+pub fn identity_files(ctx: &Ctx, provider: FileProvider) -> anyhow::Result<Handle> {
+    let id = provider
+        .load_into(&ctx.identity)
+        .context("identity (--certs)")?;
+    tracing::info!(spiffe = %id.spiffe, serial = %id.serial, expires_in_s = id.expires_in().as_secs(), "identity loaded");
+    let watch = Arc::new(provider)
+        .watch(ctx.identity.clone())
+        .context("watching the identity files")?;
+    Ok(Handle::new("identity files", async move {
+        watch.await;
+        anyhow::bail!("the identity file watch ended")
+    }))
+}
+
+/// Every listener of `interceptor run`, bound before capture attaches.
+pub struct Listeners {
+    outbound: Vec<TcpListener>,
+    outbound_addrs: Vec<SocketAddr>,
+    inbound: Vec<TcpListener>,
+    dns_tcp: Vec<TcpListener>,
+    dns_udp: Vec<UdpSocket>,
+}
+
+impl Listeners {
+    pub fn bind(s: &Settings) -> anyhow::Result<Self> {
+        let outbound_addrs = net::loopback(s.ports.outbound).to_vec();
+        let dns_addrs = net::loopback(s.ports.dns);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        Ok(Self {
+            outbound: net::bind_all(&outbound_addrs, "outbound").context("outbound listener")?,
+            outbound_addrs,
+            inbound: if s.inbound.enabled() {
+                net::bind_all(&net::any(s.ports.inbound), "inbound").context("inbound listener")?
+            } else {
+                vec![]
+            },
+            dns_tcp: net::bind_all(&dns_addrs, "DNS").context("DNS TCP listener")?,
+            dns_udp: net::bind_all_udp(&dns_addrs, workers, "DNS").context("DNS UDP listener")?,
+        })
+    }
+
+    /// The inbound listeners, IPv4 first, for sk_lookup.
+    pub fn inbound_fds(&self) -> Vec<RawFd> {
+        self.inbound.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+
+    /// The data paths on these listeners: (outbound, inbound if any, DNS).
+    pub fn start(
+        self,
+        ctx: &Ctx,
+        s: &Settings,
+        orig: Arc<OriginalDst>,
+        resolv: ResolvConf,
+    ) -> anyhow::Result<(Handle, Option<Handle>, Handle)> {
+        let outbound = Outbound::new(
+            ctx.store.clone(),
+            ctx.tls.clone(),
+            orig,
+            Dialer::new(ctx.tls.clone(), Timeouts::default()),
+            ctx.outliers.clone(),
+            self.outbound_addrs,
+            s.network.clone(),
+            ctx.metrics.clone(),
+        );
+        let outbound = Handle::loops(
+            "outbound",
+            self.outbound
+                .into_iter()
+                .map(move |l| outbound.clone().serve(l)),
+        );
+        let inbound = (!self.inbound.is_empty()).then(|| {
+            let inbound = Inbound::new(
+                ctx.tls.clone(),
+                s.policy.clone(),
+                s.ports.inbound,
+                interceptor_ebpf::abi::INBOUND_SOURCE4,
+                ctx.metrics.clone(),
+            );
+            Handle::loops(
+                "inbound",
+                self.inbound
+                    .into_iter()
+                    .map(move |l| inbound.clone().serve(l)),
+            )
+        });
+        let upstream = Upstream::new(resolv.nameservers.clone(), DNS_UPSTREAM_TIMEOUT);
+        let server = dns::Server::new(
+            ctx.store.clone(),
+            upstream,
+            resolv.search.first().cloned(),
+            ctx.dns_stats.clone(),
+        );
+        tracing::info!(upstream = ?resolv.nameservers, "DNS forwarding");
+        let tcp = self.dns_tcp.into_iter().map({
+            let server = server.clone();
+            move |l| {
+                let server = server.clone();
+                Box::pin(async move { server.serve_tcp(l).await })
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+            }
+        });
+        let udp = self.dns_udp.into_iter().map(move |u| {
+            let server = server.clone();
+            Box::pin(async move { server.serve_udp(u).await })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        });
+        let dns = Handle::loops("dns", tcp.chain(udp).collect::<Vec<_>>());
+        Ok((outbound, inbound, dns))
+    }
+}
+
+/// Capture: attached now (it needs the inbound listeners), then keeping the kernel's VIP map
+/// equal to the table for as long as it runs. Dropping it detaches every program.
+pub struct Capture {
+    capture: capture::Capture,
+    vips: Vips,
+    orig: Arc<OriginalDst>,
+}
+
+impl Capture {
+    pub fn attach(
+        ctx: &Ctx,
+        settings: capture::Settings,
+        inbound_fds: &[RawFd],
+    ) -> anyhow::Result<Self> {
+        let (capture, mut vips, orig) = capture::Capture::attach(&settings, inbound_fds)?;
+        let n = vips.sync(&ctx.store.load())?;
+        ctx.capture.set_vips(n);
+        ctx.capture.set(capture.info(settings.inbound.as_ref()));
+        ctx.readiness.set(CAPTURE, true);
+        tracing::info!(captured = n, "capture map synced");
+        Ok(Self {
+            capture,
+            vips,
+            orig: Arc::new(orig),
+        })
+    }
+
+    pub fn original_dst(&self) -> Arc<OriginalDst> {
+        self.orig.clone()
+    }
+
+    pub fn start(self, ctx: &Ctx) -> Handle {
+        let (store, status) = (ctx.store.clone(), ctx.capture.clone());
+        let Self {
+            capture, mut vips, ..
+        } = self;
+        let mut changed = store.subscribe();
+        Handle::new("capture", async move {
+            // Owned here: when the supervisor stops this part, the programs go with it.
+            let _capture = capture;
+            while changed.changed().await.is_ok() {
+                match vips.sync(&store.load()) {
+                    Ok(n) => {
+                        status.set_vips(n);
+                        tracing::info!(captured = n, "capture map synced")
+                    }
+                    Err(e) => tracing::error!(error = %e, "capture map sync failed"),
+                }
+            }
+            anyhow::bail!("the mesh store went away")
+        })
+    }
+}
+
+/// proxy::Gateway on its listeners.
+pub fn gateway(ctx: &Ctx, listen: &[SocketAddr]) -> anyhow::Result<Handle> {
+    let listeners = net::bind_all(listen, "gateway").context("gateway listener")?;
+    let gateway = Gateway::new(
+        ctx.store.clone(),
+        ctx.network.clone(),
+        Dialer::new(ctx.tls.clone(), Timeouts::default()),
+        ctx.outliers.clone(),
+        ctx.metrics.clone(),
+    );
+    Ok(Handle::loops(
+        "gateway",
+        listeners.into_iter().map(move |l| gateway.clone().serve(l)),
+    ))
+}

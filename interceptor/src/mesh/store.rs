@@ -1,0 +1,248 @@
+//! The mesh table in force, merged from every source's view. Each source (the mesh files,
+//! istiod) publishes its whole `Resources`; the store merges them with a fixed precedence
+//! (istiod first: on a host both define, istiod's service wins and the shadowed one is logged)
+//! and swaps the new table in whole. Readers take one immutable snapshot per `load()` and never
+//! see a half-applied table.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::model::Host;
+use super::table::{Options, Resources, Table};
+
+/// Who publishes into the store. Declaration order is precedence: earlier wins a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceId {
+    Istiod,
+    Files,
+}
+
+impl std::fmt::Display for SourceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceId::Istiod => "istiod",
+            SourceId::Files => "files",
+        })
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What the store knows of one source.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub services: usize,
+    pub workloads: usize,
+    /// When its last view was taken in (seconds since the epoch).
+    pub published_unix: u64,
+    /// Loads or pushes of it that were refused (the last good view stayed).
+    pub rejected: u64,
+    /// Hosts it defines that a source of higher precedence defines too.
+    pub shadowed: Vec<String>,
+}
+
+struct Inner {
+    views: BTreeMap<SourceId, Resources>,
+    status: BTreeMap<SourceId, SourceStatus>,
+}
+
+pub struct Store {
+    options: Options,
+    inner: Mutex<Inner>,
+    current: ArcSwap<Table>,
+    next_version: AtomicU64,
+    changed: watch::Sender<u64>,
+    reload_errors: AtomicU64,
+}
+
+impl Store {
+    /// An empty store (version 0: no source has published yet).
+    pub fn new(options: Options) -> Arc<Self> {
+        let empty = Table::build(Resources::default(), options.clone());
+        let (changed, _) = watch::channel(0);
+        Arc::new(Self {
+            options,
+            inner: Mutex::new(Inner {
+                views: BTreeMap::new(),
+                status: BTreeMap::new(),
+            }),
+            current: ArcSwap::from_pointee(empty),
+            next_version: AtomicU64::new(1),
+            changed,
+            reload_errors: AtomicU64::new(0),
+        })
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    pub fn load(&self) -> Arc<Table> {
+        self.current.load_full()
+    }
+
+    /// Replaces `source`'s view and puts the merged table in force. Returns its version.
+    pub fn publish(&self, source: SourceId, res: Resources) -> u64 {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let status = inner.status.entry(source).or_default();
+        status.services = res.services.len();
+        status.workloads = res.workloads.len();
+        status.published_unix = now_unix();
+        inner.views.insert(source, res);
+        let merged = merge(&mut inner);
+        let prev = self.current.load_full();
+        let mut table = Table::build_on(merged, self.options.clone(), Some(&prev));
+        // Under the lock: versions are in force in the order they were numbered.
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        table.version = version;
+        table.loaded_unix = now_unix();
+        self.current.store(Arc::new(table));
+        drop(inner);
+        self.changed.send_replace(version);
+        version
+    }
+
+    /// A source failed to produce a view; its last good one stays.
+    pub fn record_reload_error(&self, source: SourceId) {
+        self.reload_errors.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.status.entry(source).or_default().rejected += 1;
+    }
+
+    pub fn reload_errors(&self) -> u64 {
+        self.reload_errors.load(Ordering::Relaxed)
+    }
+
+    pub fn sources(&self) -> BTreeMap<SourceId, SourceStatus> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .status
+            .clone()
+    }
+
+    /// Wakes on every published version.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// One `Resources` of every view: services by precedence (a host goes to the first source that
+/// defines it), everything else side by side. A single view is used as is.
+fn merge(inner: &mut Inner) -> Resources {
+    if inner.views.len() == 1 {
+        if let Some(res) = inner.views.values().next() {
+            return res.clone();
+        }
+    }
+    let mut out = Resources::default();
+    let mut taken: HashSet<Host> = HashSet::new();
+    let mut shadowed: BTreeMap<SourceId, Vec<String>> = BTreeMap::new();
+    for (source, view) in &inner.views {
+        for decl in &view.services {
+            let (mine, theirs): (Vec<Host>, Vec<Host>) =
+                decl.hosts.iter().cloned().partition(|h| !taken.contains(h));
+            if !theirs.is_empty() {
+                shadowed
+                    .entry(*source)
+                    .or_default()
+                    .extend(theirs.iter().map(|h| h.to_string()));
+            }
+            if mine.is_empty() {
+                continue;
+            }
+            let mut d = decl.clone();
+            d.hosts = mine;
+            out.services.push(d);
+        }
+        for decl in &out.services {
+            taken.extend(decl.hosts.iter().cloned());
+        }
+        out.workloads.extend(view.workloads.iter().cloned());
+        out.groups.extend(view.groups.iter().cloned());
+        for (name, net) in &view.networks.networks {
+            out.networks
+                .networks
+                .entry(name.clone())
+                .or_insert_with(|| net.clone());
+        }
+        if out.names.is_none() {
+            out.names = view.names.clone();
+        }
+    }
+    for (source, status) in inner.status.iter_mut() {
+        let now = shadowed.remove(source).unwrap_or_default();
+        if now != status.shadowed {
+            for host in now.iter().filter(|h| !status.shadowed.contains(h)) {
+                tracing::warn!(%host, %source, "host defined by a source of higher precedence too; that one is used");
+            }
+            status.shadowed = now;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::table::tests::{product, workload};
+
+    #[test]
+    fn istiod_wins_a_host_files_add_the_rest() {
+        let store = Store::new(Options::default());
+        assert_eq!(store.load().version, 0);
+        let mut from_files = product();
+        from_files.selector = None;
+        from_files.addresses = vec!["10.9.9.9".parse().unwrap()];
+        from_files.endpoints = vec![Arc::new(workload("default", "10.0.0.1", &[]))];
+        let mut only_files = from_files.clone();
+        only_files.origin = "default/legacy".into();
+        only_files.hosts = vec![Host::new("legacy.example.com")];
+        store.publish(
+            SourceId::Files,
+            Resources {
+                services: vec![from_files.clone(), only_files],
+                ..Default::default()
+            },
+        );
+        let mut from_istiod = from_files;
+        from_istiod.origin = "istiod/product".into();
+        from_istiod.addresses = vec!["240.240.0.1".parse().unwrap()];
+        from_istiod.endpoints = vec![Arc::new(workload("default", "10.0.0.2", &[]))];
+        let v = store.publish(
+            SourceId::Istiod,
+            Resources {
+                services: vec![from_istiod],
+                ..Default::default()
+            },
+        );
+        assert_eq!(v, 2);
+        let t = store.load();
+        let p = t
+            .service_by_host("product.default.svc.cluster.local")
+            .unwrap();
+        assert_eq!(p.origin, "istiod/product");
+        assert_eq!(
+            p.vips,
+            vec!["240.240.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert!(t.service_by_host("legacy.example.com").is_some());
+        let status = store.sources();
+        assert_eq!(
+            status[&SourceId::Files].shadowed,
+            vec!["product.default.svc.cluster.local".to_string()]
+        );
+        assert!(status[&SourceId::Istiod].shadowed.is_empty());
+    }
+}

@@ -1,0 +1,145 @@
+//! Sockets, as every data path and the admin endpoint use them: listening, accepting, and
+//! moving bytes between two streams. No policy: what to accept and where to send it is decided
+//! by `route` and the data paths in `proxy`.
+
+mod relay;
+mod splice;
+
+pub use relay::{buffered, relay, Buffered, BUFFER, TLS_READ_AHEAD};
+pub use splice::splice_relay;
+
+use std::future::Future;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+/// Accepts forever, one task per connection. A failing accept (EMFILE and the like) backs off
+/// instead of spinning. Never returns: a loop that ends has panicked, and the supervisor that
+/// owns its task sees it.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                crate::fault::on_accept(what);
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The loopback addresses (v4 and v6) of a port.
+pub fn loopback(port: u16) -> [SocketAddr; 2] {
+    [
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+    ]
+}
+
+/// The wildcard addresses (v4 and v6) of a port.
+pub fn any(port: u16) -> [SocketAddr; 2] {
+    [
+        SocketAddr::from(([0, 0, 0, 0], port)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+    ]
+}
+
+/// Binds a listener on each address; a missing address family (no IPv6 in this netns) is a
+/// warning, not a failure, as long as one listener is up.
+pub fn bind_all(addrs: &[SocketAddr], what: &str) -> std::io::Result<Vec<TcpListener>> {
+    collect(addrs, what, bind_tcp)
+}
+
+/// UDP sockets for each address, `per_addr` of them with SO_REUSEPORT so receiving spreads
+/// across cores; the same rule for a missing family as `bind_all`.
+pub fn bind_all_udp(
+    addrs: &[SocketAddr],
+    per_addr: usize,
+    what: &str,
+) -> std::io::Result<Vec<UdpSocket>> {
+    let groups = collect(addrs, what, |a| bind_udp(a, per_addr))?;
+    Ok(groups.into_iter().flatten().collect())
+}
+
+fn collect<T>(
+    addrs: &[SocketAddr],
+    what: &str,
+    bind: impl Fn(SocketAddr) -> std::io::Result<T>,
+) -> std::io::Result<Vec<T>> {
+    let mut out = Vec::new();
+    let mut last_err = None;
+    for a in addrs {
+        match bind(*a) {
+            Ok(l) => out.push(l),
+            Err(e) => {
+                tracing::warn!(addr = %a, error = %e, "{what}: cannot listen");
+                last_err = Some(e);
+            }
+        }
+    }
+    match (out.is_empty(), last_err) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(out),
+    }
+}
+
+fn socket(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let protocol = if ty == socket2::Type::STREAM {
+        socket2::Protocol::TCP
+    } else {
+        socket2::Protocol::UDP
+    };
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), ty, Some(protocol))?;
+    if addr.is_ipv6() {
+        // [::] must not also take IPv4: that is the IPv4 socket's job.
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    Ok(sock)
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = socket(addr, socket2::Type::STREAM)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// `count` UDP sockets on `addr` with SO_REUSEPORT.
+pub fn bind_udp(addr: SocketAddr, count: usize) -> std::io::Result<Vec<UdpSocket>> {
+    let mut out = Vec::new();
+    for _ in 0..count.max(1) {
+        let s = socket(addr, socket2::Type::DGRAM)?;
+        s.set_reuse_port(true)?;
+        s.bind(&addr.into())?;
+        out.push(UdpSocket::from_std(s.into())?);
+    }
+    Ok(out)
+}
+
+/// A TCP connection to `addr` with Nagle off, bounded by `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Like `connect`, to a host name resolved by the system resolver now (a DNS endpoint).
+pub async fn connect_host(host: &str, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

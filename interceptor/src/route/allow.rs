@@ -1,0 +1,103 @@
+//! Inbound policy: which connections to this VM's services must be mTLS and which client
+//! identities may use them (SPEC section 6).
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::spiffe::SpiffeId;
+
+/// Istio's PeerAuthentication modes that apply to a VM today.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// mTLS with an istio ALPN is terminated; plaintext and other TLS pass through.
+    #[default]
+    Permissive,
+    /// Only mTLS is accepted.
+    Strict,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AllowListError {
+    #[error("{0:?}: the port before '=' is not a port number")]
+    BadPort(String),
+    #[error("{0:?}: not a spiffe:// id")]
+    NotSpiffe(String),
+}
+
+/// Allowed client identities: for every port, and per port. Empty: every verified identity.
+#[derive(Clone, Debug, Default)]
+pub struct AllowList {
+    pub all_ports: Vec<SpiffeId>,
+    pub by_port: HashMap<u16, Vec<SpiffeId>>,
+}
+
+impl AllowList {
+    /// Entries `spiffe://...` (every port) or `PORT=spiffe://...`.
+    pub fn parse(entries: &[String]) -> Result<Self, AllowListError> {
+        let mut out = Self::default();
+        for e in entries {
+            let (port, id) = match e.split_once('=') {
+                Some((p, id)) => (
+                    Some(
+                        p.trim()
+                            .parse::<u16>()
+                            .map_err(|_| AllowListError::BadPort(e.clone()))?,
+                    ),
+                    id,
+                ),
+                None => (None, e.as_str()),
+            };
+            let id =
+                SpiffeId::parse(id.trim()).ok_or_else(|| AllowListError::NotSpiffe(e.clone()))?;
+            match port {
+                Some(p) => out.by_port.entry(p).or_default().push(id),
+                None => out.all_ports.push(id),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn allows(&self, port: u16, id: Option<&SpiffeId>) -> bool {
+        let per_port = self.by_port.get(&port);
+        if self.all_ports.is_empty() && per_port.is_none() {
+            return true;
+        }
+        id.is_some_and(|id| self.all_ports.contains(id) || per_port.is_some_and(|l| l.contains(id)))
+    }
+}
+
+/// Everything inbound decides per connection.
+#[derive(Clone, Debug, Default)]
+pub struct InboundPolicy {
+    pub mode: MtlsMode,
+    pub allow: AllowList,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list() {
+        let a = AllowList::parse(&[
+            "spiffe://td/ns/a/sa/x".into(),
+            "8080=spiffe://td/ns/b/sa/y".into(),
+        ])
+        .unwrap();
+        let x = SpiffeId::parse("spiffe://td/ns/a/sa/x").unwrap();
+        let y = SpiffeId::parse("spiffe://td/ns/b/sa/y").unwrap();
+        assert!(a.allows(9090, Some(&x)) && !a.allows(9090, Some(&y)));
+        assert!(a.allows(8080, Some(&y)) && !a.allows(8080, None));
+        assert!(AllowList::default().allows(1, None));
+        assert_eq!(
+            AllowList::parse(&["x=spiffe://a/b".into()]).unwrap_err(),
+            AllowListError::BadPort("x=spiffe://a/b".into())
+        );
+        assert!(matches!(
+            AllowList::parse(&["https://a/b".into()]),
+            Err(AllowListError::NotSpiffe(_))
+        ));
+    }
+}

@@ -1,0 +1,534 @@
+//! Routing policy, as pure functions of the mesh table: which endpoints a connection for a
+//! service port may go to, how (the transport: plaintext or Istio mTLS with its SNI and the
+//! identities the server must present), and who may connect inbound. The data paths and
+//! `interceptor explain` call the same functions, so what explain says is what the data path does.
+//!
+//! Network aware (SPEC section 5, I: pilot/pkg/xds/endpoints/ep_filters.go
+//! EndpointsByNetworkFilter): endpoints of our network are reached directly, those of another
+//! network through its east-west gateway, weighted by how many endpoints stand behind it.
+
+mod allow;
+mod outliers;
+mod wire;
+
+pub use allow::{AllowList, AllowListError, InboundPolicy, MtlsMode};
+pub use outliers::Outliers;
+pub use wire::{expected_identities, parse_sni, sni};
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::{Address, Health, Networks, Resolution, Service, ServicePort, Workload};
+use crate::spiffe::SpiffeId;
+
+/// Where a connection is made: an address (an IP, or a host name resolved when connecting) and
+/// a port. Also the key of observed health: one endpoint, one outlier record.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointAddr {
+    pub address: Address,
+    pub port: u16,
+}
+
+impl fmt::Display for EndpointAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.address {
+            Address::Ip(ip) => SocketAddr::new(*ip, self.port).fmt(f),
+            Address::Hostname(h) => write!(f, "{h}:{}", self.port),
+        }
+    }
+}
+
+/// How the bytes of a connection travel to a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP as is: a plaintext endpoint, or the gateway relaying its client's TLS untouched.
+    Plain,
+    /// Istio's sidecar wire: TLS with this VM's certificate, SNI `outbound_.P_._.H`, ALPN
+    /// `istio`; the server must present one of `identities`.
+    Tls {
+        sni: Arc<str>,
+        identities: Vec<SpiffeId>,
+    },
+}
+
+impl Transport {
+    pub fn is_mtls(&self) -> bool {
+        matches!(self, Transport::Tls { .. })
+    }
+}
+
+/// How a target reaches the service.
+#[derive(Clone, Debug)]
+pub enum Via {
+    /// The endpoint itself.
+    Direct(Arc<Workload>),
+    /// The east-west gateway of `network`, which routes by SNI to one of `behind`.
+    Gateway {
+        network: String,
+        behind: Vec<Arc<Workload>>,
+    },
+    /// The service's own host name (a DNS service without endpoints, as Istio does).
+    ServiceHost,
+}
+
+/// One place a connection for a service port can go, and how.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub endpoint: EndpointAddr,
+    pub via: Via,
+    pub transport: Transport,
+}
+
+impl Target {
+    /// The workloads that may answer at the far end (whose identities TLS accepts).
+    pub fn workloads(&self) -> &[Arc<Workload>] {
+        match &self.via {
+            Via::Direct(w) => std::slice::from_ref(w),
+            Via::Gateway { behind, .. } => behind,
+            Via::ServiceHost => &[],
+        }
+    }
+
+    pub fn gateway_network(&self) -> Option<&str> {
+        match &self.via {
+            Via::Gateway { network, .. } => Some(network),
+            _ => None,
+        }
+    }
+}
+
+/// Where the chooser stands, which decides what it can reach.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// A sidecar in `network` ("" = the default network): endpoints there directly, others
+    /// through their network's gateway. Without any gateway in `networks` the mesh is flat and
+    /// every endpoint is reached directly (Istio: multi-network is off).
+    Sidecar {
+        network: &'a str,
+        networks: &'a Networks,
+        /// Trust domain of the identities expected from endpoints (ours).
+        trust_domain: &'a str,
+    },
+    /// An east-west gateway of `network`: only that network's endpoints that speak mTLS (the
+    /// bytes it relays are the client's TLS).
+    Gateway { network: &'a str },
+}
+
+/// Why an endpoint is left out: a log line, a metric label and an `explain` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    Unhealthy,
+    /// The gateway relays TLS only.
+    GatewayNeedsMtls,
+    /// Seen from a gateway: the endpoint is in another network.
+    NotInGatewayNetwork,
+    /// Plaintext cannot cross to another network (the gateway routes by our mTLS's SNI).
+    RemotePlaintext,
+    /// Another network that has no gateway.
+    NoGateway,
+}
+
+impl SkipReason {
+    /// The value of a `reason` metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::Unhealthy => "unhealthy",
+            SkipReason::GatewayNeedsMtls => "gateway_needs_mtls",
+            SkipReason::NotInGatewayNetwork => "not_in_gateway_network",
+            SkipReason::RemotePlaintext => "remote_plaintext",
+            SkipReason::NoGateway => "no_gateway",
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SkipReason::Unhealthy => "unhealthy",
+            SkipReason::GatewayNeedsMtls => "no mTLS: the gateway relays TLS only",
+            SkipReason::NotInGatewayNetwork => "not in the gateway's network",
+            SkipReason::RemotePlaintext => "another network and no mTLS",
+            SkipReason::NoGateway => "another network without a gateway",
+        })
+    }
+}
+
+/// An endpoint that cannot be reached from where the chooser stands, and why.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Skipped {
+    pub endpoint: String,
+    pub network: String,
+    pub reason: SkipReason,
+}
+
+/// Every reachable target for a service port with its weight, and the endpoints left out.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub targets: Vec<(f64, Target)>,
+    pub skipped: Vec<Skipped>,
+}
+
+fn is_local(w: &Workload, network: &str) -> bool {
+    w.network.is_empty() || w.network == network
+}
+
+/// The plan for `port` of `svc` from `scope`: the one decision the data paths (`order`) and
+/// `interceptor explain` read.
+pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
+    let mut out = Plan::default();
+    let mut remote: BTreeMap<&str, Vec<Arc<Workload>>> = BTreeMap::new();
+    let skip = |w: &Workload, reason: SkipReason| Skipped {
+        endpoint: w.name.clone(),
+        network: w.network.clone(),
+        reason,
+    };
+    // One SNI for every target of this service port.
+    let sni: Arc<str> = Arc::from(wire::sni(port.number, "", svc.host.as_str()));
+    let tls = |workloads: &[Arc<Workload>], trust_domain: &str| Transport::Tls {
+        sni: sni.clone(),
+        identities: expected_identities(svc, workloads, trust_domain),
+    };
+    for w in svc.endpoints.iter() {
+        if w.health != Health::Healthy {
+            out.skipped.push(skip(w, SkipReason::Unhealthy));
+            continue;
+        }
+        let weight = f64::from(w.weight.max(1));
+        let endpoint = EndpointAddr {
+            address: w.address.clone(),
+            port: w.target_port(port),
+        };
+        match scope {
+            Scope::Gateway { network } if is_local(w, network) && w.speaks_istio_mtls() => {
+                out.targets.push((
+                    weight,
+                    Target {
+                        endpoint,
+                        via: Via::Direct(w.clone()),
+                        transport: Transport::Plain,
+                    },
+                ))
+            }
+            Scope::Gateway { .. } if !w.speaks_istio_mtls() => {
+                out.skipped.push(skip(w, SkipReason::GatewayNeedsMtls))
+            }
+            Scope::Gateway { .. } => out.skipped.push(skip(w, SkipReason::NotInGatewayNetwork)),
+            Scope::Sidecar {
+                network,
+                networks,
+                trust_domain,
+            } => {
+                if is_local(w, network) || !networks.has_gateways() {
+                    let transport = if w.speaks_istio_mtls() {
+                        tls(std::slice::from_ref(w), trust_domain)
+                    } else {
+                        Transport::Plain
+                    };
+                    out.targets.push((
+                        weight,
+                        Target {
+                            endpoint,
+                            via: Via::Direct(w.clone()),
+                            transport,
+                        },
+                    ));
+                } else if w.speaks_istio_mtls() {
+                    remote
+                        .entry(w.network.as_str())
+                        .or_default()
+                        .push(w.clone());
+                } else {
+                    out.skipped.push(skip(w, SkipReason::RemotePlaintext));
+                }
+            }
+        }
+    }
+    if let Scope::Sidecar {
+        networks,
+        trust_domain,
+        ..
+    } = scope
+    {
+        for (network, behind) in remote {
+            let gateways = networks.gateways(network);
+            if gateways.is_empty() {
+                out.skipped
+                    .extend(behind.iter().map(|w| skip(w, SkipReason::NoGateway)));
+                continue;
+            }
+            // Istio: a gateway weighs as the endpoints behind it, shared among the network's
+            // gateways. Through a gateway any endpoint behind it may answer, and it is their
+            // identities we check, never the gateway's (it only relays our TLS).
+            let weight = behind.len() as f64 / gateways.len() as f64;
+            let transport = tls(&behind, trust_domain);
+            for gw in gateways {
+                out.targets.push((
+                    weight,
+                    Target {
+                        endpoint: EndpointAddr {
+                            address: gw.address.clone(),
+                            port: gw.port,
+                        },
+                        via: Via::Gateway {
+                            network: network.to_string(),
+                            behind: behind.clone(),
+                        },
+                        transport: transport.clone(),
+                    },
+                ));
+            }
+        }
+        if out.targets.is_empty() && svc.resolution == Resolution::Dns {
+            // A DNS service without endpoints is reached at its own host name (Istio does this).
+            out.targets.push((
+                1.0,
+                Target {
+                    endpoint: EndpointAddr {
+                        address: Address::Hostname(svc.host.to_string()),
+                        port: port.target_port.unwrap_or(port.number),
+                    },
+                    via: Via::ServiceHost,
+                    transport: Transport::Plain,
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// The targets of `plan` in the order to try them: a weighted random order of the reachable
+/// ones, recently failed ones moved to the back.
+pub fn order(plan: Plan, outliers: &Outliers) -> Vec<Target> {
+    let mut rng = rand::rng();
+    let mut keyed: Vec<(f64, Target)> = plan
+        .targets
+        .into_iter()
+        .map(|(weight, target)| {
+            // Efraimidis-Spirakis: sorting by u^(1/w) is weighted sampling without replacement.
+            let u: f64 = rng.random_range(f64::EPSILON..1.0);
+            (u.powf(1.0 / weight), target)
+        })
+        .collect();
+    keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (mut good, ejected): (Vec<Target>, Vec<Target>) = keyed
+        .into_iter()
+        .map(|(_, t)| t)
+        .partition(|t| !outliers.is_ejected(&t.endpoint));
+    good.extend(ejected);
+    good
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::{Host, Location, TLS_MODE_LABEL};
+
+    /// Endpoints (weight, network, mTLS); weight 0 = unhealthy.
+    pub(crate) fn svc(endpoints: &[(u32, &str, bool)]) -> (Service, ServicePort) {
+        let port = ServicePort {
+            number: 80,
+            name: "http".into(),
+            protocol: "HTTP".into(),
+            target_port: None,
+        };
+        let endpoints = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, (w, network, mtls))| {
+                Arc::new(Workload {
+                    name: format!("w{i}"),
+                    namespace: "default".into(),
+                    address: Address::Ip(format!("10.0.0.{}", i + 1).parse().unwrap()),
+                    labels: if *mtls {
+                        [(TLS_MODE_LABEL.to_string(), "istio".to_string())].into()
+                    } else {
+                        Default::default()
+                    },
+                    ports: [("http".to_string(), 8000 + i as u16)].into(),
+                    network: network.to_string(),
+                    locality: String::new(),
+                    weight: *w,
+                    service_account: format!("sa{i}"),
+                    health: if *w == 0 {
+                        Health::Unhealthy
+                    } else {
+                        Health::Healthy
+                    },
+                })
+            })
+            .collect();
+        let s = Service {
+            host: Host::new("a.default.svc.cluster.local"),
+            origin: "default/a".into(),
+            namespace: "default".into(),
+            vips: vec![],
+            auto_allocated: false,
+            ports: vec![port.clone()],
+            resolution: Resolution::Static,
+            location: Location::MeshInternal,
+            subject_alt_names: vec![],
+            endpoints,
+            port_endpoints: Default::default(),
+        };
+        (s, port)
+    }
+
+    fn flat() -> Networks {
+        Networks::default()
+    }
+
+    fn sidecar<'a>(network: &'a str, networks: &'a Networks) -> Scope<'a> {
+        Scope::Sidecar {
+            network,
+            networks,
+            trust_domain: "td",
+        }
+    }
+
+    fn name(t: &Target) -> &str {
+        &t.workloads()[0].name
+    }
+
+    fn ordered(s: &Service, p: &ServicePort, scope: Scope<'_>, o: &Outliers) -> Vec<Target> {
+        order(plan(s, p, scope), o)
+    }
+
+    #[test]
+    fn weights_skew_the_first_choice() {
+        let (s, p) = svc(&[(1, "", false), (3, "", false)]);
+        let (o, n) = (Outliers::default(), flat());
+        let firsts = (0..4000)
+            .filter(|_| name(&ordered(&s, &p, sidecar("", &n), &o)[0]) == "w1")
+            .count();
+        assert!((2700..3300).contains(&firsts), "{firsts}");
+        assert_eq!(
+            ordered(&s, &p, sidecar("", &n), &o)[0].endpoint.port / 1000,
+            8
+        );
+    }
+
+    #[test]
+    fn unhealthy_skipped_failed_last() {
+        let (s, p) = svc(&[(1, "", false), (0, "", false), (1, "", false)]);
+        let (o, n) = (Outliers::default(), flat());
+        let all = ordered(&s, &p, sidecar("", &n), &o);
+        assert_eq!(all.len(), 2);
+        let skipped = plan(&s, &p, sidecar("", &n)).skipped;
+        assert_eq!(skipped[0].reason, SkipReason::Unhealthy);
+        let w0 = all.iter().find(|t| name(t) == "w0").unwrap().clone();
+        o.failed(&w0.endpoint);
+        for _ in 0..50 {
+            assert_eq!(name(&ordered(&s, &p, sidecar("", &n), &o)[0]), "w2");
+        }
+        o.succeeded(&w0.endpoint);
+        assert!((0..200).any(|_| name(&ordered(&s, &p, sidecar("", &n), &o)[0]) == "w0"));
+    }
+
+    #[test]
+    fn mtls_targets_carry_sni_and_the_endpoint_identity() {
+        let (s, p) = svc(&[(1, "", true), (1, "", false)]);
+        let n = flat();
+        let targets = plan(&s, &p, sidecar("", &n)).targets;
+        let tls = targets.iter().find(|(_, t)| name(t) == "w0").unwrap();
+        match &tls.1.transport {
+            Transport::Tls { sni, identities } => {
+                assert_eq!(&**sni, "outbound_.80_._.a.default.svc.cluster.local");
+                assert_eq!(
+                    identities,
+                    &vec![SpiffeId::parse("spiffe://td/ns/default/sa/sa0").unwrap()]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let plain = targets.iter().find(|(_, t)| name(t) == "w1").unwrap();
+        assert_eq!(plain.1.transport, Transport::Plain);
+        assert_eq!(plain.1.endpoint.to_string(), "10.0.0.2:8001");
+    }
+
+    fn two_networks() -> Networks {
+        Networks::from_yaml(
+            "networks:\n  a: {}\n  b:\n    gateways: [{address: 192.0.2.10, port: 15443}]\n  c: {}\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn remote_endpoints_go_through_their_gateway_weighted_by_count() {
+        // One local endpoint; three mTLS endpoints in b; one plaintext in b; one in c (no gateway).
+        let (s, p) = svc(&[
+            (1, "a", true),
+            (1, "b", true),
+            (1, "b", true),
+            (1, "b", true),
+            (1, "b", false),
+            (1, "c", true),
+        ]);
+        let (o, n) = (Outliers::default(), two_networks());
+        let targets = ordered(&s, &p, sidecar("a", &n), &o);
+        assert_eq!(targets.len(), 2, "{targets:?}");
+        let gw = targets
+            .iter()
+            .find(|t| t.gateway_network().is_some())
+            .unwrap();
+        assert_eq!(gw.endpoint.to_string(), "192.0.2.10:15443");
+        assert_eq!(gw.gateway_network(), Some("b"));
+        assert_eq!(gw.workloads().len(), 3);
+        // Through the gateway: the identities of every endpoint behind it, never the gateway's.
+        match &gw.transport {
+            Transport::Tls { identities, .. } => assert_eq!(identities.len(), 3),
+            other => panic!("{other:?}"),
+        }
+        let reasons: Vec<SkipReason> = plan(&s, &p, sidecar("a", &n))
+            .skipped
+            .iter()
+            .map(|s| s.reason)
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![SkipReason::RemotePlaintext, SkipReason::NoGateway]
+        );
+        // The gateway weighs 3, the local endpoint 1.
+        let via_gw = (0..4000)
+            .filter(|_| {
+                ordered(&s, &p, sidecar("a", &n), &o)[0]
+                    .gateway_network()
+                    .is_some()
+            })
+            .count();
+        assert!((2700..3300).contains(&via_gw), "{via_gw}");
+    }
+
+    #[test]
+    fn without_gateways_the_mesh_is_flat_and_a_gateway_sees_only_its_network() {
+        let (s, p) = svc(&[(1, "a", true), (1, "b", true), (1, "b", false)]);
+        let o = Outliers::default();
+        let n = flat();
+        let all = ordered(&s, &p, sidecar("a", &n), &o);
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|t| t.gateway_network().is_none()));
+        let gw = ordered(&s, &p, Scope::Gateway { network: "b" }, &o);
+        assert_eq!(gw.len(), 1);
+        assert_eq!(name(&gw[0]), "w1");
+        // The gateway relays its client's TLS: it never speaks TLS itself.
+        assert_eq!(gw[0].transport, Transport::Plain);
+    }
+
+    #[test]
+    fn a_dns_service_without_endpoints_is_reached_at_its_host() {
+        let (mut s, p) = svc(&[]);
+        s.resolution = Resolution::Dns;
+        let n = flat();
+        let targets = plan(&s, &p, sidecar("", &n)).targets;
+        assert_eq!(targets.len(), 1);
+        assert_eq!(
+            targets[0].1.endpoint.to_string(),
+            "a.default.svc.cluster.local:80"
+        );
+    }
+}

@@ -1,0 +1,79 @@
+//! How Istio names a service port on the wire: the SNI of the sidecar's mTLS (I:
+//! pilot/pkg/model/service.go BuildDNSSrvSubsetKey) and the identities a server must present.
+
+use std::sync::Arc;
+
+use crate::mesh::{Service, Workload};
+use crate::spiffe::SpiffeId;
+
+/// The Istio SNI for a service port: `outbound_.<port>_.<subset>_.<host>`.
+pub fn sni(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound_.{port}_.{subset}_.{host}")
+}
+
+/// Splits an Istio SNI `outbound_.P_.S_.H` into (port, subset, host).
+pub fn parse_sni(sni: &str) -> Option<(u16, &str, &str)> {
+    let rest = sni.strip_prefix("outbound_.")?;
+    let (port, rest) = rest.split_once("_.")?;
+    let (subset, host) = rest.split_once("_.")?;
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then_some((port, subset, host))
+}
+
+/// Who may answer for `svc` on these workloads: the service's subjectAltNames when given (a
+/// ServiceEntry's, or CDS's SAN matchers), else each workload's service account in our trust
+/// domain.
+pub fn expected_identities(
+    svc: &Service,
+    workloads: &[Arc<Workload>],
+    trust_domain: &str,
+) -> Vec<SpiffeId> {
+    let from_service: Vec<SpiffeId> = svc
+        .subject_alt_names
+        .iter()
+        .filter_map(|s| SpiffeId::parse(s))
+        .collect();
+    if !from_service.is_empty() {
+        return from_service;
+    }
+    let mut ids: Vec<SpiffeId> = Vec::new();
+    for w in workloads {
+        let id = SpiffeId::new(trust_domain, &w.namespace, &w.service_account);
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_round_trip() {
+        let s = sni(8080, "", "product.default.svc.cluster.local");
+        assert_eq!(s, "outbound_.8080_._.product.default.svc.cluster.local");
+        assert_eq!(
+            parse_sni(&s),
+            Some((8080, "", "product.default.svc.cluster.local"))
+        );
+        assert_eq!(parse_sni("outbound_.80_.v1_.a.b"), Some((80, "v1", "a.b")));
+        assert_eq!(parse_sni("inbound_.80_._.a"), None);
+        assert_eq!(parse_sni("outbound_.x_._.a"), None);
+        assert!(
+            rustls::pki_types::ServerName::try_from(s).is_ok(),
+            "rustls accepts the underscore SNI"
+        );
+    }
+
+    #[test]
+    fn service_sans_win_over_service_accounts() {
+        let (mut s, _) = super::super::tests::svc(&[(1, "", true), (1, "", true)]);
+        let ids = expected_identities(&s, &s.endpoints, "td");
+        assert_eq!(ids.len(), 2);
+        s.subject_alt_names = vec!["spiffe://td/ns/x/sa/y".into(), "not-spiffe".into()];
+        let ids = expected_identities(&s, &s.endpoints, "td");
+        assert_eq!(ids, vec![SpiffeId::parse("spiffe://td/ns/x/sa/y").unwrap()]);
+    }
+}

@@ -1,0 +1,373 @@
+//! Dialing: turning a route's target into a connected upstream with the target's transport
+//! (plain TCP, Istio mTLS; HBONE plugs in here), and trying targets in order with bounded
+//! attempts, timeouts and outlier marks. Every data path that connects out (outbound, the
+//! gateway) goes through `try_targets`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::mesh::Address;
+use crate::metrics::Metrics;
+use crate::net::{self, buffered, Buffered};
+use crate::route::{EndpointAddr, Outliers, Target, Transport};
+use crate::spiffe::SpiffeId;
+use crate::tls;
+
+/// A connected upstream.
+pub enum Upstream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<Buffered>>),
+}
+
+impl Upstream {
+    pub fn is_mtls(&self) -> bool {
+        matches!(self, Upstream::Tls(_))
+    }
+
+    /// Who answered, as its certificate proved: one of `expected` (the verifier accepted
+    /// nothing else). None for plain TCP.
+    pub fn peer_identity(&self, expected: &[SpiffeId]) -> Option<SpiffeId> {
+        let Upstream::Tls(tls) = self else {
+            return None;
+        };
+        if let [only] = expected {
+            // The only identity the verifier accepts: no need to parse the certificate.
+            return Some(only.clone());
+        }
+        let leaf = tls.get_ref().1.peer_certificates()?.first()?;
+        crate::spiffe::uri_sans(leaf)
+            .into_iter()
+            .find(|id| expected.contains(id))
+    }
+}
+
+/// Why one dial failed: a log line and a metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("the endpoint requires mTLS but this VM has no certificate")]
+    NoCertificate,
+    #[error("{0:?} is not a valid SNI")]
+    Sni(String),
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    /// The server's certificate was refused (another root, another identity, expired).
+    #[error("TLS handshake: {0}")]
+    ServerCertificate(std::io::Error),
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+}
+
+impl DialError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            DialError::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut => "connect_timeout",
+            DialError::Connect(_) => "connect",
+            DialError::NoCertificate => "no_certificate",
+            DialError::Sni(_) => "sni",
+            DialError::Handshake(_) => "handshake",
+            DialError::ServerCertificate(_) => "server_certificate",
+            DialError::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub handshake: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            handshake: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Dials targets with this VM's current TLS configs.
+pub struct Dialer {
+    tls: Arc<tls::Store>,
+    configs: ClientConfigs,
+    timeouts: Timeouts,
+}
+
+impl Dialer {
+    pub fn new(tls: Arc<tls::Store>, timeouts: Timeouts) -> Self {
+        Self {
+            tls,
+            configs: ClientConfigs::default(),
+            timeouts,
+        }
+    }
+
+    /// A TCP connection to the target, as is: what a relay of someone else's bytes needs.
+    pub async fn tcp(&self, endpoint: &EndpointAddr) -> Result<TcpStream, DialError> {
+        let t = self.timeouts.connect;
+        match &endpoint.address {
+            Address::Ip(ip) => net::connect(std::net::SocketAddr::new(*ip, endpoint.port), t).await,
+            Address::Hostname(h) => net::connect_host(h, endpoint.port, t).await,
+        }
+        .map_err(DialError::Connect)
+    }
+
+    /// Connects to `target` and sets up its transport.
+    pub async fn dial(&self, target: &Target) -> Result<Upstream, DialError> {
+        match &target.transport {
+            Transport::Plain => Ok(Upstream::Tcp(self.tcp(&target.endpoint).await?)),
+            Transport::Tls { sni, identities } => {
+                // The certificate before the connection: without one there is nothing to try.
+                let id = self.tls.current().ok_or(DialError::NoCertificate)?;
+                let tcp = self.tcp(&target.endpoint).await?;
+                let config = self
+                    .configs
+                    .get(&id.client, &id.roots, &target.endpoint, identities);
+                let name = ServerName::try_from(sni.to_string())
+                    .map_err(|_| DialError::Sni(sni.to_string()))?;
+                let handshake = TlsConnector::from(config).connect(name, buffered(tcp));
+                let stream = tokio::time::timeout(self.timeouts.handshake, handshake)
+                    .await
+                    .map_err(|_| DialError::HandshakeTimeout)?
+                    .map_err(handshake_error)?;
+                Ok(Upstream::Tls(Box::new(stream)))
+            }
+        }
+    }
+}
+
+/// A refused server certificate is told apart from other handshake failures.
+fn handshake_error(e: std::io::Error) -> DialError {
+    let certificate = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+    if certificate {
+        DialError::ServerCertificate(e)
+    } else {
+        DialError::Handshake(e)
+    }
+}
+
+/// What `try_targets` dials with.
+pub trait Connector: Sync {
+    type Conn: Send;
+    fn connect<'a>(
+        &'a self,
+        target: &'a Target,
+    ) -> impl Future<Output = Result<Self::Conn, DialError>> + Send + 'a;
+}
+
+/// Each target with its transport.
+impl Connector for Dialer {
+    type Conn = Upstream;
+    fn connect<'a>(
+        &'a self,
+        target: &'a Target,
+    ) -> impl Future<Output = Result<Upstream, DialError>> + Send + 'a {
+        self.dial(target)
+    }
+}
+
+/// Each target's address as plain TCP, whatever its transport: for relaying someone else's
+/// bytes (the gateway relays its client's TLS).
+pub struct RawTcp<'a>(pub &'a Dialer);
+
+impl Connector for RawTcp<'_> {
+    type Conn = TcpStream;
+    fn connect<'a>(
+        &'a self,
+        target: &'a Target,
+    ) -> impl Future<Output = Result<TcpStream, DialError>> + Send + 'a {
+        self.0.tcp(&target.endpoint)
+    }
+}
+
+/// Every target of a connection failed.
+#[derive(Debug, thiserror::Error)]
+#[error("no endpoint reachable ({tried} tried)")]
+pub struct Exhausted {
+    pub tried: usize,
+    pub last: Option<DialError>,
+}
+
+/// Dials `targets` in order, at most `max_attempts` of them, marking each failure and success
+/// in `outliers` and counting failures by reason. Returns the index of the target that
+/// answered with its upstream.
+pub async fn try_targets<C: Connector>(
+    targets: &[Target],
+    max_attempts: usize,
+    outliers: &Outliers,
+    metrics: &Metrics,
+    service: &str,
+    connector: &C,
+) -> Result<(usize, C::Conn), Exhausted> {
+    let mut last = None;
+    let tried = targets.len().min(max_attempts);
+    for (i, target) in targets.iter().take(max_attempts).enumerate() {
+        match connector.connect(target).await {
+            Ok(up) => {
+                outliers.succeeded(&target.endpoint);
+                return Ok((i, up));
+            }
+            Err(e) => {
+                outliers.failed(&target.endpoint);
+                metrics.dial_failed(e.label());
+                tracing::warn!(%service, endpoint = %target.endpoint, error = %e, reason = e.label(), "endpoint failed; trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    Err(Exhausted { tried, last })
+}
+
+/// TLS 1.3 resumption stores, one per (endpoint, expected identities). A resumed session skips
+/// the certificate check, so a session is only ever offered where it was made: to the same
+/// endpoint, under the same identity expectation (rustls also refuses resumption across
+/// verifiers). A resumed handshake saves both certificate verifications and signatures, most of
+/// the cost of a new mTLS connection. A new certificate (rotation) starts the cache over.
+#[derive(Default)]
+pub struct ClientConfigs {
+    inner: Mutex<Option<ConfigCache>>,
+}
+
+type ConfigKey = (EndpointAddr, Vec<SpiffeId>);
+/// The base the configs were made from, and the configs.
+type ConfigCache = (Arc<ClientConfig>, HashMap<ConfigKey, Arc<ClientConfig>>);
+
+/// Endpoint configs kept before the cache starts over.
+const MAX_ENDPOINT_CONFIGS: usize = 4096;
+
+impl ClientConfigs {
+    pub fn get(
+        &self,
+        base: &Arc<ClientConfig>,
+        roots: &Arc<RootCertStore>,
+        endpoint: &EndpointAddr,
+        expected: &[SpiffeId],
+    ) -> Arc<ClientConfig> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = match &*inner {
+            Some((b, map)) => !Arc::ptr_eq(b, base) || map.len() >= MAX_ENDPOINT_CONFIGS,
+            None => true,
+        };
+        if fresh {
+            *inner = Some((base.clone(), HashMap::new()));
+        }
+        let Some((_, map)) = inner.as_mut() else {
+            return tls::client_for(base, roots, expected.to_vec());
+        };
+        map.entry((endpoint.clone(), expected.to_vec()))
+            .or_insert_with(|| tls::client_for(base, roots, expected.to_vec()))
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Via;
+
+    #[test]
+    fn endpoint_configs_are_kept_per_endpoint_and_identity_and_reset_on_rotation() {
+        let base = || {
+            Arc::new(
+                ClientConfig::builder_with_provider(tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+        };
+        let (b1, b2) = (base(), base());
+        let roots = Arc::new(RootCertStore::empty());
+        let id = |s: &str| vec![SpiffeId::parse(s).unwrap()];
+        let ep = |ip: &str| EndpointAddr {
+            address: Address::Ip(ip.parse().unwrap()),
+            port: 80,
+        };
+        let c = ClientConfigs::default();
+        let a = c.get(&b1, &roots, &ep("10.0.0.1"), &id("spiffe://td/ns/a/sa/x"));
+        let same = c.get(&b1, &roots, &ep("10.0.0.1"), &id("spiffe://td/ns/a/sa/x"));
+        assert!(
+            Arc::ptr_eq(&a, &same),
+            "one config (one session store) per endpoint"
+        );
+        let other_ep = c.get(&b1, &roots, &ep("10.0.0.2"), &id("spiffe://td/ns/a/sa/x"));
+        let other_id = c.get(&b1, &roots, &ep("10.0.0.1"), &id("spiffe://td/ns/a/sa/y"));
+        assert!(!Arc::ptr_eq(&a, &other_ep) && !Arc::ptr_eq(&a, &other_id));
+        let rotated = c.get(&b2, &roots, &ep("10.0.0.1"), &id("spiffe://td/ns/a/sa/x"));
+        assert!(!Arc::ptr_eq(&a, &rotated), "a new identity starts over");
+    }
+
+    fn target(port: u16) -> Target {
+        Target {
+            endpoint: EndpointAddr {
+                address: Address::Ip("127.0.0.1".parse().unwrap()),
+                port,
+            },
+            via: Via::ServiceHost,
+            transport: Transport::Plain,
+        }
+    }
+
+    #[tokio::test]
+    async fn try_targets_skips_a_refusing_endpoint_and_marks_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = listener.local_addr().unwrap().port();
+        // A port nobody listens on: bind, learn it, close.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dialer = Dialer::new(tls::Store::new(), Timeouts::default());
+        let outliers = Outliers::default();
+        let targets = [target(closed), target(good)];
+        let (i, up) = try_targets(&targets, 3, &outliers, &Metrics::default(), "svc", &dialer)
+            .await
+            .unwrap();
+        assert_eq!(i, 1);
+        assert!(!up.is_mtls());
+        assert!(outliers.is_ejected(&targets[0].endpoint));
+        assert!(!outliers.is_ejected(&targets[1].endpoint));
+        // At most max_attempts are tried.
+        let Err(e) = try_targets(
+            &targets[..1],
+            1,
+            &outliers,
+            &Metrics::default(),
+            "svc",
+            &dialer,
+        )
+        .await
+        else {
+            panic!("a closed port answered");
+        };
+        assert_eq!(e.tried, 1);
+        assert_eq!(e.last.map(|e| e.label()), Some("connect"));
+    }
+
+    #[tokio::test]
+    async fn mtls_without_a_certificate_fails_before_connecting() {
+        let dialer = Dialer::new(tls::Store::new(), Timeouts::default());
+        let mut t = target(1);
+        t.transport = Transport::Tls {
+            sni: Arc::from("outbound_.80_._.a"),
+            identities: vec![],
+        };
+        assert!(matches!(
+            dialer.dial(&t).await,
+            Err(DialError::NoCertificate)
+        ));
+    }
+}

