@@ -28,6 +28,18 @@ pub enum Error {
     Port { what: &'static str, value: String },
     #[error("--inbound-allow: {0}")]
     Allow(#[from] AllowListError),
+    #[error("Istio VM bundle: {0}")]
+    Bundle(#[from] crate::bundle::Error),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlPlane {
+    /// Only the mesh files
+    #[default]
+    None,
+    /// istiod, from the Istio VM bundle (`istioctl x workload entry configure`)
+    Istiod,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
@@ -102,6 +114,36 @@ pub struct RunArgs {
     /// How connections reach the listeners [default: ebpf]
     #[arg(long, value_enum)]
     pub capture: Option<CaptureMode>,
+    /// Where the mesh comes from besides the files: `istiod` joins the control plane named by
+    /// the Istio VM bundle [default: none]
+    #[arg(long, value_enum)]
+    pub control_plane: Option<ControlPlane>,
+    /// Root of the Istio VM bundle layout: ROOT/var/lib/istio/envoy/cluster.env,
+    /// ROOT/etc/istio/config/mesh, ROOT/etc/certs, ROOT/var/run/secrets/tokens/istio-token,
+    /// ROOT/etc/hosts, ROOT/var/lib/interceptor [default: /]
+    #[arg(long, value_name = "ROOT")]
+    pub istio_dir: Option<PathBuf>,
+    /// The bundle's cluster.env [default: ROOT/var/lib/istio/envoy/cluster.env]
+    #[arg(long, value_name = "FILE")]
+    pub cluster_env: Option<PathBuf>,
+    /// The bundle's mesh config [default: ROOT/etc/istio/config/mesh]
+    #[arg(long, value_name = "FILE")]
+    pub mesh_config: Option<PathBuf>,
+    /// istiod's root certificate [default: ROOT/etc/certs/root-cert.pem]
+    #[arg(long, value_name = "FILE")]
+    pub root_cert: Option<PathBuf>,
+    /// The bootstrap token [default: ROOT/var/run/secrets/tokens/istio-token]
+    #[arg(long, value_name = "FILE")]
+    pub istio_token: Option<PathBuf>,
+    /// Where the discovery address's name is resolved [default: ROOT/etc/hosts]
+    #[arg(long, value_name = "FILE")]
+    pub hosts_file: Option<PathBuf>,
+    /// Where the last table accepted from istiod is kept [default: ROOT/var/lib/interceptor]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Which ADS variant to speak to istiod [default: delta]
+    #[arg(long, value_enum)]
+    pub xds_protocol: Option<crate::xds::Protocol>,
     /// YAML file with any of these settings (kebab-case keys); flags override it
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
@@ -170,6 +212,15 @@ pub struct Settings {
     pub policy: InboundPolicy,
     pub resolv_conf: PathBuf,
     pub admin_addr: SocketAddr,
+    /// `--control-plane istiod`: the bundle, read and checked.
+    pub istiod: Option<Istiod>,
+}
+
+/// Joining istiod.
+#[derive(Clone, Debug)]
+pub struct Istiod {
+    pub bundle: std::sync::Arc<crate::bundle::Bundle>,
+    pub protocol: crate::xds::Protocol,
 }
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15020";
@@ -236,18 +287,63 @@ impl RunArgs {
             dns_port: self.dns_port.or(file.dns_port),
             resolv_conf: self.resolv_conf.or(file.resolv_conf),
             capture: self.capture.or(file.capture),
+            control_plane: self.control_plane.or(file.control_plane),
+            istio_dir: self.istio_dir.or(file.istio_dir),
+            cluster_env: self.cluster_env.or(file.cluster_env),
+            mesh_config: self.mesh_config.or(file.mesh_config),
+            root_cert: self.root_cert.or(file.root_cert),
+            istio_token: self.istio_token.or(file.istio_token),
+            hosts_file: self.hosts_file.or(file.hosts_file),
+            state_dir: self.state_dir.or(file.state_dir),
+            xds_protocol: self.xds_protocol.or(file.xds_protocol),
             admin_addr: self.admin_addr.or(file.admin_addr),
             config: self.config,
         }
     }
 
     pub fn resolve(self) -> Result<Settings, Error> {
-        let args = match &self.config {
+        let mut args = match &self.config {
             Some(path) => {
                 let file = read_file(path)?;
                 self.merge(file)
             }
             None => self,
+        };
+        let istiod = match args.control_plane.unwrap_or_default() {
+            ControlPlane::None => None,
+            ControlPlane::Istiod => {
+                let root = args.istio_dir.clone().unwrap_or_else(|| "/".into());
+                let mut paths = crate::bundle::Paths::under(&root);
+                for (flag, path) in [
+                    (&args.cluster_env, &mut paths.cluster_env),
+                    (&args.mesh_config, &mut paths.mesh_config),
+                    (&args.root_cert, &mut paths.root_cert),
+                    (&args.hosts_file, &mut paths.hosts),
+                    (&args.state_dir, &mut paths.state_dir),
+                ] {
+                    if let Some(p) = flag {
+                        *path = p.clone();
+                    }
+                }
+                if let Some(t) = &args.istio_token {
+                    paths.token = t.clone();
+                }
+                let bundle = crate::bundle::Bundle::load(paths)?;
+                // The bundle says who and where this VM is; flags and the config file still win.
+                args.namespace = args.namespace.or_else(|| Some(bundle.namespace.clone()));
+                args.network = args.network.or_else(|| Some(bundle.network.clone()));
+                args.inbound_ports = args.inbound_ports.or_else(|| bundle.inbound_ports.clone());
+                args.exclude_inbound_ports = args
+                    .exclude_inbound_ports
+                    .or_else(|| bundle.exclude_inbound_ports.clone());
+                if args.certs.is_none() {
+                    args.certs = Some(bundle.paths.output_certs.clone());
+                }
+                Some(Istiod {
+                    bundle: std::sync::Arc::new(bundle),
+                    protocol: args.xds_protocol.unwrap_or_default(),
+                })
+            }
         };
         let inbound = args.inbound_ports.unwrap_or_default();
         let all = inbound.trim() == "*";
@@ -308,6 +404,7 @@ impl RunArgs {
                 .resolv_conf
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
             admin_addr,
+            istiod,
         })
     }
 }
@@ -346,6 +443,17 @@ pub struct GatewayArgs {
     /// Admin endpoint: /healthz/ready, /stats/prometheus, /config_dump, /status
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
     pub admin_addr: SocketAddr,
+    /// istiod's address: TLS for istiod's name on the --istiod-ports of the --listen
+    /// addresses passes through to it unterminated (Istio's expose-istiod Gateway), so VMs in
+    /// other networks reach xDS and the CA through this gateway
+    #[arg(long, value_name = "ADDR")]
+    pub expose_istiod: Option<std::net::IpAddr>,
+    /// The name istiod's clients ask for (their discoveryAddress host)
+    #[arg(long, value_name = "NAME", default_value = "istiod.istio-system.svc")]
+    pub istiod_sni: String,
+    /// istiod's ports passed through: xDS and CA, webhooks
+    #[arg(long, value_name = "PORT", num_args = 1.., default_value = "15012 15017", value_delimiter = ' ')]
+    pub istiod_ports: Vec<u16>,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! `admin` serves readiness, metrics and explain, `daemon` owns the parts.
 
 pub mod admin;
+pub mod bundle;
 pub mod capture;
 pub mod config;
 pub mod daemon;
@@ -23,3 +24,4 @@ pub mod spiffe;
 pub mod tls;
 pub mod transport;
 pub mod watch;
+pub mod xds;

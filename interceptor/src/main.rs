@@ -28,7 +28,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Capture DNS and mesh traffic of a cgroup and serve it until SIGINT/SIGTERM
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// East-west gateway of a network: route mTLS by SNI to this network's endpoints, without
     /// terminating it (Istio AUTO_PASSTHROUGH); needs no privileges
     Gateway(GatewayArgs),
@@ -174,12 +174,15 @@ fn main() -> ExitCode {
     init_logs(cli.log_format);
     let result = match cli.command {
         Command::Check(args) => check(args),
-        Command::Run(args) => args.resolve().map_err(anyhow::Error::from).and_then(|s| {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(interceptor::daemon::run(s))
-        }),
+        Command::Run(args) => (*args)
+            .resolve()
+            .map_err(anyhow::Error::from)
+            .and_then(|s| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(interceptor::daemon::run(s))
+            }),
         Command::Explain(args) => ask(&args.admin, |admin| async move {
             let path = format!("/explain?target={}", encode_query(&args.target));
             let v: interceptor::admin::Verdict =

@@ -19,6 +19,24 @@ pub enum Key {
 pub struct Ca {
     cert: rcgen::Certificate,
     key: KeyPair,
+    /// The root as first made: what root-cert.pem holds, byte for byte.
+    pem: String,
+}
+
+impl Ca {
+    /// The same CA again: same key, same subject, the same root PEM.
+    pub fn clone_ca(&self) -> Ca {
+        let key = KeyPair::from_pem(&self.key.serialize_pem()).expect("CA key");
+        let params = CertificateParams::from_ca_cert_pem(&self.pem).expect("CA certificate");
+        // rcgen signs with an issuer it made itself; one re-made from the same key and
+        // subject issues certificates the original root verifies.
+        let cert = params.self_signed(&key).expect("CA cert");
+        Ca {
+            cert,
+            key,
+            pem: self.pem.clone(),
+        }
+    }
 }
 
 impl Ca {
@@ -33,11 +51,71 @@ impl Ca {
         ];
         let key = KeyPair::generate().expect("CA key");
         let cert = p.self_signed(&key).expect("CA cert");
-        Self { cert, key }
+        let pem = cert.pem();
+        Self { cert, key, pem }
     }
 
     pub fn pem(&self) -> String {
-        self.cert.pem()
+        self.pem.clone()
+    }
+
+    /// The root as a rustls trust store.
+    pub fn roots(&self) -> rustls::RootCertStore {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(self.pem.as_bytes())
+            .expect("root PEM");
+        roots.add(der).expect("root");
+        roots
+    }
+
+    /// A server certificate for DNS name `name` (istiod's), with its key.
+    pub fn server_cert(
+        &self,
+        name: &str,
+    ) -> (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let key = KeyPair::generate().expect("server key");
+        let mut p = CertificateParams::new(vec![name.to_string()]).expect("server params");
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = p
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("server cert");
+        (
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+    }
+
+    /// Signs `csr` (PEM) as the Istio CA does: the SAN is `identity` whatever the CSR says,
+    /// valid from now for `lifetime`. The leaf's PEM.
+    pub fn sign_csr(
+        &self,
+        csr: &str,
+        identity: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<String, String> {
+        let mut req =
+            rcgen::CertificateSigningRequestParams::from_pem(csr).map_err(|e| e.to_string())?;
+        let now = time::OffsetDateTime::now_utc();
+        req.params.subject_alt_names = vec![SanType::URI(
+            identity.try_into().map_err(|e| format!("{e:?}"))?,
+        )];
+        req.params.not_before = now - time::Duration::seconds(1);
+        req.params.not_after = now + lifetime;
+        req.params.serial_number = Some(rcgen::SerialNumber::from_slice(&rand_serial()));
+        req.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        req.params.is_ca = IsCa::ExplicitNoCa;
+        let cert = req
+            .signed_by(&self.cert, &self.key)
+            .map_err(|e| e.to_string())?;
+        Ok(cert.pem())
     }
 
     /// Writes cert-chain.pem, key.pem and root-cert.pem for `spiffe` into `dir`.
@@ -81,17 +159,41 @@ impl Ca {
         let cert = p.signed_by(&key, &self.cert, &self.key).expect("leaf cert");
         write_atomically(&dir.join("cert-chain.pem"), &cert.pem());
         write_atomically(&dir.join("key.pem"), &key.serialize_pem());
-        write_atomically(&dir.join("root-cert.pem"), &self.cert.pem());
+        write_atomically(&dir.join("root-cert.pem"), &self.pem);
         dir.to_path_buf()
     }
 }
 
+/// The URI SANs of a DER certificate.
+pub fn uri_sans(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return vec![];
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return vec![];
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn rand_serial() -> [u8; 8] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos() as u64;
-    (t ^ u64::from(std::process::id()) << 32).to_be_bytes()
+    // Positive (top bit clear) and never the same twice in one process.
+    ((t ^ u64::from(std::process::id()) << 32).wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+        & 0x7fff_ffff_ffff_ffff)
+        .to_be_bytes()
 }
 
 fn write_atomically(path: &Path, text: &str) {

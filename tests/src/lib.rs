@@ -2,9 +2,12 @@
 //! them. Every resource is removed on drop, also when a test fails or panics, and nothing is
 //! ever attached outside the test's own cgroup.
 
+pub mod bundle;
 pub mod certs;
 mod cgroup;
 pub mod envoy;
+pub mod istiod;
+pub mod istiod_ca;
 mod netns;
 mod process;
 mod topology;

@@ -32,9 +32,18 @@ impl Tcpdump {
         Self { proc, pcap }
     }
 
-    /// Ends the capture once the last packets are written.
+    /// Ends the capture once the file stops growing (tcpdump -U writes each packet as it
+    /// comes, so a file that holds still has everything that crossed).
     pub fn stop(mut self) -> PathBuf {
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let size = || std::fs::metadata(&self.pcap).map(|m| m.len()).unwrap_or(0);
+        let mut last = size();
+        let _ = crate::wait_for(3.0, || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = size();
+            let still = now == last && now > 0;
+            last = now;
+            still.then_some(())
+        });
         self.proc.signal(libc::SIGINT);
         self.proc.wait_exit(5.0);
         self.pcap.clone()

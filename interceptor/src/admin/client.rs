@@ -158,6 +158,50 @@ pub fn print_status(s: &Status) {
             }
         );
     }
+    if let Some(x) = &s.istiod {
+        println!(
+            "istiod: {:?} ({}) to {}, {}s; {}{}{} reconnects",
+            x.connection,
+            x.protocol,
+            x.server,
+            now_unix().saturating_sub(x.since_unix),
+            if x.synced {
+                "in sync; "
+            } else {
+                "not synced yet; "
+            },
+            if x.from_persisted {
+                "table from the persisted copy; "
+            } else {
+                ""
+            },
+            x.reconnects
+        );
+        for (ty, t) in &x.types {
+            println!(
+                "  {ty}: version {:?} nonce {:?}, {} resources, {} accepted, {} refused{}",
+                t.version,
+                t.nonce,
+                t.resources,
+                t.acks,
+                t.nacks,
+                t.last_nack
+                    .as_ref()
+                    .map(|n| format!("; last refusal: {n}"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(e) = &x.last_error {
+            println!("  last error: {e}");
+        }
+        if x.last_push_unix > 0 {
+            println!(
+                "  last push {}s ago, applied in {:.1} ms",
+                now_unix().saturating_sub(x.last_push_unix),
+                x.last_apply_ms
+            );
+        }
+    }
     match &s.identity {
         Some(id) => println!(
             "identity: {} (serial {}) valid for {}h{}m",

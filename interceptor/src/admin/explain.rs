@@ -53,6 +53,9 @@ pub struct Route {
     pub via: String,
     pub endpoints: Vec<String>,
     pub weight: f64,
+    /// 0 is tried first; higher only when no lower one answers.
+    #[serde(default)]
+    pub priority: u32,
     pub mtls: bool,
     pub sni: Option<String>,
     /// Identities the server certificate must carry.
@@ -172,37 +175,46 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
             network: &state.network,
             networks: &table.networks,
             trust_domain: &trust_domain,
+            original: Some(dst),
         },
     );
     v.skipped = plan.skipped;
     v.routes = plan
         .targets
         .iter()
-        .map(|(weight, t)| Route {
-            connect_to: t.endpoint.to_string(),
-            via: match (&t.via, t.gateway_network()) {
-                (_, Some(n)) => format!("gateway of network {n}"),
-                (route::Via::ServiceHost, _) => "the service's host name".into(),
-                _ => "direct".into(),
+        .map(
+            |route::Weighted {
+                 weight,
+                 priority,
+                 target: t,
+             }| Route {
+                connect_to: t.endpoint.to_string(),
+                via: match (&t.via, t.gateway_network()) {
+                    (_, Some(n)) => format!("gateway of network {n}"),
+                    (route::Via::ServiceHost, _) => "the service's host name".into(),
+                    (route::Via::OriginalDestination, _) => "the original destination".into(),
+                    _ => "direct".into(),
+                },
+                priority: *priority,
+                endpoints: t
+                    .workloads()
+                    .iter()
+                    .map(|w| format!("{} ({})", w.name, w.address))
+                    .collect(),
+                weight: *weight,
+                mtls: t.transport.is_mtls(),
+                sni: match &t.transport {
+                    Transport::Tls { sni, .. } => Some(sni.to_string()),
+                    Transport::Plain => None,
+                },
+                identities: match &t.transport {
+                    Transport::Tls { identities, .. } => {
+                        identities.iter().map(ToString::to_string).collect()
+                    }
+                    Transport::Plain => vec![],
+                },
             },
-            endpoints: t
-                .workloads()
-                .iter()
-                .map(|w| format!("{} ({})", w.name, w.address))
-                .collect(),
-            weight: *weight,
-            mtls: t.transport.is_mtls(),
-            sni: match &t.transport {
-                Transport::Tls { sni, .. } => Some(sni.to_string()),
-                Transport::Plain => None,
-            },
-            identities: match &t.transport {
-                Transport::Tls { identities, .. } => {
-                    identities.iter().map(ToString::to_string).collect()
-                }
-                Transport::Plain => vec![],
-            },
-        })
+        )
         .collect();
     v
 }

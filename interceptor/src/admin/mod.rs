@@ -34,6 +34,7 @@ use crate::identity;
 use crate::mesh::{SourceId, SourceStatus, Store};
 use crate::metrics::Metrics;
 use crate::readiness::{Readiness, ReadinessState};
+use crate::xds;
 
 /// Everything the admin endpoint reads. The daemon's parts own the values and share them.
 pub struct State {
@@ -44,6 +45,7 @@ pub struct State {
     /// None in a process without a DNS server (the gateway).
     pub dns: Option<Arc<dns::Stats>>,
     pub capture: Arc<capture::Status>,
+    pub xds: Option<Arc<xds::Status>>,
     pub network: String,
     pub nameservers: Vec<SocketAddr>,
     pub started: SystemTime,
@@ -64,6 +66,7 @@ impl State {
             capture: self.capture.info(),
             captured_vips: self.capture.vips(),
             sources: self.store.sources(),
+            istiod: self.xds.as_ref().map(|x| x.get()),
             table: TableStatus {
                 version: table.version,
                 loaded_unix: table.loaded_unix,
@@ -99,6 +102,8 @@ pub struct Status {
     pub captured_vips: usize,
     #[serde(default)]
     pub sources: BTreeMap<SourceId, SourceStatus>,
+    #[serde(default)]
+    pub istiod: Option<xds::XdsStatus>,
     pub table: TableStatus,
     pub identity: Option<IdentityStatus>,
     pub network: String,
@@ -194,6 +199,58 @@ impl Collector for Pulled {
             None,
             c.metric_type(),
         )?)?;
+        if let Some(x) = &s.xds {
+            let x = x.get();
+            gauge(
+                &mut e,
+                "interceptor_xds_connected",
+                "1 while a stream to istiod is up",
+                i64::from(x.connection == xds::Connection::Connected),
+            )?;
+            gauge(
+                &mut e,
+                "interceptor_xds_synced",
+                "1 once every subscribed type was accepted from istiod",
+                i64::from(x.synced),
+            )?;
+            let c = ConstCounter::new(x.reconnects);
+            c.encode(e.encode_descriptor(
+                "interceptor_xds_reconnects",
+                "Streams to istiod started again after one ended",
+                None,
+                c.metric_type(),
+            )?)?;
+            for (name, help, pick) in [
+                (
+                    "interceptor_xds_accepted",
+                    "istiod pushes applied and ACKed, by type",
+                    (|t: &xds::status::TypeStatus| t.acks) as fn(&xds::status::TypeStatus) -> u64,
+                ),
+                (
+                    "interceptor_xds_rejected",
+                    "istiod pushes refused (NACKed), by type",
+                    |t: &xds::status::TypeStatus| t.nacks,
+                ),
+            ] {
+                let mut family = e.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?;
+                for (ty, t) in &x.types {
+                    ConstCounter::new(pick(t))
+                        .encode(family.encode_family(&[("type", ty.as_str())])?)?;
+                }
+            }
+            let g = prometheus_client::metrics::gauge::ConstGauge::new(x.last_apply_ms);
+            g.encode(e.encode_descriptor(
+                "interceptor_xds_apply_milliseconds",
+                "Time from a decoded istiod response to its table in force, last push",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
         if let Some(st) = &s.dns {
             let mut family = e.encode_descriptor(
                 "interceptor_dns_requests",

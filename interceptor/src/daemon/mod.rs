@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::route::Outliers;
 use crate::tls;
+use crate::xds;
 
 /// Readiness conditions of `interceptor run`.
 pub const TABLE: &str = "mesh table";
@@ -40,6 +41,8 @@ pub struct Ctx {
     pub outliers: Arc<Outliers>,
     pub dns_stats: Arc<dns::Stats>,
     pub capture: Arc<capture::Status>,
+    /// The istiod source's state, when there is one.
+    pub xds: Option<Arc<xds::Status>>,
     pub network: String,
     pub started: SystemTime,
 }
@@ -62,7 +65,12 @@ impl identity::Credentials for TlsCredentials {
 }
 
 impl Ctx {
-    fn new(options: mesh::Options, network: String, conditions: &[&str]) -> Arc<Self> {
+    fn new(
+        options: mesh::Options,
+        network: String,
+        conditions: &[&str],
+        xds: Option<Arc<xds::Status>>,
+    ) -> Arc<Self> {
         let tls = tls::Store::new();
         Arc::new(Self {
             store: mesh::Store::new(options),
@@ -73,6 +81,7 @@ impl Ctx {
             outliers: Arc::new(Outliers::default()),
             dns_stats: Arc::new(dns::Stats::default()),
             capture: Arc::new(capture::Status::default()),
+            xds,
             network,
             started: SystemTime::now(),
         })
@@ -86,6 +95,7 @@ impl Ctx {
             readiness: self.readiness.clone(),
             dns: dns.then(|| self.dns_stats.clone()),
             capture: self.capture.clone(),
+            xds: self.xds.clone(),
             network: self.network.clone(),
             nameservers,
             started: self.started,
@@ -115,10 +125,22 @@ pub fn mesh_errors(errors: Vec<mesh::Error>) -> anyhow::Error {
 
 /// `interceptor run`.
 pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let mut conditions = vec![TABLE, CAPTURE, LISTENERS];
+    let xds_status = s.istiod.as_ref().map(|i| {
+        conditions.push(xds::READY);
+        Arc::new(xds::Status::new(
+            format!("{} ({})", i.bundle.discovery.host, i.bundle.discovery.addr),
+            match i.protocol {
+                xds::Protocol::Delta => "delta",
+                xds::Protocol::Sotw => "sotw",
+            },
+        ))
+    });
     let ctx = Ctx::new(
         s.options.clone(),
         s.network.clone(),
-        &[TABLE, CAPTURE, LISTENERS],
+        &conditions,
+        xds_status.clone(),
     );
     let resolv = ResolvConf::read(&s.resolv_conf).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no upstream nameservers: names outside the mesh get SERVFAIL");
@@ -137,10 +159,24 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 
     // Identity providers.
     match &s.certs {
-        Some(dir) => sup.add(parts::identity_files(&ctx, FileProvider::new(dir.clone()))?),
+        Some(dir) => {
+            // The bundle's certificate directory may still be empty (the CA fills it).
+            let required = s
+                .istiod
+                .as_ref()
+                .is_none_or(|i| *dir != i.bundle.paths.output_certs);
+            sup.add(parts::identity_files(
+                &ctx,
+                FileProvider::new(dir.clone()),
+                required,
+            )?)
+        }
         None => tracing::warn!(
             "no --certs: mesh endpoints that require mTLS are unreachable, inbound mTLS is off"
         ),
+    }
+    if let (Some(istiod), Some(status)) = (&s.istiod, xds_status) {
+        sup.add(parts::xds(&ctx, istiod, &s, status));
     }
 
     // Listeners before capture: a captured connection must never meet a closed port.
@@ -223,7 +259,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         cluster_domain: args.cluster_domain.clone(),
     };
-    let ctx = Ctx::new(options, args.network.clone(), &[TABLE, LISTENERS]);
+    let ctx = Ctx::new(options, args.network.clone(), &[TABLE, LISTENERS], None);
     ctx.capture.set(capture::Info::default());
     let mut sup = Supervisor::new(ctx.readiness.clone());
     sup.add(parts::admin(
@@ -248,6 +284,16 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         .count();
     drop(table);
     sup.add(parts::gateway(&ctx, &args.listen)?);
+    if let Some(istiod) = args.expose_istiod {
+        sup.add(parts::expose_istiod(
+            &ctx,
+            &args.listen,
+            &args.istiod_ports,
+            istiod,
+            &args.istiod_sni,
+        )?);
+        tracing::info!(%istiod, sni = %args.istiod_sni, ports = ?args.istiod_ports, "exposing istiod");
+    }
     ctx.readiness.set(LISTENERS, true);
     tracing::info!(network = %args.network, listen = ?args.listen, admin = %args.admin_addr, endpoints = local, "gateway ready");
     notify_systemd(&[sd_notify::NotifyState::Ready]);

@@ -13,13 +13,14 @@ use tokio::net::{TcpListener, UdpSocket};
 use super::{mesh_errors, Ctx, Handle, CAPTURE, TABLE};
 use crate::admin;
 use crate::capture::{self, OriginalDst, Vips};
-use crate::config::Settings;
-use crate::dns::{self, ResolvConf, Upstream};
+use crate::config::{Istiod, Settings};
+use crate::dns::{self, ResolvConf, Resolver, Upstream};
 use crate::identity::FileProvider;
 use crate::mesh::FileSource;
 use crate::net;
-use crate::proxy::{Gateway, Inbound, Outbound};
+use crate::proxy::{ExposeIstiod, Gateway, Inbound, Outbound};
 use crate::transport::{Dialer, Timeouts};
+use crate::xds;
 
 /// How long an upstream DNS exchange may take before the client gets SERVFAIL.
 const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,12 +57,20 @@ pub fn mesh_files(ctx: &Ctx, source: FileSource) -> anyhow::Result<Handle> {
     }))
 }
 
-/// The identity files: loaded now, watched from here on.
-pub fn identity_files(ctx: &Ctx, provider: FileProvider) -> anyhow::Result<Handle> {
-    let id = provider
-        .load_into(&ctx.identity)
-        .context("identity (--certs)")?;
-    tracing::info!(spiffe = %id.spiffe, serial = %id.serial, expires_in_s = id.expires_in().as_secs(), "identity loaded");
+/// The identity files: loaded now (or, when `required` is false, whenever they appear),
+/// watched from here on.
+pub fn identity_files(ctx: &Ctx, provider: FileProvider, required: bool) -> anyhow::Result<Handle> {
+    match provider.load_into(&ctx.identity) {
+        Ok(id) => {
+            tracing::info!(spiffe = %id.spiffe, serial = %id.serial, expires_in_s = id.expires_in().as_secs(), "identity loaded")
+        }
+        Err(crate::identity::Error::Missing(f)) if !required => {
+            std::fs::create_dir_all(provider.dir())
+                .with_context(|| format!("creating {}", provider.dir().display()))?;
+            tracing::warn!(file = %f.display(), "no certificate yet: mTLS starts once one is there");
+        }
+        Err(e) => return Err(e).context("identity (--certs)"),
+    }
     let watch = Arc::new(provider)
         .watch(ctx.identity.clone())
         .context("watching the identity files")?;
@@ -113,11 +122,15 @@ impl Listeners {
         orig: Arc<OriginalDst>,
         resolv: ResolvConf,
     ) -> anyhow::Result<(Handle, Option<Handle>, Handle)> {
+        let resolver = Arc::new(Resolver::new(Upstream::new(
+            resolv.nameservers.clone(),
+            DNS_UPSTREAM_TIMEOUT,
+        )));
         let outbound = Outbound::new(
             ctx.store.clone(),
             ctx.tls.clone(),
             orig,
-            Dialer::new(ctx.tls.clone(), Timeouts::default()),
+            Dialer::new(ctx.tls.clone(), Timeouts::default()).with_resolver(resolver),
             ctx.outliers.clone(),
             self.outbound_addrs,
             s.network.clone(),
@@ -223,6 +236,63 @@ impl Capture {
         })
     }
 }
+
+/// mesh::XdsSource: the persisted table in force now (if any), the stream to istiod from here
+/// on.
+pub fn xds(ctx: &Ctx, istiod: &Istiod, s: &Settings, status: Arc<xds::Status>) -> Handle {
+    let b = istiod.bundle.clone();
+    let extra = xds::node::Extra {
+        instance_ips: xds::node::instance_ips(),
+        ports: s.inbound.ports.clone(),
+        hbone: false,
+    };
+    let node = xds::node::node(&b, &extra);
+    tracing::info!(node = %node.id, "node for istiod");
+    let source = xds::XdsSource::new(
+        b.clone(),
+        ctx.store.clone(),
+        ctx.identity.clone(),
+        status,
+        ctx.readiness.clone(),
+        node,
+        istiod.protocol,
+        Some(b.paths.state_dir.join(ISTIOD_TABLE)),
+        s.options.clone(),
+    );
+    let state = source.restore();
+    Handle::new("istiod", async move {
+        source.run(state).await;
+        anyhow::bail!("the istiod stream loop ended")
+    })
+}
+
+/// Istio's expose-istiod on the gateway: istiod's ports of each listen address.
+pub fn expose_istiod(
+    ctx: &Ctx,
+    listen: &[SocketAddr],
+    ports: &[u16],
+    istiod: std::net::IpAddr,
+    sni: &str,
+) -> anyhow::Result<Handle> {
+    let addrs: Vec<SocketAddr> = listen
+        .iter()
+        .flat_map(|a| ports.iter().map(|p| SocketAddr::new(a.ip(), *p)))
+        .collect();
+    let listeners = net::bind_all(&addrs, "gateway (istiod)").context("istiod listeners")?;
+    let expose = Arc::new(ExposeIstiod {
+        sni: sni.to_string(),
+        istiod,
+        dialer: Dialer::new(ctx.tls.clone(), Timeouts::default()),
+        metrics: ctx.metrics.clone(),
+    });
+    Ok(Handle::loops(
+        "gateway (istiod)",
+        listeners.into_iter().map(move |l| expose.clone().serve(l)),
+    ))
+}
+
+/// The persisted istiod table's file in the state directory.
+pub const ISTIOD_TABLE: &str = "istiod-table.json";
 
 /// proxy::Gateway on its listeners.
 pub fn gateway(ctx: &Ctx, listen: &[SocketAddr]) -> anyhow::Result<Handle> {

@@ -2,8 +2,10 @@
 //! and TCP.
 
 mod answer;
+mod resolve;
 mod upstream;
 
+pub use resolve::{Error as ResolveError, Resolver};
 pub use upstream::{ResolvConf, ResolvError, Upstream};
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -194,7 +194,7 @@ fn parse_document(
         "ServiceEntry" => {
             let spec: ServiceEntrySpec = doc.typed(spec, "spec")?;
             res.services
-                .push(service_entry(doc, origin, namespace, spec)?);
+                .push(Arc::new(service_entry(doc, origin, namespace, spec)?));
         }
         "WorkloadEntry" => {
             let spec: WorkloadEntrySpec = doc.typed(spec, "spec")?;
@@ -366,6 +366,7 @@ fn service_entry(
         selector: spec.workload_selector.map(|s| s.labels),
         endpoints,
         port_endpoints: Default::default(),
+        endpoints_as_given: false,
     })
 }
 
@@ -412,6 +413,7 @@ fn workload(
             .service_account
             .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.into()),
         health: Health::Healthy,
+        priority: 0,
     })
 }
 

@@ -73,7 +73,7 @@ pub struct ServicePort {
 }
 
 /// Where an endpoint can be reached.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(untagged)]
 pub enum Address {
     Ip(IpAddr),
@@ -121,6 +121,13 @@ pub struct Workload {
     pub weight: u32,
     pub service_account: String,
     pub health: Health,
+    /// EDS priority: 0 is tried first, higher ones only when no lower one is reachable.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub priority: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 impl Workload {
@@ -158,6 +165,10 @@ pub struct Service {
     /// `endpoints`.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub port_endpoints: BTreeMap<u16, Vec<Arc<Workload>>>,
+    /// The source already chose how each endpoint is reached (istiod's split horizon put
+    /// gateways in place of remote endpoints): reach every endpoint as given.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub endpoints_as_given: bool,
 }
 
 impl Service {

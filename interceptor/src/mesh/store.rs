@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::model::Host;
-use super::table::{Options, Resources, Table};
+use super::table::{Options, Resources, ServiceDecl, Table};
 
 /// Who publishes into the store. Declaration order is precedence: earlier wins a host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -162,9 +162,13 @@ fn merge(inner: &mut Inner) -> Resources {
             if mine.is_empty() {
                 continue;
             }
-            let mut d = decl.clone();
-            d.hosts = mine;
-            out.services.push(d);
+            if theirs.is_empty() {
+                out.services.push(decl.clone());
+            } else {
+                let mut d = ServiceDecl::clone(decl);
+                d.hosts = mine;
+                out.services.push(Arc::new(d));
+            }
         }
         for decl in &out.services {
             taken.extend(decl.hosts.iter().cloned());
@@ -212,7 +216,7 @@ mod tests {
         store.publish(
             SourceId::Files,
             Resources {
-                services: vec![from_files.clone(), only_files],
+                services: vec![Arc::new(from_files.clone()), Arc::new(only_files)],
                 ..Default::default()
             },
         );
@@ -223,7 +227,7 @@ mod tests {
         let v = store.publish(
             SourceId::Istiod,
             Resources {
-                services: vec![from_istiod],
+                services: vec![Arc::new(from_istiod)],
                 ..Default::default()
             },
         );

@@ -55,6 +55,8 @@ pub struct ServiceDecl {
     /// Endpoints per service port, when the source knows them per port (EDS is per cluster):
     /// such a port uses these, not `endpoints`.
     pub port_endpoints: BTreeMap<u16, Vec<Arc<Workload>>>,
+    /// Endpoints are reached as given, with no network rule of ours on top (istiod's).
+    pub endpoints_as_given: bool,
 }
 
 impl ServiceDecl {
@@ -69,13 +71,15 @@ impl ServiceDecl {
             && self.resolution == other.resolution
             && self.location == other.location
             && self.subject_alt_names == other.subject_alt_names
+            && self.endpoints_as_given == other.endpoints_as_given
     }
 }
 
 /// Everything a source knows, in source-neutral form.
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
-    pub services: Vec<ServiceDecl>,
+    /// Shared, so a source that keeps its decls can hand them in again without copying.
+    pub services: Vec<Arc<ServiceDecl>>,
     pub workloads: Vec<Arc<Workload>>,
     pub groups: Vec<WorkloadGroup>,
     pub networks: Networks,
@@ -87,7 +91,8 @@ pub struct Resources {
 /// The shape layer, shared by every table built on it.
 #[derive(Debug, Default)]
 struct Shape {
-    decls: Vec<ServiceDecl>,
+    /// In origin order.
+    decls: Vec<Arc<ServiceDecl>>,
     networks: Networks,
     /// Per service: its decl and host.
     services: Vec<(usize, Host, Vec<IpAddr>, bool)>,
@@ -193,14 +198,7 @@ fn same_arcs<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
 }
 
 impl Shape {
-    fn build(mut decls: Vec<ServiceDecl>, networks: Networks, options: &Options) -> Shape {
-        // A stable order makes "first wins" on duplicate hosts independent of file order.
-        decls.sort_by(|a, b| a.origin.cmp(&b.origin));
-        for d in &mut decls {
-            d.endpoints = vec![];
-            d.port_endpoints.clear();
-            d.selector = None;
-        }
+    fn build(decls: Vec<Arc<ServiceDecl>>, networks: Networks, options: &Options) -> Shape {
         let needs_vip = decls
             .iter()
             .filter(|d| {
@@ -255,13 +253,15 @@ impl Shape {
         }
     }
 
-    fn same_as(&self, decls: &[ServiceDecl], networks: &Networks) -> bool {
-        if self.networks != *networks || self.decls.len() != decls.len() {
-            return false;
-        }
-        let mut sorted: Vec<&ServiceDecl> = decls.iter().collect();
-        sorted.sort_by(|a, b| a.origin.cmp(&b.origin));
-        self.decls.iter().zip(sorted).all(|(a, b)| a.same_shape(b))
+    /// `decls` in origin order.
+    fn same_as(&self, decls: &[Arc<ServiceDecl>], networks: &Networks) -> bool {
+        self.networks == *networks
+            && self.decls.len() == decls.len()
+            && self
+                .decls
+                .iter()
+                .zip(decls)
+                .all(|(a, b)| Arc::ptr_eq(a, b) || a.same_shape(b))
     }
 }
 
@@ -275,13 +275,14 @@ impl Table {
     /// same but for their endpoints, and `prev`'s services whose endpoints did not change.
     pub fn build_on(res: Resources, options: Options, prev: Option<&Table>) -> Table {
         let prev = prev.filter(|p| p.options == options);
+        // A stable order makes "first wins" on duplicate hosts independent of file order.
+        let mut decls = res.services;
+        if !decls.is_sorted_by(|a, b| a.origin <= b.origin) {
+            decls.sort_by(|a, b| a.origin.cmp(&b.origin));
+        }
         let shape = match prev {
-            Some(p) if p.shape.same_as(&res.services, &res.networks) => p.shape.clone(),
-            _ => Arc::new(Shape::build(
-                res.services.clone(),
-                res.networks.clone(),
-                &options,
-            )),
+            Some(p) if p.shape.same_as(&decls, &res.networks) => p.shape.clone(),
+            _ => Arc::new(Shape::build(decls.clone(), res.networks.clone(), &options)),
         };
         let networks = &shape.networks;
         let workloads: Vec<Arc<Workload>> = res
@@ -289,28 +290,29 @@ impl Table {
             .iter()
             .map(|w| with_network(w, networks))
             .collect();
-        // The decls in shape order, with their endpoints.
-        let mut decls: Vec<&ServiceDecl> = res.services.iter().collect();
-        decls.sort_by(|a, b| a.origin.cmp(&b.origin));
         let index = SelectorIndex::new(&workloads);
         let mut resolved: Vec<Option<Endpoints>> = vec![None; decls.len()];
         let mut services = Vec::with_capacity(shape.services.len());
         for (s, (d, host, vips, auto_allocated)) in shape.services.iter().enumerate() {
-            let decl = decls[*d];
+            let decl = &decls[*d];
             let (endpoints, port_endpoints) = resolved[*d]
                 .get_or_insert_with(|| {
+                    // Endpoints given as they are reached keep their (empty) network.
+                    let place = |w: &Arc<Workload>| {
+                        if decl.endpoints_as_given {
+                            w.clone()
+                        } else {
+                            with_network(w, networks)
+                        }
+                    };
                     let endpoints = match &decl.selector {
                         Some(sel) => index.select(&decl.namespace, sel),
-                        None => decl
-                            .endpoints
-                            .iter()
-                            .map(|w| with_network(w, networks))
-                            .collect(),
+                        None => decl.endpoints.iter().map(place).collect(),
                     };
                     let by_port = decl
                         .port_endpoints
                         .iter()
-                        .map(|(p, ws)| (*p, ws.iter().map(|w| with_network(w, networks)).collect()))
+                        .map(|(p, ws)| (*p, ws.iter().map(place).collect()))
                         .collect();
                     (endpoints, by_port)
                 })
@@ -344,6 +346,7 @@ impl Table {
                 subject_alt_names: decl.subject_alt_names.clone(),
                 endpoints,
                 port_endpoints,
+                endpoints_as_given: decl.endpoints_as_given,
             }));
         }
         let names = match (&res.names, prev) {
@@ -427,6 +430,7 @@ pub(crate) mod tests {
             weight: 1,
             service_account: "default".into(),
             health: Health::Healthy,
+            priority: 0,
         }
     }
 
@@ -451,7 +455,7 @@ pub(crate) mod tests {
     #[test]
     fn selector_vip_and_lookup() {
         let res = Resources {
-            services: vec![product()],
+            services: vec![Arc::new(product())],
             workloads: vec![
                 Arc::new(workload("default", "10.0.0.2", &[("app", "product")])),
                 Arc::new(workload("default", "10.0.0.3", &[("app", "other")])),
@@ -484,7 +488,7 @@ pub(crate) mod tests {
     #[test]
     fn short_name_only_in_own_namespace() {
         let res = Resources {
-            services: vec![product()],
+            services: vec![Arc::new(product())],
             ..Default::default()
         };
         let t = Table::build(
@@ -507,7 +511,7 @@ pub(crate) mod tests {
         wild.selector = None;
         wild.endpoints = vec![Arc::new(workload("default", "10.2.0.9", &[]))];
         let res = Resources {
-            services: vec![wild],
+            services: vec![Arc::new(wild)],
             networks: Networks::from_yaml(
                 "networks:\n  b:\n    endpoints: [{fromCidr: 10.2.0.0/16}]\n",
             )
@@ -536,7 +540,7 @@ pub(crate) mod tests {
         let (a, b) = (svc("a", "10.0.0.1"), svc("b", "10.0.0.2"));
         let first = Table::build(
             Resources {
-                services: vec![a.clone(), b.clone()],
+                services: vec![Arc::new(a.clone()), Arc::new(b.clone())],
                 ..Default::default()
             },
             Options::default(),
@@ -546,7 +550,7 @@ pub(crate) mod tests {
             .push(Arc::new(workload("default", "10.0.0.3", &[])));
         let second = Table::build_on(
             Resources {
-                services: vec![a.clone(), b2],
+                services: vec![Arc::new(a.clone()), Arc::new(b2)],
                 ..Default::default()
             },
             Options::default(),
@@ -568,7 +572,7 @@ pub(crate) mod tests {
         a3.ports[0].number = 9999;
         let third = Table::build_on(
             Resources {
-                services: vec![a3, b],
+                services: vec![Arc::new(a3), Arc::new(b)],
                 ..Default::default()
             },
             Options::default(),

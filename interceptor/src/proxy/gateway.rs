@@ -51,6 +51,10 @@ pub enum Refusal {
     UnknownPort { host: String, port: u16 },
     #[error("no healthy mTLS endpoint of {0:?} in this network")]
     NoEndpoint(String),
+    #[error("SNI {0:?} is not istiod's")]
+    NotIstiod(String),
+    #[error("istiod unreachable: {0}")]
+    IstiodUnreachable(String),
 }
 
 impl Refusal {
@@ -66,6 +70,8 @@ impl Refusal {
             Refusal::UnknownHost(_) => "unknown_host",
             Refusal::UnknownPort { .. } => "unknown_port",
             Refusal::NoEndpoint(_) => "no_endpoint",
+            Refusal::NotIstiod(_) => "not_istiod",
+            Refusal::IstiodUnreachable(_) => "istiod_unreachable",
         }
     }
 }
@@ -183,6 +189,67 @@ impl Gateway {
                 tracing::info!(%peer, %endpoint, error = %e, duration_ms, "gateway connection reset")
             }
         }
+    }
+}
+
+/// Istio's `expose-istiod` Gateway: TLS whose SNI is istiod's name passes through, unterminated,
+/// to istiod on the same port (15012 xDS and CA, 15017 webhooks), so a VM in another network
+/// reaches the control plane only through the east-west gateway.
+pub struct ExposeIstiod {
+    /// istiod's name, as in the VM's discoveryAddress (`istiod.istio-system.svc`).
+    pub sni: String,
+    /// istiod's address; the port is the one the connection came in on.
+    pub istiod: std::net::IpAddr,
+    pub dialer: Dialer,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ExposeIstiod {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        crate::net::accept_loop(listener, "gateway", move |stream, peer| {
+            let this = self.clone();
+            async move { this.handle(stream, peer).await }
+        })
+        .await
+    }
+
+    fn refuse(&self, peer: SocketAddr, sni: Option<&str>, why: Refusal) {
+        self.metrics.gateway_refused(why.label());
+        tracing::warn!(%peer, sni = sni.unwrap_or("-"), reason = %why, "gateway (istiod): connection refused");
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let Ok(local) = client.local_addr() else {
+            return;
+        };
+        let hello = match tls::peek_client_hello(&client, FIRST_BYTES, HELLO).await {
+            Ok(Peeked::Tls(hello)) => hello,
+            Ok(Peeked::Plain) => return self.refuse(peer, None, Refusal::NotTls),
+            Ok(Peeked::Silent) => return self.refuse(peer, None, Refusal::Silent),
+            Ok(Peeked::Malformed(e)) => return self.refuse(peer, None, Refusal::Malformed(e)),
+            Err(_) => return,
+        };
+        let Some(sni) = hello.sni.as_deref() else {
+            return self.refuse(peer, None, Refusal::NoSni);
+        };
+        if !sni.eq_ignore_ascii_case(&self.sni) {
+            return self.refuse(peer, Some(sni), Refusal::NotIstiod(sni.to_string()));
+        }
+        let upstream = crate::route::EndpointAddr {
+            address: crate::mesh::Address::Ip(self.istiod),
+            port: local.port(),
+        };
+        let up = match self.dialer.tcp(&upstream).await {
+            Ok(up) => up,
+            Err(e) => {
+                return self.refuse(peer, Some(sni), Refusal::IstiodUnreachable(e.to_string()))
+            }
+        };
+        tracing::info!(%peer, sni, istiod = %upstream, "gateway connection to istiod");
+        let labels = TcpLabels::new(metrics::GATEWAY, sni.to_string(), true);
+        self.metrics.opened(&labels);
+        let (from_client, to_client) = splice_relay(&client, &up).await.unwrap_or((0, 0));
+        self.metrics.closed(&labels, from_client, to_client);
     }
 }
 

@@ -6,6 +6,6 @@ mod gateway;
 mod inbound;
 mod outbound;
 
-pub use gateway::{route as gateway_route, Gateway, Refusal};
+pub use gateway::{route as gateway_route, ExposeIstiod, Gateway, Refusal};
 pub use inbound::Inbound;
 pub use outbound::{Outbound, MAX_ATTEMPTS};

@@ -92,6 +92,7 @@ impl Outbound {
             network: &self.network,
             networks: &table.networks,
             trust_domain,
+            original: Some(dst),
         };
         let plan = route::plan(svc, port, scope);
         self.outliers

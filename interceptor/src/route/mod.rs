@@ -3,9 +3,12 @@
 //! identities the server must present), and who may connect inbound. The data paths and
 //! `interceptor explain` call the same functions, so what explain says is what the data path does.
 //!
-//! Network aware (SPEC section 5, I: pilot/pkg/xds/endpoints/ep_filters.go
-//! EndpointsByNetworkFilter): endpoints of our network are reached directly, those of another
-//! network through its east-west gateway, weighted by how many endpoints stand behind it.
+//! Network aware as istiod's split horizon (SPEC section 5, I: pilot/pkg/xds/endpoints/
+//! ep_filters.go EndpointsByNetworkFilter): endpoints of our network are reached directly, as
+//! are those of a network without a gateway; mTLS endpoints of a network with gateways through
+//! its gateways, weighted by how many endpoints stand behind them; plaintext ones there are
+//! unreachable. A source that applied the rule itself (istiod) gives endpoints as they are
+//! reached, and they are taken as given.
 
 mod allow;
 mod outliers;
@@ -74,6 +77,9 @@ pub enum Via {
     },
     /// The service's own host name (a DNS service without endpoints, as Istio does).
     ServiceHost,
+    /// Where the application was connecting (Istio's ORIGINAL_DST: a service of resolution
+    /// NONE, a headless service).
+    OriginalDestination,
 }
 
 /// One place a connection for a service port can go, and how.
@@ -90,7 +96,7 @@ impl Target {
         match &self.via {
             Via::Direct(w) => std::slice::from_ref(w),
             Via::Gateway { behind, .. } => behind,
-            Via::ServiceHost => &[],
+            Via::ServiceHost | Via::OriginalDestination => &[],
         }
     }
 
@@ -113,6 +119,8 @@ pub enum Scope<'a> {
         networks: &'a Networks,
         /// Trust domain of the identities expected from endpoints (ours).
         trust_domain: &'a str,
+        /// Where the application was connecting, for services reached there as is.
+        original: Option<SocketAddr>,
     },
     /// An east-west gateway of `network`: only that network's endpoints that speak mTLS (the
     /// bytes it relays are the client's TLS).
@@ -130,8 +138,6 @@ pub enum SkipReason {
     NotInGatewayNetwork,
     /// Plaintext cannot cross to another network (the gateway routes by our mTLS's SNI).
     RemotePlaintext,
-    /// Another network that has no gateway.
-    NoGateway,
 }
 
 impl SkipReason {
@@ -142,7 +148,6 @@ impl SkipReason {
             SkipReason::GatewayNeedsMtls => "gateway_needs_mtls",
             SkipReason::NotInGatewayNetwork => "not_in_gateway_network",
             SkipReason::RemotePlaintext => "remote_plaintext",
-            SkipReason::NoGateway => "no_gateway",
         }
     }
 }
@@ -153,8 +158,7 @@ impl fmt::Display for SkipReason {
             SkipReason::Unhealthy => "unhealthy",
             SkipReason::GatewayNeedsMtls => "no mTLS: the gateway relays TLS only",
             SkipReason::NotInGatewayNetwork => "not in the gateway's network",
-            SkipReason::RemotePlaintext => "another network and no mTLS",
-            SkipReason::NoGateway => "another network without a gateway",
+            SkipReason::RemotePlaintext => "another network (behind its gateway) and no mTLS",
         })
     }
 }
@@ -167,11 +171,20 @@ pub struct Skipped {
     pub reason: SkipReason,
 }
 
-/// Every reachable target for a service port with its weight, and the endpoints left out.
+/// Every reachable target for a service port with its weight and priority, and the endpoints
+/// left out.
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
-    pub targets: Vec<(f64, Target)>,
+    pub targets: Vec<Weighted>,
     pub skipped: Vec<Skipped>,
+}
+
+/// A target with its share of the load and its priority (0 first).
+#[derive(Clone, Debug)]
+pub struct Weighted {
+    pub weight: f64,
+    pub priority: u32,
+    pub target: Target,
 }
 
 fn is_local(w: &Workload, network: &str) -> bool {
@@ -182,38 +195,40 @@ fn is_local(w: &Workload, network: &str) -> bool {
 /// `interceptor explain` read.
 pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
     let mut out = Plan::default();
-    let mut remote: BTreeMap<&str, Vec<Arc<Workload>>> = BTreeMap::new();
+    let mut remote: BTreeMap<(&str, u32), Vec<Arc<Workload>>> = BTreeMap::new();
     let skip = |w: &Workload, reason: SkipReason| Skipped {
         endpoint: w.name.clone(),
         network: w.network.clone(),
         reason,
     };
-    // One SNI for every target of this service port.
-    let sni: Arc<str> = Arc::from(wire::sni(port.number, "", svc.host.as_str()));
+    // One SNI for every mTLS target of this service port, made only if there is one.
+    let sni: std::cell::OnceCell<Arc<str>> = std::cell::OnceCell::new();
     let tls = |workloads: &[Arc<Workload>], trust_domain: &str| Transport::Tls {
-        sni: sni.clone(),
+        sni: sni
+            .get_or_init(|| Arc::from(wire::sni(port.number, "", svc.host.as_str())))
+            .clone(),
         identities: expected_identities(svc, workloads, trust_domain),
     };
-    for w in svc.endpoints.iter() {
+    let direct = |w: &Arc<Workload>, transport: Transport| Weighted {
+        weight: f64::from(w.weight.max(1)),
+        priority: w.priority,
+        target: Target {
+            endpoint: EndpointAddr {
+                address: w.address.clone(),
+                port: w.target_port(port),
+            },
+            via: Via::Direct(w.clone()),
+            transport,
+        },
+    };
+    for w in svc.endpoints_for(port) {
         if w.health != Health::Healthy {
             out.skipped.push(skip(w, SkipReason::Unhealthy));
             continue;
         }
-        let weight = f64::from(w.weight.max(1));
-        let endpoint = EndpointAddr {
-            address: w.address.clone(),
-            port: w.target_port(port),
-        };
         match scope {
             Scope::Gateway { network } if is_local(w, network) && w.speaks_istio_mtls() => {
-                out.targets.push((
-                    weight,
-                    Target {
-                        endpoint,
-                        via: Via::Direct(w.clone()),
-                        transport: Transport::Plain,
-                    },
-                ))
+                out.targets.push(direct(w, Transport::Plain))
             }
             Scope::Gateway { .. } if !w.speaks_istio_mtls() => {
                 out.skipped.push(skip(w, SkipReason::GatewayNeedsMtls))
@@ -223,24 +238,22 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
                 network,
                 networks,
                 trust_domain,
+                ..
             } => {
-                if is_local(w, network) || !networks.has_gateways() {
+                // Istio: InNetwork(epNetwork) || len(gateways) == 0 -> as is.
+                if svc.endpoints_as_given
+                    || is_local(w, network)
+                    || networks.gateways(&w.network).is_empty()
+                {
                     let transport = if w.speaks_istio_mtls() {
                         tls(std::slice::from_ref(w), trust_domain)
                     } else {
                         Transport::Plain
                     };
-                    out.targets.push((
-                        weight,
-                        Target {
-                            endpoint,
-                            via: Via::Direct(w.clone()),
-                            transport,
-                        },
-                    ));
+                    out.targets.push(direct(w, transport));
                 } else if w.speaks_istio_mtls() {
                     remote
-                        .entry(w.network.as_str())
+                        .entry((w.network.as_str(), w.priority))
                         .or_default()
                         .push(w.clone());
                 } else {
@@ -252,25 +265,22 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
     if let Scope::Sidecar {
         networks,
         trust_domain,
+        original,
         ..
     } = scope
     {
-        for (network, behind) in remote {
-            let gateways = networks.gateways(network);
-            if gateways.is_empty() {
-                out.skipped
-                    .extend(behind.iter().map(|w| skip(w, SkipReason::NoGateway)));
-                continue;
-            }
+        for ((network, priority), behind) in remote {
             // Istio: a gateway weighs as the endpoints behind it, shared among the network's
             // gateways. Through a gateway any endpoint behind it may answer, and it is their
             // identities we check, never the gateway's (it only relays our TLS).
+            let gateways = networks.gateways(network);
             let weight = behind.len() as f64 / gateways.len() as f64;
             let transport = tls(&behind, trust_domain);
             for gw in gateways {
-                out.targets.push((
+                out.targets.push(Weighted {
                     weight,
-                    Target {
+                    priority,
+                    target: Target {
                         endpoint: EndpointAddr {
                             address: gw.address.clone(),
                             port: gw.port,
@@ -281,47 +291,61 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
                         },
                         transport: transport.clone(),
                     },
-                ));
+                });
             }
         }
-        if out.targets.is_empty() && svc.resolution == Resolution::Dns {
-            // A DNS service without endpoints is reached at its own host name (Istio does this).
-            out.targets.push((
-                1.0,
-                Target {
-                    endpoint: EndpointAddr {
+        if out.targets.is_empty() && out.skipped.is_empty() {
+            // No endpoints at all: a DNS service is reached at its own host name, a service of
+            // resolution NONE where the application was going (both as Istio does).
+            let at = match (svc.resolution, original) {
+                (Resolution::Dns, _) => Some((
+                    EndpointAddr {
                         address: Address::Hostname(svc.host.to_string()),
                         port: port.target_port.unwrap_or(port.number),
                     },
-                    via: Via::ServiceHost,
-                    transport: Transport::Plain,
-                },
-            ));
+                    Via::ServiceHost,
+                )),
+                (Resolution::None, Some(dst)) => Some((
+                    EndpointAddr {
+                        address: Address::Ip(dst.ip()),
+                        port: dst.port(),
+                    },
+                    Via::OriginalDestination,
+                )),
+                _ => None,
+            };
+            if let Some((endpoint, via)) = at {
+                out.targets.push(Weighted {
+                    weight: 1.0,
+                    priority: 0,
+                    target: Target {
+                        endpoint,
+                        via,
+                        transport: Transport::Plain,
+                    },
+                });
+            }
         }
     }
     out
 }
 
-/// The targets of `plan` in the order to try them: a weighted random order of the reachable
-/// ones, recently failed ones moved to the back.
+/// The targets of `plan` in the order to try them: by priority (0 first), and within one a
+/// weighted random order; recently failed ones moved to the back.
 pub fn order(plan: Plan, outliers: &Outliers) -> Vec<Target> {
     let mut rng = rand::rng();
-    let mut keyed: Vec<(f64, Target)> = plan
+    let mut keyed: Vec<(bool, u32, f64, Target)> = plan
         .targets
         .into_iter()
-        .map(|(weight, target)| {
+        .map(|w| {
             // Efraimidis-Spirakis: sorting by u^(1/w) is weighted sampling without replacement.
             let u: f64 = rng.random_range(f64::EPSILON..1.0);
-            (u.powf(1.0 / weight), target)
+            let ejected = outliers.is_ejected(&w.target.endpoint);
+            (ejected, w.priority, u.powf(1.0 / w.weight), w.target)
         })
         .collect();
-    keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let (mut good, ejected): (Vec<Target>, Vec<Target>) = keyed
-        .into_iter()
-        .map(|(_, t)| t)
-        .partition(|t| !outliers.is_ejected(&t.endpoint));
-    good.extend(ejected);
-    good
+    keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.total_cmp(&a.2)));
+    keyed.into_iter().map(|k| k.3).collect()
 }
 
 #[cfg(test)]
@@ -360,6 +384,7 @@ mod tests {
                     } else {
                         Health::Healthy
                     },
+                    priority: 0,
                 })
             })
             .collect();
@@ -375,6 +400,7 @@ mod tests {
             subject_alt_names: vec![],
             endpoints,
             port_endpoints: Default::default(),
+            endpoints_as_given: false,
         };
         (s, port)
     }
@@ -388,6 +414,7 @@ mod tests {
             network,
             networks,
             trust_domain: "td",
+            original: None,
         }
     }
 
@@ -435,8 +462,8 @@ mod tests {
         let (s, p) = svc(&[(1, "", true), (1, "", false)]);
         let n = flat();
         let targets = plan(&s, &p, sidecar("", &n)).targets;
-        let tls = targets.iter().find(|(_, t)| name(t) == "w0").unwrap();
-        match &tls.1.transport {
+        let tls = targets.iter().find(|w| name(&w.target) == "w0").unwrap();
+        match &tls.target.transport {
             Transport::Tls { sni, identities } => {
                 assert_eq!(&**sni, "outbound_.80_._.a.default.svc.cluster.local");
                 assert_eq!(
@@ -446,9 +473,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let plain = targets.iter().find(|(_, t)| name(t) == "w1").unwrap();
-        assert_eq!(plain.1.transport, Transport::Plain);
-        assert_eq!(plain.1.endpoint.to_string(), "10.0.0.2:8001");
+        let plain = targets.iter().find(|w| name(&w.target) == "w1").unwrap();
+        assert_eq!(plain.target.transport, Transport::Plain);
+        assert_eq!(plain.target.endpoint.to_string(), "10.0.0.2:8001");
     }
 
     fn two_networks() -> Networks {
@@ -460,7 +487,8 @@ mod tests {
 
     #[test]
     fn remote_endpoints_go_through_their_gateway_weighted_by_count() {
-        // One local endpoint; three mTLS endpoints in b; one plaintext in b; one in c (no gateway).
+        // One local endpoint; three mTLS endpoints in b; one plaintext in b; one in c, a network
+        // without a gateway, which is reached directly (SPEC 5 as istiod does it).
         let (s, p) = svc(&[
             (1, "a", true),
             (1, "b", true),
@@ -471,7 +499,14 @@ mod tests {
         ]);
         let (o, n) = (Outliers::default(), two_networks());
         let targets = ordered(&s, &p, sidecar("a", &n), &o);
-        assert_eq!(targets.len(), 2, "{targets:?}");
+        assert_eq!(targets.len(), 3, "{targets:?}");
+        let in_c = targets
+            .iter()
+            .find(|t| t.endpoint.to_string() == "10.0.0.6:8005");
+        assert!(
+            in_c.is_some_and(|t| t.gateway_network().is_none() && t.transport.is_mtls()),
+            "{targets:?}"
+        );
         let gw = targets
             .iter()
             .find(|t| t.gateway_network().is_some())
@@ -489,12 +524,9 @@ mod tests {
             .iter()
             .map(|s| s.reason)
             .collect();
-        assert_eq!(
-            reasons,
-            vec![SkipReason::RemotePlaintext, SkipReason::NoGateway]
-        );
-        // The gateway weighs 3, the local endpoint 1.
-        let via_gw = (0..4000)
+        assert_eq!(reasons, vec![SkipReason::RemotePlaintext]);
+        // The gateway weighs 3, the local endpoint and the one in c 1 each.
+        let via_gw = (0..5000)
             .filter(|_| {
                 ordered(&s, &p, sidecar("a", &n), &o)[0]
                     .gateway_network()
@@ -527,8 +559,57 @@ mod tests {
         let targets = plan(&s, &p, sidecar("", &n)).targets;
         assert_eq!(targets.len(), 1);
         assert_eq!(
-            targets[0].1.endpoint.to_string(),
+            targets[0].target.endpoint.to_string(),
             "a.default.svc.cluster.local:80"
         );
+    }
+
+    #[test]
+    fn a_service_of_resolution_none_goes_where_the_application_went() {
+        let (mut s, p) = svc(&[]);
+        s.resolution = Resolution::None;
+        let n = flat();
+        let scope = Scope::Sidecar {
+            network: "",
+            networks: &n,
+            trust_domain: "td",
+            original: Some("10.9.9.9:5432".parse().unwrap()),
+        };
+        let t = &plan(&s, &p, scope).targets[0].target;
+        assert_eq!(t.endpoint.to_string(), "10.9.9.9:5432");
+        assert!(matches!(t.via, Via::OriginalDestination));
+    }
+
+    #[test]
+    fn lower_priorities_first_failed_ones_last() {
+        let (mut s, p) = svc(&[(1, "", false), (1, "", false), (1, "", false)]);
+        for (i, w) in s.endpoints.iter_mut().enumerate() {
+            Arc::make_mut(w).priority = if i == 0 { 1 } else { 0 };
+        }
+        let (o, n) = (Outliers::default(), flat());
+        for _ in 0..50 {
+            let t = ordered(&s, &p, sidecar("", &n), &o);
+            assert_eq!(name(&t[2]), "w0", "priority 1 after both of priority 0");
+        }
+        o.failed(&EndpointAddr {
+            address: Address::Ip("10.0.0.2".parse().unwrap()),
+            port: 8001,
+        });
+        o.failed(&EndpointAddr {
+            address: Address::Ip("10.0.0.3".parse().unwrap()),
+            port: 8002,
+        });
+        assert_eq!(name(&ordered(&s, &p, sidecar("", &n), &o)[0]), "w0");
+    }
+
+    #[test]
+    fn endpoints_as_given_ignore_our_network_rule() {
+        let (mut s, p) = svc(&[(1, "b", true)]);
+        s.endpoints_as_given = true;
+        let (o, n) = (Outliers::default(), two_networks());
+        let t = ordered(&s, &p, sidecar("a", &n), &o);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].gateway_network().is_none());
+        assert_eq!(t[0].endpoint.to_string(), "10.0.0.1:8000");
     }
 }

@@ -13,6 +13,7 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::dns::Resolver;
 use crate::mesh::Address;
 use crate::metrics::Metrics;
 use crate::net::{self, buffered, Buffered};
@@ -53,6 +54,8 @@ impl Upstream {
 pub enum DialError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
+    #[error("{0}")]
+    Resolve(crate::dns::ResolveError),
     #[error("the endpoint requires mTLS but this VM has no certificate")]
     NoCertificate,
     #[error("{0:?} is not a valid SNI")]
@@ -71,6 +74,7 @@ impl DialError {
         match self {
             DialError::Connect(e) if e.kind() == std::io::ErrorKind::TimedOut => "connect_timeout",
             DialError::Connect(_) => "connect",
+            DialError::Resolve(_) => "resolve",
             DialError::NoCertificate => "no_certificate",
             DialError::Sni(_) => "sni",
             DialError::Handshake(_) => "handshake",
@@ -100,6 +104,8 @@ pub struct Dialer {
     tls: Arc<tls::Store>,
     configs: ClientConfigs,
     timeouts: Timeouts,
+    /// Host-name endpoints are resolved by us (None: the system resolver).
+    resolver: Option<Arc<Resolver>>,
 }
 
 impl Dialer {
@@ -108,17 +114,37 @@ impl Dialer {
             tls,
             configs: ClientConfigs::default(),
             timeouts,
+            resolver: None,
         }
+    }
+
+    pub fn with_resolver(mut self, resolver: Arc<Resolver>) -> Self {
+        self.resolver = Some(resolver);
+        self
     }
 
     /// A TCP connection to the target, as is: what a relay of someone else's bytes needs.
     pub async fn tcp(&self, endpoint: &EndpointAddr) -> Result<TcpStream, DialError> {
         let t = self.timeouts.connect;
-        match &endpoint.address {
-            Address::Ip(ip) => net::connect(std::net::SocketAddr::new(*ip, endpoint.port), t).await,
-            Address::Hostname(h) => net::connect_host(h, endpoint.port, t).await,
-        }
-        .map_err(DialError::Connect)
+        let ip = match (&endpoint.address, &self.resolver) {
+            (Address::Ip(ip), _) => *ip,
+            (Address::Hostname(h), Some(r)) => {
+                let ips = r.lookup(h).await.map_err(DialError::Resolve)?;
+                // The resolver returns at least one; IPv4 first. Another address of the same
+                // name is another target's business: outliers are per endpoint.
+                *ips.first().ok_or_else(|| {
+                    DialError::Resolve(crate::dns::ResolveError::NoAddress(h.clone()))
+                })?
+            }
+            (Address::Hostname(h), None) => {
+                return net::connect_host(h, endpoint.port, t)
+                    .await
+                    .map_err(DialError::Connect)
+            }
+        };
+        net::connect(std::net::SocketAddr::new(ip, endpoint.port), t)
+            .await
+            .map_err(DialError::Connect)
     }
 
     /// Connects to `target` and sets up its transport.

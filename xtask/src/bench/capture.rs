@@ -28,8 +28,6 @@ spec:
   endpoints: [{address: 10.77.0.2}]
 "#;
 const VIP: &str = "240.240.7.7:8080";
-/// The pod's address on the second VM namespace's own link.
-const POD_FROM_VM2: &str = "10.88.0.2";
 
 pub fn run(out: &Path) -> anyhow::Result<()> {
     let t = Topology::new()
@@ -40,11 +38,13 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         .node("vm2", &["c"])
         .build();
     let (vm, pod, vm2) = (t.node("vm"), t.node("pod"), t.node("vm2"));
+    // The pod's address on the second VM namespace's own link.
+    let pod_from_vm2 = pod.ip("c");
     super::reuse_time_wait(&[&vm.ns, &pod.ns, &vm2.ns]);
     let mesh = t.write("mesh.yaml", MESH);
     let resolv = t.write("resolv.conf", "nameserver 10.77.0.53\n");
-    let mesh_c = t.write("mesh-c.yaml", &MESH.replace("10.77.0.2", POD_FROM_VM2));
-    let _server = pod.bench_http(&["10.77.0.2:8080", &format!("{POD_FROM_VM2}:8080")]);
+    let mesh_c = t.write("mesh-c.yaml", &MESH.replace("10.77.0.2", pod_from_vm2));
+    let _server = pod.bench_http(&["10.77.0.2:8080", &format!("{pod_from_vm2}:8080")]);
 
     // (b): eBPF capture, the daemon in the cgroup as in production. Logs at warn: the bench
     // measures the data path, not the access log.

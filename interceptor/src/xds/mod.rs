@@ -1,0 +1,535 @@
+//! mesh::XdsSource: the mesh table from istiod over ADS (SPEC section 10), beside the file
+//! source and writing the same model. Delta xDS (istiod's default) or state of the world;
+//! subscribes to clusters (CDS), their endpoints (EDS) and the DNS name table (NDS). Every
+//! response is applied whole or not at all: one that cannot be applied is NACKed with the
+//! reason and the table in force stays. The accepted state is persisted, so a VM that boots
+//! while istiod is unreachable serves the last table; a dead control plane leaves it serving.
+
+mod cache;
+pub mod channel;
+pub mod node;
+pub mod resources;
+mod state;
+pub mod status;
+
+pub use state::{Accepted, State};
+pub use status::{Connection, Status, XdsStatus};
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use interceptor_proto::envoy::config::core::v3::Node;
+use interceptor_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use interceptor_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use interceptor_proto::google::protobuf::Any;
+use interceptor_proto::google::rpc::Status as RpcStatus;
+use interceptor_proto::type_url;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::bundle::Bundle;
+use crate::identity;
+use crate::mesh::{self, SourceId};
+use crate::readiness::Readiness;
+use resources::Invalid;
+
+/// The readiness condition this source meets once a table from istiod is in force.
+pub const READY: &str = "istiod table";
+
+/// Which ADS variant to speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Delta xDS (istiod's default since 1.22).
+    #[default]
+    Delta,
+    /// State of the world.
+    Sotw,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Channel(#[from] channel::Error),
+    #[error("istiod: {}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+}
+
+/// Short names of the types, for status and metrics.
+pub fn short_type(url: &str) -> &'static str {
+    match url {
+        type_url::CLUSTER => "clusters",
+        type_url::ENDPOINT => "endpoints",
+        type_url::NAME_TABLE => "names",
+        _ => "other",
+    }
+}
+
+/// Reconnect delays: 10 ms doubling to 15 s, each jittered down by up to half (SPEC 10).
+struct Backoff {
+    next: Duration,
+}
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// How long after a push the accepted state is written to disk (pushes in between coalesce).
+const PERSIST_AFTER: Duration = Duration::from_secs(1);
+
+impl Backoff {
+    fn new() -> Self {
+        Self {
+            next: BACKOFF_FIRST,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = BACKOFF_FIRST;
+    }
+    fn delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        d.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+pub struct XdsSource {
+    bundle: Arc<Bundle>,
+    store: Arc<mesh::Store>,
+    identity: Arc<identity::Store>,
+    status: Arc<Status>,
+    readiness: Arc<Readiness>,
+    node: Node,
+    protocol: Protocol,
+    cache: Option<PathBuf>,
+    options: mesh::Options,
+}
+
+/// What one stream did.
+#[derive(Default)]
+struct Session {
+    /// At least one response arrived: the server is there, start the backoff over.
+    answered: bool,
+    acked: BTreeSet<&'static str>,
+    eds: BTreeSet<String>,
+    persist_due: Option<tokio::time::Instant>,
+}
+
+impl Session {
+    fn synced(&self) -> bool {
+        self.acked.contains("clusters")
+            && self.acked.contains("names")
+            && (self.eds.is_empty() || self.acked.contains("endpoints"))
+    }
+}
+
+impl XdsSource {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        bundle: Arc<Bundle>,
+        store: Arc<mesh::Store>,
+        identity: Arc<identity::Store>,
+        status: Arc<Status>,
+        readiness: Arc<Readiness>,
+        node: Node,
+        protocol: Protocol,
+        cache: Option<PathBuf>,
+        options: mesh::Options,
+    ) -> Self {
+        Self {
+            bundle,
+            store,
+            identity,
+            status,
+            readiness,
+            node,
+            protocol,
+            cache,
+            options,
+        }
+    }
+
+    /// The state to start from: the persisted table, put in force now, or nothing.
+    pub fn restore(&self) -> State {
+        let state = State::new(&self.options.namespace, &self.options.cluster_domain);
+        let Some(path) = &self.cache else {
+            return state;
+        };
+        match cache::load(path) {
+            Ok(Some(accepted)) => {
+                let mut state = state.restore(accepted);
+                let res = state.resources();
+                let services = res.services.len();
+                let version = self.store.publish(SourceId::Istiod, res);
+                self.readiness.set(READY, true);
+                self.status.with(|s| s.from_persisted = true);
+                tracing::info!(version, services, file = %path.display(), "mesh table from the persisted istiod table (until istiod answers)");
+                state
+            }
+            Ok(None) => state,
+            Err(e) => {
+                tracing::warn!(error = %e, "persisted istiod table unusable; starting without");
+                state
+            }
+        }
+    }
+
+    /// Streams from istiod until dropped, reconnecting with backoff.
+    pub async fn run(self, mut state: State) {
+        let mut backoff = Backoff::new();
+        loop {
+            self.status.connection(Connection::Connecting, None);
+            let mut session = Session {
+                eds: state.eds_clusters(),
+                ..Default::default()
+            };
+            let result = match self.protocol {
+                Protocol::Delta => self.delta(&mut state, &mut session).await,
+                Protocol::Sotw => self.sotw(&mut state, &mut session).await,
+            };
+            if session.persist_due.is_some() {
+                self.persist(&state);
+            }
+            if session.answered {
+                backoff.reset();
+            }
+            let wait = backoff.delay();
+            match result {
+                // istiod recycles streams (about every 30 min): normal.
+                Ok(()) => {
+                    tracing::info!("istiod closed the stream; reconnecting");
+                    self.status.connection(Connection::Backoff, None);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "istiod unreachable; the table in force stays");
+                    self.status
+                        .connection(Connection::Backoff, Some(e.to_string()));
+                }
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn client(
+        &self,
+    ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, Error> {
+        let channel =
+            channel::connect(&self.bundle, &self.bundle.discovery, &self.identity).await?;
+        Ok(AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(channel::MAX_MESSAGE))
+    }
+
+    /// Puts the state in force; returns the resources now in the table.
+    fn publish(&self, state: &mut State) -> usize {
+        let res = state.resources();
+        let n = res.services.len();
+        self.store.publish(SourceId::Istiod, res);
+        n
+    }
+
+    fn persist(&self, state: &State) {
+        if let Some(path) = &self.cache {
+            let (path, accepted) = (path.clone(), state.accepted().clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = cache::save(&path, &accepted) {
+                    tracing::warn!(error = %e, file = %path.display(), "cannot persist the istiod table");
+                }
+            });
+        }
+    }
+
+    /// After a response was applied (or refused): status, readiness, persistence.
+    fn accepted(
+        &self,
+        session: &mut Session,
+        ty: &'static str,
+        version: &str,
+        nonce: &str,
+        n: usize,
+        started: Instant,
+    ) {
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.status.accepted(ty, version, nonce, n, ms);
+        session.acked.insert(ty);
+        session
+            .persist_due
+            .get_or_insert_with(|| tokio::time::Instant::now() + PERSIST_AFTER);
+        if session.synced() {
+            let first = self
+                .status
+                .with(|s| !std::mem::replace(&mut s.synced, true));
+            self.readiness.set(READY, true);
+            if first {
+                tracing::info!(
+                    services = self.store.load().services.len(),
+                    "in sync with istiod"
+                );
+            }
+        }
+        tracing::debug!(r#type = ty, version, apply_ms = ms, "istiod push applied");
+    }
+
+    fn refused(&self, ty: &'static str, nonce: &str, e: &Invalid) {
+        tracing::warn!(r#type = ty, error = %e, "istiod push refused (NACK); the table in force stays");
+        self.status.rejected(ty, nonce, &e.to_string());
+    }
+
+    async fn delta(&self, state: &mut State, session: &mut Session) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let (tx, rx) = mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
+        let subscribe = |type_url: &str, names: Vec<String>| DeltaDiscoveryRequest {
+            type_url: type_url.to_string(),
+            resource_names_subscribe: names,
+            ..Default::default()
+        };
+        // The node goes with the first request of a stream.
+        let mut first = subscribe(type_url::CLUSTER, vec![]);
+        first.node = Some(self.node.clone());
+        let _ = tx.send(first);
+        let _ = tx.send(subscribe(type_url::NAME_TABLE, vec![]));
+        if !session.eds.is_empty() {
+            let _ = tx.send(subscribe(
+                type_url::ENDPOINT,
+                session.eds.iter().cloned().collect(),
+            ));
+        }
+        let mut req = tonic::Request::new(UnboundedReceiverStream::new(rx));
+        channel::authorize(&self.bundle, &mut req)?;
+        let mut stream = client.delta_aggregated_resources(req).await?.into_inner();
+        self.status.connection(Connection::Connected, None);
+        tracing::info!(server = %self.bundle.discovery.addr, "connected to istiod (delta xDS)");
+        loop {
+            let persist = async {
+                match session.persist_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let resp: DeltaDiscoveryResponse = tokio::select! {
+                msg = stream.message() => match msg? {
+                    Some(r) => r,
+                    None => return Ok(()),
+                },
+                _ = persist => {
+                    session.persist_due = None;
+                    self.persist(state);
+                    continue;
+                }
+            };
+            session.answered = true;
+            let started = Instant::now();
+            let ty = short_type(&resp.type_url);
+            let mut reply = DeltaDiscoveryRequest {
+                type_url: resp.type_url.clone(),
+                response_nonce: resp.nonce.clone(),
+                ..Default::default()
+            };
+            match apply_delta(state, &resp) {
+                Ok(n) => {
+                    self.publish(state);
+                    self.accepted(
+                        session,
+                        ty,
+                        &resp.system_version_info,
+                        &resp.nonce,
+                        n,
+                        started,
+                    );
+                    let _ = tx.send(reply);
+                    if resp.type_url == type_url::CLUSTER {
+                        let now = state.eds_clusters();
+                        let add: Vec<String> = now.difference(&session.eds).cloned().collect();
+                        let remove: Vec<String> = session.eds.difference(&now).cloned().collect();
+                        if !add.is_empty() || !remove.is_empty() {
+                            let _ = tx.send(DeltaDiscoveryRequest {
+                                type_url: type_url::ENDPOINT.into(),
+                                resource_names_subscribe: add,
+                                resource_names_unsubscribe: remove,
+                                ..Default::default()
+                            });
+                        }
+                        session.eds = now;
+                    }
+                }
+                Err(e) => {
+                    self.refused(ty, &resp.nonce, &e);
+                    reply.error_detail = Some(nack(&e));
+                    let _ = tx.send(reply);
+                }
+            }
+        }
+    }
+
+    async fn sotw(&self, state: &mut State, session: &mut Session) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
+        // Per type: the last accepted version and the last nonce seen.
+        let mut versions: std::collections::HashMap<String, (String, String)> = Default::default();
+        let request =
+            |type_url: &str, names: Vec<String>, version: &str, nonce: &str| DiscoveryRequest {
+                type_url: type_url.to_string(),
+                resource_names: names,
+                version_info: version.to_string(),
+                response_nonce: nonce.to_string(),
+                ..Default::default()
+            };
+        let mut first = request(type_url::CLUSTER, vec![], "", "");
+        first.node = Some(self.node.clone());
+        let _ = tx.send(first);
+        let _ = tx.send(request(type_url::NAME_TABLE, vec![], "", ""));
+        if !session.eds.is_empty() {
+            let _ = tx.send(request(
+                type_url::ENDPOINT,
+                session.eds.iter().cloned().collect(),
+                "",
+                "",
+            ));
+        }
+        let mut req = tonic::Request::new(UnboundedReceiverStream::new(rx));
+        channel::authorize(&self.bundle, &mut req)?;
+        let mut stream = client.stream_aggregated_resources(req).await?.into_inner();
+        self.status.connection(Connection::Connected, None);
+        tracing::info!(server = %self.bundle.discovery.addr, "connected to istiod (state-of-the-world xDS)");
+        loop {
+            let persist = async {
+                match session.persist_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let resp: DiscoveryResponse = tokio::select! {
+                msg = stream.message() => match msg? {
+                    Some(r) => r,
+                    None => return Ok(()),
+                },
+                _ = persist => {
+                    session.persist_due = None;
+                    self.persist(state);
+                    continue;
+                }
+            };
+            session.answered = true;
+            let started = Instant::now();
+            let ty = short_type(&resp.type_url);
+            let names = |session: &Session| -> Vec<String> {
+                if resp.type_url == type_url::ENDPOINT {
+                    session.eds.iter().cloned().collect()
+                } else {
+                    vec![]
+                }
+            };
+            match apply_sotw(state, &resp) {
+                Ok(n) => {
+                    self.publish(state);
+                    self.accepted(session, ty, &resp.version_info, &resp.nonce, n, started);
+                    versions.insert(
+                        resp.type_url.clone(),
+                        (resp.version_info.clone(), resp.nonce.clone()),
+                    );
+                    let _ = tx.send(request(
+                        &resp.type_url,
+                        names(session),
+                        &resp.version_info,
+                        &resp.nonce,
+                    ));
+                    if resp.type_url == type_url::CLUSTER {
+                        let now = state.eds_clusters();
+                        if now != session.eds {
+                            session.eds = now;
+                            let (v, n) = versions
+                                .get(type_url::ENDPOINT)
+                                .cloned()
+                                .unwrap_or_default();
+                            let _ = tx.send(request(
+                                type_url::ENDPOINT,
+                                session.eds.iter().cloned().collect(),
+                                &v,
+                                &n,
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.refused(ty, &resp.nonce, &e);
+                    let (v, _) = versions.get(&resp.type_url).cloned().unwrap_or_default();
+                    let mut r = request(&resp.type_url, names(session), &v, &resp.nonce);
+                    r.error_detail = Some(nack(&e));
+                    let _ = tx.send(r);
+                }
+            }
+        }
+    }
+}
+
+/// A NACK's error detail: INVALID_ARGUMENT with the reason.
+fn nack(e: &Invalid) -> RpcStatus {
+    RpcStatus {
+        code: tonic::Code::InvalidArgument as i32,
+        message: e.to_string(),
+        details: vec![],
+    }
+}
+
+fn decode_all<T>(
+    resources: &[Any],
+    decode: impl Fn(&Any) -> Result<T, Invalid>,
+) -> Result<Vec<T>, Invalid> {
+    resources.iter().map(decode).collect()
+}
+
+/// Applies a delta response: everything decoded first, so a bad resource changes nothing.
+/// Returns how many resources it carried.
+pub fn apply_delta(state: &mut State, resp: &DeltaDiscoveryResponse) -> Result<usize, Invalid> {
+    let anys: Vec<Any> = resp
+        .resources
+        .iter()
+        .filter_map(|r| r.resource.clone())
+        .collect();
+    let removed = &resp.removed_resources;
+    match resp.type_url.as_str() {
+        type_url::CLUSTER => {
+            let clusters = decode_all(&anys, resources::cluster)?;
+            state.update_clusters(clusters.into_iter().flatten().collect(), removed);
+        }
+        type_url::ENDPOINT => {
+            let eps = decode_all(&anys, resources::load_assignment)?;
+            state.update_assignments(eps, removed);
+        }
+        type_url::NAME_TABLE => {
+            // One resource, the whole table, named "" (SPEC 10): every resource sent counts.
+            let mut names = std::collections::BTreeMap::new();
+            for t in decode_all(&anys, resources::name_table)? {
+                names.extend(t);
+            }
+            state.replace_names(names);
+        }
+        _ => {}
+    }
+    Ok(anys.len())
+}
+
+/// Applies a state-of-the-world response (CDS and NDS whole, EDS possibly partial).
+pub fn apply_sotw(state: &mut State, resp: &DiscoveryResponse) -> Result<usize, Invalid> {
+    match resp.type_url.as_str() {
+        type_url::CLUSTER => {
+            let clusters = decode_all(&resp.resources, resources::cluster)?;
+            state.replace_clusters(clusters.into_iter().flatten().collect());
+        }
+        type_url::ENDPOINT => {
+            let eps = decode_all(&resp.resources, resources::load_assignment)?;
+            state.update_assignments(eps, &[]);
+        }
+        type_url::NAME_TABLE => {
+            let mut names = std::collections::BTreeMap::new();
+            for t in decode_all(&resp.resources, resources::name_table)? {
+                names.extend(t);
+            }
+            state.replace_names(names);
+        }
+        _ => {}
+    }
+    Ok(resp.resources.len())
+}

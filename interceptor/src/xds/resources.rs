@@ -1,0 +1,524 @@
+//! What istiod sends, in the few fields the mesh model needs (SPEC section 10), and how it
+//! becomes `mesh::Resources`. Decoding checks every resource: one that cannot be used fails its
+//! whole response (which is then NACKed) and the state in force stays.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use interceptor_proto::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+use interceptor_proto::envoy::config::cluster::v3::Cluster;
+use interceptor_proto::envoy::config::core::v3::address::Address as EnvoyAddress;
+use interceptor_proto::envoy::config::core::v3::socket_address::PortSpecifier;
+use interceptor_proto::envoy::config::core::v3::transport_socket::ConfigType;
+use interceptor_proto::envoy::config::core::v3::Metadata;
+use interceptor_proto::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+use interceptor_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
+use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+use interceptor_proto::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use interceptor_proto::google::protobuf::{value::Kind, Any, Struct};
+use interceptor_proto::nds::NameTable as NdsTable;
+use interceptor_proto::type_url;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::{
+    self, Address, Health, Host, Location, NameTable, Resolution, ServiceDecl, ServicePort,
+    Workload, TLS_MODE_LABEL,
+};
+
+/// A resource that cannot be applied: the NACK's message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{resource}: {message}")]
+pub struct Invalid {
+    pub resource: String,
+    pub message: String,
+}
+
+fn invalid(resource: &str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        resource: resource.to_string(),
+        message: message.into(),
+    }
+}
+
+/// How a cluster's endpoints are found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterKind {
+    /// EDS: endpoints come in ClusterLoadAssignments.
+    Eds,
+    /// STRICT_DNS / LOGICAL_DNS: host names inline in the cluster, resolved by us.
+    Dns,
+    /// Inline addresses (STATIC).
+    Static,
+    /// ORIGINAL_DST: to where the application was connecting.
+    OriginalDst,
+}
+
+/// An outbound cluster `outbound|PORT|SUBSET|HOST`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub namespace: String,
+    pub kind: ClusterKind,
+    /// Identities the server must present (the `tlsMode-istio` match's SANs).
+    pub sans: Vec<String>,
+    /// Endpoints carried inline (DNS, STATIC).
+    pub inline: Vec<EndpointInfo>,
+}
+
+/// One endpoint of a ClusterLoadAssignment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub address: Address,
+    pub port: u16,
+    pub weight: u32,
+    pub healthy: bool,
+    /// `tlsMode: istio` metadata: the endpoint speaks mTLS.
+    pub mtls: bool,
+    pub locality: String,
+    pub priority: u32,
+    /// `name;ns;svc;rev;cluster` of istio's workload metadata: (name, namespace).
+    pub workload: Option<(String, String)>,
+}
+
+/// Which clusters are ours to use; the rest (inbound, BlackHole, Passthrough, subsets) are
+/// ignored, never errors.
+pub fn outbound_name(name: &str) -> Option<(u16, &str, &str)> {
+    let mut parts = name.splitn(4, '|');
+    let (dir, port, subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if dir != "outbound" || host.is_empty() {
+        return None;
+    }
+    Some((port.parse().ok()?, subset, host))
+}
+
+fn struct_str<'a>(s: &'a Struct, key: &str) -> Option<&'a str> {
+    match s.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(v) => Some(v),
+        _ => None,
+    }
+}
+
+fn filter<'a>(m: Option<&'a Metadata>, name: &str) -> Option<&'a Struct> {
+    m?.filter_metadata.get(name)
+}
+
+/// The SANs of the cluster's `tlsMode-istio` transport socket.
+fn istio_sans(c: &Cluster) -> Result<Vec<String>, Invalid> {
+    for m in &c.transport_socket_matches {
+        let is_istio = m
+            .r#match
+            .as_ref()
+            .and_then(|s| struct_str(s, "tlsMode"))
+            .is_some_and(|v| v == "istio");
+        if !is_istio {
+            continue;
+        }
+        let Some(ConfigType::TypedConfig(any)) = m
+            .transport_socket
+            .as_ref()
+            .and_then(|t| t.config_type.as_ref())
+        else {
+            continue;
+        };
+        if any.type_url != type_url::UPSTREAM_TLS {
+            continue;
+        }
+        let tls = UpstreamTlsContext::decode(any.value.as_slice())
+            .map_err(|e| invalid(&c.name, format!("tlsMode-istio transport socket: {e}")))?;
+        let validation = tls
+            .common_tls_context
+            .and_then(|ctx| ctx.validation_context_type)
+            .and_then(|v| match v {
+                ValidationContextType::ValidationContext(v) => Some(v),
+                ValidationContextType::CombinedValidationContext(c) => c.default_validation_context,
+                _ => None,
+            });
+        let Some(v) = validation else {
+            return Ok(vec![]);
+        };
+        #[allow(deprecated)]
+        let plain = v.match_subject_alt_names.into_iter();
+        let typed = v
+            .match_typed_subject_alt_names
+            .into_iter()
+            .filter_map(|m| m.matcher);
+        let sans = plain
+            .chain(typed)
+            .filter_map(|m| match m.match_pattern {
+                Some(MatchPattern::Exact(s)) => Some(s),
+                _ => None,
+            })
+            .collect();
+        return Ok(sans);
+    }
+    Ok(vec![])
+}
+
+fn socket_addr(
+    name: &str,
+    a: Option<&interceptor_proto::envoy::config::core::v3::Address>,
+) -> Result<(Address, u16), Invalid> {
+    match a.and_then(|a| a.address.as_ref()) {
+        Some(EnvoyAddress::SocketAddress(sa)) => {
+            let port = match sa.port_specifier {
+                Some(PortSpecifier::PortValue(p)) => {
+                    u16::try_from(p).map_err(|_| invalid(name, format!("port {p} out of range")))?
+                }
+                _ => return Err(invalid(name, "endpoint without a port number")),
+            };
+            let address = match sa.address.parse::<IpAddr>() {
+                Ok(ip) => Address::Ip(ip),
+                Err(_) if !sa.address.is_empty() => Address::Hostname(sa.address.clone()),
+                Err(_) => return Err(invalid(name, "endpoint without an address")),
+            };
+            Ok((address, port))
+        }
+        Some(EnvoyAddress::EnvoyInternalAddress(_)) => Err(invalid(
+            name,
+            "an HBONE (internal address) endpoint: not sent to a node with DISABLE_HBONE_SEND",
+        )),
+        _ => Err(invalid(name, "endpoint address is not a socket address")),
+    }
+}
+
+/// The endpoints of a load assignment.
+pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointInfo>, Invalid> {
+    let name = cla.cluster_name.as_str();
+    let mut out = Vec::new();
+    for locality in &cla.endpoints {
+        let loc = locality
+            .locality
+            .as_ref()
+            .map(|l| {
+                [l.region.as_str(), l.zone.as_str(), l.sub_zone.as_str()]
+                    .join("/")
+                    .trim_end_matches('/')
+                    .to_string()
+            })
+            .unwrap_or_default();
+        for lb in &locality.lb_endpoints {
+            let Some(HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
+                return Err(invalid(name, "endpoint without an address"));
+            };
+            let (address, port) = socket_addr(name, ep.address.as_ref())?;
+            let md = lb.metadata.as_ref();
+            let mtls = filter(md, "envoy.transport_socket_match")
+                .and_then(|s| struct_str(s, "tlsMode"))
+                .is_some_and(|m| m == "istio");
+            let workload = filter(md, "istio")
+                .and_then(|s| struct_str(s, "workload"))
+                .and_then(|w| {
+                    let mut f = w.split(';');
+                    Some((f.next()?.to_string(), f.next()?.to_string()))
+                });
+            // HEALTHY (1), UNKNOWN (0) and DEGRADED (5) take traffic, as in Envoy; UNHEALTHY,
+            // DRAINING, TIMEOUT do not.
+            let healthy = matches!(lb.health_status, 0 | 1 | 5);
+            out.push(EndpointInfo {
+                address,
+                port,
+                weight: lb
+                    .load_balancing_weight
+                    .map(|w| w.value)
+                    .filter(|w| *w > 0)
+                    .unwrap_or(1),
+                healthy,
+                mtls,
+                locality: loc.clone(),
+                priority: locality.priority,
+                workload,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A Cluster resource: Ok(None) for clusters that are not ours to use.
+pub fn cluster(any: &Any) -> Result<Option<ClusterInfo>, Invalid> {
+    let c = Cluster::decode(any.value.as_slice())
+        .map_err(|e| invalid("(cluster)", format!("not a Cluster: {e}")))?;
+    let Some((port, subset, host)) = outbound_name(&c.name) else {
+        return Ok(None);
+    };
+    if !subset.is_empty() {
+        // DestinationRule subsets: the default subset carries the service.
+        return Ok(None);
+    }
+    let kind = match c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) => match DiscoveryType::try_from(t) {
+            Ok(DiscoveryType::Eds) => ClusterKind::Eds,
+            Ok(DiscoveryType::StrictDns | DiscoveryType::LogicalDns) => ClusterKind::Dns,
+            Ok(DiscoveryType::Static) => ClusterKind::Static,
+            Ok(DiscoveryType::OriginalDst) => ClusterKind::OriginalDst,
+            Err(_) => return Err(invalid(&c.name, format!("unknown cluster type {t}"))),
+        },
+        // Envoy's default is STATIC.
+        None => ClusterKind::Static,
+        Some(ClusterDiscoveryType::ClusterType(_)) => return Ok(None),
+    };
+    let namespace = filter(c.metadata.as_ref(), "istio")
+        .and_then(|s| match s.fields.get("services")?.kind.as_ref()? {
+            Kind::ListValue(l) => match l.values.first()?.kind.as_ref()? {
+                Kind::StructValue(svc) => struct_str(svc, "namespace").map(str::to_string),
+                _ => None,
+            },
+            _ => None,
+        })
+        .or_else(|| {
+            Host::new(host)
+                .kubernetes_name(mesh::DEFAULT_CLUSTER_DOMAIN)
+                .map(|(_, ns)| ns.to_string())
+        })
+        .unwrap_or_default();
+    let inline = match (&kind, &c.load_assignment) {
+        (ClusterKind::Dns | ClusterKind::Static, Some(cla)) => endpoints(cla)?,
+        _ => vec![],
+    };
+    Ok(Some(ClusterInfo {
+        sans: istio_sans(&c)?,
+        name: c.name.clone(),
+        host: host.to_string(),
+        port,
+        namespace,
+        kind,
+        inline,
+    }))
+}
+
+/// A ClusterLoadAssignment resource: (cluster name, endpoints).
+pub fn load_assignment(any: &Any) -> Result<(String, Vec<EndpointInfo>), Invalid> {
+    let cla = ClusterLoadAssignment::decode(any.value.as_slice())
+        .map_err(|e| invalid("(endpoints)", format!("not a ClusterLoadAssignment: {e}")))?;
+    Ok((cla.cluster_name.clone(), endpoints(&cla)?))
+}
+
+/// One name of istiod's name table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NameInfo {
+    pub ips: Vec<IpAddr>,
+    /// Kubernetes services also answer their short forms: (short name, namespace).
+    pub kubernetes: Option<(String, String)>,
+    pub alt_hosts: Vec<String>,
+}
+
+/// A NameTable resource (NDS: one resource, the whole table).
+pub fn name_table(any: &Any) -> Result<BTreeMap<String, NameInfo>, Invalid> {
+    let t = NdsTable::decode(any.value.as_slice())
+        .map_err(|e| invalid("(name table)", format!("not a NameTable: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (host, info) in t.table {
+        let mut ips = Vec::new();
+        for ip in &info.ips {
+            ips.push(
+                ip.parse::<IpAddr>()
+                    .map_err(|_| invalid(&host, format!("{ip:?} is not an IP address")))?,
+            );
+        }
+        let kubernetes = (info.registry == "Kubernetes"
+            && !info.shortname.is_empty()
+            && !info.namespace.is_empty())
+        .then(|| (info.shortname.clone(), info.namespace.clone()));
+        out.insert(
+            host.trim_end_matches('.').to_ascii_lowercase(),
+            NameInfo {
+                ips,
+                kubernetes,
+                alt_hosts: info.alt_hosts,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Istio's DNS client's names for a table entry (I: pkg/dns/client/dns.go generateAltHosts):
+/// the host; for Kubernetes services in our cluster domain also name.ns, name.ns.svc and, in
+/// our namespace, name; plus any alt_hosts.
+pub fn build_names(
+    table: &BTreeMap<String, NameInfo>,
+    namespace: &str,
+    cluster_domain: &str,
+) -> NameTable {
+    let domain = format!("svc.{cluster_domain}");
+    let mut out = NameTable::default();
+    for (host, info) in table {
+        if info.ips.is_empty() {
+            continue;
+        }
+        let mut names = vec![host.clone()];
+        if let Some((short, ns)) = &info.kubernetes {
+            if host.ends_with(&domain) {
+                names.push(format!("{short}.{ns}"));
+                if ns == namespace {
+                    names.push(short.clone());
+                }
+                names.push(format!("{short}.{ns}.svc"));
+            }
+        }
+        names.extend(info.alt_hosts.iter().map(|h| h.to_ascii_lowercase()));
+        out.insert(&Host::new(host), &info.ips, names);
+    }
+    out
+}
+
+fn workload(cluster: &ClusterInfo, port_name: &str, e: &EndpointInfo) -> Workload {
+    let (name, namespace) = match &e.workload {
+        Some((n, ns)) => (format!("{ns}/{n}"), ns.clone()),
+        None => (
+            format!("{}:{}", e.address, e.port),
+            cluster.namespace.clone(),
+        ),
+    };
+    let mut labels = BTreeMap::new();
+    if e.mtls {
+        labels.insert(TLS_MODE_LABEL.to_string(), "istio".to_string());
+    }
+    Workload {
+        name,
+        namespace,
+        address: e.address.clone(),
+        labels,
+        ports: [(port_name.to_string(), e.port)].into(),
+        network: String::new(),
+        locality: e.locality.clone(),
+        weight: e.weight,
+        service_account: String::new(),
+        health: if e.healthy {
+            Health::Healthy
+        } else {
+            Health::Unhealthy
+        },
+        priority: e.priority,
+    }
+}
+
+fn port_name(port: u16) -> String {
+    format!("port-{port}")
+}
+
+/// The workloads of one cluster: its inline endpoints, or its load assignment's.
+pub fn cluster_workloads(
+    cluster: &ClusterInfo,
+    assigned: Option<&[EndpointInfo]>,
+) -> Vec<Arc<Workload>> {
+    let eps = match cluster.kind {
+        ClusterKind::Eds => assigned.unwrap_or(&[]),
+        _ => &cluster.inline,
+    };
+    let name = port_name(cluster.port);
+    eps.iter()
+        .map(|e| Arc::new(workload(cluster, &name, e)))
+        .collect()
+}
+
+/// One service per host of the clusters: ports from its clusters, VIPs from the name table,
+/// endpoints per port.
+pub fn service(
+    host: &str,
+    clusters: &[&ClusterInfo],
+    workloads: impl Fn(&ClusterInfo) -> Vec<Arc<Workload>>,
+    names: &BTreeMap<String, NameInfo>,
+) -> ServiceDecl {
+    let first = clusters[0];
+    let resolution = match first.kind {
+        ClusterKind::Dns => Resolution::Dns,
+        ClusterKind::OriginalDst => Resolution::None,
+        _ => Resolution::Static,
+    };
+    let mut sans: Vec<String> = Vec::new();
+    let mut ports = Vec::new();
+    let mut port_endpoints = BTreeMap::new();
+    for c in clusters {
+        for s in &c.sans {
+            if !sans.contains(s) {
+                sans.push(s.clone());
+            }
+        }
+        ports.push(ServicePort {
+            number: c.port,
+            name: port_name(c.port),
+            protocol: "TCP".into(),
+            target_port: None,
+        });
+        port_endpoints.insert(c.port, workloads(c));
+    }
+    ServiceDecl {
+        origin: format!("istiod/{host}"),
+        namespace: first.namespace.clone(),
+        hosts: vec![Host::new(host)],
+        addresses: names.get(host).map(|n| n.ips.clone()).unwrap_or_default(),
+        allocate_vips: false,
+        ports,
+        resolution,
+        location: Location::MeshInternal,
+        subject_alt_names: sans,
+        selector: None,
+        endpoints: vec![],
+        port_endpoints,
+        endpoints_as_given: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_outbound_default_subset_clusters_are_ours() {
+        assert_eq!(
+            outbound_name("outbound|8080||product.default.svc.cluster.local"),
+            Some((8080, "", "product.default.svc.cluster.local"))
+        );
+        assert_eq!(
+            outbound_name("outbound|8080|v1|product.default.svc.cluster.local"),
+            Some((8080, "v1", "product.default.svc.cluster.local"))
+        );
+        for ignored in [
+            "inbound|8080||",
+            "BlackHoleCluster",
+            "PassthroughCluster",
+            "InboundPassthroughCluster",
+            "outbound|x||a",
+        ] {
+            assert_eq!(outbound_name(ignored), None, "{ignored}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_names_get_their_short_forms() {
+        let mut t = BTreeMap::new();
+        t.insert(
+            "reviews.shop.svc.cluster.local".to_string(),
+            NameInfo {
+                ips: vec!["10.96.0.5".parse().unwrap()],
+                kubernetes: Some(("reviews".into(), "shop".into())),
+                alt_hosts: vec![],
+            },
+        );
+        t.insert(
+            "api.example.com".to_string(),
+            NameInfo {
+                ips: vec!["240.240.0.7".parse().unwrap()],
+                kubernetes: None,
+                alt_hosts: vec![],
+            },
+        );
+        let names = build_names(&t, "shop", "cluster.local");
+        for n in [
+            "reviews.shop.svc.cluster.local",
+            "reviews.shop",
+            "reviews.shop.svc",
+            "reviews",
+            "api.example.com",
+        ] {
+            assert!(names.lookup(n).is_some(), "{n}");
+        }
+        let other_ns = build_names(&t, "default", "cluster.local");
+        assert!(other_ns.lookup("reviews").is_none());
+        assert!(other_ns.lookup("api").is_none());
+    }
+}

@@ -1,0 +1,1120 @@
+//! A test control plane that behaves as SPEC section 10 says istiod does, not as a mirror of our
+//! client: ADS over TLS (certificate for `istiod.istio-system.svc` from its own root), the bearer
+//! token checked (or a client certificate from its root), Delta and SotW, CDS with clusters a
+//! client must ignore (inbound, BlackHole, Passthrough), STRICT_DNS clusters with host names
+//! inline, ORIGINAL_DST clusters, EDS per cluster with remote-network endpoints already
+//! rewritten to their gateway (split horizon), NDS as one resource with an empty name, streams
+//! recycled on demand. It records every request it sees.
+//!
+//! It runs in-process, on a thread moved into a test namespace, so the VM reaches it over that
+//! namespace's network while the test drives it directly.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use interceptor_proto::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, TransportSocketMatch,
+};
+use interceptor_proto::envoy::config::cluster::v3::Cluster;
+use interceptor_proto::envoy::config::core::v3::address::Address as AddressKind;
+use interceptor_proto::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+use interceptor_proto::envoy::config::core::v3::socket_address::PortSpecifier;
+use interceptor_proto::envoy::config::core::v3::transport_socket::ConfigType;
+use interceptor_proto::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ConfigSource, Locality, Metadata, SocketAddress,
+    TransportSocket,
+};
+use interceptor_proto::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+use interceptor_proto::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::common_tls_context::{
+    CombinedCertificateValidationContext, ValidationContextType,
+};
+use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, UpstreamTlsContext,
+};
+use interceptor_proto::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
+use interceptor_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use interceptor_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use interceptor_proto::google::protobuf::{
+    value::Kind, Any, ListValue, Struct, UInt32Value, Value,
+};
+use interceptor_proto::nds::{name_table::NameInfo, NameTable};
+use interceptor_proto::type_url;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::certs::Ca;
+use crate::{wait_for, NetnsRef};
+
+/// How a service's endpoints are found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Discovery {
+    /// EDS.
+    Eds,
+    /// STRICT_DNS with these host names inline in the cluster.
+    Dns(Vec<String>),
+    /// ORIGINAL_DST (resolution NONE, headless).
+    OriginalDst,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// Where the endpoint serves the service's first port; its other ports are served on
+    /// their own numbers.
+    pub port: u16,
+    pub weight: u32,
+    /// Envoy's HealthStatus: 1 HEALTHY, 2 UNHEALTHY, 3 DRAINING.
+    pub health: i32,
+    pub mtls: bool,
+    pub network: String,
+    pub locality: String,
+    pub priority: u32,
+    pub name: String,
+}
+
+impl Endpoint {
+    pub fn new(ip: &str, port: u16) -> Self {
+        Self {
+            ip: ip.parse().expect("endpoint IP"),
+            port,
+            weight: 1,
+            health: 1,
+            mtls: true,
+            network: String::new(),
+            locality: String::new(),
+            priority: 0,
+            name: format!("ep-{ip}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub host: String,
+    pub namespace: String,
+    /// The VIPs NDS gives (istiod-allocated 240.240/16 ones included).
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<u16>,
+    /// The identities a server must present (CDS SAN matchers).
+    pub sans: Vec<String>,
+    pub discovery: Discovery,
+    pub endpoints: Vec<Endpoint>,
+    /// A Kubernetes service (NDS registry `Kubernetes`: short names answer too).
+    pub kubernetes: bool,
+}
+
+impl Service {
+    pub fn new(host: &str, vip: &str, port: u16) -> Self {
+        let namespace = host.split('.').nth(1).unwrap_or("default").to_string();
+        Self {
+            host: host.to_string(),
+            namespace,
+            vips: vec![vip.parse().expect("VIP")],
+            ports: vec![port],
+            sans: vec![],
+            discovery: Discovery::Eds,
+            endpoints: vec![],
+            kubernetes: host.ends_with(".svc.cluster.local"),
+        }
+    }
+}
+
+/// What the control plane serves.
+#[derive(Clone, Debug, Default)]
+pub struct Mesh {
+    /// The first version this control plane numbers its pushes from (a restarted istiod has
+    /// moved on).
+    pub first_version: u64,
+    pub services: Vec<Service>,
+    /// network -> its east-west gateway: endpoints there are sent as the gateway (split
+    /// horizon), to clients in other networks.
+    pub gateways: BTreeMap<String, SocketAddr>,
+    /// Sent as a cluster's load assignment once: an endpoint address that is not an address.
+    pub corrupt_endpoints_of: Option<String>,
+}
+
+/// One request as received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub type_url: String,
+    pub nonce: String,
+    pub names: Vec<String>,
+    pub error: Option<String>,
+    pub delta: bool,
+    /// The node's metadata, from the stream's first request.
+    pub metadata: BTreeMap<String, String>,
+    pub node_id: String,
+}
+
+pub(crate) struct Shared {
+    pub(crate) ca_state: crate::istiod_ca::CaState,
+    mesh: Mutex<Mesh>,
+    version: Mutex<u64>,
+    pushes: watch::Sender<u64>,
+    recycle: watch::Sender<u64>,
+    seen: Mutex<Vec<Seen>>,
+    token: Mutex<String>,
+    pub(crate) ca: Ca,
+}
+
+fn string(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+fn strukt(fields: &[(&str, Value)]) -> Struct {
+    Struct {
+        fields: fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    }
+}
+
+fn any<M: Message>(type_url: &str, m: &M) -> Any {
+    Any {
+        type_url: type_url.to_string(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn socket(address: &str, port: u16) -> Address {
+    Address {
+        address: Some(AddressKind::SocketAddress(SocketAddress {
+            address: address.to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn cluster_name(port: u16, host: &str) -> String {
+    format!("outbound|{port}||{host}")
+}
+
+fn lb_endpoint(e: &Endpoint, service: &Service, port: u16) -> LbEndpoint {
+    let target = if service.ports.first() == Some(&port) {
+        e.port
+    } else {
+        port
+    };
+    let mut filter = HashMap::new();
+    if e.mtls {
+        filter.insert(
+            "envoy.transport_socket_match".to_string(),
+            strukt(&[("tlsMode", string("istio"))]),
+        );
+    }
+    filter.insert(
+        "istio".to_string(),
+        strukt(&[(
+            "workload",
+            string(&format!(
+                "{};{};{};v1;Kubernetes",
+                e.name, service.namespace, service.host
+            )),
+        )]),
+    );
+    LbEndpoint {
+        health_status: e.health,
+        metadata: Some(Metadata {
+            filter_metadata: filter,
+            ..Default::default()
+        }),
+        load_balancing_weight: Some(UInt32Value { value: e.weight }),
+        host_identifier: Some(HostIdentifier::Endpoint(EnvoyEndpoint {
+            address: Some(socket(&e.ip.to_string(), target)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn locality(endpoints: Vec<LbEndpoint>, loc: &str, priority: u32) -> LocalityLbEndpoints {
+    let mut parts = loc.split('/');
+    LocalityLbEndpoints {
+        locality: Some(Locality {
+            region: parts.next().unwrap_or("").to_string(),
+            zone: parts.next().unwrap_or("").to_string(),
+            sub_zone: parts.next().unwrap_or("").to_string(),
+        }),
+        load_balancing_weight: Some(UInt32Value {
+            value: endpoints
+                .iter()
+                .map(|e| e.load_balancing_weight.map(|w| w.value).unwrap_or(1))
+                .sum(),
+        }),
+        lb_endpoints: endpoints,
+        priority,
+        ..Default::default()
+    }
+}
+
+/// The endpoints of `service` as a client in `client_network` gets them: endpoints of another
+/// network with a gateway become that gateway, weighing as many as stand behind it.
+fn load_assignment(
+    mesh: &Mesh,
+    service: &Service,
+    port: u16,
+    client_network: &str,
+) -> ClusterLoadAssignment {
+    let name = cluster_name(port, &service.host);
+    let mut groups: BTreeMap<(String, u32), Vec<LbEndpoint>> = BTreeMap::new();
+    let mut remote: BTreeMap<String, u32> = BTreeMap::new();
+    for e in &service.endpoints {
+        let remote_gw = (!e.network.is_empty() && e.network != client_network)
+            .then(|| mesh.gateways.get(&e.network))
+            .flatten();
+        match remote_gw {
+            Some(_) if e.mtls => *remote.entry(e.network.clone()).or_default() += e.weight,
+            Some(_) => {} // plaintext cannot cross a gateway
+            None => groups
+                .entry((e.locality.clone(), e.priority))
+                .or_default()
+                .push(lb_endpoint(e, service, port)),
+        }
+    }
+    for (network, weight) in remote {
+        let gw = mesh.gateways[&network];
+        // The gateway serves every port of the service on its own port.
+        let mut gateway = service.clone();
+        gateway.ports = vec![port];
+        let mut e = Endpoint::new(&gw.ip().to_string(), gw.port());
+        e.weight = weight;
+        e.name = format!("gateway-{network}");
+        groups
+            .entry((String::new(), 0))
+            .or_default()
+            .push(lb_endpoint(&e, &gateway, port));
+    }
+    let mut endpoints: Vec<LocalityLbEndpoints> = groups
+        .into_iter()
+        .map(|((loc, prio), eps)| locality(eps, &loc, prio))
+        .collect();
+    if mesh.corrupt_endpoints_of.as_deref() == Some(name.as_str()) {
+        endpoints.push(locality(
+            vec![LbEndpoint {
+                host_identifier: Some(HostIdentifier::Endpoint(EnvoyEndpoint {
+                    address: Some(socket("", 80)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            "",
+            0,
+        ));
+    }
+    ClusterLoadAssignment {
+        cluster_name: name,
+        endpoints,
+        ..Default::default()
+    }
+}
+
+#[allow(deprecated)]
+fn istio_tls(service: &Service, port: u16) -> TransportSocketMatch {
+    let tls = UpstreamTlsContext {
+        sni: format!("outbound_.{port}_._.{}", service.host),
+        common_tls_context: Some(CommonTlsContext {
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_subject_alt_names: service
+                            .sans
+                            .iter()
+                            .map(|s| StringMatcher {
+                                match_pattern: Some(MatchPattern::Exact(s.clone())),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    TransportSocketMatch {
+        name: "tlsMode-istio".into(),
+        r#match: Some(strukt(&[("tlsMode", string("istio"))])),
+        transport_socket: Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(ConfigType::TypedConfig(any(type_url::UPSTREAM_TLS, &tls))),
+        }),
+    }
+}
+
+fn cluster(service: &Service, port: u16) -> Cluster {
+    let kind = match service.discovery {
+        Discovery::Eds => DiscoveryType::Eds,
+        Discovery::Dns(_) => DiscoveryType::StrictDns,
+        Discovery::OriginalDst => DiscoveryType::OriginalDst,
+    };
+    let services = Value {
+        kind: Some(Kind::ListValue(ListValue {
+            values: vec![Value {
+                kind: Some(Kind::StructValue(strukt(&[
+                    ("host", string(&service.host)),
+                    (
+                        "name",
+                        string(service.host.split('.').next().unwrap_or_default()),
+                    ),
+                    ("namespace", string(&service.namespace)),
+                ]))),
+            }],
+        })),
+    };
+    let mut c = Cluster {
+        name: cluster_name(port, &service.host),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(kind as i32)),
+        transport_socket_matches: vec![
+            istio_tls(service, port),
+            TransportSocketMatch {
+                name: "tlsMode-disabled".into(),
+                r#match: Some(Struct::default()),
+                transport_socket: Some(TransportSocket {
+                    name: "envoy.transport_sockets.raw_buffer".into(),
+                    config_type: None,
+                }),
+            },
+        ],
+        metadata: Some(Metadata {
+            filter_metadata: [("istio".to_string(), strukt(&[("services", services)]))].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    match &service.discovery {
+        Discovery::Eds => {
+            c.eds_cluster_config = Some(EdsClusterConfig {
+                eds_config: Some(ConfigSource {
+                    config_source_specifier: Some(ConfigSourceSpecifier::Ads(
+                        AggregatedConfigSource {},
+                    )),
+                    ..Default::default()
+                }),
+                service_name: String::new(),
+            })
+        }
+        Discovery::Dns(hosts) => {
+            c.load_assignment = Some(ClusterLoadAssignment {
+                cluster_name: c.name.clone(),
+                endpoints: vec![locality(
+                    hosts
+                        .iter()
+                        .map(|h| LbEndpoint {
+                            host_identifier: Some(HostIdentifier::Endpoint(EnvoyEndpoint {
+                                address: Some(socket(h, port)),
+                                ..Default::default()
+                            })),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    "",
+                    0,
+                )],
+                ..Default::default()
+            })
+        }
+        Discovery::OriginalDst => {}
+    }
+    c
+}
+
+/// Clusters istiod sends that a VM client must ignore.
+fn ignored_clusters() -> Vec<Cluster> {
+    [
+        "BlackHoleCluster",
+        "PassthroughCluster",
+        "InboundPassthroughCluster",
+        "inbound|8080||",
+    ]
+    .iter()
+    .map(|n| Cluster {
+        name: n.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        ..Default::default()
+    })
+    .collect()
+}
+
+impl Shared {
+    /// Every cluster by name.
+    fn clusters(&self) -> BTreeMap<String, Any> {
+        let mesh = self.mesh.lock().unwrap();
+        let mut out: BTreeMap<String, Any> = ignored_clusters()
+            .into_iter()
+            .map(|c| (c.name.clone(), any(type_url::CLUSTER, &c)))
+            .collect();
+        for s in &mesh.services {
+            for p in &s.ports {
+                let c = cluster(s, *p);
+                out.insert(c.name.clone(), any(type_url::CLUSTER, &c));
+            }
+        }
+        out
+    }
+
+    /// Every EDS cluster's load assignment for a client in `network`.
+    fn assignments(&self, network: &str) -> BTreeMap<String, Any> {
+        let mesh = self.mesh.lock().unwrap();
+        let mut out = BTreeMap::new();
+        for s in mesh
+            .services
+            .iter()
+            .filter(|s| s.discovery == Discovery::Eds)
+        {
+            for p in &s.ports {
+                let cla = load_assignment(&mesh, s, *p, network);
+                out.insert(cla.cluster_name.clone(), any(type_url::ENDPOINT, &cla));
+            }
+        }
+        out
+    }
+
+    fn name_table(&self) -> Any {
+        let mesh = self.mesh.lock().unwrap();
+        let table = mesh
+            .services
+            .iter()
+            .map(|s| {
+                let short = s.host.split('.').next().unwrap_or_default().to_string();
+                (
+                    s.host.clone(),
+                    NameInfo {
+                        ips: s.vips.iter().map(ToString::to_string).collect(),
+                        registry: if s.kubernetes {
+                            "Kubernetes".into()
+                        } else {
+                            "External".into()
+                        },
+                        shortname: if s.kubernetes { short } else { String::new() },
+                        namespace: if s.kubernetes {
+                            s.namespace.clone()
+                        } else {
+                            String::new()
+                        },
+                        alt_hosts: vec![],
+                    },
+                )
+            })
+            .collect();
+        any(
+            type_url::NAME_TABLE,
+            &NameTable {
+                table,
+                name_info: None,
+            },
+        )
+    }
+
+    fn version(&self) -> String {
+        self.version.lock().unwrap().to_string()
+    }
+
+    /// Does the call carry our bearer token?
+    pub(crate) fn token_matches<T>(&self, req: &Request<T>) -> bool {
+        let token = self.token.lock().unwrap().clone();
+        req.metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            == Some(token.as_str())
+    }
+
+    /// The bearer token, or a client certificate from our root, as istiod accepts either.
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.token_matches(req) {
+            return Ok(());
+        }
+        if req
+            .extensions()
+            .get::<Peer>()
+            .is_some_and(|p| !p.identities.is_empty())
+        {
+            return Ok(());
+        }
+        Err(Status::unauthenticated(
+            "authentication failure: no valid token or client certificate",
+        ))
+    }
+
+    fn record(&self, seen: Seen) {
+        self.seen.lock().unwrap().push(seen);
+    }
+}
+
+fn metadata_of(
+    node: Option<&interceptor_proto::envoy::config::core::v3::Node>,
+) -> (String, BTreeMap<String, String>) {
+    let Some(node) = node else {
+        return (String::new(), BTreeMap::new());
+    };
+    let mut out = BTreeMap::new();
+    if let Some(md) = &node.metadata {
+        for (k, v) in &md.fields {
+            let text = match &v.kind {
+                Some(Kind::StringValue(s)) => s.clone(),
+                Some(Kind::BoolValue(b)) => format!("bool:{b}"),
+                Some(Kind::StructValue(s)) => {
+                    let mut fields: Vec<String> = s
+                        .fields
+                        .iter()
+                        .map(|(k, v)| match &v.kind {
+                            Some(Kind::StringValue(s)) => format!("{k}={s}"),
+                            _ => format!("{k}=?"),
+                        })
+                        .collect();
+                    fields.sort();
+                    format!("{{{}}}", fields.join(","))
+                }
+                _ => "?".into(),
+            };
+            out.insert(k.clone(), text);
+        }
+    }
+    (node.id.clone(), out)
+}
+
+/// Who connected, from the TLS handshake.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    pub identities: Vec<String>,
+}
+
+struct Ads(Arc<Shared>);
+
+type DeltaStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type SotwStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        self.0.authenticate(&request)?;
+        let shared = self.0.clone();
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut pushes = shared.pushes.subscribe();
+            let mut recycle = shared.recycle.subscribe();
+            let (mut node_id, mut md) = (String::new(), BTreeMap::new());
+            let mut network = String::new();
+            // What this client has, by type: name -> encoded resource.
+            let mut sent: HashMap<&'static str, BTreeMap<String, Vec<u8>>> = HashMap::new();
+            let mut eds: BTreeSet<String> = BTreeSet::new();
+            let mut wants: BTreeSet<&'static str> = BTreeSet::new();
+            let mut nonce = 0u64;
+            let send = |ty: &'static str,
+                        now: BTreeMap<String, Any>,
+                        only: Option<&BTreeSet<String>>,
+                        sent: &mut HashMap<&'static str, BTreeMap<String, Vec<u8>>>,
+                        nonce: &mut u64,
+                        version: String,
+                        force: bool| {
+                let had = sent.entry(ty).or_default();
+                let mut resources = Vec::new();
+                let mut removed = Vec::new();
+                for (name, a) in &now {
+                    if only.is_some_and(|o| !o.contains(name)) {
+                        continue;
+                    }
+                    if force || had.get(name) != Some(&a.value) {
+                        resources.push(Resource {
+                            name: if ty == type_url::NAME_TABLE {
+                                String::new()
+                            } else {
+                                name.clone()
+                            },
+                            version: version.clone(),
+                            resource: Some(a.clone()),
+                            ..Default::default()
+                        });
+                        had.insert(name.clone(), a.value.clone());
+                    }
+                }
+                let gone: Vec<String> = had
+                    .keys()
+                    .filter(|n| !now.contains_key(*n) || only.is_some_and(|o| !o.contains(*n)))
+                    .cloned()
+                    .collect();
+                for n in gone {
+                    had.remove(&n);
+                    removed.push(n);
+                }
+                if resources.is_empty() && removed.is_empty() && !force {
+                    return None;
+                }
+                *nonce += 1;
+                Some(DeltaDiscoveryResponse {
+                    type_url: ty.to_string(),
+                    system_version_info: version,
+                    resources,
+                    removed_resources: removed,
+                    nonce: nonce.to_string(),
+                    ..Default::default()
+                })
+            };
+            loop {
+                tokio::select! {
+                    req = incoming.next() => {
+                        let Some(Ok(req)) = req else { return };
+                        if req.node.is_some() {
+                            (node_id, md) = metadata_of(req.node.as_ref());
+                            network = md.get("NETWORK").cloned().unwrap_or_default();
+                        }
+                        shared.record(Seen {
+                            type_url: req.type_url.clone(),
+                            nonce: req.response_nonce.clone(),
+                            names: req.resource_names_subscribe.clone(),
+                            error: req.error_detail.as_ref().map(|e| e.message.clone()),
+                            delta: true,
+                            metadata: md.clone(),
+                            node_id: node_id.clone(),
+                        });
+                        if !req.response_nonce.is_empty() {
+                            continue; // an ACK or NACK: istiod only logs a NACK
+                        }
+                        let v = shared.version();
+                        let out = match req.type_url.as_str() {
+                            type_url::CLUSTER => {
+                                wants.insert(type_url::CLUSTER);
+                                let c = send(type_url::CLUSTER, shared.clusters(), None, &mut sent, &mut nonce, v.clone(), true);
+                                // A CDS request always triggers an EDS push.
+                                let e = (!eds.is_empty()).then(|| send(type_url::ENDPOINT, shared.assignments(&network), Some(&eds), &mut sent, &mut nonce, v, true)).flatten();
+                                vec![c, e]
+                            }
+                            type_url::ENDPOINT => {
+                                wants.insert(type_url::ENDPOINT);
+                                eds.extend(req.resource_names_subscribe.iter().cloned());
+                                for n in &req.resource_names_unsubscribe {
+                                    eds.remove(n);
+                                }
+                                vec![send(type_url::ENDPOINT, shared.assignments(&network), Some(&eds), &mut sent, &mut nonce, v, false)]
+                            }
+                            type_url::NAME_TABLE => {
+                                wants.insert(type_url::NAME_TABLE);
+                                let t: BTreeMap<String, Any> = [(String::new(), shared.name_table())].into();
+                                vec![send(type_url::NAME_TABLE, t, None, &mut sent, &mut nonce, v, true)]
+                            }
+                            _ => vec![],
+                        };
+                        for r in out.into_iter().flatten() {
+                            if tx.send(Ok(r)).is_err() { return; }
+                        }
+                    }
+                    changed = pushes.changed() => {
+                        if changed.is_err() { return; }
+                        let v = shared.version();
+                        let mut out = Vec::new();
+                        if wants.contains(type_url::CLUSTER) {
+                            out.push(send(type_url::CLUSTER, shared.clusters(), None, &mut sent, &mut nonce, v.clone(), false));
+                        }
+                        if wants.contains(type_url::ENDPOINT) {
+                            out.push(send(type_url::ENDPOINT, shared.assignments(&network), Some(&eds), &mut sent, &mut nonce, v.clone(), false));
+                        }
+                        if wants.contains(type_url::NAME_TABLE) {
+                            let t: BTreeMap<String, Any> = [(String::new(), shared.name_table())].into();
+                            out.push(send(type_url::NAME_TABLE, t, None, &mut sent, &mut nonce, v, false));
+                        }
+                        for r in out.into_iter().flatten() {
+                            if tx.send(Ok(r)).is_err() { return; }
+                        }
+                    }
+                    _ = recycle.changed() => return, // the stream ends: the client reconnects
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        self.0.authenticate(&request)?;
+        let shared = self.0.clone();
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut pushes = shared.pushes.subscribe();
+            let mut recycle = shared.recycle.subscribe();
+            let (mut node_id, mut md) = (String::new(), BTreeMap::new());
+            let mut network = String::new();
+            let mut wants: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            // EDS sent so far, to send only what changed (SotW EDS may be partial).
+            let mut eds_sent: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            let mut nonce = 0u64;
+            let mut respond = |ty: &str,
+                               names: &[String],
+                               network: &str,
+                               all: bool|
+             -> Option<DiscoveryResponse> {
+                let resources: Vec<Any> = match ty {
+                    type_url::CLUSTER => shared.clusters().into_values().collect(),
+                    type_url::NAME_TABLE => vec![shared.name_table()],
+                    type_url::ENDPOINT => shared
+                        .assignments(network)
+                        .into_iter()
+                        .filter(|(n, _)| names.contains(n))
+                        .filter(|(n, a)| {
+                            let fresh = all || eds_sent.get(n) != Some(&a.value);
+                            eds_sent.insert(n.clone(), a.value.clone());
+                            fresh
+                        })
+                        .map(|(_, a)| a)
+                        .collect(),
+                    _ => return None,
+                };
+                if ty == type_url::ENDPOINT && resources.is_empty() && !all {
+                    return None;
+                }
+                nonce += 1;
+                Some(DiscoveryResponse {
+                    type_url: ty.to_string(),
+                    version_info: shared.version(),
+                    resources,
+                    nonce: nonce.to_string(),
+                    ..Default::default()
+                })
+            };
+            loop {
+                tokio::select! {
+                    req = incoming.next() => {
+                        let Some(Ok(req)) = req else { return };
+                        if req.node.is_some() {
+                            (node_id, md) = metadata_of(req.node.as_ref());
+                            network = md.get("NETWORK").cloned().unwrap_or_default();
+                        }
+                        shared.record(Seen {
+                            type_url: req.type_url.clone(),
+                            nonce: req.response_nonce.clone(),
+                            names: req.resource_names.clone(),
+                            error: req.error_detail.as_ref().map(|e| e.message.clone()),
+                            delta: false,
+                            metadata: md.clone(),
+                            node_id: node_id.clone(),
+                        });
+                        let changed_names = wants.get(&req.type_url) != Some(&req.resource_names);
+                        wants.insert(req.type_url.clone(), req.resource_names.clone());
+                        // A request with a nonce and the same names is an ACK/NACK.
+                        if !req.response_nonce.is_empty() && !changed_names {
+                            continue;
+                        }
+                        let mut out = vec![respond(&req.type_url, &req.resource_names, &network, true)];
+                        if req.type_url == type_url::CLUSTER {
+                            if let Some(names) = wants.get(type_url::ENDPOINT).cloned() {
+                                out.push(respond(type_url::ENDPOINT, &names, &network, true));
+                            }
+                        }
+                        for r in out.into_iter().flatten() {
+                            if tx.send(Ok(r)).is_err() { return; }
+                        }
+                    }
+                    changed = pushes.changed() => {
+                        if changed.is_err() { return; }
+                        let mut out = Vec::new();
+                        for (ty, names) in wants.clone() {
+                            out.push(respond(&ty, &names, &network, false));
+                        }
+                        for r in out.into_iter().flatten() {
+                            if tx.send(Ok(r)).is_err() { return; }
+                        }
+                    }
+                    _ = recycle.changed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+/// A TLS connection that tells tonic who the peer is.
+struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsIo {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
+        let ids = self
+            .0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|leaf| crate::certs::uri_sans(leaf))
+            .unwrap_or_default();
+        Peer { identities: ids }
+    }
+}
+
+impl tokio::io::AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// The name istiod's certificate carries and the VM checks.
+pub const ISTIOD_NAME: &str = "istiod.istio-system.svc";
+
+/// A running test control plane. Dropping it stops it (its connections die with it, as when
+/// istiod is killed).
+pub struct ControlPlane {
+    shared: Arc<Shared>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub addr: SocketAddr,
+}
+
+impl ControlPlane {
+    /// Serves on `addr` inside `ns`, with a certificate for `ISTIOD_NAME` from `ca` (which
+    /// also signs workload certificates), accepting `token`.
+    pub fn start(ns: &NetnsRef, addr: SocketAddr, ca: &Ca, token: &str, mesh: Mesh) -> Self {
+        Self::start_with_name(ns, addr, ca, token, mesh, ISTIOD_NAME)
+    }
+
+    /// As `start`, with a certificate for another name (to see a client refuse it).
+    pub fn start_with_name(
+        ns: &NetnsRef,
+        addr: SocketAddr,
+        ca: &Ca,
+        token: &str,
+        mesh: Mesh,
+        name: &str,
+    ) -> Self {
+        let ca = ca.clone_ca();
+        let (pushes, _) = watch::channel(0);
+        let (recycle, _) = watch::channel(0);
+        let server_cert = ca.server_cert(name);
+        let roots = ca.roots();
+        let shared = Arc::new(Shared {
+            ca_state: Default::default(),
+            version: Mutex::new(mesh.first_version.max(1)),
+            mesh: Mutex::new(mesh),
+            pushes,
+            recycle,
+            seen: Mutex::new(Vec::new()),
+            token: Mutex::new(token.to_string()),
+            ca,
+        });
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let path = format!("/run/netns/{}", ns.name());
+        let s2 = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            // SAFETY: setns on a descriptor we own; it moves only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let _ = ready_tx.send(Err(std::io::Error::last_os_error().to_string()));
+                return;
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let listener = match rt.block_on(tokio::net::TcpListener::bind(addr)) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("bind {addr}: {e}")));
+                    return;
+                }
+            };
+            let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::new(rustls::crypto::ring::default_provider()),
+                )
+                .allow_unauthenticated()
+                .build()
+                .expect("client verifier"),
+            )
+            .with_single_cert(server_cert.0, server_cert.1)
+            .expect("server certificate");
+            cfg.alpn_protocols = vec![b"h2".to_vec()];
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            let (conn_tx, conn_rx) = mpsc::unbounded_channel::<Result<TlsIo, std::io::Error>>();
+            rt.spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (acceptor, conn_tx) = (acceptor.clone(), conn_tx.clone());
+                    tokio::spawn(async move {
+                        // A client that refuses our certificate just goes away.
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            let _ = conn_tx.send(Ok(TlsIo(tls)));
+                        }
+                    });
+                }
+            });
+            let ads = AggregatedDiscoveryServiceServer::new(Ads(s2.clone()))
+                .max_decoding_message_size(256 * 1024 * 1024)
+                .max_encoding_message_size(256 * 1024 * 1024);
+            let ca_service = crate::istiod_ca::service(s2);
+            rt.spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .add_service(ads)
+                    .add_service(ca_service)
+                    .serve_with_incoming(UnboundedReceiverStream::new(conn_rx))
+                    .await;
+            });
+            let _ = ready_tx.send(Ok(()));
+            // Runs until told to stop; then everything it holds goes at once, like a kill.
+            rt.block_on(async {
+                loop {
+                    if stop_rx.try_recv().is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            });
+            rt.shutdown_background();
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("test control plane did not start: {e}"),
+            Err(_) => panic!("test control plane thread died"),
+        }
+        Self {
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            addr,
+        }
+    }
+
+    /// Replaces the mesh and pushes it to every client (a new version).
+    pub fn push(&self, mesh: Mesh) {
+        *self.shared.mesh.lock().unwrap() = mesh;
+        let v = {
+            let mut v = self.shared.version.lock().unwrap();
+            *v += 1;
+            *v
+        };
+        self.shared.pushes.send_replace(v);
+    }
+
+    /// Changes the mesh in place and pushes it.
+    pub fn update(&self, f: impl FnOnce(&mut Mesh)) {
+        let mut mesh = self.shared.mesh.lock().unwrap().clone();
+        f(&mut mesh);
+        self.push(mesh);
+    }
+
+    /// Sets the version the next pushes start from (a restarted istiod with a new version).
+    pub fn set_version(&self, v: u64) {
+        *self.shared.version.lock().unwrap() = v;
+    }
+
+    /// Ends every stream, as istiod does every ~30 minutes.
+    pub fn recycle(&self) {
+        self.shared.recycle.send_modify(|v| *v += 1);
+    }
+
+    pub fn set_token(&self, token: &str) {
+        *self.shared.token.lock().unwrap() = token.to_string();
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until a request matches `f`.
+    pub fn wait_seen(&self, secs: f64, f: impl Fn(&Seen) -> bool) -> Option<Seen> {
+        wait_for(secs, || self.seen().into_iter().find(|s| f(s)))
+    }
+
+    /// ACKs (requests with a nonce and no error) of a type.
+    pub fn acks(&self, type_url: &str) -> usize {
+        self.seen()
+            .iter()
+            .filter(|s| s.type_url == type_url && !s.nonce.is_empty() && s.error.is_none())
+            .count()
+    }
+
+    pub fn ca(&self) -> &Ca {
+        &self.shared.ca
+    }
+
+    /// The CA: who the token stands for, forced lifetimes, faults, what it issued.
+    pub fn ca_state(&self) -> &crate::istiod_ca::CaState {
+        &self.shared.ca_state
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
