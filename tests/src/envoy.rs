@@ -162,6 +162,67 @@ pub fn outbound_config(
     bootstrap(admin, json!([listener]), json!([cluster]))
 }
 
+/// A sidecar's bootstrap as istio-agent writes it, reduced to xDS: ADS (delta) to istiod at
+/// `istiod` over TLS (SNI and SAN `istiod.istio-system.svc`, the workload certificate as the
+/// client's), CDS and EDS from it, and the `sds-grpc` cluster istiod's clusters name for their
+/// secrets. No listeners: it measures what taking the mesh costs.
+pub fn ads_client_config(certs: &Path, istiod: &str, node_id: &str, admin: u16) -> String {
+    let c = certs.display().to_string();
+    let (host, port) = istiod.rsplit_once(':').expect("istiod is host:port");
+    let xds = json!({
+        "name": "xds-grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+        "load_assignment": {
+            "cluster_name": "xds-grpc",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(host, port.parse().expect("port"))}}]}],
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": "istiod.istio-system.svc",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_certificates": [{
+                        "certificate_chain": {"filename": format!("{c}/cert-chain.pem")},
+                        "private_key": {"filename": format!("{c}/key.pem")},
+                    }],
+                    "validation_context": {
+                        "trusted_ca": {"filename": format!("{c}/root-cert.pem")},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "istiod.istio-system.svc"}}],
+                    },
+                },
+            },
+        },
+    });
+    // istio-agent serves SDS to its Envoy; here the control plane does (istiod_sds).
+    let mut sds = xds.clone();
+    sds["name"] = json!("sds-grpc");
+    sds["load_assignment"]["cluster_name"] = json!("sds-grpc");
+    json!({
+        "node": {"id": node_id, "cluster": "envoy-bench.bench"},
+        "admin": {"address": socket("127.0.0.1", admin)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [xds, sds]},
+    })
+    .to_string()
+}
+
 /// A running Envoy and its admin endpoint.
 pub struct Envoy {
     pub proc: Proc,
@@ -173,6 +234,12 @@ impl Envoy {
     /// Starts Envoy with `config` on `node` (one worker, as a sidecar on a small VM) and waits
     /// until its admin endpoint says LIVE.
     pub fn start(node: &Node, name: &str, config: &str, admin: u16) -> Self {
+        Self::start_logging(node, name, config, admin, "warn")
+    }
+
+    /// As `start`, logging at `level` (a bench keeps Envoy's per-resource deprecation
+    /// warnings out of what it measures).
+    pub fn start_logging(node: &Node, name: &str, config: &str, admin: u16, level: &str) -> Self {
         // JSON is YAML: Envoy reads it as its bootstrap.
         let file = node.path(&format!("{name}.yaml"));
         std::fs::write(&file, config).expect("write envoy config");
@@ -182,7 +249,7 @@ impl Envoy {
             "1",
             "--disable-hot-restart",
             "--log-level",
-            "warn",
+            level,
             // Access-log lines reach the log file at once (the default flushes every 10 s).
             "--file-flush-interval-msec",
             "50",

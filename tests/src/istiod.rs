@@ -16,16 +16,18 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use interceptor_proto::envoy::config::cluster::v3::cluster::{
-    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, TransportSocketMatch,
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy, TransportSocketMatch,
 };
 use interceptor_proto::envoy::config::cluster::v3::Cluster;
 use interceptor_proto::envoy::config::core::v3::address::Address as AddressKind;
+use interceptor_proto::envoy::config::core::v3::api_config_source::ApiType;
 use interceptor_proto::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+use interceptor_proto::envoy::config::core::v3::grpc_service::{EnvoyGrpc, TargetSpecifier};
 use interceptor_proto::envoy::config::core::v3::socket_address::PortSpecifier;
 use interceptor_proto::envoy::config::core::v3::transport_socket::ConfigType;
 use interceptor_proto::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ConfigSource, Locality, Metadata, SocketAddress,
-    TransportSocket,
+    Address, AggregatedConfigSource, ApiConfigSource, ApiVersion, ConfigSource, GrpcService,
+    Locality, Metadata, SocketAddress, TransportSocket,
 };
 use interceptor_proto::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use interceptor_proto::envoy::config::endpoint::v3::{
@@ -35,7 +37,7 @@ use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::common_tls
     CombinedCertificateValidationContext, ValidationContextType,
 };
 use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, UpstreamTlsContext,
+    CertificateValidationContext, CommonTlsContext, SdsSecretConfig, UpstreamTlsContext,
 };
 use interceptor_proto::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
 use interceptor_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -45,7 +47,7 @@ use interceptor_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use interceptor_proto::google::protobuf::{
-    value::Kind, Any, ListValue, Struct, UInt32Value, Value,
+    value::Kind, Any, Duration, ListValue, Struct, UInt32Value, Value,
 };
 use interceptor_proto::nds::{name_table::NameInfo, NameTable};
 use interceptor_proto::type_url;
@@ -168,6 +170,7 @@ pub(crate) struct Shared {
     seen: Mutex<Vec<Seen>>,
     token: Mutex<String>,
     pub(crate) ca: Ca,
+    secrets: Mutex<Option<crate::istiod_sds::Secrets>>,
 }
 
 fn string(s: &str) -> Value {
@@ -183,6 +186,22 @@ fn strukt(fields: &[(&str, Value)]) -> Struct {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect(),
     }
+}
+
+/// Whether two encodings of a resource of type `ty` say the same thing. Bytes alone do not
+/// tell: a `Struct` (metadata) is a map that prost encodes in hash order, so istiod's "push only
+/// what changed" is judged on the decoded message.
+fn same_resource(ty: &str, a: &[u8], b: &[u8]) -> bool {
+    fn eq<M: Message + Default + PartialEq>(a: &[u8], b: &[u8]) -> bool {
+        matches!((M::decode(a), M::decode(b)), (Ok(x), Ok(y)) if x == y)
+    }
+    a == b
+        || match ty {
+            type_url::CLUSTER => eq::<Cluster>(a, b),
+            type_url::ENDPOINT => eq::<ClusterLoadAssignment>(a, b),
+            type_url::NAME_TABLE => eq::<NameTable>(a, b),
+            _ => false,
+        }
 }
 
 fn any<M: Message>(type_url: &str, m: &M) -> Any {
@@ -324,12 +343,45 @@ fn load_assignment(
     }
 }
 
+/// A secret the proxy gets from istio-agent over SDS, as istiod names it (I:
+/// pilot/pkg/model/authentication.go ConstructSdsSecretConfig: cluster `sds-grpc`, no initial
+/// fetch timeout).
+fn sds_secret(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: Some(ConfigSource {
+            config_source_specifier: Some(ConfigSourceSpecifier::ApiConfigSource(
+                ApiConfigSource {
+                    api_type: ApiType::Grpc as i32,
+                    transport_api_version: ApiVersion::V3 as i32,
+                    set_node_on_first_message_only: true,
+                    grpc_services: vec![GrpcService {
+                        target_specifier: Some(TargetSpecifier::EnvoyGrpc(EnvoyGrpc {
+                            cluster_name: "sds-grpc".into(),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            initial_fetch_timeout: Some(Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+            resource_api_version: ApiVersion::V3 as i32,
+            ..Default::default()
+        }),
+    }
+}
+
 #[allow(deprecated)]
 fn istio_tls(service: &Service, port: u16) -> TransportSocketMatch {
     let tls = UpstreamTlsContext {
         sni: format!("outbound_.{port}_._.{}", service.host),
         common_tls_context: Some(CommonTlsContext {
             alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            tls_certificate_sds_secret_configs: vec![sds_secret("default")],
             validation_context_type: Some(ValidationContextType::CombinedValidationContext(
                 CombinedCertificateValidationContext {
                     default_validation_context: Some(CertificateValidationContext {
@@ -343,6 +395,7 @@ fn istio_tls(service: &Service, port: u16) -> TransportSocketMatch {
                             .collect(),
                         ..Default::default()
                     }),
+                    validation_context_sds_secret_config: Some(sds_secret("ROOTCA")),
                     ..Default::default()
                 },
             )),
@@ -390,7 +443,11 @@ fn cluster(service: &Service, port: u16) -> Cluster {
                 r#match: Some(Struct::default()),
                 transport_socket: Some(TransportSocket {
                     name: "envoy.transport_sockets.raw_buffer".into(),
-                    config_type: None,
+                    // As istiod: Envoy finds the extension by the typed config's type.
+                    config_type: Some(ConfigType::TypedConfig(Any {
+                        type_url: "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer".into(),
+                        value: vec![],
+                    })),
                 }),
             },
         ],
@@ -432,7 +489,8 @@ fn cluster(service: &Service, port: u16) -> Cluster {
                 ..Default::default()
             })
         }
-        Discovery::OriginalDst => {}
+        // As istiod: Envoy takes no other policy for ORIGINAL_DST.
+        Discovery::OriginalDst => c.lb_policy = LbPolicy::ClusterProvided as i32,
     }
     c
 }
@@ -522,6 +580,10 @@ impl Shared {
                 name_info: None,
             },
         )
+    }
+
+    pub(crate) fn secrets(&self) -> Option<crate::istiod_sds::Secrets> {
+        self.secrets.lock().unwrap().clone()
     }
 
     fn version(&self) -> String {
@@ -642,7 +704,11 @@ impl AggregatedDiscoveryService for Ads {
                     if only.is_some_and(|o| !o.contains(name)) {
                         continue;
                     }
-                    if force || had.get(name) != Some(&a.value) {
+                    if force
+                        || !had
+                            .get(name)
+                            .is_some_and(|h| same_resource(ty, h, &a.value))
+                    {
                         resources.push(Resource {
                             name: if ty == type_url::NAME_TABLE {
                                 String::new()
@@ -781,7 +847,10 @@ impl AggregatedDiscoveryService for Ads {
                         .into_iter()
                         .filter(|(n, _)| names.contains(n))
                         .filter(|(n, a)| {
-                            let fresh = all || eds_sent.get(n) != Some(&a.value);
+                            let fresh = all
+                                || !eds_sent
+                                    .get(n)
+                                    .is_some_and(|h| same_resource(ty, h, &a.value));
                             eds_sent.insert(n.clone(), a.value.clone());
                             fresh
                         })
@@ -850,6 +919,66 @@ impl AggregatedDiscoveryService for Ads {
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
+}
+
+/// The responses a first Delta sync of `mesh` is made of (clusters, their endpoints, the name
+/// table), encoded: for measuring what decoding them costs.
+pub fn encoded_sync(mesh: Mesh) -> Vec<(String, Vec<u8>)> {
+    let (pushes, _) = watch::channel(0);
+    let (recycle, _) = watch::channel(0);
+    let shared = Shared {
+        ca_state: Default::default(),
+        version: Mutex::new(1),
+        mesh: Mutex::new(mesh),
+        pushes,
+        recycle,
+        seen: Mutex::new(Vec::new()),
+        token: Mutex::new(String::new()),
+        ca: Ca::new("unused"),
+        secrets: Mutex::new(None),
+    };
+    let response = |ty: &str, all: BTreeMap<String, Any>| DeltaDiscoveryResponse {
+        type_url: ty.to_string(),
+        resources: all
+            .into_iter()
+            .map(|(name, a)| Resource {
+                name,
+                resource: Some(a),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    vec![
+        (
+            "clusters".into(),
+            response(type_url::CLUSTER, shared.clusters()).encode_to_vec(),
+        ),
+        (
+            "endpoints".into(),
+            response(type_url::ENDPOINT, shared.assignments("")).encode_to_vec(),
+        ),
+        (
+            "names".into(),
+            response(
+                type_url::NAME_TABLE,
+                [(String::new(), shared.name_table())].into(),
+            )
+            .encode_to_vec(),
+        ),
+    ]
+}
+
+/// Seconds `bytes` (an encoded DeltaDiscoveryResponse) take to decode, best of `rounds`.
+pub fn decode_seconds(bytes: &[u8], rounds: usize) -> f64 {
+    (0..rounds.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let r = DeltaDiscoveryResponse::decode(bytes).expect("decodes");
+            std::hint::black_box(&r);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
 }
 
 /// A TLS connection that tells tonic who the peer is.
@@ -944,6 +1073,7 @@ impl ControlPlane {
             seen: Mutex::new(Vec::new()),
             token: Mutex::new(token.to_string()),
             ca,
+            secrets: Mutex::new(None),
         });
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -1015,11 +1145,13 @@ impl ControlPlane {
             let ads = AggregatedDiscoveryServiceServer::new(Ads(s2.clone()))
                 .max_decoding_message_size(256 * 1024 * 1024)
                 .max_encoding_message_size(256 * 1024 * 1024);
+            let sds = crate::istiod_sds::service(s2.clone());
             let ca_service = crate::istiod_ca::service(s2);
             rt.spawn(async move {
                 let _ = tonic::transport::Server::builder()
                     .add_service(ads)
                     .add_service(ca_service)
+                    .add_service(sds)
                     .serve_with_incoming(UnboundedReceiverStream::new(conn_rx))
                     .await;
             });
@@ -1046,6 +1178,12 @@ impl ControlPlane {
             thread: Some(thread),
             addr,
         }
+    }
+
+    /// Serves `default` and `ROOTCA` over SDS (as istio-agent does for its Envoy), for an
+    /// Envoy peer whose clusters are ours.
+    pub fn serve_secrets(&self, secrets: crate::istiod_sds::Secrets) {
+        *self.shared.secrets.lock().unwrap() = Some(secrets);
     }
 
     /// Replaces the mesh and pushes it to every client (a new version).

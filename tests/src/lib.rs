@@ -8,6 +8,7 @@ mod cgroup;
 pub mod envoy;
 pub mod istiod;
 pub mod istiod_ca;
+pub mod istiod_sds;
 mod netns;
 mod process;
 mod topology;

@@ -703,3 +703,112 @@ fn across_networks_istiod_and_services_through_the_gateway() {
     );
     let _ = Path::new("");
 }
+
+/// The control plane these tests stand on behaves as istiod: a real Envoy, bootstrapped as a
+/// sidecar (ADS delta, SDS from `sds-grpc`), accepts every cluster and load assignment it
+/// sends (EDS with localities, priorities and an unhealthy endpoint; STRICT_DNS with inline
+/// hosts; ORIGINAL_DST; the clusters a VM ignores) and warms them all.
+#[test]
+fn a_real_envoy_accepts_everything_the_test_control_plane_sends() {
+    use interceptor_tests::envoy::{ads_client_config, Envoy};
+    use interceptor_tests::istiod_sds::Secrets;
+
+    let t = Topology::new()
+        .network("a")
+        .node("envoy", &["a"])
+        .node("istiod", &["a"])
+        .build();
+    let ca = Ca::new("mesh root");
+    let istiod = format!("{}:15012", t.node("istiod").ip("a"));
+    let mut eds = reviews(vec![
+        Endpoint::new("10.77.0.20", 9080),
+        Endpoint {
+            locality: "us-east/a".into(),
+            priority: 1,
+            ..Endpoint::new("10.77.0.21", 9080)
+        },
+        Endpoint {
+            health: 2,
+            ..Endpoint::new("10.77.0.22", 9080)
+        },
+    ]);
+    eds.endpoints[0].weight = 3;
+    let mut dns = Service::new("api.example.com", "240.240.0.9", 443);
+    dns.discovery = Discovery::Dns(vec!["api.example.com".into()]);
+    let mut headless = Service::new("db.shop.svc.cluster.local", "10.96.0.30", 5432);
+    headless.discovery = Discovery::OriginalDst;
+    let cp = ControlPlane::start(
+        &t.node("istiod").ns.handle(),
+        istiod.parse().unwrap(),
+        &ca,
+        TOKEN,
+        mesh(vec![eds, dns, headless]),
+    );
+    let certs = t.path("envoy-certs");
+    ca.issue(
+        &certs,
+        "spiffe://cluster.local/ns/shop/sa/envoy",
+        Key::Ecdsa,
+    );
+    cp.serve_secrets(Secrets::from_dir(&certs));
+    let ip = t.node("envoy").ip("a").to_string();
+    let envoy = Envoy::start(
+        t.node("envoy"),
+        "envoy-xds",
+        &ads_client_config(
+            &certs,
+            &istiod,
+            &format!("sidecar~{ip}~envoy.shop~shop.svc.cluster.local"),
+            15901,
+        ),
+        15901,
+    );
+    // reviews has two ports; one cluster each, plus api, db and the ignored ones.
+    let reviews_9080 = format!("cluster.outbound|9080||{REVIEWS}");
+    let settled = wait_for(30.0, || {
+        (envoy.stat("cluster_manager.warming_clusters") == 0
+            && envoy.stat(&format!("{reviews_9080}.membership_total")) == 3)
+            .then_some(())
+    });
+    let log = || {
+        envoy
+            .log()
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        settled.is_some(),
+        "Envoy never warmed everything:\n{}",
+        log()
+    );
+    assert_eq!(
+        envoy.stat("cluster_manager.cds.update_rejected"),
+        0,
+        "{}",
+        log()
+    );
+    assert!(envoy.stat("cluster_manager.cds.update_success") >= 1);
+    for name in [
+        format!("cluster.outbound|7001||{REVIEWS}"),
+        reviews_9080.clone(),
+        "cluster.outbound|443||api.example.com".into(),
+        "cluster.outbound|5432||db.shop.svc.cluster.local".into(),
+    ] {
+        assert_eq!(
+            envoy.stat(&format!("{name}.update_rejected")),
+            0,
+            "{name}: {}",
+            log()
+        );
+    }
+    // The unhealthy endpoint arrived as such; the other two take traffic.
+    assert_eq!(envoy.stat(&format!("{reviews_9080}.membership_healthy")), 2);
+    assert!(
+        envoy.stat("cluster_manager.active_clusters") >= 5,
+        "active clusters: {}",
+        envoy.stat("cluster_manager.active_clusters")
+    );
+}

@@ -223,8 +223,15 @@ impl Capture {
         Handle::new("capture", async move {
             // Owned here: when the supervisor stops this part, the programs go with it.
             let _capture = capture;
+            let mut synced = store.load();
             while changed.changed().await.is_ok() {
-                match vips.sync(&store.load()) {
+                let table = store.load();
+                // An endpoint-only change keeps every (VIP, port): nothing to tell the kernel.
+                if table.same_shape(&synced) {
+                    continue;
+                }
+                synced = table;
+                match vips.sync(&synced) {
                     Ok(n) => {
                         status.set_vips(n);
                         tracing::info!(captured = n, "capture map synced")

@@ -147,9 +147,10 @@ impl FileSource {
     }
 }
 
-/// Parsing thousands of documents leaves freed heap the allocator keeps; hand it back so the
-/// daemon's resident size is the table's, not the parser's high-water mark.
-fn release_freed_memory() {
+/// Parsing thousands of documents (or decoding a big xDS push) leaves freed heap the allocator
+/// keeps; hand it back so the daemon's resident size is the table's, not the parser's
+/// high-water mark.
+pub fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free memory; no pointer is touched.
     unsafe {

@@ -367,6 +367,7 @@ fn service_entry(
         endpoints,
         port_endpoints: Default::default(),
         endpoints_as_given: false,
+        names_given: false,
     })
 }
 
@@ -404,8 +405,9 @@ fn workload(
         name,
         namespace: namespace.to_string(),
         address,
-        labels: spec.labels,
+        labels: Arc::new(spec.labels),
         ports: spec.ports,
+        port: None,
         network: spec.network.unwrap_or_default(),
         locality: spec.locality.unwrap_or_default(),
         weight: spec.weight.filter(|w| *w > 0).unwrap_or(1),

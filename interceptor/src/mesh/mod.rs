@@ -9,11 +9,11 @@ mod store;
 mod table;
 mod vip;
 
-pub use files::FileSource;
+pub use files::{release_freed_memory, FileSource};
 pub use istio::parse_documents;
 pub use model::{
-    Address, Health, Host, Location, Resolution, Service, ServicePort, Workload, WorkloadGroup,
-    DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE, TLS_MODE_LABEL,
+    Address, Health, Host, Location, PortEndpoints, Resolution, Service, ServicePort, Workload,
+    WorkloadGroup, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE, TLS_MODE_LABEL,
 };
 pub use names::{NameEntry, NameTable};
 pub use networks::{Cidr, CidrError, Gateway, Network, Networks, NetworksError};

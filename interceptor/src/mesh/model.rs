@@ -112,9 +112,14 @@ pub struct Workload {
     pub name: String,
     pub namespace: String,
     pub address: Address,
-    pub labels: BTreeMap<String, String>,
+    /// Shared: a source with many workloads of the same labels keeps one map.
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Port name -> port number on this workload.
     pub ports: BTreeMap<String, u16>,
+    /// The port this workload serves the service on, when the source says so per endpoint
+    /// (EDS); wins over `ports`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// Empty: the network of this VM (single network mesh).
     pub network: String,
     pub locality: String,
@@ -138,9 +143,8 @@ impl Workload {
 
     /// The port this workload serves `port` of a service on.
     pub fn target_port(&self, port: &ServicePort) -> u16 {
-        self.ports
-            .get(&port.name)
-            .copied()
+        self.port
+            .or_else(|| self.ports.get(&port.name).copied())
             .or(port.target_port)
             .unwrap_or(port.number)
     }
@@ -163,8 +167,8 @@ pub struct Service {
     pub endpoints: Vec<Arc<Workload>>,
     /// Endpoints of one port when the source gives them per port (EDS); others use
     /// `endpoints`.
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub port_endpoints: BTreeMap<u16, Vec<Arc<Workload>>>,
+    #[serde(skip_serializing_if = "PortEndpoints::is_empty")]
+    pub port_endpoints: PortEndpoints,
     /// The source already chose how each endpoint is reached (istiod's split horizon put
     /// gateways in place of remote endpoints): reach every endpoint as given.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -179,8 +183,65 @@ impl Service {
     /// The endpoints that serve `port`.
     pub fn endpoints_for(&self, port: &ServicePort) -> &[Arc<Workload>] {
         self.port_endpoints
-            .get(&port.number)
+            .get(port.number)
             .unwrap_or(&self.endpoints)
+    }
+}
+
+/// Endpoints by service port, for sources that give them per port (EDS: one cluster a port).
+/// A short list sorted by port: a service has a port or a few, and a map's node costs more
+/// than the list (10 000 services from istiod hold two of these each).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PortEndpoints(Vec<(u16, Vec<Arc<Workload>>)>);
+
+impl PortEndpoints {
+    pub fn get(&self, port: u16) -> Option<&Vec<Arc<Workload>>> {
+        self.0
+            .binary_search_by_key(&port, |(p, _)| *p)
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// Sets a port's endpoints (replacing what it had).
+    pub fn insert(&mut self, port: u16, endpoints: Vec<Arc<Workload>>) {
+        match self.0.binary_search_by_key(&port, |(p, _)| *p) {
+            Ok(i) => self.0[i].1 = endpoints,
+            Err(i) => self.0.insert(i, (port, endpoints)),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u16, &Vec<Arc<Workload>>)> {
+        self.0.iter().map(|(p, e)| (*p, e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(u16, Vec<Arc<Workload>>)> for PortEndpoints {
+    fn from_iter<I: IntoIterator<Item = (u16, Vec<Arc<Workload>>)>>(iter: I) -> Self {
+        let mut out = PortEndpoints::default();
+        for (p, e) in iter {
+            out.insert(p, e);
+        }
+        out
+    }
+}
+
+/// As a map from port to endpoints, as it reads in `/config_dump`.
+impl Serialize for PortEndpoints {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (p, e) in &self.0 {
+            m.serialize_entry(p, e)?;
+        }
+        m.end()
     }
 }
 

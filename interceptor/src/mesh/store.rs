@@ -110,6 +110,7 @@ impl Store {
         self.current.store(Arc::new(table));
         drop(inner);
         self.changed.send_replace(version);
+        retire(prev);
         version
     }
 
@@ -138,41 +139,67 @@ impl Store {
     }
 }
 
+/// Tables this large are freed off the caller's thread: freeing what a 10 000-service table
+/// no longer shares takes longer than building the next one.
+const RETIRE_OFF_THREAD_FROM: usize = 1000;
+
+/// Lets go of a table that is no longer in force (readers may still hold it).
+fn retire(table: Arc<Table>) {
+    if table.services.len() < RETIRE_OFF_THREAD_FROM {
+        return;
+    }
+    // If no thread can be made, the closure (and the table) is dropped here instead.
+    let _ = std::thread::Builder::new()
+        .name("mesh-retire".into())
+        .spawn(move || drop(table));
+}
+
 /// One `Resources` of every view: services by precedence (a host goes to the first source that
 /// defines it), everything else side by side. A single view is used as is.
 fn merge(inner: &mut Inner) -> Resources {
-    if inner.views.len() == 1 {
-        if let Some(res) = inner.views.values().next() {
-            return res.clone();
+    let mut nonempty = inner.views.values().filter(|v| !v.services.is_empty());
+    let single = match (nonempty.next(), nonempty.next()) {
+        (first, None) => Some(first),
+        _ => None,
+    };
+    let mut out = Resources::default();
+    let mut shadowed: BTreeMap<SourceId, Vec<String>> = BTreeMap::new();
+    match single {
+        // One source has services (the usual case, whatever the others bring): no host can be
+        // shadowed, the services are taken as they are.
+        Some(first) => {
+            if let Some(v) = first {
+                out.services = v.services.clone();
+            }
+        }
+        None => {
+            let mut taken: HashSet<&Host> = HashSet::new();
+            for (source, view) in &inner.views {
+                for decl in &view.services {
+                    if decl.hosts.iter().all(|h| !taken.contains(h)) {
+                        out.services.push(decl.clone());
+                        continue;
+                    }
+                    let (mine, theirs): (Vec<Host>, Vec<Host>) =
+                        decl.hosts.iter().cloned().partition(|h| !taken.contains(h));
+                    shadowed
+                        .entry(*source)
+                        .or_default()
+                        .extend(theirs.iter().map(|h| h.to_string()));
+                    if !mine.is_empty() {
+                        let mut d = ServiceDecl::clone(decl);
+                        d.hosts = mine;
+                        out.services.push(Arc::new(d));
+                    }
+                }
+                // Hosts of this source are taken for the ones after it.
+                for decl in &view.services {
+                    taken.extend(decl.hosts.iter());
+                }
+            }
         }
     }
-    let mut out = Resources::default();
-    let mut taken: HashSet<Host> = HashSet::new();
-    let mut shadowed: BTreeMap<SourceId, Vec<String>> = BTreeMap::new();
-    for (source, view) in &inner.views {
-        for decl in &view.services {
-            let (mine, theirs): (Vec<Host>, Vec<Host>) =
-                decl.hosts.iter().cloned().partition(|h| !taken.contains(h));
-            if !theirs.is_empty() {
-                shadowed
-                    .entry(*source)
-                    .or_default()
-                    .extend(theirs.iter().map(|h| h.to_string()));
-            }
-            if mine.is_empty() {
-                continue;
-            }
-            if theirs.is_empty() {
-                out.services.push(decl.clone());
-            } else {
-                let mut d = ServiceDecl::clone(decl);
-                d.hosts = mine;
-                out.services.push(Arc::new(d));
-            }
-        }
-        for decl in &out.services {
-            taken.extend(decl.hosts.iter().cloned());
-        }
+    for view in inner.views.values() {
         out.workloads.extend(view.workloads.iter().cloned());
         out.groups.extend(view.groups.iter().cloned());
         for (name, net) in &view.networks.networks {

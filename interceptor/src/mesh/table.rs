@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::model::{
-    Address, Host, Location, Resolution, Service, ServicePort, Workload, WorkloadGroup,
-    DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE,
+    Address, Host, Location, PortEndpoints, Resolution, Service, ServicePort, Workload,
+    WorkloadGroup, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE,
 };
 use super::names::NameTable;
 use super::networks::Networks;
@@ -54,9 +54,11 @@ pub struct ServiceDecl {
     pub endpoints: Vec<Arc<Workload>>,
     /// Endpoints per service port, when the source knows them per port (EDS is per cluster):
     /// such a port uses these, not `endpoints`.
-    pub port_endpoints: BTreeMap<u16, Vec<Arc<Workload>>>,
+    pub port_endpoints: PortEndpoints,
     /// Endpoints are reached as given, with no network rule of ours on top (istiod's).
     pub endpoints_as_given: bool,
+    /// The source's own name table has this service's names (istiod's NDS): none derived.
+    pub names_given: bool,
 }
 
 impl ServiceDecl {
@@ -72,6 +74,7 @@ impl ServiceDecl {
             && self.location == other.location
             && self.subject_alt_names == other.subject_alt_names
             && self.endpoints_as_given == other.endpoints_as_given
+            && self.names_given == other.names_given
     }
 }
 
@@ -118,6 +121,9 @@ pub struct Table {
     /// The name table a source gave, if any (to tell a changed one from the same).
     #[serde(skip)]
     provided_names: Option<Arc<NameTable>>,
+    /// The decls this table was built from, in shape order.
+    #[serde(skip)]
+    decls: Vec<Arc<ServiceDecl>>,
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -141,7 +147,7 @@ impl<'a> SelectorIndex<'a> {
                 .entry(w.namespace.as_str())
                 .or_default()
                 .push(i);
-            for (k, v) in &w.labels {
+            for (k, v) in w.labels.iter() {
                 by_label
                     .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
                     .or_default()
@@ -191,7 +197,7 @@ fn with_network(w: &Arc<Workload>, networks: &Networks) -> Arc<Workload> {
 }
 
 /// A service's endpoints: for every port, and per port.
-type Endpoints = (Vec<Arc<Workload>>, BTreeMap<u16, Vec<Arc<Workload>>>);
+type Endpoints = (Vec<Arc<Workload>>, PortEndpoints);
 
 fn same_arcs<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
@@ -239,6 +245,7 @@ impl Shape {
         let derived_names = Arc::new(NameTable::build(
             services
                 .iter()
+                .filter(|(d, ..)| !decls[*d].names_given)
                 .map(|(_, host, vips, _)| (host, vips.as_slice())),
             &options.namespace,
             &options.cluster_domain,
@@ -293,8 +300,18 @@ impl Table {
         let index = SelectorIndex::new(&workloads);
         let mut resolved: Vec<Option<Endpoints>> = vec![None; decls.len()];
         let mut services = Vec::with_capacity(shape.services.len());
+        let same_shape = prev.filter(|p| Arc::ptr_eq(&p.shape, &shape));
         for (s, (d, host, vips, auto_allocated)) in shape.services.iter().enumerate() {
             let decl = &decls[*d];
+            // The very decl of the previous table, with its endpoints inline: the previous
+            // service as is, nothing to resolve (an EDS push touches a few of 10 000).
+            if let Some(p) = same_shape {
+                let same_decl = p.decls.get(*d).is_some_and(|pd| Arc::ptr_eq(pd, decl));
+                if let (true, None, Some(old)) = (same_decl, &decl.selector, p.services.get(s)) {
+                    services.push(old.clone());
+                    continue;
+                }
+            }
             let (endpoints, port_endpoints) = resolved[*d]
                 .get_or_insert_with(|| {
                     // Endpoints given as they are reached keep their (empty) network.
@@ -312,7 +329,7 @@ impl Table {
                     let by_port = decl
                         .port_endpoints
                         .iter()
-                        .map(|(p, ws)| (*p, ws.iter().map(place).collect()))
+                        .map(|(p, ws)| (p, ws.iter().map(place).collect()))
                         .collect();
                     (endpoints, by_port)
                 })
@@ -327,7 +344,7 @@ impl Table {
                     && old
                         .port_endpoints
                         .iter()
-                        .zip(&port_endpoints)
+                        .zip(port_endpoints.iter())
                         .all(|((pa, a), (pb, b))| pa == pb && same_arcs(a, b))
                 {
                     services.push(old.clone());
@@ -351,6 +368,8 @@ impl Table {
         }
         let names = match (&res.names, prev) {
             (None, _) => shape.derived_names.clone(),
+            // Nothing derived to add: the source's table as is.
+            (Some(given), _) if shape.derived_names.is_empty() => given.clone(),
             // Same source table on the same shape: the same merged names.
             (Some(given), Some(p))
                 if Arc::ptr_eq(&p.shape, &shape)
@@ -373,6 +392,7 @@ impl Table {
             names,
             provided_names: res.names,
             shape,
+            decls,
         }
     }
 
@@ -420,11 +440,14 @@ pub(crate) mod tests {
             name: format!("{ns}/{ip}"),
             namespace: ns.into(),
             address: Address::Ip(ip.parse().unwrap()),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: Arc::new(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             ports: BTreeMap::new(),
+            port: None,
             network: String::new(),
             locality: String::new(),
             weight: 1,

@@ -369,12 +369,13 @@ mod tests {
                     name: format!("w{i}"),
                     namespace: "default".into(),
                     address: Address::Ip(format!("10.0.0.{}", i + 1).parse().unwrap()),
-                    labels: if *mtls {
+                    labels: Arc::new(if *mtls {
                         [(TLS_MODE_LABEL.to_string(), "istio".to_string())].into()
                     } else {
                         Default::default()
-                    },
+                    }),
                     ports: [("http".to_string(), 8000 + i as u16)].into(),
+                    port: None,
                     network: network.to_string(),
                     locality: String::new(),
                     weight: *w,

@@ -11,7 +11,7 @@ use super::state::Accepted;
 /// Bumped when the layout changes: an older file is ignored, never misread.
 const FORMAT: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct File {
     format: u32,
     accepted: Accepted,
@@ -49,7 +49,25 @@ pub fn load(path: &Path) -> Result<Option<Accepted>, Error> {
     Ok((file.format == FORMAT).then_some(file.accepted))
 }
 
-pub fn save(path: &Path, accepted: &Accepted) -> Result<(), Error> {
+#[derive(Serialize)]
+struct FileRef<'a> {
+    format: u32,
+    accepted: &'a Accepted,
+}
+
+/// The file's bytes for `accepted`.
+pub fn encode(accepted: &Accepted) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(&FileRef {
+        format: FORMAT,
+        accepted,
+    })
+    .map_err(|source| Error::Format {
+        file: Default::default(),
+        source,
+    })
+}
+
+pub fn save(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let io = |source| Error::Io {
         file: path.to_path_buf(),
         source,
@@ -58,16 +76,8 @@ pub fn save(path: &Path, accepted: &Accepted) -> Result<(), Error> {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     let tmp = path.with_extension("tmp");
-    let file = File {
-        format: FORMAT,
-        accepted: accepted.clone(),
-    };
-    let bytes = serde_json::to_vec(&file).map_err(|source| Error::Format {
-        file: path.to_path_buf(),
-        source,
-    })?;
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&bytes).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }

@@ -103,6 +103,9 @@ pub async fn connect(
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
+        // A first push of a large mesh is tens of MB: grow the HTTP/2 window with the
+        // bandwidth-delay product instead of one 64 KiB window per round trip.
+        .http2_adaptive_window(true)
         .connect_with_connector(connector)
         .await
         .map_err(|e| Error::Connect {

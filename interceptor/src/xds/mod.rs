@@ -79,6 +79,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// How long after a push the accepted state is written to disk (pushes in between coalesce).
 const PERSIST_AFTER: Duration = Duration::from_secs(1);
+/// Pushes of more resources than this leave decoding garbage worth handing back.
+const BIG_PUSH: usize = 1000;
 
 impl Backoff {
     fn new() -> Self {
@@ -116,6 +118,18 @@ struct Session {
     acked: BTreeSet<&'static str>,
     eds: BTreeSet<String>,
     persist_due: Option<tokio::time::Instant>,
+    /// Applied to the state, not yet in force: responses that arrived back to back are put in
+    /// force together (a first sync is three large ones), once nothing more is waiting.
+    pending: Vec<Applied>,
+}
+
+/// A response applied to the state.
+struct Applied {
+    ty: &'static str,
+    version: String,
+    nonce: String,
+    resources: usize,
+    arrived: Instant,
 }
 
 impl Session {
@@ -190,6 +204,7 @@ impl XdsSource {
                 Protocol::Delta => self.delta(&mut state, &mut session).await,
                 Protocol::Sotw => self.sotw(&mut state, &mut session).await,
             };
+            self.flush(&mut state, &mut session);
             if session.persist_due.is_some() {
                 self.persist(&state);
             }
@@ -222,37 +237,48 @@ impl XdsSource {
             .max_decoding_message_size(channel::MAX_MESSAGE))
     }
 
-    /// Puts the state in force; returns the resources now in the table.
-    fn publish(&self, state: &mut State) -> usize {
+    /// Puts what was applied in force: one table for every response in the batch, then their
+    /// status, readiness and persistence.
+    fn flush(&self, state: &mut State, session: &mut Session) {
+        if session.pending.is_empty() {
+            return;
+        }
         let res = state.resources();
-        let n = res.services.len();
         self.store.publish(SourceId::Istiod, res);
-        n
-    }
-
-    fn persist(&self, state: &State) {
-        if let Some(path) = &self.cache {
-            let (path, accepted) = (path.clone(), state.accepted().clone());
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = cache::save(&path, &accepted) {
-                    tracing::warn!(error = %e, file = %path.display(), "cannot persist the istiod table");
-                }
-            });
+        let pushed: usize = session.pending.iter().map(|a| a.resources).sum();
+        for a in std::mem::take(&mut session.pending) {
+            self.accepted(session, a);
+        }
+        if pushed > BIG_PUSH {
+            mesh::release_freed_memory();
         }
     }
 
-    /// After a response was applied (or refused): status, readiness, persistence.
-    fn accepted(
-        &self,
-        session: &mut Session,
-        ty: &'static str,
-        version: &str,
-        nonce: &str,
-        n: usize,
-        started: Instant,
-    ) {
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        self.status.accepted(ty, version, nonce, n, ms);
+    fn persist(&self, state: &State) {
+        let Some(path) = &self.cache else { return };
+        // Encoded here (no copy of the state), written off the runtime.
+        let bytes = tokio::task::block_in_place(|| cache::encode(state.accepted()));
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = bytes.and_then(|b| cache::save(&path, &b));
+            if let Err(e) = result {
+                tracing::warn!(error = %e, file = %path.display(), "cannot persist the istiod table");
+            }
+            mesh::release_freed_memory();
+        });
+    }
+
+    /// After a response is in force: status, readiness, persistence.
+    fn accepted(&self, session: &mut Session, a: Applied) {
+        let Applied {
+            ty,
+            version,
+            nonce,
+            resources,
+            arrived,
+        } = a;
+        let ms = arrived.elapsed().as_secs_f64() * 1000.0;
+        self.status.accepted(ty, &version, &nonce, resources, ms);
         session.acked.insert(ty);
         session
             .persist_due
@@ -269,7 +295,7 @@ impl XdsSource {
                 );
             }
         }
-        tracing::debug!(r#type = ty, version, apply_ms = ms, "istiod push applied");
+        tracing::debug!(r#type = ty, version, apply_ms = ms, "istiod push in force");
     }
 
     fn refused(&self, ty: &'static str, nonce: &str, e: &Invalid) {
@@ -302,25 +328,36 @@ impl XdsSource {
         self.status.connection(Connection::Connected, None);
         tracing::info!(server = %self.bundle.discovery.addr, "connected to istiod (delta xDS)");
         loop {
-            let persist = async {
-                match session.persist_due {
+            let persist_due = session.persist_due;
+            let persist = async move {
+                match persist_due {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
-            let resp: DeltaDiscoveryResponse = tokio::select! {
-                msg = stream.message() => match msg? {
-                    Some(r) => r,
-                    None => return Ok(()),
-                },
-                _ = persist => {
-                    session.persist_due = None;
-                    self.persist(state);
-                    continue;
+            let msg = if session.pending.is_empty() {
+                tokio::select! {
+                    msg = stream.message() => msg,
+                    _ = persist => {
+                        session.persist_due = None;
+                        self.persist(state);
+                        continue;
+                    }
+                }
+            } else {
+                match ready_now(stream.message()) {
+                    Some(msg) => msg,
+                    None => {
+                        self.flush(state, session);
+                        continue;
+                    }
                 }
             };
+            let Some(resp): Option<DeltaDiscoveryResponse> = msg? else {
+                return Ok(());
+            };
             session.answered = true;
-            let started = Instant::now();
+            let arrived = Instant::now();
             let ty = short_type(&resp.type_url);
             let mut reply = DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
@@ -328,16 +365,14 @@ impl XdsSource {
                 ..Default::default()
             };
             match apply_delta(state, &resp) {
-                Ok(n) => {
-                    self.publish(state);
-                    self.accepted(
-                        session,
+                Ok(resources) => {
+                    session.pending.push(Applied {
                         ty,
-                        &resp.system_version_info,
-                        &resp.nonce,
-                        n,
-                        started,
-                    );
+                        version: resp.system_version_info.clone(),
+                        nonce: resp.nonce.clone(),
+                        resources,
+                        arrived,
+                    });
                     let _ = tx.send(reply);
                     if resp.type_url == type_url::CLUSTER {
                         let now = state.eds_clusters();
@@ -394,25 +429,36 @@ impl XdsSource {
         self.status.connection(Connection::Connected, None);
         tracing::info!(server = %self.bundle.discovery.addr, "connected to istiod (state-of-the-world xDS)");
         loop {
-            let persist = async {
-                match session.persist_due {
+            let persist_due = session.persist_due;
+            let persist = async move {
+                match persist_due {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
-            let resp: DiscoveryResponse = tokio::select! {
-                msg = stream.message() => match msg? {
-                    Some(r) => r,
-                    None => return Ok(()),
-                },
-                _ = persist => {
-                    session.persist_due = None;
-                    self.persist(state);
-                    continue;
+            let msg = if session.pending.is_empty() {
+                tokio::select! {
+                    msg = stream.message() => msg,
+                    _ = persist => {
+                        session.persist_due = None;
+                        self.persist(state);
+                        continue;
+                    }
+                }
+            } else {
+                match ready_now(stream.message()) {
+                    Some(msg) => msg,
+                    None => {
+                        self.flush(state, session);
+                        continue;
+                    }
                 }
             };
+            let Some(resp): Option<DiscoveryResponse> = msg? else {
+                return Ok(());
+            };
             session.answered = true;
-            let started = Instant::now();
+            let arrived = Instant::now();
             let ty = short_type(&resp.type_url);
             let names = |session: &Session| -> Vec<String> {
                 if resp.type_url == type_url::ENDPOINT {
@@ -422,9 +468,14 @@ impl XdsSource {
                 }
             };
             match apply_sotw(state, &resp) {
-                Ok(n) => {
-                    self.publish(state);
-                    self.accepted(session, ty, &resp.version_info, &resp.nonce, n, started);
+                Ok(resources) => {
+                    session.pending.push(Applied {
+                        ty,
+                        version: resp.version_info.clone(),
+                        nonce: resp.nonce.clone(),
+                        resources,
+                        arrived,
+                    });
                     versions.insert(
                         resp.type_url.clone(),
                         (resp.version_info.clone(), resp.nonce.clone()),
@@ -464,6 +515,17 @@ impl XdsSource {
     }
 }
 
+/// The future's output if it is ready without waiting. A tonic stream keeps its progress in
+/// itself, so a message that is not there yet is not lost by asking.
+fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// A NACK's error detail: INVALID_ARGUMENT with the reason.
 fn nack(e: &Invalid) -> RpcStatus {
     RpcStatus {
@@ -473,35 +535,78 @@ fn nack(e: &Invalid) -> RpcStatus {
     }
 }
 
-fn decode_all<T>(
-    resources: &[Any],
-    decode: impl Fn(&Any) -> Result<T, Invalid>,
+/// From this many resources on, a response is decoded on every core: a first sync of a large
+/// mesh is mostly protobuf decoding, and the table is not in force until it is done.
+const PARALLEL_DECODE_FROM: usize = 512;
+
+fn decode_all<T: Send>(
+    resources: &[&Any],
+    decode: impl Fn(&Any) -> Result<T, Invalid> + Sync,
 ) -> Result<Vec<T>, Invalid> {
-    resources.iter().map(decode).collect()
+    let one = |part: &[&Any]| {
+        part.iter()
+            .map(|a| decode(a))
+            .collect::<Result<Vec<T>, _>>()
+    };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if resources.len() < PARALLEL_DECODE_FROM || workers < 2 {
+        return one(resources);
+    }
+    let chunk = resources.len().div_ceil(workers);
+    let mut parts = resources.chunks(chunk);
+    let first = parts.next().unwrap_or_default();
+    std::thread::scope(|scope| {
+        let others: Vec<_> = parts.map(|p| scope.spawn(|| one(p))).collect();
+        let mut out = one(first)?;
+        for h in others {
+            let part = h.join().unwrap_or_else(|_| {
+                Err(Invalid {
+                    resource: "(response)".into(),
+                    message: "decoder thread panicked".into(),
+                })
+            })?;
+            out.extend(part);
+        }
+        Ok(out)
+    })
 }
 
 /// Applies a delta response: everything decoded first, so a bad resource changes nothing.
 /// Returns how many resources it carried.
 pub fn apply_delta(state: &mut State, resp: &DeltaDiscoveryResponse) -> Result<usize, Invalid> {
-    let anys: Vec<Any> = resp
+    let anys: Vec<&Any> = resp
         .resources
         .iter()
-        .filter_map(|r| r.resource.clone())
+        .filter_map(|r| r.resource.as_ref())
         .collect();
-    let removed = &resp.removed_resources;
-    match resp.type_url.as_str() {
+    apply(state, &resp.type_url, &anys, Some(&resp.removed_resources))
+}
+
+/// Decodes and applies one response's resources; `removed` is None for state of the world (CDS
+/// and NDS whole, EDS possibly partial).
+fn apply(
+    state: &mut State,
+    type_url: &str,
+    anys: &[&Any],
+    removed: Option<&[String]>,
+) -> Result<usize, Invalid> {
+    match type_url {
         type_url::CLUSTER => {
-            let clusters = decode_all(&anys, resources::cluster)?;
-            state.update_clusters(clusters.into_iter().flatten().collect(), removed);
+            let clusters = decode_all(anys, resources::cluster)?;
+            let clusters = clusters.into_iter().flatten().collect();
+            match removed {
+                Some(removed) => state.update_clusters(clusters, removed),
+                None => state.replace_clusters(clusters),
+            }
         }
         type_url::ENDPOINT => {
-            let eps = decode_all(&anys, resources::load_assignment)?;
-            state.update_assignments(eps, removed);
+            let eps = decode_all(anys, resources::load_assignment)?;
+            state.update_assignments(eps, removed.unwrap_or_default());
         }
         type_url::NAME_TABLE => {
             // One resource, the whole table, named "" (SPEC 10): every resource sent counts.
             let mut names = std::collections::BTreeMap::new();
-            for t in decode_all(&anys, resources::name_table)? {
+            for t in decode_all(anys, resources::name_table)? {
                 names.extend(t);
             }
             state.replace_names(names);
@@ -513,23 +618,6 @@ pub fn apply_delta(state: &mut State, resp: &DeltaDiscoveryResponse) -> Result<u
 
 /// Applies a state-of-the-world response (CDS and NDS whole, EDS possibly partial).
 pub fn apply_sotw(state: &mut State, resp: &DiscoveryResponse) -> Result<usize, Invalid> {
-    match resp.type_url.as_str() {
-        type_url::CLUSTER => {
-            let clusters = decode_all(&resp.resources, resources::cluster)?;
-            state.replace_clusters(clusters.into_iter().flatten().collect());
-        }
-        type_url::ENDPOINT => {
-            let eps = decode_all(&resp.resources, resources::load_assignment)?;
-            state.update_assignments(eps, &[]);
-        }
-        type_url::NAME_TABLE => {
-            let mut names = std::collections::BTreeMap::new();
-            for t in decode_all(&resp.resources, resources::name_table)? {
-                names.extend(t);
-            }
-            state.replace_names(names);
-        }
-        _ => {}
-    }
-    Ok(resp.resources.len())
+    let anys: Vec<&Any> = resp.resources.iter().collect();
+    apply(state, &resp.type_url, &anys, None)
 }

@@ -365,7 +365,19 @@ pub fn build_names(
     out
 }
 
-fn workload(cluster: &ClusterInfo, port_name: &str, e: &EndpointInfo) -> Workload {
+/// The labels of every xDS workload: only auto-mTLS's, shared.
+fn labels(mtls: bool) -> Arc<BTreeMap<String, String>> {
+    static MTLS: std::sync::OnceLock<Arc<BTreeMap<String, String>>> = std::sync::OnceLock::new();
+    static NONE: std::sync::OnceLock<Arc<BTreeMap<String, String>>> = std::sync::OnceLock::new();
+    if mtls {
+        MTLS.get_or_init(|| Arc::new([(TLS_MODE_LABEL.to_string(), "istio".to_string())].into()))
+            .clone()
+    } else {
+        NONE.get_or_init(Default::default).clone()
+    }
+}
+
+fn workload(cluster: &ClusterInfo, e: &EndpointInfo) -> Workload {
     let (name, namespace) = match &e.workload {
         Some((n, ns)) => (format!("{ns}/{n}"), ns.clone()),
         None => (
@@ -373,16 +385,13 @@ fn workload(cluster: &ClusterInfo, port_name: &str, e: &EndpointInfo) -> Workloa
             cluster.namespace.clone(),
         ),
     };
-    let mut labels = BTreeMap::new();
-    if e.mtls {
-        labels.insert(TLS_MODE_LABEL.to_string(), "istio".to_string());
-    }
     Workload {
         name,
         namespace,
         address: e.address.clone(),
-        labels,
-        ports: [(port_name.to_string(), e.port)].into(),
+        labels: labels(e.mtls),
+        ports: BTreeMap::new(),
+        port: Some(e.port),
         network: String::new(),
         locality: e.locality.clone(),
         weight: e.weight,
@@ -396,10 +405,6 @@ fn workload(cluster: &ClusterInfo, port_name: &str, e: &EndpointInfo) -> Workloa
     }
 }
 
-fn port_name(port: u16) -> String {
-    format!("port-{port}")
-}
-
 /// The workloads of one cluster: its inline endpoints, or its load assignment's.
 pub fn cluster_workloads(
     cluster: &ClusterInfo,
@@ -409,10 +414,7 @@ pub fn cluster_workloads(
         ClusterKind::Eds => assigned.unwrap_or(&[]),
         _ => &cluster.inline,
     };
-    let name = port_name(cluster.port);
-    eps.iter()
-        .map(|e| Arc::new(workload(cluster, &name, e)))
-        .collect()
+    eps.iter().map(|e| Arc::new(workload(cluster, e))).collect()
 }
 
 /// One service per host of the clusters: ports from its clusters, VIPs from the name table,
@@ -431,17 +433,18 @@ pub fn service(
     };
     let mut sans: Vec<String> = Vec::new();
     let mut ports = Vec::new();
-    let mut port_endpoints = BTreeMap::new();
+    let mut port_endpoints = mesh::PortEndpoints::default();
     for c in clusters {
         for s in &c.sans {
             if !sans.contains(s) {
                 sans.push(s.clone());
             }
         }
+        // Workloads name their port per endpoint (EDS): the port needs no name.
         ports.push(ServicePort {
             number: c.port,
-            name: port_name(c.port),
-            protocol: "TCP".into(),
+            name: String::new(),
+            protocol: String::new(),
             target_port: None,
         });
         port_endpoints.insert(c.port, workloads(c));
@@ -460,6 +463,7 @@ pub fn service(
         endpoints: vec![],
         port_endpoints,
         endpoints_as_given: true,
+        names_given: true,
     }
 }
 

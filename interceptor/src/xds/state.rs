@@ -3,7 +3,7 @@
 //! when its clusters or name change, so one endpoint change on a 10 000-service mesh costs one
 //! service, not ten thousand.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -16,8 +16,8 @@ use crate::mesh::{NameTable, Resources, ServiceDecl, Workload};
 /// What is kept across restarts (the persisted table).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Accepted {
-    pub clusters: BTreeMap<String, ClusterInfo>,
-    pub assignments: BTreeMap<String, Vec<EndpointInfo>>,
+    pub clusters: HashMap<String, ClusterInfo>,
+    pub assignments: HashMap<String, Vec<EndpointInfo>>,
     pub names: BTreeMap<String, NameInfo>,
 }
 
@@ -27,12 +27,14 @@ pub struct State {
     namespace: String,
     cluster_domain: String,
     /// Derived, kept between pushes.
-    by_host: HashMap<String, BTreeSet<String>>,
+    /// A host's clusters (one a port: a short list, sorted).
+    by_host: HashMap<String, Vec<String>>,
     workloads: HashMap<String, Vec<Arc<Workload>>>,
+    /// By host: sorted, as the table wants its services.
     decls: BTreeMap<String, Arc<ServiceDecl>>,
     name_table: Option<Arc<NameTable>>,
-    dirty_clusters: BTreeSet<String>,
-    dirty_hosts: BTreeSet<String>,
+    dirty_clusters: HashSet<String>,
+    dirty_hosts: HashSet<String>,
     names_dirty: bool,
 }
 
@@ -49,10 +51,7 @@ impl State {
         self.dirty_clusters = accepted.clusters.keys().cloned().collect();
         self.dirty_hosts = accepted.clusters.values().map(|c| c.host.clone()).collect();
         for c in accepted.clusters.values() {
-            self.by_host
-                .entry(c.host.clone())
-                .or_default()
-                .insert(c.name.clone());
+            add_sorted(self.by_host.entry(c.host.clone()).or_default(), &c.name);
         }
         self.names_dirty = true;
         self.accepted = accepted;
@@ -80,7 +79,7 @@ impl State {
             self.touch_cluster(name);
             if let Some(c) = self.accepted.clusters.remove(name) {
                 if let Some(set) = self.by_host.get_mut(&c.host) {
-                    set.remove(name);
+                    set.retain(|n| n != name);
                 }
             }
             // A cluster's endpoints go with it.
@@ -92,21 +91,18 @@ impl State {
             self.touch_cluster(&name);
             if let Some(old) = self.accepted.clusters.get(&name) {
                 if let Some(set) = self.by_host.get_mut(&old.host) {
-                    set.remove(&name);
+                    set.retain(|n| *n != name);
                 }
             }
             self.dirty_hosts.insert(c.host.clone());
-            self.by_host
-                .entry(c.host.clone())
-                .or_default()
-                .insert(name.clone());
+            add_sorted(self.by_host.entry(c.host.clone()).or_default(), &name);
             self.accepted.clusters.insert(name, c);
         }
     }
 
     /// The whole CDS (SotW): what is not in it is gone.
     pub fn replace_clusters(&mut self, all: Vec<ClusterInfo>) {
-        let keep: BTreeSet<&str> = all.iter().map(|c| c.name.as_str()).collect();
+        let keep: HashSet<&str> = all.iter().map(|c| c.name.as_str()).collect();
         let gone: Vec<String> = self
             .accepted
             .clusters
@@ -210,7 +206,7 @@ impl State {
             if clusters.is_empty() {
                 drop(clusters);
                 self.decls.remove(&host);
-                if self.by_host.get(&host).is_some_and(BTreeSet::is_empty) {
+                if self.by_host.get(&host).is_some_and(Vec::is_empty) {
                     self.by_host.remove(&host);
                 }
                 continue;
@@ -228,5 +224,11 @@ impl State {
             names: self.name_table.clone(),
             ..Default::default()
         }
+    }
+}
+
+fn add_sorted(names: &mut Vec<String>, name: &str) {
+    if let Err(i) = names.binary_search_by(|n| n.as_str().cmp(name)) {
+        names.insert(i, name.to_string());
     }
 }

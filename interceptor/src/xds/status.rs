@@ -31,6 +31,9 @@ pub struct TypeStatus {
     pub acks: u64,
     pub nacks: u64,
     pub last_nack: Option<String>,
+    /// Decoded response to table in force, for this type's last push.
+    #[serde(default)]
+    pub last_apply_ms: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -94,6 +97,7 @@ impl Status {
             t.nonce = nonce.to_string();
             t.resources = resources;
             t.acks += 1;
+            t.last_apply_ms = apply_ms;
             s.last_push_unix = now_unix();
             s.last_apply_ms = apply_ms;
             s.from_persisted = false;

@@ -5,6 +5,7 @@ mod capture;
 mod dns;
 mod gateway;
 mod mtls;
+mod xds;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,6 +18,7 @@ pub enum Which {
     Dns,
     Mtls,
     Gateway,
+    Xds,
     All,
 }
 
@@ -38,6 +40,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
     }
     if matches!(which, Which::Gateway | Which::All) {
         gateway::run(&out)?;
+    }
+    if matches!(which, Which::Xds | Which::All) {
+        xds::run(&out)?;
     }
     Ok(())
 }
