@@ -57,4 +57,5 @@ pub mod globals {
     pub const DNS_PORT: &str = "dns_port";
     pub const INBOUND_PORT: &str = "inbound_port";
     pub const INBOUND_ALL_PORTS: &str = "inbound_all_ports";
+    pub const EXEMPT_CGROUP: &str = "exempt_cgroup";
 }

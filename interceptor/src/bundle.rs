@@ -51,6 +51,8 @@ pub enum Error {
 /// Paths of the bundle's files.
 #[derive(Clone, Debug)]
 pub struct Paths {
+    /// What every default path is under (`--istio-dir`, `/` by default).
+    pub root: PathBuf,
     pub cluster_env: PathBuf,
     pub mesh_config: PathBuf,
     pub root_cert: PathBuf,
@@ -64,6 +66,7 @@ impl Paths {
     /// Istio's VM layout under `root`.
     pub fn under(root: &Path) -> Self {
         Self {
+            root: root.to_path_buf(),
             cluster_env: root.join(CLUSTER_ENV),
             mesh_config: root.join(MESH_CONFIG),
             root_cert: root.join(ROOT_CERT),
@@ -296,7 +299,7 @@ fn hostname() -> String {
 }
 
 impl Bundle {
-    pub fn load(paths: Paths) -> Result<Self, Error> {
+    pub fn load(mut paths: Paths) -> Result<Self, Error> {
         let env_text = read(&paths.cluster_env)?;
         let env = parse_env(&paths.cluster_env, &env_text)?;
         let mesh_text = read(&paths.mesh_config)?;
@@ -417,6 +420,10 @@ impl Bundle {
         };
         let proxy_config = serde_json::to_value(default_config)
             .map_err(|e| field("defaultConfig", e.to_string()))?;
+        // Istio's OUTPUT_CERTS, under the same root as everything else.
+        if let Some(dir) = var("OUTPUT_CERTS") {
+            paths.output_certs = paths.root.join(dir.trim_start_matches('/'));
+        }
         // The token proves who we are until we hold a certificate; after that the certificate
         // does, and a missing or expired token is no reason not to start.
         let have_cert = paths

@@ -30,6 +30,10 @@ pub enum Error {
     Allow(#[from] AllowListError),
     #[error("Istio VM bundle: {0}")]
     Bundle(#[from] crate::bundle::Error),
+    #[error("--identity-provider istio-ca needs --control-plane istiod (the CA is istiod's)")]
+    CaWithoutIstiod,
+    #[error("readiness probe: {0}")]
+    Probe(#[from] crate::health::SpecError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
@@ -40,6 +44,32 @@ pub enum ControlPlane {
     None,
     /// istiod, from the Istio VM bundle (`istioctl x workload entry configure`)
     Istiod,
+}
+
+/// Where this VM's certificate comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityProvider {
+    /// cert-chain.pem, key.pem, root-cert.pem in --certs, watched (you rotate them)
+    Files,
+    /// the Istio CA: a CSR with the bootstrap token, renewed at half-life (needs
+    /// --control-plane istiod)
+    IstioCa,
+}
+
+/// A probe on the command line (YAML or JSON, the WorkloadGroup probe's format) or as a
+/// mapping in the config file.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct ProbeArg(pub crate::bundle::Probe);
+
+impl std::str::FromStr for ProbeArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_yaml_ng::from_str(s)
+            .map(ProbeArg)
+            .map_err(|e| format!("not a probe ({{httpGet|tcpSocket|exec|grpc: ...}}): {e}"))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
@@ -144,6 +174,17 @@ pub struct RunArgs {
     /// Which ADS variant to speak to istiod [default: delta]
     #[arg(long, value_enum)]
     pub xds_protocol: Option<crate::xds::Protocol>,
+    /// Where the certificate comes from [default: istio-ca with --control-plane istiod, else
+    /// files]
+    #[arg(long, value_enum)]
+    pub identity_provider: Option<IdentityProvider>,
+    /// The key the Istio CA certifies [default: ecdsa]
+    #[arg(long, value_enum)]
+    pub ca_key: Option<crate::identity::KeyKind>,
+    /// The application's readiness probe, e.g. '{httpGet: {port: 8080, path: /ready}}'
+    /// [default: the bundle's readinessProbe with istiod, else none]
+    #[arg(long, value_name = "YAML")]
+    pub readiness_probe: Option<ProbeArg>,
     /// YAML file with any of these settings (kebab-case keys); flags override it
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
@@ -204,7 +245,6 @@ pub struct Settings {
     pub options: crate::mesh::Options,
     /// This VM's network ("" = single network).
     pub network: String,
-    pub certs: Option<PathBuf>,
     /// None: attach nothing (`--capture none`).
     pub cgroup: Option<Option<PathBuf>>,
     pub ports: Ports,
@@ -214,6 +254,21 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     /// `--control-plane istiod`: the bundle, read and checked.
     pub istiod: Option<Istiod>,
+    pub identity: IdentitySource,
+    pub probe: Option<crate::health::Spec>,
+}
+
+/// The identity provider, configured.
+#[derive(Clone, Debug)]
+pub enum IdentitySource {
+    /// No certificate: plaintext only.
+    None,
+    /// Files in `dir`; `required`: they must be there at start.
+    Files {
+        dir: PathBuf,
+        required: bool,
+    },
+    IstioCa(crate::identity::CaSettings),
 }
 
 /// Joining istiod.
@@ -296,6 +351,9 @@ impl RunArgs {
             hosts_file: self.hosts_file.or(file.hosts_file),
             state_dir: self.state_dir.or(file.state_dir),
             xds_protocol: self.xds_protocol.or(file.xds_protocol),
+            identity_provider: self.identity_provider.or(file.identity_provider),
+            ca_key: self.ca_key.or(file.ca_key),
+            readiness_probe: self.readiness_probe.or(file.readiness_probe),
             admin_addr: self.admin_addr.or(file.admin_addr),
             config: self.config,
         }
@@ -336,14 +394,50 @@ impl RunArgs {
                 args.exclude_inbound_ports = args
                     .exclude_inbound_ports
                     .or_else(|| bundle.exclude_inbound_ports.clone());
-                if args.certs.is_none() {
-                    args.certs = Some(bundle.paths.output_certs.clone());
-                }
                 Some(Istiod {
                     bundle: std::sync::Arc::new(bundle),
                     protocol: args.xds_protocol.unwrap_or_default(),
                 })
             }
+        };
+        let bundle = istiod.as_ref().map(|i| i.bundle.clone());
+        let provider = args.identity_provider.unwrap_or(match &bundle {
+            Some(_) => IdentityProvider::IstioCa,
+            None => IdentityProvider::Files,
+        });
+        let identity = match (provider, &bundle) {
+            (IdentityProvider::IstioCa, None) => return Err(Error::CaWithoutIstiod),
+            (IdentityProvider::IstioCa, Some(b)) => {
+                IdentitySource::IstioCa(crate::identity::CaSettings {
+                    key: args.ca_key.unwrap_or_default(),
+                    ttl: std::time::Duration::from_secs(b.secret_ttl_s),
+                    out_dir: args
+                        .certs
+                        .clone()
+                        .unwrap_or_else(|| b.paths.output_certs.clone()),
+                })
+            }
+            (IdentityProvider::Files, _) => match args
+                .certs
+                .clone()
+                .or_else(|| bundle.as_ref().map(|b| b.paths.output_certs.clone()))
+            {
+                // The bundle's certificate directory may be empty until something fills it.
+                Some(dir) => IdentitySource::Files {
+                    required: bundle.as_ref().is_none_or(|b| dir != b.paths.output_certs),
+                    dir,
+                },
+                None => IdentitySource::None,
+            },
+        };
+        let probe = match args
+            .readiness_probe
+            .as_ref()
+            .map(|p| &p.0)
+            .or_else(|| bundle.as_ref().and_then(|b| b.readiness_probe.as_ref()))
+        {
+            Some(p) => Some(crate::health::Spec::from_probe(p)?),
+            None => None,
         };
         let inbound = args.inbound_ports.unwrap_or_default();
         let all = inbound.trim() == "*";
@@ -385,7 +479,6 @@ impl RunArgs {
                     .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.into()),
             },
             network: args.network.unwrap_or_default(),
-            certs: args.certs,
             cgroup: match args.capture.unwrap_or_default() {
                 CaptureMode::Ebpf => Some(args.cgroup),
                 CaptureMode::None => None,
@@ -405,6 +498,8 @@ impl RunArgs {
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
             admin_addr,
             istiod,
+            identity,
+            probe,
         })
     }
 }

@@ -9,10 +9,12 @@
 pub mod admin;
 pub mod bundle;
 pub mod capture;
+pub mod channel;
 pub mod config;
 pub mod daemon;
 pub mod dns;
 mod fault;
+pub mod health;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;

@@ -56,14 +56,14 @@ impl TestCgroup {
             })
             .count()
     }
+}
 
-    fn pids(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.path.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
+fn pids_of(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// `cmd` run inside the cgroup at `path`: a shell moves itself in, then execs.
@@ -86,10 +86,23 @@ pub fn wrap_in(path: &Path, cmd: &Command) -> Command {
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         for _ in 0..50 {
-            // Only processes this test put in its own cgroup.
-            for pid in self.pids() {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            // Only processes this test put in its own cgroup, and cgroups made inside it (the
+            // daemon's exec-probe cgroup, left behind by a daemon that was killed).
+            let children: Vec<PathBuf> = std::fs::read_dir(&self.path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect();
+            for dir in children.iter().chain(std::iter::once(&self.path)) {
+                for pid in pids_of(dir) {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            for dir in &children {
+                let _ = std::fs::remove_dir(dir);
             }
             if std::fs::remove_dir(&self.path).is_ok() {
                 return;

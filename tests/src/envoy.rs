@@ -49,7 +49,7 @@ fn access_log() -> Value {
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
             "log_format": {"text_format_source": {"inline_string":
-                "peer_san=%DOWNSTREAM_PEER_URI_SAN% upstream_san=%UPSTREAM_PEER_URI_SAN% flags=%RESPONSE_FLAGS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT%\n"}},
+                "peer_san=%DOWNSTREAM_PEER_URI_SAN% peer_serial=%DOWNSTREAM_PEER_SERIAL% upstream_san=%UPSTREAM_PEER_URI_SAN% flags=%RESPONSE_FLAGS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT%\n"}},
         },
     }])
 }

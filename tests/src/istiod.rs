@@ -159,6 +159,8 @@ pub struct Seen {
     /// The node's metadata, from the stream's first request.
     pub metadata: BTreeMap<String, String>,
     pub node_id: String,
+    /// When it arrived.
+    pub at: std::time::SystemTime,
 }
 
 pub(crate) struct Shared {
@@ -168,6 +170,8 @@ pub(crate) struct Shared {
     pushes: watch::Sender<u64>,
     recycle: watch::Sender<u64>,
     seen: Mutex<Vec<Seen>>,
+    /// ADS streams the client ended.
+    ended: std::sync::atomic::AtomicU64,
     token: Mutex<String>,
     pub(crate) ca: Ca,
     secrets: Mutex<Option<crate::istiod_sds::Secrets>>,
@@ -747,7 +751,11 @@ impl AggregatedDiscoveryService for Ads {
             loop {
                 tokio::select! {
                     req = incoming.next() => {
-                        let Some(Ok(req)) = req else { return };
+                        let Some(Ok(req)) = req else {
+                            // The client closed its stream (or the connection went).
+                            shared.ended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        };
                         if req.node.is_some() {
                             (node_id, md) = metadata_of(req.node.as_ref());
                             network = md.get("NETWORK").cloned().unwrap_or_default();
@@ -760,6 +768,7 @@ impl AggregatedDiscoveryService for Ads {
                             delta: true,
                             metadata: md.clone(),
                             node_id: node_id.clone(),
+                            at: std::time::SystemTime::now(),
                         });
                         if !req.response_nonce.is_empty() {
                             continue; // an ACK or NACK: istiod only logs a NACK
@@ -873,7 +882,11 @@ impl AggregatedDiscoveryService for Ads {
             loop {
                 tokio::select! {
                     req = incoming.next() => {
-                        let Some(Ok(req)) = req else { return };
+                        let Some(Ok(req)) = req else {
+                            // The client closed its stream (or the connection went).
+                            shared.ended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        };
                         if req.node.is_some() {
                             (node_id, md) = metadata_of(req.node.as_ref());
                             network = md.get("NETWORK").cloned().unwrap_or_default();
@@ -886,6 +899,7 @@ impl AggregatedDiscoveryService for Ads {
                             delta: false,
                             metadata: md.clone(),
                             node_id: node_id.clone(),
+                            at: std::time::SystemTime::now(),
                         });
                         let changed_names = wants.get(&req.type_url) != Some(&req.resource_names);
                         wants.insert(req.type_url.clone(), req.resource_names.clone());
@@ -933,6 +947,7 @@ pub fn encoded_sync(mesh: Mesh) -> Vec<(String, Vec<u8>)> {
         pushes,
         recycle,
         seen: Mutex::new(Vec::new()),
+        ended: Default::default(),
         token: Mutex::new(String::new()),
         ca: Ca::new("unused"),
         secrets: Mutex::new(None),
@@ -1071,6 +1086,7 @@ impl ControlPlane {
             pushes,
             recycle,
             seen: Mutex::new(Vec::new()),
+            ended: Default::default(),
             token: Mutex::new(token.to_string()),
             ca,
             secrets: Mutex::new(None),
@@ -1234,6 +1250,20 @@ impl ControlPlane {
             .iter()
             .filter(|s| s.type_url == type_url && !s.nonce.is_empty() && s.error.is_none())
             .count()
+    }
+
+    /// ADS streams that ended from the client's side (a clean shutdown closes its stream).
+    pub fn streams_ended(&self) -> u64 {
+        self.shared.ended.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Health reports (HealthInformation requests) so far: (healthy, message, when).
+    pub fn health_reports(&self) -> Vec<(bool, String, std::time::SystemTime)> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.type_url == type_url::HEALTH)
+            .map(|s| (s.error.is_none(), s.error.unwrap_or_default(), s.at))
+            .collect()
     }
 
     pub fn ca(&self) -> &Ca {

@@ -38,6 +38,7 @@ pub struct Issued {
     /// How the caller proved itself: "token" or "certificate".
     pub auth: &'static str,
     pub leaf_pem: String,
+    pub at: std::time::SystemTime,
 }
 
 /// CA state shared with the control plane.
@@ -102,6 +103,7 @@ impl IstioCertificateService for CaService {
             lifetime,
             auth,
             leaf_pem: leaf.clone(),
+            at: std::time::SystemTime::now(),
         });
         let cert_chain = match fault {
             CaFault::OneElement => vec![leaf],

@@ -27,13 +27,19 @@ const volatile __u32 daemon_tgid = 0;      /* the daemon's own sockets are never
 const volatile __u16 outbound_port = 15001; /* proxy::Outbound listener on loopback */
 const volatile __u16 dns_port = 15053;      /* dns::Server listener on loopback */
 const volatile __u16 inbound_port = 15006;  /* proxy::Inbound listener (sk_lookup target) */
+const volatile __u64 exempt_cgroup = 0;     /* cgroup id whose sockets are never captured (the
+                                             * daemon's exec probes); 0: none */
 
 /* Exclusion is by process (tgid): it covers every socket the daemon opens, including ones made by
  * libraries, with no per-socket setup, and it holds when the daemon runs inside the captured
- * cgroup (the default cgroup is the root of the hierarchy). */
+ * cgroup (the default cgroup is the root of the hierarchy). Commands the daemon runs (exec
+ * probes) are other processes: they run in the exempt cgroup, and so do their children. Only
+ * called from sock_addr programs, which run in the calling task's context. */
 static __always_inline int from_daemon(void)
 {
-	return (bpf_get_current_pid_tgid() >> 32) == daemon_tgid;
+	if ((bpf_get_current_pid_tgid() >> 32) == daemon_tgid)
+		return 1;
+	return exempt_cgroup != 0 && bpf_get_current_cgroup_id() == exempt_cgroup;
 }
 
 static __always_inline void ip_port_from_v4(struct ip_port *out, __u32 ip4, __u16 port)

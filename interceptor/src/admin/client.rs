@@ -210,7 +210,51 @@ pub fn print_status(s: &Status) {
             id.expires_in_s / 3600,
             id.expires_in_s % 3600 / 60
         ),
-        None => println!("identity: none (no --certs: mTLS endpoints unreachable)"),
+        None => println!("identity: none (no certificate: mTLS endpoints unreachable)"),
+    }
+    if let Some(ca) = &s.ca {
+        let ago = |t: Option<u64>| {
+            t.map(|t| format!("{}s ago", now_unix().saturating_sub(t)))
+                .unwrap_or_else(|| "never".into())
+        };
+        println!(
+            "istio ca: {} key; {} renewals (last {}{}), {} failures{}{}",
+            ca.key,
+            ca.renewals,
+            ago(ca.last_renewal_unix),
+            ca.last_renewal_ms
+                .map(|ms| format!(", took {ms:.0} ms"))
+                .unwrap_or_default(),
+            ca.failures,
+            ca.next_renewal_unix
+                .map(|t| format!("; next renewal in {}s", t.saturating_sub(now_unix())))
+                .unwrap_or_default(),
+            if ca.expired {
+                "; EXPIRED: outbound mTLS refused until the CA answers"
+            } else {
+                ""
+            }
+        );
+        if let Some(e) = &ca.last_error {
+            println!("  last error: {e}");
+        }
+        if let Some(e) = &ca.write_error {
+            println!("  files not written: {e}");
+        }
+    }
+    if let Some(p) = &s.probe {
+        let verdict = match p.healthy {
+            Some(true) => "healthy".to_string(),
+            Some(false) => format!("UNHEALTHY ({})", p.message),
+            None => "not decided yet".to_string(),
+        };
+        println!(
+            "application probe ({}): {verdict} for {}s; {} probes, {} failed",
+            p.kind,
+            (now_unix() * 1000).saturating_sub(p.since_unix_ms) / 1000,
+            p.probes,
+            p.failures
+        );
     }
     let ns: Vec<String> = s.nameservers.iter().map(ToString::to_string).collect();
     println!(

@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 
 use crate::capture;
 use crate::dns;
+use crate::health;
 use crate::identity;
 use crate::mesh::{SourceId, SourceStatus, Store};
 use crate::metrics::Metrics;
@@ -46,6 +47,8 @@ pub struct State {
     pub dns: Option<Arc<dns::Stats>>,
     pub capture: Arc<capture::Status>,
     pub xds: Option<Arc<xds::Status>>,
+    pub ca: Option<Arc<identity::CaStatus>>,
+    pub health: Option<Arc<health::Health>>,
     pub network: String,
     pub nameservers: Vec<SocketAddr>,
     pub started: SystemTime,
@@ -67,6 +70,8 @@ impl State {
             captured_vips: self.capture.vips(),
             sources: self.store.sources(),
             istiod: self.xds.as_ref().map(|x| x.get()),
+            ca: self.ca.as_ref().map(|c| c.get()),
+            probe: self.health.as_ref().map(|h| h.state()),
             table: TableStatus {
                 version: table.version,
                 loaded_unix: table.loaded_unix,
@@ -104,6 +109,12 @@ pub struct Status {
     pub sources: BTreeMap<SourceId, SourceStatus>,
     #[serde(default)]
     pub istiod: Option<xds::XdsStatus>,
+    /// The Istio CA provider, when it is the identity provider.
+    #[serde(default)]
+    pub ca: Option<identity::CaState>,
+    /// The application's readiness probe, when there is one.
+    #[serde(default)]
+    pub probe: Option<health::ProbeState>,
     pub table: TableStatus,
     pub identity: Option<IdentityStatus>,
     pub network: String,
@@ -191,6 +202,58 @@ impl Collector for Pulled {
                 "Seconds until the workload certificate expires",
                 id.expires_in().as_secs() as i64,
             )?;
+        }
+        if let Some(ca) = &s.ca {
+            let ca = ca.get();
+            let c = ConstCounter::new(ca.renewals);
+            c.encode(e.encode_descriptor(
+                "interceptor_cert_renewals",
+                "Certificates issued by the Istio CA and put in force",
+                None,
+                c.metric_type(),
+            )?)?;
+            let mut family = e.encode_descriptor(
+                "interceptor_cert_renewal_failures",
+                "Failed requests to the Istio CA, by reason",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (reason, n) in &ca.failures_by_reason {
+                ConstCounter::new(*n)
+                    .encode(family.encode_family(&[("reason", reason.as_str())])?)?;
+            }
+            if let Some(t) = ca.last_renewal_unix {
+                gauge(
+                    &mut e,
+                    "interceptor_cert_last_renewal_timestamp_seconds",
+                    "When the Istio CA last issued this VM's certificate (Unix time)",
+                    t as i64,
+                )?;
+            }
+            gauge(
+                &mut e,
+                "interceptor_cert_expired",
+                "1 while the certificate is expired and not renewed (outbound mTLS refused)",
+                i64::from(ca.expired),
+            )?;
+        }
+        if let Some(h) = &s.health {
+            let p = h.state();
+            gauge(
+                &mut e,
+                "interceptor_probe_healthy",
+                "The application's readiness probe: 1 healthy, 0 unhealthy, -1 not decided yet",
+                p.healthy.map_or(-1, i64::from),
+            )?;
+            let mut family = e.encode_descriptor(
+                "interceptor_probe_runs",
+                "Application probes run, by result",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (result, n) in [("success", p.probes - p.failures), ("failure", p.failures)] {
+                ConstCounter::new(n).encode(family.encode_family(&[("result", result)])?)?;
+            }
         }
         let c = ConstCounter::new(s.store.reload_errors());
         c.encode(e.encode_descriptor(

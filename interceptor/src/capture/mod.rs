@@ -82,6 +82,8 @@ pub struct Settings {
     pub ports: Ports,
     /// Inbound capture (sk_lookup in this process's network namespace), if any.
     pub inbound: Option<InboundPorts>,
+    /// A cgroup (by id) whose sockets are left alone: where exec probes run. 0: none.
+    pub exempt_cgroup: u64,
 }
 
 /// What capture attached, for status and metrics.
@@ -153,6 +155,7 @@ impl Capture {
             .override_global(globals::OUTBOUND_PORT, &settings.ports.outbound, true)
             .override_global(globals::DNS_PORT, &settings.ports.dns, true)
             .override_global(globals::INBOUND_PORT, &settings.ports.inbound, true)
+            .override_global(globals::EXEMPT_CGROUP, &settings.exempt_cgroup, true)
             .override_global(
                 globals::INBOUND_ALL_PORTS,
                 &u8::from(settings.inbound.as_ref().is_some_and(|i| i.all)),

@@ -12,12 +12,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin;
 use crate::capture;
-use crate::config::{GatewayArgs, Settings};
+use crate::config::{GatewayArgs, IdentitySource, Settings};
 use crate::dns::{self, ResolvConf};
+use crate::health;
 use crate::identity::{self, FileProvider, Identity};
 use crate::mesh::{self, FileSource};
 use crate::metrics::Metrics;
@@ -43,6 +45,10 @@ pub struct Ctx {
     pub capture: Arc<capture::Status>,
     /// The istiod source's state, when there is one.
     pub xds: Option<Arc<xds::Status>>,
+    /// The Istio CA provider's state, when it is the identity provider.
+    pub ca: Option<Arc<identity::CaStatus>>,
+    /// The application's probe, when there is one.
+    pub health: Option<Arc<health::Health>>,
     pub network: String,
     pub started: SystemTime,
 }
@@ -70,6 +76,8 @@ impl Ctx {
         network: String,
         conditions: &[&str],
         xds: Option<Arc<xds::Status>>,
+        ca: Option<Arc<identity::CaStatus>>,
+        health: Option<Arc<health::Health>>,
     ) -> Arc<Self> {
         let tls = tls::Store::new();
         Arc::new(Self {
@@ -82,6 +90,8 @@ impl Ctx {
             dns_stats: Arc::new(dns::Stats::default()),
             capture: Arc::new(capture::Status::default()),
             xds,
+            ca,
+            health,
             network,
             started: SystemTime::now(),
         })
@@ -96,6 +106,8 @@ impl Ctx {
             dns: dns.then(|| self.dns_stats.clone()),
             capture: self.capture.clone(),
             xds: self.xds.clone(),
+            ca: self.ca.clone(),
+            health: self.health.clone(),
             network: self.network.clone(),
             nameservers,
             started: self.started,
@@ -136,11 +148,21 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             },
         ))
     });
+    let ca_status = matches!(s.identity, IdentitySource::IstioCa(_)).then(|| {
+        conditions.push(identity::READY);
+        Arc::new(identity::CaStatus::default())
+    });
+    let health = s.probe.as_ref().map(|spec| {
+        conditions.push(health::READY);
+        health::Health::new(spec)
+    });
     let ctx = Ctx::new(
         s.options.clone(),
         s.network.clone(),
         &conditions,
         xds_status.clone(),
+        ca_status.clone(),
+        health.clone(),
     );
     let resolv = ResolvConf::read(&s.resolv_conf).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no upstream nameservers: names outside the mesh get SERVFAIL");
@@ -158,36 +180,47 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     sup.add(parts::mesh_files(&ctx, file_source(&s))?);
 
     // Identity providers.
-    match &s.certs {
-        Some(dir) => {
-            // The bundle's certificate directory may still be empty (the CA fills it).
-            let required = s
-                .istiod
-                .as_ref()
-                .is_none_or(|i| *dir != i.bundle.paths.output_certs);
-            sup.add(parts::identity_files(
-                &ctx,
-                FileProvider::new(dir.clone()),
-                required,
-            )?)
-        }
-        None => tracing::warn!(
+    match (&s.identity, &s.istiod, ca_status) {
+        (IdentitySource::Files { dir, required }, ..) => sup.add(parts::identity_files(
+            &ctx,
+            FileProvider::new(dir.clone()),
+            *required,
+        )?),
+        (IdentitySource::IstioCa(settings), Some(istiod), Some(status)) => sup.add(parts::ca(
+            &ctx,
+            istiod.bundle.clone(),
+            settings.clone(),
+            status,
+        )),
+        _ => tracing::warn!(
             "no --certs: mesh endpoints that require mTLS are unreachable, inbound mTLS is off"
         ),
     }
     if let (Some(istiod), Some(status)) = (&s.istiod, xds_status) {
-        sup.add(parts::xds(&ctx, istiod, &s, status));
+        sup.add(parts::xds(&ctx, istiod, &s, status, health.clone()));
     }
 
     // Listeners before capture: a captured connection must never meet a closed port.
     let listeners = parts::Listeners::bind(&s)?;
     let inbound_fds = listeners.inbound_fds();
+    let mut exec_cgroup = None;
     let capture = match &s.cgroup {
         Some(cgroup) => {
+            let cgroup = capture::resolve_cgroup(cgroup.as_deref())?;
+            // An exec probe's command runs where capture leaves it alone.
+            if matches!(
+                s.probe.as_ref().map(|p| &p.kind),
+                Some(health::Kind::Exec { .. })
+            ) {
+                exec_cgroup = Some(health::ExecCgroup::create(&cgroup).with_context(|| {
+                    format!("creating the exec probe cgroup under {}", cgroup.display())
+                })?);
+            }
             let settings = capture::Settings {
-                cgroup: capture::resolve_cgroup(cgroup.as_deref())?,
+                cgroup,
                 ports: s.ports,
                 inbound: s.inbound.enabled().then(|| s.inbound.clone()),
+                exempt_cgroup: exec_cgroup.as_ref().map_or(0, |c| c.id()),
             };
             Some(parts::Capture::attach(&ctx, settings, &inbound_fds)?)
         }
@@ -206,6 +239,9 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     sup.add(outbound);
     if let Some(inbound) = inbound {
         sup.add(inbound);
+    }
+    if let (Some(spec), Some(health)) = (&s.probe, health) {
+        sup.add(parts::probe(&ctx, spec.clone(), health, exec_cgroup));
     }
     // Capture last: on the way down it is the first part stopped (fail-open before anything
     // else goes).
@@ -259,7 +295,14 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         cluster_domain: args.cluster_domain.clone(),
     };
-    let ctx = Ctx::new(options, args.network.clone(), &[TABLE, LISTENERS], None);
+    let ctx = Ctx::new(
+        options,
+        args.network.clone(),
+        &[TABLE, LISTENERS],
+        None,
+        None,
+        None,
+    );
     ctx.capture.set(capture::Info::default());
     let mut sup = Supervisor::new(ctx.readiness.clone());
     sup.add(parts::admin(

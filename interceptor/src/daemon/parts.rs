@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, UdpSocket};
@@ -15,7 +15,7 @@ use crate::admin;
 use crate::capture::{self, OriginalDst, Vips};
 use crate::config::{Istiod, Settings};
 use crate::dns::{self, ResolvConf, Resolver, Upstream};
-use crate::identity::FileProvider;
+use crate::identity::{self, FileProvider};
 use crate::mesh::FileSource;
 use crate::net;
 use crate::proxy::{ExposeIstiod, Gateway, Inbound, Outbound};
@@ -78,6 +78,72 @@ pub fn identity_files(ctx: &Ctx, provider: FileProvider, required: bool) -> anyh
         watch.await;
         anyhow::bail!("the identity file watch ended")
     }))
+}
+
+/// The Istio CA provider: a certificate an earlier run left is in force now (the VM serves mTLS
+/// with the CA unreachable); the CA is asked at once when there is none, then at half-life.
+pub fn ca(
+    ctx: &Ctx,
+    bundle: Arc<crate::bundle::Bundle>,
+    settings: identity::CaSettings,
+    status: Arc<identity::CaStatus>,
+) -> Handle {
+    let provider = identity::CaProvider::new(bundle, settings, status);
+    provider.restore(&ctx.identity);
+    let (store, readiness) = (ctx.identity.clone(), ctx.readiness.clone());
+    // Readiness follows the certificate in force (and its expiry).
+    let watch = {
+        let mut rx = store.subscribe();
+        let readiness = readiness.clone();
+        async move {
+            loop {
+                let expires = rx.borrow_and_update().as_ref().map(|id| id.not_after);
+                readiness.set(
+                    identity::READY,
+                    expires.is_some_and(|t| t > SystemTime::now()),
+                );
+                let until_expiry = expires
+                    .and_then(|t| t.duration_since(SystemTime::now()).ok())
+                    .unwrap_or(Duration::MAX);
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(until_expiry) => {}
+                }
+            }
+        }
+    };
+    tracing::info!(spiffe = provider.spiffe(), "certificates from the Istio CA");
+    Handle::new("istio ca", async move {
+        tokio::join!(provider.run(store), watch);
+        anyhow::bail!("the CA provider ended")
+    })
+}
+
+/// The application's readiness probe.
+pub fn probe(
+    ctx: &Ctx,
+    spec: crate::health::Spec,
+    health: Arc<crate::health::Health>,
+    exec_cgroup: Option<crate::health::ExecCgroup>,
+) -> Handle {
+    let readiness = ctx.readiness.clone();
+    tracing::info!(
+        probe = spec.kind.label(),
+        period_s = spec.period.as_secs(),
+        "application probe"
+    );
+    Handle::new("probe", async move {
+        // Owned here: the cgroup goes when the part stops.
+        let cgroup = exec_cgroup;
+        crate::health::run(
+            spec,
+            health,
+            readiness,
+            cgroup.as_ref().map(|c| c.path().to_path_buf()),
+        )
+        .await;
+        anyhow::bail!("the probe loop ended")
+    })
 }
 
 /// Every listener of `interceptor run`, bound before capture attaches.
@@ -246,7 +312,13 @@ impl Capture {
 
 /// mesh::XdsSource: the persisted table in force now (if any), the stream to istiod from here
 /// on.
-pub fn xds(ctx: &Ctx, istiod: &Istiod, s: &Settings, status: Arc<xds::Status>) -> Handle {
+pub fn xds(
+    ctx: &Ctx,
+    istiod: &Istiod,
+    s: &Settings,
+    status: Arc<xds::Status>,
+    health: Option<Arc<crate::health::Health>>,
+) -> Handle {
     let b = istiod.bundle.clone();
     let extra = xds::node::Extra {
         instance_ips: xds::node::instance_ips(),
@@ -266,6 +338,10 @@ pub fn xds(ctx: &Ctx, istiod: &Istiod, s: &Settings, status: Arc<xds::Status>) -
         Some(b.paths.state_dir.join(ISTIOD_TABLE)),
         s.options.clone(),
     );
+    let source = match health {
+        Some(h) => source.with_health(h),
+        None => source,
+    };
     let state = source.restore();
     Handle::new("istiod", async move {
         source.run(state).await;

@@ -4,8 +4,12 @@
 //! anyone sees it, so a certificate TLS cannot use never becomes current. Identity knows nothing
 //! of TLS configs and TLS nothing of providers: the daemon joins the two.
 
+mod ca;
 mod files;
 
+pub use ca::{
+    renew_at, AnswerError, CaProvider, CaState, CaStatus, KeyKind, Settings as CaSettings,
+};
 pub use files::{FileProvider, CERT_CHAIN, KEY, ROOT_CERT};
 
 use std::fmt;
@@ -19,6 +23,10 @@ use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::spiffe::{uri_sans, SpiffeId};
+
+/// The readiness condition of a provider that must fetch a certificate (the Istio CA): met while
+/// one is in force and not expired.
+pub const READY: &str = "certificate";
 
 /// Which of the three PEM inputs a problem is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -58,6 +58,11 @@ pub enum DialError {
     Resolve(crate::dns::ResolveError),
     #[error("the endpoint requires mTLS but this VM has no certificate")]
     NoCertificate,
+    /// Peers would refuse it: said here, once, rather than as their handshake errors.
+    #[error(
+        "the endpoint requires mTLS but this VM's certificate expired {0} s ago (not renewed)"
+    )]
+    CertificateExpired(u64),
     #[error("{0:?} is not a valid SNI")]
     Sni(String),
     #[error("TLS handshake: {0}")]
@@ -76,6 +81,7 @@ impl DialError {
             DialError::Connect(_) => "connect",
             DialError::Resolve(_) => "resolve",
             DialError::NoCertificate => "no_certificate",
+            DialError::CertificateExpired(_) => "certificate_expired",
             DialError::Sni(_) => "sni",
             DialError::Handshake(_) => "handshake",
             DialError::ServerCertificate(_) => "server_certificate",
@@ -154,6 +160,9 @@ impl Dialer {
             Transport::Tls { sni, identities } => {
                 // The certificate before the connection: without one there is nothing to try.
                 let id = self.tls.current().ok_or(DialError::NoCertificate)?;
+                if let Ok(ago) = std::time::SystemTime::now().duration_since(id.not_after) {
+                    return Err(DialError::CertificateExpired(ago.as_secs()));
+                }
                 let tcp = self.tcp(&target.endpoint).await?;
                 let config = self
                     .configs

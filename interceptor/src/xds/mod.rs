@@ -6,7 +6,6 @@
 //! while istiod is unreachable serves the last table; a dead control plane leaves it serving.
 
 mod cache;
-pub mod channel;
 pub mod node;
 pub mod resources;
 mod state;
@@ -33,6 +32,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::bundle::Bundle;
+use crate::channel;
+use crate::health;
 use crate::identity;
 use crate::mesh::{self, SourceId};
 use crate::readiness::Readiness;
@@ -108,6 +109,9 @@ pub struct XdsSource {
     protocol: Protocol,
     cache: Option<PathBuf>,
     options: mesh::Options,
+    /// The application's probe: every transition is reported to istiod, and again on every
+    /// new stream.
+    health: Option<Arc<health::Health>>,
 }
 
 /// What one stream did.
@@ -163,7 +167,35 @@ impl XdsSource {
             protocol,
             cache,
             options,
+            health: None,
         }
+    }
+
+    /// Reports the application's health on the stream (WorkloadGroup auto-registration).
+    pub fn with_health(mut self, health: Arc<health::Health>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// What to tell istiod of the application now: None until the probe decided once, else the
+    /// error detail (None: healthy).
+    fn health_report(&self) -> Option<Option<RpcStatus>> {
+        let state = self.health.as_ref()?.state();
+        let healthy = state.healthy?;
+        Some((!healthy).then(|| RpcStatus {
+            // istio-agent's: codes.Internal with the probe's message.
+            code: tonic::Code::Internal as i32,
+            message: if state.message.is_empty() {
+                "unhealthy".into()
+            } else {
+                state.message
+            },
+            details: vec![],
+        }))
+    }
+
+    fn health_changes(&self) -> Option<tokio::sync::watch::Receiver<health::ProbeState>> {
+        self.health.as_ref().map(|h| h.subscribe())
     }
 
     /// The state to start from: the persisted table, put in force now, or nothing.
@@ -322,8 +354,24 @@ impl XdsSource {
                 session.eds.iter().cloned().collect(),
             ));
         }
+        let health_request = |detail: Option<RpcStatus>| DeltaDiscoveryRequest {
+            type_url: type_url::HEALTH.into(),
+            error_detail: detail,
+            ..Default::default()
+        };
+        // What this stream was told last: a new stream is told again.
+        let mut health = self.health_changes();
+        let mut reported = None;
+        if let Some(detail) = self.health_report() {
+            reported = Some(detail.is_none());
+            let _ = tx.send(health_request(detail));
+        }
         let mut req = tonic::Request::new(UnboundedReceiverStream::new(rx));
-        channel::authorize(&self.bundle, &mut req)?;
+        channel::authorize(
+            &self.bundle,
+            &mut req,
+            channel::presents_certificate(&self.identity),
+        )?;
         let mut stream = client.delta_aggregated_resources(req).await?.into_inner();
         self.status.connection(Connection::Connected, None);
         tracing::info!(server = %self.bundle.discovery.addr, "connected to istiod (delta xDS)");
@@ -341,6 +389,13 @@ impl XdsSource {
                     _ = persist => {
                         session.persist_due = None;
                         self.persist(state);
+                        continue;
+                    }
+                    () = health_changed(&mut health, &mut reported) => {
+                        if let Some(detail) = self.health_report() {
+                            tracing::info!(healthy = detail.is_none(), "application health reported to istiod");
+                            let _ = tx.send(health_request(detail));
+                        }
                         continue;
                     }
                 }
@@ -423,8 +478,24 @@ impl XdsSource {
                 "",
             ));
         }
+        let health_request = |detail: Option<RpcStatus>| DiscoveryRequest {
+            type_url: type_url::HEALTH.into(),
+            error_detail: detail,
+            ..Default::default()
+        };
+        // What this stream was told last: a new stream is told again.
+        let mut health = self.health_changes();
+        let mut reported = None;
+        if let Some(detail) = self.health_report() {
+            reported = Some(detail.is_none());
+            let _ = tx.send(health_request(detail));
+        }
         let mut req = tonic::Request::new(UnboundedReceiverStream::new(rx));
-        channel::authorize(&self.bundle, &mut req)?;
+        channel::authorize(
+            &self.bundle,
+            &mut req,
+            channel::presents_certificate(&self.identity),
+        )?;
         let mut stream = client.stream_aggregated_resources(req).await?.into_inner();
         self.status.connection(Connection::Connected, None);
         tracing::info!(server = %self.bundle.discovery.addr, "connected to istiod (state-of-the-world xDS)");
@@ -442,6 +513,13 @@ impl XdsSource {
                     _ = persist => {
                         session.persist_due = None;
                         self.persist(state);
+                        continue;
+                    }
+                    () = health_changed(&mut health, &mut reported) => {
+                        if let Some(detail) = self.health_report() {
+                            tracing::info!(healthy = detail.is_none(), "application health reported to istiod");
+                            let _ = tx.send(health_request(detail));
+                        }
                         continue;
                     }
                 }
@@ -511,6 +589,27 @@ impl XdsSource {
                     let _ = tx.send(r);
                 }
             }
+        }
+    }
+}
+
+/// Waits until the probe's verdict differs from what was last reported on this stream (never,
+/// without a probe), and takes it as reported.
+async fn health_changed(
+    rx: &mut Option<tokio::sync::watch::Receiver<health::ProbeState>>,
+    reported: &mut Option<bool>,
+) {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        let now = rx.borrow_and_update().healthy;
+        if now.is_some() && now != *reported {
+            *reported = now;
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }

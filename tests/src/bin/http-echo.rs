@@ -1,5 +1,7 @@
 //! Test server: `http-echo NAME ADDR...`. Answers every HTTP request with
 //! "NAME METHOD PATH from PEER" and prints the same line, so a test sees who reached whom.
+//! With HTTP_ECHO_STATUS_FILE set, the status code is what that file holds (200 without it):
+//! an application whose health a test turns.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,9 +23,13 @@ fn serve(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
     let body = format!("{name} {method} {path} from {peer}\n");
     print!("{body}");
     std::io::stdout().flush()?;
+    let status: u16 = std::env::var_os("HTTP_ECHO_STATUS_FILE")
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(200);
     write!(
         stream,
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     stream.flush()

@@ -70,7 +70,7 @@ fn client_config(
         .with_safe_default_protocol_versions()
         .map_err(Error::Tls)?
         .with_root_certificates(roots);
-    let mut cfg = match identity.current() {
+    let mut cfg = match usable_certificate(identity) {
         Some(id) => builder
             .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
             .map_err(Error::Tls)?,
@@ -78,6 +78,19 @@ fn client_config(
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// Our certificate if it can authenticate us: an expired one would only fail the handshake,
+/// and the token speaks instead.
+fn usable_certificate(identity: &identity::Store) -> Option<Arc<identity::Identity>> {
+    identity
+        .current()
+        .filter(|id| id.not_after > std::time::SystemTime::now())
+}
+
+/// Whether calls on a channel made now present a certificate (for `authorize`).
+pub fn presents_certificate(identity: &identity::Store) -> bool {
+    usable_certificate(identity).is_some()
 }
 
 /// A channel to `to` (istiod, or the CA), over TLS, connected now.
@@ -129,19 +142,30 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Sets the bearer token (read now) and ClusterID on a call.
-pub fn authorize<T>(b: &Bundle, req: &mut tonic::Request<T>) -> Result<(), Error> {
-    let token = b.token().map_err(Error::Token)?;
-    if token.is_empty() {
-        return Err(Error::EmptyToken);
-    }
+/// Sets the bearer token (read now) and ClusterID on a call. With a mesh certificate to
+/// present (`has_certificate`), a missing, empty or unusable token is left out: the certificate
+/// authenticates (the token expires within the hour; the certificate is renewed).
+pub fn authorize<T>(
+    b: &Bundle,
+    req: &mut tonic::Request<T>,
+    has_certificate: bool,
+) -> Result<(), Error> {
+    let token = match b.token() {
+        Ok(t) if !t.is_empty() => Some(t),
+        Ok(_) if !has_certificate => return Err(Error::EmptyToken),
+        Err(e) if !has_certificate => return Err(Error::Token(e)),
+        _ => None,
+    };
     let m = req.metadata_mut();
-    m.insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Error::Header)?,
-    );
+    if let Some(token) = token {
+        match format!("Bearer {token}").parse() {
+            Ok(v) => {
+                m.insert("authorization", v);
+            }
+            Err(_) if has_certificate => {}
+            Err(_) => return Err(Error::Header),
+        }
+    }
     m.insert(
         "clusterid",
         b.cluster_id.parse().map_err(|_| Error::Header)?,
