@@ -109,6 +109,43 @@ impl Interceptor {
         ic
     }
 
+    /// Starts `cmd` and waits until every readiness condition but `except` is met (a test that
+    /// watches that one condition change).
+    pub fn start_except(
+        cmd: Command,
+        log: PathBuf,
+        ns: NetnsRef,
+        admin: &str,
+        except: &str,
+    ) -> Self {
+        let proc = Proc::spawn("interceptor", cmd, log);
+        let mut ic = Self {
+            proc,
+            ns,
+            admin: admin.to_string(),
+        };
+        let up = wait_for(30.0, || {
+            if let Some((_, body)) = ic.admin_get("/status") {
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                let conditions = v["readiness"]["conditions"].as_object()?;
+                if conditions
+                    .iter()
+                    .all(|(k, ok)| k == except || ok.as_bool() == Some(true))
+                {
+                    return Some(true);
+                }
+            }
+            match ic.proc.child.try_wait() {
+                Ok(Some(_)) => Some(false),
+                _ => None,
+            }
+        });
+        if up != Some(true) {
+            panic!("interceptor never came up; output:\n{}", ic.proc.output());
+        }
+        ic
+    }
+
     /// Waits for readiness 200; panics with the log when the process exits or time runs out.
     pub fn wait_ready(&mut self, secs: f64) {
         let ready = wait_for(secs, || {

@@ -495,6 +495,17 @@ impl Run {
         )
     }
 
+    /// Starts it and waits until it is ready but for readiness condition `except`.
+    pub fn start_except(self, except: &str) -> Interceptor {
+        Interceptor::start_except(
+            self.command(),
+            self.log_path(),
+            self.ns.clone(),
+            &self.admin,
+            except,
+        )
+    }
+
     /// Starts it without waiting (for a start that must fail).
     pub fn spawn(self) -> Proc {
         Proc::spawn("interceptor", self.command(), self.log_path())

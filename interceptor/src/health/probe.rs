@@ -293,6 +293,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn grpc_probe_asks_the_health_service() {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        let kind = Kind::Grpc {
+            port,
+            service: "app".into(),
+        };
+        let t = Duration::from_secs(2);
+        reporter
+            .set_service_status("app", tonic_health::ServingStatus::Serving)
+            .await;
+        assert_eq!(check(&kind, t, None).await, Ok(()));
+        reporter
+            .set_service_status("app", tonic_health::ServingStatus::NotServing)
+            .await;
+        let e = check(&kind, t, None).await.unwrap_err();
+        assert!(e.contains("NOT_SERVING"), "{e}");
+        let unknown = Kind::Grpc {
+            port,
+            service: "other".into(),
+        };
+        let e = check(&unknown, t, None).await.unwrap_err();
+        assert!(
+            e.contains("NotFound") || e.contains("not found") || e.contains("unknown"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
     async fn http_probe_takes_2xx_and_3xx_only() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
