@@ -131,6 +131,10 @@ pub struct RunArgs {
     /// Inbound capture listener port [default: 15006]
     #[arg(long)]
     pub inbound_port: Option<u16>,
+    /// Port this VM takes HBONE on (steered to the inbound listener, always mTLS; needs a
+    /// certificate); 0 turns HBONE inbound off [default: 15008]
+    #[arg(long)]
+    pub hbone_port: Option<u16>,
     /// DNS listener port on loopback, UDP and TCP [default: 15053]
     #[arg(long)]
     pub dns_port: Option<u16>,
@@ -229,13 +233,22 @@ pub struct InboundPorts {
     pub all: bool,
     /// Never captured, whatever `ports` says (SSH, the admin ports and our listeners included).
     pub exclude: Vec<u16>,
+    /// The HBONE port, captured as well (with a certificate only: HBONE is always mTLS).
+    pub hbone: Option<u16>,
 }
 
 impl InboundPorts {
     pub fn enabled(&self) -> bool {
-        self.all || !self.ports.is_empty()
+        self.all || !self.ports.is_empty() || self.hbone.is_some()
+    }
+
+    /// Every port steered to the inbound listener by number (with `all`, every port is).
+    pub fn captured(&self) -> impl Iterator<Item = &u16> {
+        self.ports.iter().chain(self.hbone.iter())
     }
 }
+
+use crate::route::HBONE_PORT;
 
 /// Settings with every default applied.
 #[derive(Clone, Debug)]
@@ -339,6 +352,7 @@ impl RunArgs {
             mtls_mode: self.mtls_mode.or(file.mtls_mode),
             outbound_port: self.outbound_port.or(file.outbound_port),
             inbound_port: self.inbound_port.or(file.inbound_port),
+            hbone_port: self.hbone_port.or(file.hbone_port),
             dns_port: self.dns_port.or(file.dns_port),
             resolv_conf: self.resolv_conf.or(file.resolv_conf),
             capture: self.capture.or(file.capture),
@@ -486,6 +500,11 @@ impl RunArgs {
             inbound: InboundPorts {
                 ports: inbound_ports,
                 all,
+                hbone: match args.hbone_port.unwrap_or(HBONE_PORT) {
+                    0 => None,
+                    _ if matches!(identity, IdentitySource::None) => None,
+                    p => Some(p),
+                },
                 exclude: excluded(exclude, ports, admin_addr),
             },
             policy: InboundPolicy {

@@ -47,6 +47,15 @@ impl TcpLabels {
     }
 }
 
+/// Which side of HBONE counted it.
+pub const OUTBOUND: &str = "outbound";
+pub const INBOUND: &str = "inbound";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    pub direction: &'static str,
+}
+
 /// A refusal or failure, by who saw it and why.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -67,6 +76,9 @@ pub struct Metrics {
     inbound_refused: Family<Reason, Counter>,
     /// Gateway connections refused.
     gateway_refused: Family<Reason, Counter>,
+    /// HBONE: TLS connections made or accepted (each one handshake), and CONNECT streams.
+    hbone_connections: Family<Direction, Counter>,
+    hbone_streams: Family<Direction, Counter>,
 }
 
 impl Metrics {
@@ -91,6 +103,18 @@ impl Metrics {
 
     pub fn gateway_refused(&self, reason: &'static str) {
         self.gateway_refused.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn hbone_connection(&self, direction: &'static str) {
+        self.hbone_connections
+            .get_or_create(&Direction { direction })
+            .inc();
+    }
+
+    pub fn hbone_stream(&self, direction: &'static str) {
+        self.hbone_streams
+            .get_or_create(&Direction { direction })
+            .inc();
     }
 
     /// Adds the families to `registry` (they stay shared with the data paths).
@@ -129,6 +153,16 @@ impl Metrics {
             "interceptor_gateway_refused",
             "Gateway connections refused, by reason",
             self.gateway_refused.clone(),
+        );
+        registry.register(
+            "interceptor_hbone_connections",
+            "HBONE connections (one TLS handshake each) made (outbound) or accepted (inbound)",
+            self.hbone_connections.clone(),
+        );
+        registry.register(
+            "interceptor_hbone_streams",
+            "HBONE CONNECT streams opened (outbound) or served (inbound)",
+            self.hbone_streams.clone(),
         );
     }
 }

@@ -162,6 +162,121 @@ pub fn outbound_config(
     bootstrap(admin, json!([listener]), json!([cluster]))
 }
 
+/// TLS 1.3 only, as HBONE requires (SPEC 11).
+fn tls13(mut common: Value) -> Value {
+    common["tls_params"] = json!({
+        "tls_minimum_protocol_version": "TLSv1_3",
+        "tls_maximum_protocol_version": "TLSv1_3",
+    });
+    common
+}
+
+/// An HBONE terminator as Istio's waypoint is one: `listen`:15008 with TLS 1.3, ALPN h2 and a
+/// client certificate of the trust domain required; HTTP/2 CONNECT streams (`connect_matcher`)
+/// tunnelled as TCP to the stream's `:authority` (an ORIGINAL_DST cluster reading it). Each
+/// stream's access-log line carries the authority and the client's identity.
+pub fn hbone_terminator_config(certs: &Path, listen: &str, admin: u16) -> String {
+    let hcm = json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "hbone",
+            "codec_type": "HTTP2",
+            "http2_protocol_options": {"allow_connect": true},
+            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+            "access_log": [{
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": {"text_format_source": {"inline_string":
+                        "hbone method=%REQ(:METHOD)% authority=%REQ(:AUTHORITY)% status=%RESPONSE_CODE% peer_san=%DOWNSTREAM_PEER_URI_SAN% upstream=%UPSTREAM_HOST% forwarded=%REQ(FORWARDED)% tx=%BYTES_SENT%\n"}},
+                },
+            }],
+            "route_config": {
+                "name": "hbone",
+                "virtual_hosts": [{
+                    "name": "hbone",
+                    "domains": ["*"],
+                    "routes": [{
+                        "match": {"connect_matcher": {}},
+                        "route": {
+                            "cluster": "authority",
+                            "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+                        },
+                    }],
+                }],
+            },
+            "http_filters": [{
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }],
+        },
+    });
+    let listener = json!({
+        "name": "hbone",
+        "address": socket(listen, 15008),
+        "filter_chains": [{
+            "transport_socket": {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "require_client_certificate": true,
+                    "common_tls_context": tls13(common_tls(
+                        certs,
+                        &["h2"],
+                        json!({"prefix": "spiffe://cluster.local/"}),
+                    )),
+                },
+            },
+            "filters": [hcm],
+        }],
+    });
+    let cluster = json!({
+        "name": "authority",
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "5s",
+        "original_dst_lb_config": {"use_http_header": true, "http_header_name": ":authority"},
+    });
+    bootstrap(admin, json!([listener]), json!([cluster]))
+}
+
+/// An HBONE originator as Istio's sidecar is one towards ambient pods: plaintext in on
+/// 127.0.0.1:`local`, each connection a CONNECT stream for `authority` (tcp_proxy
+/// `tunneling_config`) over HTTP/2 and TLS 1.3 (ALPN h2, no SNI) to `endpoint`:15008, whose
+/// URI SAN must be exactly `san`.
+pub fn hbone_originator_config(
+    certs: &Path,
+    local: u16,
+    endpoint: &str,
+    authority: &str,
+    san: &str,
+    admin: u16,
+) -> String {
+    let mut cluster = static_cluster("hbone", endpoint, 15008);
+    cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        },
+    });
+    cluster["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": tls13(common_tls(certs, &["h2"], json!({"exact": san}))),
+        },
+    });
+    let mut proxy = tcp_proxy("originate", "hbone");
+    proxy["typed_config"]["tunneling_config"] = json!({"hostname": authority});
+    let listener = json!({
+        "name": "originate",
+        "address": socket("127.0.0.1", local),
+        "filter_chains": [{"filters": [proxy]}],
+    });
+    bootstrap(admin, json!([listener]), json!([cluster]))
+}
+
 /// A sidecar's bootstrap as istio-agent writes it, reduced to xDS: ADS (delta) to istiod at
 /// `istiod` over TLS (SNI and SAN `istiod.istio-system.svc`, the workload certificate as the
 /// client's), CDS and EDS from it, and the `sds-grpc` cluster istiod's clusters name for their

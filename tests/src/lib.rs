@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod certs;
 mod cgroup;
 pub mod envoy;
+pub mod hbone;
 pub mod istiod;
 pub mod istiod_ca;
 pub mod istiod_sds;

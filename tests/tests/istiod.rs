@@ -261,7 +261,6 @@ fn from_the_bundle_alone_names_and_connections_come_from_istiod() {
         ("INTERCEPTION_MODE", "REDIRECT"),
         ("DNS_CAPTURE", "true"),
         ("DNS_AUTO_ALLOCATE", "true"),
-        ("DISABLE_HBONE_SEND", "true"),
         ("ISTIO_VERSION", "1.28.0"),
         ("LABELS", "{app=vm-app,version=v1}"),
     ] {
@@ -272,6 +271,8 @@ fn from_the_bundle_alone_names_and_connections_come_from_istiod() {
         "{md:?}"
     );
     assert!(md.contains_key("PROXY_CONFIG"), "{md:?}");
+    // We send HBONE, so tunnel endpoints may come.
+    assert!(!md.contains_key("DISABLE_HBONE_SEND"), "{md:?}");
     // Every type ACKed; the ignored clusters did not stop anything.
     for t in [type_url::CLUSTER, type_url::ENDPOINT, type_url::NAME_TABLE] {
         assert!(w.cp().acks(t) >= 1, "{t} never ACKed");

@@ -77,12 +77,22 @@ pub fn print_explain(v: &Verdict) {
                 r.connect_to,
                 r.via,
                 r.weight,
-                if r.mtls { "mTLS" } else { "plaintext" },
+                match r.transport.as_str() {
+                    "hbone" => "HBONE",
+                    _ if r.mtls => "mTLS",
+                    _ => "plaintext",
+                },
                 r.endpoints.join(", ")
             );
             if let Some(sni) = &r.sni {
                 println!(
                     "     SNI {sni} ALPN istio, server must be one of [{}]",
+                    r.identities.join(", ")
+                );
+            }
+            if let Some(authority) = &r.authority {
+                println!(
+                    "     CONNECT {authority} over TLS 1.3 ALPN h2, server must be one of [{}]",
                     r.identities.join(", ")
                 );
             }

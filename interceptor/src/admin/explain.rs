@@ -57,7 +57,13 @@ pub struct Route {
     #[serde(default)]
     pub priority: u32,
     pub mtls: bool,
+    /// `plaintext`, `sidecar_mtls` (Istio's sidecar wire) or `hbone`.
+    #[serde(default)]
+    pub transport: String,
     pub sni: Option<String>,
+    /// HBONE: the CONNECT stream's `:authority`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
     /// Identities the server certificate must carry.
     pub identities: Vec<String>,
 }
@@ -203,16 +209,21 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
                     .collect(),
                 weight: *weight,
                 mtls: t.transport.is_mtls(),
+                transport: t.transport.label().into(),
                 sni: match &t.transport {
                     Transport::Tls { sni, .. } => Some(sni.to_string()),
-                    Transport::Plain => None,
+                    _ => None,
                 },
-                identities: match &t.transport {
-                    Transport::Tls { identities, .. } => {
-                        identities.iter().map(ToString::to_string).collect()
-                    }
-                    Transport::Plain => vec![],
+                authority: match &t.transport {
+                    Transport::Hbone { authority, .. } => Some(authority.to_string()),
+                    _ => None,
                 },
+                identities: t
+                    .transport
+                    .identities()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
             },
         )
         .collect();

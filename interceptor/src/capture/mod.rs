@@ -261,7 +261,7 @@ fn attach_inbound(
     )
     .map_err(map_error(maps::INBOUND_PORTS))?;
     if !inbound.all {
-        for p in &inbound.ports {
+        for p in inbound.captured() {
             ports
                 .insert(
                     p,

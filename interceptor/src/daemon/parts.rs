@@ -196,7 +196,9 @@ impl Listeners {
             ctx.store.clone(),
             ctx.tls.clone(),
             orig,
-            Dialer::new(ctx.tls.clone(), Timeouts::default()).with_resolver(resolver),
+            Dialer::new(ctx.tls.clone(), Timeouts::default())
+                .with_resolver(resolver)
+                .with_metrics(ctx.metrics.clone()),
             ctx.outliers.clone(),
             self.outbound_addrs,
             s.network.clone(),
@@ -213,6 +215,7 @@ impl Listeners {
                 ctx.tls.clone(),
                 s.policy.clone(),
                 s.ports.inbound,
+                s.inbound.hbone,
                 interceptor_ebpf::abi::INBOUND_SOURCE4,
                 ctx.metrics.clone(),
             );
@@ -323,7 +326,7 @@ pub fn xds(
     let extra = xds::node::Extra {
         instance_ips: xds::node::instance_ips(),
         ports: s.inbound.ports.clone(),
-        hbone: false,
+        hbone: s.inbound.hbone.is_some(),
     };
     let node = xds::node::node(&b, &extra);
     tracing::info!(node = %node.id, "node for istiod");

@@ -13,6 +13,7 @@ use serde_yaml_ng::Value;
 
 use super::model::{
     Address, Health, Host, Location, Resolution, ServicePort, Workload, WorkloadGroup,
+    AMBIENT_REDIRECTION, TUNNEL_LABEL,
 };
 
 /// The service account of a workload that names none (Kubernetes' default).
@@ -200,6 +201,10 @@ fn parse_document(
             let spec: WorkloadEntrySpec = doc.typed(spec, "spec")?;
             let mut w = workload(doc, "spec", origin, &namespace, spec, false)?;
             w.health = health(&value);
+            if ambient(&value) && !w.labels.contains_key(TUNNEL_LABEL) {
+                // The model has one HBONE marker: the label.
+                Arc::make_mut(&mut w.labels).insert(TUNNEL_LABEL.into(), "http".into());
+            }
             res.workloads.push(Arc::new(w));
         }
         "WorkloadGroup" => {
@@ -224,6 +229,15 @@ fn parse_document(
         }
     }
     Ok(())
+}
+
+/// `metadata.annotations["ambient.istio.io/redirection"] == "enabled"`.
+fn ambient(value: &Value) -> bool {
+    value
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| str_at(a, AMBIENT_REDIRECTION))
+        == Some("enabled")
 }
 
 /// WorkloadEntry status as written by Istio's health checking: condition Healthy=False.

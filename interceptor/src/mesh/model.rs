@@ -104,6 +104,11 @@ pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Label Istio's auto-mTLS reads to decide that an endpoint speaks mTLS.
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+/// Istio's marker of a workload that takes HBONE on 15008 (SPEC 11; istiod adds it to
+/// auto-registered entries of proxies that send `ENABLE_HBONE`).
+pub const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
+/// The annotation that marks a WorkloadEntry as captured by ambient (the other HBONE marker).
+pub const AMBIENT_REDIRECTION: &str = "ambient.istio.io/redirection";
 
 /// A WorkloadEntry or an inline ServiceEntry endpoint: a pod or a VM.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -139,6 +144,14 @@ impl Workload {
     /// Istio's auto-mTLS rule (SPEC section 5).
     pub fn speaks_istio_mtls(&self) -> bool {
         self.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
+    }
+
+    /// Whether it takes HBONE (SPEC 11): the tunnel label, which the file source also sets for
+    /// the ambient annotation and the xDS source for `connect_originate` endpoints. Only an IP
+    /// can be tunnelled to (`:authority` is `IP:port`).
+    pub fn speaks_hbone(&self) -> bool {
+        matches!(self.address, Address::Ip(_))
+            && self.labels.get(TUNNEL_LABEL).map(String::as_str) == Some("http")
     }
 
     /// The port this workload serves `port` of a service on.

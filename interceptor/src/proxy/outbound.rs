@@ -16,7 +16,7 @@ use crate::net::relay;
 use crate::route::{self, Outliers, Scope, Target, Transport};
 use crate::spiffe::{SpiffeId, DEFAULT_TRUST_DOMAIN};
 use crate::tls;
-use crate::transport::{try_targets, Dialer, Upstream};
+use crate::transport::{try_targets, Dialer, For, Upstream};
 
 /// At most this many endpoints are tried for one connection.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -105,7 +105,7 @@ impl Outbound {
             &self.outliers,
             &self.metrics,
             svc.host.as_str(),
-            &self.dialer,
+            &For(&self.dialer, peer),
         )
         .await
         {
@@ -117,24 +117,30 @@ impl Outbound {
         };
         let target = &targets[i];
         let mtls = upstream.is_mtls();
-        let server = match &target.transport {
-            Transport::Tls { identities, .. } => upstream.peer_identity(identities),
-            Transport::Plain => None,
-        };
+        let server = upstream.peer_identity(target.transport.identities());
         let labels = TcpLabels::new(metrics::SOURCE, svc.host.to_string(), mtls).principals(
             tls.as_ref().filter(|_| mtls).map(|c| c.spiffe.as_str()),
             server.as_ref().map(SpiffeId::as_str),
         );
         self.metrics.opened(&labels);
-        tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.endpoint, gateway_network = target.gateway_network(), mtls, "outbound connection");
+        tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), "outbound connection");
         let result = match upstream {
             Upstream::Tcp(mut up) => relay(&mut client, &mut up).await,
             Upstream::Tls(mut up) => relay(&mut client, up.as_mut()).await,
+            Upstream::Hbone(mut up) => relay(&mut client, up.as_mut()).await,
         };
         let _ = client.shutdown().await;
         let (from_client, to_client) = result.as_ref().copied().unwrap_or((0, 0));
         self.metrics.closed(&labels, from_client, to_client);
         log_close(&result, dst, svc, target, started);
+    }
+}
+
+/// The CONNECT stream's authority, for the access log.
+fn hbone_authority(t: &Transport) -> Option<String> {
+    match t {
+        Transport::Hbone { authority, .. } => Some(authority.to_string()),
+        _ => None,
     }
 }
 

@@ -29,6 +29,9 @@ use serde::{Deserialize, Serialize};
 use crate::mesh::{Address, Health, Networks, Resolution, Service, ServicePort, Workload};
 use crate::spiffe::SpiffeId;
 
+/// Where every HBONE peer takes tunnels (SPEC 11).
+pub const HBONE_PORT: u16 = 15008;
+
 /// Where a connection is made: an address (an IP, or a host name resolved when connecting) and
 /// a port. Also the key of observed health: one endpoint, one outlier record.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -57,11 +60,35 @@ pub enum Transport {
         sni: Arc<str>,
         identities: Vec<SpiffeId>,
     },
+    /// HBONE (SPEC 11): one `CONNECT authority` stream in a pooled HTTP/2 connection over
+    /// TLS 1.3 to the endpoint (the workload's IP, port 15008); the server must present one of
+    /// `identities`.
+    Hbone {
+        authority: SocketAddr,
+        identities: Vec<SpiffeId>,
+    },
 }
 
 impl Transport {
     pub fn is_mtls(&self) -> bool {
-        matches!(self, Transport::Tls { .. })
+        !matches!(self, Transport::Plain)
+    }
+
+    /// The identities the server must present (none for plain TCP).
+    pub fn identities(&self) -> &[SpiffeId] {
+        match self {
+            Transport::Plain => &[],
+            Transport::Tls { identities, .. } | Transport::Hbone { identities, .. } => identities,
+        }
+    }
+
+    /// What `explain` and the access log call it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Transport::Plain => "plaintext",
+            Transport::Tls { .. } => "sidecar_mtls",
+            Transport::Hbone { .. } => "hbone",
+        }
     }
 }
 
@@ -138,6 +165,8 @@ pub enum SkipReason {
     NotInGatewayNetwork,
     /// Plaintext cannot cross to another network (the gateway routes by our mTLS's SNI).
     RemotePlaintext,
+    /// An HBONE-only endpoint in another network: that takes double HBONE, not built yet.
+    RemoteHbone,
 }
 
 impl SkipReason {
@@ -148,6 +177,7 @@ impl SkipReason {
             SkipReason::GatewayNeedsMtls => "gateway_needs_mtls",
             SkipReason::NotInGatewayNetwork => "not_in_gateway_network",
             SkipReason::RemotePlaintext => "remote_plaintext",
+            SkipReason::RemoteHbone => "remote_hbone",
         }
     }
 }
@@ -159,6 +189,9 @@ impl fmt::Display for SkipReason {
             SkipReason::GatewayNeedsMtls => "no mTLS: the gateway relays TLS only",
             SkipReason::NotInGatewayNetwork => "not in the gateway's network",
             SkipReason::RemotePlaintext => "another network (behind its gateway) and no mTLS",
+            SkipReason::RemoteHbone => {
+                "another network and HBONE only (double HBONE is not supported)"
+            }
         })
     }
 }
@@ -245,12 +278,34 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
                     || is_local(w, network)
                     || networks.gateways(&w.network).is_empty()
                 {
-                    let transport = if w.speaks_istio_mtls() {
-                        tls(std::slice::from_ref(w), trust_domain)
-                    } else {
-                        Transport::Plain
-                    };
-                    out.targets.push(direct(w, transport));
+                    match &w.address {
+                        // HBONE wins where both are spoken, as in ztunnel.
+                        Address::Ip(ip) if w.speaks_hbone() => out.targets.push(Weighted {
+                            weight: f64::from(w.weight.max(1)),
+                            priority: w.priority,
+                            target: Target {
+                                endpoint: EndpointAddr {
+                                    address: w.address.clone(),
+                                    port: HBONE_PORT,
+                                },
+                                via: Via::Direct(w.clone()),
+                                transport: Transport::Hbone {
+                                    authority: SocketAddr::new(*ip, w.target_port(port)),
+                                    identities: expected_identities(
+                                        svc,
+                                        std::slice::from_ref(w),
+                                        trust_domain,
+                                    ),
+                                },
+                            },
+                        }),
+                        _ if w.speaks_istio_mtls() => out
+                            .targets
+                            .push(direct(w, tls(std::slice::from_ref(w), trust_domain))),
+                        _ => out.targets.push(direct(w, Transport::Plain)),
+                    }
+                } else if w.speaks_hbone() && !w.speaks_istio_mtls() {
+                    out.skipped.push(skip(w, SkipReason::RemoteHbone));
                 } else if w.speaks_istio_mtls() {
                     remote
                         .entry((w.network.as_str(), w.priority))

@@ -156,3 +156,66 @@ pub fn server_config(
 
 /// Resumable sessions the inbound side keeps. Small on purpose: rustls scans it linearly.
 const SERVER_SESSIONS: usize = 256;
+
+/// HBONE's ALPN (SPEC 11; I: ztunnel src/tls/workload.rs).
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The HBONE client base: TLS 1.3 only, ALPN h2, no SNI, no resumption (ztunnel's client). The
+/// verifier is set per destination (`hbone_client_for`).
+pub fn hbone_client_base(
+    cert: &Arc<CertifiedKey>,
+    roots: &Arc<RootCertStore>,
+) -> Result<Arc<ClientConfig>, Error> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier::new(
+        roots.clone(),
+        vec![],
+        provider.clone(),
+    ));
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(Error::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(OneCert(cert.clone())));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.enable_sni = false;
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// The HBONE client config for one destination: the base with a verifier for `expected`.
+/// Connections are pooled, so a config is made per new pooled connection only.
+pub fn hbone_client_for(
+    base: &ClientConfig,
+    roots: &Arc<RootCertStore>,
+    expected: Vec<SpiffeId>,
+) -> Arc<ClientConfig> {
+    let mut cfg = base.clone();
+    let provider = cfg.crypto_provider().clone();
+    cfg.dangerous()
+        .set_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            roots.clone(),
+            expected,
+            provider,
+        )));
+    Arc::new(cfg)
+}
+
+/// The HBONE server (15008): TLS 1.3 only, ALPN h2, a client certificate from the mesh roots
+/// required.
+pub fn hbone_server_config(
+    cert: &Arc<CertifiedKey>,
+    roots: &Arc<RootCertStore>,
+) -> Result<Arc<ServerConfig>, Error> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(Error::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(OneCert(cert.clone())));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}

@@ -9,7 +9,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::sync::watch;
 
-use super::{client_base, provider, server_config, Error};
+use super::{client_base, hbone_client_base, hbone_server_config, provider, server_config, Error};
 use crate::spiffe::SpiffeId;
 
 /// Everything a data path needs to speak mTLS as this workload.
@@ -21,6 +21,9 @@ pub struct Configs {
     pub client: Arc<ClientConfig>,
     /// Inbound mTLS termination (client certs required and verified against the roots).
     pub server: Arc<ServerConfig>,
+    /// HBONE (TLS 1.3, h2): the client base (verifier set per destination) and the 15008 server.
+    pub hbone_client: Arc<ClientConfig>,
+    pub hbone_server: Arc<ServerConfig>,
 }
 
 impl Configs {
@@ -64,6 +67,8 @@ impl Store {
             not_after,
             client: client_base(&certified, &roots)?,
             server: server_config(&certified, &roots)?,
+            hbone_client: hbone_client_base(&certified, &roots)?,
+            hbone_server: hbone_server_config(&certified, &roots)?,
             roots,
         };
         self.current.send_replace(Some(Arc::new(configs)));

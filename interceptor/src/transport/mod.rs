@@ -1,10 +1,13 @@
 //! Dialing: turning a route's target into a connected upstream with the target's transport
-//! (plain TCP, Istio mTLS; HBONE plugs in here), and trying targets in order with bounded
+//! (plain TCP, Istio mTLS, an HBONE stream in a pooled connection), and trying targets in order with bounded
 //! attempts, timeouts and outlier marks. Every data path that connects out (outbound, the
 //! gateway) goes through `try_targets`.
 
+pub mod hbone;
+
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,18 +28,21 @@ use crate::tls;
 pub enum Upstream {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<Buffered>>),
+    Hbone(Box<hbone::Stream>),
 }
 
 impl Upstream {
     pub fn is_mtls(&self) -> bool {
-        matches!(self, Upstream::Tls(_))
+        !matches!(self, Upstream::Tcp(_))
     }
 
     /// Who answered, as its certificate proved: one of `expected` (the verifier accepted
     /// nothing else). None for plain TCP.
     pub fn peer_identity(&self, expected: &[SpiffeId]) -> Option<SpiffeId> {
-        let Upstream::Tls(tls) = self else {
-            return None;
+        let tls = match self {
+            Upstream::Tcp(_) => return None,
+            Upstream::Hbone(s) => return s.peer().cloned(),
+            Upstream::Tls(tls) => tls,
         };
         if let [only] = expected {
             // The only identity the verifier accepts: no need to parse the certificate.
@@ -72,6 +78,8 @@ pub enum DialError {
     ServerCertificate(std::io::Error),
     #[error("TLS handshake timed out")]
     HandshakeTimeout,
+    #[error("HBONE: {0}")]
+    Hbone(hbone::Error),
 }
 
 impl DialError {
@@ -86,6 +94,7 @@ impl DialError {
             DialError::Handshake(_) => "handshake",
             DialError::ServerCertificate(_) => "server_certificate",
             DialError::HandshakeTimeout => "handshake_timeout",
+            DialError::Hbone(e) => e.label(),
         }
     }
 }
@@ -112,6 +121,8 @@ pub struct Dialer {
     timeouts: Timeouts,
     /// Host-name endpoints are resolved by us (None: the system resolver).
     resolver: Option<Arc<Resolver>>,
+    /// HBONE's pooled connections.
+    hbone: hbone::Pool,
 }
 
 impl Dialer {
@@ -121,7 +132,19 @@ impl Dialer {
             configs: ClientConfigs::default(),
             timeouts,
             resolver: None,
+            hbone: hbone::Pool::new(Arc::default()),
         }
+    }
+
+    /// HBONE connections and streams are counted in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.hbone = hbone::Pool::new(metrics);
+        self
+    }
+
+    /// HBONE connections pooled now.
+    pub fn hbone_connections(&self) -> usize {
+        self.hbone.connections()
     }
 
     pub fn with_resolver(mut self, resolver: Arc<Resolver>) -> Self {
@@ -155,14 +178,42 @@ impl Dialer {
 
     /// Connects to `target` and sets up its transport.
     pub async fn dial(&self, target: &Target) -> Result<Upstream, DialError> {
+        self.dial_for(target, None).await
+    }
+
+    /// As `dial`, for an application connection from `client` (HBONE tells the peer).
+    pub async fn dial_for(
+        &self,
+        target: &Target,
+        client: Option<SocketAddr>,
+    ) -> Result<Upstream, DialError> {
         match &target.transport {
             Transport::Plain => Ok(Upstream::Tcp(self.tcp(&target.endpoint).await?)),
+            Transport::Hbone {
+                authority,
+                identities,
+            } => {
+                let id = self.certificate()?;
+                let Address::Ip(ip) = target.endpoint.address else {
+                    return Err(DialError::Hbone(hbone::Error::Authority(
+                        target.endpoint.to_string(),
+                    )));
+                };
+                let req = hbone::Connect {
+                    tls: &id,
+                    endpoint: SocketAddr::new(ip, target.endpoint.port),
+                    authority: *authority,
+                    identities,
+                    client,
+                };
+                let stream = self
+                    .hbone
+                    .connect(req, self.timeouts.handshake, || self.tcp(&target.endpoint))
+                    .await?;
+                Ok(Upstream::Hbone(Box::new(stream)))
+            }
             Transport::Tls { sni, identities } => {
-                // The certificate before the connection: without one there is nothing to try.
-                let id = self.tls.current().ok_or(DialError::NoCertificate)?;
-                if let Ok(ago) = std::time::SystemTime::now().duration_since(id.not_after) {
-                    return Err(DialError::CertificateExpired(ago.as_secs()));
-                }
+                let id = self.certificate()?;
                 let tcp = self.tcp(&target.endpoint).await?;
                 let config = self
                     .configs
@@ -177,6 +228,17 @@ impl Dialer {
                 Ok(Upstream::Tls(Box::new(stream)))
             }
         }
+    }
+}
+
+impl Dialer {
+    /// The certificate before the connection: without a valid one there is nothing to try.
+    fn certificate(&self) -> Result<Arc<tls::Configs>, DialError> {
+        let id = self.tls.current().ok_or(DialError::NoCertificate)?;
+        if let Ok(ago) = std::time::SystemTime::now().duration_since(id.not_after) {
+            return Err(DialError::CertificateExpired(ago.as_secs()));
+        }
+        Ok(id)
     }
 }
 
@@ -210,6 +272,19 @@ impl Connector for Dialer {
         target: &'a Target,
     ) -> impl Future<Output = Result<Upstream, DialError>> + Send + 'a {
         self.dial(target)
+    }
+}
+
+/// Each target with its transport, for an application connection from `.1`.
+pub struct For<'a>(pub &'a Dialer, pub SocketAddr);
+
+impl Connector for For<'_> {
+    type Conn = Upstream;
+    fn connect<'a>(
+        &'a self,
+        target: &'a Target,
+    ) -> impl Future<Output = Result<Upstream, DialError>> + Send + 'a {
+        self.0.dial_for(target, Some(self.1))
     }
 }
 

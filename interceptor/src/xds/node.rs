@@ -40,7 +40,9 @@ pub struct Extra {
     pub instance_ips: Vec<IpAddr>,
     /// Ports of this VM's services (POD_PORTS).
     pub ports: Vec<u16>,
-    /// Whether we speak HBONE yet: until then istiod must not send tunnel endpoints.
+    /// Whether we take HBONE inbound (15008 with a certificate): istiod then labels our
+    /// auto-registered WorkloadEntry for ztunnel clients. We always send HBONE (outbound), so
+    /// `DISABLE_HBONE_SEND` is never set and tunnel endpoints come as they are.
     pub hbone: bool,
 }
 
@@ -101,8 +103,6 @@ pub fn metadata(b: &Bundle, extra: &Extra) -> BTreeMap<String, Value> {
     }
     if extra.hbone {
         m.insert("ENABLE_HBONE".into(), string("true"));
-    } else {
-        m.insert("DISABLE_HBONE_SEND".into(), string("true"));
     }
     m.insert("PROXY_CONFIG".into(), json_value(&b.proxy_config));
     m

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mesh::{
     self, Address, Health, Host, Location, NameTable, Resolution, ServiceDecl, ServicePort,
-    Workload, TLS_MODE_LABEL,
+    Workload, TLS_MODE_LABEL, TUNNEL_LABEL,
 };
 
 /// A resource that cannot be applied: the NACK's message.
@@ -79,6 +79,8 @@ pub struct EndpointInfo {
     pub healthy: bool,
     /// `tlsMode: istio` metadata: the endpoint speaks mTLS.
     pub mtls: bool,
+    /// Given as an `envoy_internal_address` `connect_originate`: the endpoint takes HBONE.
+    pub hbone: bool,
     pub locality: String,
     pub priority: u32,
     /// `name;ns;svc;rev;cluster` of istio's workload metadata: (name, namespace).
@@ -159,10 +161,11 @@ fn istio_sans(c: &Cluster) -> Result<Vec<String>, Invalid> {
     Ok(vec![])
 }
 
+/// An endpoint's address and port, and whether it is an HBONE endpoint.
 fn socket_addr(
     name: &str,
     a: Option<&interceptor_proto::envoy::config::core::v3::Address>,
-) -> Result<(Address, u16), Invalid> {
+) -> Result<(Address, u16, bool), Invalid> {
     match a.and_then(|a| a.address.as_ref()) {
         Some(EnvoyAddress::SocketAddress(sa)) => {
             let port = match sa.port_specifier {
@@ -176,12 +179,31 @@ fn socket_addr(
                 Err(_) if !sa.address.is_empty() => Address::Hostname(sa.address.clone()),
                 Err(_) => return Err(invalid(name, "endpoint without an address")),
             };
-            Ok((address, port))
+            Ok((address, port, false))
         }
-        Some(EnvoyAddress::EnvoyInternalAddress(_)) => Err(invalid(
-            name,
-            "an HBONE (internal address) endpoint: not sent to a node with DISABLE_HBONE_SEND",
-        )),
+        // SPEC 10: a tunnelling endpoint is `connect_originate` with `endpoint_id: "IP:port"`,
+        // the workload's address and target port; the tunnel itself goes to IP:15008.
+        Some(EnvoyAddress::EnvoyInternalAddress(ia)) => {
+            use interceptor_proto::envoy::config::core::v3::envoy_internal_address::AddressNameSpecifier;
+            let Some(AddressNameSpecifier::ServerListenerName(listener)) =
+                &ia.address_name_specifier
+            else {
+                return Err(invalid(name, "internal address without a listener name"));
+            };
+            if listener != "connect_originate" {
+                return Err(invalid(
+                    name,
+                    format!("internal address of listener {listener:?}: only connect_originate (HBONE) is known"),
+                ));
+            }
+            let at: std::net::SocketAddr = ia.endpoint_id.parse().map_err(|_| {
+                invalid(
+                    name,
+                    format!("HBONE endpoint id {:?} is not IP:port", ia.endpoint_id),
+                )
+            })?;
+            Ok((Address::Ip(at.ip()), at.port(), true))
+        }
         _ => Err(invalid(name, "endpoint address is not a socket address")),
     }
 }
@@ -205,7 +227,7 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointInfo>, Inval
             let Some(HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
                 return Err(invalid(name, "endpoint without an address"));
             };
-            let (address, port) = socket_addr(name, ep.address.as_ref())?;
+            let (address, port, hbone) = socket_addr(name, ep.address.as_ref())?;
             let md = lb.metadata.as_ref();
             let mtls = filter(md, "envoy.transport_socket_match")
                 .and_then(|s| struct_str(s, "tlsMode"))
@@ -229,6 +251,7 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointInfo>, Inval
                     .unwrap_or(1),
                 healthy,
                 mtls,
+                hbone,
                 locality: loc.clone(),
                 priority: locality.priority,
                 workload,
@@ -365,16 +388,22 @@ pub fn build_names(
     out
 }
 
-/// The labels of every xDS workload: only auto-mTLS's, shared.
-fn labels(mtls: bool) -> Arc<BTreeMap<String, String>> {
-    static MTLS: std::sync::OnceLock<Arc<BTreeMap<String, String>>> = std::sync::OnceLock::new();
-    static NONE: std::sync::OnceLock<Arc<BTreeMap<String, String>>> = std::sync::OnceLock::new();
-    if mtls {
-        MTLS.get_or_init(|| Arc::new([(TLS_MODE_LABEL.to_string(), "istio".to_string())].into()))
-            .clone()
-    } else {
-        NONE.get_or_init(Default::default).clone()
-    }
+/// The labels of every xDS workload: only auto-mTLS's and HBONE's, shared.
+fn labels(mtls: bool, hbone: bool) -> Arc<BTreeMap<String, String>> {
+    type Labels = std::sync::OnceLock<Arc<BTreeMap<String, String>>>;
+    static SHARED: [Labels; 4] = [const { Labels::new() }; 4];
+    SHARED[usize::from(mtls) | usize::from(hbone) << 1]
+        .get_or_init(|| {
+            let mut l = BTreeMap::new();
+            if mtls {
+                l.insert(TLS_MODE_LABEL.to_string(), "istio".to_string());
+            }
+            if hbone {
+                l.insert(TUNNEL_LABEL.to_string(), "http".to_string());
+            }
+            Arc::new(l)
+        })
+        .clone()
 }
 
 fn workload(cluster: &ClusterInfo, e: &EndpointInfo) -> Workload {
@@ -389,7 +418,7 @@ fn workload(cluster: &ClusterInfo, e: &EndpointInfo) -> Workload {
         name,
         namespace,
         address: e.address.clone(),
-        labels: labels(e.mtls),
+        labels: labels(e.mtls, e.hbone),
         ports: BTreeMap::new(),
         port: Some(e.port),
         network: String::new(),

@@ -1,6 +1,9 @@
 //! proxy::Inbound: connections sk_lookup steered to us for this VM's own service ports.
 //! PERMISSIVE and STRICT as Istio's sidecar (SPEC section 6; I: pilot/pkg/networking/core/
 //! filterchain_options.go). The accepted socket's local address is the original destination.
+//! The HBONE port is served here too (`hbone`): always mTLS, one CONNECT stream per connection.
+
+mod hbone;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -27,6 +30,8 @@ pub struct Inbound {
     policy: InboundPolicy,
     /// Our listener port: a connection whose original destination is it would loop.
     own_port: u16,
+    /// Connections to this port are HBONE.
+    hbone_port: Option<u16>,
     /// Where our IPv4 connections to the app come from: an address capture leaves alone.
     app_source4: Ipv4Addr,
     metrics: Arc<Metrics>,
@@ -40,6 +45,7 @@ enum Kind {
     MtlsResumed,
     TlsPassthrough,
     Plaintext,
+    Hbone,
 }
 
 /// Why a connection was not served: the access log's result and a metric label.
@@ -59,6 +65,10 @@ enum Refused {
     HandshakeTimeout,
     #[error("denied: identity not allowed")]
     NotAllowed,
+    #[error("refused: client certificate of trust domain {0:?}")]
+    ForeignTrustDomain(String),
+    #[error("refused: client certificate without a SPIFFE identity")]
+    NoClientIdentity,
     #[error("app unreachable: {0}")]
     App(std::io::Error),
 }
@@ -73,6 +83,8 @@ impl Refused {
             Refused::Handshake(_) => "handshake",
             Refused::HandshakeTimeout => "handshake_timeout",
             Refused::NotAllowed => "not_allowed",
+            Refused::ForeignTrustDomain(_) => "foreign_trust_domain",
+            Refused::NoClientIdentity => "no_client_identity",
             Refused::App(_) => "app_unreachable",
         }
     }
@@ -103,6 +115,7 @@ impl Inbound {
         tls: Arc<tls::Store>,
         policy: InboundPolicy,
         own_port: u16,
+        hbone_port: Option<u16>,
         app_source4: Ipv4Addr,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
@@ -110,6 +123,7 @@ impl Inbound {
             tls,
             policy,
             own_port,
+            hbone_port,
             app_source4,
             metrics,
         })
@@ -123,7 +137,7 @@ impl Inbound {
         .await
     }
 
-    async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let Ok(dst) = stream.local_addr() else { return };
         if dst.port() == self.own_port {
             tracing::warn!(%peer, %dst, "inbound: connection to the proxy itself; closing");
@@ -136,7 +150,13 @@ impl Inbound {
             kind: None,
             identity: None,
         };
-        if let Err(why) = self.serve_one(stream, &mut conn).await {
+        let served = if Some(dst.port()) == self.hbone_port {
+            let _ = stream.set_nodelay(true);
+            self.clone().hbone(stream, &mut conn).await
+        } else {
+            self.serve_one(stream, &mut conn).await
+        };
+        if let Err(why) = served {
             self.metrics.inbound_refused(why.label());
             conn.log(0, 0, &why);
         }

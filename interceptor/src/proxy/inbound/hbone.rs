@@ -1,0 +1,225 @@
+//! HBONE inbound (SPEC 11; I: ztunnel src/proxy/inbound.rs): TLS 1.3 with ALPN h2 and a
+//! client certificate of our trust domain, then one CONNECT stream per proxied connection.
+//! Each stream is answered as ztunnel does: 400 for anything but a CONNECT to this VM's own
+//! address (never an open proxy), 401 when the allow-list refuses the client's identity, 503
+//! when the app refuses, 200 and the bytes both ways otherwise. The app sees the connection
+//! from 127.0.0.6, as from the sidecar wire.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::{connect_app, Conn, Inbound, Kind, Refused, HANDSHAKE};
+use crate::metrics::{self, TcpLabels, INBOUND};
+use crate::net::{buffered, relay};
+use crate::spiffe::{uri_sans, SpiffeId};
+use crate::transport::hbone::{
+    CONNECTION_WINDOW, KEEPALIVE, KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW,
+};
+
+/// Why one stream was refused: its status and a metric label.
+#[derive(Debug, thiserror::Error)]
+enum StreamRefused {
+    #[error("not a CONNECT ({0})")]
+    NotConnect(Method),
+    #[error("authority {0:?} is not IP:port")]
+    BadAuthority(String),
+    #[error("authority {0} is not this VM's address {1}")]
+    NotLocal(SocketAddr, std::net::IpAddr),
+    #[error("denied: identity not allowed on port {0}")]
+    NotAllowed(u16),
+    #[error("app unreachable: {0}")]
+    App(std::io::Error),
+}
+
+impl StreamRefused {
+    fn status(&self) -> StatusCode {
+        match self {
+            StreamRefused::NotConnect(_)
+            | StreamRefused::BadAuthority(_)
+            | StreamRefused::NotLocal(..) => StatusCode::BAD_REQUEST,
+            StreamRefused::NotAllowed(_) => StatusCode::UNAUTHORIZED,
+            StreamRefused::App(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            StreamRefused::NotConnect(_) => "hbone_not_connect",
+            StreamRefused::BadAuthority(_) => "hbone_bad_authority",
+            StreamRefused::NotLocal(..) => "hbone_not_local",
+            StreamRefused::NotAllowed(_) => "not_allowed",
+            StreamRefused::App(_) => "app_unreachable",
+        }
+    }
+}
+
+/// What every stream of one connection shares.
+struct Tunnel {
+    inbound: Arc<Inbound>,
+    /// The connection's local address: the VM address the peer dialled.
+    local: SocketAddr,
+    peer: SocketAddr,
+    client: Option<SpiffeId>,
+    ours: SpiffeId,
+}
+
+impl Inbound {
+    /// Serves one HBONE connection until the peer closes it.
+    pub(super) async fn hbone(
+        self: Arc<Self>,
+        stream: TcpStream,
+        conn: &mut Conn,
+    ) -> Result<(), Refused> {
+        conn.kind = Some(Kind::Hbone);
+        let id = self.tls.current().ok_or(Refused::NoCertificate)?;
+        let accept = TlsAcceptor::from(id.hbone_server.clone()).accept(buffered(stream));
+        let tls = tokio::time::timeout(HANDSHAKE, accept)
+            .await
+            .map_err(|_| Refused::HandshakeTimeout)?
+            .map_err(Refused::Handshake)?;
+        let client = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| uri_sans(leaf).into_iter().next());
+        conn.identity = client.clone();
+        // The roots verified the chain; the identity must also be of our trust domain.
+        match &client {
+            Some(c) if c.trust_domain() == id.trust_domain() => {}
+            Some(c) => return Err(Refused::ForeignTrustDomain(c.trust_domain().to_string())),
+            None => return Err(Refused::NoClientIdentity),
+        }
+        self.metrics.hbone_connection(INBOUND);
+        let tunnel = Arc::new(Tunnel {
+            inbound: self.clone(),
+            local: conn.dst,
+            peer: conn.peer,
+            client,
+            ours: id.spiffe.clone(),
+        });
+        let service = hyper::service::service_fn(move |req| {
+            let tunnel = tunnel.clone();
+            async move { Ok::<_, Infallible>(tunnel.stream(req).await) }
+        });
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(MAX_STREAMS as u32)
+            .keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+        match served {
+            Ok(()) => conn.log(0, 0, &"HBONE connection closed"),
+            Err(e) => conn.log(0, 0, &format_args!("HBONE connection ended: {e}")),
+        }
+        Ok(())
+    }
+}
+
+impl Tunnel {
+    async fn stream(
+        self: Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Response<Empty<Bytes>> {
+        let started = Instant::now();
+        match self.open(&req).await {
+            Ok((authority, app)) => {
+                let this = self.clone();
+                tokio::spawn(async move { this.relay(req, authority, app, started).await });
+                status(StatusCode::OK)
+            }
+            Err(why) => {
+                self.inbound.metrics.inbound_refused(why.label());
+                tracing::info!(
+                    peer = %self.peer, identity = self.client.as_ref().map(SpiffeId::as_str).unwrap_or("-"),
+                    authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("-"),
+                    status = why.status().as_u16(), result = %why, "inbound HBONE stream refused"
+                );
+                status(why.status())
+            }
+        }
+    }
+
+    /// Checks the stream and connects to the app: the 200 means the app took it.
+    async fn open(
+        &self,
+        req: &Request<hyper::body::Incoming>,
+    ) -> Result<(SocketAddr, TcpStream), StreamRefused> {
+        if req.method() != Method::CONNECT {
+            return Err(StreamRefused::NotConnect(req.method().clone()));
+        }
+        let raw = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+        let authority: SocketAddr = raw
+            .parse()
+            .map_err(|_| StreamRefused::BadAuthority(raw.to_string()))?;
+        let local = self.local.ip().to_canonical();
+        if authority.ip().to_canonical() != local {
+            return Err(StreamRefused::NotLocal(authority, local));
+        }
+        let policy = &self.inbound.policy;
+        if !policy.allow.allows(authority.port(), self.client.as_ref()) {
+            return Err(StreamRefused::NotAllowed(authority.port()));
+        }
+        let app = connect_app(authority, self.inbound.app_source4)
+            .await
+            .map_err(StreamRefused::App)?;
+        Ok((authority, app))
+    }
+
+    async fn relay(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        authority: SocketAddr,
+        mut app: TcpStream,
+        started: Instant,
+    ) {
+        let forwarded = req
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut tunnel = match hyper::upgrade::on(req).await {
+            Ok(up) => TokioIo::new(up),
+            Err(e) => {
+                tracing::info!(peer = %self.peer, %authority, error = %e, "inbound HBONE stream reset before it opened");
+                return;
+            }
+        };
+        let m = &self.inbound.metrics;
+        m.hbone_stream(INBOUND);
+        let labels = TcpLabels::new(metrics::DESTINATION, authority.to_string(), true).principals(
+            self.client.as_ref().map(SpiffeId::as_str),
+            Some(self.ours.as_str()),
+        );
+        m.opened(&labels);
+        let result = relay(&mut tunnel, &mut app).await;
+        let (rx, tx) = result.as_ref().copied().unwrap_or((0, 0));
+        m.closed(&labels, rx, tx);
+        tracing::info!(
+            peer = %self.peer, %authority, forwarded = forwarded.as_deref().unwrap_or("-"),
+            identity = self.client.as_ref().map(SpiffeId::as_str).unwrap_or("-"),
+            received = rx, sent = tx, duration_ms = started.elapsed().as_millis() as u64,
+            result = %result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
+            "inbound HBONE stream"
+        );
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}

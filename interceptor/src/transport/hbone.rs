@@ -1,0 +1,381 @@
+//! HBONE's client side (SPEC 11; I: ztunnel src/proxy/pool.rs, src/proxy/h2/client.rs): one
+//! `CONNECT` stream per proxied connection, in pooled HTTP/2 connections over TLS 1.3. A new
+//! application connection to a peer we already hold a connection to costs one stream and no
+//! handshake.
+//!
+//! Pool key: (our certificate, the peer's address, the identities it must present). The
+//! source IP of ztunnel's key is always this VM's, so it is left out; a rotated certificate is
+//! another key, so new streams go out under the new one while old connections drain.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::metrics::{Metrics, OUTBOUND};
+use crate::net::buffered;
+use crate::spiffe::SpiffeId;
+use crate::tls::{self, Configs};
+
+/// Streams per connection before another connection is made (ztunnel's limit; peers that
+/// allow fewer make h2 queue the excess until a stream ends).
+pub const MAX_STREAMS: usize = 100;
+/// Windows large enough that one stream is not flow-control bound on a fast link.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+pub const MAX_FRAME: u32 = 1 << 20;
+/// A connection without streams this long is closed.
+pub const IDLE: Duration = Duration::from_secs(300);
+/// HTTP/2 pings keep NATs open and find dead peers.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a stream could not be opened: a log line and a metric label (through `DialError`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("HTTP/2 handshake: {0}")]
+    H2Handshake(hyper::Error),
+    #[error("CONNECT: {0}")]
+    Stream(hyper::Error),
+    #[error("CONNECT answered {0}")]
+    Status(StatusCode),
+    #[error("CONNECT {0:?} is not a valid authority")]
+    Authority(String),
+}
+
+impl Error {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::H2Handshake(_) => "hbone_handshake",
+            Error::Stream(_) => "hbone_stream",
+            Error::Status(_) => "hbone_refused",
+            Error::Authority(_) => "hbone_authority",
+        }
+    }
+}
+
+type Key = (usize, SocketAddr, Vec<SpiffeId>);
+
+/// One pooled connection.
+struct Conn {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<Streams>,
+    /// Who answered, from its certificate.
+    peer: Option<SpiffeId>,
+}
+
+/// The open streams of one connection and when it was last used.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    idle_since: Mutex<Option<Instant>>,
+}
+
+impl Streams {
+    fn opened(&self) {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn closed(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.map(|t| t.elapsed())
+    }
+}
+
+/// The connections of one key. The async lock is held while a connection is made, so that
+/// streams that arrive together share the one connection instead of each making their own.
+type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
+
+/// What a stream is opened with, besides the pool.
+pub struct Connect<'a> {
+    pub tls: &'a Configs,
+    pub endpoint: SocketAddr,
+    pub authority: SocketAddr,
+    pub identities: &'a [SpiffeId],
+    /// The application's address, for `forwarded`.
+    pub client: Option<SocketAddr>,
+}
+
+pub struct Pool {
+    slots: Mutex<HashMap<Key, Slot>>,
+    metrics: Arc<Metrics>,
+    idle: Duration,
+}
+
+impl Pool {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            slots: Mutex::default(),
+            metrics,
+            idle: IDLE,
+        }
+    }
+
+    /// Opens a CONNECT stream for `req.authority` at `req.endpoint`, on a pooled connection if
+    /// one has room; `tcp` makes a new connection's TCP leg.
+    pub async fn connect<F, Fut>(
+        &self,
+        req: Connect<'_>,
+        handshake: Duration,
+        tcp: F,
+    ) -> Result<Stream, super::DialError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<TcpStream, super::DialError>>,
+    {
+        let key: Key = (
+            Arc::as_ptr(&req.tls.hbone_client) as usize,
+            req.endpoint,
+            req.identities.to_vec(),
+        );
+        let slot = self.slot(key);
+        let (mut sender, streams, peer) = {
+            let mut conns = slot.lock().await;
+            conns.retain(|c| !c.sender.is_closed());
+            let free = conns.iter().find(|c| {
+                c.sender.is_ready() && c.streams.open.load(Ordering::Acquire) < MAX_STREAMS
+            });
+            match free {
+                Some(c) => {
+                    c.streams.opened();
+                    (c.sender.clone(), c.streams.clone(), c.peer.clone())
+                }
+                None => {
+                    let stream = tcp().await?;
+                    let c = self
+                        .handshake(req.tls, req.identities, stream, handshake)
+                        .await?;
+                    c.streams.opened();
+                    let out = (c.sender.clone(), c.streams.clone(), c.peer.clone());
+                    conns.push(c);
+                    out
+                }
+            }
+        };
+        let guard = StreamGuard(streams);
+        let request = connect_request(&req)?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| super::DialError::Hbone(Error::Stream(e)))?;
+        if response.status() != StatusCode::OK {
+            return Err(super::DialError::Hbone(Error::Status(response.status())));
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|e| super::DialError::Hbone(Error::Stream(e)))?;
+        self.metrics.hbone_stream(OUTBOUND);
+        Ok(Stream {
+            io: TokioIo::new(upgraded),
+            peer,
+            _guard: guard,
+        })
+    }
+
+    /// Pooled connections now, for the status page and tests.
+    pub fn connections(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .filter_map(|s| s.try_lock().ok().map(|c| c.len()))
+            .sum()
+    }
+
+    fn slot(&self, key: Key) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slots.get(&key) {
+            return s.clone();
+        }
+        // A new key: forget the keys whose connections are all gone (closed when idle, or
+        // made with a certificate since rotated).
+        slots.retain(|_, s| {
+            s.try_lock()
+                .map_or(true, |c| c.iter().any(|c| !c.sender.is_closed()))
+        });
+        slots.entry(key).or_default().clone()
+    }
+
+    async fn handshake(
+        &self,
+        configs: &Configs,
+        identities: &[SpiffeId],
+        tcp: TcpStream,
+        timeout: Duration,
+    ) -> Result<Conn, super::DialError> {
+        let config =
+            tls::hbone_client_for(&configs.hbone_client, &configs.roots, identities.to_vec());
+        // No SNI is sent (the config says so); the name only satisfies the API.
+        let name = rustls::pki_types::ServerName::IpAddress(
+            tcp.peer_addr()
+                .map(|a| a.ip())
+                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
+                .into(),
+        );
+        let handshake = TlsConnector::from(config).connect(name, buffered(tcp));
+        let tls = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| super::DialError::HandshakeTimeout)?
+            .map_err(super::handshake_error)?;
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| {
+                crate::spiffe::uri_sans(leaf)
+                    .into_iter()
+                    .find(|id| identities.is_empty() || identities.contains(id))
+            });
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| super::DialError::Hbone(Error::H2Handshake(e)))?;
+        self.metrics.hbone_connection(OUTBOUND);
+        let streams = Arc::new(Streams::default());
+        let watched = streams.clone();
+        let idle = self.idle;
+        tokio::spawn(async move {
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "HBONE connection ended");
+                },
+                () = idle_out(&watched, idle) => tracing::debug!("HBONE connection idle; closed"),
+            }
+        });
+        Ok(Conn {
+            sender,
+            streams,
+            peer,
+        })
+    }
+}
+
+/// Returns once the connection has had no stream for `idle`.
+async fn idle_out(streams: &Streams, idle: Duration) {
+    loop {
+        let wait = match streams.idle_for() {
+            Some(d) if d >= idle => return,
+            Some(d) => idle - d,
+            None => idle,
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The CONNECT request (SPEC 11): authority-form URI, `forwarded` with the application's
+/// address, a new `traceparent`.
+fn connect_request(req: &Connect<'_>) -> Result<Request<Empty<Bytes>>, super::DialError> {
+    let authority = req.authority.to_string();
+    let bad = || super::DialError::Hbone(Error::Authority(authority.clone()));
+    let uri = hyper::Uri::builder()
+        .authority(authority.as_str())
+        .build()
+        .map_err(|_| bad())?;
+    let mut b = Request::builder().method(Method::CONNECT).uri(uri);
+    if let Some(client) = req.client {
+        b = b.header("forwarded", format!("for=\"{client}\""));
+    }
+    let mut rng = rand::rng();
+    let trace: u128 = rng.random();
+    let span: u64 = rng.random();
+    b = b.header("traceparent", format!("00-{trace:032x}-{span:016x}-00"));
+    if let Some(baggage) = baggage(req.tls) {
+        b = b.header("baggage", baggage);
+    }
+    b.body(Empty::new()).map_err(|_| bad())
+}
+
+/// What ztunnel says of the source in `baggage`, as far as our identity tells it.
+fn baggage(tls: &Configs) -> Option<String> {
+    let id = tls.spiffe.as_str();
+    let rest = id.split_once("/ns/")?.1;
+    let (ns, sa) = rest.split_once("/sa/")?;
+    Some(format!("k8s.namespace.name={ns},service.name={sa}"))
+}
+
+/// Keeps a connection's stream count true for as long as the stream lives.
+struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.closed();
+    }
+}
+
+/// An open CONNECT stream: the tunnel's bytes both ways.
+pub struct Stream {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    peer: Option<SpiffeId>,
+    _guard: StreamGuard,
+}
+
+impl Stream {
+    /// Who answered the connection this stream rides on, as its certificate proved.
+    pub fn peer(&self) -> Option<&SpiffeId> {
+        self.peer.as_ref()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // A peer that has ended its side may reset the stream (RST_STREAM NO_ERROR, as Envoy
+        // does once its upstream closed): our END_STREAM then has nowhere to go, and nothing
+        // is lost by that.
+        match Pin::new(&mut self.io).poll_shutdown(cx) {
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "HBONE stream already closed by the peer");
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}

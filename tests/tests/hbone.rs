@@ -1,0 +1,546 @@
+//! Issue 13 scenarios: HBONE (SPEC 11). VM to VM through both interceptors (pooling, many
+//! streams on one connection, a large transfer, a reset that spares its siblings), refusals at
+//! our 15008, and Envoy as the independent HBONE peer both ways: as a terminator (Istio's
+//! waypoint: HTTP/2 CONNECT over mTLS) behind our outbound, and as an originator (Istio's
+//! sidecar towards ambient pods: tcp_proxy tunneling_config) in front of our 15008.
+
+use std::path::PathBuf;
+
+use hyper::Method;
+use interceptor_tests::certs::{Ca, Key};
+use interceptor_tests::envoy::{self, Envoy};
+use interceptor_tests::hbone::{statuses, ClientCert};
+use interceptor_tests::wire::{tcp_payloads, Tcpdump};
+use interceptor_tests::{
+    helper_bin, sh, try_sh, wait_for, Interceptor, Net, Node, Proc, Subnet, Topology,
+};
+
+const TD: &str = "spiffe://cluster.local/ns/default/sa";
+const HOST: &str = "product.default.svc.cluster.local";
+const VIP: &str = "240.240.0.10";
+const POD: &str = "10.77.0.2";
+
+/// The VM's table: `product` (HTTP 8080, echo 9000) on the pod, marked as Istio marks HBONE
+/// workloads (`marker` is the label or the annotation).
+fn vm_mesh(marker: &str) -> String {
+    let (labels, annotations) = match marker {
+        "annotation" => (
+            "{app: product}",
+            "\n  annotations: {ambient.istio.io/redirection: enabled}",
+        ),
+        "label" => ("{app: product, networking.istio.io/tunnel: http}", ""),
+        _ => ("{app: product, security.istio.io/tlsMode: istio}", ""),
+    };
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: product, namespace: default}}
+spec:
+  hosts: [{HOST}]
+  addresses: [{VIP}]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}, {{number: 9000, name: echo, protocol: TCP}}]
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: product}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: product-pod
+  namespace: default{annotations}
+spec:
+  address: {POD}
+  labels: {labels}
+  serviceAccount: product
+"#
+    )
+}
+
+struct Mesh {
+    ca: Ca,
+    vm_certs: PathBuf,
+    pod_certs: PathBuf,
+    resolv: PathBuf,
+    t: Net,
+}
+
+impl Mesh {
+    fn new() -> Self {
+        let t = Topology::vm_pod();
+        let ca = Ca::new("cluster.local root");
+        let vm_certs = ca.issue(&t.path("vm-certs"), &format!("{TD}/vm"), Key::Ecdsa);
+        let pod_certs = ca.issue(&t.path("pod-certs"), &format!("{TD}/product"), Key::Rsa);
+        let resolv = t.write(
+            "resolv.conf",
+            &format!(
+                "nameserver {}\noptions timeout:2 attempts:1\n",
+                Subnet::FAKE_NS
+            ),
+        );
+        Self {
+            ca,
+            vm_certs,
+            pod_certs,
+            resolv,
+            t,
+        }
+    }
+
+    fn vm_node(&self) -> &Node {
+        self.t.node("vm")
+    }
+
+    fn pod_node(&self) -> &Node {
+        self.t.node("pod")
+    }
+
+    fn vm(&self, marker: &str) -> Interceptor {
+        let mesh = self.t.write("vm-mesh.yaml", &vm_mesh(marker));
+        self.vm_node()
+            .interceptor()
+            .mesh(&mesh)
+            .resolv(&self.resolv)
+            .certs(&self.vm_certs)
+            .start()
+    }
+
+    /// The pod's interceptor: no inbound ports listed, so 15008 is all sk_lookup steers.
+    fn pod(&self, extra: &[&str]) -> Interceptor {
+        let mesh = self
+            .t
+            .write("pod-mesh.yaml", "# the pod only serves inbound\n");
+        self.pod_node()
+            .interceptor()
+            .mesh(&mesh)
+            .resolv(&self.resolv)
+            .certs(&self.pod_certs)
+            .args(extra.iter().copied())
+            .log("pod-ic")
+            .start()
+    }
+
+    /// The apps: HTTP on 8080, the stream checker on 9000.
+    fn apps(&self) -> (Proc, Proc) {
+        let pod = self.pod_node();
+        let http = pod.http("pod", &[&format!("{POD}:8080")]);
+        let c = pod.cmd(
+            helper("stream-check").as_str(),
+            &["serve", &format!("{POD}:9000")],
+        );
+        let mut streams = Proc::spawn("stream-check", c, pod.path("stream-check.log"));
+        streams.wait_for_output("listening", 10.0);
+        (http, streams)
+    }
+
+    fn curl(&self, path: &str) -> (bool, String) {
+        let (ok, out, err) = try_sh(&mut self.vm_node().with_resolv(
+            &self.resolv,
+            &format!("exec curl -sS -m 5 http://{HOST}:8080{path}"),
+        ));
+        (ok, out + &err)
+    }
+
+    /// The stream checker from the VM's captured cgroup, its JSON answer.
+    fn check(&self, args: &[&str]) -> serde_json::Value {
+        let out = sh(&mut self
+            .vm_node()
+            .in_cgroup(helper("stream-check").as_str(), args));
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+}
+
+fn helper(name: &str) -> String {
+    helper_bin(name).to_str().expect("utf-8 path").to_string()
+}
+
+fn wait(secs: f64, f: impl Fn() -> bool) -> bool {
+    wait_for(secs, || f().then_some(())).is_some()
+}
+
+fn hbone(ic: &Interceptor, what: &str, direction: &str) -> f64 {
+    ic.counter(
+        &format!("interceptor_hbone_{what}_total"),
+        &[("direction", direction)],
+    )
+}
+
+#[test]
+fn vm_to_vm_over_hbone_pools_two_hundred_connections_into_at_most_two_handshakes() {
+    let m = Mesh::new();
+    let (app, _streams) = m.apps();
+    let pod_ic = m.pod(&[]);
+    let vm_ic = m.vm("label");
+
+    let (ok, out) = m.curl("/hello");
+    assert!(ok, "{out}\n{}\n{}", vm_ic.log(), pod_ic.log());
+    // The app sees the connection from 127.0.0.6, as from the sidecar wire.
+    assert!(out.starts_with("pod GET /hello from 127.0.0.6:"), "{out}");
+    assert!(app.output().contains("GET /hello from 127.0.0.6"));
+
+    let r = m.check(&["sequential", &format!("{VIP}:9000"), "200"]);
+    assert_eq!(r["echoed"], 200, "{r}\n{}", pod_ic.log());
+    assert!(
+        pod_ic.wait_counter(
+            "interceptor_hbone_streams_total",
+            &[("direction", "inbound")],
+            201.0,
+            10.0
+        ),
+        "{}",
+        pod_ic.metrics().0
+    );
+    let handshakes = hbone(&pod_ic, "connections", "inbound");
+    assert!(
+        (1.0..=2.0).contains(&handshakes),
+        "{handshakes} TLS handshakes for 201 connections"
+    );
+    assert!(hbone(&vm_ic, "connections", "outbound") <= 2.0);
+    assert_eq!(hbone(&vm_ic, "streams", "outbound"), 201.0);
+    // Each side proved who the other is, per stream.
+    assert!(wait(5.0, || pod_ic.counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", &format!("{TD}/vm")),
+            ("destination_principal", &format!("{TD}/product")),
+        ]
+    ) == 201.0));
+    assert!(wait(5.0, || vm_ic.counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "source"),
+            ("connection_security_policy", "mutual_tls"),
+            ("destination_principal", &format!("{TD}/product")),
+        ]
+    ) == 201.0));
+    // explain says what the data path did.
+    let mut c = m.vm_node().cmd(
+        interceptor_tests::interceptor_bin()
+            .to_str()
+            .expect("utf-8"),
+        &["explain", &format!("{VIP}:9000")],
+    );
+    let out = sh(&mut c);
+    assert!(
+        out.contains(&format!("-> {POD}:15008 via direct weight 1.00 HBONE")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "CONNECT {POD}:9000 over TLS 1.3 ALPN h2, server must be one of [{TD}/product]"
+        )),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_hundred_concurrent_streams_share_one_connection_and_a_reset_spares_its_siblings() {
+    let m = Mesh::new();
+    let _apps = m.apps();
+    let pod_ic = m.pod(&[]);
+    let _vm_ic = m.vm("annotation");
+    let r = m.check(&["concurrent", &format!("{VIP}:9000"), "100"]);
+    assert_eq!(r["echoed_before"], 100, "{r}");
+    assert_eq!(r["echoed_after_reset"], 99, "{r}\n{}", pod_ic.log());
+    assert_eq!(
+        hbone(&pod_ic, "connections", "inbound"),
+        1.0,
+        "{}",
+        pod_ic.metrics().0
+    );
+    assert!(pod_ic.wait_counter(
+        "interceptor_hbone_streams_total",
+        &[("direction", "inbound")],
+        100.0,
+        5.0
+    ));
+}
+
+#[test]
+fn a_gibibyte_crosses_one_stream_intact() {
+    let m = Mesh::new();
+    let _apps = m.apps();
+    let pod_ic = m.pod(&[]);
+    let _vm_ic = m.vm("label");
+    let gib = (1u64 << 30).to_string();
+    let r = m.check(&["bulk", &format!("{VIP}:9000"), &gib]);
+    assert_eq!(r["match"], true, "{r}\n{}", pod_ic.log());
+    eprintln!("1 GiB over HBONE (debug build): {r}");
+}
+
+#[test]
+fn the_wire_carries_only_tls_1_3_with_alpn_h2_and_no_sni_to_15008() {
+    let m = Mesh::new();
+    let _apps = m.apps();
+    let _pod_ic = m.pod(&[]);
+    let _vm_ic = m.vm("label");
+    let pod = m.pod_node();
+    let dump = Tcpdump::start(&pod.ns, pod.iface("a"), "tcp", m.t.path("wire.pcap"));
+    let (ok, out) = m.curl("/secret-plaintext-marker");
+    assert!(ok, "{out}");
+    let pcap = dump.stop();
+    let to_app = tcp_payloads(&pcap, "tcp and not port 15008");
+    assert!(to_app.is_empty(), "traffic besides 15008: {}", to_app.len());
+    let payloads = tcp_payloads(&pcap, "dst port 15008");
+    assert!(!payloads.is_empty(), "nothing to 15008");
+    let hello = interceptor::tls::parse_client_hello(&payloads[0])
+        .expect("a TLS ClientHello")
+        .expect("complete in the first segment");
+    assert_eq!(hello.sni, None, "HBONE clients send no SNI");
+    assert_eq!(hello.alpn, vec![b"h2".to_vec()]);
+    let all: Vec<u8> = tcp_payloads(&pcap, "port 15008").concat();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        !text.contains("secret-plaintext-marker") && !text.contains("CONNECT"),
+        "plaintext on the wire"
+    );
+}
+
+#[test]
+fn our_15008_refuses_open_proxying_strangers_policy_and_a_closed_app() {
+    let m = Mesh::new();
+    let _apps = m.apps();
+    let other =
+        m.ca.issue(&m.t.path("other-certs"), &format!("{TD}/other"), Key::Ecdsa);
+    let foreign =
+        Ca::new("another root").issue(&m.t.path("foreign"), &format!("{TD}/vm"), Key::Ecdsa);
+    let pod_ic = m.pod(&["--inbound-allow", &format!("{TD}/vm")]);
+    let server = format!("{POD}:15008").parse().expect("addr");
+    let vm = m.vm_node();
+    let codes = vm.ns.run(|| {
+        statuses(
+            server,
+            ClientCert::Files(&m.vm_certs),
+            &[
+                (Method::CONNECT, &format!("{POD}:8080")),
+                (Method::CONNECT, "10.77.0.1:8080"),
+                (Method::CONNECT, "product:8080"),
+                (Method::GET, &format!("{POD}:8080")),
+                (Method::CONNECT, &format!("{POD}:8081")),
+            ],
+        )
+    });
+    // 200 for the VM's own address; 400 for another address (never an open proxy), for a
+    // name and for anything but CONNECT; 503 where the app refuses.
+    assert_eq!(codes, Ok(vec![200, 400, 400, 400, 503]), "{}", pod_ic.log());
+    // The allow-list: a mesh identity that is not allowed gets 401.
+    let codes = vm.ns.run(|| {
+        statuses(
+            server,
+            ClientCert::Files(&other),
+            &[(Method::CONNECT, &format!("{POD}:8080"))],
+        )
+    });
+    assert_eq!(codes, Ok(vec![401]));
+    // No certificate, another root: no HTTP/2 at all.
+    for cert in [ClientCert::None, ClientCert::Files(&foreign)] {
+        let r = vm
+            .ns
+            .run(|| statuses(server, cert, &[(Method::CONNECT, &format!("{POD}:8080"))]));
+        assert!(r.is_err(), "{r:?}");
+    }
+    // Plaintext to 15008: closed without an answer.
+    let (_, out, _) = try_sh(&mut vm.cmd(
+        "curl",
+        &[
+            "-sS",
+            "-m",
+            "5",
+            "--http1.1",
+            &format!("http://{POD}:15008/"),
+        ],
+    ));
+    assert!(out.is_empty(), "{out}");
+    for reason in [
+        "hbone_not_local",
+        "hbone_bad_authority",
+        "hbone_not_connect",
+        "app_unreachable",
+        "not_allowed",
+    ] {
+        assert!(
+            pod_ic.counter("interceptor_inbound_refused_total", &[("reason", reason)]) >= 1.0,
+            "{reason}: {}",
+            pod_ic.metrics().0
+        );
+    }
+    assert!(
+        pod_ic.counter(
+            "interceptor_inbound_refused_total",
+            &[("reason", "handshake")]
+        ) >= 3.0
+    );
+}
+
+/// Our outbound to Envoy configured as Istio configures a waypoint: HTTP/2 CONNECT over
+/// TLS 1.3 with client certificates, tunnelled to the stream's authority.
+#[test]
+fn envoy_as_hbone_terminator_takes_our_streams_and_sees_our_identity() {
+    let m = Mesh::new();
+    let (app, _streams) = m.apps();
+    let waypoint = Envoy::start(
+        m.pod_node(),
+        "envoy-hbone",
+        &envoy::hbone_terminator_config(&m.pod_certs, POD, 15000),
+        15000,
+    );
+    let vm_ic = m.vm("label");
+    for i in 0..3 {
+        let (ok, out) = m.curl(&format!("/waypoint{i}"));
+        assert!(
+            ok && out.starts_with(&format!("pod GET /waypoint{i} from {POD}")),
+            "{out}\n{}",
+            waypoint.log()
+        );
+    }
+    assert_eq!(app.output().matches("GET /waypoint").count(), 3);
+    let r = m.check(&["bulk", &format!("{VIP}:9000"), "33554432"]);
+    assert_eq!(r["match"], true, "{r}");
+    // Envoy saw CONNECT streams for the endpoint's IP:port from our proven identity.
+    assert!(
+        wait(5.0, || waypoint
+            .log()
+            .matches(&format!(
+                "hbone method=CONNECT authority={POD}:8080 status=200 peer_san={TD}/vm"
+            ))
+            .count()
+            == 3),
+        "{}",
+        waypoint.log()
+    );
+    // `forwarded` names the application's socket (as our listener saw it).
+    assert!(
+        waypoint.log().contains("forwarded=for=\"127.0.0.1:"),
+        "{}",
+        waypoint.log()
+    );
+    // One TLS handshake for all four streams, and we checked Envoy's identity.
+    assert_eq!(waypoint.stat("listener.10.77.0.2_15008.ssl.handshake"), 1);
+    assert!(wait(5.0, || vm_ic.counter(
+        "istio_tcp_connections_closed_total",
+        &[("destination_principal", &format!("{TD}/product"))]
+    ) == 4.0));
+}
+
+/// Envoy's tcp_proxy tunnelling over HTTP/2 + mTLS, as Istio's sidecar reaches ambient pods, to
+/// our 15008; it checks our identity, we check its.
+#[test]
+fn envoy_as_hbone_originator_reaches_our_15008_and_both_sides_check_identities() {
+    let m = Mesh::new();
+    let (app, _streams) = m.apps();
+    let pod_ic = m.pod(&[]);
+    let vm = m.vm_node();
+    let originator = Envoy::start(
+        vm,
+        "envoy-originate",
+        &envoy::hbone_originator_config(
+            &m.vm_certs,
+            15101,
+            POD,
+            &format!("{POD}:8080"),
+            &format!("{TD}/product"),
+            15000,
+        ),
+        15000,
+    );
+    for i in 0..3 {
+        let out = sh(&mut vm.cmd(
+            "curl",
+            &[
+                "-sS",
+                "-m",
+                "5",
+                &format!("http://127.0.0.1:15101/from-envoy{i}"),
+            ],
+        ));
+        assert!(
+            out.starts_with(&format!("pod GET /from-envoy{i} from 127.0.0.6")),
+            "{out}\n{}",
+            pod_ic.log()
+        );
+    }
+    assert_eq!(app.output().matches("GET /from-envoy").count(), 3);
+    assert!(
+        wait(5.0, || pod_ic.counter(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &format!("{TD}/vm"))
+            ]
+        ) == 3.0),
+        "{}",
+        pod_ic.metrics().0
+    );
+    assert!(hbone(&pod_ic, "connections", "inbound") >= 1.0);
+    assert!(
+        originator.stat("cluster.hbone.ssl.handshake") >= 1,
+        "{}",
+        originator.log()
+    );
+    // Envoy expecting another identity refuses us.
+    let wrong = Envoy::start(
+        vm,
+        "envoy-wrong-san",
+        &envoy::hbone_originator_config(
+            &m.vm_certs,
+            15102,
+            POD,
+            &format!("{POD}:8080"),
+            &format!("{TD}/billing"),
+            15001,
+        ),
+        15001,
+    );
+    let (ok, out, _) =
+        try_sh(&mut vm.cmd("curl", &["-sS", "-m", "5", "http://127.0.0.1:15102/wrong"]));
+    assert!(!ok || !out.contains("pod GET"), "{out}");
+    assert!(
+        wrong.wait_stat("cluster.hbone.ssl.fail_verify_san", 1, 5.0),
+        "{}",
+        wrong.log()
+    );
+    assert_eq!(app.output().matches("GET /wrong").count(), 0);
+}
+
+/// Sidecar and HBONE endpoints in one service: each is reached the way it speaks.
+#[test]
+fn one_service_with_a_sidecar_and_an_hbone_endpoint_reaches_both() {
+    let m = Mesh::new();
+    let (app, _streams) = m.apps();
+    let pod_ic = m.pod(&["--inbound-ports", "8080"]);
+    let mesh = vm_mesh("label").replace(
+        "  serviceAccount: product\n",
+        "  serviceAccount: product\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: product-sidecar, namespace: default}\nspec:\n  address: 10.77.0.2\n  ports: {http: 8080}\n  labels: {app: product, security.istio.io/tlsMode: istio}\n  serviceAccount: product\n  network: ''\n",
+    );
+    // The same pod twice, once as a sidecar, once as HBONE: both kinds in one service.
+    let mesh = m.t.write("vm-mesh.yaml", &mesh);
+    let _vm_ic = m
+        .vm_node()
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&m.resolv)
+        .certs(&m.vm_certs)
+        .start();
+    for i in 0..20 {
+        let (ok, out) = m.curl(&format!("/both{i}"));
+        assert!(
+            ok && out.starts_with(&format!("pod GET /both{i} from 127.0.0.6")),
+            "{out}"
+        );
+    }
+    assert_eq!(app.output().matches("GET /both").count(), 20);
+    let served = pod_ic.counter(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("destination_service", "10.77.0.2:8080"),
+        ],
+    );
+    let hbone_streams = hbone(&pod_ic, "streams", "inbound");
+    assert_eq!(served, 20.0);
+    // Weighted 1:1, twenty connections all of one kind would be a one-in-half-a-million event.
+    assert!(
+        (1.0..20.0).contains(&hbone_streams),
+        "{hbone_streams} of 20 over HBONE"
+    );
+}
