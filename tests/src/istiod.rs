@@ -85,6 +85,10 @@ pub struct Endpoint {
     pub locality: String,
     pub priority: u32,
     pub name: String,
+    /// An ambient workload (ztunnel pod, waypoint, a WorkloadEntry labelled
+    /// `networking.istio.io/tunnel=http`): istiod gives it as an internal `connect_originate`
+    /// address (SPEC 10) to a node that does not send `DISABLE_HBONE_SEND`.
+    pub hbone: bool,
 }
 
 impl Endpoint {
@@ -99,6 +103,7 @@ impl Endpoint {
             locality: String::new(),
             priority: 0,
             name: format!("ep-{ip}"),
+            hbone: false,
         }
     }
 }
@@ -225,6 +230,21 @@ fn socket(address: &str, port: u16) -> Address {
     }
 }
 
+/// istiod's address of a tunnelling endpoint: the `connect_originate` internal listener, the
+/// workload's IP:port as the endpoint id.
+fn internal(endpoint_id: &str) -> Address {
+    use interceptor_proto::envoy::config::core::v3::envoy_internal_address::AddressNameSpecifier;
+    use interceptor_proto::envoy::config::core::v3::EnvoyInternalAddress;
+    Address {
+        address: Some(AddressKind::EnvoyInternalAddress(EnvoyInternalAddress {
+            address_name_specifier: Some(AddressNameSpecifier::ServerListenerName(
+                "connect_originate".into(),
+            )),
+            endpoint_id: endpoint_id.to_string(),
+        })),
+    }
+}
+
 fn cluster_name(port: u16, host: &str) -> String {
     format!("outbound|{port}||{host}")
 }
@@ -236,7 +256,17 @@ fn lb_endpoint(e: &Endpoint, service: &Service, port: u16) -> LbEndpoint {
         port
     };
     let mut filter = HashMap::new();
-    if e.mtls {
+    if e.hbone {
+        let at = SocketAddr::new(e.ip, target).to_string();
+        filter.insert(
+            "envoy.transport_socket_match".to_string(),
+            strukt(&[("tunnel", string("http"))]),
+        );
+        filter.insert(
+            "envoy.filters.listener.original_dst".to_string(),
+            strukt(&[("local", string(&at))]),
+        );
+    } else if e.mtls {
         filter.insert(
             "envoy.transport_socket_match".to_string(),
             strukt(&[("tlsMode", string("istio"))]),
@@ -260,7 +290,11 @@ fn lb_endpoint(e: &Endpoint, service: &Service, port: u16) -> LbEndpoint {
         }),
         load_balancing_weight: Some(UInt32Value { value: e.weight }),
         host_identifier: Some(HostIdentifier::Endpoint(EnvoyEndpoint {
-            address: Some(socket(&e.ip.to_string(), target)),
+            address: Some(if e.hbone {
+                internal(&SocketAddr::new(e.ip, target).to_string())
+            } else {
+                socket(&e.ip.to_string(), target)
+            }),
             ..Default::default()
         })),
     }

@@ -51,7 +51,7 @@ struct World {
     spec: Spec,
     resolv: PathBuf,
     _pod: Vec<interceptor_tests::Proc>,
-    _pod_ic: Interceptor,
+    pod_ic: Interceptor,
     t: Net,
 }
 
@@ -106,7 +106,7 @@ impl World {
             spec: s,
             resolv,
             _pod: apps,
-            _pod_ic: pod_ic,
+            pod_ic,
             t,
         }
     }
@@ -345,6 +345,65 @@ fn pushes_apply_within_a_second_and_a_long_connection_survives_them() {
         "{}",
         long.output()
     );
+}
+
+/// An ambient endpoint as istiod gives it (internal address `connect_originate`, tunnel
+/// metadata) is reached over HBONE, a sidecar endpoint of the same service over the sidecar
+/// wire; the node says ENABLE_HBONE and never DISABLE_HBONE_SEND.
+#[test]
+fn tunnel_endpoints_from_istiod_are_reached_over_hbone() {
+    let mut ambient = Endpoint::new("10.77.0.2", 9080);
+    ambient.hbone = true;
+    ambient.mtls = false;
+    let w = World::new(topology(), mesh(vec![reviews(vec![ambient])]), |_| {});
+    let ic = w.vm().start();
+    let first = w
+        .cp()
+        .wait_seen(5.0, |s| !s.node_id.is_empty())
+        .expect("a request with the node");
+    assert_eq!(
+        first.metadata.get("ENABLE_HBONE").map(String::as_str),
+        Some("true"),
+        "{:?}",
+        first.metadata
+    );
+    assert!(!first.metadata.contains_key("DISABLE_HBONE_SEND"));
+    for i in 0..3 {
+        let (ok, out) = w.curl(&format!("http://{REVIEWS}:9080/ambient{i}"));
+        assert!(
+            ok && out.starts_with(&format!("pod GET /ambient{i} from 127.0.0.6")),
+            "{out}\n{}",
+            ic.log()
+        );
+    }
+    assert!(w.pod_ic.wait_counter(
+        "interceptor_hbone_streams_total",
+        &[("direction", "inbound")],
+        3.0,
+        5.0
+    ));
+    assert!(ic.wait_counter(
+        "istio_tcp_connections_closed_total",
+        &[("destination_principal", REVIEWS_ID)],
+        3.0,
+        5.0
+    ));
+    // The same service with a sidecar endpoint beside it: each reached as it speaks.
+    w.cp().update(|m| {
+        let mut sidecar = Endpoint::new("10.77.0.4", 9080);
+        sidecar.name = "sidecar".into();
+        m.services[0].endpoints.push(sidecar);
+    });
+    assert!(wait_for(5.0, || (endpoints(&ic, REVIEWS, 9080).len() == 2)
+        .then_some(()))
+    .is_some());
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        let (ok, out) = w.curl(&format!("http://{REVIEWS}:9080/mixed{i}"));
+        assert!(ok, "{out}");
+        seen.insert(out.split(' ').next().unwrap_or_default().to_string());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
 }
 
 #[test]

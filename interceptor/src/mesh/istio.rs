@@ -532,4 +532,33 @@ metadata: {name: x}
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("document 1"));
     }
+
+    #[test]
+    fn the_ambient_annotation_marks_a_workload_entry_as_hbone() {
+        let doc = |meta: &str, labels: &str| {
+            format!("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {meta}\nspec:\n  address: 10.0.0.9\n  labels: {labels}\n")
+        };
+        for (meta, labels, hbone) in [
+            (
+                "{name: a, annotations: {ambient.istio.io/redirection: enabled}}",
+                "{app: a}",
+                true,
+            ),
+            (
+                "{name: a}",
+                "{app: a, networking.istio.io/tunnel: http}",
+                true,
+            ),
+            (
+                "{name: a, annotations: {ambient.istio.io/redirection: disabled}}",
+                "{app: a}",
+                false,
+            ),
+            ("{name: a}", "{app: a}", false),
+        ] {
+            let (res, errors) = parse(&doc(meta, labels));
+            assert!(errors.is_empty(), "{errors:?}");
+            assert_eq!(res.workloads[0].speaks_hbone(), hbone, "{meta} {labels}");
+        }
+    }
 }

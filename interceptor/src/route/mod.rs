@@ -668,4 +668,51 @@ mod tests {
         assert!(t[0].gateway_network().is_none());
         assert_eq!(t[0].endpoint.to_string(), "10.0.0.1:8000");
     }
+
+    fn tunnelled(s: &mut Service, i: usize) {
+        let w = Arc::make_mut(&mut s.endpoints[i]);
+        Arc::make_mut(&mut w.labels).insert(crate::mesh::TUNNEL_LABEL.into(), "http".into());
+    }
+
+    #[test]
+    fn hbone_endpoints_are_tunnelled_to_15008_for_their_address_and_port() {
+        // w0 sidecar mTLS, w1 HBONE and sidecar (HBONE wins), w2 HBONE only.
+        let (mut s, p) = svc(&[(1, "", true), (1, "", true), (1, "", false)]);
+        tunnelled(&mut s, 1);
+        tunnelled(&mut s, 2);
+        let n = flat();
+        let targets = plan(&s, &p, sidecar("", &n)).targets;
+        let by = |n: &str| {
+            &targets
+                .iter()
+                .find(|w| name(&w.target) == n)
+                .unwrap()
+                .target
+        };
+        assert_eq!(by("w0").transport.label(), "sidecar_mtls");
+        for (w, ip, port) in [("w1", "10.0.0.2", 8001), ("w2", "10.0.0.3", 8002)] {
+            let t = by(w);
+            assert_eq!(t.endpoint.to_string(), format!("{ip}:15008"));
+            match &t.transport {
+                Transport::Hbone {
+                    authority,
+                    identities,
+                } => {
+                    assert_eq!(authority.to_string(), format!("{ip}:{port}"));
+                    assert_eq!(identities.len(), 1);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // In another network behind a gateway: sidecar mTLS through the gateway if spoken,
+        // else skipped (double HBONE is not built).
+        let (mut s, p) = svc(&[(1, "b", true), (1, "b", false)]);
+        tunnelled(&mut s, 0);
+        tunnelled(&mut s, 1);
+        let n = two_networks();
+        let plan = plan(&s, &p, sidecar("a", &n));
+        assert_eq!(plan.targets.len(), 1);
+        assert_eq!(plan.targets[0].target.gateway_network(), Some("b"));
+        assert_eq!(plan.skipped[0].reason, SkipReason::RemoteHbone);
+    }
 }

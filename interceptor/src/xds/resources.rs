@@ -554,4 +554,29 @@ mod tests {
         assert!(other_ns.lookup("reviews").is_none());
         assert!(other_ns.lookup("api").is_none());
     }
+
+    #[test]
+    fn connect_originate_endpoints_are_hbone_and_other_internal_addresses_are_refused() {
+        use interceptor_proto::envoy::config::core::v3::envoy_internal_address::AddressNameSpecifier;
+        use interceptor_proto::envoy::config::core::v3::{Address as Addr, EnvoyInternalAddress};
+        let internal = |listener: &str, id: &str| Addr {
+            address: Some(EnvoyAddress::EnvoyInternalAddress(EnvoyInternalAddress {
+                address_name_specifier: Some(AddressNameSpecifier::ServerListenerName(
+                    listener.into(),
+                )),
+                endpoint_id: id.into(),
+            })),
+        };
+        let (a, port, hbone) =
+            socket_addr("c", Some(&internal("connect_originate", "10.1.2.3:8080"))).unwrap();
+        assert_eq!(
+            (a, port, hbone),
+            (Address::Ip("10.1.2.3".parse().unwrap()), 8080, true)
+        );
+        assert!(socket_addr("c", Some(&internal("other", "10.1.2.3:8080"))).is_err());
+        assert!(socket_addr("c", Some(&internal("connect_originate", "pod-a"))).is_err());
+        let l = labels(false, true);
+        assert_eq!(l.get(TUNNEL_LABEL).map(String::as_str), Some("http"));
+        assert!(!l.contains_key(TLS_MODE_LABEL));
+    }
 }
