@@ -568,6 +568,13 @@ pub struct GatewayArgs {
     /// istiod's ports passed through: xDS and CA, webhooks
     #[arg(long, value_name = "PORT", num_args = 1.., default_value = "15012 15017", value_delimiter = ' ')]
     pub istiod_ports: Vec<u16>,
+    /// The gateway's own certificate (cert-chain.pem, key.pem, root-cert.pem): with it, the
+    /// gateway also terminates double HBONE's outer tunnel on --hbone-listen
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Address(es) for double HBONE's outer tunnels (with --certs)
+    #[arg(long, num_args = 1.., value_name = "ADDR", default_value = "0.0.0.0:15008")]
+    pub hbone_listen: Vec<SocketAddr>,
 }
 
 #[cfg(test)]

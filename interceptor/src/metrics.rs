@@ -50,6 +50,8 @@ impl TcpLabels {
 /// Which side of HBONE counted it.
 pub const OUTBOUND: &str = "outbound";
 pub const INBOUND: &str = "inbound";
+/// The inner stream of double HBONE (outbound).
+pub const DOUBLE: &str = "double";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Direction {

@@ -175,14 +175,18 @@ fn tls13(mut common: Value) -> Value {
 /// client certificate of the trust domain required; HTTP/2 CONNECT streams (`connect_matcher`)
 /// tunnelled as TCP to the stream's `:authority` (an ORIGINAL_DST cluster reading it). Each
 /// stream's access-log line carries the authority and the client's identity.
-pub fn hbone_terminator_config(certs: &Path, listen: &str, admin: u16) -> String {
+pub fn hbone_terminator_config(certs: &Path, listen: &str, port: u16, admin: u16) -> String {
     let hcm = json!({
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "hbone",
             "codec_type": "HTTP2",
-            "http2_protocol_options": {"allow_connect": true},
+            "http2_protocol_options": {
+                "allow_connect": true,
+                "initial_stream_window_size": 4 << 20,
+                "initial_connection_window_size": 16 << 20,
+            },
             "upgrade_configs": [{"upgrade_type": "CONNECT"}],
             "access_log": [{
                 "name": "envoy.access_loggers.stdout",
@@ -214,7 +218,7 @@ pub fn hbone_terminator_config(certs: &Path, listen: &str, admin: u16) -> String
     });
     let listener = json!({
         "name": "hbone",
-        "address": socket(listen, 15008),
+        "address": socket(listen, port),
         "filter_chains": [{
             "transport_socket": {
                 "name": "envoy.transport_sockets.tls",
@@ -241,23 +245,26 @@ pub fn hbone_terminator_config(certs: &Path, listen: &str, admin: u16) -> String
     bootstrap(admin, json!([listener]), json!([cluster]))
 }
 
-/// An HBONE originator as Istio's sidecar is one towards ambient pods: plaintext in on
-/// 127.0.0.1:`local`, each connection a CONNECT stream for `authority` (tcp_proxy
-/// `tunneling_config`) over HTTP/2 and TLS 1.3 (ALPN h2, no SNI) to `endpoint`:15008, whose
-/// URI SAN must be exactly `san`.
+/// An HBONE originator as Istio's sidecar is one towards ambient pods: for each
+/// `(local, authority)`, plaintext in on 127.0.0.1:`local`, each connection a CONNECT stream
+/// for `authority` (tcp_proxy `tunneling_config`) over HTTP/2 and TLS 1.3 (ALPN h2, no SNI) to
+/// `endpoint`:`port`, whose URI SAN must be exactly `san`.
 pub fn hbone_originator_config(
     certs: &Path,
-    local: u16,
+    tunnels: &[(u16, &str)],
     endpoint: &str,
-    authority: &str,
+    port: u16,
     san: &str,
     admin: u16,
 ) -> String {
-    let mut cluster = static_cluster("hbone", endpoint, 15008);
+    let mut cluster = static_cluster("hbone", endpoint, port);
     cluster["typed_extension_protocol_options"] = json!({
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
+            "explicit_http_config": {"http2_protocol_options": {
+                "initial_stream_window_size": 4 << 20,
+                "initial_connection_window_size": 16 << 20,
+            }},
         },
     });
     cluster["transport_socket"] = json!({
@@ -267,14 +274,19 @@ pub fn hbone_originator_config(
             "common_tls_context": tls13(common_tls(certs, &["h2"], json!({"exact": san}))),
         },
     });
-    let mut proxy = tcp_proxy("originate", "hbone");
-    proxy["typed_config"]["tunneling_config"] = json!({"hostname": authority});
-    let listener = json!({
-        "name": "originate",
-        "address": socket("127.0.0.1", local),
-        "filter_chains": [{"filters": [proxy]}],
-    });
-    bootstrap(admin, json!([listener]), json!([cluster]))
+    let listeners: Vec<Value> = tunnels
+        .iter()
+        .map(|(local, authority)| {
+            let mut proxy = tcp_proxy("originate", "hbone");
+            proxy["typed_config"]["tunneling_config"] = json!({"hostname": authority});
+            json!({
+                "name": format!("originate-{local}"),
+                "address": socket("127.0.0.1", *local),
+                "filter_chains": [{"filters": [proxy]}],
+            })
+        })
+        .collect();
+    bootstrap(admin, Value::Array(listeners), json!([cluster]))
 }
 
 /// A sidecar's bootstrap as istio-agent writes it, reduced to xDS: ADS (delta) to istiod at

@@ -368,6 +368,18 @@ impl Node {
         network: &str,
         listen: &str,
     ) -> Interceptor {
+        self.gateway_with(mesh, networks, network, listen, &[])
+    }
+
+    /// As `gateway`, with more arguments.
+    pub fn gateway_with(
+        &self,
+        mesh: &Path,
+        networks: &Path,
+        network: &str,
+        listen: &str,
+        extra: &[&std::ffi::OsStr],
+    ) -> Interceptor {
         let mut c = self.ns.cmd("setpriv");
         c.args([
             "--no-new-privs",
@@ -382,7 +394,8 @@ impl Node {
         .arg(mesh)
         .arg("--mesh-networks")
         .arg(networks)
-        .args(["--network", network, "--listen", listen]);
+        .args(["--network", network, "--listen", listen])
+        .args(extra);
         c.env("RUST_LOG", "info");
         Interceptor::start(
             c,

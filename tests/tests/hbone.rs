@@ -315,14 +315,21 @@ fn our_15008_refuses_open_proxying_strangers_policy_and_a_closed_app() {
                 (Method::CONNECT, &format!("{POD}:8080")),
                 (Method::CONNECT, "10.77.0.1:8080"),
                 (Method::CONNECT, "product:8080"),
+                (Method::CONNECT, "product"),
                 (Method::GET, &format!("{POD}:8080")),
                 (Method::CONNECT, &format!("{POD}:8081")),
             ],
         )
     });
     // 200 for the VM's own address; 400 for another address (never an open proxy), for a
-    // name and for anything but CONNECT; 503 where the app refuses.
-    assert_eq!(codes, Ok(vec![200, 400, 400, 400, 503]), "{}", pod_ic.log());
+    // service this VM does not serve, for no port and for anything but CONNECT; 503 where the
+    // app refuses.
+    assert_eq!(
+        codes,
+        Ok(vec![200, 400, 400, 400, 400, 503]),
+        "{}",
+        pod_ic.log()
+    );
     // The allow-list: a mesh identity that is not allowed gets 401.
     let codes = vm.ns.run(|| {
         statuses(
@@ -381,7 +388,7 @@ fn envoy_as_hbone_terminator_takes_our_streams_and_sees_our_identity() {
     let waypoint = Envoy::start(
         m.pod_node(),
         "envoy-hbone",
-        &envoy::hbone_terminator_config(&m.pod_certs, POD, 15000),
+        &envoy::hbone_terminator_config(&m.pod_certs, POD, 15008, 15000),
         15000,
     );
     let vm_ic = m.vm("label");
@@ -435,9 +442,9 @@ fn envoy_as_hbone_originator_reaches_our_15008_and_both_sides_check_identities()
         "envoy-originate",
         &envoy::hbone_originator_config(
             &m.vm_certs,
-            15101,
+            &[(15101, &format!("{POD}:8080"))],
             POD,
-            &format!("{POD}:8080"),
+            15008,
             &format!("{TD}/product"),
             15000,
         ),
@@ -483,9 +490,9 @@ fn envoy_as_hbone_originator_reaches_our_15008_and_both_sides_check_identities()
         "envoy-wrong-san",
         &envoy::hbone_originator_config(
             &m.vm_certs,
-            15102,
+            &[(15102, &format!("{POD}:8080"))],
             POD,
-            &format!("{POD}:8080"),
+            15008,
             &format!("{TD}/billing"),
             15001,
         ),
@@ -542,5 +549,174 @@ fn one_service_with_a_sidecar_and_an_hbone_endpoint_reaches_both() {
     assert!(
         (1.0..20.0).contains(&hbone_streams),
         "{hbone_streams} of 20 over HBONE"
+    );
+}
+
+/// Double HBONE (SPEC 11): the VM in network A reaches an HBONE-only endpoint in network B
+/// through B's east-west gateway: an outer tunnel to the gateway (its identity checked), and
+/// inside it the VM's own TLS to the endpoint (the endpoint's identity checked, end to end).
+#[test]
+fn double_hbone_through_the_gateway_keeps_the_inner_tls_end_to_end() {
+    const POD_B: &str = "10.88.0.2";
+    const GW_A: &str = "10.77.0.3";
+    const ONLY_B: &str = "onlyb.default.svc.cluster.local";
+    let t = Topology::new()
+        .network("a")
+        .network("b")
+        .node("vm", &["a"])
+        .node("pod", &["a"])
+        .node("gw", &["a", "b"])
+        .node("pod-b", &["b"])
+        .build();
+    let ca = Ca::new("cluster.local root");
+    let vm_certs = ca.issue(&t.path("vm-certs"), &format!("{TD}/vm"), Key::Ecdsa);
+    let gw_certs = ca.issue(
+        &t.path("gw-certs"),
+        "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway",
+        Key::Ecdsa,
+    );
+    let b_certs = ca.issue(&t.path("b-certs"), &format!("{TD}/product-b"), Key::Ecdsa);
+    let mesh = |sa: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: onlyb, namespace: default}}\nspec:\n  hosts: [{ONLY_B}]\n  addresses: [240.240.0.20]\n  ports: [{{number: 8080, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  workloadSelector: {{labels: {{app: onlyb}}}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: onlyb, namespace: default}}\nspec:\n  address: {POD_B}\n  labels: {{app: onlyb, networking.istio.io/tunnel: http}}\n  serviceAccount: {sa}\n"
+        )
+    };
+    let networks = t.write(
+        "networks.yaml",
+        &format!("networks:\n  network-a:\n    endpoints: [{{fromCidr: 10.77.0.0/24}}]\n  network-b:\n    endpoints: [{{fromCidr: 10.88.0.0/24}}]\n    gateways: [{{address: {GW_A}, port: 15443}}]\n"),
+    );
+    let shared = t.write("mesh.yaml", &mesh("product-b"));
+    let vm_mesh = t.write("vm-mesh.yaml", &mesh("product-b"));
+    let resolv = t.write(
+        "resolv.conf",
+        "nameserver 10.77.0.53\noptions timeout:2 attempts:1\n",
+    );
+    let pod_b = t.node("pod-b");
+    let _app = pod_b.http("pod-b", &[&format!("{POD_B}:8080")]);
+    // The destination knows the service (it maps onlyb:8080 to its own port).
+    let b_ic = pod_b
+        .interceptor()
+        .mesh(&shared)
+        .args(["--mesh-networks"])
+        .arg(&networks)
+        .args(["--network", "network-b"])
+        .resolv(&resolv)
+        .certs(&b_certs)
+        .log("pod-b-ic")
+        .start();
+    let gw = t.node("gw");
+    let gateway = gw.gateway_with(
+        &shared,
+        &networks,
+        "network-b",
+        &format!("{GW_A}:15443"),
+        &["--certs".as_ref(), gw_certs.as_os_str()],
+    );
+    let vm = t.node("vm");
+    let vm_ic = vm
+        .interceptor()
+        .mesh(&vm_mesh)
+        .args(["--mesh-networks"])
+        .arg(&networks)
+        .args(["--network", "network-a"])
+        .resolv(&resolv)
+        .certs(&vm_certs)
+        .start();
+    let out = sh(&mut vm.cmd(
+        interceptor_tests::interceptor_bin()
+            .to_str()
+            .expect("utf-8"),
+        &["explain", &format!("{ONLY_B}:8080")],
+    ));
+    assert!(
+        out.contains(&format!(
+            "-> {GW_A}:15008 via gateway of network network-b weight 1.00 double HBONE"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("outer CONNECT onlyb.default.svc.cluster.local:8080 to the gateway, which must be one of [spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway]"), "{out}");
+
+    let dump = Tcpdump::start(&gw.ns, gw.iface("b"), "tcp", t.path("gw-b.pcap"));
+    let curl = |path: &str| {
+        let (ok, out, err) = try_sh(&mut vm.with_resolv(
+            &resolv,
+            &format!("exec curl -sS -m 5 http://{ONLY_B}:8080{path}"),
+        ));
+        (ok, out + &err)
+    };
+    for i in 0..3 {
+        let (ok, out) = curl(&format!("/secret-plaintext-marker{i}"));
+        assert!(
+            ok && out.starts_with(&format!(
+                "pod-b GET /secret-plaintext-marker{i} from 127.0.0.6"
+            )),
+            "{out}\n{}\n{}\n{}",
+            vm_ic.log(),
+            gateway.log(),
+            b_ic.log()
+        );
+    }
+    let pcap = dump.stop();
+    // Gateway to endpoint: only 15008, only TLS, and no plaintext, not even the inner CONNECT.
+    assert!(tcp_payloads(&pcap, "tcp and not port 15008").is_empty());
+    let legs = tcp_payloads(&pcap, "dst port 15008");
+    assert!(!legs.is_empty(), "nothing from the gateway to 15008");
+    let hello = interceptor::tls::parse_client_hello(&legs[0])
+        .expect("a TLS ClientHello")
+        .expect("complete in the first segment");
+    assert_eq!(
+        hello.alpn,
+        vec![b"h2".to_vec()],
+        "the VM's inner hello, relayed"
+    );
+    let all: Vec<u8> = tcp_payloads(&pcap, "port 15008").concat();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        !text.contains("secret-plaintext-marker") && !text.contains(ONLY_B),
+        "plaintext at the gateway"
+    );
+    // End to end: the endpoint saw the VM's identity (not the gateway's), the VM the endpoint's.
+    assert!(
+        wait(5.0, || b_ic.counter(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &format!("{TD}/vm"))
+            ]
+        ) == 3.0),
+        "{}",
+        b_ic.metrics().0
+    );
+    assert!(wait(5.0, || vm_ic.counter(
+        "istio_tcp_connections_closed_total",
+        &[("destination_principal", &format!("{TD}/product-b"))]
+    ) == 3.0));
+    assert!(
+        gateway.counter(
+            "interceptor_hbone_streams_total",
+            &[("direction", "gateway")]
+        ) >= 3.0
+    );
+    assert!(hbone(&vm_ic, "streams", "double") >= 3.0);
+    assert_eq!(
+        hbone(&vm_ic, "connections", "outbound"),
+        1.0,
+        "one pooled outer connection"
+    );
+
+    // The inner identity check is the VM's own: a table that expects another identity refuses
+    // the endpoint even though the gateway is the right one.
+    let before = vm_ic.table_version();
+    std::fs::write(&vm_mesh, mesh("someone-else")).expect("edit");
+    assert!(vm_ic.wait_table_after(before, 10.0));
+    let (ok, out) = curl("/wrong");
+    assert!(!ok || !out.contains("pod-b GET"), "{out}");
+    assert!(
+        vm_ic.counter(
+            "interceptor_endpoint_failures_total",
+            &[("reason", "server_certificate")]
+        ) >= 1.0,
+        "{}",
+        vm_ic.metrics().0
     );
 }

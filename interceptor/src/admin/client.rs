@@ -79,6 +79,7 @@ pub fn print_explain(v: &Verdict) {
                 r.weight,
                 match r.transport.as_str() {
                     "hbone" => "HBONE",
+                    "double_hbone" => "double HBONE",
                     _ if r.mtls => "mTLS",
                     _ => "plaintext",
                 },
@@ -91,6 +92,12 @@ pub fn print_explain(v: &Verdict) {
                 );
             }
             if let Some(authority) = &r.authority {
+                if !r.gateway_identities.is_empty() {
+                    println!(
+                        "     outer CONNECT {authority} to the gateway, which must be one of [{}]",
+                        r.gateway_identities.join(", ")
+                    );
+                }
                 println!(
                     "     CONNECT {authority} over TLS 1.3 ALPN h2, server must be one of [{}]",
                     r.identities.join(", ")

@@ -64,6 +64,9 @@ pub struct Route {
     /// HBONE: the CONNECT stream's `:authority`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
+    /// Double HBONE: the identities the gateway must present (the outer tunnel's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway_identities: Vec<String>,
     /// Identities the server certificate must carry.
     pub identities: Vec<String>,
 }
@@ -216,7 +219,14 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
                 },
                 authority: match &t.transport {
                     Transport::Hbone { authority, .. } => Some(authority.to_string()),
+                    Transport::DoubleHbone { authority, .. } => Some(authority.to_string()),
                     _ => None,
+                },
+                gateway_identities: match &t.transport {
+                    Transport::DoubleHbone {
+                        gateway_identities, ..
+                    } => gateway_identities.iter().map(ToString::to_string).collect(),
+                    _ => vec![],
                 },
                 identities: t
                     .transport

@@ -326,7 +326,18 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         .filter(|w| w.network == args.network)
         .count();
     drop(table);
-    sup.add(parts::gateway(&ctx, &args.listen)?);
+    let hbone = match &args.certs {
+        Some(dir) => {
+            sup.add(parts::identity_files(
+                &ctx,
+                FileProvider::new(dir.clone()),
+                true,
+            )?);
+            args.hbone_listen.clone()
+        }
+        None => vec![],
+    };
+    sup.add(parts::gateway(&ctx, &args.listen, &hbone)?);
     if let Some(istiod) = args.expose_istiod {
         sup.add(parts::expose_istiod(
             &ctx,
@@ -338,7 +349,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         tracing::info!(%istiod, sni = %args.istiod_sni, ports = ?args.istiod_ports, "exposing istiod");
     }
     ctx.readiness.set(LISTENERS, true);
-    tracing::info!(network = %args.network, listen = ?args.listen, admin = %args.admin_addr, endpoints = local, "gateway ready");
+    tracing::info!(network = %args.network, listen = ?args.listen, hbone = ?hbone, admin = %args.admin_addr, endpoints = local, "gateway ready");
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     supervise(sup).await
 }

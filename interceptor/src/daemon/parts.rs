@@ -213,6 +213,7 @@ impl Listeners {
         let inbound = (!self.inbound.is_empty()).then(|| {
             let inbound = Inbound::new(
                 ctx.tls.clone(),
+                ctx.store.clone(),
                 s.policy.clone(),
                 s.ports.inbound,
                 s.inbound.hbone,
@@ -381,17 +382,30 @@ pub fn expose_istiod(
 pub const ISTIOD_TABLE: &str = "istiod-table.json";
 
 /// proxy::Gateway on its listeners.
-pub fn gateway(ctx: &Ctx, listen: &[SocketAddr]) -> anyhow::Result<Handle> {
+pub fn gateway(ctx: &Ctx, listen: &[SocketAddr], hbone: &[SocketAddr]) -> anyhow::Result<Handle> {
     let listeners = net::bind_all(listen, "gateway").context("gateway listener")?;
+    let hbone = net::bind_all(hbone, "gateway HBONE").context("gateway HBONE listener")?;
     let gateway = Gateway::new(
         ctx.store.clone(),
+        ctx.tls.clone(),
         ctx.network.clone(),
         Dialer::new(ctx.tls.clone(), Timeouts::default()),
         ctx.outliers.clone(),
         ctx.metrics.clone(),
     );
+    let sni = listeners.into_iter().map({
+        let gateway = gateway.clone();
+        move |l| {
+            Box::pin(gateway.clone().serve(l))
+                as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        }
+    });
+    let tunnels = hbone.into_iter().map(move |l| {
+        Box::pin(gateway.clone().serve_hbone(l))
+            as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    });
     Ok(Handle::loops(
         "gateway",
-        listeners.into_iter().map(move |l| gateway.clone().serve(l)),
+        sni.chain(tunnels).collect::<Vec<_>>(),
     ))
 }

@@ -32,6 +32,12 @@ use crate::spiffe::SpiffeId;
 /// Where every HBONE peer takes tunnels (SPEC 11).
 pub const HBONE_PORT: u16 = 15008;
 
+/// The east-west gateway's identity in a trust domain when nothing says otherwise: the
+/// service account of Istio's `istio-eastwestgateway` chart in `istio-system`.
+pub fn eastwest_gateway_identity(trust_domain: &str) -> SpiffeId {
+    SpiffeId::new(trust_domain, "istio-system", "istio-eastwestgateway")
+}
+
 /// Where a connection is made: an address (an IP, or a host name resolved when connecting) and
 /// a port. Also the key of observed health: one endpoint, one outlier record.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -67,6 +73,17 @@ pub enum Transport {
         authority: SocketAddr,
         identities: Vec<SpiffeId>,
     },
+    /// Double HBONE (SPEC 11), to an endpoint in another network: an outer pooled HBONE
+    /// stream to that network's east-west gateway (15008; it must present one of
+    /// `gateway_identities`) for `authority` = `<service host>:<port>`, and inside it a new TLS
+    /// session expecting `identities` (the endpoints behind the gateway) carrying an inner
+    /// CONNECT for the same authority, `x-forwarded-network: <network>` (ours).
+    DoubleHbone {
+        authority: Arc<str>,
+        gateway_identities: Vec<SpiffeId>,
+        identities: Vec<SpiffeId>,
+        network: Arc<str>,
+    },
 }
 
 impl Transport {
@@ -78,7 +95,9 @@ impl Transport {
     pub fn identities(&self) -> &[SpiffeId] {
         match self {
             Transport::Plain => &[],
-            Transport::Tls { identities, .. } | Transport::Hbone { identities, .. } => identities,
+            Transport::Tls { identities, .. }
+            | Transport::Hbone { identities, .. }
+            | Transport::DoubleHbone { identities, .. } => identities,
         }
     }
 
@@ -88,6 +107,7 @@ impl Transport {
             Transport::Plain => "plaintext",
             Transport::Tls { .. } => "sidecar_mtls",
             Transport::Hbone { .. } => "hbone",
+            Transport::DoubleHbone { .. } => "double_hbone",
         }
     }
 }
@@ -165,8 +185,8 @@ pub enum SkipReason {
     NotInGatewayNetwork,
     /// Plaintext cannot cross to another network (the gateway routes by our mTLS's SNI).
     RemotePlaintext,
-    /// An HBONE-only endpoint in another network: that takes double HBONE, not built yet.
-    RemoteHbone,
+    /// Seen from a gateway's 15008: the endpoint takes no HBONE.
+    GatewayNeedsHbone,
 }
 
 impl SkipReason {
@@ -177,7 +197,7 @@ impl SkipReason {
             SkipReason::GatewayNeedsMtls => "gateway_needs_mtls",
             SkipReason::NotInGatewayNetwork => "not_in_gateway_network",
             SkipReason::RemotePlaintext => "remote_plaintext",
-            SkipReason::RemoteHbone => "remote_hbone",
+            SkipReason::GatewayNeedsHbone => "gateway_needs_hbone",
         }
     }
 }
@@ -189,9 +209,7 @@ impl fmt::Display for SkipReason {
             SkipReason::GatewayNeedsMtls => "no mTLS: the gateway relays TLS only",
             SkipReason::NotInGatewayNetwork => "not in the gateway's network",
             SkipReason::RemotePlaintext => "another network (behind its gateway) and no mTLS",
-            SkipReason::RemoteHbone => {
-                "another network and HBONE only (double HBONE is not supported)"
-            }
+            SkipReason::GatewayNeedsHbone => "no HBONE: the gateway's 15008 tunnels to HBONE only",
         })
     }
 }
@@ -229,6 +247,7 @@ fn is_local(w: &Workload, network: &str) -> bool {
 pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
     let mut out = Plan::default();
     let mut remote: BTreeMap<(&str, u32), Vec<Arc<Workload>>> = BTreeMap::new();
+    let mut remote_hbone: BTreeMap<(&str, u32), Vec<Arc<Workload>>> = BTreeMap::new();
     let skip = |w: &Workload, reason: SkipReason| Skipped {
         endpoint: w.name.clone(),
         network: w.network.clone(),
@@ -305,7 +324,10 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
                         _ => out.targets.push(direct(w, Transport::Plain)),
                     }
                 } else if w.speaks_hbone() && !w.speaks_istio_mtls() {
-                    out.skipped.push(skip(w, SkipReason::RemoteHbone));
+                    remote_hbone
+                        .entry((w.network.as_str(), w.priority))
+                        .or_default()
+                        .push(w.clone());
                 } else if w.speaks_istio_mtls() {
                     remote
                         .entry((w.network.as_str(), w.priority))
@@ -318,12 +340,40 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
         }
     }
     if let Scope::Sidecar {
+        network: ours,
         networks,
         trust_domain,
         original,
-        ..
     } = scope
     {
+        for ((network, priority), behind) in remote_hbone {
+            // Double HBONE: the outer tunnel is the gateway's, the inner TLS the endpoints'.
+            let gateways = networks.gateways(network);
+            let weight = behind.len() as f64 / gateways.len() as f64;
+            let transport = Transport::DoubleHbone {
+                authority: Arc::from(format!("{}:{}", svc.host.as_str(), port.number)),
+                gateway_identities: vec![eastwest_gateway_identity(trust_domain)],
+                identities: expected_identities(svc, &behind, trust_domain),
+                network: Arc::from(ours),
+            };
+            for gw in gateways {
+                out.targets.push(Weighted {
+                    weight,
+                    priority,
+                    target: Target {
+                        endpoint: EndpointAddr {
+                            address: gw.address.clone(),
+                            port: HBONE_PORT,
+                        },
+                        via: Via::Gateway {
+                            network: network.to_string(),
+                            behind: behind.clone(),
+                        },
+                        transport: transport.clone(),
+                    },
+                });
+            }
+        }
         for ((network, priority), behind) in remote {
             // Istio: a gateway weighs as the endpoints behind it, shared among the network's
             // gateways. Through a gateway any endpoint behind it may answer, and it is their
@@ -380,6 +430,44 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
                     },
                 });
             }
+        }
+    }
+    out
+}
+
+/// Where an east-west gateway sends the outer tunnel of double HBONE for `port` of `svc`:
+/// the healthy HBONE endpoints of its own network, each at IP:15008. The bytes it relays are
+/// the client's inner TLS, so the transport is plain TCP.
+pub fn gateway_hbone_plan(svc: &Service, port: &ServicePort, network: &str) -> Plan {
+    let mut out = Plan::default();
+    for w in svc.endpoints_for(port) {
+        let reason = if w.health != Health::Healthy {
+            Some(SkipReason::Unhealthy)
+        } else if !is_local(w, network) {
+            Some(SkipReason::NotInGatewayNetwork)
+        } else if !w.speaks_hbone() {
+            Some(SkipReason::GatewayNeedsHbone)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => out.skipped.push(Skipped {
+                endpoint: w.name.clone(),
+                network: w.network.clone(),
+                reason,
+            }),
+            None => out.targets.push(Weighted {
+                weight: f64::from(w.weight.max(1)),
+                priority: w.priority,
+                target: Target {
+                    endpoint: EndpointAddr {
+                        address: w.address.clone(),
+                        port: HBONE_PORT,
+                    },
+                    via: Via::Direct(w.clone()),
+                    transport: Transport::Plain,
+                },
+            }),
         }
     }
     out
@@ -705,14 +793,38 @@ mod tests {
             }
         }
         // In another network behind a gateway: sidecar mTLS through the gateway if spoken,
-        // else skipped (double HBONE is not built).
+        // else double HBONE to the gateway's 15008.
         let (mut s, p) = svc(&[(1, "b", true), (1, "b", false)]);
         tunnelled(&mut s, 0);
         tunnelled(&mut s, 1);
         let n = two_networks();
         let plan = plan(&s, &p, sidecar("a", &n));
-        assert_eq!(plan.targets.len(), 1);
-        assert_eq!(plan.targets[0].target.gateway_network(), Some("b"));
-        assert_eq!(plan.skipped[0].reason, SkipReason::RemoteHbone);
+        assert_eq!(plan.targets.len(), 2, "{plan:?}");
+        let label = |l: &str| {
+            plan.targets
+                .iter()
+                .find(|t| t.target.transport.label() == l)
+        };
+        let sidecar_wire = label("sidecar_mtls").expect("through the gateway's 15443");
+        assert_eq!(sidecar_wire.target.endpoint.to_string(), "192.0.2.10:15443");
+        let double = label("double_hbone").expect("double HBONE");
+        assert_eq!(double.target.endpoint.to_string(), "192.0.2.10:15008");
+        match &double.target.transport {
+            Transport::DoubleHbone {
+                authority,
+                gateway_identities,
+                identities,
+                network,
+            } => {
+                assert_eq!(&**authority, "a.default.svc.cluster.local:80");
+                assert_eq!(
+                    gateway_identities[0].as_str(),
+                    "spiffe://td/ns/istio-system/sa/istio-eastwestgateway"
+                );
+                assert_eq!(identities[0].as_str(), "spiffe://td/ns/default/sa/sa1");
+                assert_eq!(&**network, "a");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

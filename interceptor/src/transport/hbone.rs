@@ -110,7 +110,8 @@ type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
 pub struct Connect<'a> {
     pub tls: &'a Configs,
     pub endpoint: SocketAddr,
-    pub authority: SocketAddr,
+    /// `IP:port` of the destination, or `host:port` of a service (double HBONE).
+    pub authority: &'a str,
     pub identities: &'a [SpiffeId],
     /// The application's address, for `forwarded`.
     pub client: Option<SocketAddr>,
@@ -188,8 +189,12 @@ impl Pool {
         Ok(Stream {
             io: TokioIo::new(upgraded),
             peer,
-            _guard: guard,
+            _guard: Some(guard),
         })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Pooled connections now, for the status page and tests.
@@ -320,6 +325,78 @@ fn baggage(tls: &Configs) -> Option<String> {
     Some(format!("k8s.namespace.name={ns},service.name={sa}"))
 }
 
+/// The inner half of double HBONE (SPEC 11): over the outer stream to the gateway, a new,
+/// unpooled TLS session expecting the destination's `identities`, HTTP/2 on it and one CONNECT
+/// for `authority` with `x-forwarded-network: network`. The inner connection lives as long as
+/// its one stream; the outer stream (and its pool slot) with it.
+pub async fn inner(
+    configs: &Configs,
+    outer: Stream,
+    authority: &str,
+    identities: &[SpiffeId],
+    network: &str,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Result<Stream, super::DialError> {
+    let config = tls::hbone_client_for(&configs.hbone_client, &configs.roots, identities.to_vec());
+    let name =
+        rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([0, 0, 0, 0]).into());
+    let handshake = TlsConnector::from(config).connect(name, outer);
+    let tls = tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| super::DialError::HandshakeTimeout)?
+        .map_err(super::handshake_error)?;
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| {
+            crate::spiffe::uri_sans(leaf)
+                .into_iter()
+                .find(|id| identities.contains(id))
+        });
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| super::DialError::Hbone(Error::H2Handshake(e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "inner HBONE connection ended");
+        }
+    });
+    let bad = || super::DialError::Hbone(Error::Authority(authority.to_string()));
+    let uri = hyper::Uri::builder()
+        .authority(authority)
+        .build()
+        .map_err(|_| bad())?;
+    let mut b = Request::builder().method(Method::CONNECT).uri(uri);
+    if !network.is_empty() {
+        b = b.header("x-forwarded-network", network);
+    }
+    let request = b.body(Empty::<Bytes>::new()).map_err(|_| bad())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| super::DialError::Hbone(Error::Stream(e)))?;
+    if response.status() != StatusCode::OK {
+        return Err(super::DialError::Hbone(Error::Status(response.status())));
+    }
+    let upgraded = hyper::upgrade::on(response)
+        .await
+        .map_err(|e| super::DialError::Hbone(Error::Stream(e)))?;
+    metrics.hbone_stream(crate::metrics::DOUBLE);
+    Ok(Stream {
+        io: TokioIo::new(upgraded),
+        peer,
+        _guard: None,
+    })
+}
+
 /// Keeps a connection's stream count true for as long as the stream lives.
 struct StreamGuard(Arc<Streams>);
 
@@ -333,7 +410,8 @@ impl Drop for StreamGuard {
 pub struct Stream {
     io: TokioIo<hyper::upgrade::Upgraded>,
     peer: Option<SpiffeId>,
-    _guard: StreamGuard,
+    /// The pooled connection's count (none for an unpooled inner tunnel).
+    _guard: Option<StreamGuard>,
 }
 
 impl Stream {

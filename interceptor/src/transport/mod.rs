@@ -199,10 +199,11 @@ impl Dialer {
                         target.endpoint.to_string(),
                     )));
                 };
+                let authority = authority.to_string();
                 let req = hbone::Connect {
                     tls: &id,
                     endpoint: SocketAddr::new(ip, target.endpoint.port),
-                    authority: *authority,
+                    authority: &authority,
                     identities,
                     client,
                 };
@@ -211,6 +212,41 @@ impl Dialer {
                     .connect(req, self.timeouts.handshake, || self.tcp(&target.endpoint))
                     .await?;
                 Ok(Upstream::Hbone(Box::new(stream)))
+            }
+            Transport::DoubleHbone {
+                authority,
+                gateway_identities,
+                identities,
+                network,
+            } => {
+                let id = self.certificate()?;
+                let Address::Ip(ip) = target.endpoint.address else {
+                    return Err(DialError::Hbone(hbone::Error::Authority(
+                        target.endpoint.to_string(),
+                    )));
+                };
+                let req = hbone::Connect {
+                    tls: &id,
+                    endpoint: SocketAddr::new(ip, target.endpoint.port),
+                    authority,
+                    identities: gateway_identities,
+                    client,
+                };
+                let outer = self
+                    .hbone
+                    .connect(req, self.timeouts.handshake, || self.tcp(&target.endpoint))
+                    .await?;
+                let inner = hbone::inner(
+                    &id,
+                    outer,
+                    authority,
+                    identities,
+                    network,
+                    self.timeouts.handshake,
+                    self.hbone.metrics(),
+                )
+                .await?;
+                Ok(Upstream::Hbone(Box::new(inner)))
             }
             Transport::Tls { sni, identities } => {
                 let id = self.certificate()?;

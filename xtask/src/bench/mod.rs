@@ -4,6 +4,7 @@
 mod capture;
 mod dns;
 mod gateway;
+mod hbone;
 mod mtls;
 mod xds;
 
@@ -18,6 +19,7 @@ pub enum Which {
     Dns,
     Mtls,
     Gateway,
+    Hbone,
     Xds,
     All,
 }
@@ -40,6 +42,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
     }
     if matches!(which, Which::Gateway | Which::All) {
         gateway::run(&out)?;
+    }
+    if matches!(which, Which::Hbone | Which::All) {
+        hbone::run(&out)?;
     }
     if matches!(which, Which::Xds | Which::All) {
         xds::run(&out)?;

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{connect_app, Conn, Inbound, Kind, Refused, HANDSHAKE};
+use crate::mesh::Address;
 use crate::metrics::{self, TcpLabels, INBOUND};
 use crate::net::{buffered, relay};
 use crate::spiffe::{uri_sans, SpiffeId};
@@ -34,6 +35,8 @@ enum StreamRefused {
     BadAuthority(String),
     #[error("authority {0} is not this VM's address {1}")]
     NotLocal(SocketAddr, std::net::IpAddr),
+    #[error("authority {0:?}: no such service port with an endpoint on this VM")]
+    NotLocalService(String),
     #[error("denied: identity not allowed on port {0}")]
     NotAllowed(u16),
     #[error("app unreachable: {0}")]
@@ -45,7 +48,8 @@ impl StreamRefused {
         match self {
             StreamRefused::NotConnect(_)
             | StreamRefused::BadAuthority(_)
-            | StreamRefused::NotLocal(..) => StatusCode::BAD_REQUEST,
+            | StreamRefused::NotLocal(..)
+            | StreamRefused::NotLocalService(_) => StatusCode::BAD_REQUEST,
             StreamRefused::NotAllowed(_) => StatusCode::UNAUTHORIZED,
             StreamRefused::App(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -55,7 +59,7 @@ impl StreamRefused {
         match self {
             StreamRefused::NotConnect(_) => "hbone_not_connect",
             StreamRefused::BadAuthority(_) => "hbone_bad_authority",
-            StreamRefused::NotLocal(..) => "hbone_not_local",
+            StreamRefused::NotLocal(..) | StreamRefused::NotLocalService(_) => "hbone_not_local",
             StreamRefused::NotAllowed(_) => "not_allowed",
             StreamRefused::App(_) => "app_unreachable",
         }
@@ -162,13 +166,13 @@ impl Tunnel {
             return Err(StreamRefused::NotConnect(req.method().clone()));
         }
         let raw = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
-        let authority: SocketAddr = raw
-            .parse()
-            .map_err(|_| StreamRefused::BadAuthority(raw.to_string()))?;
         let local = self.local.ip().to_canonical();
-        if authority.ip().to_canonical() != local {
-            return Err(StreamRefused::NotLocal(authority, local));
-        }
+        let authority = match raw.parse::<SocketAddr>() {
+            Ok(a) if a.ip().to_canonical() == local => a,
+            Ok(a) => return Err(StreamRefused::NotLocal(a, local)),
+            // Double HBONE names the service: its port on this VM's own endpoint.
+            Err(_) => SocketAddr::new(local, self.service_port(raw)?),
+        };
         let policy = &self.inbound.policy;
         if !policy.allow.allows(authority.port(), self.client.as_ref()) {
             return Err(StreamRefused::NotAllowed(authority.port()));
@@ -177,6 +181,28 @@ impl Tunnel {
             .await
             .map_err(StreamRefused::App)?;
         Ok((authority, app))
+    }
+
+    /// The port this VM serves `host:port` of a mesh service on (SPEC 11: the destination
+    /// maps the service port to its target port); only a service with an endpoint at this
+    /// VM's address.
+    fn service_port(&self, raw: &str) -> Result<u16, StreamRefused> {
+        let bad = || StreamRefused::BadAuthority(raw.to_string());
+        let (host, port) = raw.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let table = self.inbound.store.load();
+        let svc = table
+            .service_by_host(&host.to_ascii_lowercase())
+            .ok_or_else(|| StreamRefused::NotLocalService(raw.to_string()))?;
+        let sp = svc
+            .port(port)
+            .ok_or_else(|| StreamRefused::NotLocalService(raw.to_string()))?;
+        let local = Address::Ip(self.local.ip().to_canonical());
+        svc.endpoints_for(sp)
+            .iter()
+            .find(|w| w.address == local)
+            .map(|w| w.target_port(sp))
+            .ok_or_else(|| StreamRefused::NotLocalService(raw.to_string()))
     }
 
     async fn relay(

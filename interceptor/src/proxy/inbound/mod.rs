@@ -27,6 +27,8 @@ const APP_CONNECT: Duration = Duration::from_secs(5);
 
 pub struct Inbound {
     tls: Arc<tls::Store>,
+    /// For double HBONE, whose streams name a service, not an address.
+    store: Arc<crate::mesh::Store>,
     policy: InboundPolicy,
     /// Our listener port: a connection whose original destination is it would loop.
     own_port: u16,
@@ -111,8 +113,10 @@ impl Conn {
 }
 
 impl Inbound {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         tls: Arc<tls::Store>,
+        store: Arc<crate::mesh::Store>,
         policy: InboundPolicy,
         own_port: u16,
         hbone_port: Option<u16>,
@@ -121,6 +125,7 @@ impl Inbound {
     ) -> Arc<Self> {
         Arc::new(Self {
             tls,
+            store,
             policy,
             own_port,
             hbone_port,

@@ -1,7 +1,10 @@
 //! proxy::Gateway: the east-west gateway of a network (SPEC section 7; Istio's AUTO_PASSTHROUGH,
 //! I: pilot/pkg/networking/core/gateway.go). Routes by the SNI of the client's ClientHello
 //! without terminating TLS, to an endpoint of its own network, and relays the raw bytes: the
-//! mTLS is end to end between the two sidecars and the gateway never sees plaintext.
+//! mTLS is end to end between the two sidecars and the gateway never sees plaintext. With a
+//! certificate it also takes double HBONE's outer tunnel on 15008 (`hbone`).
+
+mod hbone;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +27,8 @@ const MAX_ATTEMPTS: usize = 3;
 
 pub struct Gateway {
     store: Arc<Store>,
+    /// The gateway's own identity, for the outer tunnel of double HBONE.
+    tls: Arc<tls::Store>,
     network: String,
     dialer: Dialer,
     outliers: Arc<Outliers>,
@@ -95,6 +100,7 @@ pub fn route(hello: &ClientHello) -> Result<(String, u16), Refusal> {
 impl Gateway {
     pub fn new(
         store: Arc<Store>,
+        tls: Arc<tls::Store>,
         network: String,
         dialer: Dialer,
         outliers: Arc<Outliers>,
@@ -102,6 +108,7 @@ impl Gateway {
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
+            tls,
             network,
             dialer,
             outliers,
