@@ -37,6 +37,11 @@ pub const MAX_STREAMS: usize = 100;
 pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME: u32 = 1 << 20;
+/// What h2 buffers per stream before a write waits: one window, so a window is filled and
+/// flushed in one go (ztunnel's choice; hyper's default is 1 MiB).
+pub const SEND_BUFFER: usize = STREAM_WINDOW as usize;
+/// CONNECT headers are small; anything larger is not HBONE.
+pub const MAX_HEADERS: u32 = 16 << 10;
 /// A connection without streams this long is closed.
 pub const IDLE: Duration = Duration::from_secs(300);
 /// HTTP/2 pings keep NATs open and find dead peers.
@@ -256,6 +261,8 @@ impl Pool {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(SEND_BUFFER)
+            .max_header_list_size(MAX_HEADERS)
             .keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
@@ -361,6 +368,8 @@ pub async fn inner(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .max_send_buf_size(SEND_BUFFER)
+        .max_header_list_size(MAX_HEADERS)
         .handshake(TokioIo::new(tls))
         .await
         .map_err(|e| super::DialError::Hbone(Error::H2Handshake(e)))?;

@@ -23,7 +23,8 @@ use crate::metrics::{self, TcpLabels, INBOUND};
 use crate::net::{buffered, relay};
 use crate::spiffe::{uri_sans, SpiffeId};
 use crate::transport::hbone::{
-    CONNECTION_WINDOW, KEEPALIVE, KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW,
+    CONNECTION_WINDOW, KEEPALIVE, KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS,
+    SEND_BUFFER, STREAM_WINDOW,
 };
 
 /// Why one stream was refused: its status and a metric label.
@@ -120,6 +121,8 @@ impl Inbound {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(SEND_BUFFER)
+            .max_header_list_size(MAX_HEADERS)
             .max_concurrent_streams(MAX_STREAMS as u32)
             .keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
