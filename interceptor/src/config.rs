@@ -26,6 +26,8 @@ pub enum Error {
     },
     #[error("{what}: {value:?} is not a port")]
     Port { what: &'static str, value: String },
+    #[error("--worker-threads: at least 1")]
+    WorkerThreads,
     #[error("--inbound-allow: {0}")]
     Allow(#[from] AllowListError),
     #[error("Istio VM bundle: {0}")]
@@ -148,6 +150,10 @@ pub struct RunArgs {
     /// How connections reach the listeners [default: ebpf]
     #[arg(long, value_enum)]
     pub capture: Option<CaptureMode>,
+    /// Threads that run the data paths; 1 makes every hop of a connection one thread's work
+    /// (fewer wake-ups, like a sidecar with --concurrency 1) [default: one per core]
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
     /// Where the mesh comes from besides the files: `istiod` joins the control plane named by
     /// the Istio VM bundle [default: none]
     #[arg(long, value_enum)]
@@ -269,6 +275,8 @@ pub struct Settings {
     pub istiod: Option<Istiod>,
     pub identity: IdentitySource,
     pub probe: Option<crate::health::Spec>,
+    /// None: one per core.
+    pub worker_threads: Option<usize>,
 }
 
 /// The identity provider, configured.
@@ -356,6 +364,7 @@ impl RunArgs {
             dns_port: self.dns_port.or(file.dns_port),
             resolv_conf: self.resolv_conf.or(file.resolv_conf),
             capture: self.capture.or(file.capture),
+            worker_threads: self.worker_threads.or(file.worker_threads),
             control_plane: self.control_plane.or(file.control_plane),
             istio_dir: self.istio_dir.or(file.istio_dir),
             cluster_env: self.cluster_env.or(file.cluster_env),
@@ -519,6 +528,10 @@ impl RunArgs {
             istiod,
             identity,
             probe,
+            worker_threads: match args.worker_threads {
+                Some(0) => return Err(Error::WorkerThreads),
+                n => n,
+            },
         })
     }
 }
@@ -572,6 +585,9 @@ pub struct GatewayArgs {
     /// gateway also terminates double HBONE's outer tunnel on --hbone-listen
     #[arg(long, value_name = "DIR")]
     pub certs: Option<PathBuf>,
+    /// Threads that run the gateway [default: one per core]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
     /// Address(es) for double HBONE's outer tunnels (with --certs)
     #[arg(long, num_args = 1.., value_name = "ADDR", default_value = "0.0.0.0:15008")]
     pub hbone_listen: Vec<SocketAddr>,

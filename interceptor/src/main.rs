@@ -185,8 +185,11 @@ fn main() -> ExitCode {
             .resolve()
             .map_err(anyhow::Error::from)
             .and_then(|s| {
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
+                let mut rt = tokio::runtime::Builder::new_multi_thread();
+                if let Some(n) = s.worker_threads {
+                    rt.worker_threads(n);
+                }
+                rt.enable_all()
                     .build()?
                     .block_on(interceptor::daemon::run(s))
             }),
@@ -211,11 +214,16 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Command::Gateway(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(interceptor::daemon::gateway(args))),
+        Command::Gateway(args) => {
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.worker_threads {
+                rt.worker_threads(usize::from(n));
+            }
+            rt.enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(interceptor::daemon::gateway(args)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -128,14 +128,15 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     let http_refs: Vec<&str> = http_addrs.iter().map(String::as_str).collect();
     let _http = pod.bench_http(&http_refs);
 
-    // (b, c) the interceptor pair: the sidecar wire on the listed ports, HBONE on 15008.
+    // (b, c) the interceptor pair: the sidecar wire on the listed ports, HBONE on 15008. One
+    // worker thread each, as Envoy's --concurrency 1: the same deal for both pairs.
     let inbound = format!("{},{},{}", IPERF[0], ECHO[0], HTTP[0]);
     let pod_ic = pod
         .interceptor()
         .mesh(&empty)
         .resolv(&resolv)
         .certs(&pod_certs)
-        .args(["--inbound-ports", &inbound])
+        .args(["--inbound-ports", &inbound, "--worker-threads", "1"])
         .env("RUST_LOG", "warn")
         .log("pod-ic")
         .start();
@@ -144,6 +145,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         .mesh(&mesh)
         .resolv(&resolv)
         .certs(&vm_certs)
+        .args(["--worker-threads", "1"])
         .env("RUST_LOG", "warn")
         .log("vm-ic")
         .start();
@@ -265,7 +267,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         let hi = r.iter().copied().fold(0.0, f64::max);
         format!("[{lo:.2}-{hi:.2}]")
     };
-    println!("\nhbone bench: median of {ROUNDS} rounds; iperf3 {IPERF_SECS}s one stream; request/response at {RR_RATE}/s over one connection; conn/s with 4 concurrent");
+    println!("\nhbone bench (each proxy on one worker thread): median of {ROUNDS} rounds; iperf3 {IPERF_SECS}s one stream; request/response at {RR_RATE}/s over one connection; conn/s with 4 concurrent");
     println!(
         "{:<18} {:>9} {:>8} {:>8} {:>8} {:>14}",
         "mode", "Gbit/s", "p50 us", "p99 us", "conn/s", "CPU us/conn"
