@@ -6,6 +6,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Who reports a connection, in Istio's terms.
@@ -81,6 +82,8 @@ pub struct Metrics {
     /// HBONE: TLS connections made or accepted (each one handshake), and CONNECT streams.
     hbone_connections: Family<Direction, Counter>,
     hbone_streams: Family<Direction, Counter>,
+    /// HBONE connections open now, by direction.
+    hbone_open: Family<Direction, Gauge>,
 }
 
 impl Metrics {
@@ -111,6 +114,16 @@ impl Metrics {
         self.hbone_connections
             .get_or_create(&Direction { direction })
             .inc();
+        self.hbone_open
+            .get_or_create(&Direction { direction })
+            .inc();
+    }
+
+    /// A connection counted by `hbone_connection` ended.
+    pub fn hbone_connection_closed(&self, direction: &'static str) {
+        self.hbone_open
+            .get_or_create(&Direction { direction })
+            .dec();
     }
 
     pub fn hbone_stream(&self, direction: &'static str) {
@@ -160,6 +173,11 @@ impl Metrics {
             "interceptor_hbone_connections",
             "HBONE connections (one TLS handshake each) made (outbound) or accepted (inbound)",
             self.hbone_connections.clone(),
+        );
+        registry.register(
+            "interceptor_hbone_open_connections",
+            "HBONE connections open now (outbound: pooled)",
+            self.hbone_open.clone(),
         );
         registry.register(
             "interceptor_hbone_streams",

@@ -195,6 +195,20 @@ fn vm_to_vm_over_hbone_pools_two_hundred_connections_into_at_most_two_handshakes
         "{handshakes} TLS handshakes for 201 connections"
     );
     assert!(hbone(&vm_ic, "connections", "outbound") <= 2.0);
+    // The pooled connection stays open for the next stream, on both sides.
+    let open = |ic: &Interceptor, direction: &str| {
+        ic.counter(
+            "interceptor_hbone_open_connections",
+            &[("direction", direction)],
+        )
+    };
+    assert_eq!(
+        open(&vm_ic, "outbound"),
+        hbone(&vm_ic, "connections", "outbound"),
+        "{}",
+        vm_ic.metrics().0
+    );
+    assert_eq!(open(&pod_ic, "inbound"), handshakes);
     assert_eq!(hbone(&vm_ic, "streams", "outbound"), 201.0);
     // Each side proved who the other is, per stream.
     assert!(wait(5.0, || pod_ic.counter(

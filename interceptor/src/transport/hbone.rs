@@ -202,15 +202,6 @@ impl Pool {
         &self.metrics
     }
 
-    /// Pooled connections now, for the status page and tests.
-    pub fn connections(&self) -> usize {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots
-            .values()
-            .filter_map(|s| s.try_lock().ok().map(|c| c.len()))
-            .sum()
-    }
-
     fn slot(&self, key: Key) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = slots.get(&key) {
@@ -273,6 +264,7 @@ impl Pool {
         let streams = Arc::new(Streams::default());
         let watched = streams.clone();
         let idle = self.idle;
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r {
@@ -280,6 +272,7 @@ impl Pool {
                 },
                 () = idle_out(&watched, idle) => tracing::debug!("HBONE connection idle; closed"),
             }
+            metrics.hbone_connection_closed(OUTBOUND);
         });
         Ok(Conn {
             sender,

@@ -142,11 +142,6 @@ impl Dialer {
         self
     }
 
-    /// HBONE connections pooled now.
-    pub fn hbone_connections(&self) -> usize {
-        self.hbone.connections()
-    }
-
     pub fn with_resolver(mut self, resolver: Arc<Resolver>) -> Self {
         self.resolver = Some(resolver);
         self

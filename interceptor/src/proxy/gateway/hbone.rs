@@ -127,6 +127,7 @@ impl Gateway {
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .serve_connection(TokioIo::new(tls), service)
             .await;
+        self.metrics.hbone_connection_closed(metrics::GATEWAY);
         if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "gateway: HBONE connection ended");
         }

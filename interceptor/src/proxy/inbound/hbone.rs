@@ -128,6 +128,7 @@ impl Inbound {
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .serve_connection(TokioIo::new(tls), service)
             .await;
+        self.metrics.hbone_connection_closed(INBOUND);
         match served {
             Ok(()) => conn.log(0, 0, &"HBONE connection closed"),
             Err(e) => conn.log(0, 0, &format_args!("HBONE connection ended: {e}")),
