@@ -59,6 +59,8 @@ pub enum Error {
     Status(StatusCode),
     #[error("CONNECT {0:?} is not a valid authority")]
     Authority(String),
+    #[error("the connection this stream waited for could not be made")]
+    PeerFailed,
 }
 
 impl Error {
@@ -68,6 +70,7 @@ impl Error {
             Error::Stream(_) => "hbone_stream",
             Error::Status(_) => "hbone_refused",
             Error::Authority(_) => "hbone_authority",
+            Error::PeerFailed => "hbone_peer_failed",
         }
     }
 }
@@ -109,7 +112,15 @@ impl Streams {
 
 /// The connections of one key. The async lock is held while a connection is made, so that
 /// streams that arrive together share the one connection instead of each making their own.
-type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
+type Slot = Arc<tokio::sync::Mutex<Conns>>;
+
+#[derive(Default)]
+struct Conns {
+    open: Vec<Conn>,
+    /// When the last attempt to make a connection failed: streams that waited for that attempt
+    /// fail with it (and try another endpoint) instead of each waiting out the same timeout.
+    failed_at: Option<Instant>,
+}
 
 /// What a stream is opened with, besides the pool.
 pub struct Connect<'a> {
@@ -155,10 +166,11 @@ impl Pool {
             req.identities.to_vec(),
         );
         let slot = self.slot(key);
+        let waited_from = Instant::now();
         let (mut sender, streams, peer) = {
             let mut conns = slot.lock().await;
-            conns.retain(|c| !c.sender.is_closed());
-            let free = conns.iter().find(|c| {
+            conns.open.retain(|c| !c.sender.is_closed());
+            let free = conns.open.iter().find(|c| {
                 c.sender.is_ready() && c.streams.open.load(Ordering::Acquire) < MAX_STREAMS
             });
             match free {
@@ -166,14 +178,27 @@ impl Pool {
                     c.streams.opened();
                     (c.sender.clone(), c.streams.clone(), c.peer.clone())
                 }
+                None if conns.failed_at.is_some_and(|t| t >= waited_from) => {
+                    return Err(super::DialError::Hbone(Error::PeerFailed));
+                }
                 None => {
-                    let stream = tcp().await?;
-                    let c = self
-                        .handshake(req.tls, req.identities, stream, handshake)
-                        .await?;
+                    let made = match tcp().await {
+                        Ok(stream) => {
+                            self.handshake(req.tls, req.identities, stream, handshake)
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let c = match made {
+                        Ok(c) => c,
+                        Err(e) => {
+                            conns.failed_at = Some(Instant::now());
+                            return Err(e);
+                        }
+                    };
                     c.streams.opened();
                     let out = (c.sender.clone(), c.streams.clone(), c.peer.clone());
-                    conns.push(c);
+                    conns.open.push(c);
                     out
                 }
             }
@@ -211,7 +236,7 @@ impl Pool {
         // made with a certificate since rotated).
         slots.retain(|_, s| {
             s.try_lock()
-                .map_or(true, |c| c.iter().any(|c| !c.sender.is_closed()))
+                .map_or(true, |c| c.open.iter().any(|c| !c.sender.is_closed()))
         });
         slots.entry(key).or_default().clone()
     }
@@ -457,5 +482,74 @@ impl AsyncWrite for Stream {
             }
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::DialError;
+
+    fn configs() -> Arc<Configs> {
+        let (c, k, r) = crate::identity::tests::pem(Some("spiffe://td/ns/a/sa/b"), false);
+        let id =
+            crate::identity::Identity::from_pem(c.as_bytes(), k.as_bytes(), r.as_bytes()).unwrap();
+        let store = tls::Store::new();
+        store
+            .install(
+                id.spiffe.clone(),
+                id.chain.clone(),
+                &id.key,
+                &id.roots,
+                id.not_after,
+            )
+            .unwrap();
+        store.current().unwrap()
+    }
+
+    #[tokio::test]
+    async fn streams_that_waited_for_a_failed_connection_fail_with_it() {
+        let configs = configs();
+        let pool = Pool::new(Arc::default());
+        let req = || Connect {
+            tls: &configs,
+            endpoint: "192.0.2.1:15008".parse().unwrap(),
+            authority: "192.0.2.1:80",
+            identities: &[],
+            client: None,
+        };
+        let dials = AtomicUsize::new(0);
+        // A peer that blackholes: the TCP leg times out after a while.
+        let blackhole = || async {
+            dials.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Err::<TcpStream, _>(DialError::Connect(std::io::ErrorKind::TimedOut.into()))
+        };
+        let (a, b, c) = tokio::join!(
+            pool.connect(req(), Duration::from_secs(1), blackhole),
+            pool.connect(req(), Duration::from_secs(1), blackhole),
+            pool.connect(req(), Duration::from_secs(1), blackhole),
+        );
+        let labels: Vec<_> = [a, b, c]
+            .into_iter()
+            .map(|r| r.err().map(|e| e.label()))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                Some("connect_timeout"),
+                Some("hbone_peer_failed"),
+                Some("hbone_peer_failed")
+            ]
+        );
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            1,
+            "one attempt, not three in a row"
+        );
+        // A later stream tries again.
+        let again = pool.connect(req(), Duration::from_secs(1), blackhole).await;
+        assert_eq!(again.err().map(|e| e.label()), Some("connect_timeout"));
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
     }
 }

@@ -128,6 +128,8 @@ fn concurrent(addr: &str, n: usize) -> anyhow::Result<()> {
     let first = conns.remove(0);
     reset(&first)?;
     drop(first);
+    // Nothing on this side can observe the proxies taking the reset, so it is given a moment
+    // to cross both before the siblings are checked; a sibling cut by it fails either way.
     std::thread::sleep(Duration::from_millis(200));
     let mut after = 0;
     for (i, s) in conns.iter_mut().enumerate() {
