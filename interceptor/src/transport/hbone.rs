@@ -48,6 +48,33 @@ pub const IDLE: Duration = Duration::from_secs(300);
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// HTTP/2 as every HBONE client here speaks it: SPEC 11's windows, frames and limits.
+pub fn client_h2() -> hyper::client::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buf_size(SEND_BUFFER)
+        .max_header_list_size(MAX_HEADERS);
+    b
+}
+
+/// HTTP/2 as every HBONE server here (inbound 15008, the gateway's 15008) speaks it.
+pub fn server_h2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buf_size(SEND_BUFFER)
+        .max_header_list_size(MAX_HEADERS)
+        .max_concurrent_streams(MAX_STREAMS as u32)
+        .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    b
+}
+
 /// Why a stream could not be opened: a log line and a metric label (through `DialError`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -272,13 +299,7 @@ impl Pool {
                     .into_iter()
                     .find(|id| identities.is_empty() || identities.contains(id))
             });
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_send_buf_size(SEND_BUFFER)
-            .max_header_list_size(MAX_HEADERS)
+        let (sender, conn) = client_h2()
             .keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
@@ -381,13 +402,8 @@ pub async fn inner(
                 .into_iter()
                 .find(|id| identities.contains(id))
         });
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_send_buf_size(SEND_BUFFER)
-        .max_header_list_size(MAX_HEADERS)
+    // No pings of its own: the outer connection's keep it alive.
+    let (mut sender, conn) = client_h2()
         .handshake(TokioIo::new(tls))
         .await
         .map_err(|e| super::DialError::Hbone(Error::H2Handshake(e)))?;

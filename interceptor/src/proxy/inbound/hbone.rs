@@ -13,7 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -22,10 +22,7 @@ use crate::mesh::Address;
 use crate::metrics::{self, TcpLabels, INBOUND};
 use crate::net::{buffered, relay};
 use crate::spiffe::{uri_sans, SpiffeId};
-use crate::transport::hbone::{
-    CONNECTION_WINDOW, KEEPALIVE, KEEPALIVE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS,
-    SEND_BUFFER, STREAM_WINDOW,
-};
+use crate::transport::hbone::server_h2;
 
 /// Why one stream was refused: its status and a metric label.
 #[derive(Debug, thiserror::Error)]
@@ -116,16 +113,7 @@ impl Inbound {
             let tunnel = tunnel.clone();
             async move { Ok::<_, Infallible>(tunnel.stream(req).await) }
         });
-        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_send_buf_size(SEND_BUFFER)
-            .max_header_list_size(MAX_HEADERS)
-            .max_concurrent_streams(MAX_STREAMS as u32)
-            .keep_alive_interval(KEEPALIVE)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        let served = server_h2()
             .serve_connection(TokioIo::new(tls), service)
             .await;
         self.metrics.hbone_connection_closed(INBOUND);
