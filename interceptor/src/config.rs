@@ -28,6 +28,8 @@ pub enum Error {
     Port { what: &'static str, value: String },
     #[error("--worker-threads: at least 1")]
     WorkerThreads,
+    #[error("--gateway-identity: {0:?} is not a SPIFFE id (spiffe://TD/ns/NS/sa/SA)")]
+    GatewayIdentity(String),
     #[error("--inbound-allow: {0}")]
     Allow(#[from] AllowListError),
     #[error("Istio VM bundle: {0}")]
@@ -150,6 +152,10 @@ pub struct RunArgs {
     /// How connections reach the listeners [default: ebpf]
     #[arg(long, value_enum)]
     pub capture: Option<CaptureMode>,
+    /// The SPIFFE id east-west gateways present for double HBONE
+    /// [default: spiffe://<trust domain>/ns/istio-system/sa/istio-eastwestgateway]
+    #[arg(long, value_name = "ID")]
+    pub gateway_identity: Option<String>,
     /// Threads that run the data paths; 1 makes every hop of a connection one thread's work
     /// (fewer wake-ups, like a sidecar with --concurrency 1) [default: one per core]
     #[arg(long, value_name = "N")]
@@ -277,6 +283,7 @@ pub struct Settings {
     pub probe: Option<crate::health::Spec>,
     /// None: one per core.
     pub worker_threads: Option<usize>,
+    pub gateway_identity: Option<crate::spiffe::SpiffeId>,
 }
 
 /// The identity provider, configured.
@@ -365,6 +372,7 @@ impl RunArgs {
             resolv_conf: self.resolv_conf.or(file.resolv_conf),
             capture: self.capture.or(file.capture),
             worker_threads: self.worker_threads.or(file.worker_threads),
+            gateway_identity: self.gateway_identity.or(file.gateway_identity),
             control_plane: self.control_plane.or(file.control_plane),
             istio_dir: self.istio_dir.or(file.istio_dir),
             cluster_env: self.cluster_env.or(file.cluster_env),
@@ -532,6 +540,12 @@ impl RunArgs {
                 Some(0) => return Err(Error::WorkerThreads),
                 n => n,
             },
+            gateway_identity: match args.gateway_identity {
+                Some(id) => {
+                    Some(crate::spiffe::SpiffeId::parse(&id).ok_or(Error::GatewayIdentity(id))?)
+                }
+                None => None,
+            },
         })
     }
 }
@@ -635,5 +649,43 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("namespce"), "{e}");
+    }
+
+    #[test]
+    fn hbone_needs_a_certificate_and_bad_numbers_and_ids_are_refused() {
+        let plain = RunArgs::default().resolve().unwrap();
+        assert_eq!(
+            plain.inbound.hbone, None,
+            "no certificate, no HBONE inbound"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let with_certs = |extra: RunArgs| {
+            RunArgs {
+                certs: Some(dir.path().to_path_buf()),
+                ..extra
+            }
+            .resolve()
+        };
+        let s = with_certs(RunArgs::default()).unwrap();
+        assert_eq!(s.inbound.hbone, Some(15008));
+        assert!(s.inbound.enabled());
+        let off = with_certs(RunArgs {
+            hbone_port: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(off.inbound.hbone, None);
+        let e = with_certs(RunArgs {
+            worker_threads: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(e, Error::WorkerThreads), "{e}");
+        let e = with_certs(RunArgs {
+            gateway_identity: Some("istio-eastwestgateway".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("not a SPIFFE id"), "{e}");
     }
 }

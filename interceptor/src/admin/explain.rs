@@ -185,6 +185,7 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
             networks: &table.networks,
             trust_domain: &trust_domain,
             original: Some(dst),
+            gateway_identity: state.gateway_identity.as_ref(),
         },
     );
     v.skipped = plan.skipped;

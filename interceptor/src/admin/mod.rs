@@ -50,6 +50,8 @@ pub struct State {
     pub ca: Option<Arc<identity::CaStatus>>,
     pub health: Option<Arc<health::Health>>,
     pub network: String,
+    /// `--gateway-identity`: what east-west gateways must present for double HBONE.
+    pub gateway_identity: Option<crate::spiffe::SpiffeId>,
     pub nameservers: Vec<SocketAddr>,
     pub started: SystemTime,
 }

@@ -50,6 +50,7 @@ pub struct Ctx {
     /// The application's probe, when there is one.
     pub health: Option<Arc<health::Health>>,
     pub network: String,
+    pub gateway_identity: Option<crate::spiffe::SpiffeId>,
     pub started: SystemTime,
 }
 
@@ -78,6 +79,7 @@ impl Ctx {
         xds: Option<Arc<xds::Status>>,
         ca: Option<Arc<identity::CaStatus>>,
         health: Option<Arc<health::Health>>,
+        gateway_identity: Option<crate::spiffe::SpiffeId>,
     ) -> Arc<Self> {
         let tls = tls::Store::new();
         Arc::new(Self {
@@ -93,6 +95,7 @@ impl Ctx {
             ca,
             health,
             network,
+            gateway_identity,
             started: SystemTime::now(),
         })
     }
@@ -109,6 +112,7 @@ impl Ctx {
             ca: self.ca.clone(),
             health: self.health.clone(),
             network: self.network.clone(),
+            gateway_identity: self.gateway_identity.clone(),
             nameservers,
             started: self.started,
         })
@@ -163,6 +167,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         xds_status.clone(),
         ca_status.clone(),
         health.clone(),
+        s.gateway_identity.clone(),
     );
     let resolv = ResolvConf::read(&s.resolv_conf).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no upstream nameservers: names outside the mesh get SERVFAIL");
@@ -288,8 +293,9 @@ async fn stop_signal() -> std::io::Result<()> {
     Ok(())
 }
 
-/// `interceptor gateway`: the same mesh source as `run`, no capture, no identity (it never
-/// terminates TLS), so it needs no privileges.
+/// `interceptor gateway`: the same mesh source as `run`, no capture, so it needs no
+/// privileges; an identity only with `--certs`, for double HBONE's outer tunnel (the sidecar
+/// wire it never terminates).
 pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let options = mesh::Options {
         namespace: args.namespace.clone(),
@@ -299,6 +305,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         options,
         args.network.clone(),
         &[TABLE, LISTENERS],
+        None,
         None,
         None,
         None,

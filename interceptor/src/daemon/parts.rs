@@ -202,6 +202,7 @@ impl Listeners {
             ctx.outliers.clone(),
             self.outbound_addrs,
             s.network.clone(),
+            s.gateway_identity.clone(),
             ctx.metrics.clone(),
         );
         let outbound = Handle::loops(

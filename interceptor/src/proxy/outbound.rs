@@ -32,6 +32,8 @@ pub struct Outbound {
     own: Vec<SocketAddr>,
     /// This VM's network: endpoints elsewhere are reached through their network's gateway.
     network: String,
+    /// What east-west gateways present for double HBONE (None: Istio's default).
+    gateway_identity: Option<SpiffeId>,
     metrics: Arc<Metrics>,
 }
 
@@ -45,6 +47,7 @@ impl Outbound {
         outliers: Arc<Outliers>,
         own: Vec<SocketAddr>,
         network: String,
+        gateway_identity: Option<SpiffeId>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -55,6 +58,7 @@ impl Outbound {
             outliers,
             own,
             network,
+            gateway_identity,
             metrics,
         })
     }
@@ -93,6 +97,7 @@ impl Outbound {
             networks: &table.networks,
             trust_domain,
             original: Some(dst),
+            gateway_identity: self.gateway_identity.as_ref(),
         };
         let plan = route::plan(svc, port, scope);
         self.outliers

@@ -168,6 +168,9 @@ pub enum Scope<'a> {
         trust_domain: &'a str,
         /// Where the application was connecting, for services reached there as is.
         original: Option<SocketAddr>,
+        /// The identity east-west gateways present for double HBONE (None: the default of
+        /// Istio's east-west gateway chart in our trust domain).
+        gateway_identity: Option<&'a SpiffeId>,
     },
     /// An east-west gateway of `network`: only that network's endpoints that speak mTLS (the
     /// bytes it relays are the client's TLS).
@@ -344,6 +347,7 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
         networks,
         trust_domain,
         original,
+        gateway_identity,
     } = scope
     {
         for ((network, priority), behind) in remote_hbone {
@@ -352,7 +356,9 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
             let weight = behind.len() as f64 / gateways.len() as f64;
             let transport = Transport::DoubleHbone {
                 authority: Arc::from(format!("{}:{}", svc.host.as_str(), port.number)),
-                gateway_identities: vec![eastwest_gateway_identity(trust_domain)],
+                gateway_identities: vec![gateway_identity
+                    .cloned()
+                    .unwrap_or_else(|| eastwest_gateway_identity(trust_domain))],
                 identities: expected_identities(svc, &behind, trust_domain),
                 network: Arc::from(ours),
             };
@@ -559,6 +565,7 @@ mod tests {
             networks,
             trust_domain: "td",
             original: None,
+            gateway_identity: None,
         }
     }
 
@@ -718,6 +725,7 @@ mod tests {
             networks: &n,
             trust_domain: "td",
             original: Some("10.9.9.9:5432".parse().unwrap()),
+            gateway_identity: None,
         };
         let t = &plan(&s, &p, scope).targets[0].target;
         assert_eq!(t.endpoint.to_string(), "10.9.9.9:5432");
@@ -824,6 +832,27 @@ mod tests {
                 assert_eq!(identities[0].as_str(), "spiffe://td/ns/default/sa/sa1");
                 assert_eq!(&**network, "a");
             }
+            other => panic!("{other:?}"),
+        }
+        // --gateway-identity names another one.
+        let named = SpiffeId::parse("spiffe://td/ns/gw/sa/east-west").unwrap();
+        let scope = Scope::Sidecar {
+            network: "a",
+            networks: &n,
+            trust_domain: "td",
+            original: None,
+            gateway_identity: Some(&named),
+        };
+        let plan = super::plan(&s, &p, scope);
+        let double = plan
+            .targets
+            .iter()
+            .find(|t| t.target.transport.label() == "double_hbone")
+            .unwrap();
+        match &double.target.transport {
+            Transport::DoubleHbone {
+                gateway_identities, ..
+            } => assert_eq!(gateway_identities, &vec![named.clone()]),
             other => panic!("{other:?}"),
         }
     }
