@@ -352,8 +352,6 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
     {
         for ((network, priority), behind) in remote_hbone {
             // Double HBONE: the outer tunnel is the gateway's, the inner TLS the endpoints'.
-            let gateways = networks.gateways(network);
-            let weight = behind.len() as f64 / gateways.len() as f64;
             let transport = Transport::DoubleHbone {
                 authority: Arc::from(format!("{}:{}", svc.host.as_str(), port.number)),
                 gateway_identities: vec![gateway_identity
@@ -362,48 +360,25 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
                 identities: expected_identities(svc, &behind, trust_domain),
                 network: Arc::from(ours),
             };
-            for gw in gateways {
-                out.targets.push(Weighted {
-                    weight,
-                    priority,
-                    target: Target {
-                        endpoint: EndpointAddr {
-                            address: gw.address.clone(),
-                            port: HBONE_PORT,
-                        },
-                        via: Via::Gateway {
-                            network: network.to_string(),
-                            behind: behind.clone(),
-                        },
-                        transport: transport.clone(),
-                    },
-                });
-            }
+            let gateways = networks.gateways(network);
+            via_gateways(
+                &mut out,
+                gateways,
+                network,
+                priority,
+                behind,
+                Some(HBONE_PORT),
+                transport,
+            );
         }
         for ((network, priority), behind) in remote {
-            // Istio: a gateway weighs as the endpoints behind it, shared among the network's
-            // gateways. Through a gateway any endpoint behind it may answer, and it is their
-            // identities we check, never the gateway's (it only relays our TLS).
-            let gateways = networks.gateways(network);
-            let weight = behind.len() as f64 / gateways.len() as f64;
+            // Through a gateway any endpoint behind it may answer, and it is their identities
+            // we check, never the gateway's (it only relays our TLS).
             let transport = tls(&behind, trust_domain);
-            for gw in gateways {
-                out.targets.push(Weighted {
-                    weight,
-                    priority,
-                    target: Target {
-                        endpoint: EndpointAddr {
-                            address: gw.address.clone(),
-                            port: gw.port,
-                        },
-                        via: Via::Gateway {
-                            network: network.to_string(),
-                            behind: behind.clone(),
-                        },
-                        transport: transport.clone(),
-                    },
-                });
-            }
+            let gateways = networks.gateways(network);
+            via_gateways(
+                &mut out, gateways, network, priority, behind, None, transport,
+            );
         }
         if out.targets.is_empty() && out.skipped.is_empty() {
             // No endpoints at all: a DNS service is reached at its own host name, a service of
@@ -477,6 +452,38 @@ pub fn gateway_hbone_plan(svc: &Service, port: &ServicePort, network: &str) -> P
         }
     }
     out
+}
+
+/// One target per gateway of `network` for the endpoints `behind` them, at `port` (None: the
+/// gateway's own). Istio: a gateway weighs as the endpoints behind it, shared among the
+/// network's gateways.
+fn via_gateways(
+    out: &mut Plan,
+    gateways: &[crate::mesh::Gateway],
+    network: &str,
+    priority: u32,
+    behind: Vec<Arc<Workload>>,
+    port: Option<u16>,
+    transport: Transport,
+) {
+    let weight = behind.len() as f64 / gateways.len() as f64;
+    for gw in gateways {
+        out.targets.push(Weighted {
+            weight,
+            priority,
+            target: Target {
+                endpoint: EndpointAddr {
+                    address: gw.address.clone(),
+                    port: port.unwrap_or(gw.port),
+                },
+                via: Via::Gateway {
+                    network: network.to_string(),
+                    behind: behind.clone(),
+                },
+                transport: transport.clone(),
+            },
+        });
+    }
 }
 
 /// The targets of `plan` in the order to try them: by priority (0 first), and within one a

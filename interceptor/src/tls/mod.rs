@@ -108,6 +108,17 @@ pub fn client_for(
     roots: &Arc<RootCertStore>,
     expected: Vec<SpiffeId>,
 ) -> Arc<ClientConfig> {
+    let mut cfg = expecting(base, roots, expected);
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS_PER_ENDPOINT);
+    Arc::new(cfg)
+}
+
+/// `base` with a verifier that accepts only `expected` identities.
+fn expecting(
+    base: &ClientConfig,
+    roots: &Arc<RootCertStore>,
+    expected: Vec<SpiffeId>,
+) -> ClientConfig {
     let mut cfg = base.clone();
     let provider = cfg.crypto_provider().clone();
     cfg.dangerous()
@@ -116,8 +127,7 @@ pub fn client_for(
             expected,
             provider,
         )));
-    cfg.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS_PER_ENDPOINT);
-    Arc::new(cfg)
+    cfg
 }
 
 /// TLS 1.3 sessions kept per endpoint: a few, for connections opened at once.
@@ -191,15 +201,7 @@ pub fn hbone_client_for(
     roots: &Arc<RootCertStore>,
     expected: Vec<SpiffeId>,
 ) -> Arc<ClientConfig> {
-    let mut cfg = base.clone();
-    let provider = cfg.crypto_provider().clone();
-    cfg.dangerous()
-        .set_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
-            roots.clone(),
-            expected,
-            provider,
-        )));
-    Arc::new(cfg)
+    Arc::new(expecting(base, roots, expected))
 }
 
 /// The HBONE server (15008): TLS 1.3 only, ALPN h2, a client certificate from the mesh roots

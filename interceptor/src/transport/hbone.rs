@@ -275,30 +275,7 @@ impl Pool {
         tcp: TcpStream,
         timeout: Duration,
     ) -> Result<Conn, super::DialError> {
-        let config =
-            tls::hbone_client_for(&configs.hbone_client, &configs.roots, identities.to_vec());
-        // No SNI is sent (the config says so); the name only satisfies the API.
-        let name = rustls::pki_types::ServerName::IpAddress(
-            tcp.peer_addr()
-                .map(|a| a.ip())
-                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
-                .into(),
-        );
-        let handshake = TlsConnector::from(config).connect(name, buffered(tcp));
-        let tls = tokio::time::timeout(timeout, handshake)
-            .await
-            .map_err(|_| super::DialError::HandshakeTimeout)?
-            .map_err(super::handshake_error)?;
-        let peer = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|leaf| {
-                crate::spiffe::uri_sans(leaf)
-                    .into_iter()
-                    .find(|id| identities.is_empty() || identities.contains(id))
-            });
+        let (tls, peer) = tls_handshake(configs, identities, buffered(tcp), timeout).await?;
         let (sender, conn) = client_h2()
             .keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -326,6 +303,40 @@ impl Pool {
             peer,
         })
     }
+}
+
+/// HBONE's TLS over `io` (a TCP connection, or the outer stream of double HBONE), and who
+/// answered, from its certificate.
+async fn tls_handshake<IO>(
+    configs: &Configs,
+    identities: &[SpiffeId],
+    io: IO,
+    timeout: Duration,
+) -> Result<(tokio_rustls::client::TlsStream<IO>, Option<SpiffeId>), super::DialError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = tls::hbone_client_for(&configs.hbone_client, &configs.roots, identities.to_vec());
+    // No SNI is sent (the config says so) and the verifier checks SPIFFE ids, not names: the
+    // name only satisfies the API.
+    let name =
+        rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([0, 0, 0, 0]).into());
+    let handshake = TlsConnector::from(config).connect(name, io);
+    let tls = tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| super::DialError::HandshakeTimeout)?
+        .map_err(super::handshake_error)?;
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| {
+            crate::spiffe::uri_sans(leaf)
+                .into_iter()
+                .find(|id| identities.is_empty() || identities.contains(id))
+        });
+    Ok((tls, peer))
 }
 
 /// Returns once the connection has had no stream for `idle`.
@@ -384,24 +395,7 @@ pub async fn inner(
     timeout: Duration,
     metrics: &Metrics,
 ) -> Result<Stream, super::DialError> {
-    let config = tls::hbone_client_for(&configs.hbone_client, &configs.roots, identities.to_vec());
-    let name =
-        rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([0, 0, 0, 0]).into());
-    let handshake = TlsConnector::from(config).connect(name, outer);
-    let tls = tokio::time::timeout(timeout, handshake)
-        .await
-        .map_err(|_| super::DialError::HandshakeTimeout)?
-        .map_err(super::handshake_error)?;
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|leaf| {
-            crate::spiffe::uri_sans(leaf)
-                .into_iter()
-                .find(|id| identities.contains(id))
-        });
+    let (tls, peer) = tls_handshake(configs, identities, outer, timeout).await?;
     // No pings of its own: the outer connection's keep it alive.
     let (mut sender, conn) = client_h2()
         .handshake(TokioIo::new(tls))
