@@ -247,6 +247,7 @@ impl Pool {
             io: TokioIo::new(upgraded),
             peer,
             _guard: Some(guard),
+            write_closed: false,
         })
     }
 
@@ -431,6 +432,7 @@ pub async fn inner(
         io: TokioIo::new(upgraded),
         peer,
         _guard: None,
+        write_closed: false,
     })
 }
 
@@ -449,6 +451,8 @@ pub struct Stream {
     peer: Option<SpiffeId>,
     /// The pooled connection's count (none for an unpooled inner tunnel).
     _guard: Option<StreamGuard>,
+    /// The peer stopped taking data (see `poll_write`).
+    write_closed: bool,
 }
 
 impl Stream {
@@ -474,14 +478,40 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        // RFC 9113 8.1: a peer that has sent its whole response may reset the stream
+        // (RST_STREAM NO_ERROR, as Envoy does once its upstream closed) to stop our sending,
+        // and the response must not be lost for it. So a failed write closes our sending side
+        // only (what we send is dropped) and the relay goes on reading what the peer sent.
+        if self.write_closed {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match Pin::new(&mut self.io).poll_write(cx, buf) {
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "HBONE stream no longer takes data; reading on");
+                self.write_closed = true;
+                Poll::Ready(Ok(buf.len()))
+            }
+            other => other,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        if self.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(Err(_)) => {
+                self.write_closed = true;
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.write_closed {
+            return Poll::Ready(Ok(()));
+        }
         // A peer that has ended its side may reset the stream (RST_STREAM NO_ERROR, as Envoy
         // does once its upstream closed): our END_STREAM then has nowhere to go, and nothing
         // is lost by that.
