@@ -94,38 +94,57 @@ fn bootstrap(admin: u16, listeners: Value, clusters: Value) -> String {
 /// certificate chaining to root-cert.pem with a SPIFFE id of the trust domain), plaintext to the
 /// app on 127.0.0.1:`app_port`.
 pub fn inbound_config(certs: &Path, listen: &str, port: u16, app_port: u16, admin: u16) -> String {
-    let listener = json!({
-        "name": "virtualInbound",
-        "address": socket(listen, port),
-        "listener_filters": [{
-            "name": "envoy.filters.listener.tls_inspector",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
-        }],
-        "filter_chains": [{
-            "filter_chain_match": {
-                "transport_protocol": "tls",
-                "application_protocols": ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"],
-            },
-            "transport_socket": {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                    "require_client_certificate": true,
-                    "common_tls_context": common_tls(
-                        certs,
-                        &["istio-peer-exchange", "h2", "http/1.1"],
-                        json!({"prefix": "spiffe://cluster.local/"}),
-                    ),
-                },
-            },
-            "filters": [tcp_proxy("inbound", "inbound_app")],
-        }],
-    });
-    bootstrap(
+    sidecar_inbound_config(
+        certs,
+        listen,
+        &[(port, &format!("127.0.0.1:{app_port}"))],
         admin,
-        json!([listener]),
-        json!([static_cluster("inbound_app", "127.0.0.1", app_port)]),
     )
+}
+
+/// As `inbound_config`, one mTLS listener on `listen` per (port, app address) pair.
+pub fn sidecar_inbound_config(
+    certs: &Path,
+    listen: &str,
+    ports: &[(u16, &str)],
+    admin: u16,
+) -> String {
+    let mut listeners = Vec::new();
+    let mut clusters = Vec::new();
+    for (port, app) in ports {
+        let cluster = format!("inbound|{port}||");
+        let (app_host, app_port) = app.rsplit_once(':').expect("app address host:port");
+        let app_port: u16 = app_port.parse().expect("app port");
+        listeners.push(json!({
+            "name": format!("virtualInbound_{port}"),
+            "address": socket(listen, *port),
+            "listener_filters": [{
+                "name": "envoy.filters.listener.tls_inspector",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+            }],
+            "filter_chains": [{
+                "filter_chain_match": {
+                    "transport_protocol": "tls",
+                    "application_protocols": ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"],
+                },
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "require_client_certificate": true,
+                        "common_tls_context": common_tls(
+                            certs,
+                            &["istio-peer-exchange", "h2", "http/1.1"],
+                            json!({"prefix": "spiffe://cluster.local/"}),
+                        ),
+                    },
+                },
+                "filters": [tcp_proxy("inbound", &cluster)],
+            }],
+        }));
+        clusters.push(static_cluster(&cluster, app_host, app_port));
+    }
+    bootstrap(admin, Value::Array(listeners), Value::Array(clusters))
 }
 
 /// An Istio sidecar's outbound side for one service port: plaintext in on 127.0.0.1:`local`,
@@ -140,26 +159,61 @@ pub fn outbound_config(
     san: &str,
     admin: u16,
 ) -> String {
-    let name = format!("outbound|{port}||{host}");
-    let mut cluster = static_cluster(&name, endpoint, port);
-    cluster["transport_socket"] = json!({
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": format!("outbound_.{port}_._.{host}"),
-            "common_tls_context": common_tls(
-                certs,
-                &["istio-peer-exchange", "istio"],
-                json!({"exact": san}),
-            ),
-        },
-    });
+    sidecar_outbound_config(certs, &[(local, port)], host, endpoint, san, admin)
+}
+
+/// As `outbound_config`, one plaintext listener on 127.0.0.1 per (local port, service port)
+/// pair, each to `endpoint` on the service port.
+pub fn sidecar_outbound_config(
+    certs: &Path,
+    ports: &[(u16, u16)],
+    host: &str,
+    endpoint: &str,
+    san: &str,
+    admin: u16,
+) -> String {
+    let mut listeners = Vec::new();
+    let mut clusters = Vec::new();
+    for (local, port) in ports {
+        let name = format!("outbound|{port}||{host}");
+        let mut cluster = static_cluster(&name, endpoint, *port);
+        cluster["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": format!("outbound_.{port}_._.{host}"),
+                "common_tls_context": common_tls(
+                    certs,
+                    &["istio-peer-exchange", "istio"],
+                    json!({"exact": san}),
+                ),
+            },
+        });
+        listeners.push(json!({
+            "name": format!("outbound_{local}"),
+            "address": socket("127.0.0.1", *local),
+            "filter_chains": [{"filters": [tcp_proxy("outbound", &name)]}],
+        }));
+        clusters.push(cluster);
+    }
+    bootstrap(admin, Value::Array(listeners), Value::Array(clusters))
+}
+
+/// A sidecar's plaintext passthrough for a client captured by iptables REDIRECT (Istio's
+/// virtualOutbound for a service without mTLS): `listen` on 127.0.0.1, TCP to `upstream`.
+pub fn redirect_passthrough_config(listen: u16, upstream: &str, admin: u16) -> String {
+    let (host, port) = upstream.rsplit_once(':').expect("upstream host:port");
+    let port: u16 = port.parse().expect("upstream port");
     let listener = json!({
-        "name": "outbound",
-        "address": socket("127.0.0.1", local),
-        "filter_chains": [{"filters": [tcp_proxy("outbound", &name)]}],
+        "name": "virtualOutbound",
+        "address": socket("127.0.0.1", listen),
+        "filter_chains": [{"filters": [tcp_proxy("outbound", "passthrough")]}],
     });
-    bootstrap(admin, json!([listener]), json!([cluster]))
+    bootstrap(
+        admin,
+        json!([listener]),
+        json!([static_cluster("passthrough", host, port)]),
+    )
 }
 
 /// TLS 1.3 only, as HBONE requires (SPEC 11).

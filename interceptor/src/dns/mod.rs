@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::mesh::Store;
+use crate::net::udp::{RecvBatch, SendBatch};
 
 /// Where an answer came from, for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,35 +142,61 @@ impl Server {
         out
     }
 
+    /// Answers datagrams in batches (net::udp): every query waiting is taken with one
+    /// syscall and every table answer it produced sent with one more.
     pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket) {
         let socket = Arc::new(socket);
-        let mut buf = vec![0u8; 65535];
+        let mut batch = RecvBatch::new();
+        let mut replies = SendBatch::default();
         loop {
-            let (n, from) = match socket.recv_from(&mut buf).await {
-                Ok(x) => x,
+            let n = match batch.recv(&socket).await {
+                Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(error = %e, "DNS UDP receive failed");
                     continue;
                 }
             };
-            match self.decide(&buf[..n], false) {
-                // Table answers are sent inline: no task, no copy of the query.
-                Decision::Reply(resp, source) => {
-                    self.stats.count(Some(source));
-                    let _ = socket.send_to(&resp, from).await;
-                }
-                Decision::Drop => self.stats.count(None),
-                // Upstream may be slow: never hold up the next query for it.
-                Decision::Forward(query) => {
-                    let (this, socket, packet) = (self.clone(), socket.clone(), buf[..n].to_vec());
-                    tokio::spawn(async move {
-                        let out = this.forward(query, &packet, false).await;
-                        this.stats.count(out.as_ref().map(|(_, s)| *s));
-                        if let Some((resp, _)) = out {
-                            let _ = socket.send_to(&resp, from).await;
+            for i in 0..n {
+                let Some(d) = batch.get(i) else { continue };
+                let Some(from) = d.from else {
+                    self.stats.count(None);
+                    continue;
+                };
+                if d.truncated {
+                    // Bigger than any query a resolver sends: its header still says whom to
+                    // tell.
+                    match answer::formerr(d.bytes) {
+                        Some(b) => {
+                            self.stats.count(Some(Source::FormErr));
+                            replies.push(b, from);
                         }
-                    });
+                        None => self.stats.count(None),
+                    }
+                    continue;
                 }
+                match self.decide(d.bytes, false) {
+                    // Table answers go out with the batch: no task, no copy of the query.
+                    Decision::Reply(resp, source) => {
+                        self.stats.count(Some(source));
+                        replies.push(resp, from);
+                    }
+                    Decision::Drop => self.stats.count(None),
+                    // Upstream may be slow: never hold up the next query for it.
+                    Decision::Forward(query) => {
+                        let (this, socket, packet) =
+                            (self.clone(), socket.clone(), d.bytes.to_vec());
+                        tokio::spawn(async move {
+                            let out = this.forward(query, &packet, false).await;
+                            this.stats.count(out.as_ref().map(|(_, s)| *s));
+                            if let Some((resp, _)) = out {
+                                let _ = socket.send_to(&resp, from).await;
+                            }
+                        });
+                    }
+                }
+            }
+            if !replies.is_empty() {
+                replies.flush(&socket).await;
             }
         }
     }

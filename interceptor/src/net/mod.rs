@@ -4,6 +4,7 @@
 
 mod relay;
 mod splice;
+pub mod udp;
 
 pub use relay::{buffered, relay, Buffered, BUFFER, TLS_READ_AHEAD};
 pub use splice::splice_relay;

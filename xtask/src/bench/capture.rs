@@ -1,15 +1,18 @@
 //! `cargo xtask bench capture`: new connections per second and connect+first-byte latency for a
-//! client in the VM, three ways against the same server in one run:
+//! client in the VM, four ways against the same server in one run:
 //! (a) direct, (b) eBPF capture into proxy::Outbound, (c) the same listener behind an iptables
-//! REDIRECT rule (how Istio's sidecar and agent capture). (c) runs from a second VM namespace
-//! with its own link to the pod: its nat rules switch on conntrack for the whole namespace, which
-//! a VM on eBPF capture does not pay, so a and b must not share it.
+//! REDIRECT rule (how Istio's sidecar and agent capture), (d) an Envoy sidecar (one worker)
+//! behind the same kind of rule, passing the plaintext through as Istio's virtualOutbound does.
+//! (c) and (d) run from a second VM namespace with its own link to the pod: its nat rules switch
+//! on conntrack for the whole namespace, which a VM on eBPF capture does not pay, so a and b must
+//! not share it. Each proxy's CPU per connection is printed next to its rate.
 
 use std::path::Path;
 
+use interceptor_tests::envoy::{self, Envoy};
 use interceptor_tests::{interceptor_bin, sh, Interceptor, Topology};
 
-use super::{helper, loadgen, median, Load};
+use super::{cpu_secs, helper, loadgen, median, quiet, Load};
 
 const ROUNDS: usize = 3;
 const CPS_SECS: &str = "3";
@@ -28,6 +31,8 @@ spec:
   endpoints: [{address: 10.77.0.2}]
 "#;
 const VIP: &str = "240.240.7.7:8080";
+/// The same VIP on another port, redirected to Envoy in the iptables namespace.
+const ENVOY_VIP: &str = "240.240.7.7:8081";
 
 pub fn run(out: &Path) -> anyhow::Result<()> {
     let t = Topology::new()
@@ -48,7 +53,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
 
     // (b): eBPF capture, the daemon in the cgroup as in production. Logs at warn: the bench
     // measures the data path, not the access log.
-    let _ebpf = vm
+    let ebpf = vm
         .interceptor()
         .mesh(&mesh)
         .resolv(&resolv)
@@ -72,7 +77,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         .arg("--resolv-conf")
         .arg(&resolv)
         .env("RUST_LOG", "warn");
-    let _ipt = Interceptor::start(
+    let ipt = Interceptor::start(
         ipt_cmd,
         t.path("iptables.log"),
         vm2.ns.handle(),
@@ -97,18 +102,57 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         "15002",
     ]));
 
+    sh(vm2.ns.cmd("iptables").args([
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "240.240.7.7",
+        "--dport",
+        "8081",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15003",
+    ]));
+    // (d): Envoy behind iptables, one worker as a sidecar on a small VM.
+    let envoy = Envoy::start_logging(
+        vm2,
+        "envoy-passthrough",
+        &quiet(envoy::redirect_passthrough_config(
+            15003,
+            &format!("{pod_from_vm2}:8080"),
+            19002,
+        )),
+        19002,
+        "error",
+    );
+
     let lg = helper("loadgen");
     let lg = lg.to_str().expect("utf-8");
     let direct = "10.77.0.2:8080".to_string();
     // Where each client runs: 0 the vm, 1 the vm's captured cgroup, 2 the iptables namespace.
-    let modes: [(&str, &str, u8); 3] = [
+    let modes: [(&str, &str, u8); 4] = [
         ("a direct", &direct, 0),
         ("b eBPF", VIP, 1),
         ("c iptables", VIP, 2),
+        ("d Envoy+ipt", ENVOY_VIP, 2),
     ];
-    let mut cps: Vec<Vec<f64>> = vec![vec![]; 3];
-    let mut p50: Vec<Vec<f64>> = vec![vec![]; 3];
-    let mut p99: Vec<Vec<f64>> = vec![vec![]; 3];
+    let pids = |mode: usize| -> Vec<i32> {
+        match mode {
+            1 => vec![ebpf.proc.pid()],
+            2 => vec![ipt.proc.pid()],
+            3 => vec![envoy.proc.pid()],
+            _ => vec![],
+        }
+    };
+    let mut cps: Vec<Vec<f64>> = vec![vec![]; modes.len()];
+    let mut p50: Vec<Vec<f64>> = vec![vec![]; modes.len()];
+    let mut p99: Vec<Vec<f64>> = vec![vec![]; modes.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     for round in 0..ROUNDS {
         for (i, (name, addr, place)) in modes.iter().enumerate() {
             let cmd = |secs: &str, conc: &str| match place {
@@ -116,7 +160,10 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
                 1 => vm.in_cgroup(lg, &[addr, secs, conc]),
                 _ => vm2.cmd(lg, &[addr, secs, conc]),
             };
+            let before = cpu_secs(&pids(i));
             let load: Load = loadgen(cmd(CPS_SECS, CPS_CONCURRENCY))?;
+            let cpu_us =
+                (cpu_secs(&pids(i)) - before) / (load.cps * CPS_SECS.parse::<f64>()?) * 1e6;
             let lat: Load = loadgen(cmd(LAT_SECS, "1"))?;
             anyhow::ensure!(
                 load.errors == 0 && lat.errors == 0,
@@ -124,31 +171,49 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
                 load.errors + lat.errors
             );
             eprintln!(
-                "round {round} {name}: {:.0} conn/s, p50 {:.0} us, p99 {:.0} us",
+                "round {round} {name}: {:.0} conn/s ({cpu_us:.0} CPU us/conn), p50 {:.0} us, p99 {:.0} us",
                 load.cps, lat.p50_us, lat.p99_us
             );
+            cpu[i].push(cpu_us);
             cps[i].push(load.cps);
             p50[i].push(lat.p50_us);
             p99[i].push(lat.p99_us);
         }
     }
     let m = |v: &Vec<Vec<f64>>| -> Vec<f64> { v.iter().map(|x| median(x.clone())).collect() };
-    let (cps, p50, p99) = (m(&cps), m(&p50), m(&p99));
+    let ratio_range = |x: &[f64], y: &[f64]| -> String {
+        let r: Vec<f64> = x.iter().zip(y).map(|(a, b)| a / b).collect();
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(0.0, f64::max);
+        format!("[{lo:.2}-{hi:.2}]")
+    };
+    let ranges = (
+        ratio_range(&cps[1], &cps[0]),
+        ratio_range(&cps[1], &cps[2]),
+        ratio_range(&cps[1], &cps[3]),
+    );
+    let (cps, p50, p99, cpu) = (m(&cps), m(&p50), m(&p99), m(&cpu));
     println!("\ncapture bench: median of {ROUNDS} rounds; CPS at concurrency {CPS_CONCURRENCY}, latency at concurrency 1 (connect + first byte)");
     println!(
-        "{:<12} {:>10} {:>10} {:>10}",
-        "mode", "conn/s", "p50 us", "p99 us"
+        "{:<12} {:>10} {:>10} {:>10} {:>12}",
+        "mode", "conn/s", "p50 us", "p99 us", "CPU us/conn"
     );
     for (i, (name, _, _)) in modes.iter().enumerate() {
         println!(
-            "{:<12} {:>10.0} {:>10.0} {:>10.0}",
-            name, cps[i], p50[i], p99[i]
+            "{:<12} {:>10.0} {:>10.0} {:>10.0} {:>12.0}",
+            name, cps[i], p50[i], p99[i], cpu[i]
         );
     }
     println!(
-        "b/c CPS {:.2} (goal >= 1.2)   b/a CPS {:.2}",
+        "b/a CPS {:.2} {} (goal >= 0.55)   b/c CPS {:.2} {} (goal >= 1.5)   b/d CPS {:.2} {}   CPU/conn b/c {:.2} b/d {:.2}",
+        cps[1] / cps[0],
+        ranges.0,
         cps[1] / cps[2],
-        cps[1] / cps[0]
+        ranges.1,
+        cps[1] / cps[3],
+        ranges.2,
+        cpu[1] / cpu[2],
+        cpu[1] / cpu[3],
     );
     println!(
         "b/c p50 {:.2}   b/a p50 {:.2}   b/c p99 {:.2}",
@@ -157,7 +222,8 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         p99[1] / p99[2]
     );
     let json = serde_json::json!({
-        "modes": ["direct", "ebpf", "iptables"], "cps": cps, "p50_us": p50, "p99_us": p99,
+        "modes": ["direct", "ebpf", "iptables", "envoy_iptables"], "cps": cps, "p50_us": p50,
+        "p99_us": p99, "cpu_us_per_conn": cpu,
         "b_over_c_cps": cps[1] / cps[2], "b_over_a_cps": cps[1] / cps[0],
     });
     std::fs::write(

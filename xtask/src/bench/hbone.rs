@@ -12,7 +12,7 @@ use anyhow::Context;
 use interceptor_tests::envoy::{self, Envoy};
 use interceptor_tests::{Proc, Topology};
 
-use super::{helper, iperf, loadgen, median, mesh_certs, reuse_time_wait, rr};
+use super::{cpu_secs, helper, iperf, loadgen, median, mesh_certs, quiet, reuse_time_wait, rr};
 
 const ROUNDS: usize = 3;
 const IPERF_SECS: &str = "4";
@@ -65,41 +65,6 @@ struct Figures {
     p99: Vec<f64>,
     cps: Vec<f64>,
     cpu_us_per_conn: Vec<f64>,
-}
-
-/// The config without access logs: the interceptors log at warn, Envoy gets the same deal.
-fn quiet(config: String) -> String {
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(m) => {
-                m.remove("access_log");
-                m.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    match serde_json::from_str::<serde_json::Value>(&config) {
-        Ok(mut v) => {
-            strip(&mut v);
-            v.to_string()
-        }
-        Err(_) => config,
-    }
-}
-
-/// User + system CPU seconds of the processes so far.
-fn cpu_secs(pids: &[i32]) -> f64 {
-    pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .filter_map(|s| {
-            // Fields after the command name (which may hold spaces): utime is 14th, stime 15th.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
-        })
-        .sum::<f64>()
-        / 100.0
 }
 
 pub fn run(out: &Path) -> anyhow::Result<()> {
