@@ -269,7 +269,10 @@ impl Capture {
         inbound_fds: &[RawFd],
     ) -> anyhow::Result<Self> {
         let (capture, mut vips, orig) = capture::Capture::attach(&settings, inbound_fds)?;
-        let n = vips.sync(&ctx.store.load())?;
+        ctx.store.gate_dns();
+        let table = ctx.store.load();
+        let n = vips.sync(&table)?;
+        ctx.store.release_dns(table);
         ctx.capture.set_vips(n);
         ctx.capture.set(capture.info(settings.inbound.as_ref()));
         ctx.readiness.set(CAPTURE, true);
@@ -299,14 +302,18 @@ impl Capture {
                 let table = store.load();
                 // An endpoint-only change keeps every (VIP, port): nothing to tell the kernel.
                 if table.same_shape(&synced) {
+                    store.release_dns(table);
                     continue;
                 }
                 synced = table;
                 match vips.sync(&synced) {
                     Ok(n) => {
                         status.set_vips(n);
+                        // Only now may DNS hand out the new names' VIPs.
+                        store.release_dns(synced.clone());
                         tracing::info!(captured = n, "capture map synced")
                     }
+                    // DNS keeps the last table the kernel fully holds.
                     Err(e) => tracing::error!(error = %e, "capture map sync failed"),
                 }
             }

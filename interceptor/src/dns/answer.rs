@@ -3,14 +3,116 @@
 
 use std::net::IpAddr;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Header, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use rand::seq::SliceRandom;
 
 use crate::mesh::NameTable;
 
 pub const TTL: u32 = 30;
+
+/// The plain case answered without building a `Message`: one A or AAAA question for a name the
+/// table holds exactly, no EDNS or other records, an answer that fits 512 bytes. The answer is
+/// written into `out` (cleared first; the caller reuses it) and `key` is scratch for the lookup
+/// key, so a table hit allocates nothing. Returns false, with `out` unspecified, for anything
+/// else: `from_table` on a full parse decides those (search-domain CNAMEs, EDNS, truncation,
+/// malformed packets).
+pub fn fast(packet: &[u8], names: &NameTable, key: &mut String, out: &mut Vec<u8>) -> bool {
+    fast_inner(packet, names, key, out).unwrap_or(false)
+}
+
+fn fast_inner(
+    packet: &[u8],
+    names: &NameTable,
+    key: &mut String,
+    out: &mut Vec<u8>,
+) -> Option<bool> {
+    let mut dec = BinDecoder::new(packet);
+    let req = Header::read(&mut dec).ok()?;
+    if req.message_type() != MessageType::Query
+        || req.op_code() != OpCode::Query
+        || req.query_count() != 1
+        || req.answer_count() != 0
+        || req.name_server_count() != 0
+        || req.additional_count() != 0
+    {
+        return Some(false);
+    }
+    let q = Query::read(&mut dec).ok()?;
+    let question_end = dec.index();
+    if !dec.is_empty() || q.query_class() != DNSClass::IN {
+        return Some(false);
+    }
+    let family = q.query_type();
+    if family != RecordType::A && family != RecordType::AAAA {
+        return Some(false);
+    }
+    // The lookup key: lower case, no trailing dot, letters/digits/hyphen/underscore only (any
+    // other byte takes the full path, which escapes it as the table's keys are).
+    key.clear();
+    let mut wire_len = 1;
+    for label in q.name().iter() {
+        if !label
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        {
+            return Some(false);
+        }
+        if !key.is_empty() {
+            key.push('.');
+        }
+        key.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
+        wire_len += label.len() + 1;
+    }
+    // The question is echoed byte for byte, so it must hold no compression pointer.
+    if question_end != Header::len() + wire_len + 4 {
+        return Some(false);
+    }
+    let Some(entry) = names.lookup(key) else {
+        return Some(false);
+    };
+    let count = match family {
+        RecordType::A => entry.v4.len(),
+        _ => entry.v6.len(),
+    };
+    let mut h = Header::response_from_request(&req);
+    h.set_authoritative(true)
+        .set_recursion_available(true)
+        .set_response_code(ResponseCode::NoError)
+        .set_query_count(1)
+        .set_answer_count(u16::try_from(count).ok()?);
+    out.clear();
+    let mut enc = BinEncoder::new(out);
+    h.emit(&mut enc).ok()?;
+    enc.emit_vec(&packet[Header::len()..question_end]).ok()?;
+    // Shuffled as `from_table` does: clients that take the first address spread over all.
+    let start = if count > 1 {
+        rand::random_range(0..count)
+    } else {
+        0
+    };
+    for i in 0..count {
+        let i = (start + i) % count;
+        // Each owner name points back at the question's (offset 12).
+        enc.emit_u16(0xC000 | Header::len() as u16).ok()?;
+        enc.emit_u16(family.into()).ok()?;
+        enc.emit_u16(DNSClass::IN.into()).ok()?;
+        enc.emit_u32(TTL).ok()?;
+        match family {
+            RecordType::A => {
+                enc.emit_u16(4).ok()?;
+                A(*entry.v4.get(i)?).emit(&mut enc).ok()?;
+            }
+            _ => {
+                enc.emit_u16(16).ok()?;
+                AAAA(*entry.v6.get(i)?).emit(&mut enc).ok()?;
+            }
+        }
+    }
+    Some(out.len() <= 512)
+}
 
 /// The table's answer to `query`, or None when the query must go upstream.
 pub fn from_table(
@@ -156,6 +258,52 @@ mod tests {
         assert!(r.answers().is_empty());
         assert!(from_table(&query("product.", RecordType::MX), &n, None).is_none());
         assert!(from_table(&query("example.org.", RecordType::A), &n, None).is_none());
+    }
+
+    /// The fast path's bytes decode to what the full path answers; whatever it cannot answer
+    /// as the full path would, it leaves to it.
+    #[test]
+    fn fast_path_answers_as_the_full_path() {
+        let n = names();
+        let (mut key, mut out) = (String::new(), Vec::new());
+        for (name, t) in [
+            ("product.default.svc.cluster.local.", RecordType::A),
+            ("Product.Default.", RecordType::A),
+            ("product.", RecordType::AAAA),
+        ] {
+            let q = query(name, t);
+            assert!(fast(&q.to_vec().unwrap(), &n, &mut key, &mut out), "{name}");
+            let fast = Message::from_vec(&out).unwrap();
+            let full = from_table(&q, &n, None).unwrap();
+            let full = Message::from_vec(&encode(full, 512).unwrap()).unwrap();
+            assert_eq!(fast.header(), full.header(), "{name}");
+            assert_eq!(fast.queries(), full.queries(), "{name}");
+            let data = |m: &Message| -> Vec<(String, RData)> {
+                m.answers()
+                    .iter()
+                    .map(|r| (r.name().to_lowercase().to_ascii(), r.data().clone()))
+                    .collect()
+            };
+            assert_eq!(data(&fast), data(&full), "{name}");
+            assert!(fast.answers().iter().all(|r| r.ttl() == TTL));
+        }
+        let mut edns = query("product.", RecordType::A);
+        edns.set_edns(hickory_proto::op::Edns::new());
+        for q in [
+            query("example.org.", RecordType::A),
+            query("product.", RecordType::MX),
+            query("product.corp.internal.", RecordType::A),
+            edns,
+        ] {
+            assert!(!fast(&q.to_vec().unwrap(), &n, &mut key, &mut out));
+        }
+        for junk in [
+            &[][..],
+            &[0u8; 12][..],
+            &[1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 0x0c, 0, 1, 0, 1][..],
+        ] {
+            assert!(!fast(junk, &n, &mut key, &mut out));
+        }
     }
 
     #[test]

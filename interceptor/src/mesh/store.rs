@@ -5,7 +5,7 @@
 //! see a half-applied table.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -61,6 +61,11 @@ pub struct Store {
     options: Options,
     inner: Mutex<Inner>,
     current: ArcSwap<Table>,
+    /// The table DNS answers from. A name must never resolve to a VIP the kernel does not
+    /// redirect yet (the client's connect would go nowhere), so with capture on this is the table
+    /// whose VIPs are in the capture map (`gate_dns`, `release_dns`); without, it is `current`.
+    dns: ArcSwap<Table>,
+    dns_gated: AtomicBool,
     next_version: AtomicU64,
     changed: watch::Sender<u64>,
     reload_errors: AtomicU64,
@@ -71,6 +76,7 @@ impl Store {
     pub fn new(options: Options) -> Arc<Self> {
         let empty = Table::build(Resources::default(), options.clone());
         let (changed, _) = watch::channel(0);
+        let options_dns = options.clone();
         Arc::new(Self {
             options,
             inner: Mutex::new(Inner {
@@ -78,6 +84,8 @@ impl Store {
                 status: BTreeMap::new(),
             }),
             current: ArcSwap::from_pointee(empty),
+            dns: ArcSwap::from_pointee(Table::build(Resources::default(), options_dns)),
+            dns_gated: AtomicBool::new(false),
             next_version: AtomicU64::new(1),
             changed,
             reload_errors: AtomicU64::new(0),
@@ -90,6 +98,22 @@ impl Store {
 
     pub fn load(&self) -> Arc<Table> {
         self.current.load_full()
+    }
+
+    /// The table DNS answers from (see `dns`).
+    pub fn load_dns(&self) -> Arc<Table> {
+        self.dns.load_full()
+    }
+
+    /// From now on DNS answers from what `release_dns` hands over, not from each published
+    /// table. Capture calls it before it first fills the kernel's map.
+    pub fn gate_dns(&self) {
+        self.dns_gated.store(true, Ordering::SeqCst);
+    }
+
+    /// `table`'s VIPs are in force in the kernel: DNS may answer with them.
+    pub fn release_dns(&self, table: Arc<Table>) {
+        self.dns.store(table);
     }
 
     /// Replaces `source`'s view and puts the merged table in force. Returns its version.
@@ -107,7 +131,11 @@ impl Store {
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
         table.version = version;
         table.loaded_unix = now_unix();
-        self.current.store(Arc::new(table));
+        let table = Arc::new(table);
+        self.current.store(table.clone());
+        if !self.dns_gated.load(Ordering::SeqCst) {
+            self.dns.store(table);
+        }
         drop(inner);
         self.changed.send_replace(version);
         retire(prev);
@@ -228,6 +256,24 @@ fn merge(inner: &mut Inner) -> Resources {
 mod tests {
     use super::*;
     use crate::mesh::table::tests::{product, workload};
+
+    /// Ungated, DNS sees each table as it is published; gated (capture on), only the tables
+    /// capture has released.
+    #[test]
+    fn dns_answers_from_the_table_capture_released() {
+        let store = Store::new(Options::default());
+        let res = || Resources {
+            services: vec![Arc::new(product())],
+            ..Default::default()
+        };
+        let v1 = store.publish(SourceId::Files, res());
+        assert_eq!(store.load_dns().version, v1);
+        store.gate_dns();
+        let v2 = store.publish(SourceId::Files, res());
+        assert_eq!((store.load().version, store.load_dns().version), (v2, v1));
+        store.release_dns(store.load());
+        assert_eq!(store.load_dns().version, v2);
+    }
 
     #[test]
     fn istiod_wins_a_host_files_add_the_rest() {

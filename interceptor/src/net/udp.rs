@@ -129,29 +129,55 @@ impl RecvBatch {
     }
 }
 
-/// Replies gathered from one batch, sent with one sendmmsg.
+/// Replies gathered from one batch, sent with one sendmmsg. Reply buffers are kept between
+/// batches: a reply written with `slot` costs no allocation once the pool has grown.
 #[derive(Default)]
 pub struct SendBatch {
     out: Vec<(Vec<u8>, SockAddr)>,
+    used: usize,
 }
 
 impl SendBatch {
+    /// A cleared buffer for one more reply to `to`.
+    pub fn slot(&mut self, to: SocketAddr) -> &mut Vec<u8> {
+        let to = SockAddr::from(to);
+        if self.used == self.out.len() {
+            self.out.push((Vec::with_capacity(512), to));
+        } else {
+            self.out[self.used].1 = to;
+        }
+        self.used += 1;
+        let buf = &mut self.out[self.used - 1].0;
+        buf.clear();
+        buf
+    }
+
+    /// Takes back the last `slot` (its reply was not written after all).
+    pub fn unslot(&mut self) {
+        self.used = self.used.saturating_sub(1);
+    }
+
     pub fn push(&mut self, bytes: Vec<u8>, to: SocketAddr) {
-        self.out.push((bytes, SockAddr::from(to)));
+        let to = SockAddr::from(to);
+        if self.used == self.out.len() {
+            self.out.push((bytes, to));
+        } else {
+            self.out[self.used] = (bytes, to);
+        }
+        self.used += 1;
     }
 
     pub fn is_empty(&self) -> bool {
-        self.out.is_empty()
+        self.used == 0
     }
 
     /// Sends everything queued; what the socket cannot take now is sent as it becomes
     /// writable. Per-datagram errors (an unreachable client) are dropped: UDP promises nothing.
     pub async fn flush(&mut self, sock: &UdpSocket) {
         let mut sent = 0;
-        while sent < self.out.len() {
-            match sock.try_io(Interest::WRITABLE, || {
-                send_now(sock.as_raw_fd(), &self.out[sent..])
-            }) {
+        while sent < self.used {
+            let pending = &self.out[sent..self.used];
+            match sock.try_io(Interest::WRITABLE, || send_now(sock.as_raw_fd(), pending)) {
                 Ok(n) => sent += n.max(1),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if sock.writable().await.is_err() {
@@ -162,7 +188,9 @@ impl SendBatch {
                 Err(_) => sent += 1,
             }
         }
-        self.out.clear();
+        self.used = 0;
+        // A burst of upstream-sized replies must not pin memory for ever.
+        self.out.truncate(BATCH);
     }
 }
 
