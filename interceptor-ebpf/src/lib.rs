@@ -27,6 +27,7 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "getpeername6";
     pub const SOCKOPS: &str = "publish_orig_dst";
     pub const SK_LOOKUP: &str = "inbound_lookup";
+    pub const LOCAL_HOP: &str = "local_hop_redirect";
 
     /// Every cgroup sock_addr program.
     pub const SOCK_ADDR: [&str; 8] = [
@@ -48,11 +49,13 @@ pub mod maps {
     pub const ORIG_BY_PEER: &str = "orig_by_peer";
     pub const INBOUND_PORTS: &str = "inbound_ports";
     pub const INBOUND_LISTENER: &str = "inbound_listener";
+    pub const LOCAL_HOPS: &str = "local_hops";
 }
 
 /// `const volatile` globals the daemon sets before load (see `src/bpf/common.h`).
 pub mod globals {
     pub const DAEMON_TGID: &str = "daemon_tgid";
+    pub const LOCAL_HOP: &str = "local_hop";
     pub const OUTBOUND_PORT: &str = "outbound_port";
     pub const DNS_PORT: &str = "dns_port";
     pub const INBOUND_PORT: &str = "inbound_port";

@@ -86,6 +86,18 @@ pub enum CaptureMode {
     None,
 }
 
+/// How bytes cross the hop between a captured app and proxy::Outbound on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalHop {
+    /// loopback TCP, as any two local sockets
+    #[default]
+    Tcp,
+    /// sockops + sk_msg: a send on one end lands in the other's receive queue, skipping the
+    /// loopback TCP stack (opt-in: see the README's bench figures)
+    Sockmap,
+}
+
 #[derive(Clone, Debug, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RunArgs {
@@ -160,6 +172,9 @@ pub struct RunArgs {
     /// (fewer wake-ups, like a sidecar with --concurrency 1) [default: one per core]
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// How bytes cross the app <-> outbound hop on this host [default: tcp]
+    #[arg(long, value_enum)]
+    pub local_hop: Option<LocalHop>,
     /// Where the mesh comes from besides the files: `istiod` joins the control plane named by
     /// the Istio VM bundle [default: none]
     #[arg(long, value_enum)]
@@ -283,6 +298,7 @@ pub struct Settings {
     pub probe: Option<crate::health::Spec>,
     /// None: one per core.
     pub worker_threads: Option<usize>,
+    pub local_hop: LocalHop,
     pub gateway_identity: Option<crate::spiffe::SpiffeId>,
 }
 
@@ -372,6 +388,7 @@ impl RunArgs {
             resolv_conf: self.resolv_conf.or(file.resolv_conf),
             capture: self.capture.or(file.capture),
             worker_threads: self.worker_threads.or(file.worker_threads),
+            local_hop: self.local_hop.or(file.local_hop),
             gateway_identity: self.gateway_identity.or(file.gateway_identity),
             control_plane: self.control_plane.or(file.control_plane),
             istio_dir: self.istio_dir.or(file.istio_dir),
@@ -540,6 +557,7 @@ impl RunArgs {
                 Some(0) => return Err(Error::WorkerThreads),
                 n => n,
             },
+            local_hop: args.local_hop.unwrap_or_default(),
             gateway_identity: match args.gateway_identity {
                 Some(id) => {
                     Some(crate::spiffe::SpiffeId::parse(&id).ok_or(Error::GatewayIdentity(id))?)

@@ -433,3 +433,70 @@ fn bad_edit_while_running_keeps_the_last_good_table() {
         "10.77.0.3"
     );
 }
+
+/// `--local-hop sockmap`: the app <-> outbound hop skips loopback TCP (of 256 MiB, next to
+/// nothing on lo's 15001), while bytes, half-close and short connections behave as
+/// over TCP, IPv6 included; the daemon's death strands nothing (new connections fail open).
+#[test]
+fn local_hop_sockmap_moves_the_bytes_off_loopback_tcp_and_keeps_them_intact() {
+    use interceptor_tests::wire::{tcp_payloads, Tcpdump};
+    use interceptor_tests::{helper_bin, Proc};
+    let (t, mesh, resolv) = setup();
+    let (vm, pod_node) = (t.node("vm"), t.node("pod"));
+    let pod = pod_node.http("pod", &POD_ADDRS[..2]);
+    let checker = helper_bin("stream-check");
+    let checker = checker.to_str().expect("utf-8 path");
+    let mut streams = Proc::spawn(
+        "stream-check",
+        pod_node.cmd(checker, &["serve", "10.77.0.2:9091"]),
+        t.path("stream-check.log"),
+    );
+    streams.wait_for_output("listening", 10.0);
+    let ic = vm
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .args(["--local-hop", "sockmap"])
+        .start();
+    let status = sh(&mut vm.cmd(interceptor_bin().to_str().expect("utf-8 path"), &["status"]));
+    assert!(status.contains("local_hop_redirect"), "{status}");
+
+    let dump = Tcpdump::start(&vm.ns, "lo", "tcp port 15001", t.path("lo.pcap"));
+    let check = |args: &[&str]| -> serde_json::Value {
+        let out = sh(&mut vm.in_cgroup(checker, args));
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let r = check(&["bulk", "10.77.0.3:9090", "268435456"]);
+    assert_eq!(r["match"], true, "{r}");
+    let r = check(&["sequential", "10.77.0.3:9090", "100"]);
+    assert_eq!(r["echoed"], 100, "{r}");
+    let (_, v6) = vips(&mesh, "product.default.svc.cluster.local");
+    let out = curl(&mut vm.in_cgroup(
+        "curl",
+        &[
+            "-sS",
+            "-g",
+            "-m",
+            "5",
+            &format!("http://[{v6}]:8080/hop-v6"),
+        ],
+    ));
+    assert!(out.starts_with("pod GET /hop-v6 from"), "{out}");
+    let pcap = dump.stop();
+    // A message sent before the other end is in the map (the first bytes of a connection,
+    // racing the proxy's accept) takes TCP, as it must; the bulk of 256 MiB must not.
+    let payloads = tcp_payloads(&pcap, "tcp port 15001");
+    let on_tcp: usize = payloads.iter().map(Vec::len).sum();
+    eprintln!(
+        "local hop: {} payload segments, {on_tcp} bytes on loopback TCP",
+        payloads.len()
+    );
+    assert!(on_tcp < 1 << 20, "{on_tcp} bytes crossed loopback TCP");
+    assert!(pod.output().contains("GET /hop-v6"));
+
+    // Fail-open: with the daemon gone, nothing is left redirecting.
+    drop(ic);
+    let (ok, out, err) =
+        try_sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", "http://10.77.0.2:8080/after"]));
+    assert!(ok && out.starts_with("pod GET /after"), "{out}{err}");
+}

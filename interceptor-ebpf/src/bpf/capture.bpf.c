@@ -6,6 +6,7 @@
 #include "getpeername.c"
 #include "sockops.c"
 #include "sk_lookup.c"
+#include "local_hop.c"
 
 char LICENSE[] SEC("license") = "GPL";
 

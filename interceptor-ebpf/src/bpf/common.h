@@ -27,6 +27,7 @@ const volatile __u32 daemon_tgid = 0;      /* the daemon's own sockets are never
 const volatile __u16 outbound_port = 15001; /* proxy::Outbound listener on loopback */
 const volatile __u16 dns_port = 15053;      /* dns::Server listener on loopback */
 const volatile __u16 inbound_port = 15006;  /* proxy::Inbound listener (sk_lookup target) */
+const volatile __u8 local_hop = 0;        /* 1: sockmap the app <-> outbound hop */
 const volatile __u64 exempt_cgroup = 0;     /* cgroup id whose sockets are never captured (the
                                              * daemon's exec probes); 0: none */
 

@@ -50,3 +50,20 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } inbound_listener SEC(".maps");
+
+/* Both ends of each app <-> proxy::Outbound connection on this host, by (local, remote), for
+ * the sk_msg local hop (`--local-hop sockmap`). Kernel only: a closed socket leaves the map by
+ * itself, so nothing is stranded when the daemon dies.
+ * Writer: sockops (ACTIVE_ESTABLISHED for the app's end, PASSIVE_ESTABLISHED for the proxy's).
+ * Reader: sk_msg local_hop. */
+struct local_hop_key {
+	struct ip_port local;
+	struct ip_port remote;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct local_hop_key);
+	__type(value, __u32);
+} local_hops SEC(".maps");

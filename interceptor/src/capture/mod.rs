@@ -16,9 +16,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use aya::maps::SockMap;
 use aya::maps::{HashMap, MapData};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps};
+use aya::maps::{SockHash, SockMap};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use interceptor_ebpf::abi::{InboundPort, IpPort, INBOUND_CAPTURE, INBOUND_EXCLUDE};
 use interceptor_ebpf::{globals, maps, programs};
@@ -84,6 +84,8 @@ pub struct Settings {
     pub inbound: Option<InboundPorts>,
     /// A cgroup (by id) whose sockets are left alone: where exec probes run. 0: none.
     pub exempt_cgroup: u64,
+    /// sockops + sk_msg on the app <-> outbound hop (`--local-hop sockmap`).
+    pub local_hop: bool,
 }
 
 /// What capture attached, for status and metrics.
@@ -156,6 +158,7 @@ impl Capture {
             .override_global(globals::DNS_PORT, &settings.ports.dns, true)
             .override_global(globals::INBOUND_PORT, &settings.ports.inbound, true)
             .override_global(globals::EXEMPT_CGROUP, &settings.exempt_cgroup, true)
+            .override_global(globals::LOCAL_HOP, &u8::from(settings.local_hop), true)
             .override_global(
                 globals::INBOUND_ALL_PORTS,
                 &u8::from(settings.inbound.as_ref().is_some_and(|i| i.all)),
@@ -178,6 +181,12 @@ impl Capture {
             prog.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| program_error(name, e))?;
             attached.push(name);
+        }
+        // The message redirect before sockops fills its map: no end is ever in the map
+        // without the program that uses it.
+        if settings.local_hop {
+            attach_local_hop(&mut ebpf)?;
+            attached.push(programs::LOCAL_HOP);
         }
         let name = programs::SOCKOPS;
         let prog: &mut SockOps = ebpf
@@ -238,6 +247,34 @@ impl Drop for Capture {
     fn drop(&mut self) {
         tracing::info!(cgroup = %self.cgroup.display(), "capture detached");
     }
+}
+
+/// The sk_msg program on the local_hops sockhash. The link lives as long as the object.
+fn attach_local_hop(ebpf: &mut Ebpf) -> Result<(), Error> {
+    let fd = {
+        let map = ebpf
+            .map(maps::LOCAL_HOPS)
+            .ok_or(Error::MapMissing(maps::LOCAL_HOPS))?;
+        // The key is kernel-only (struct local_hop_key, two ip_port): userspace only needs the
+        // map's descriptor.
+        let hash = SockHash::<_, [u8; 40]>::try_from(map).map_err(map_error(maps::LOCAL_HOPS))?;
+        hash.fd().try_clone().map_err(|e| Error::Program {
+            program: programs::LOCAL_HOP,
+            message: format!("map descriptor: {e}"),
+        })?
+    };
+    let name = programs::LOCAL_HOP;
+    let prog: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Program {
+            program: name,
+            message: "missing from object".into(),
+        })?
+        .try_into()
+        .map_err(|e| program_error(name, e))?;
+    prog.load().map_err(|e| program_error(name, e))?;
+    prog.attach(&fd).map_err(|e| program_error(name, e))?;
+    Ok(())
 }
 
 /// A borrowed descriptor for aya's SockMap::set, which wants something AsRawFd.

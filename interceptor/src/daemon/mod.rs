@@ -226,6 +226,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 ports: s.ports,
                 inbound: s.inbound.enabled().then(|| s.inbound.clone()),
                 exempt_cgroup: exec_cgroup.as_ref().map_or(0, |c| c.id()),
+                local_hop: s.local_hop == crate::config::LocalHop::Sockmap,
             };
             Some(parts::Capture::attach(&ctx, settings, &inbound_fds)?)
         }

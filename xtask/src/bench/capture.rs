@@ -1,6 +1,7 @@
 //! `cargo xtask bench capture`: new connections per second and connect+first-byte latency for a
 //! client in the VM, four ways against the same server in one run:
-//! (a) direct, (b) eBPF capture into proxy::Outbound, (c) the same listener behind an iptables
+//! (a) direct, (b) eBPF capture into proxy::Outbound, (b') the same with `--local-hop sockmap`
+//! (from a VM namespace of its own), (c) the same listener behind an iptables
 //! REDIRECT rule (how Istio's sidecar and agent capture), (d) an Envoy sidecar (one worker)
 //! behind the same kind of rule, passing the plaintext through as Istio's virtualOutbound does.
 //! (c) and (d) run from a second VM namespace with its own link to the pod: its nat rules switch
@@ -26,7 +27,7 @@ metadata: {name: product, namespace: default}
 spec:
   hosts: [product.default.svc.cluster.local]
   addresses: [240.240.7.7]
-  ports: [{number: 8080, name: http}]
+  ports: [{number: 8080, name: http}, {number: 5201, name: iperf}]
   resolution: STATIC
   endpoints: [{address: 10.77.0.2}]
 "#;
@@ -41,11 +42,12 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         .node("vm", &["a"])
         .node("pod", &["a", "c"])
         .node("vm2", &["c"])
+        .node("vm3", &["a"])
         .build();
-    let (vm, pod, vm2) = (t.node("vm"), t.node("pod"), t.node("vm2"));
+    let (vm, pod, vm2, vm3) = (t.node("vm"), t.node("pod"), t.node("vm2"), t.node("vm3"));
     // The pod's address on the second VM namespace's own link.
     let pod_from_vm2 = pod.ip("c");
-    super::reuse_time_wait(&[&vm.ns, &pod.ns, &vm2.ns]);
+    super::reuse_time_wait(&[&vm.ns, &pod.ns, &vm2.ns, &vm3.ns]);
     let mesh = t.write("mesh.yaml", MESH);
     let resolv = t.write("resolv.conf", "nameserver 10.77.0.53\n");
     let mesh_c = t.write("mesh-c.yaml", &MESH.replace("10.77.0.2", pod_from_vm2));
@@ -60,6 +62,19 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .log("ebpf")
         .start();
+    // (b'): the same with the local hop on sockmap, from a VM namespace of its own.
+    let sockmap = vm3
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .args(["--local-hop", "sockmap"])
+        .env("RUST_LOG", "warn")
+        .log("sockmap")
+        .start();
+    let mut iperf_srv = pod.ns.cmd("iperf3");
+    iperf_srv.args(["-s", "--forceflush", "-B", "10.77.0.2", "-p", "5201"]);
+    let mut iperf_srv = interceptor_tests::Proc::spawn("iperf3", iperf_srv, t.path("iperf3.log"));
+    iperf_srv.wait_for_output("Server listening", 10.0);
     // (c): the same binary, no eBPF, behind iptables REDIRECT on another port.
     let mut ipt_cmd = vm2.ns.cmd(interceptor_bin().to_str().expect("utf-8"));
     ipt_cmd
@@ -135,31 +150,45 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     let lg = lg.to_str().expect("utf-8");
     let direct = "10.77.0.2:8080".to_string();
     // Where each client runs: 0 the vm, 1 the vm's captured cgroup, 2 the iptables namespace.
-    let modes: [(&str, &str, u8); 4] = [
+    let modes: [(&str, &str, u8); 5] = [
         ("a direct", &direct, 0),
         ("b eBPF", VIP, 1),
+        ("b' +sockmap", VIP, 3),
         ("c iptables", VIP, 2),
         ("d Envoy+ipt", ENVOY_VIP, 2),
     ];
     let pids = |mode: usize| -> Vec<i32> {
         match mode {
             1 => vec![ebpf.proc.pid()],
-            2 => vec![ipt.proc.pid()],
-            3 => vec![envoy.proc.pid()],
+            2 => vec![sockmap.proc.pid()],
+            3 => vec![ipt.proc.pid()],
+            4 => vec![envoy.proc.pid()],
             _ => vec![],
         }
     };
+    // Single-stream throughput through the local hop, a/b/b' only.
+    let mut gbps: Vec<Vec<f64>> = vec![vec![]; 3];
     let mut cps: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     let mut p50: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     let mut p99: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     let mut cpu: Vec<Vec<f64>> = vec![vec![]; modes.len()];
     for round in 0..ROUNDS {
         for (i, (name, addr, place)) in modes.iter().enumerate() {
-            let cmd = |secs: &str, conc: &str| match place {
-                0 => vm.cmd(lg, &[addr, secs, conc]),
-                1 => vm.in_cgroup(lg, &[addr, secs, conc]),
-                _ => vm2.cmd(lg, &[addr, secs, conc]),
+            let run = |program: &str, args: &[&str]| match place {
+                0 => vm.cmd(program, args),
+                1 => vm.in_cgroup(program, args),
+                3 => vm3.in_cgroup(program, args),
+                _ => vm2.cmd(program, args),
             };
+            let cmd = |secs: &str, conc: &str| run(lg, &[addr, secs, conc]);
+            if i < 3 {
+                let host = if i == 0 { "10.77.0.2" } else { "240.240.7.7" };
+                let before = cpu_secs(&pids(i));
+                let g = super::iperf(run("iperf3", &["-c", host, "-p", "5201", "-t", "3", "-J"]))?;
+                let cpu_gb = (cpu_secs(&pids(i)) - before) / (g * 3.0 / 8.0);
+                eprintln!("round {round} {name}: {g:.2} Gbit/s one stream ({cpu_gb:.2} CPU s/GB)");
+                gbps[i].push(g);
+            }
             let before = cpu_secs(&pids(i));
             let load: Load = loadgen(cmd(CPS_SECS, CPS_CONCURRENCY))?;
             let cpu_us =
@@ -189,9 +218,10 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     };
     let ranges = (
         ratio_range(&cps[1], &cps[0]),
-        ratio_range(&cps[1], &cps[2]),
         ratio_range(&cps[1], &cps[3]),
+        ratio_range(&cps[1], &cps[4]),
     );
+    let gbps = m(&gbps);
     let (cps, p50, p99, cpu) = (m(&cps), m(&p50), m(&p99), m(&cpu));
     println!("\ncapture bench: median of {ROUNDS} rounds; CPS at concurrency {CPS_CONCURRENCY}, latency at concurrency 1 (connect + first byte)");
     println!(
@@ -208,23 +238,32 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         "b/a CPS {:.2} {} (goal >= 0.55)   b/c CPS {:.2} {} (goal >= 1.5)   b/d CPS {:.2} {}   CPU/conn b/c {:.2} b/d {:.2}",
         cps[1] / cps[0],
         ranges.0,
-        cps[1] / cps[2],
-        ranges.1,
         cps[1] / cps[3],
+        ranges.1,
+        cps[1] / cps[4],
         ranges.2,
-        cpu[1] / cpu[2],
         cpu[1] / cpu[3],
+        cpu[1] / cpu[4],
+    );
+    println!(
+        "local hop on sockmap (b'/b): conn/s {:.2}, CPU/conn {:.2}, one-stream Gbit/s {:.2} ({:.2} vs {:.2}; direct {:.2})",
+        cps[2] / cps[1],
+        cpu[2] / cpu[1],
+        gbps[2] / gbps[1],
+        gbps[2],
+        gbps[1],
+        gbps[0],
     );
     println!(
         "b/c p50 {:.2}   b/a p50 {:.2}   b/c p99 {:.2}",
-        p50[1] / p50[2],
+        p50[1] / p50[3],
         p50[1] / p50[0],
-        p99[1] / p99[2]
+        p99[1] / p99[3]
     );
     let json = serde_json::json!({
-        "modes": ["direct", "ebpf", "iptables", "envoy_iptables"], "cps": cps, "p50_us": p50,
-        "p99_us": p99, "cpu_us_per_conn": cpu,
-        "b_over_c_cps": cps[1] / cps[2], "b_over_a_cps": cps[1] / cps[0],
+        "modes": ["direct", "ebpf", "ebpf_sockmap", "iptables", "envoy_iptables"], "cps": cps,
+        "p50_us": p50, "p99_us": p99, "cpu_us_per_conn": cpu, "gbps_one_stream": gbps,
+        "b_over_c_cps": cps[1] / cps[3], "b_over_a_cps": cps[1] / cps[0],
     });
     std::fs::write(
         out.join("capture.json"),
