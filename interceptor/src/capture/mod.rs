@@ -124,6 +124,20 @@ impl Status {
     }
 }
 
+/// Program `name` of the object, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::Program {
+            program: name,
+            message: "missing from object".into(),
+        })?
+        .try_into()
+        .map_err(|e| program_error(name, e))
+}
+
 fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
     move |source| Error::Map { map, source }
 }
@@ -167,14 +181,7 @@ impl Capture {
             .load(interceptor_ebpf::capture_object())?;
         let mut attached = Vec::new();
         for name in programs::SOCK_ADDR {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| Error::Program {
-                    program: name,
-                    message: "missing from object".into(),
-                })?
-                .try_into()
-                .map_err(|e| program_error(name, e))?;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|e| program_error(name, e))?;
             // A bpf_link always coexists with other programs on the cgroup; the kernel rejects
             // the ALLOW_MULTI flag on links, so "Single" (flags 0) is the right mode here.
@@ -189,14 +196,7 @@ impl Capture {
             attached.push(programs::LOCAL_HOP);
         }
         let name = programs::SOCKOPS;
-        let prog: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or_else(|| Error::Program {
-                program: name,
-                message: "missing from object".into(),
-            })?
-            .try_into()
-            .map_err(|e| program_error(name, e))?;
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
         prog.load().map_err(|e| program_error(name, e))?;
         prog.attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|e| program_error(name, e))?;
@@ -264,14 +264,7 @@ fn attach_local_hop(ebpf: &mut Ebpf) -> Result<(), Error> {
         })?
     };
     let name = programs::LOCAL_HOP;
-    let prog: &mut SkMsg = ebpf
-        .program_mut(name)
-        .ok_or_else(|| Error::Program {
-            program: name,
-            message: "missing from object".into(),
-        })?
-        .try_into()
-        .map_err(|e| program_error(name, e))?;
+    let prog: &mut SkMsg = program(ebpf, name)?;
     prog.load().map_err(|e| program_error(name, e))?;
     prog.attach(&fd).map_err(|e| program_error(name, e))?;
     Ok(())
@@ -337,14 +330,7 @@ fn attach_inbound(
         source,
     })?;
     let name = programs::SK_LOOKUP;
-    let prog: &mut SkLookup = ebpf
-        .program_mut(name)
-        .ok_or_else(|| Error::Program {
-            program: name,
-            message: "missing from object".into(),
-        })?
-        .try_into()
-        .map_err(|e| program_error(name, e))?;
+    let prog: &mut SkLookup = program(ebpf, name)?;
     prog.load().map_err(|e| program_error(name, e))?;
     prog.attach(&netns).map_err(|e| program_error(name, e))?;
     Ok(())
