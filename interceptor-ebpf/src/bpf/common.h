@@ -53,6 +53,13 @@ static __always_inline void ip_port_from_v4(struct ip_port *out, __u32 ip4, __u1
 	out->family = AF_INET;
 }
 
+/* A sock_ops / sk_msg remote_port field in host order: it is network order in the low 16 bits
+ * on some kernels and shifted into the high 16 bits on others; accept both. */
+static __always_inline __u16 remote_port_host(__u32 rp)
+{
+	return rp > 0xffff ? (__u16)bpf_ntohl(rp) : bpf_ntohs((__u16)rp);
+}
+
 static __always_inline int is_v4_mapped(const __u32 *a)
 {
 	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);

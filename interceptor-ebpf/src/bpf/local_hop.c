@@ -4,20 +4,13 @@
  * in the map), the message takes the normal TCP path. */
 #include "maps.h"
 
-static __always_inline __u16 msg_remote_port(const struct sk_msg_md *msg)
-{
-	__u32 rp = msg->remote_port;
-
-	return rp > 0xffff ? (__u16)bpf_ntohl(rp) : bpf_ntohs((__u16)rp);
-}
-
 SEC("sk_msg")
 int local_hop_redirect(struct sk_msg_md *msg)
 {
 	struct local_hop_key peer = {};
 	__u32 family = msg->family, lport = msg->local_port, l4 = msg->local_ip4,
 	      r4 = msg->remote_ip4, l6[4], r6[4];
-	__u16 rport = msg_remote_port(msg);
+	__u16 rport = remote_port_host(msg->remote_port);
 
 	l6[0] = msg->local_ip6[0];
 	l6[1] = msg->local_ip6[1];
@@ -32,13 +25,7 @@ int local_hop_redirect(struct sk_msg_md *msg)
 	barrier_var(l6[0]);
 	barrier_var(r6[0]);
 	/* The peer's local is our remote. */
-	if (family == AF_INET) {
-		ip_port_from_v4(&peer.local, r4, rport);
-		ip_port_from_v4(&peer.remote, l4, (__u16)lport);
-	} else {
-		ip_port_from_v6(&peer.local, r6, rport);
-		ip_port_from_v6(&peer.remote, l6, (__u16)lport);
-	}
+	local_hop_key_of(&peer, family, r4, r6, rport, l4, l6, (__u16)lport);
 	bpf_msg_redirect_hash(msg, &local_hops, &peer, BPF_F_INGRESS);
 	return SK_PASS;
 }

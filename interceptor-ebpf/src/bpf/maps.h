@@ -67,3 +67,18 @@ struct {
 	__type(key, struct local_hop_key);
 	__type(value, __u32);
 } local_hops SEC(".maps");
+
+/* A local_hops key from one socket's own view: (local, remote). sk_msg asks with the two
+ * swapped, which is the peer's own view. */
+static __always_inline void local_hop_key_of(struct local_hop_key *k, __u32 family,
+					     __u32 l4, const __u32 *l6, __u16 lport,
+					     __u32 r4, const __u32 *r6, __u16 rport)
+{
+	if (family == AF_INET) {
+		ip_port_from_v4(&k->local, l4, lport);
+		ip_port_from_v4(&k->remote, r4, rport);
+	} else {
+		ip_port_from_v6(&k->local, l6, lport);
+		ip_port_from_v6(&k->remote, r6, rport);
+	}
+}

@@ -3,13 +3,9 @@
  * on, both ends of that connection also go into local_hops for sk_msg (local_hop.c). */
 #include "maps.h"
 
-/* remote_port is network order in the low 16 bits on some kernels and shifted into the high 16
- * bits on others; accept both. */
 static __always_inline __u16 sockops_remote_port(const struct bpf_sock_ops *ctx)
 {
-	__u32 rp = ctx->remote_port;
-
-	return rp > 0xffff ? (__u16)bpf_ntohl(rp) : bpf_ntohs((__u16)rp);
+	return remote_port_host(ctx->remote_port);
 }
 
 /* Reads every field unconditionally, as publish_orig_dst does (the verifier and ctx loads). */
@@ -32,13 +28,7 @@ static __always_inline void local_hop_insert(struct bpf_sock_ops *ctx)
 	barrier_var(r4);
 	barrier_var(l6[0]);
 	barrier_var(r6[0]);
-	if (family == AF_INET) {
-		ip_port_from_v4(&key.local, l4, (__u16)lport);
-		ip_port_from_v4(&key.remote, r4, rport);
-	} else {
-		ip_port_from_v6(&key.local, l6, (__u16)lport);
-		ip_port_from_v6(&key.remote, r6, rport);
-	}
+	local_hop_key_of(&key, family, l4, l6, (__u16)lport, r4, r6, rport);
 	bpf_sock_hash_update(ctx, &local_hops, &key, BPF_ANY);
 }
 
