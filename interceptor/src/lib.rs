@@ -19,6 +19,7 @@ pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
+pub mod privilege;
 pub mod proxy;
 pub mod readiness;
 pub mod route;

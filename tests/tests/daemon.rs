@@ -59,3 +59,38 @@ fn a_dead_part_turns_readiness_off_detaches_capture_and_exits_non_zero() {
         ic.log()
     );
 }
+
+/// Least privilege: once capture is attached and the listeners bound, the daemon keeps only
+/// CAP_DAC_READ_SEARCH (bit 2) in every set, the bounding set included. (Every other scenario
+/// test runs the daemon so: capture, reloads, probes and SIGTERM's detach all work without.)
+#[test]
+fn after_start_the_daemon_holds_only_dac_read_search() {
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
+    let mesh = t.write("mesh.yaml", "# nothing\n");
+    let resolv = t.write("resolv.conf", "nameserver 10.77.0.2\n");
+    // Before: what the daemon is started with (the test's own root capabilities), which
+    // include CAP_SYS_ADMIN (21) and CAP_BPF (39).
+    let before = std::fs::read_to_string("/proc/self/status").expect("own status");
+    let eff = before
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:\t"))
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .expect("CapEff");
+    assert_eq!(eff & (1 << 21 | 1 << 39), 1 << 21 | 1 << 39, "{before}");
+    let ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", ic.proc.pid())).expect("status");
+    for set in ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"] {
+        let want = if set == "CapInh" || set == "CapAmb" {
+            "0000000000000000"
+        } else {
+            "0000000000000004"
+        };
+        assert!(
+            status.lines().any(|l| l == format!("{set}:\t{want}")),
+            "{set} is not {want}:\n{status}"
+        );
+    }
+    assert!(ic.log().contains("capabilities dropped"), "{}", ic.log());
+}

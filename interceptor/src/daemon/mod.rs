@@ -254,6 +254,14 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     if let Some(c) = capture {
         sup.add(c.start(&ctx));
     }
+    // Everything that needed a capability is done (see `privilege`).
+    let before = crate::privilege::effective_mask();
+    crate::privilege::drop_to_kept().context("dropping capabilities")?;
+    tracing::info!(
+        before = format!("{before:016x}"),
+        after = format!("{:016x}", crate::privilege::effective_mask()),
+        "capabilities dropped"
+    );
     ctx.readiness.set(LISTENERS, true);
     tracing::info!(
         outbound = s.ports.outbound, dns = s.ports.dns, admin = %s.admin_addr,
