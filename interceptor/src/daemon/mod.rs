@@ -256,7 +256,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     // Everything that needed a capability is done (see `privilege`).
     let before = crate::privilege::effective_mask();
-    crate::privilege::drop_to_kept().context("dropping capabilities")?;
+    crate::privilege::drop_all().context("dropping capabilities")?;
     tracing::info!(
         before = format!("{before:016x}"),
         after = format!("{:016x}", crate::privilege::effective_mask()),
