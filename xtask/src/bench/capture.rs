@@ -100,39 +100,25 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     );
     vm2.ns
         .ip(&["route", "add", "240.240.0.0/16", "dev", vm2.iface("c")]);
-    sh(vm2.ns.cmd("iptables").args([
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "240.240.7.7",
-        "--dport",
-        "8080",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15002",
-    ]));
-
-    sh(vm2.ns.cmd("iptables").args([
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "240.240.7.7",
-        "--dport",
-        "8081",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15003",
-    ]));
+    // VIP:8080 to our listener (c), VIP:8081 to Envoy's (d), as Istio's nat OUTPUT rules do.
+    for (dport, to) in [("8080", "15002"), ("8081", "15003")] {
+        sh(vm2.ns.cmd("iptables").args([
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "240.240.7.7",
+            "--dport",
+            dport,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            to,
+        ]));
+    }
     // (d): Envoy behind iptables, one worker as a sidecar on a small VM.
     let envoy = Envoy::start_logging(
         vm2,
