@@ -13,7 +13,7 @@ use std::path::Path;
 use interceptor_tests::envoy::{self, Envoy};
 use interceptor_tests::{interceptor_bin, sh, Interceptor, Topology};
 
-use super::{cpu_secs, helper, loadgen, median, quiet, Load};
+use super::{cpu_secs, helper, loadgen, median, quiet, ratio_range, Load};
 
 const ROUNDS: usize = 3;
 const CPS_SECS: &str = "3";
@@ -196,12 +196,6 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         }
     }
     let m = |v: &Vec<Vec<f64>>| -> Vec<f64> { v.iter().map(|x| median(x.clone())).collect() };
-    let ratio_range = |x: &[f64], y: &[f64]| -> String {
-        let r: Vec<f64> = x.iter().zip(y).map(|(a, b)| a / b).collect();
-        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = r.iter().copied().fold(0.0, f64::max);
-        format!("[{lo:.2}-{hi:.2}]")
-    };
     let ranges = (
         ratio_range(&cps[1], &cps[0]),
         ratio_range(&cps[1], &cps[3]),

@@ -12,7 +12,9 @@ use anyhow::Context;
 use interceptor_tests::envoy::{self, Envoy};
 use interceptor_tests::{Proc, Topology};
 
-use super::{cpu_secs, helper, iperf, loadgen, median, mesh_certs, quiet, reuse_time_wait, rr};
+use super::{
+    cpu_secs, helper, iperf, loadgen, median, mesh_certs, quiet, ratio_range, reuse_time_wait, rr,
+};
 
 const ROUNDS: usize = 3;
 const IPERF_SECS: &str = "4";
@@ -226,12 +228,6 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    let range = |v: &[f64], d: &[f64]| -> String {
-        let r: Vec<f64> = v.iter().zip(d).map(|(x, y)| x / y).collect();
-        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = r.iter().copied().fold(0.0, f64::max);
-        format!("[{lo:.2}-{hi:.2}]")
-    };
     println!("\nhbone bench (each proxy on one worker thread): median of {ROUNDS} rounds; iperf3 {IPERF_SECS}s one stream; request/response at {RR_RATE}/s over one connection; conn/s with 4 concurrent");
     println!(
         "{:<18} {:>9} {:>8} {:>8} {:>8} {:>14}",
@@ -248,10 +244,10 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     println!(
         "c/a conn/s {:.2} {} (goal >= 0.45; b/a {:.2})   c/b throughput {:.2} {} (goal >= 0.90)",
         c[3] / a[3],
-        range(&figs[2].cps, &figs[0].cps),
+        ratio_range(&figs[2].cps, &figs[0].cps),
         b[3] / a[3],
         c[0] / b[0],
-        range(&figs[2].gbps1, &figs[1].gbps1),
+        ratio_range(&figs[2].gbps1, &figs[1].gbps1),
     );
     println!(
         "c/d (ours vs Envoy, both HBONE): throughput {:.2}, conn/s {:.2}, p50 {:.2}, CPU per connection {:.2}",

@@ -77,6 +77,14 @@ pub fn loadgen(mut cmd: Command) -> anyhow::Result<Load> {
     })
 }
 
+/// The day's range of a ratio, "[lo-hi]": per round, `x`'s figure over `y`'s.
+pub fn ratio_range(x: &[f64], y: &[f64]) -> String {
+    let r: Vec<f64> = x.iter().zip(y).map(|(a, b)| a / b).collect();
+    let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = r.iter().copied().fold(0.0, f64::max);
+    format!("[{lo:.2}-{hi:.2}]")
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {

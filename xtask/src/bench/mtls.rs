@@ -13,7 +13,9 @@ use anyhow::Context;
 use interceptor_tests::envoy::{self, Envoy};
 use interceptor_tests::{Proc, Topology};
 
-use super::{cpu_secs, helper, iperf, loadgen, median, mesh_certs, quiet, reuse_time_wait, rr};
+use super::{
+    cpu_secs, helper, iperf, loadgen, median, mesh_certs, quiet, ratio_range, reuse_time_wait, rr,
+};
 
 const ROUNDS: usize = 3;
 const IPERF_SECS: &str = "4";
@@ -264,13 +266,6 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    // The day's range of a ratio: per round, b's figure over the other's.
-    let range = |v: &[f64], d: &[f64]| -> String {
-        let r: Vec<f64> = v.iter().zip(d).map(|(x, y)| x / y).collect();
-        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = r.iter().copied().fold(0.0, f64::max);
-        format!("[{lo:.2}-{hi:.2}]")
-    };
     println!("\nmtls bench (each proxy on one worker thread): median of {ROUNDS} rounds; iperf3 {IPERF_SECS}s; request/response at {RR_RATE}/s over one connection; conn/s with 4 concurrent; CPU of both proxies of a pair");
     println!(
         "{:<15} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>12}",
@@ -287,20 +282,20 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     println!(
         "b/a x1 {:.2} {} (goal >= 0.60)   b/a x4 {:.2} (goal >= 0.50)   b/a p50 {:.2} (goal <= 1.8)   b/a p99 {:.2} (goal <= 2.5)   b/a CPS {:.2} {} (goal >= 0.20)",
         b[0] / a[0],
-        range(&figs[1].gbps1, &figs[0].gbps1),
+        ratio_range(&figs[1].gbps1, &figs[0].gbps1),
         b[1] / a[1],
         b[2] / a[2],
         b[3] / a[3],
         b[4] / a[4],
-        range(&figs[1].cps, &figs[0].cps),
+        ratio_range(&figs[1].cps, &figs[0].cps),
     );
     println!(
         "b/d (vs Envoy) x1 {:.2} {} (goal >= 1.5)   x4 {:.2}   CPS {:.2} {} (goal >= 2.5)   CPU/GB {:.2}   CPU/conn {:.2}",
         b[0] / d[0],
-        range(&figs[1].gbps1, &figs[3].gbps1),
+        ratio_range(&figs[1].gbps1, &figs[3].gbps1),
         b[1] / d[1],
         b[4] / d[4],
-        range(&figs[1].cps, &figs[3].cps),
+        ratio_range(&figs[1].cps, &figs[3].cps),
         b[5] / d[5],
         b[6] / d[6],
     );
