@@ -5,6 +5,15 @@
 //! grants no DAC override). So it drops every capability from every set, the bounding set
 //! included: a compromised daemon cannot regain one, and the commands exec probes run start
 //! with none.
+//!
+//! Capabilities belong to each thread, not to the process: capset(2) changes only the caller's.
+//! By the time `run` is done with them the runtime's worker and blocking threads exist, each
+//! holding what the process started with. So `drop_all` does as glibc does for setuid and Go's
+//! `AllThreadsSyscall` for capabilities: it signals every other thread, whose handler drops its
+//! own, and then checks each thread's masks in /proc until all match the caller's.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use caps::{CapSet, Capability};
 
@@ -15,6 +24,85 @@ pub enum Error {
         set: CapSet,
         source: caps::errors::CapsError,
     },
+    #[error("installing the handler that drops other threads' capabilities: {0}")]
+    Handler(std::io::Error),
+    #[error("thread {tid} still holds capabilities after {waited:?}: {masks}")]
+    ThreadKept {
+        tid: u32,
+        waited: Duration,
+        masks: String,
+    },
+}
+
+/// The five capability lines of a /proc status file, in file order.
+const MASKS: [&str; 5] = ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"];
+
+fn masks(status: &str) -> String {
+    status
+        .lines()
+        .filter(|l| MASKS.iter().any(|m| l.starts_with(m)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What this thread's handler does: only raw syscalls (async-signal-safe), the same drops as
+/// `drop_this_thread` in the same order. Errors are left for the /proc check to find.
+extern "C" fn drop_in_handler(_: libc::c_int) {
+    if BOUNDING.load(Ordering::Relaxed) {
+        for cap in 0..64 {
+            // SAFETY: prctl with integer arguments touches no memory of ours.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: header and data are valid for capset's reads (version 3 takes two data words).
+    unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+}
+
+/// Whether the handler drops the bounding set too (only when the caller could).
+static BOUNDING: AtomicBool = AtomicBool::new(false);
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The other threads of this process.
+fn other_threads() -> Vec<u32> {
+    // SAFETY: gettid has no arguments.
+    let me = unsafe { libc::gettid() } as u32;
+    std::fs::read_dir("/proc/self/task")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|&t| t != me)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Effective capabilities now, as the `CapEff` mask of /proc/self/status.
@@ -24,14 +112,75 @@ pub fn effective_mask() -> u64 {
         .unwrap_or(0)
 }
 
-/// Empties the bounding, ambient, inheritable, effective and permitted sets (in that order: the
-/// bounding set needs CAP_SETPCAP, which goes last). A process without CAP_SETPCAP (not root,
-/// or a unit that does not grant it) keeps its bounding set: it cannot shrink it.
+/// Empties the bounding, ambient, inheritable, effective and permitted sets of every thread of
+/// the process (in that order: the bounding set needs CAP_SETPCAP, which goes last). A process
+/// without CAP_SETPCAP (not root, or a unit that does not grant it) keeps its bounding set: it
+/// cannot shrink it.
 pub fn drop_all() -> Result<(), Error> {
+    let bounding = drop_this_thread()?;
+    BOUNDING.store(bounding, Ordering::Relaxed);
+    let want = std::fs::read_to_string("/proc/thread-self/status")
+        .map(|s| masks(&s))
+        .unwrap_or_default();
+    // A real-time signal nobody else uses (glibc keeps the first ones for itself).
+    let signal = libc::SIGRTMIN() + 3;
+    // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = drop_in_handler as extern "C" fn(libc::c_int) as usize;
+    action.sa_flags = libc::SA_RESTART;
+    let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: both structs are valid for the call.
+    if unsafe { libc::sigaction(signal, &action, &mut previous) } != 0 {
+        return Err(Error::Handler(std::io::Error::last_os_error()));
+    }
+    let result = signal_until_dropped(signal, &want);
+    // SAFETY: restores what was there.
+    unsafe { libc::sigaction(signal, &previous, std::ptr::null_mut()) };
+    result
+}
+
+/// Signals each other thread whose masks differ from `want` until none does. A thread made
+/// while this runs inherits its maker's sets: if the maker had not dropped yet, the next pass
+/// finds the new thread.
+fn signal_until_dropped(signal: libc::c_int, want: &str) -> Result<(), Error> {
+    const PATIENCE: Duration = Duration::from_secs(2);
+    let start = Instant::now();
+    // SAFETY: getpid has no arguments.
+    let pid = unsafe { libc::getpid() };
+    loop {
+        let mut kept = None;
+        for tid in other_threads() {
+            let Ok(status) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+            else {
+                continue; // it exited
+            };
+            let have = masks(&status);
+            if have != want {
+                // SAFETY: tgkill with integer arguments; an exited thread gives ESRCH.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) };
+                kept = Some((tid, have));
+            }
+        }
+        match kept {
+            None => return Ok(()),
+            Some((tid, masks)) if start.elapsed() > PATIENCE => {
+                return Err(Error::ThreadKept {
+                    tid,
+                    waited: start.elapsed(),
+                    masks,
+                })
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// The caller's thread; true if its bounding set was emptied too.
+fn drop_this_thread() -> Result<bool, Error> {
     let err = |set| move |source| Error::Drop { set, source };
-    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)
-        .map_err(err(CapSet::Effective))?
-    {
+    let bounding = caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)
+        .map_err(err(CapSet::Effective))?;
+    if bounding {
         caps::clear(None, CapSet::Bounding).map_err(err(CapSet::Bounding))?;
     }
     for set in [
@@ -42,5 +191,5 @@ pub fn drop_all() -> Result<(), Error> {
     ] {
         caps::clear(None, set).map_err(err(set))?;
     }
-    Ok(())
+    Ok(bounding)
 }

@@ -13,14 +13,18 @@ use tokio::sync::mpsc;
 /// Changes under some paths; `changed()` wakes once per settled burst.
 pub struct FileWatch {
     // Held for its lifetime: dropping the watcher ends the events.
-    _watcher: notify::RecommendedWatcher,
+    watcher: notify::RecommendedWatcher,
     events: mpsc::UnboundedReceiver<()>,
     settle: Duration,
+    /// The paths asked for: a directory among them may be removed and made again (a deploy
+    /// that replaces the whole directory), which ends its inotify watch; its parent's watch sees
+    /// it come back, and the next wake watches the new one.
+    paths: Vec<PathBuf>,
 }
 
 impl FileWatch {
-    /// Watches `paths` (files or directories). `relevant` filters the changed paths that count;
-    /// `settle` is how long a burst may last.
+    /// Watches `paths` (files or directories). `relevant` filters the changed paths that count
+    /// (a path itself counts when it is made or removed); `settle` is how long a burst may last.
     pub fn new(
         paths: &[PathBuf],
         relevant: impl Fn(&Path) -> bool + Send + 'static,
@@ -36,11 +40,20 @@ impl FileWatch {
         })?;
         for p in paths {
             watcher.watch(&watch_dir(p), RecursiveMode::NonRecursive)?;
+            if p.is_dir() {
+                if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    // Best effort: without it, only a recreated directory goes unseen.
+                    if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
+                        tracing::warn!(dir = %parent.display(), error = %e, "cannot watch the parent directory; a recreated directory will not be seen");
+                    }
+                }
+            }
         }
         Ok(Self {
-            _watcher: watcher,
+            watcher,
             events,
             settle,
+            paths: paths.to_vec(),
         })
     }
 
@@ -49,6 +62,12 @@ impl FileWatch {
         self.events.recv().await?;
         tokio::time::sleep(self.settle).await;
         while self.events.try_recv().is_ok() {}
+        for p in &self.paths {
+            if p.is_dir() {
+                // Adding a watch that exists is a no-op; one for a recreated directory is new.
+                let _ = self.watcher.watch(p, RecursiveMode::NonRecursive);
+            }
+        }
         Some(())
     }
 }
@@ -93,5 +112,32 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_directory_removed_and_made_again_is_still_watched() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("mesh.d");
+        std::fs::create_dir(&dir).unwrap();
+        let watched = dir.clone();
+        let mut w = FileWatch::new(
+            std::slice::from_ref(&dir),
+            move |p| p.starts_with(&watched),
+            Duration::from_millis(50),
+        )
+        .unwrap();
+        async fn wake(w: &mut FileWatch) {
+            tokio::time::timeout(Duration::from_secs(5), w.changed())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+        std::fs::remove_dir(&dir).unwrap();
+        wake(&mut w).await;
+        std::fs::create_dir(&dir).unwrap();
+        wake(&mut w).await;
+        // A file in the new directory is seen: its watch was set again.
+        std::fs::write(dir.join("a.yaml"), "1").unwrap();
+        wake(&mut w).await;
     }
 }

@@ -181,7 +181,10 @@ fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
     assert_eq!(sample(&text, "interceptor_capture_programs"), Some(9.0));
     assert_eq!(sample(&text, "interceptor_ready"), Some(1.0));
     assert_eq!(
-        sample(&text, "interceptor_mesh_reload_errors_total"),
+        sample(
+            &text,
+            "interceptor_mesh_reload_errors_total{reason=\"invalid\"}"
+        ),
         Some(0.0)
     );
 }

@@ -434,6 +434,106 @@ fn bad_edit_while_running_keeps_the_last_good_table() {
     );
 }
 
+/// Disk faults a deploy or an operator causes, with the mesh as a directory: a file made
+/// unreadable, a file truncated mid-write, the whole directory removed. Each time the last good
+/// table keeps serving (DNS and capture), the metric counts it by reason and `status` says why;
+/// the directory made again is watched again and its content taken in.
+#[test]
+fn an_unreadable_truncated_or_removed_mesh_directory_keeps_the_last_good_table() {
+    use std::os::unix::fs::PermissionsExt;
+    let (t, _, resolv) = setup();
+    let (vm, pod_node) = (t.node("vm"), t.node("pod"));
+    let _pod = pod_node.http("pod", &POD_ADDRS);
+    let dir = t.path("mesh.d");
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("mesh.yaml");
+    std::fs::write(&file, MESH).unwrap();
+    let ic = vm.interceptor().mesh(&dir).resolv(&resolv).start();
+    let (v4, _) = vips(&file, "product.default.svc.cluster.local");
+    let url = format!("http://{v4}:8080/still");
+    let ns = format!("@{}", Subnet::FAKE_NS);
+    let version = ic.table_version();
+    let still_serving = |what: &str| {
+        assert_eq!(ic.table_version(), version, "{what} replaced the table");
+        assert!(
+            sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", &url])).starts_with("pod GET /still"),
+            "{what}: capture stopped"
+        );
+        assert_eq!(
+            sh(&mut vm.in_cgroup("dig", &["+short", "+time=2", "+tries=1", &ns, "product"])).trim(),
+            v4,
+            "{what}: DNS stopped answering"
+        );
+    };
+    let refused = |reason: &str| {
+        assert!(
+            ic.wait_counter(
+                "interceptor_mesh_reload_errors_total",
+                &[("reason", reason)],
+                1.0,
+                10.0
+            ),
+            "no {reason} rejection counted: {}",
+            ic.log()
+        );
+        ic.json("/status")["sources"]["files"]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // The daemon holds no CAP_DAC_OVERRIDE: mode 000 is unreadable to it, as to istio-proxy.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let why = refused("permission");
+    assert!(
+        why.contains("mesh.yaml") && why.contains("ermission denied"),
+        "{why}"
+    );
+    still_serving("an unreadable file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(ic.wait_table_after(version, 10.0), "{}", ic.log());
+    let version = ic.table_version();
+
+    // Cut inside a key, as a writer that died mid-write leaves it.
+    let cut = MESH.find("resolution: STATIC").unwrap() + 5;
+    std::fs::write(&file, &MESH[..cut]).unwrap();
+    let why = refused("invalid");
+    assert!(why.contains("mesh.yaml"), "{why}");
+    let still_serving = |what: &str| {
+        assert_eq!(ic.table_version(), version, "{what} replaced the table");
+        assert!(
+            sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", &url])).starts_with("pod GET /still"),
+            "{what}: capture stopped"
+        );
+    };
+    still_serving("a truncated file");
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    let why = refused("missing");
+    assert!(why.contains("mesh.d"), "{why}");
+    still_serving("a removed directory");
+    let status = sh(&mut vm.cmd(interceptor_bin().to_str().expect("utf-8 path"), &["status"]));
+    assert!(status.contains("last load refused"), "{status}");
+
+    // Made again (a deploy replacing the directory): watched again, its content in force.
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        &file,
+        MESH.replace("db.example.internal", "db2.example.internal"),
+    )
+    .unwrap();
+    assert!(ic.wait_table_after(version, 10.0), "{}", ic.log());
+    assert_eq!(
+        sh(&mut vm.in_cgroup(
+            "dig",
+            &["+short", "+time=2", "+tries=1", &ns, "db2.example.internal"]
+        ))
+        .trim(),
+        "10.77.0.3"
+    );
+    assert!(ic.json("/status")["sources"]["files"]["last_error"].is_null());
+}
+
 /// `--local-hop sockmap`: the app <-> outbound hop skips loopback TCP (of 256 MiB, next to
 /// nothing on lo's 15001), while bytes, half-close and short connections behave as
 /// over TCP, IPv6 included; the daemon's death strands nothing (new connections fail open).

@@ -61,7 +61,7 @@ fn a_dead_part_turns_readiness_off_detaches_capture_and_exits_non_zero() {
 }
 
 /// Least privilege: once capture is attached and the listeners bound, the daemon holds no
-/// capability in any set, the bounding set included. (Every other scenario test runs the daemon
+/// capability in any set, the bounding set included, in any of its threads. (Every other scenario test runs the daemon
 /// so: capture, reloads, probes and SIGTERM's detach all work without.)
 #[test]
 fn after_start_the_daemon_holds_no_capability() {
@@ -79,15 +79,27 @@ fn after_start_the_daemon_holds_no_capability() {
         .expect("CapEff");
     assert_eq!(eff & (1 << 21 | 1 << 39), 1 << 21 | 1 << 39, "{before}");
     let ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", ic.proc.pid())).expect("status");
-    for set in ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"] {
-        assert!(
-            status
-                .lines()
-                .any(|l| l == format!("{set}:\t0000000000000000")),
-            "{set} is not empty:\n{status}"
-        );
+    // Capabilities are per thread: every one of the daemon's (runtime workers, blocking
+    // pool) must hold none, not only the main thread /proc/PID/status shows.
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", ic.proc.pid()))
+        .expect("task dir")
+        .map(|e| e.expect("task entry").path())
+        .collect();
+    assert!(
+        tasks.len() > 1,
+        "a multi-threaded daemon has more than one thread"
+    );
+    for task in tasks {
+        let status = std::fs::read_to_string(task.join("status")).expect("status");
+        for set in ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"] {
+            assert!(
+                status
+                    .lines()
+                    .any(|l| l == format!("{set}:\t0000000000000000")),
+                "{}: {set} is not empty:\n{status}",
+                task.display()
+            );
+        }
     }
     assert!(ic.log().contains("capabilities dropped"), "{}", ic.log());
 }

@@ -174,6 +174,9 @@ pub fn print_status(s: &Status) {
                 )
             }
         );
+        if let Some(e) = &st.last_error {
+            println!("  last load refused (the table above stays): {e}");
+        }
     }
     if let Some(x) = &s.istiod {
         println!(

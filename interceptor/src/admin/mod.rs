@@ -257,13 +257,17 @@ impl Collector for Pulled {
                 ConstCounter::new(n).encode(family.encode_family(&[("result", result)])?)?;
             }
         }
-        let c = ConstCounter::new(s.store.reload_errors());
-        c.encode(e.encode_descriptor(
+        let mut family = e.encode_descriptor(
             "interceptor_mesh_reload_errors",
-            "Mesh source loads rejected (the last good table stayed)",
+            "Mesh source loads rejected (the last good table stayed), by reason",
             None,
-            c.metric_type(),
-        )?)?;
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        let by_reason = s.store.reload_errors_by_reason();
+        for reason in crate::mesh::Error::REASONS {
+            let n = by_reason.get(reason).copied().unwrap_or(0);
+            ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
         if let Some(x) = &s.xds {
             let x = x.get();
             gauge(

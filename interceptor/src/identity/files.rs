@@ -76,7 +76,12 @@ impl FileProvider {
         self: Arc<Self>,
         store: Arc<Store>,
     ) -> notify::Result<impl std::future::Future<Output = ()> + Send> {
-        let mut changes = FileWatch::new(std::slice::from_ref(&self.dir), |_| true, SETTLE)?;
+        let dir = self.dir.clone();
+        let mut changes = FileWatch::new(
+            std::slice::from_ref(&self.dir),
+            move |p| p.starts_with(&dir),
+            SETTLE,
+        )?;
         Ok(async move {
             while changes.changed().await.is_some() {
                 match self.load_into(&store) {

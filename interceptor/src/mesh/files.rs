@@ -110,7 +110,9 @@ impl FileSource {
                 Ok(version)
             }
             Err(errors) => {
-                store.record_reload_error(SourceId::Files);
+                if let Some(first) = errors.first() {
+                    store.record_reload_error(SourceId::Files, first.reason(), first.to_string());
+                }
                 for e in &errors {
                     tracing::error!(error = %e, "mesh files rejected");
                 }

@@ -44,3 +44,22 @@ pub enum Error {
         source: NetworksError,
     },
 }
+
+impl Error {
+    /// Every `reason`, so the metric shows zeros before the first refusal.
+    pub const REASONS: [&'static str; 5] = ["missing", "permission", "read", "invalid", "networks"];
+
+    /// Why, as a metric label: what an operator fixes differs (a deploy that removed the
+    /// directory, a chmod, a bad edit).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Read { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => "missing",
+                std::io::ErrorKind::PermissionDenied => "permission",
+                _ => "read",
+            },
+            Error::Invalid { .. } => "invalid",
+            Error::Networks { .. } => "networks",
+        }
+    }
+}

@@ -48,6 +48,9 @@ pub struct SourceStatus {
     pub published_unix: u64,
     /// Loads or pushes of it that were refused (the last good view stayed).
     pub rejected: u64,
+    /// Why its last load was refused; cleared by the next view taken in.
+    #[serde(default)]
+    pub last_error: Option<String>,
     /// Hosts it defines that a source of higher precedence defines too.
     pub shadowed: Vec<String>,
 }
@@ -55,6 +58,8 @@ pub struct SourceStatus {
 struct Inner {
     views: BTreeMap<SourceId, Resources>,
     status: BTreeMap<SourceId, SourceStatus>,
+    /// Refused loads by reason (`mesh::Error::reason`), for the metric.
+    rejections: BTreeMap<&'static str, u64>,
 }
 
 pub struct Store {
@@ -82,6 +87,7 @@ impl Store {
             inner: Mutex::new(Inner {
                 views: BTreeMap::new(),
                 status: BTreeMap::new(),
+                rejections: BTreeMap::new(),
             }),
             current: ArcSwap::from_pointee(empty),
             dns: ArcSwap::from_pointee(Table::build(Resources::default(), options_dns)),
@@ -123,6 +129,7 @@ impl Store {
         status.services = res.services.len();
         status.workloads = res.workloads.len();
         status.published_unix = now_unix();
+        status.last_error = None;
         inner.views.insert(source, res);
         let merged = merge(&mut inner);
         let prev = self.current.load_full();
@@ -142,11 +149,24 @@ impl Store {
         version
     }
 
-    /// A source failed to produce a view; its last good one stays.
-    pub fn record_reload_error(&self, source: SourceId) {
+    /// A source failed to produce a view (`reason` a metric label, `message` the first error);
+    /// its last good one stays.
+    pub fn record_reload_error(&self, source: SourceId, reason: &'static str, message: String) {
         self.reload_errors.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.status.entry(source).or_default().rejected += 1;
+        *inner.rejections.entry(reason).or_default() += 1;
+        let status = inner.status.entry(source).or_default();
+        status.rejected += 1;
+        status.last_error = Some(message);
+    }
+
+    /// Refused loads so far, by reason.
+    pub fn reload_errors_by_reason(&self) -> BTreeMap<&'static str, u64> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rejections
+            .clone()
     }
 
     pub fn reload_errors(&self) -> u64 {
