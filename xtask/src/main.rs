@@ -228,19 +228,54 @@ fn run_tests(cmd: &mut Command) -> anyhow::Result<Counts> {
 }
 
 /// Seconds each fuzz target runs in `test`: short and bounded, enough to catch a panic on the
-/// paths that read bytes from the network.
+/// paths that read bytes from outside.
 const FUZZ_SECONDS: u32 = 20;
 
-/// libFuzzer over the DNS query path and ClientHello parsing (gateway SNI routing). No
-/// sanitizer: `-s none` builds on the stable toolchain; a panic still fails the run.
+/// Every parser that reads outside input: DNS queries, ClientHellos (gateway SNI routing and
+/// inbound mTLS detection), the mesh files (Istio YAML, meshNetworks), the VM bundle, istiod's
+/// pushes and the CA's answers.
+const FUZZ_TARGETS: &[&str] = &[
+    "dns_query",
+    "client_hello",
+    "istio_yaml",
+    "mesh_networks",
+    "vm_bundle",
+    "xds_response",
+    "ca_chain",
+];
+
+/// libFuzzer over each target. No sanitizer: `-s none` builds on the stable toolchain; a panic
+/// still fails the run. Prints one line of executions per target at the end.
 fn fuzz(seconds: u32) -> anyhow::Result<()> {
-    for target in ["dns_query", "client_hello"] {
-        run(cargo()
-            .current_dir(root().join("interceptor").join("fuzz"))
+    use std::io::{BufRead, BufReader};
+    let mut summary = Vec::new();
+    for target in FUZZ_TARGETS {
+        let mut cmd = cargo();
+        cmd.current_dir(root().join("interceptor").join("fuzz"))
             .args(["fuzz", "run", target, "-s", "none", "--"])
             .arg(format!("-max_total_time={seconds}"))
-            .arg("-rss_limit_mb=2048"))?;
+            .arg("-rss_limit_mb=2048")
+            .stderr(std::process::Stdio::piped());
+        eprintln!("+ {cmd:?}");
+        let mut child = cmd.spawn().with_context(|| format!("cannot run {cmd:?}"))?;
+        // libFuzzer's last word: "Done N runs in S second(s)".
+        let mut runs = None;
+        if let Some(err) = child.stderr.take() {
+            for line in BufReader::new(err).lines() {
+                let line = line?;
+                eprintln!("{line}");
+                if let Some(rest) = line.strip_prefix("Done ") {
+                    runs = rest.split_whitespace().next().map(str::to_string);
+                }
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("fuzz target {target} failed ({status}): its crash input is under interceptor/fuzz/artifacts/{target}");
+        }
+        summary.push(format!("{target} {} runs", runs.as_deref().unwrap_or("?")));
     }
+    println!("fuzz: {seconds} s each, 0 crashes: {}", summary.join(", "));
     Ok(())
 }
 

@@ -17,7 +17,13 @@ fn server() -> &'static Arc<Server> {
     S.get_or_init(|| {
         let mut res = Resources::default();
         let mut errors = Vec::new();
-        parse_documents(Path::new("fuzz.yaml"), MESH, "default", &mut res, &mut errors);
+        parse_documents(
+            Path::new("fuzz.yaml"),
+            MESH,
+            "default",
+            &mut res,
+            &mut errors,
+        );
         assert!(errors.is_empty());
         let store = Store::new(Options::default());
         store.publish(SourceId::Files, res);
