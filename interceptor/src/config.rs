@@ -28,6 +28,8 @@ pub enum Error {
     Port { what: &'static str, value: String },
     #[error("--worker-threads: at least 1")]
     WorkerThreads,
+    #[error("--{0}: at least 1 (a cap of 0 would refuse everything)")]
+    Limit(&'static str),
     #[error("--gateway-identity: {0:?} is not a SPIFFE id (spiffe://TD/ns/NS/sa/SA)")]
     GatewayIdentity(String),
     #[error("--inbound-allow: {0}")]
@@ -175,6 +177,20 @@ pub struct RunArgs {
     /// How bytes cross the app <-> outbound hop on this host [default: tcp]
     #[arg(long, value_enum)]
     pub local_hop: Option<LocalHop>,
+    /// Captured outbound connections served at once; beyond, new ones are reset and counted
+    /// [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub max_outbound_connections: Option<usize>,
+    /// Inbound connections (sidecar wire and HBONE) served at once [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub max_inbound_connections: Option<usize>,
+    /// DNS-over-TCP connections open at once [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub max_dns_tcp_connections: Option<usize>,
+    /// Inbound connections still in their TLS handshake (or before their first bytes): what a
+    /// slowloris holds [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub max_pending_handshakes: Option<usize>,
     /// Where the mesh comes from besides the files: `istiod` joins the control plane named by
     /// the Istio VM bundle [default: none]
     #[arg(long, value_enum)]
@@ -300,6 +316,28 @@ pub struct Settings {
     pub worker_threads: Option<usize>,
     pub local_hop: LocalHop,
     pub gateway_identity: Option<crate::spiffe::SpiffeId>,
+    pub limits: Limits,
+}
+
+/// Resource caps (`net::Limits` enforces them). The defaults sit far above what one VM's apps
+/// need and far below what exhausts the unit's 1 048 576 descriptors (two per connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub outbound_connections: usize,
+    pub inbound_connections: usize,
+    pub dns_tcp_connections: usize,
+    pub pending_handshakes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            outbound_connections: 65536,
+            inbound_connections: 65536,
+            dns_tcp_connections: 1024,
+            pending_handshakes: 4096,
+        }
+    }
 }
 
 /// The identity provider, configured.
@@ -389,6 +427,16 @@ impl RunArgs {
             capture: self.capture.or(file.capture),
             worker_threads: self.worker_threads.or(file.worker_threads),
             local_hop: self.local_hop.or(file.local_hop),
+            max_outbound_connections: self
+                .max_outbound_connections
+                .or(file.max_outbound_connections),
+            max_inbound_connections: self
+                .max_inbound_connections
+                .or(file.max_inbound_connections),
+            max_dns_tcp_connections: self
+                .max_dns_tcp_connections
+                .or(file.max_dns_tcp_connections),
+            max_pending_handshakes: self.max_pending_handshakes.or(file.max_pending_handshakes),
             gateway_identity: self.gateway_identity.or(file.gateway_identity),
             control_plane: self.control_plane.or(file.control_plane),
             istio_dir: self.istio_dir.or(file.istio_dir),
@@ -558,6 +606,35 @@ impl RunArgs {
                 n => n,
             },
             local_hop: args.local_hop.unwrap_or_default(),
+            limits: {
+                let d = Limits::default();
+                let cap = |v: Option<usize>, default: usize, what: &'static str| match v {
+                    Some(0) => Err(Error::Limit(what)),
+                    v => Ok(v.unwrap_or(default)),
+                };
+                Limits {
+                    outbound_connections: cap(
+                        args.max_outbound_connections,
+                        d.outbound_connections,
+                        "max-outbound-connections",
+                    )?,
+                    inbound_connections: cap(
+                        args.max_inbound_connections,
+                        d.inbound_connections,
+                        "max-inbound-connections",
+                    )?,
+                    dns_tcp_connections: cap(
+                        args.max_dns_tcp_connections,
+                        d.dns_tcp_connections,
+                        "max-dns-tcp-connections",
+                    )?,
+                    pending_handshakes: cap(
+                        args.max_pending_handshakes,
+                        d.pending_handshakes,
+                        "max-pending-handshakes",
+                    )?,
+                }
+            },
             gateway_identity: match args.gateway_identity {
                 Some(id) => {
                     Some(crate::spiffe::SpiffeId::parse(&id).ok_or(Error::GatewayIdentity(id))?)

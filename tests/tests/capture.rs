@@ -534,6 +534,121 @@ fn an_unreadable_truncated_or_removed_mesh_directory_keeps_the_last_good_table()
     assert!(ic.json("/status")["sources"]["files"]["last_error"].is_null());
 }
 
+/// Resource caps: at `--max-outbound-connections` a new captured connection is reset at once
+/// and counted while the ones held keep echoing; at `--max-dns-tcp-connections` a new DNS TCP
+/// connection is refused while UDP answers on; below the cap again, both serve.
+#[test]
+fn at_a_cap_new_work_is_refused_and_counted_and_work_in_progress_goes_on() {
+    use interceptor_tests::{helper_bin, Proc};
+    let (t, mesh, resolv) = setup();
+    let (vm, pod_node) = (t.node("vm"), t.node("pod"));
+    let _pod = pod_node.http("pod", &POD_ADDRS[..2]);
+    let checker = helper_bin("stream-check");
+    let checker = checker.to_str().expect("utf-8 path");
+    let mut streams = Proc::spawn(
+        "stream-check",
+        pod_node.cmd(checker, &["serve", "10.77.0.2:9091"]),
+        t.path("stream-check.log"),
+    );
+    streams.wait_for_output("listening", 10.0);
+    let ic = vm
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .args([
+            "--max-outbound-connections",
+            "3",
+            "--max-dns-tcp-connections",
+            "2",
+        ])
+        .start();
+    let in_use = |limit: &str| ic.counter("interceptor_limit_in_use", &[("limit", limit)]);
+    let refused = |limit: &str| ic.counter("interceptor_limit_refused_total", &[("limit", limit)]);
+    assert_eq!(
+        ic.counter("interceptor_limit_max", &[("limit", "pending_handshakes")]),
+        4096.0,
+        "the default"
+    );
+
+    let mut holder = Proc::spawn(
+        "hold",
+        vm.in_cgroup(checker, &["hold", "10.77.0.3:9090", "5"]),
+        t.path("hold.log"),
+    );
+    holder.wait_for_output("echoed", 30.0);
+    let held: serde_json::Value =
+        serde_json::from_str(holder.output().trim()).expect("hold prints JSON");
+    assert_eq!(
+        (&held["echoed"], &held["refused"], &held["still"]),
+        (&3.into(), &2.into(), &3.into()),
+        "{held}"
+    );
+    assert_eq!(refused("outbound_connections"), 2.0);
+    assert_eq!(in_use("outbound_connections"), 3.0);
+    let (v4, _) = vips(&mesh, "product.default.svc.cluster.local");
+    let url = format!("http://{v4}:8080/capped");
+    let (ok, out, _) = try_sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", &url]));
+    assert!(!ok, "a fourth connection was served: {out}");
+    holder.signal(libc::SIGTERM);
+    holder.wait_exit(10.0).expect("holder exits");
+    assert!(
+        wait_for(10.0, || (in_use("outbound_connections") == 0.0)
+            .then_some(()))
+        .is_some(),
+        "held connections are still counted"
+    );
+    assert!(sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", &url])).starts_with("pod GET /capped"));
+
+    // DNS over TCP: two connections held (silent), a third refused, UDP unaffected.
+    let mut holder = Proc::spawn(
+        "hold-dns",
+        vm.cmd(checker, &["hold", "127.0.0.1:15053", "2", "silent"]),
+        t.path("hold-dns.log"),
+    );
+    holder.wait_for_output("echoed", 30.0);
+    assert!(
+        wait_for(10.0, || (in_use("dns_tcp_connections") == 2.0)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        ic.log()
+    );
+    let dig = |tcp: &str| {
+        let (_, out, _) = try_sh(&mut vm.cmd(
+            "dig",
+            &[
+                "+short",
+                tcp,
+                "+time=2",
+                "+tries=1",
+                "-p",
+                "15053",
+                "@127.0.0.1",
+                "product",
+            ],
+        ));
+        out.trim().to_string()
+    };
+    let over_tcp = dig("+tcp");
+    assert_ne!(over_tcp, v4, "a third DNS TCP connection was answered");
+    assert!(refused("dns_tcp_connections") >= 1.0);
+    assert_eq!(dig("+notcp"), v4, "UDP answers");
+    holder.signal(libc::SIGTERM);
+    holder.wait_exit(10.0).expect("holder exits");
+    assert!(
+        wait_for(10.0, || (in_use("dns_tcp_connections") == 0.0)
+            .then_some(()))
+        .is_some(),
+        "held DNS connections are still counted"
+    );
+    assert_eq!(dig("+tcp"), v4, "TCP answers again");
+    assert!(
+        ic.log().contains("at the cap") && ic.log().contains("below the cap again"),
+        "{}",
+        ic.log()
+    );
+}
+
 /// `--local-hop sockmap`: the app <-> outbound hop skips loopback TCP (of 256 MiB, next to
 /// nothing on lo's 15001), while bytes, half-close and short connections behave as
 /// over TCP, IPv6 included; the daemon's death strands nothing (new connections fail open).

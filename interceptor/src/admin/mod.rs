@@ -52,6 +52,7 @@ pub struct State {
     pub network: String,
     /// `--gateway-identity`: what east-west gateways must present for double HBONE.
     pub gateway_identity: Option<crate::spiffe::SpiffeId>,
+    pub limits: Arc<crate::net::Limits>,
     pub nameservers: Vec<SocketAddr>,
     pub started: SystemTime,
 }
@@ -258,6 +259,34 @@ impl Collector for Pulled {
             }
         }
         let mut family = e.encode_descriptor(
+            "interceptor_limit_refused",
+            "New work refused at a resource cap (work in progress went on), by cap",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for l in s.limits.all() {
+            ConstCounter::new(l.refused()).encode(family.encode_family(&[("limit", l.name)])?)?;
+        }
+        for (name, help, value) in [
+            (
+                "interceptor_limit_in_use",
+                "Work counted against each resource cap now",
+                (|l: &crate::net::Limit| l.in_use()) as fn(&crate::net::Limit) -> usize,
+            ),
+            ("interceptor_limit_max", "Each resource cap", |l| l.max()),
+        ] {
+            let mut family = e.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for l in s.limits.all() {
+                ConstGauge::new(value(l) as i64)
+                    .encode(family.encode_family(&[("limit", l.name)])?)?;
+            }
+        }
+        let mut family = e.encode_descriptor(
             "interceptor_mesh_reload_errors",
             "Mesh source loads rejected (the last good table stayed), by reason",
             None,
@@ -358,7 +387,7 @@ impl Server {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "admin", move |stream, _| {
+        crate::net::accept_loop(listener, "admin", None, move |stream, _| {
             let this = self.clone();
             async move {
                 let service = hyper::service::service_fn(move |req| {

@@ -51,6 +51,7 @@ pub struct Ctx {
     pub health: Option<Arc<health::Health>>,
     pub network: String,
     pub gateway_identity: Option<crate::spiffe::SpiffeId>,
+    pub limits: Arc<crate::net::Limits>,
     pub started: SystemTime,
 }
 
@@ -80,6 +81,7 @@ impl Ctx {
         ca: Option<Arc<identity::CaStatus>>,
         health: Option<Arc<health::Health>>,
         gateway_identity: Option<crate::spiffe::SpiffeId>,
+        limits: &crate::config::Limits,
     ) -> Arc<Self> {
         let tls = tls::Store::new();
         Arc::new(Self {
@@ -96,6 +98,7 @@ impl Ctx {
             health,
             network,
             gateway_identity,
+            limits: crate::net::Limits::new(limits),
             started: SystemTime::now(),
         })
     }
@@ -113,6 +116,7 @@ impl Ctx {
             health: self.health.clone(),
             network: self.network.clone(),
             gateway_identity: self.gateway_identity.clone(),
+            limits: self.limits.clone(),
             nameservers,
             started: self.started,
         })
@@ -168,6 +172,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         ca_status.clone(),
         health.clone(),
         s.gateway_identity.clone(),
+        &s.limits,
     );
     let resolv = ResolvConf::read(&s.resolv_conf).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no upstream nameservers: names outside the mesh get SERVFAIL");
@@ -318,6 +323,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         None,
         None,
         None,
+        &crate::config::Limits::default(),
     );
     ctx.capture.set(capture::Info::default());
     let mut sup = Supervisor::new(ctx.readiness.clone());

@@ -205,11 +205,12 @@ impl Listeners {
             s.gateway_identity.clone(),
             ctx.metrics.clone(),
         );
+        let limits = ctx.limits.clone();
         let outbound = Handle::loops(
             "outbound",
             self.outbound
                 .into_iter()
-                .map(move |l| outbound.clone().serve(l)),
+                .map(move |l| outbound.clone().serve(l, limits.outbound.clone())),
         );
         let inbound = (!self.inbound.is_empty()).then(|| {
             let inbound = Inbound::new(
@@ -219,13 +220,15 @@ impl Listeners {
                 s.ports.inbound,
                 s.inbound.hbone,
                 interceptor_ebpf::abi::INBOUND_SOURCE4,
+                ctx.limits.handshakes.clone(),
                 ctx.metrics.clone(),
             );
+            let limit = ctx.limits.inbound.clone();
             Handle::loops(
                 "inbound",
                 self.inbound
                     .into_iter()
-                    .map(move |l| inbound.clone().serve(l)),
+                    .map(move |l| inbound.clone().serve(l, limit.clone())),
             )
         });
         let upstream = Upstream::new(resolv.nameservers.clone(), DNS_UPSTREAM_TIMEOUT);
@@ -238,9 +241,10 @@ impl Listeners {
         tracing::info!(upstream = ?resolv.nameservers, "DNS forwarding");
         let tcp = self.dns_tcp.into_iter().map({
             let server = server.clone();
+            let limit = ctx.limits.dns_tcp.clone();
             move |l| {
-                let server = server.clone();
-                Box::pin(async move { server.serve_tcp(l).await })
+                let (server, limit) = (server.clone(), limit.clone());
+                Box::pin(async move { server.serve_tcp(l, limit).await })
                     as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
             }
         });

@@ -215,8 +215,9 @@ impl Server {
         }
     }
 
-    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "dns", move |stream, _| {
+    /// Serves DNS over TCP on `listener`, at most `limit`'s connections at once.
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
+        crate::net::accept_loop(listener, "dns", Some(limit), move |stream, _| {
             let this = self.clone();
             async move { this.tcp_connection(stream).await }
         })
@@ -224,28 +225,43 @@ impl Server {
     }
 
     /// Queries on one connection are answered as they complete (RFC 7766 pipelining): a slow
-    /// upstream answer does not hold up a table answer behind it.
+    /// upstream answer does not hold up a table answer behind it. Bounded against clients
+    /// that misbehave: each query must arrive whole within `TCP_IDLE`, at most
+    /// `TCP_PIPELINE` wait for their answer (then reading pauses), and a client that does not
+    /// read its answers within `TCP_IDLE` loses the connection.
     async fn tcp_connection(self: Arc<Self>, stream: TcpStream) {
-        let idle = std::time::Duration::from_secs(10);
         let (mut rd, wr) = stream.into_split();
         let wr = Arc::new(tokio::sync::Mutex::new(wr));
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut inflight = tokio::task::JoinSet::new();
         loop {
-            let Ok(Ok(len)) = tokio::time::timeout(idle, rd.read_u16()).await else {
+            while inflight.len() >= TCP_PIPELINE {
+                inflight.join_next().await;
+            }
+            if stalled.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::debug!("DNS TCP: the client stopped reading its answers; closing");
+                return;
+            }
+            let query = async {
+                let len = rd.read_u16().await?;
+                let mut packet = vec![0u8; usize::from(len)];
+                rd.read_exact(&mut packet).await?;
+                Ok::<_, std::io::Error>(packet)
+            };
+            let Ok(Ok(packet)) = tokio::time::timeout(TCP_IDLE, query).await else {
                 break;
             };
-            let mut packet = vec![0u8; usize::from(len)];
-            if rd.read_exact(&mut packet).await.is_err() {
-                break;
-            }
-            let (this, wr) = (self.clone(), wr.clone());
+            let (this, wr, stalled) = (self.clone(), wr.clone(), stalled.clone());
             inflight.spawn(async move {
                 if let Some((resp, _)) = this.handle(&packet, true).await {
                     if let Ok(rlen) = u16::try_from(resp.len()) {
                         let mut framed = Vec::with_capacity(resp.len() + 2);
                         framed.extend_from_slice(&rlen.to_be_bytes());
                         framed.extend_from_slice(&resp);
-                        let _ = wr.lock().await.write_all(&framed).await;
+                        let write = async { wr.lock().await.write_all(&framed).await };
+                        if !matches!(tokio::time::timeout(TCP_IDLE, write).await, Ok(Ok(()))) {
+                            stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
             });
@@ -255,6 +271,11 @@ impl Server {
         while inflight.join_next().await.is_some() {}
     }
 }
+
+/// How long a DNS TCP client may take to send a whole query, or to read an answer.
+const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Queries of one TCP connection answered at once.
+const TCP_PIPELINE: usize = 64;
 
 fn max_size(query: &Message, tcp: bool) -> usize {
     if tcp {

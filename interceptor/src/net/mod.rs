@@ -2,9 +2,12 @@
 //! moving bytes between two streams. No policy: what to accept and where to send it is decided
 //! by `route` and the data paths in `proxy`.
 
+mod limit;
 mod relay;
 mod splice;
 pub mod udp;
+
+pub use limit::{reset, Limit, Limits, Permit};
 
 pub use relay::{buffered, relay, Buffered, BUFFER, TLS_READ_AHEAD};
 pub use splice::splice_relay;
@@ -15,11 +18,16 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-/// Accepts forever, one task per connection. A failing accept (EMFILE and the like) backs off
-/// instead of spinning. Never returns: a loop that ends has panicked, and the supervisor that
-/// owns its task sees it.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, handle: F)
-where
+/// Accepts forever, one task per connection, each holding a permit of `limit` (if any) for its
+/// lifetime; at the cap a connection is reset at once. A failing accept (EMFILE and the like)
+/// backs off instead of spinning. Never returns: a loop that ends has panicked, and the
+/// supervisor that owns its task sees it.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    limit: Option<std::sync::Arc<Limit>>,
+    handle: F,
+) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -27,7 +35,21 @@ where
         match listener.accept().await {
             Ok((stream, peer)) => {
                 crate::fault::on_accept(what);
-                tokio::spawn(handle(stream, peer));
+                let permit = match &limit {
+                    Some(l) => match l.try_take() {
+                        Some(p) => Some(p),
+                        None => {
+                            reset(stream);
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let work = handle(stream, peer);
+                tokio::spawn(async move {
+                    work.await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "{what} accept failed");

@@ -63,8 +63,9 @@ impl Outbound {
         })
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "outbound", move |stream, peer| {
+    /// Serves `listener`, at most `limit`'s connections at once.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
+        crate::net::accept_loop(listener, "outbound", Some(limit), move |stream, peer| {
             let this = self.clone();
             async move { this.handle(stream, peer).await }
         })

@@ -7,6 +7,11 @@
 //!   is then reset (RST) and the others must still echo.
 //! - `stream-check bulk ADDR BYTES`: BYTES of pseudo-random data to a sink; the sink's count
 //!   and sha256 must match ours.
+//! - `stream-check hold ADDR N [silent]`: N connections opened one after the other and held
+//!   until the process is ended. Each echoes one byte, or counts as refused (reset, EOF or no
+//!   answer within 3 s); `silent` sends nothing (for servers that are not stream-check).
+//!   Prints `{"echoed": E, "refused": R, "still": S}` once all are open, S being how many of
+//!   the echoed still echo after the refusals.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -21,6 +26,11 @@ fn main() -> anyhow::Result<()> {
         Some("sequential") => sequential(&args[1], args[2].parse()?),
         Some("concurrent") => concurrent(&args[1], args[2].parse()?),
         Some("bulk") => bulk(&args[1], args[2].parse()?),
+        Some("hold") => hold(
+            &args[1],
+            args[2].parse()?,
+            args.get(3).is_some_and(|a| a == "silent"),
+        ),
         _ => anyhow::bail!(
             "usage: stream-check serve ADDR... | sequential|concurrent ADDR N | bulk ADDR BYTES"
         ),
@@ -73,6 +83,48 @@ fn handle(mut s: TcpStream) -> std::io::Result<()> {
             }
             writeln!(s, "{total} {:x}", h.finalize())
         }
+    }
+}
+
+fn hold(addr: &str, n: usize, silent: bool) -> anyhow::Result<()> {
+    let (mut held, mut echoing, mut echoed, mut refused) = (Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..n {
+        let mut s = match TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(_) => {
+                refused += 1;
+                continue;
+            }
+        };
+        if !silent {
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut b = [0u8; 1];
+            let ok = s.write_all(b"ex").is_ok() && s.read_exact(&mut b).is_ok() && b[0] == b'x';
+            if ok {
+                echoed += 1;
+                echoing.push(s);
+                continue;
+            }
+            refused += 1;
+        }
+        held.push(s);
+    }
+    // Work in progress went on while the later ones were refused: each still echoes.
+    let still = echoing
+        .iter_mut()
+        .map(|s| {
+            let mut b = [0u8; 1];
+            s.write_all(b"y").is_ok() && s.read_exact(&mut b).is_ok() && b[0] == b'y'
+        })
+        .filter(|ok| *ok)
+        .count();
+    println!(
+        "{}",
+        serde_json::json!({"echoed": echoed, "refused": refused, "still": still})
+    );
+    std::io::stdout().flush()?;
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 

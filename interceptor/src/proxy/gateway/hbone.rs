@@ -67,7 +67,7 @@ impl StreamRefused {
 
 impl Gateway {
     pub async fn serve_hbone(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "gateway hbone", move |stream, peer| {
+        crate::net::accept_loop(listener, "gateway hbone", None, move |stream, peer| {
             let this = self.clone();
             async move { this.hbone(stream, peer).await }
         })

@@ -117,7 +117,7 @@ impl Gateway {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "gateway", move |stream, peer| {
+        crate::net::accept_loop(listener, "gateway", None, move |stream, peer| {
             let this = self.clone();
             async move { this.handle(stream, peer).await }
         })
@@ -213,7 +213,7 @@ pub struct ExposeIstiod {
 
 impl ExposeIstiod {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "gateway", move |stream, peer| {
+        crate::net::accept_loop(listener, "gateway", None, move |stream, peer| {
             let this = self.clone();
             async move { this.handle(stream, peer).await }
         })

@@ -88,6 +88,7 @@ impl Inbound {
             .await
             .map_err(|_| Refused::HandshakeTimeout)?
             .map_err(Refused::Handshake)?;
+        conn.pending = None;
         let client = tls
             .get_ref()
             .1

@@ -36,6 +36,8 @@ pub struct Inbound {
     hbone_port: Option<u16>,
     /// Where our IPv4 connections to the app come from: an address capture leaves alone.
     app_source4: Ipv4Addr,
+    /// Connections before their handshake is done: what slow clients hold.
+    handshakes: Arc<crate::net::Limit>,
     metrics: Arc<Metrics>,
 }
 
@@ -99,6 +101,8 @@ struct Conn {
     started: Instant,
     kind: Option<Kind>,
     identity: Option<SpiffeId>,
+    /// Held until the handshake is done (or the connection is known not to have one).
+    pending: Option<crate::net::Permit>,
 }
 
 impl Conn {
@@ -121,6 +125,7 @@ impl Inbound {
         own_port: u16,
         hbone_port: Option<u16>,
         app_source4: Ipv4Addr,
+        handshakes: Arc<crate::net::Limit>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -130,12 +135,14 @@ impl Inbound {
             own_port,
             hbone_port,
             app_source4,
+            handshakes,
             metrics,
         })
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "inbound", move |stream, peer| {
+    /// Serves `listener`, at most `limit`'s connections at once.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
+        crate::net::accept_loop(listener, "inbound", Some(limit), move |stream, peer| {
             let this = self.clone();
             async move { this.handle(stream, peer).await }
         })
@@ -148,12 +155,18 @@ impl Inbound {
             tracing::warn!(%peer, %dst, "inbound: connection to the proxy itself; closing");
             return;
         }
+        let Some(pending) = self.handshakes.try_take() else {
+            self.metrics.inbound_refused(self.handshakes.name);
+            crate::net::reset(stream);
+            return;
+        };
         let mut conn = Conn {
             peer,
             dst,
             started: Instant::now(),
             kind: None,
             identity: None,
+            pending: Some(pending),
         };
         let served = if Some(dst.port()) == self.hbone_port {
             let _ = stream.set_nodelay(true);
@@ -200,6 +213,7 @@ impl Inbound {
             .await
             .map_err(|_| Refused::HandshakeTimeout)?
             .map_err(Refused::Handshake)?;
+        conn.pending = None;
         conn.identity = tls
             .get_ref()
             .1
@@ -238,6 +252,7 @@ impl Inbound {
         kind: Kind,
     ) -> Result<(), Refused> {
         conn.kind = Some(kind);
+        conn.pending = None;
         let mut app = connect_app(conn.dst, self.app_source4)
             .await
             .map_err(Refused::App)?;
