@@ -124,6 +124,23 @@ impl Ca {
     }
 
     pub fn issue_with(&self, dir: &Path, spiffe: &str, key: Key, expired: bool) -> PathBuf {
+        let validity = expired.then_some((2020, 2021));
+        self.issue_for(dir, spiffe, key, validity)
+    }
+
+    /// A certificate valid only from 2100: not valid yet.
+    pub fn issue_not_yet_valid(&self, dir: &Path, spiffe: &str, key: Key) -> PathBuf {
+        self.issue_for(dir, spiffe, key, Some((2100, 2101)))
+    }
+
+    fn issue_for(
+        &self,
+        dir: &Path,
+        spiffe: &str,
+        key: Key,
+        // Valid from January 1st of one year to January 1st of another.
+        validity: Option<(i32, i32)>,
+    ) -> PathBuf {
         std::fs::create_dir_all(dir).expect("cert dir");
         let key = match key {
             Key::Ecdsa => KeyPair::generate().expect("leaf key"),
@@ -152,9 +169,9 @@ impl Ca {
             KeyUsagePurpose::KeyEncipherment,
         ];
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand_serial()));
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        if let Some((from, to)) = validity {
+            p.not_before = rcgen::date_time_ymd(from, 1, 1);
+            p.not_after = rcgen::date_time_ymd(to, 1, 1);
         }
         let cert = p.signed_by(&key, &self.cert, &self.key).expect("leaf cert");
         write_atomically(&dir.join("cert-chain.pem"), &cert.pem());

@@ -122,24 +122,26 @@ impl Mesh {
 
     /// openssl s_client from the VM namespace (not captured) straight at the pod's port.
     fn s_client(&self, certs: &Path, extra: &[&str], request: &str) -> String {
+        let (chain, key, root) = (
+            certs.join("cert-chain.pem"),
+            certs.join("key.pem"),
+            certs.join("root-cert.pem"),
+        );
+        let mut args = vec!["-servername", SNI, "-cert"];
+        args.push(chain.to_str().expect("utf-8 path"));
+        args.extend(["-key", key.to_str().expect("utf-8 path")]);
+        args.extend(["-CAfile", root.to_str().expect("utf-8 path")]);
+        args.extend(extra);
+        self.openssl(&args, request)
+    }
+
+    /// openssl s_client to the pod's 8080 with `args`, sending `request`; its whole output.
+    fn openssl(&self, args: &[&str], request: &str) -> String {
         let mut c = self.vm_node().cmd(
             "openssl",
-            &[
-                "s_client",
-                "-connect",
-                "10.77.0.2:8080",
-                "-servername",
-                SNI,
-                "-ign_eof",
-            ],
+            &["s_client", "-connect", "10.77.0.2:8080", "-ign_eof"],
         );
-        c.arg("-cert")
-            .arg(certs.join("cert-chain.pem"))
-            .arg("-key")
-            .arg(certs.join("key.pem"));
-        c.arg("-CAfile")
-            .arg(certs.join("root-cert.pem"))
-            .args(extra);
+        c.args(args);
         c.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -380,7 +382,7 @@ fn foreign_roots_disallowed_identities_and_wrong_server_identity_are_refused() {
         Ca::new("another root").issue(&m.t.path("other-certs"), &format!("{TD}/vm"), Key::Ecdsa);
     let out = m.s_client(&other, &["-alpn", "istio"], "GET /foreign HTTP/1.0\r\n\r\n");
     assert!(!out.contains("pod GET /foreign"), "{out}");
-    assert!(wait(5.0, || refused(&pod_ic, "handshake") == 1.0));
+    assert!(wait(5.0, || refused(&pod_ic, "client_cert_untrusted") == 1.0));
 
     // Right root, identity not on the allow-list.
     let intruder = m.ca.issue(
@@ -422,6 +424,109 @@ fn foreign_roots_disallowed_identities_and_wrong_server_identity_are_refused() {
         refusal.contains(&format!("{TD}/product")) && refusal.contains(&format!("{TD}/billing")),
         "the log names what was presented and what was expected: {refusal}"
     );
+}
+
+/// The refusal matrix on the sidecar wire (STRICT, with an allow-list), each refusal counted by
+/// its own reason: an expired client certificate, one not valid yet, one from another root,
+/// one of another trust domain (same root), an identity off the allow-list, no client
+/// certificate, plaintext, TLS 1.2 with a weak suite, and a hello whose SNI names a service the
+/// pod's table says it does not serve. None reaches the app; the allowed client does.
+#[test]
+fn each_bad_client_is_refused_and_counted_by_its_own_reason() {
+    let m = Mesh::new();
+    let _app = m.pod_node().http("pod", &["10.77.0.2:8080"]);
+    let billing = "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: billing, namespace: default}\nspec:\n  hosts: [billing.default.svc.cluster.local]\n  ports: [{number: 8080, name: http}]\n  resolution: STATIC\n  endpoints: [{address: 10.77.0.9}]\n";
+    let served = m.t.write(
+        "pod-served.yaml",
+        &(vm_mesh(&pod_workload("product")) + billing),
+    );
+    let foreign_td = "spiffe://other.domain/ns/default/sa/vm";
+    let pod_ic = m
+        .pod_node()
+        .interceptor()
+        .mesh(&served)
+        .resolv(&m.resolv)
+        .certs(&m.pod_certs)
+        .args(["--inbound-ports", "8080", "--mtls-mode", "strict"])
+        .args(["--inbound-allow", &format!("{TD}/vm")])
+        .args(["--inbound-allow", foreign_td])
+        .log("pod-ic")
+        .start();
+    let cert = |name: &str, spiffe: &str| m.ca.issue(&m.t.path(name), spiffe, Key::Ecdsa);
+    let vm_id = format!("{TD}/vm");
+    let expired =
+        m.ca.issue_with(&m.t.path("expired"), &vm_id, Key::Ecdsa, true);
+    let not_yet =
+        m.ca.issue_not_yet_valid(&m.t.path("not-yet"), &vm_id, Key::Ecdsa);
+    let other_root = Ca::new("another root").issue(&m.t.path("other-root"), &vm_id, Key::Ecdsa);
+    let other_td = cert("other-td", foreign_td);
+    let intruder = cert("intruder", &format!("{TD}/intruder"));
+    let istio = ["-alpn", "istio"];
+    let billing_sni = "outbound_.8080_._.billing.default.svc.cluster.local";
+    let root = m.vm_certs.join("root-cert.pem");
+    let root = root.to_str().expect("utf-8 path");
+    let weak_tls12 = ["-tls1_2", "-cipher", "AES128-SHA", "-alpn", "istio"];
+
+    let mut expected = 0.0;
+    let mut refused_as = |reason: &str, out: String| {
+        assert!(
+            !out.contains("pod GET"),
+            "{reason}: the app was reached: {out}"
+        );
+        expected += 1.0;
+        assert!(
+            wait(5.0, || refused(&pod_ic, reason) == 1.0),
+            "{reason} not counted once: {}\n{out}",
+            pod_ic.metrics().0
+        );
+    };
+    let req = "GET /bad HTTP/1.0\r\n\r\n";
+    refused_as("client_cert_expired", m.s_client(&expired, &istio, req));
+    refused_as(
+        "client_cert_not_yet_valid",
+        m.s_client(&not_yet, &istio, req),
+    );
+    refused_as(
+        "client_cert_untrusted",
+        m.s_client(&other_root, &istio, req),
+    );
+    refused_as("foreign_trust_domain", m.s_client(&other_td, &istio, req));
+    refused_as("not_allowed", m.s_client(&intruder, &istio, req));
+    refused_as(
+        "no_client_certificate",
+        m.openssl(
+            &["-servername", SNI, "-CAfile", root, "-alpn", "istio"],
+            req,
+        ),
+    );
+    refused_as(
+        "tls_incompatible",
+        m.s_client(&m.vm_certs, &weak_tls12, req),
+    );
+    refused_as(
+        "sni_not_served",
+        m.s_client(
+            &m.vm_certs,
+            &["-alpn", "istio", "-servername", billing_sni],
+            req,
+        ),
+    );
+    let (ok, out, _) = try_sh(
+        &mut m
+            .vm_node()
+            .cmd("curl", &["-sS", "-m", "5", "http://10.77.0.2:8080/plain"]),
+    );
+    assert!(
+        !ok || !out.contains("pod GET"),
+        "plaintext got through: {out}"
+    );
+    refused_as("plaintext_strict", out);
+    let total = pod_ic.counter("interceptor_inbound_refused_total", &[]);
+    assert_eq!(total, expected, "{}", pod_ic.metrics().0);
+
+    // The allowed client, with the SNI of the service this pod serves.
+    let out = m.s_client(&m.vm_certs, &istio, "GET /allowed HTTP/1.0\r\n\r\n");
+    assert!(out.contains("pod GET /allowed"), "{out}");
 }
 
 /// The first certificate the server presents, as PEM.

@@ -16,7 +16,7 @@ mod wire;
 
 pub use allow::{AllowList, AllowListError, InboundPolicy, MtlsMode};
 pub use outliers::Outliers;
-pub use wire::{expected_identities, parse_sni, sni};
+pub use wire::{expected_identities, parse_sni, sni, sni_served};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -20,6 +20,28 @@ pub fn parse_sni(sni: &str) -> Option<(u16, &str, &str)> {
     (!host.is_empty()).then_some((port, subset, host))
 }
 
+/// Whether the table says `dst` (this host's address and port) serves the service an Istio
+/// SNI names: Some(false) is a connection meant for another service (a misrouted or forged
+/// hello); None when there is nothing to check against (not Istio's SNI, or a host this table
+/// does not know: the client's mesh view may be wider than ours).
+pub fn sni_served(
+    table: &crate::mesh::Table,
+    sni: &str,
+    dst: std::net::SocketAddr,
+) -> Option<bool> {
+    let (port, _, host) = parse_sni(sni)?;
+    let svc = table.service_by_host(host)?;
+    let Some(sp) = svc.port(port) else {
+        return Some(false);
+    };
+    let ours = crate::mesh::Address::Ip(dst.ip());
+    Some(
+        svc.endpoints_for(sp)
+            .iter()
+            .any(|w| w.address == ours && w.target_port(sp) == dst.port()),
+    )
+}
+
 /// Who may answer for `svc` on these workloads: the service's subjectAltNames when given (a
 /// ServiceEntry's, or CDS's SAN matchers), else each workload's service account in our trust
 /// domain.

@@ -65,6 +65,8 @@ enum Refused {
     NoCertificate,
     #[error("handshake failed: {0}")]
     Handshake(std::io::Error),
+    #[error("refused: SNI {0:?} names a service this host does not serve on this port")]
+    SniNotServed(String),
     #[error("handshake timed out")]
     HandshakeTimeout,
     #[error("denied: identity not allowed")]
@@ -84,13 +86,31 @@ impl Refused {
             Refused::PlaintextStrict => "plaintext_strict",
             Refused::MalformedStrict(_) => "malformed_strict",
             Refused::NoCertificate => "no_certificate",
-            Refused::Handshake(_) => "handshake",
+            Refused::Handshake(e) => handshake_label(e),
+            Refused::SniNotServed(_) => "sni_not_served",
             Refused::HandshakeTimeout => "handshake_timeout",
             Refused::NotAllowed => "not_allowed",
             Refused::ForeignTrustDomain(_) => "foreign_trust_domain",
             Refused::NoClientIdentity => "no_client_identity",
             Refused::App(_) => "app_unreachable",
         }
+    }
+}
+
+/// Why a handshake failed, as precisely as rustls says: an operator chasing refusals needs
+/// "their certificate expired" apart from "they trust another root".
+fn handshake_label(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    match e.get_ref().and_then(|i| i.downcast_ref::<E>()) {
+        Some(E::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => "client_cert_expired",
+        Some(E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. })) => {
+            "client_cert_not_yet_valid"
+        }
+        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => "client_cert_untrusted",
+        Some(E::InvalidCertificate(_)) => "client_cert_invalid",
+        Some(E::NoCertificatesPresented) => "no_client_certificate",
+        Some(E::PeerIncompatible(_)) => "tls_incompatible",
+        _ => "handshake",
     }
 }
 
@@ -189,6 +209,12 @@ impl Inbound {
             .map_err(Refused::Peek)?;
         match peeked {
             Peeked::Tls(hello) if strict || hello.has_istio_alpn() => {
+                if let Some(sni) = &hello.sni {
+                    let table = self.store.load();
+                    if crate::route::sni_served(&table, sni, conn.dst) == Some(false) {
+                        return Err(Refused::SniNotServed(sni.clone()));
+                    }
+                }
                 self.terminate(stream, conn).await
             }
             Peeked::Tls(_) => self.passthrough(stream, conn, Kind::TlsPassthrough).await,
@@ -220,6 +246,17 @@ impl Inbound {
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|leaf| uri_sans(leaf).into_iter().next());
+        // The roots verified the chain; as Istio's inbound (its SAN matcher is the trust
+        // domain's spiffe:// prefix), the identity must also be of our trust domain.
+        let refusal = match &conn.identity {
+            Some(c) if c.trust_domain() == id.trust_domain() => None,
+            Some(c) => Some(Refused::ForeignTrustDomain(c.trust_domain().to_string())),
+            None => Some(Refused::NoClientIdentity),
+        };
+        if let Some(refusal) = refusal {
+            let _ = tls.shutdown().await;
+            return Err(refusal);
+        }
         if !self
             .policy
             .allow
