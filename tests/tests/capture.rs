@@ -649,6 +649,111 @@ fn at_a_cap_new_work_is_refused_and_counted_and_work_in_progress_goes_on() {
     );
 }
 
+/// Another product's cgroup programs (connect4 and sockops, attached by bpftool with
+/// multi-attach before we start) keep running while we are attached and after we detach; we
+/// leave them attached, and detach only what we attached.
+#[test]
+fn another_products_cgroup_programs_keep_working_while_we_attach_and_after_we_detach() {
+    let (t, mesh, resolv) = setup();
+    let (vm, pod_node) = (t.node("vm"), t.node("pod"));
+    let _pod = pod_node.http("pod", &POD_ADDRS);
+    let obj = t.path("foreign.o");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("bpf/foreign.c");
+    let multiarch = sh(Command::new("gcc").arg("-print-multiarch"));
+    sh(Command::new("clang")
+        .args(["-O2", "-g", "-target", "bpf", "-I"])
+        .arg(format!("/usr/include/{}", multiarch.trim()))
+        .arg("-c")
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj));
+    // Pinned in a bpffs of a private mount namespace, gone when the shell exits; the cgroup
+    // attachments keep the programs alive, as an agent's would.
+    let pins = t.path("bpffs");
+    std::fs::create_dir(&pins).unwrap();
+    let cg = vm.cgroup.path().display().to_string();
+    let script = format!(
+        "set -e; mount -t bpf bpf {pins}; bpftool prog loadall {obj} {pins}/p; \
+         bpftool cgroup attach {cg} connect4 pinned {pins}/p/foreign_connect4 multi; \
+         bpftool cgroup attach {cg} sock_ops pinned {pins}/p/foreign_sockops multi; \
+         bpftool -j prog show pinned {pins}/p/foreign_connect4",
+        pins = pins.display(),
+        obj = obj.display(),
+    );
+    let prog: serde_json::Value = serde_json::from_str(&sh(
+        Command::new("unshare").args(["-m", "sh", "-c", &script])
+    ))
+    .expect("bpftool prints JSON");
+    let map = prog["map_ids"][0].as_u64().expect("the program's map");
+    let count = |i: u8| -> u64 {
+        let out = sh(Command::new("bpftool")
+            .args(["-j", "map", "lookup", "id", &map.to_string(), "key"])
+            .args([i.to_string().as_str(), "0", "0", "0"]));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("lookup JSON");
+        v["formatted"]["value"].as_u64().unwrap_or_else(|| {
+            // Without BTF: little-endian bytes as hex strings.
+            v["value"]
+                .as_array()
+                .expect("value bytes")
+                .iter()
+                .rev()
+                .fold(0, |n, b| {
+                    n << 8
+                        | u64::from_str_radix(
+                            b.as_str().unwrap_or("0").trim_start_matches("0x"),
+                            16,
+                        )
+                        .unwrap_or(0)
+                })
+        })
+    };
+    let foreign_ids = || -> Vec<u64> {
+        let out = sh(Command::new("bpftool").args(["-j", "cgroup", "show", &cg]));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("cgroup JSON");
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .filter(|p| {
+                p["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("foreign_"))
+            })
+            .filter_map(|p| p["id"].as_u64())
+            .collect()
+    };
+    let theirs = foreign_ids();
+    assert_eq!(theirs.len(), 2, "both foreign programs attached");
+    let direct =
+        || sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", "http://10.77.0.2:8080/direct"]));
+    assert!(direct().starts_with("pod GET /direct"));
+    let (c0, s0) = (count(0), count(1));
+    assert!(c0 >= 1 && s0 >= 1, "the foreign programs run: {c0} {s0}");
+
+    let mut ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
+    assert_eq!(vm.cgroup.attached_programs(), 2 + 9, "ours beside theirs");
+    let (v4, _) = vips(&mesh, "product.default.svc.cluster.local");
+    let out = sh(&mut vm.in_cgroup(
+        "curl",
+        &["-sS", "-m", "5", &format!("http://{v4}:8080/captured")],
+    ));
+    assert!(out.starts_with("pod GET /captured"), "{out}");
+    let (c1, s1) = (count(0), count(1));
+    assert!(
+        c1 > c0 && s1 > s0,
+        "theirs still run beside ours: {c1} {s1}"
+    );
+
+    ic.proc.signal(libc::SIGTERM);
+    assert!(ic.proc.wait_exit(10.0).is_some_and(|s| s.success()));
+    assert_eq!(foreign_ids(), theirs, "we detached theirs");
+    assert_eq!(vm.cgroup.attached_programs(), 2, "ours are all gone");
+    assert!(direct().starts_with("pod GET /direct"));
+    assert!(
+        count(0) > c1 && count(1) > s1,
+        "theirs still run after we left"
+    );
+}
+
 /// `--local-hop sockmap`: the app <-> outbound hop skips loopback TCP (of 256 MiB, next to
 /// nothing on lo's 15001), while bytes, half-close and short connections behave as
 /// over TCP, IPv6 included; the daemon's death strands nothing (new connections fail open).
