@@ -347,6 +347,87 @@ fn fail_open_after(sig: i32) -> Option<std::process::ExitStatus> {
     status
 }
 
+/// SIGKILL under load: 200 relayed connections held, 2 000 DNS queries a second for a name
+/// outside the mesh, new connections to a non-mesh address. The programs detach; the name keeps
+/// resolving through the VM's own nameserver (the longest gap between answers is printed); no
+/// non-mesh connection fails; every held connection is closed (EOF or reset), none left
+/// hanging; after a restart capture and mesh answers are back.
+#[test]
+fn sigkill_under_load_strands_nothing_and_a_restart_brings_capture_back() {
+    use interceptor_tests::{helper_bin, Proc};
+    let (t, mesh, resolv) = setup();
+    let (vm, pod_node) = (t.node("vm"), t.node("pod"));
+    let _pod = pod_node.http("pod", &POD_ADDRS[..2]);
+    let _dnsmasq = pod_node.dnsmasq("10.77.0.2", &["outside.example,192.0.2.7"]);
+    let checker = helper_bin("stream-check");
+    let mut streams = Proc::spawn(
+        "stream-check",
+        pod_node.cmd(checker.to_str().expect("utf-8 path"), &["serve", "10.77.0.2:9091"]),
+        t.path("stream-check.log"),
+    );
+    streams.wait_for_output("listening", 10.0);
+    let mut ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
+    let chaos = helper_bin("chaos-load");
+    let mut load = Proc::spawn(
+        "chaos-load",
+        vm.in_cgroup(
+            chaos.to_str().expect("utf-8 path"),
+            &[
+                "8",
+                "10.77.0.2:53",
+                "outside.example",
+                "2000",
+                "10.77.0.2:8080",
+                "10.77.0.3:9090",
+                "200",
+            ],
+        ),
+        t.path("chaos-load.log"),
+    );
+    load.wait_for_output("warm", 60.0);
+    assert_eq!(
+        ic.counter("istio_tcp_connections_opened_total", &[("reporter", "source")]),
+        200.0,
+        "the held connections are relayed"
+    );
+    let killed = std::time::Instant::now();
+    ic.proc.signal(libc::SIGKILL);
+    assert!(ic.proc.wait_exit(10.0).is_some(), "SIGKILL did not end it");
+    assert!(
+        wait_for(5.0, || (vm.cgroup.attached_programs() == 0).then_some(())).is_some(),
+        "programs still attached after SIGKILL"
+    );
+    let detached = killed.elapsed();
+    assert!(load.wait_exit(60.0).is_some(), "the load did not finish");
+    let out = load.output();
+    let report: serde_json::Value = out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no report: {out}"));
+    eprintln!("SIGKILL under load: programs detached {detached:?} after the signal; {report}");
+    assert_eq!(report["connects"]["failed"], 0, "{report}");
+    assert!(report["connects"]["ok"].as_u64() > Some(0), "{report}");
+    assert_eq!(report["held"]["echoed"], 200, "{report}");
+    assert_eq!(report["held"]["hung"], 0, "a relayed connection was left hanging: {report}");
+    assert!(report["dns"]["ok"].as_u64() > Some(0), "{report}");
+    let dig_outside = ["+short", "+time=2", "+tries=1", "@10.77.0.2", "outside.example"];
+    assert_eq!(
+        sh(&mut vm.in_cgroup("dig", &dig_outside)).trim(),
+        "192.0.2.7",
+        "the VM's own nameserver answers once we are gone"
+    );
+
+    // Restarted: capture and mesh answers are back.
+    let _ic = vm.interceptor().mesh(&mesh).resolv(&resolv).start();
+    let (v4, _) = vips(&mesh, "product.default.svc.cluster.local");
+    let url = format!("http://{v4}:8080/back");
+    assert!(sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", &url])).starts_with("pod GET /back"));
+    let dig_mesh = ["+short", "+time=2", "+tries=1", "@10.77.0.2", "product"];
+    assert_eq!(sh(&mut vm.in_cgroup("dig", &dig_mesh)).trim(), v4);
+    assert_eq!(sh(&mut vm.in_cgroup("dig", &dig_outside)).trim(), "192.0.2.7");
+}
+
 #[test]
 fn sigkill_leaves_nothing_attached_and_traffic_flows_as_before() {
     fail_open_after(libc::SIGKILL);
