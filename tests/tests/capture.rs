@@ -362,7 +362,10 @@ fn sigkill_under_load_strands_nothing_and_a_restart_brings_capture_back() {
     let checker = helper_bin("stream-check");
     let mut streams = Proc::spawn(
         "stream-check",
-        pod_node.cmd(checker.to_str().expect("utf-8 path"), &["serve", "10.77.0.2:9091"]),
+        pod_node.cmd(
+            checker.to_str().expect("utf-8 path"),
+            &["serve", "10.77.0.2:9091"],
+        ),
         t.path("stream-check.log"),
     );
     streams.wait_for_output("listening", 10.0);
@@ -386,7 +389,10 @@ fn sigkill_under_load_strands_nothing_and_a_restart_brings_capture_back() {
     );
     load.wait_for_output("warm", 60.0);
     assert_eq!(
-        ic.counter("istio_tcp_connections_opened_total", &[("reporter", "source")]),
+        ic.counter(
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "source")]
+        ),
         200.0,
         "the held connections are relayed"
     );
@@ -409,9 +415,18 @@ fn sigkill_under_load_strands_nothing_and_a_restart_brings_capture_back() {
     assert_eq!(report["connects"]["failed"], 0, "{report}");
     assert!(report["connects"]["ok"].as_u64() > Some(0), "{report}");
     assert_eq!(report["held"]["echoed"], 200, "{report}");
-    assert_eq!(report["held"]["hung"], 0, "a relayed connection was left hanging: {report}");
+    assert_eq!(
+        report["held"]["hung"], 0,
+        "a relayed connection was left hanging: {report}"
+    );
     assert!(report["dns"]["ok"].as_u64() > Some(0), "{report}");
-    let dig_outside = ["+short", "+time=2", "+tries=1", "@10.77.0.2", "outside.example"];
+    let dig_outside = [
+        "+short",
+        "+time=2",
+        "+tries=1",
+        "@10.77.0.2",
+        "outside.example",
+    ];
     assert_eq!(
         sh(&mut vm.in_cgroup("dig", &dig_outside)).trim(),
         "192.0.2.7",
@@ -425,7 +440,10 @@ fn sigkill_under_load_strands_nothing_and_a_restart_brings_capture_back() {
     assert!(sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", &url])).starts_with("pod GET /back"));
     let dig_mesh = ["+short", "+time=2", "+tries=1", "@10.77.0.2", "product"];
     assert_eq!(sh(&mut vm.in_cgroup("dig", &dig_mesh)).trim(), v4);
-    assert_eq!(sh(&mut vm.in_cgroup("dig", &dig_outside)).trim(), "192.0.2.7");
+    assert_eq!(
+        sh(&mut vm.in_cgroup("dig", &dig_outside)).trim(),
+        "192.0.2.7"
+    );
 }
 
 #[test]

@@ -341,9 +341,17 @@ pub struct Exhausted {
     pub last: Option<DialError>,
 }
 
-/// Dials `targets` in order, at most `max_attempts` of them, marking each failure and success
-/// in `outliers` and counting failures by reason. Returns the index of the target that
-/// answered with its upstream.
+/// How long a dial may go without an answer before the next target is dialed beside it. An
+/// endpoint that takes the SYN and never finishes TLS, or drops SYNs, would otherwise cost each
+/// connection that picks it the whole connect or handshake timeout; with this, it costs this
+/// much. Far above a LAN or even a cross-region handshake.
+pub const HEDGE_AFTER: Duration = Duration::from_millis(500);
+
+/// Dials `targets` in order, at most `max_attempts` of them: the next one when a dial fails, or
+/// beside it when it has not answered within `HEDGE_AFTER`; the first to answer wins and the
+/// others are dropped. Marks each failure and success in `outliers` (a dial outpaced by
+/// another counts as failed: it was slower than `HEDGE_AFTER`) and counts failures by reason.
+/// Returns the index of the target that answered with its upstream.
 pub async fn try_targets<C: Connector>(
     targets: &[Target],
     max_attempts: usize,
@@ -352,24 +360,63 @@ pub async fn try_targets<C: Connector>(
     service: &str,
     connector: &C,
 ) -> Result<(usize, C::Conn), Exhausted> {
-    let mut last = None;
+    use futures_util::stream::{FuturesUnordered, StreamExt};
     let tried = targets.len().min(max_attempts);
-    for (i, target) in targets.iter().take(max_attempts).enumerate() {
-        match connector.connect(target).await {
+    let dial = |i: usize| {
+        let target = &targets[i];
+        async move { (i, connector.connect(target).await) }
+    };
+    let mut dialing = FuturesUnordered::new();
+    let mut in_flight: Vec<usize> = Vec::new();
+    let mut next = 0;
+    let mut last = None;
+    loop {
+        if dialing.is_empty() {
+            if next >= tried {
+                return Err(Exhausted { tried, last });
+            }
+            dialing.push(dial(next));
+            in_flight.push(next);
+            next += 1;
+        }
+        let done = if next < tried {
+            tokio::select! {
+                done = dialing.next() => done,
+                _ = tokio::time::sleep(HEDGE_AFTER) => {
+                    tracing::debug!(%service, endpoint = %targets[next - 1].endpoint, "no answer yet; dialing the next endpoint beside it");
+                    dialing.push(dial(next));
+                    in_flight.push(next);
+                    next += 1;
+                    continue;
+                }
+            }
+        } else {
+            dialing.next().await
+        };
+        let Some((i, result)) = done else { continue };
+        in_flight.retain(|&j| j != i);
+        match result {
             Ok(up) => {
-                outliers.succeeded(&target.endpoint);
+                outliers.succeeded(&targets[i].endpoint);
+                for &j in &in_flight {
+                    outliers.failed(&targets[j].endpoint);
+                    metrics.dial_failed(OUTPACED);
+                    tracing::warn!(%service, endpoint = %targets[j].endpoint, reason = OUTPACED, "endpoint did not answer within {HEDGE_AFTER:?}; another did");
+                }
                 return Ok((i, up));
             }
             Err(e) => {
-                outliers.failed(&target.endpoint);
+                outliers.failed(&targets[i].endpoint);
                 metrics.dial_failed(e.label());
-                tracing::warn!(%service, endpoint = %target.endpoint, error = %e, reason = e.label(), "endpoint failed; trying the next");
+                tracing::warn!(%service, endpoint = %targets[i].endpoint, error = %e, reason = e.label(), "endpoint failed; trying the next");
                 last = Some(e);
             }
         }
     }
-    Err(Exhausted { tried, last })
 }
+
+/// The failure reason of a dial another one beat (see `HEDGE_AFTER`).
+pub const OUTPACED: &str = "outpaced";
 
 /// TLS 1.3 resumption stores, one per (endpoint, expected identities). A resumed session skips
 /// the certificate check, so a session is only ever offered where it was made: to the same
@@ -459,6 +506,36 @@ mod tests {
             via: Via::ServiceHost,
             transport: Transport::Plain,
         }
+    }
+
+    /// Port 1 never answers; any other answers at once.
+    struct Silent;
+    impl Connector for Silent {
+        type Conn = u16;
+        fn connect<'a>(
+            &'a self,
+            target: &'a Target,
+        ) -> impl Future<Output = Result<u16, DialError>> + Send + 'a {
+            async move {
+                if target.endpoint.port == 1 {
+                    std::future::pending::<()>().await;
+                }
+                Ok(target.endpoint.port)
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_endpoint_is_outpaced_by_the_next_after_the_hedge_delay() {
+        let outliers = Outliers::default();
+        let targets = [target(1), target(2)];
+        let started = tokio::time::Instant::now();
+        let (i, port) = try_targets(&targets, 3, &outliers, &Metrics::default(), "svc", &Silent)
+            .await
+            .unwrap();
+        assert_eq!((i, port), (1, 2));
+        assert_eq!(started.elapsed(), HEDGE_AFTER);
+        assert!(outliers.is_ejected(&targets[0].endpoint));
     }
 
     #[tokio::test]

@@ -59,7 +59,12 @@ fn main() -> anyhow::Result<()> {
             match s.read(&mut b) {
                 Ok(0) => eof.fetch_add(1, Ordering::Relaxed),
                 Ok(_) => hung.fetch_add(1, Ordering::Relaxed),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     hung.fetch_add(1, Ordering::Relaxed)
                 }
                 Err(_) => reset.fetch_add(1, Ordering::Relaxed),
@@ -81,7 +86,9 @@ fn main() -> anyhow::Result<()> {
             (answers.clone(), sent.clone(), failed.clone(), query.clone());
         let interval = Duration::from_secs_f64(SENDERS as f64 / qps.max(1) as f64);
         threads.push(std::thread::spawn(move || {
-            let Ok(sock) = UdpSocket::bind("0.0.0.0:0") else { return };
+            let Ok(sock) = UdpSocket::bind("0.0.0.0:0") else {
+                return;
+            };
             let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
             let mut id = (i as u16) << 12;
             let mut next = Instant::now();
@@ -91,16 +98,17 @@ fn main() -> anyhow::Result<()> {
                 query.set_id(id);
                 let Ok(bytes) = query.to_vec() else { return };
                 sent.fetch_add(1, Ordering::Relaxed);
-                let ok = sock.send_to(&bytes, dns).is_ok() && loop {
-                    match sock.recv_from(&mut buf) {
-                        // A late answer to an earlier query: keep waiting for ours.
-                        Ok((len, _)) => match Message::from_vec(&buf[..len]) {
-                            Ok(m) if m.id() == id => break !m.answers().is_empty(),
-                            _ => continue,
-                        },
-                        Err(_) => break false,
-                    }
-                };
+                let ok = sock.send_to(&bytes, dns).is_ok()
+                    && loop {
+                        match sock.recv_from(&mut buf) {
+                            // A late answer to an earlier query: keep waiting for ours.
+                            Ok((len, _)) => match Message::from_vec(&buf[..len]) {
+                                Ok(m) if m.id() == id => break !m.answers().is_empty(),
+                                _ => continue,
+                            },
+                            Err(_) => break false,
+                        }
+                    };
                 if ok {
                     answers.lock().unwrap().push(start.elapsed());
                 } else {
