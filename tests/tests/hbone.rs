@@ -385,12 +385,28 @@ fn our_15008_refuses_open_proxying_strangers_policy_and_a_closed_app() {
             pod_ic.metrics().0
         );
     }
+    // The failed handshakes, each by its own reason.
+    let refused = |r: &str| pod_ic.counter("interceptor_inbound_refused_total", &[("reason", r)]);
     assert!(
-        pod_ic.counter(
-            "interceptor_inbound_refused_total",
-            &[("reason", "handshake")]
-        ) >= 3.0
+        refused("no_client_certificate") >= 1.0,
+        "{}",
+        pod_ic.metrics().0
     );
+    assert!(
+        refused("client_cert_untrusted") >= 1.0,
+        "{}",
+        pod_ic.metrics().0
+    );
+    let handshakes: f64 = [
+        "handshake",
+        "no_client_certificate",
+        "client_cert_untrusted",
+        "tls_incompatible",
+    ]
+    .into_iter()
+    .map(refused)
+    .sum();
+    assert!(handshakes >= 3.0, "{}", pod_ic.metrics().0);
 }
 
 /// Our outbound to Envoy configured as Istio configures a waypoint: HTTP/2 CONNECT over

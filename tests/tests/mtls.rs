@@ -395,6 +395,101 @@ spec:
     );
 }
 
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// curl by name through both interceptors `n` times; each request's seconds, sorted.
+fn timed_curls(m: &Mesh, n: usize, what: &str) -> Vec<f64> {
+    let script = format!(
+        "for i in $(seq {n}); do curl -sS -m 20 -o /dev/null -w '%{{http_code}} %{{time_total}}\\n' http://{HOST}:8080/$i; done"
+    );
+    let out = sh(&mut m.vm_node().with_resolv(&m.resolv, &script));
+    let mut times: Vec<f64> = out
+        .lines()
+        .map(|l| {
+            let (code, t) = l.split_once(' ').unwrap_or_default();
+            assert_eq!(code, "200", "{what}: a request failed: {out}");
+            t.parse().expect("time_total")
+        })
+        .collect();
+    assert_eq!(times.len(), n, "{out}");
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+/// Inbound slowloris: 2 000 connections each sending a ClientHello a byte a second. The
+/// handshake timeout closes every one; memory stays bounded; other clients are served
+/// throughout (their p50 and worst case are printed beside the figures before the attack).
+#[test]
+fn two_thousand_slowloris_connections_are_closed_and_other_clients_are_served() {
+    use interceptor_tests::{helper_bin, Proc};
+    let m = Mesh::new();
+    let _app = m.pod_node().http("pod", &["10.77.0.2:8080"]);
+    let pod_ic = m.pod(&["--mtls-mode", "strict"], "pod-ic");
+    let _vm_ic = m.vm(&vm_mesh(&pod_workload("product")));
+    let before = timed_curls(&m, 30, "before");
+    let rss_before = rss_kib(pod_ic.proc.pid());
+
+    let slow = helper_bin("slowloris");
+    let mut attack = Proc::spawn(
+        "slowloris",
+        m.vm_node().cmd(
+            slow.to_str().expect("utf-8 path"),
+            &["10.77.0.2:8080", "2000", "14"],
+        ),
+        m.t.path("slowloris.log"),
+    );
+    attack.wait_for_output("opened", 60.0);
+    let pending = || {
+        pod_ic.counter(
+            "interceptor_limit_in_use",
+            &[("limit", "pending_handshakes")],
+        )
+    };
+    assert!(
+        wait(10.0, || pending() >= 2000.0),
+        "the slow connections are not pending: {}",
+        pending()
+    );
+    let during = timed_curls(&m, 30, "during");
+    let rss_during = rss_kib(pod_ic.proc.pid());
+    assert!(attack.wait_exit(60.0).is_some());
+    let out = attack.output();
+    let report: serde_json::Value = out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no report: {out}"));
+    eprintln!(
+        "slowloris: {report}; others p50 {:.1} -> {:.1} ms, max {:.1} -> {:.1} ms; RSS {} -> {} KiB",
+        before[14] * 1000.0,
+        during[14] * 1000.0,
+        before[29] * 1000.0,
+        during[29] * 1000.0,
+        rss_before,
+        rss_during
+    );
+    assert_eq!(report["closed_by_server"], 2000, "{report}");
+    assert!(wait(10.0, || pending() == 0.0), "{}", pending());
+    assert!(
+        refused(&pod_ic, "malformed_strict") >= 2000.0,
+        "{}",
+        pod_ic.metrics().0
+    );
+    assert!(
+        rss_during < rss_before + 64 * 1024,
+        "2 000 slow clients took {} KiB",
+        rss_during - rss_before
+    );
+}
+
 #[test]
 fn permissive_passes_plaintext_and_foreign_tls_strict_refuses_plaintext() {
     let m = Mesh::new();

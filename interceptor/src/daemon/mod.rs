@@ -145,6 +145,10 @@ pub fn mesh_errors(errors: Vec<mesh::Error>) -> anyhow::Error {
 
 /// `interceptor run`.
 pub async fn run(s: Settings) -> anyhow::Result<()> {
+    match crate::net::raise_fd_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
+    }
     let mut conditions = vec![TABLE, CAPTURE, LISTENERS];
     let xds_status = s.istiod.as_ref().map(|i| {
         conditions.push(xds::READY);
@@ -311,6 +315,9 @@ async fn stop_signal() -> std::io::Result<()> {
 /// privileges; an identity only with `--certs`, for double HBONE's outer tunnel (the sidecar
 /// wire it never terminates).
 pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    if let Err(e) = crate::net::raise_fd_limit() {
+        tracing::warn!(error = %e, "cannot raise the descriptor limit");
+    }
     let options = mesh::Options {
         namespace: args.namespace.clone(),
         cluster_domain: args.cluster_domain.clone(),

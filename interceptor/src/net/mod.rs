@@ -59,6 +59,28 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard one, as Go and Envoy do: every
+/// connection costs two, and the soft default (often 1024) would cap a proxy at a few hundred
+/// where the unit (LimitNOFILE) or the admin allowed far more. Returns the limit now in force.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is valid for getrlimit's write and setrlimit's read.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// The loopback addresses (v4 and v6) of a port.
 pub fn loopback(port: u16) -> [SocketAddr; 2] {
     [
