@@ -304,3 +304,58 @@ fn ssh_and_the_admin_port_are_never_captured_inbound_whatever_the_config_says() 
     assert_eq!(inbound("10.77.0.1:15020"), 0.0);
     assert!(apps.output().contains("GET /ssh from 10.77.0.2"));
 }
+
+/// The admin endpoint listens on loopback only by default (the VM's own address is refused),
+/// and nothing it serves carries key material: not the PEM, not the key's bytes.
+#[test]
+fn the_admin_endpoint_is_loopback_only_and_never_shows_key_material() {
+    use interceptor_tests::certs::{Ca, Key};
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
+    let mesh = t.write("mesh.yaml", PRODUCT);
+    let resolv = t.write("resolv.conf", &format!("nameserver {}\n", Subnet::FAKE_NS));
+    let certs = Ca::new("cluster.local root").issue(
+        &t.path("certs"),
+        "spiffe://cluster.local/ns/default/sa/vm",
+        Key::Ecdsa,
+    );
+    let ic = vm
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .certs(&certs)
+        .start();
+    assert!(ic.json("/status")["identity"]["spiffe"]
+        .as_str()
+        .is_some_and(|s| s.ends_with("/sa/vm")));
+    let (ok, _, err) = try_sh(&mut vm.cmd(
+        "curl",
+        &["-sS", "-m", "3", "http://10.77.0.1:15020/config_dump"],
+    ));
+    assert!(!ok, "the admin endpoint answered on the VM's address");
+    assert!(
+        err.contains("refused") || err.contains("Couldn't connect"),
+        "{err}"
+    );
+
+    let key = std::fs::read_to_string(certs.join("key.pem")).expect("key");
+    // The key's base64 lines, each long enough to be unmistakable.
+    let key_lines: Vec<&str> = key
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 40)
+        .collect();
+    assert!(!key_lines.is_empty());
+    for path in [
+        "/config_dump",
+        "/status",
+        "/stats/prometheus",
+        "/explain?target=product.default.svc.cluster.local:8080",
+    ] {
+        let body = admin(&t, path);
+        assert!(!body.is_empty(), "{path}");
+        assert!(!body.contains("PRIVATE KEY"), "{path} shows a private key");
+        for l in &key_lines {
+            assert!(!body.contains(l), "{path} shows the key's bytes");
+        }
+    }
+}
