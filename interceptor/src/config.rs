@@ -187,6 +187,10 @@ pub struct RunArgs {
     /// DNS-over-TCP connections open at once [default: 1024]
     #[arg(long, value_name = "N")]
     pub max_dns_tcp_connections: Option<usize>,
+    /// DNS queries waiting on the upstream nameservers at once; beyond, SERVFAIL at once
+    /// (dnsmasq's dns-forward-max) [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub max_dns_forwards: Option<usize>,
     /// Inbound connections still in their TLS handshake (or before their first bytes): what a
     /// slowloris holds [default: 4096]
     #[arg(long, value_name = "N")]
@@ -326,6 +330,7 @@ pub struct Limits {
     pub outbound_connections: usize,
     pub inbound_connections: usize,
     pub dns_tcp_connections: usize,
+    pub dns_forwards: usize,
     pub pending_handshakes: usize,
 }
 
@@ -335,6 +340,7 @@ impl Default for Limits {
             outbound_connections: 65536,
             inbound_connections: 65536,
             dns_tcp_connections: 1024,
+            dns_forwards: 1024,
             pending_handshakes: 4096,
         }
     }
@@ -436,6 +442,7 @@ impl RunArgs {
             max_dns_tcp_connections: self
                 .max_dns_tcp_connections
                 .or(file.max_dns_tcp_connections),
+            max_dns_forwards: self.max_dns_forwards.or(file.max_dns_forwards),
             max_pending_handshakes: self.max_pending_handshakes.or(file.max_pending_handshakes),
             gateway_identity: self.gateway_identity.or(file.gateway_identity),
             control_plane: self.control_plane.or(file.control_plane),
@@ -628,6 +635,7 @@ impl RunArgs {
                         d.dns_tcp_connections,
                         "max-dns-tcp-connections",
                     )?,
+                    dns_forwards: cap(args.max_dns_forwards, d.dns_forwards, "max-dns-forwards")?,
                     pending_handshakes: cap(
                         args.max_pending_handshakes,
                         d.pending_handshakes,

@@ -399,3 +399,53 @@ fn editing_the_mesh_file_changes_answers_without_restart() {
         vec!["2001:2::10"]
     );
 }
+
+/// DNS abuse: a flood of random names with an upstream that never answers cannot pile up
+/// forwards (at `--max-dns-forwards` they get SERVFAIL at once, counted) while mesh names keep
+/// being answered; a compression pointer that points at itself gets FORMERR; an EDNS payload
+/// of 65 535 or of less than 512 is answered as any other.
+#[test]
+fn floods_pointer_loops_and_odd_edns_sizes_are_answered_and_bounded() {
+    let t = Topology::vm_pod();
+    let mesh = t.write("mesh.yaml", MESH);
+    // Nobody answers at 10.77.0.99: every forward waits out the upstream timeout.
+    let resolv = t.write("resolv.conf", "nameserver 10.77.0.99\n");
+    let ic = t
+        .node("vm")
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&resolv)
+        .args(["--max-dns-forwards", "50"])
+        .start();
+    let vm = t.node("vm");
+    let q = helper_bin("udp-query");
+    let q = q.to_str().expect("utf-8 path");
+    let server = format!("{}:53", Subnet::FAKE_NS);
+    let out = sh(&mut vm.in_cgroup(q, &["--flood", &server, "3000"]));
+    let flood: serde_json::Value = serde_json::from_str(out.trim()).expect("flood JSON");
+    let refused = ic.counter(
+        "interceptor_limit_refused_total",
+        &[("limit", "dns_forwards")],
+    );
+    eprintln!("random-name flood, dead upstream: {flood}; {refused} refused at the cap of 50");
+    assert!(refused >= 2900.0, "{flood} {refused}");
+    assert!(flood["servfail"].as_u64() >= Some(2900), "{flood}");
+    assert!(ic.counter("interceptor_limit_in_use", &[("limit", "dns_forwards")]) <= 50.0);
+    // Mesh names are answered throughout.
+    let ns = format!("@{}", Subnet::FAKE_NS);
+    let dig = |extra: &[&str]| {
+        let mut args = vec!["+short", "+time=2", "+tries=1", &ns];
+        args.extend_from_slice(extra);
+        sh(&mut vm.in_cgroup("dig", &args)).trim().to_string()
+    };
+    assert_eq!(dig(&["product"]), "240.240.0.10");
+    assert_eq!(dig(&["+bufsize=65535", "product"]), "240.240.0.10");
+    assert_eq!(dig(&["+bufsize=100", "product"]), "240.240.0.10");
+    // id 0x1235, one question whose name is a pointer to itself.
+    let out = sh(&mut vm.in_cgroup(
+        q,
+        &["--raw", "123501000001000000000000c00c00010001", &server],
+    ));
+    assert!(out.contains("id=4661 rcode=1"), "expected FORMERR: {out}");
+    assert_eq!(ic.readiness(), Some(200));
+}

@@ -32,6 +32,7 @@ fn server() -> &'static Arc<Server> {
             Upstream::new(vec![], Duration::from_secs(1)),
             Some("corp.internal".into()),
             Arc::new(Stats::default()),
+            interceptor::net::Limit::new("dns_forwards", 16),
         )
     })
 }

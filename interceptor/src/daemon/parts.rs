@@ -237,6 +237,7 @@ impl Listeners {
             upstream,
             resolv.search.first().cloned(),
             ctx.dns_stats.clone(),
+            ctx.limits.dns_forwards.clone(),
         );
         tracing::info!(upstream = ?resolv.nameservers, "DNS forwarding");
         let tcp = self.dns_tcp.into_iter().map({

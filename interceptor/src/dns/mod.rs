@@ -63,6 +63,13 @@ pub struct Server {
     /// The first search domain of the VM's resolv.conf (for the CNAME rule).
     search_domain: Option<String>,
     stats: Arc<Stats>,
+    /// Queries waiting on upstream: a flood of names outside the mesh (random names, a dead
+    /// upstream) must not pile up tasks, sockets and buffers without end. At the cap a query
+    /// gets SERVFAIL at once.
+    forwards: Arc<crate::net::Limit>,
+    /// When "upstream failed" was last logged (ms since `started`): once a second at most.
+    last_warned: AtomicU64,
+    started: std::time::Instant,
 }
 
 impl Server {
@@ -71,13 +78,28 @@ impl Server {
         upstream: Upstream,
         search_domain: Option<String>,
         stats: Arc<Stats>,
+        forwards: Arc<crate::net::Limit>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
             upstream,
             search_domain,
             stats,
+            forwards,
+            last_warned: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// True at most once a second: per-query failures under a flood would drown the log.
+    fn may_warn(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64 + 1000;
+        let last = self.last_warned.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 1000
+            && self
+                .last_warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     fn decide(&self, packet: &[u8], tcp: bool) -> Decision {
@@ -119,7 +141,19 @@ impl Server {
     }
 
     async fn forward(&self, query: Message, packet: &[u8], tcp: bool) -> Option<(Vec<u8>, Source)> {
-        match self.upstream.exchange(packet, tcp).await {
+        let max = max_size(&query, tcp);
+        let exchanged = match self.forwards.try_take() {
+            Some(_permit) => self.upstream.exchange(packet, tcp, max).await,
+            None => Err(upstream::Error::Busy(self.forwards.max())),
+        };
+        match exchanged {
+            // Bigger than the client takes (an upstream ignoring its payload size): tell it to
+            // ask over TCP, rather than relay a cut datagram.
+            Ok(bytes) if bytes.len() > max => {
+                let mut tc = answer::response_to(&query, ResponseCode::NoError);
+                tc.set_truncated(true);
+                answer::encode(tc, max).map(|b| (b, Source::Upstream))
+            }
             Ok(bytes) => Some((bytes, Source::Upstream)),
             Err(e) => {
                 let name = query
@@ -127,7 +161,9 @@ impl Server {
                     .first()
                     .map(|q| q.name().to_string())
                     .unwrap_or_default();
-                tracing::warn!(%name, error = %e, "DNS upstream failed; SERVFAIL");
+                if self.may_warn() {
+                    tracing::warn!(%name, error = %e, "DNS upstream failed; SERVFAIL (logged once a second at most)");
+                }
                 answer::encode(
                     answer::response_to(&query, ResponseCode::ServFail),
                     max_size(&query, tcp),

@@ -79,14 +79,14 @@ impl Resolver {
             let Some(q) = query(&name, ty, id) else {
                 continue;
             };
-            let bytes =
-                self.upstream
-                    .exchange(&q, false)
-                    .await
-                    .map_err(|source| Error::Upstream {
-                        name: key.clone(),
-                        source,
-                    })?;
+            let bytes = self
+                .upstream
+                .exchange(&q, false, 4096)
+                .await
+                .map_err(|source| Error::Upstream {
+                    name: key.clone(),
+                    source,
+                })?;
             let Ok(resp) = Message::from_vec(&bytes) else {
                 continue;
             };

@@ -71,6 +71,8 @@ pub enum Error {
     NoServers,
     #[error("every upstream failed within {0:?}")]
     AllFailed(Duration),
+    #[error("{0} queries already wait on upstream (--max-dns-forwards)")]
+    Busy(usize),
 }
 
 pub struct Upstream {
@@ -89,7 +91,9 @@ impl Upstream {
 
     /// Sends `query` to each server in turn until one answers. The whole exchange is bounded by
     /// one timeout, shared among the servers, so the client gets SERVFAIL before it gives up.
-    pub async fn exchange(&self, query: &[u8], tcp: bool) -> Result<Vec<u8>, Error> {
+    /// `max`: the largest answer the client takes (its EDNS payload, 512 without, 65535 over
+    /// TCP); an upstream answers a query within it, so that is all a UDP answer needs.
+    pub async fn exchange(&self, query: &[u8], tcp: bool, max: usize) -> Result<Vec<u8>, Error> {
         if self.servers.is_empty() {
             return Err(Error::NoServers);
         }
@@ -102,7 +106,7 @@ impl Upstream {
                 if tcp {
                     exchange_tcp(*server, query).await
                 } else {
-                    exchange_udp(*server, query).await
+                    exchange_udp(*server, query, max).await
                 }
             };
             match tokio::time::timeout(share, attempt).await {
@@ -119,7 +123,7 @@ fn id_of(msg: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes([*msg.first()?, *msg.get(1)?]))
 }
 
-async fn exchange_udp(server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+async fn exchange_udp(server: SocketAddr, query: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
     let local: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -129,7 +133,8 @@ async fn exchange_udp(server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u
     // Connected: a closed port fails fast (ICMP) and only this server's datagrams arrive.
     sock.connect(server).await?;
     sock.send(query).await?;
-    let mut buf = vec![0u8; 65535];
+    // One byte more than the client takes: a bigger answer is seen as such, not cut silently.
+    let mut buf = vec![0u8; max.clamp(512, 65535) + 1];
     loop {
         let n = sock.recv(&mut buf).await?;
         if n >= 12 && id_of(&buf[..n]) == id_of(query) {

@@ -83,6 +83,7 @@ pub struct Limits {
     pub outbound: Arc<Limit>,
     pub inbound: Arc<Limit>,
     pub dns_tcp: Arc<Limit>,
+    pub dns_forwards: Arc<Limit>,
     pub handshakes: Arc<Limit>,
 }
 
@@ -92,15 +93,17 @@ impl Limits {
             outbound: Limit::new("outbound_connections", c.outbound_connections),
             inbound: Limit::new("inbound_connections", c.inbound_connections),
             dns_tcp: Limit::new("dns_tcp_connections", c.dns_tcp_connections),
+            dns_forwards: Limit::new("dns_forwards", c.dns_forwards),
             handshakes: Limit::new("pending_handshakes", c.pending_handshakes),
         })
     }
 
-    pub fn all(&self) -> [&Arc<Limit>; 4] {
+    pub fn all(&self) -> [&Arc<Limit>; 5] {
         [
             &self.outbound,
             &self.inbound,
             &self.dns_tcp,
+            &self.dns_forwards,
             &self.handshakes,
         ]
     }

@@ -2,6 +2,8 @@
 //! take: `udp-query SERVER:PORT NAME [A|AAAA]`. Prints the reply's source address, its rcode and
 //! answers, so a test can check that capture restored the source.
 //! `udp-query --raw HEX SERVER:PORT` sends the given bytes as they are (malformed queries).
+//! `udp-query --flood SERVER:PORT COUNT` sends COUNT queries for random names as fast as it
+//! can, then listens 2 s more; prints `{"sent", "servfail", "other", "unanswered"}`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -14,6 +16,9 @@ fn main() -> anyhow::Result<()> {
     if let [flag, hex, server] = args.as_slice() {
         if flag == "--raw" {
             return raw(hex, server.parse()?);
+        }
+        if flag == "--flood" {
+            return flood(hex.parse()?, server.parse()?);
         }
     }
     let (server, name) = match args.as_slice() {
@@ -73,5 +78,58 @@ fn raw(hex: &str, server: SocketAddr) -> anyhow::Result<()> {
     let id = u16::from_be_bytes([buf[0], buf[1]]);
     let rcode = buf.get(3).map(|b| b & 0x0f).unwrap_or(255);
     println!("from={from} id={id} rcode={rcode} len={n}");
+    Ok(())
+}
+
+fn flood(server: SocketAddr, count: u16) -> anyhow::Result<()> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    // Answers are read as they come, so neither side's receive buffer overflows.
+    let reader = {
+        let sock = sock.try_clone()?;
+        std::thread::spawn(move || {
+            let mut replies = vec![0u8; usize::from(count)];
+            let mut buf = [0u8; 4096];
+            let mut quiet_since = std::time::Instant::now();
+            while quiet_since.elapsed() < Duration::from_secs(2) {
+                let Ok((n, _)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                quiet_since = std::time::Instant::now();
+                if let Ok(m) = Message::from_vec(&buf[..n]) {
+                    if let Some(r) = replies.get_mut(usize::from(m.id())) {
+                        *r = if m.response_code() == hickory_proto::op::ResponseCode::ServFail {
+                            1
+                        } else {
+                            2
+                        };
+                    }
+                }
+            }
+            replies
+        })
+    };
+    let seed = std::process::id();
+    for id in 0..count {
+        let mut msg = Message::new();
+        msg.set_id(id).set_recursion_desired(true);
+        let name = format!("r{seed}x{id}.random.example.");
+        msg.add_query(Query::query(Name::from_ascii(&name)?, RecordType::A));
+        sock.send_to(&msg.to_vec()?, server)?;
+        // About 25 000 a second, in bursts of 50.
+        if id % 50 == 49 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let replies = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    let n = |v: u8| replies.iter().filter(|&&r| r == v).count();
+    println!(
+        "{{\"sent\": {count}, \"servfail\": {}, \"other\": {}, \"unanswered\": {}}}",
+        n(1),
+        n(2),
+        n(0)
+    );
     Ok(())
 }
