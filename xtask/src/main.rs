@@ -53,6 +53,14 @@ enum Task {
         #[arg(long, env = "DESTDIR", value_name = "DIR")]
         destdir: Option<PathBuf>,
     },
+    /// The long soak: 10 000 held mTLS connections, new ones and DNS for 10 minutes, on
+    /// release builds (the test suite runs a 60-second one)
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10_000)]
+        connections: u64,
+    },
     /// Two Vagrant VMs: the scenario tests on one, and the installed service reaching the other
     VagrantTest {
         /// Leave the VMs running afterwards (`vagrant destroy -f` removes them)
@@ -279,6 +287,25 @@ fn fuzz(seconds: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn soak(seconds: u64, connections: u64) -> anyhow::Result<()> {
+    setup::ensure()?;
+    let bin = build(true)?;
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "interceptor-tests",
+            "--test",
+            "soak",
+            "--",
+            "--nocapture",
+        ])
+        .env("INTERCEPTOR_BIN", bin.join("interceptor"))
+        .env("INTERCEPTOR_HELPERS_DIR", &bin)
+        .env("INTERCEPTOR_SOAK_SECS", seconds.to_string())
+        .env("INTERCEPTOR_SOAK_CONNS", connections.to_string()))
+}
+
 fn build_ebpf() -> anyhow::Result<()> {
     setup::ensure()?;
     let src = root().join("interceptor-ebpf").join(compile::SOURCE_DIR);
@@ -299,6 +326,10 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { which } => bench::run(which),
         Task::Install { destdir, bin } => install::install(destdir.as_deref(), bin.as_deref()),
         Task::Uninstall { destdir } => install::uninstall(destdir.as_deref()),
+        Task::Soak {
+            seconds,
+            connections,
+        } => soak(seconds, connections),
         Task::VagrantTest { keep, provider } => vagrant::test(keep, provider.as_deref()),
     }
 }
