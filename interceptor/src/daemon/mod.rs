@@ -73,6 +73,7 @@ impl identity::Credentials for TlsCredentials {
 }
 
 impl Ctx {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         options: mesh::Options,
         network: String,

@@ -512,16 +512,11 @@ mod tests {
     struct Silent;
     impl Connector for Silent {
         type Conn = u16;
-        fn connect<'a>(
-            &'a self,
-            target: &'a Target,
-        ) -> impl Future<Output = Result<u16, DialError>> + Send + 'a {
-            async move {
-                if target.endpoint.port == 1 {
-                    std::future::pending::<()>().await;
-                }
-                Ok(target.endpoint.port)
+        async fn connect<'a>(&'a self, target: &'a Target) -> Result<u16, DialError> {
+            if target.endpoint.port == 1 {
+                std::future::pending::<()>().await;
             }
+            Ok(target.endpoint.port)
         }
     }
 
