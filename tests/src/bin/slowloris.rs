@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: slowloris ADDR N SECS");
     };
     let (n, secs): (usize, u64) = (n.parse()?, secs.parse()?);
-    raise_fd_limit();
+    interceptor_tests::raise_fd_limit();
     let mut conns: Vec<(TcpStream, Instant, Option<Duration>)> = Vec::with_capacity(n);
     for _ in 0..n {
         let s = TcpStream::connect(addr)?;
@@ -68,18 +68,4 @@ fn main() -> anyhow::Result<()> {
         })
     );
     Ok(())
-}
-
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: lim is valid for both calls.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
