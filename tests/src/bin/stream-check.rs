@@ -239,12 +239,27 @@ fn bulk(addr: &str, bytes: u64) -> anyhow::Result<()> {
         left -= n as u64;
     }
     s.shutdown(Shutdown::Write)?;
+    // A blocking read on a socket in a sockmap can fail with EAGAIN long before its timeout:
+    // the kernel's tcp_bpf_recvmsg returns -EAGAIN when a wake-up brings no data, and the
+    // ACK of our own FIN (FIN_WAIT1 -> FIN_WAIT2) is such a wake-up. Counted, then read again,
+    // so the caller can report it; over plain TCP it stays 0.
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
+    let mut spurious_eagain = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut reader = BufReader::new(&s);
+    loop {
+        match reader.read_line(&mut line) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                spurious_eagain += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let secs = started.elapsed().as_secs_f64();
     let ours = format!("{bytes} {:x}", h.finalize());
     println!(
-        "{{\"bytes\": {bytes}, \"match\": {}, \"sink\": {:?}, \"ours\": {ours:?}, \"secs\": {secs:.3}, \"mib_per_s\": {:.1}}}",
+        "{{\"bytes\": {bytes}, \"match\": {}, \"sink\": {:?}, \"ours\": {ours:?}, \"secs\": {secs:.3}, \"mib_per_s\": {:.1}, \"spurious_eagain\": {spurious_eagain}}}",
         line.trim() == ours,
         line.trim(),
         bytes as f64 / secs / (1 << 20) as f64
