@@ -2,6 +2,7 @@
 //! One struct serves clap and serde so the two can never disagree on a name; `resolve` turns it
 //! into typed settings, one section per part of the daemon.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,8 @@ pub enum Error {
     Bundle(#[from] crate::bundle::Error),
     #[error("--identity-provider istio-ca needs --control-plane istiod (the CA is istiod's)")]
     CaWithoutIstiod,
+    #[error("--label: {0:?} is not KEY=VALUE")]
+    Label(String),
     #[error("readiness probe: {0}")]
     Probe(#[from] crate::health::SpecError),
 }
@@ -140,9 +143,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "ID")]
     #[serde(default)]
     pub inbound_allow: Vec<String>,
-    /// Inbound mTLS mode [default: permissive]
+    /// Inbound mTLS mode where no PeerAuthentication in the mesh files sets one
+    /// [default: permissive]
     #[arg(long, value_enum)]
     pub mtls_mode: Option<MtlsMode>,
+    /// This VM's workload labels, `KEY=VALUE`, repeatable: what the selectors of
+    /// PeerAuthentication and AuthorizationPolicy match [default: the bundle's labels with
+    /// --control-plane istiod, else none]
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Istio's root namespace: its policies without a selector are mesh-wide
+    /// [default: istio-system]
+    #[arg(long)]
+    pub root_namespace: Option<String>,
     /// Outbound capture listener port on loopback [default: 15001]
     #[arg(long)]
     pub outbound_port: Option<u16>,
@@ -402,6 +416,17 @@ fn read_file(path: &Path) -> Result<RunArgs, Error> {
     })
 }
 
+/// `KEY=VALUE` labels.
+fn parse_labels(entries: &[String]) -> Result<BTreeMap<String, String>, Error> {
+    entries
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().into(), v.trim().into())),
+            _ => Err(Error::Label(e.clone())),
+        })
+        .collect()
+}
+
 impl RunArgs {
     /// Flags win over the file, field by field.
     fn merge(self, file: RunArgs) -> RunArgs {
@@ -425,6 +450,12 @@ impl RunArgs {
                 self.inbound_allow
             },
             mtls_mode: self.mtls_mode.or(file.mtls_mode),
+            labels: if self.labels.is_empty() {
+                file.labels
+            } else {
+                self.labels
+            },
+            root_namespace: self.root_namespace.or(file.root_namespace),
             outbound_port: self.outbound_port.or(file.outbound_port),
             inbound_port: self.inbound_port.or(file.inbound_port),
             hbone_port: self.hbone_port.or(file.hbone_port),
@@ -565,6 +596,14 @@ impl RunArgs {
             .admin_addr
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15020)));
         let explicit = !args.mesh.is_empty();
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+        let bundle_labels = bundle
+            .as_ref()
+            .map(|b| b.labels.clone())
+            .unwrap_or_default();
         Ok(Settings {
             mesh: MeshFiles {
                 paths: if explicit {
@@ -576,7 +615,7 @@ impl RunArgs {
                 networks: args.mesh_networks,
             },
             options: crate::mesh::Options {
-                namespace: args.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+                namespace: namespace.clone(),
                 cluster_domain: args
                     .cluster_domain
                     .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.into()),
@@ -599,6 +638,16 @@ impl RunArgs {
             policy: InboundPolicy {
                 mode: args.mtls_mode.unwrap_or_default(),
                 allow: AllowList::parse(&args.inbound_allow)?,
+                subject: crate::route::policy::Subject {
+                    namespace: namespace.clone(),
+                    labels: match args.labels.is_empty() {
+                        true => bundle_labels,
+                        false => parse_labels(&args.labels)?,
+                    },
+                    root_namespace: args
+                        .root_namespace
+                        .unwrap_or_else(|| crate::route::policy::DEFAULT_ROOT_NAMESPACE.into()),
+                },
             },
             ports,
             resolv_conf: args

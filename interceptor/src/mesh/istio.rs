@@ -19,10 +19,92 @@ use super::model::{
 /// The service account of a workload that names none (Kubernetes' default).
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 use super::table::{Resources, ServiceDecl};
-use super::Error;
+use super::{policy, Error};
 
 const GROUP: &str = "networking.istio.io";
 const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+const SECURITY_GROUP: &str = "security.istio.io";
+const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+/// `metadata.name` and namespace of a document.
+fn identity<'v>(
+    doc: &Doc,
+    value: &'v Value,
+    default_namespace: &'v str,
+) -> Result<(&'v str, &'v str), Error> {
+    let meta = value
+        .get("metadata")
+        .ok_or_else(|| doc.err("metadata", "missing"))?;
+    let name = str_at(meta, "name")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| doc.err("metadata.name", "missing"))?;
+    Ok((name, str_at(meta, "namespace").unwrap_or(default_namespace)))
+}
+
+/// PeerAuthentication and AuthorizationPolicy; other security kinds (RequestAuthentication:
+/// JWTs, which only HTTP carries) are ignored with a line in the log.
+fn parse_security(
+    doc: &Doc,
+    value: &Value,
+    api: &str,
+    version: &str,
+    kind: &str,
+    default_namespace: &str,
+    res: &mut Resources,
+) -> Result<(), Error> {
+    if !SECURITY_VERSIONS.contains(&version) {
+        return Err(doc.err(
+            "apiVersion",
+            format!(
+                "{api}: supported versions are {}",
+                SECURITY_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    let (name, namespace) = identity(doc, value, default_namespace)?;
+    let origin = format!("{namespace}/{name}");
+    let spec = value
+        .get("spec")
+        .cloned()
+        .unwrap_or(Value::Mapping(Default::default()));
+    match kind {
+        "PeerAuthentication" => {
+            let created = value
+                .get("metadata")
+                .and_then(|m| str_at(m, "creationTimestamp"))
+                .map(str::to_string);
+            let spec = doc.typed(spec, "spec")?;
+            res.peer_authentications
+                .push(Arc::new(policy::peer_authentication(
+                    origin,
+                    namespace.to_string(),
+                    created,
+                    spec,
+                )));
+        }
+        "AuthorizationPolicy" => {
+            let spec = doc.typed(spec, "spec")?;
+            let p = policy::authorization_policy(origin, namespace.to_string(), spec)
+                .map_err(|e| doc.err(format!("spec.{}", e.field), e.message))?;
+            for r in &p.rules {
+                for f in &r.http_only {
+                    tracing::warn!(
+                        file = %doc.file.display(), doc = doc.index, policy = %p.name, field = %f,
+                        action = ?p.action,
+                        "HTTP-only field: interceptor enforces AuthorizationPolicy at L4, so this \
+                         rule fails closed (an ALLOW rule never matches, a DENY rule matches \
+                         without it)"
+                    );
+                }
+            }
+            res.authorization_policies.push(Arc::new(p));
+        }
+        other => {
+            tracing::info!(file = %doc.file.display(), doc = doc.index, kind = other, "kind not used by interceptor; ignored");
+        }
+    }
+    Ok(())
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -167,6 +249,9 @@ fn parse_document(
     let api = str_at(&value, "apiVersion").ok_or_else(|| doc.err("apiVersion", "missing"))?;
     let kind = str_at(&value, "kind").ok_or_else(|| doc.err("kind", "missing"))?;
     let (group, version) = api.split_once('/').unwrap_or(("", api));
+    if group == SECURITY_GROUP {
+        return parse_security(doc, &value, api, version, kind, default_namespace, res);
+    }
     if group != GROUP {
         tracing::info!(file = %doc.file.display(), doc = doc.index, api, kind, "not an Istio networking resource; ignored");
         return Ok(());

@@ -5,6 +5,7 @@ mod istio;
 mod model;
 mod names;
 mod networks;
+mod policy;
 mod store;
 mod table;
 mod vip;
@@ -18,6 +19,9 @@ pub use model::{
 };
 pub use names::{NameEntry, NameTable};
 pub use networks::{Cidr, CidrError, Gateway, Network, Networks, NetworksError};
+pub use policy::{
+    Action, AuthorizationPolicy, Clause, Pattern, PeerAuthentication, PeerMode, Rule,
+};
 pub use store::{SourceId, SourceStatus, Store};
 pub use table::{Options, Resources, ServiceDecl, Table};
 

@@ -250,6 +250,10 @@ fn merge(inner: &mut Inner) -> Resources {
     for view in inner.views.values() {
         out.workloads.extend(view.workloads.iter().cloned());
         out.groups.extend(view.groups.iter().cloned());
+        out.peer_authentications
+            .extend(view.peer_authentications.iter().cloned());
+        out.authorization_policies
+            .extend(view.authorization_policies.iter().cloned());
         for (name, net) in &view.networks.networks {
             out.networks
                 .networks

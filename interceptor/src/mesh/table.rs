@@ -18,6 +18,7 @@ use super::model::{
 };
 use super::names::NameTable;
 use super::networks::Networks;
+use super::policy::{AuthorizationPolicy, PeerAuthentication};
 use super::vip;
 
 /// Settings of this VM that shape the table (name variants, default namespace).
@@ -89,6 +90,8 @@ pub struct Resources {
     /// A name table the source computed (istiod's NDS). None: names are derived from the
     /// services, with Istio's variants.
     pub names: Option<Arc<NameTable>>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
 }
 
 /// The shape layer, shared by every table built on it.
@@ -116,6 +119,9 @@ pub struct Table {
     pub groups: Vec<WorkloadGroup>,
     pub networks: Networks,
     pub names: Arc<NameTable>,
+    /// In source order (file order for the file source): "the oldest wins" falls back on it.
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     #[serde(skip)]
     shape: Arc<Shape>,
     /// The name table a source gave, if any (to tell a changed one from the same).
@@ -391,6 +397,8 @@ impl Table {
             networks: shape.networks.clone(),
             names,
             provided_names: res.names,
+            peer_authentications: res.peer_authentications,
+            authorization_policies: res.authorization_policies,
             shape,
             decls,
         }

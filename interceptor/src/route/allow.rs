@@ -7,8 +7,10 @@ use serde::Deserialize;
 
 use crate::spiffe::SpiffeId;
 
-/// Istio's PeerAuthentication modes that apply to a VM today.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+/// Istio's PeerAuthentication modes.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, serde::Serialize, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MtlsMode {
     /// mTLS with an istio ALPN is terminated; plaintext and other TLS pass through.
@@ -16,6 +18,8 @@ pub enum MtlsMode {
     Permissive,
     /// Only mTLS is accepted.
     Strict,
+    /// Nothing is terminated: every connection passes through to the app as it came.
+    Disable,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,11 +72,15 @@ impl AllowList {
     }
 }
 
-/// Everything inbound decides per connection.
+/// Everything inbound decides per connection: the flags, and who this VM is for the
+/// PeerAuthentications and AuthorizationPolicies of the table (`route::policy`).
 #[derive(Clone, Debug, Default)]
 pub struct InboundPolicy {
+    /// `--mtls-mode`: the mode where no PeerAuthentication says one.
     pub mode: MtlsMode,
+    /// `--inbound-allow`: who may connect over mTLS where no ALLOW policy applies.
     pub allow: AllowList,
+    pub subject: super::policy::Subject,
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 
 mod allow;
 mod outliers;
+pub mod policy;
 mod wire;
 
 pub use allow::{AllowList, AllowListError, InboundPolicy, MtlsMode};

@@ -35,8 +35,8 @@ enum StreamRefused {
     NotLocal(SocketAddr, std::net::IpAddr),
     #[error("authority {0:?}: no such service port with an endpoint on this VM")]
     NotLocalService(String),
-    #[error("denied: identity not allowed on port {0}")]
-    NotAllowed(u16),
+    #[error("port {0}: {1}")]
+    NotAllowed(u16, crate::route::policy::Decision),
     #[error("app unreachable: {0}")]
     App(std::io::Error),
 }
@@ -48,7 +48,7 @@ impl StreamRefused {
             | StreamRefused::BadAuthority(_)
             | StreamRefused::NotLocal(..)
             | StreamRefused::NotLocalService(_) => StatusCode::BAD_REQUEST,
-            StreamRefused::NotAllowed(_) => StatusCode::UNAUTHORIZED,
+            StreamRefused::NotAllowed(..) => StatusCode::UNAUTHORIZED,
             StreamRefused::App(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -58,7 +58,7 @@ impl StreamRefused {
             StreamRefused::NotConnect(_) => "hbone_not_connect",
             StreamRefused::BadAuthority(_) => "hbone_bad_authority",
             StreamRefused::NotLocal(..) | StreamRefused::NotLocalService(_) => "hbone_not_local",
-            StreamRefused::NotAllowed(_) => "not_allowed",
+            StreamRefused::NotAllowed(_, d) => d.reason.label(),
             StreamRefused::App(_) => "app_unreachable",
         }
     }
@@ -166,9 +166,20 @@ impl Tunnel {
             // Double HBONE names the service: its port on this VM's own endpoint.
             Err(_) => SocketAddr::new(local, self.service_port(raw)?),
         };
-        let policy = &self.inbound.policy;
-        if !policy.allow.allows(authority.port(), self.client.as_ref()) {
-            return Err(StreamRefused::NotAllowed(authority.port()));
+        let decision = crate::route::policy::authorize(
+            &self.inbound.store.load(),
+            &self.inbound.policy,
+            &crate::route::policy::Request {
+                port: authority.port(),
+                identity: self.client.as_ref(),
+                mtls: true,
+                source: self.peer.ip().to_canonical(),
+                destination: authority.ip(),
+            },
+        );
+        super::audit(&decision, self.peer, authority);
+        if !decision.allowed {
+            return Err(StreamRefused::NotAllowed(authority.port(), decision));
         }
         let app = connect_app(authority, self.inbound.app_source4)
             .await

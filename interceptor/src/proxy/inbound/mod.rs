@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::{self, Metrics, TcpLabels};
 use crate::net::{buffered, relay};
-use crate::route::{InboundPolicy, MtlsMode};
+use crate::route::{policy, InboundPolicy, MtlsMode};
 use crate::spiffe::{uri_sans, SpiffeId};
 use crate::tls::{self, Peeked};
 
@@ -69,8 +69,8 @@ enum Refused {
     SniNotServed(String),
     #[error("handshake timed out")]
     HandshakeTimeout,
-    #[error("denied: identity not allowed")]
-    NotAllowed,
+    #[error("{0}")]
+    Policy(crate::route::policy::Decision),
     #[error("refused: client certificate of trust domain {0:?}")]
     ForeignTrustDomain(String),
     #[error("refused: client certificate without a SPIFFE identity")]
@@ -89,7 +89,7 @@ impl Refused {
             Refused::Handshake(e) => handshake_label(e),
             Refused::SniNotServed(_) => "sni_not_served",
             Refused::HandshakeTimeout => "handshake_timeout",
-            Refused::NotAllowed => "not_allowed",
+            Refused::Policy(d) => d.reason.label(),
             Refused::ForeignTrustDomain(_) => "foreign_trust_domain",
             Refused::NoClientIdentity => "no_client_identity",
             Refused::App(_) => "app_unreachable",
@@ -200,14 +200,39 @@ impl Inbound {
         }
     }
 
+    /// AuthorizationPolicy (and `--inbound-allow`) for a connection whose client is known.
+    fn authorize(&self, conn: &Conn, mtls: bool) -> Result<(), Refused> {
+        let decision = policy::authorize(
+            &self.store.load(),
+            &self.policy,
+            &policy::Request {
+                port: conn.dst.port(),
+                identity: conn.identity.as_ref(),
+                mtls,
+                source: conn.peer.ip().to_canonical(),
+                destination: conn.dst.ip().to_canonical(),
+            },
+        );
+        audit(&decision, conn.peer, conn.dst);
+        match decision.allowed {
+            true => Ok(()),
+            false => Err(Refused::Policy(decision)),
+        }
+    }
+
     async fn serve_one(&self, stream: TcpStream, conn: &mut Conn) -> Result<(), Refused> {
         let _ = stream.set_nodelay(true);
-        let strict = self.policy.mode == MtlsMode::Strict;
+        let mode = policy::mtls_mode(&self.store.load(), &self.policy, conn.dst.port()).mode;
+        let strict = mode == MtlsMode::Strict;
         let first = if strict { HELLO } else { FIRST_BYTES };
         let peeked = tls::peek_client_hello(&stream, first, HELLO)
             .await
             .map_err(Refused::Peek)?;
         match peeked {
+            // DISABLE: nothing is terminated, whatever it looks like.
+            Peeked::Tls(_) | Peeked::Malformed(_) if mode == MtlsMode::Disable => {
+                self.passthrough(stream, conn, Kind::TlsPassthrough).await
+            }
             Peeked::Tls(hello) if strict || hello.has_istio_alpn() => {
                 if let Some(sni) = &hello.sni {
                     let table = self.store.load();
@@ -257,13 +282,9 @@ impl Inbound {
             let _ = tls.shutdown().await;
             return Err(refusal);
         }
-        if !self
-            .policy
-            .allow
-            .allows(conn.dst.port(), conn.identity.as_ref())
-        {
+        if let Err(refused) = self.authorize(conn, true) {
             let _ = tls.shutdown().await;
-            return Err(Refused::NotAllowed);
+            return Err(refused);
         }
         let mut app = connect_app(conn.dst, self.app_source4)
             .await
@@ -290,6 +311,11 @@ impl Inbound {
     ) -> Result<(), Refused> {
         conn.kind = Some(kind);
         conn.pending = None;
+        // Istio applies AuthorizationPolicy to plaintext too: no principal, no namespace.
+        if let Err(refused) = self.authorize(conn, false) {
+            crate::net::reset(stream);
+            return Err(refused);
+        }
         let mut app = connect_app(conn.dst, self.app_source4)
             .await
             .map_err(Refused::App)?;
@@ -299,6 +325,13 @@ impl Inbound {
         self.metrics.closed(&labels, rx, tx);
         conn.log(rx, tx, &"ok");
         Ok(())
+    }
+}
+
+/// AUDIT policies decide nothing; that they matched is logged, as Istio's audit log.
+fn audit(decision: &policy::Decision, peer: SocketAddr, dst: SocketAddr) {
+    if !decision.audited.is_empty() {
+        tracing::info!(%peer, %dst, audited = ?decision.audited, allowed = decision.allowed, "inbound connection matched an AUDIT policy");
     }
 }
 
