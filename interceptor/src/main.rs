@@ -54,7 +54,18 @@ struct AdminArgs {
 #[derive(clap::Args)]
 struct ExplainArgs {
     /// HOST, HOST:PORT, IP:PORT or [IPv6]:PORT
-    target: String,
+    #[arg(required_unless_present = "inbound")]
+    target: Option<String>,
+    /// Instead: what inbound does on this port of the VM's own services (mTLS mode,
+    /// AuthorizationPolicy)
+    #[arg(long, value_name = "PORT", conflicts_with = "target")]
+    inbound: Option<u16>,
+    /// With --inbound: the client's SPIFFE id [default: a plaintext client]
+    #[arg(long, value_name = "ID", requires = "inbound")]
+    from: Option<String>,
+    /// With --inbound: the client's address
+    #[arg(long, value_name = "IP", requires = "inbound")]
+    source: Option<std::net::IpAddr>,
     #[command(flatten)]
     admin: AdminArgs,
 }
@@ -193,8 +204,25 @@ fn main() -> ExitCode {
                     .build()?
                     .block_on(interceptor::daemon::run(s))
             }),
+        Command::Explain(args) if args.inbound.is_some() => ask(&args.admin, |admin| async move {
+            let path = format!(
+                "/explain/inbound?port={}&identity={}&source={}",
+                args.inbound.unwrap_or_default(),
+                encode_query(args.from.as_deref().unwrap_or("")),
+                args.source.map(|s| s.to_string()).unwrap_or_default()
+            );
+            let v: interceptor::admin::InboundVerdict =
+                interceptor::admin::get_json(admin.admin, &path).await?;
+            if admin.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                interceptor::admin::print_inbound(&v);
+            }
+            Ok(())
+        }),
         Command::Explain(args) => ask(&args.admin, |admin| async move {
-            let path = format!("/explain?target={}", encode_query(&args.target));
+            let target = args.target.unwrap_or_default();
+            let path = format!("/explain?target={}", encode_query(&target));
             let v: interceptor::admin::Verdict =
                 interceptor::admin::get_json(admin.admin, &path).await?;
             if admin.json {

@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
-use super::{AnsweredFrom, Status, Verdict};
+use super::{AnsweredFrom, InboundVerdict, Status, Verdict};
 
 /// GETs `path` from the admin endpoint at `admin` and parses the JSON answer.
 pub async fn get_json<T: serde::de::DeserializeOwned>(
@@ -32,6 +32,28 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(
         String::from_utf8_lossy(&body).trim()
     );
     serde_json::from_slice(&body).with_context(|| format!("{path}: unexpected answer"))
+}
+
+pub fn print_inbound(v: &InboundVerdict) {
+    println!(
+        "port {}: mTLS {:?} (set by {})",
+        v.port, v.mtls.mode, v.mtls.by
+    );
+    let client = v.identity.as_deref().unwrap_or("a plaintext client");
+    if v.refused_as_plaintext {
+        println!("{client} from {}: refused (plaintext in STRICT)", v.source);
+        return;
+    }
+    println!("{client} from {}: {}", v.source, v.decision);
+    if !v.decision.applicable.is_empty() {
+        println!(
+            "AuthorizationPolicies that apply: {}",
+            v.decision.applicable.join(", ")
+        );
+    }
+    if !v.decision.audited.is_empty() {
+        println!("audited by: {}", v.decision.audited.join(", "));
+    }
 }
 
 pub fn print_explain(v: &Verdict) {

@@ -71,6 +71,67 @@ pub struct Route {
     pub identities: Vec<String>,
 }
 
+/// What inbound does with a client on a port of this VM: the mTLS mode and who set it, and
+/// whether the client gets in, by which policy. The data path calls the same two functions.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InboundVerdict {
+    pub port: u16,
+    /// None: a plaintext client (or TLS we do not terminate).
+    pub identity: Option<String>,
+    pub source: IpAddr,
+    pub mtls: route::policy::ModeDecision,
+    /// Plaintext in STRICT never reaches authorization.
+    pub refused_as_plaintext: bool,
+    pub decision: route::policy::Decision,
+}
+
+pub fn explain_inbound(
+    state: &State,
+    port: Option<&str>,
+    identity: Option<&str>,
+    source: Option<&str>,
+) -> Result<InboundVerdict, String> {
+    let policy = state
+        .inbound
+        .as_ref()
+        .ok_or("this process takes no inbound connections")?;
+    let port: u16 = port
+        .ok_or("explain/inbound?port=P[&identity=spiffe://...][&source=IP]")?
+        .parse()
+        .map_err(|_| "port: not a number".to_string())?;
+    let identity = identity
+        .filter(|i| !i.is_empty())
+        .map(|i| crate::spiffe::SpiffeId::parse(i).ok_or(format!("{i:?}: not a spiffe:// id")))
+        .transpose()?;
+    let source: IpAddr = match source.filter(|s| !s.is_empty()) {
+        Some(s) => s
+            .parse()
+            .map_err(|_| format!("source: {s:?} is not an IP"))?,
+        None => IpAddr::from([0, 0, 0, 0]),
+    };
+    let table = state.store.load();
+    let mtls = route::policy::mtls_mode(&table, policy, port);
+    let decision = route::policy::authorize(
+        &table,
+        policy,
+        &route::policy::Request {
+            port,
+            identity: identity.as_ref(),
+            mtls: identity.is_some(),
+            source,
+            destination: IpAddr::from([0, 0, 0, 0]),
+        },
+    );
+    Ok(InboundVerdict {
+        port,
+        refused_as_plaintext: identity.is_none() && mtls.mode == route::MtlsMode::Strict,
+        identity: identity.map(|i| i.to_string()),
+        source,
+        mtls,
+        decision,
+    })
+}
+
 /// Parses `HOST[:PORT]`, `IP`, `IP:PORT` or `[IPv6]:PORT`.
 fn parse(target: &str) -> Result<(String, Option<u16>), String> {
     if let Ok(sa) = target.parse::<SocketAddr>() {

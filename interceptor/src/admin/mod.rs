@@ -5,8 +5,8 @@
 mod client;
 mod explain;
 
-pub use client::{get_json, print_explain, print_status};
-pub use explain::{explain, AnsweredFrom, Verdict};
+pub use client::{get_json, print_explain, print_inbound, print_status};
+pub use explain::{explain, explain_inbound, AnsweredFrom, InboundVerdict, Verdict};
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -54,6 +54,8 @@ pub struct State {
     pub gateway_identity: Option<crate::spiffe::SpiffeId>,
     pub limits: Arc<crate::net::Limits>,
     pub nameservers: Vec<SocketAddr>,
+    /// The daemon's inbound flags and policy subject; None in the gateway.
+    pub inbound: Option<crate::route::InboundPolicy>,
     pub started: SystemTime,
 }
 
@@ -459,9 +461,28 @@ impl Server {
                     ),
                 }
             }
+            "/explain/inbound" => {
+                let q = req.uri().query().unwrap_or("");
+                let get = |key: &str| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                        .map(percent_decode)
+                };
+                match explain_inbound(
+                    &self.state,
+                    get("port").as_deref(),
+                    get("identity").as_deref(),
+                    get("source").as_deref(),
+                ) {
+                    Ok(v) => json(&v),
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                }
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "/healthz/ready /stats/prometheus /config_dump /status /explain?target=\n".into(),
+                "/healthz/ready /stats/prometheus /config_dump /status /explain?target= \
+                 /explain/inbound?port=&identity=&source=\n"
+                    .into(),
             ),
         }
     }

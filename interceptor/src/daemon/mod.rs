@@ -104,7 +104,12 @@ impl Ctx {
         })
     }
 
-    fn admin_state(&self, nameservers: Vec<SocketAddr>, dns: bool) -> Arc<admin::State> {
+    fn admin_state(
+        &self,
+        nameservers: Vec<SocketAddr>,
+        dns: bool,
+        inbound: Option<crate::route::InboundPolicy>,
+    ) -> Arc<admin::State> {
         Arc::new(admin::State {
             store: self.store.clone(),
             identity: self.identity.clone(),
@@ -119,6 +124,7 @@ impl Ctx {
             gateway_identity: self.gateway_identity.clone(),
             limits: self.limits.clone(),
             nameservers,
+            inbound,
             started: self.started,
         })
     }
@@ -187,7 +193,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 
     // Admin first: readiness says 503 until everything below is up.
     sup.add(parts::admin(
-        ctx.admin_state(resolv.nameservers.clone(), true),
+        ctx.admin_state(resolv.nameservers.clone(), true, Some(s.policy.clone())),
         s.admin_addr,
     )?);
 
@@ -336,7 +342,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     ctx.capture.set(capture::Info::default());
     let mut sup = Supervisor::new(ctx.readiness.clone());
     sup.add(parts::admin(
-        ctx.admin_state(vec![], false),
+        ctx.admin_state(vec![], false, None),
         args.admin_addr,
     )?);
     let source = FileSource::new(
