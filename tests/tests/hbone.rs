@@ -310,6 +310,47 @@ fn the_wire_carries_only_tls_1_3_with_alpn_h2_and_no_sni_to_15008() {
     );
 }
 
+/// AuthorizationPolicy on HBONE streams, as on the sidecar wire: a mesh-wide DENY of one
+/// principal beats the workload's ALLOW of port 8080; a port no ALLOW rule names gets 401.
+#[test]
+fn hbone_streams_obey_authorization_policy() {
+    let m = Mesh::new();
+    let _apps = m.apps();
+    let other =
+        m.ca.issue(&m.t.path("other-certs"), &format!("{TD}/other"), Key::Ecdsa);
+    let policy = m.t.write(
+        "pod-policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-8080, namespace: default}\nspec:\n  selector: {matchLabels: {app: product}}\n  rules:\n  - to: [{operation: {ports: ['8080']}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-other, namespace: istio-system}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/other]}}]\n",
+    );
+    let pod_ic = m
+        .pod_node()
+        .interceptor()
+        .mesh(&policy)
+        .resolv(&m.resolv)
+        .certs(&m.pod_certs)
+        .args(["--label", "app=product"])
+        .log("pod-ic")
+        .start();
+    let server = format!("{POD}:15008").parse().expect("addr");
+    let vm = m.vm_node();
+    let ask = |cert, targets: &[&str]| {
+        let reqs: Vec<(Method, &str)> = targets.iter().map(|t| (Method::CONNECT, *t)).collect();
+        vm.ns
+            .run(|| statuses(server, ClientCert::Files(cert), &reqs))
+    };
+    let (http, echo) = (format!("{POD}:8080"), format!("{POD}:9000"));
+    assert_eq!(
+        ask(&m.vm_certs, &[&http, &echo]),
+        Ok(vec![200, 401]),
+        "{}",
+        pod_ic.log()
+    );
+    assert_eq!(ask(&other, &[&http]), Ok(vec![401]));
+    let refused = |r: &str| pod_ic.counter("interceptor_inbound_refused_total", &[("reason", r)]);
+    assert_eq!(refused("policy_not_allowed"), 1.0, "{}", pod_ic.metrics().0);
+    assert_eq!(refused("policy_denied"), 1.0, "{}", pod_ic.metrics().0);
+}
+
 #[test]
 fn our_15008_refuses_open_proxying_strangers_policy_and_a_closed_app() {
     let m = Mesh::new();
