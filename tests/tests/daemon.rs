@@ -103,3 +103,126 @@ fn after_start_the_daemon_holds_no_capability() {
     }
     assert!(ic.log().contains("capabilities dropped"), "{}", ic.log());
 }
+
+/// What systemd does when the main process exits, for a unit's `Restart=` (systemd.service(5),
+/// "Table 2"): `on-failure` restarts on a non-zero exit code and on a signal other than the
+/// clean ones (SIGHUP, SIGINT, SIGTERM, SIGPIPE); `always` on anything; `no` never.
+fn systemd_restarts(restart: &str, status: std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let clean_signal = |s| [libc::SIGHUP, libc::SIGINT, libc::SIGTERM, libc::SIGPIPE].contains(&s);
+    match restart {
+        "always" => true,
+        "no" => false,
+        "on-failure" => match (status.code(), status.signal()) {
+            (Some(code), _) => code != 0,
+            (None, Some(sig)) => !clean_signal(sig),
+            _ => false,
+        },
+        other => panic!("Restart={other}: not modelled by this test"),
+    }
+}
+
+/// systemd's side of `Type=notify`: a datagram socket at `NOTIFY_SOCKET`.
+struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(path: std::path::PathBuf) -> Self {
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .expect("timeout");
+        Self { sock, path }
+    }
+
+    /// The next message that carries `what` (e.g. `READY=1`); panics after 30 s without.
+    fn wait_for(&self, what: &str) -> String {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self
+                .sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {what} from the daemon: {e}"));
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.lines().any(|l| l == what) {
+                return msg;
+            }
+        }
+    }
+}
+
+/// The shipped unit under this test's own supervisor, acting as systemd would (no systemd
+/// runs here): `Type=notify` READY=1 comes only with capture attached; a dead part exits so
+/// that `Restart=on-failure` restarts it, and the restarted daemon captures again; SIGKILL is
+/// restarted too; SIGTERM is a clean stop (STOPPING=1, exit 0) that is not.
+#[test]
+fn under_the_units_restart_policy_a_dead_part_or_a_kill_is_restarted_and_a_stop_is_not() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/interceptor.service"
+    ))
+    .expect("packaging/interceptor.service");
+    let setting = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("the unit sets no {key}="))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(setting("Type"), "notify");
+    let restart = setting("Restart");
+    assert_eq!(restart, "on-failure", "the unit's restart policy changed");
+
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
+    let _pod = t.node("pod").http("pod", &["10.77.0.2:8080"]);
+    let mesh = t.write("mesh.yaml", MESH);
+    let notify = NotifySocket::bind(t.path("notify.sock"));
+    let socket = notify.path.to_str().expect("utf-8 path").to_string();
+    let start = |panic_hook: bool| {
+        let b = vm.interceptor().mesh(&mesh).env("NOTIFY_SOCKET", &socket);
+        let b = if panic_hook {
+            b.env("INTERCEPTOR_TEST_PANIC_ACCEPT", "outbound")
+        } else {
+            b
+        };
+        let proc = b.spawn();
+        notify.wait_for("READY=1");
+        // Units ordered after this one start with capture in force.
+        assert!(vm.cgroup.attached_programs() >= 9, "READY=1 before capture");
+        proc
+    };
+    let captured =
+        || try_sh(&mut vm.in_cgroup("curl", &["-sS", "-m", "5", "http://240.240.1.1:8080/up"]));
+
+    // A part dies: non-zero, so the unit restarts it; the new daemon captures again.
+    let mut first = start(true);
+    let _ = captured();
+    let status = first
+        .wait_exit(20.0)
+        .expect("the daemon exits after a part died");
+    assert!(
+        systemd_restarts(&restart, status),
+        "{status}: systemd would not restart it"
+    );
+    let mut second = start(false);
+    let (ok, out, err) = captured();
+    assert!(ok && out.starts_with("pod GET /up"), "{out}{err}");
+
+    // SIGKILL (the OOM killer, a bad operator): restarted as well.
+    second.signal(libc::SIGKILL);
+    let status = second.wait_exit(10.0).expect("killed");
+    assert!(systemd_restarts(&restart, status), "{status}");
+    let mut third = start(false);
+    let (ok, out, err) = captured();
+    assert!(ok && out.starts_with("pod GET /up"), "{out}{err}");
+
+    // SIGTERM: the daemon says STOPPING=1, detaches and exits 0; not restarted.
+    third.signal(libc::SIGTERM);
+    notify.wait_for("STOPPING=1");
+    let status = third.wait_exit(15.0).expect("stopped");
+    assert!(status.success(), "{status}");
+    assert!(!systemd_restarts(&restart, status));
+    assert_eq!(vm.cgroup.attached_programs(), 0);
+}
