@@ -269,6 +269,7 @@ fn weighted_load_balancing_and_failover_between_a_pod_and_a_vm() {
             + &workload("product-vm2", "10.77.0.3", "product", 3)),
     );
     let _vm_ic = m.vm(&mesh);
+    let dump = WholeRun::start(&m);
 
     let (mut pod, mut vm) = (0, 0);
     for i in 0..40 {
@@ -292,6 +293,44 @@ fn weighted_load_balancing_and_failover_between_a_pod_and_a_vm() {
             ok && out.starts_with("pod GET /failover"),
             "request {i}: {out}"
         );
+    }
+    dump.assert_no_plaintext(50);
+}
+
+/// tcpdump on the VM's own interface for a whole scenario: nothing of a request to a mesh
+/// mTLS service may leave the VM in the clear, retries, hedges and failovers included.
+struct WholeRun {
+    dump: Tcpdump,
+}
+
+impl WholeRun {
+    fn start(m: &Mesh) -> Self {
+        let vm = m.vm_node();
+        Self {
+            dump: Tcpdump::start(&vm.ns, vm.iface("a"), "tcp", m.t.path("whole-run.pcap")),
+        }
+    }
+
+    /// No segment the VM sent carries HTTP; at least `requests` connections were seen.
+    fn assert_no_plaintext(self, requests: usize) {
+        let pcap = self.dump.stop();
+        let sent = tcp_payloads(&pcap, "tcp and src net 10.77.0.1");
+        let hellos = sent
+            .iter()
+            .filter(|p| matches!(interceptor::tls::parse_client_hello(p), Ok(Some(_))))
+            .count();
+        let all = sent.concat();
+        let text = String::from_utf8_lossy(&all);
+        eprintln!(
+            "whole run: {} segments from the VM, {hellos} ClientHellos, {} bytes, no plaintext",
+            sent.len(),
+            all.len()
+        );
+        assert!(
+            !text.contains("HTTP/1.1") && !text.contains("GET /"),
+            "plaintext left the VM"
+        );
+        assert!(hellos >= requests, "{hellos} ClientHellos for {requests} requests");
     }
 }
 
@@ -351,6 +390,7 @@ spec:
         + &service("resets", "10.77.0.2", 9444)
         + &service("blackholed", "10.77.0.99", 8080);
     let vm_ic = m.vm(&mesh);
+    let dump = WholeRun::start(&m);
     let failures = || vm_ic.counter("interceptor_endpoint_failures_total", &[]);
     for name in ["silent", "resets", "blackholed"] {
         let before = failures();
@@ -393,6 +433,7 @@ spec:
             &[("reason", "connect")]
         ) >= 1.0
     );
+    dump.assert_no_plaintext(90);
 }
 
 /// VmRSS of a process, in KiB.
