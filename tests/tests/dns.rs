@@ -4,7 +4,11 @@
 
 use std::time::Instant;
 
-use interceptor_tests::{helper_bin, sh, try_sh, Interceptor, Net, Proc, Subnet, Topology};
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use interceptor_tests::{
+    helper_bin, sh, try_sh, wait_for, Interceptor, Net, Proc, Subnet, Topology,
+};
 
 const MESH: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -478,4 +482,69 @@ fn floods_pointer_loops_and_odd_edns_sizes_are_answered_and_bounded() {
     ));
     assert!(out.contains("id=4661 rcode=1"), "expected FORMERR: {out}");
     assert_eq!(ic.readiness(), Some(200));
+}
+
+/// DNS over TCP from a client that keeps sending and never reads: once its answers fill the
+/// socket buffers the server waits 10 s for it to read, then closes it; the connection's slot
+/// is freed and other clients, over UDP and TCP, are answered throughout.
+#[test]
+fn a_tcp_client_that_never_reads_is_closed_and_others_are_answered() {
+    use tokio::io::AsyncWriteExt;
+    let d = Dns::start();
+    let vm = d.t.node("vm");
+    let in_use = || {
+        d.ic.counter(
+            "interceptor_limit_in_use",
+            &[("limit", "dns_tcp_connections")],
+        )
+    };
+    let mut query = Message::new();
+    query.set_id(7).set_recursion_desired(true);
+    query.add_query(Query::query(
+        Name::from_ascii("big.example.internal.").expect("name"),
+        RecordType::A,
+    ));
+    let query = query.to_vec().expect("encode");
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    let started = Instant::now();
+    // Connects with a small receive buffer and writes queries until the server stops taking
+    // them (a write blocked for a second): it is then holding answers nobody reads.
+    let (stream, sent) = vm.ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let s = tokio::net::TcpSocket::new_v4()?;
+            s.set_recv_buffer_size(4096)?;
+            let mut stream = s.connect(([127, 0, 0, 1], 15053).into()).await?;
+            let mut sent = 0u32;
+            while sent < 1_000_000 {
+                let write = stream.write_all(&framed);
+                match tokio::time::timeout(std::time::Duration::from_secs(1), write).await {
+                    Ok(r) => r?,
+                    Err(_) => break,
+                }
+                sent += 1;
+            }
+            Ok::<_, std::io::Error>((stream.into_std()?, sent))
+        })
+        .expect("the non-reading client")
+    });
+    assert_eq!(in_use(), 1.0, "the server holds the connection");
+    let stalled_after = started.elapsed();
+    // Others are answered while it stalls.
+    assert_eq!(d.short("product", "A"), vec!["240.240.0.10"]);
+    let tcp = d.dig(&["+tcp", "+short", "product.default.svc.cluster.local", "A"]);
+    assert_eq!(tcp.trim(), "240.240.0.10");
+    let closed = wait_for(40.0, || (in_use() == 0.0).then_some(()));
+    eprintln!(
+        "DNS TCP client that never reads: {sent} queries taken in {:.1} s before the server stopped reading; closed {:.1} s after that",
+        stalled_after.as_secs_f64(),
+        (started.elapsed() - stalled_after).as_secs_f64()
+    );
+    assert!(closed.is_some(), "the stalled connection was not closed");
+    drop(stream);
+    assert_eq!(d.ic.readiness(), Some(200));
 }

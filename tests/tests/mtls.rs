@@ -330,7 +330,10 @@ impl WholeRun {
             !text.contains("HTTP/1.1") && !text.contains("GET /"),
             "plaintext left the VM"
         );
-        assert!(hellos >= requests, "{hellos} ClientHellos for {requests} requests");
+        assert!(
+            hellos >= requests,
+            "{hellos} ClientHellos for {requests} requests"
+        );
     }
 }
 
