@@ -81,6 +81,55 @@ impl std::str::FromStr for ProbeArg {
     }
 }
 
+/// A duration as people write one: `500ms`, `5s`, `1.5s`, `2m`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wait(pub std::time::Duration);
+
+impl std::str::FromStr for Wait {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (n, unit) = s.split_at(split);
+        let n: f64 = n
+            .parse()
+            .map_err(|_| format!("{s:?}: not a duration (500ms, 5s, 2m)"))?;
+        let secs = match unit.trim() {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            _ => return Err(format!("{s:?}: the unit is ms, s or m")),
+        };
+        match std::time::Duration::try_from_secs_f64(secs) {
+            Ok(d) if !d.is_zero() => Ok(Wait(d)),
+            _ => Err(format!("{s:?}: must be more than 0")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Wait {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The dial timeouts of `run` and `gateway`, from their flags.
+fn timeouts(
+    connect: Option<Wait>,
+    handshake: Option<Wait>,
+    hedge: Option<Wait>,
+) -> crate::transport::Timeouts {
+    let d = crate::transport::Timeouts::default();
+    crate::transport::Timeouts {
+        connect: connect.map_or(d.connect, |w| w.0),
+        handshake: handshake.map_or(d.handshake, |w| w.0),
+        hedge_after: hedge.map_or(d.hedge_after, |w| w.0),
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CaptureMode {
@@ -209,6 +258,16 @@ pub struct RunArgs {
     /// slowloris holds [default: 4096]
     #[arg(long, value_name = "N")]
     pub max_pending_handshakes: Option<usize>,
+    /// TCP connect to an endpoint or gateway, per attempt [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub connect_timeout: Option<Wait>,
+    /// TLS (and HBONE) handshake with an endpoint, per attempt [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub handshake_timeout: Option<Wait>,
+    /// An endpoint that has not answered within this is raced by the next one (the slow one is
+    /// marked an outlier) [default: 500ms]
+    #[arg(long, value_name = "DURATION")]
+    pub hedge_after: Option<Wait>,
     /// Where the mesh comes from besides the files: `istiod` joins the control plane named by
     /// the Istio VM bundle [default: none]
     #[arg(long, value_enum)]
@@ -335,6 +394,7 @@ pub struct Settings {
     pub local_hop: LocalHop,
     pub gateway_identity: Option<crate::spiffe::SpiffeId>,
     pub limits: Limits,
+    pub timeouts: crate::transport::Timeouts,
 }
 
 /// Resource caps (`net::Limits` enforces them). The defaults sit far above what one VM's apps
@@ -346,6 +406,8 @@ pub struct Limits {
     pub dns_tcp_connections: usize,
     pub dns_forwards: usize,
     pub pending_handshakes: usize,
+    /// `interceptor gateway` only.
+    pub gateway_connections: usize,
 }
 
 impl Default for Limits {
@@ -356,6 +418,7 @@ impl Default for Limits {
             dns_tcp_connections: 1024,
             dns_forwards: 1024,
             pending_handshakes: 4096,
+            gateway_connections: 65536,
         }
     }
 }
@@ -475,6 +538,9 @@ impl RunArgs {
                 .or(file.max_dns_tcp_connections),
             max_dns_forwards: self.max_dns_forwards.or(file.max_dns_forwards),
             max_pending_handshakes: self.max_pending_handshakes.or(file.max_pending_handshakes),
+            connect_timeout: self.connect_timeout.or(file.connect_timeout),
+            handshake_timeout: self.handshake_timeout.or(file.handshake_timeout),
+            hedge_after: self.hedge_after.or(file.hedge_after),
             gateway_identity: self.gateway_identity.or(file.gateway_identity),
             control_plane: self.control_plane.or(file.control_plane),
             istio_dir: self.istio_dir.or(file.istio_dir),
@@ -662,6 +728,11 @@ impl RunArgs {
                 n => n,
             },
             local_hop: args.local_hop.unwrap_or_default(),
+            timeouts: timeouts(
+                args.connect_timeout,
+                args.handshake_timeout,
+                args.hedge_after,
+            ),
             limits: {
                 let d = Limits::default();
                 let cap = |v: Option<usize>, default: usize, what: &'static str| match v {
@@ -690,6 +761,7 @@ impl RunArgs {
                         d.pending_handshakes,
                         "max-pending-handshakes",
                     )?,
+                    ..d
                 }
             },
             gateway_identity: match args.gateway_identity {
@@ -757,11 +829,48 @@ pub struct GatewayArgs {
     /// Address(es) for double HBONE's outer tunnels (with --certs)
     #[arg(long, num_args = 1.., value_name = "ADDR", default_value = "0.0.0.0:15008")]
     pub hbone_listen: Vec<SocketAddr>,
+    /// Connections served at once, all listeners together; beyond, new ones are reset and
+    /// counted (`interceptor_limit_refused_total{limit="gateway_connections"}`)
+    #[arg(long, value_name = "N", default_value_t = 65536,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// TCP connect to an endpoint, per attempt [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub connect_timeout: Option<Wait>,
+    /// HBONE handshake with an endpoint, per attempt [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub handshake_timeout: Option<Wait>,
+    /// An endpoint that has not answered within this is raced by the next one [default: 500ms]
+    #[arg(long, value_name = "DURATION")]
+    pub hedge_after: Option<Wait>,
+}
+
+impl GatewayArgs {
+    pub fn timeouts(&self) -> crate::transport::Timeouts {
+        timeouts(
+            self.connect_timeout,
+            self.handshake_timeout,
+            self.hedge_after,
+        )
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waits_as_people_write_them() {
+        use std::time::Duration;
+        let w = |s: &str| s.parse::<Wait>().map(|w| w.0);
+        assert_eq!(w("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(w("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(w("2m"), Ok(Duration::from_secs(120)));
+        assert!(w("0s").is_err() && w("5").is_err() && w("fast").is_err() && w("5h").is_err());
+        let t = timeouts(None, None, Some(Wait(Duration::from_millis(200))));
+        assert_eq!(t.hedge_after, Duration::from_millis(200));
+        assert_eq!(t.connect, crate::transport::Timeouts::default().connect);
+    }
 
     #[test]
     fn flags_override_file() {

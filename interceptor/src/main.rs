@@ -31,7 +31,7 @@ enum Command {
     Run(Box<RunArgs>),
     /// East-west gateway of a network: route mTLS by SNI to this network's endpoints, without
     /// terminating it (Istio AUTO_PASSTHROUGH); needs no privileges
-    Gateway(GatewayArgs),
+    Gateway(Box<GatewayArgs>),
     /// Validate mesh files, print the table, exit 1 on error
     Check(CheckArgs),
     /// Ask the running daemon what it does with a name or address: DNS from the table or
@@ -250,7 +250,7 @@ fn main() -> ExitCode {
             rt.enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(interceptor::daemon::gateway(args)))
+                .and_then(|rt| rt.block_on(interceptor::daemon::gateway(*args)))
         }
     };
     match result {

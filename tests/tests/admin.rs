@@ -4,7 +4,9 @@
 
 use std::fmt::Write as _;
 
-use interceptor_tests::{interceptor_bin, sh, try_sh, Interceptor, Net, Proc, Subnet, Topology};
+use interceptor_tests::{
+    interceptor_bin, sh, try_sh, wait_for, Interceptor, Net, Proc, Subnet, Topology,
+};
 
 const PRODUCT: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -358,4 +360,54 @@ fn the_admin_endpoint_is_loopback_only_and_never_shows_key_material() {
             assert!(!body.contains(l), "{path} shows the key's bytes");
         }
     }
+}
+
+/// The admin endpoint is capped (128 connections) and times out a client that sends no
+/// request: local clients holding connections cannot take the daemon's descriptors, and once
+/// they go, scrapes are served again.
+#[test]
+fn idle_admin_clients_are_capped_and_the_endpoint_recovers() {
+    let t = Topology::vm_pod();
+    let vm = t.node("vm");
+    let mesh = t.write("mesh.yaml", PRODUCT);
+    let ic = vm.interceptor().mesh(&mesh).start();
+    let (held, refused) = vm.ns.run(|| {
+        use std::io::Read;
+        let held: Vec<std::net::TcpStream> = (0..128)
+            .map(|_| std::net::TcpStream::connect("127.0.0.1:15020").expect("connect"))
+            .collect();
+        // One more: accepted by the kernel, then reset by the daemon at its cap.
+        let mut extra = std::net::TcpStream::connect("127.0.0.1:15020").expect("connect");
+        extra
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 16];
+        let refused = matches!(extra.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+        (held.len(), refused)
+    });
+    assert_eq!(held, 128);
+    assert!(refused, "the 129th admin connection was not reset");
+    // The held ones were dropped with the closure: the endpoint serves again.
+    let n = wait_for(10.0, || {
+        let n = ic.counter(
+            "interceptor_limit_refused_total",
+            &[("limit", "admin_connections")],
+        );
+        (n >= 1.0).then_some(n)
+    });
+    assert_eq!(n, Some(1.0), "{}", ic.log());
+    assert_eq!(ic.readiness(), Some(200));
+    // A client that connects and says nothing is closed by the header timeout.
+    let closed = vm.ns.run(|| {
+        use std::io::Read;
+        let mut idle = std::net::TcpStream::connect("127.0.0.1:15020").expect("connect");
+        idle.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .expect("timeout");
+        let mut buf = [0u8; 16];
+        idle.read(&mut buf).map_err(|e| e.kind())
+    });
+    assert!(
+        matches!(closed, Ok(0) | Err(std::io::ErrorKind::ConnectionReset)),
+        "{closed:?}"
+    );
 }

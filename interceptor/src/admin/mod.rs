@@ -380,6 +380,9 @@ pub struct Server {
     registry: Registry,
 }
 
+/// How long an admin client may take to send its request's headers.
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Server {
     pub fn new(state: Arc<State>) -> Arc<Self> {
         let mut registry = Registry::default();
@@ -389,14 +392,19 @@ impl Server {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "admin", None, move |stream, _| {
+        let limit = self.state.limits.admin.clone();
+        crate::net::accept_loop(listener, "admin", Some(limit), move |stream, _| {
             let this = self.clone();
             async move {
                 let service = hyper::service::service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.route(req)) }
                 });
+                // A local client that opens a connection and sends nothing holds a slot
+                // for this long at most.
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {

@@ -337,7 +337,10 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         None,
         None,
         None,
-        &crate::config::Limits::default(),
+        &crate::config::Limits {
+            gateway_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            ..Default::default()
+        },
     );
     ctx.capture.set(capture::Info::default());
     let mut sup = Supervisor::new(ctx.readiness.clone());
@@ -373,7 +376,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         }
         None => vec![],
     };
-    sup.add(parts::gateway(&ctx, &args.listen, &hbone)?);
+    sup.add(parts::gateway(&ctx, &args.listen, &hbone, args.timeouts())?);
     if let Some(istiod) = args.expose_istiod {
         sup.add(parts::expose_istiod(
             &ctx,
@@ -381,6 +384,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             &args.istiod_ports,
             istiod,
             &args.istiod_sni,
+            args.timeouts(),
         )?);
         tracing::info!(%istiod, sni = %args.istiod_sni, ports = ?args.istiod_ports, "exposing istiod");
     }

@@ -196,7 +196,7 @@ impl Listeners {
             ctx.store.clone(),
             ctx.tls.clone(),
             orig,
-            Dialer::new(ctx.tls.clone(), Timeouts::default())
+            Dialer::new(ctx.tls.clone(), s.timeouts)
                 .with_resolver(resolver)
                 .with_metrics(ctx.metrics.clone()),
             ctx.outliers.clone(),
@@ -373,6 +373,7 @@ pub fn expose_istiod(
     ports: &[u16],
     istiod: std::net::IpAddr,
     sni: &str,
+    timeouts: Timeouts,
 ) -> anyhow::Result<Handle> {
     let addrs: Vec<SocketAddr> = listen
         .iter()
@@ -382,12 +383,15 @@ pub fn expose_istiod(
     let expose = Arc::new(ExposeIstiod {
         sni: sni.to_string(),
         istiod,
-        dialer: Dialer::new(ctx.tls.clone(), Timeouts::default()),
+        dialer: Dialer::new(ctx.tls.clone(), timeouts),
         metrics: ctx.metrics.clone(),
     });
+    let limit = ctx.limits.gateway.clone();
     Ok(Handle::loops(
         "gateway (istiod)",
-        listeners.into_iter().map(move |l| expose.clone().serve(l)),
+        listeners
+            .into_iter()
+            .map(move |l| expose.clone().serve(l, limit.clone())),
     ))
 }
 
@@ -395,26 +399,32 @@ pub fn expose_istiod(
 pub const ISTIOD_TABLE: &str = "istiod-table.json";
 
 /// proxy::Gateway on its listeners.
-pub fn gateway(ctx: &Ctx, listen: &[SocketAddr], hbone: &[SocketAddr]) -> anyhow::Result<Handle> {
+pub fn gateway(
+    ctx: &Ctx,
+    listen: &[SocketAddr],
+    hbone: &[SocketAddr],
+    timeouts: Timeouts,
+) -> anyhow::Result<Handle> {
     let listeners = net::bind_all(listen, "gateway").context("gateway listener")?;
     let hbone = net::bind_all(hbone, "gateway HBONE").context("gateway HBONE listener")?;
     let gateway = Gateway::new(
         ctx.store.clone(),
         ctx.tls.clone(),
         ctx.network.clone(),
-        Dialer::new(ctx.tls.clone(), Timeouts::default()),
+        Dialer::new(ctx.tls.clone(), timeouts),
         ctx.outliers.clone(),
         ctx.metrics.clone(),
     );
+    let limit = ctx.limits.gateway.clone();
     let sni = listeners.into_iter().map({
-        let gateway = gateway.clone();
+        let (gateway, limit) = (gateway.clone(), limit.clone());
         move |l| {
-            Box::pin(gateway.clone().serve(l))
+            Box::pin(gateway.clone().serve(l, limit.clone()))
                 as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
         }
     });
     let tunnels = hbone.into_iter().map(move |l| {
-        Box::pin(gateway.clone().serve_hbone(l))
+        Box::pin(gateway.clone().serve_hbone(l, limit.clone()))
             as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
     });
     Ok(Handle::loops(

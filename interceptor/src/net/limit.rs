@@ -85,7 +85,15 @@ pub struct Limits {
     pub dns_tcp: Arc<Limit>,
     pub dns_forwards: Arc<Limit>,
     pub handshakes: Arc<Limit>,
+    /// Every listener of `interceptor gateway` together.
+    pub gateway: Arc<Limit>,
+    /// The admin endpoint: scrapes, probes and the CLI need a few; a local client opening
+    /// thousands must not take the daemon's descriptors.
+    pub admin: Arc<Limit>,
 }
+
+/// Admin connections at once.
+pub const ADMIN_CONNECTIONS: usize = 128;
 
 impl Limits {
     pub fn new(c: &crate::config::Limits) -> Arc<Self> {
@@ -95,16 +103,20 @@ impl Limits {
             dns_tcp: Limit::new("dns_tcp_connections", c.dns_tcp_connections),
             dns_forwards: Limit::new("dns_forwards", c.dns_forwards),
             handshakes: Limit::new("pending_handshakes", c.pending_handshakes),
+            gateway: Limit::new("gateway_connections", c.gateway_connections),
+            admin: Limit::new("admin_connections", ADMIN_CONNECTIONS),
         })
     }
 
-    pub fn all(&self) -> [&Arc<Limit>; 5] {
+    pub fn all(&self) -> [&Arc<Limit>; 7] {
         [
             &self.outbound,
             &self.inbound,
             &self.dns_tcp,
             &self.dns_forwards,
             &self.handshakes,
+            &self.gateway,
+            &self.admin,
         ]
     }
 }

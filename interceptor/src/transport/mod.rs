@@ -103,6 +103,8 @@ impl DialError {
 pub struct Timeouts {
     pub connect: Duration,
     pub handshake: Duration,
+    /// See `HEDGE_AFTER`.
+    pub hedge_after: Duration,
 }
 
 impl Default for Timeouts {
@@ -110,6 +112,7 @@ impl Default for Timeouts {
         Self {
             connect: Duration::from_secs(5),
             handshake: Duration::from_secs(10),
+            hedge_after: HEDGE_AFTER,
         }
     }
 }
@@ -293,11 +296,19 @@ pub trait Connector: Sync {
         &'a self,
         target: &'a Target,
     ) -> impl Future<Output = Result<Self::Conn, DialError>> + Send + 'a;
+
+    /// How long a dial may go unanswered before the next target is dialed beside it.
+    fn hedge_after(&self) -> Duration {
+        HEDGE_AFTER
+    }
 }
 
 /// Each target with its transport.
 impl Connector for Dialer {
     type Conn = Upstream;
+    fn hedge_after(&self) -> Duration {
+        self.timeouts.hedge_after
+    }
     fn connect<'a>(
         &'a self,
         target: &'a Target,
@@ -311,6 +322,9 @@ pub struct For<'a>(pub &'a Dialer, pub SocketAddr);
 
 impl Connector for For<'_> {
     type Conn = Upstream;
+    fn hedge_after(&self) -> Duration {
+        self.0.timeouts.hedge_after
+    }
     fn connect<'a>(
         &'a self,
         target: &'a Target,
@@ -325,6 +339,9 @@ pub struct RawTcp<'a>(pub &'a Dialer);
 
 impl Connector for RawTcp<'_> {
     type Conn = TcpStream;
+    fn hedge_after(&self) -> Duration {
+        self.0.timeouts.hedge_after
+    }
     fn connect<'a>(
         &'a self,
         target: &'a Target,
@@ -348,7 +365,7 @@ pub struct Exhausted {
 pub const HEDGE_AFTER: Duration = Duration::from_millis(500);
 
 /// Dials `targets` in order, at most `max_attempts` of them: the next one when a dial fails, or
-/// beside it when it has not answered within `HEDGE_AFTER`; the first to answer wins and the
+/// beside it when it has not answered within the connector's `hedge_after`; the first to answer wins and the
 /// others are dropped. Marks each failure and success in `outliers` (a dial outpaced by
 /// another counts as failed: it was slower than `HEDGE_AFTER`) and counts failures by reason.
 /// Returns the index of the target that answered with its upstream.
@@ -362,6 +379,7 @@ pub async fn try_targets<C: Connector>(
 ) -> Result<(usize, C::Conn), Exhausted> {
     use futures_util::stream::{FuturesUnordered, StreamExt};
     let tried = targets.len().min(max_attempts);
+    let hedge_after = connector.hedge_after();
     let dial = |i: usize| {
         let target = &targets[i];
         async move { (i, connector.connect(target).await) }
@@ -382,7 +400,7 @@ pub async fn try_targets<C: Connector>(
         let done = if next < tried {
             tokio::select! {
                 done = dialing.next() => done,
-                _ = tokio::time::sleep(HEDGE_AFTER) => {
+                _ = tokio::time::sleep(hedge_after) => {
                     tracing::debug!(%service, endpoint = %targets[next - 1].endpoint, "no answer yet; dialing the next endpoint beside it");
                     dialing.push(dial(next));
                     in_flight.push(next);
@@ -401,7 +419,7 @@ pub async fn try_targets<C: Connector>(
                 for &j in &in_flight {
                     outliers.failed(&targets[j].endpoint);
                     metrics.dial_failed(OUTPACED);
-                    tracing::warn!(%service, endpoint = %targets[j].endpoint, reason = OUTPACED, "endpoint did not answer within {HEDGE_AFTER:?}; another did");
+                    tracing::warn!(%service, endpoint = %targets[j].endpoint, reason = OUTPACED, "endpoint did not answer within {hedge_after:?}; another did");
                 }
                 return Ok((i, up));
             }

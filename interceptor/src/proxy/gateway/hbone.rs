@@ -66,11 +66,20 @@ impl StreamRefused {
 }
 
 impl Gateway {
-    pub async fn serve_hbone(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "gateway hbone", None, move |stream, peer| {
-            let this = self.clone();
-            async move { this.hbone(stream, peer).await }
-        })
+    pub async fn serve_hbone(
+        self: Arc<Self>,
+        listener: TcpListener,
+        limit: Arc<crate::net::Limit>,
+    ) {
+        crate::net::accept_loop(
+            listener,
+            "gateway hbone",
+            Some(limit),
+            move |stream, peer| {
+                let this = self.clone();
+                async move { this.hbone(stream, peer).await }
+            },
+        )
         .await
     }
 

@@ -116,8 +116,8 @@ impl Gateway {
         })
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "gateway", None, move |stream, peer| {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
+        crate::net::accept_loop(listener, "gateway", Some(limit), move |stream, peer| {
             let this = self.clone();
             async move { this.handle(stream, peer).await }
         })
@@ -212,8 +212,8 @@ pub struct ExposeIstiod {
 }
 
 impl ExposeIstiod {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        crate::net::accept_loop(listener, "gateway", None, move |stream, peer| {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
+        crate::net::accept_loop(listener, "gateway", Some(limit), move |stream, peer| {
             let this = self.clone();
             async move { this.handle(stream, peer).await }
         })
