@@ -534,6 +534,99 @@ fn two_thousand_slowloris_connections_are_closed_and_other_clients_are_served() 
     );
 }
 
+/// The inbound caps at work. `--max-pending-handshakes 2`: two slow ClientHellos hold both
+/// handshake slots, so a mesh client arriving meanwhile is reset at once and counted; once the
+/// hello timeout closes them it is served. `--max-inbound-connections 3`: three plaintext
+/// connections held open (PERMISSIVE passes them to the app) fill the cap, the next two are
+/// reset and counted while the three go on echoing; when they go, mesh clients are served.
+#[test]
+fn at_the_inbound_caps_new_connections_are_refused_and_counted_and_held_ones_go_on() {
+    use interceptor_tests::{helper_bin, Proc};
+    let m = Mesh::new();
+    let pod = m.pod_node();
+    let _app = pod.http("pod", &["10.77.0.2:8080"]);
+    let checker = helper_bin("stream-check");
+    let checker = checker.to_str().expect("utf-8 path");
+    let mut echo = Proc::spawn(
+        "stream-check",
+        pod.cmd(checker, &["serve", "10.77.0.2:8443"]),
+        m.t.path("stream-check.log"),
+    );
+    echo.wait_for_output("listening", 10.0);
+    let pod_ic = m.pod(
+        &[
+            "--max-pending-handshakes",
+            "2",
+            "--max-inbound-connections",
+            "3",
+        ],
+        "pod-ic",
+    );
+    let _vm_ic = m.vm(&vm_mesh(&pod_workload("product")));
+    let in_use = |limit: &str| pod_ic.counter("interceptor_limit_in_use", &[("limit", limit)]);
+    let refused_at =
+        |limit: &str| pod_ic.counter("interceptor_limit_refused_total", &[("limit", limit)]);
+    assert!(m.curl("/before").0);
+
+    // Two unfinished hellos: every handshake slot taken.
+    let slow = helper_bin("slowloris");
+    let mut attack = Proc::spawn(
+        "slowloris",
+        m.vm_node().cmd(
+            slow.to_str().expect("utf-8 path"),
+            &["10.77.0.2:8080", "2", "8"],
+        ),
+        m.t.path("slowloris.log"),
+    );
+    attack.wait_for_output("opened", 10.0);
+    assert!(
+        wait(10.0, || in_use("pending_handshakes") == 2.0),
+        "{}",
+        pod_ic.metrics().0
+    );
+    let (ok, out) = m.curl("/during-slow-hellos");
+    assert!(!ok, "served with every handshake slot taken: {out}");
+    assert!(
+        refused_at("pending_handshakes") >= 1.0,
+        "{}",
+        pod_ic.metrics().0
+    );
+    assert!(attack.wait_exit(30.0).is_some(), "slowloris did not finish");
+    assert!(wait(10.0, || in_use("pending_handshakes") == 0.0));
+    let (ok, out) = m.curl("/after-slow-hellos");
+    assert!(ok, "{out}");
+
+    // Three held connections: the inbound cap.
+    let mut holder = Proc::spawn(
+        "hold",
+        m.vm_node().cmd(checker, &["hold", "10.77.0.2:8443", "5"]),
+        m.t.path("hold.log"),
+    );
+    holder.wait_for_output("echoed", 30.0);
+    let held: serde_json::Value =
+        serde_json::from_str(holder.output().trim()).expect("hold prints JSON");
+    assert_eq!(
+        (&held["echoed"], &held["refused"], &held["still"]),
+        (&3.into(), &2.into(), &3.into()),
+        "{held}"
+    );
+    assert_eq!(refused_at("inbound_connections"), 2.0);
+    assert_eq!(in_use("inbound_connections"), 3.0);
+    let (ok, out) = m.curl("/during-held");
+    assert!(!ok, "served beyond the inbound cap: {out}");
+    holder.signal(libc::SIGTERM);
+    holder.wait_exit(10.0).expect("holder exits");
+    assert!(wait(10.0, || in_use("inbound_connections") == 0.0));
+    let (ok, out) = m.curl("/after-held");
+    assert!(ok, "{out}");
+    eprintln!(
+        "inbound caps: refused {} at pending_handshakes=2, {} at inbound_connections=3",
+        refused_at("pending_handshakes"),
+        refused_at("inbound_connections")
+    );
+    assert_eq!(pod_ic.readiness(), Some(200));
+}
+
 #[test]
 fn permissive_passes_plaintext_and_foreign_tls_strict_refuses_plaintext() {
     let m = Mesh::new();
