@@ -27,6 +27,16 @@ impl Proc {
         }
     }
 
+    /// Resident memory (VmRSS) now, in KiB; 0 once the process is gone.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

@@ -439,16 +439,6 @@ spec:
     dump.assert_no_plaintext(90);
 }
 
-/// VmRSS of a process, in KiB.
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// curl by name through both interceptors `n` times; each request's seconds, sorted.
 fn timed_curls(m: &Mesh, n: usize, what: &str) -> Vec<f64> {
     let script = format!(
@@ -479,7 +469,8 @@ fn two_thousand_slowloris_connections_are_closed_and_other_clients_are_served() 
     let pod_ic = m.pod(&["--mtls-mode", "strict"], "pod-ic");
     let _vm_ic = m.vm(&vm_mesh(&pod_workload("product")));
     let before = timed_curls(&m, 30, "before");
-    let rss_before = rss_kib(pod_ic.proc.pid());
+    let rss_before = pod_ic.proc.rss_kib();
+    assert!(rss_before > 0, "no VmRSS for the pod daemon");
 
     let slow = helper_bin("slowloris");
     let mut attack = Proc::spawn(
@@ -503,7 +494,7 @@ fn two_thousand_slowloris_connections_are_closed_and_other_clients_are_served() 
         pending()
     );
     let during = timed_curls(&m, 30, "during");
-    let rss_during = rss_kib(pod_ic.proc.pid());
+    let rss_during = pod_ic.proc.rss_kib();
     assert!(attack.wait_exit(60.0).is_some());
     let out = attack.output();
     let report: serde_json::Value = out
