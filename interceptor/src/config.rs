@@ -116,6 +116,10 @@ impl<'de> Deserialize<'de> for Wait {
     }
 }
 
+fn shutdown_grace(flag: Option<Wait>) -> std::time::Duration {
+    flag.map_or(crate::net::drain::DEFAULT_GRACE, |w| w.0)
+}
+
 /// The dial timeouts of `run` and `gateway`, from their flags.
 fn timeouts(
     connect: Option<Wait>,
@@ -268,6 +272,10 @@ pub struct RunArgs {
     /// marked an outlier) [default: 500ms]
     #[arg(long, value_name = "DURATION")]
     pub hedge_after: Option<Wait>,
+    /// On SIGTERM, how long connections in progress may go on before they are closed cleanly
+    /// (TLS close_notify, HTTP/2 GOAWAY); capture is detached first [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_grace: Option<Wait>,
     /// Where the mesh comes from besides the files: `istiod` joins the control plane named by
     /// the Istio VM bundle [default: none]
     #[arg(long, value_enum)]
@@ -395,6 +403,21 @@ pub struct Settings {
     pub gateway_identity: Option<crate::spiffe::SpiffeId>,
     pub limits: Limits,
     pub timeouts: crate::transport::Timeouts,
+    pub shutdown_grace: std::time::Duration,
+}
+
+impl Settings {
+    /// This VM's workload as its HBONE peers' telemetry names it: the namespace and labels of
+    /// the policy subject, the cluster and workload name of the VM bundle.
+    pub fn workload(&self) -> crate::baggage::Workload {
+        let bundle = self.istiod.as_ref().map(|i| &i.bundle);
+        crate::baggage::Workload::new(
+            &self.policy.subject.namespace,
+            &self.policy.subject.labels,
+            bundle.map(|b| b.cluster_id.as_str()),
+            bundle.map(|b| b.workload_name.as_str()),
+        )
+    }
 }
 
 /// Resource caps (`net::Limits` enforces them). The defaults sit far above what one VM's apps
@@ -541,6 +564,7 @@ impl RunArgs {
             connect_timeout: self.connect_timeout.or(file.connect_timeout),
             handshake_timeout: self.handshake_timeout.or(file.handshake_timeout),
             hedge_after: self.hedge_after.or(file.hedge_after),
+            shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
             gateway_identity: self.gateway_identity.or(file.gateway_identity),
             control_plane: self.control_plane.or(file.control_plane),
             istio_dir: self.istio_dir.or(file.istio_dir),
@@ -733,6 +757,7 @@ impl RunArgs {
                 args.handshake_timeout,
                 args.hedge_after,
             ),
+            shutdown_grace: shutdown_grace(args.shutdown_grace),
             limits: {
                 let d = Limits::default();
                 let cap = |v: Option<usize>, default: usize, what: &'static str| match v {
@@ -843,9 +868,17 @@ pub struct GatewayArgs {
     /// An endpoint that has not answered within this is raced by the next one [default: 500ms]
     #[arg(long, value_name = "DURATION")]
     pub hedge_after: Option<Wait>,
+    /// On SIGTERM, how long connections in progress may go on before they are closed cleanly
+    /// (TLS close_notify, HTTP/2 GOAWAY); capture is detached first [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_grace: Option<Wait>,
 }
 
 impl GatewayArgs {
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        shutdown_grace(self.shutdown_grace)
+    }
+
     pub fn timeouts(&self) -> crate::transport::Timeouts {
         timeouts(
             self.connect_timeout,

@@ -7,6 +7,7 @@
 //! `admin` serves readiness, metrics and explain, `daemon` owns the parts.
 
 pub mod admin;
+pub mod baggage;
 pub mod bundle;
 pub mod capture;
 pub mod channel;

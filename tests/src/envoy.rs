@@ -247,7 +247,7 @@ pub fn hbone_terminator_config(certs: &Path, listen: &str, port: u16, admin: u16
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
                     "log_format": {"text_format_source": {"inline_string":
-                        "hbone method=%REQ(:METHOD)% authority=%REQ(:AUTHORITY)% status=%RESPONSE_CODE% peer_san=%DOWNSTREAM_PEER_URI_SAN% upstream=%UPSTREAM_HOST% forwarded=%REQ(FORWARDED)% tx=%BYTES_SENT%\n"}},
+                        "hbone method=%REQ(:METHOD)% authority=%REQ(:AUTHORITY)% status=%RESPONSE_CODE% peer_san=%DOWNSTREAM_PEER_URI_SAN% upstream=%UPSTREAM_HOST% forwarded=%REQ(FORWARDED)% baggage=%REQ(BAGGAGE)% tx=%BYTES_SENT%\n"}},
                 },
             }],
             "route_config": {

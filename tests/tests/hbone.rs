@@ -486,9 +486,12 @@ fn envoy_as_hbone_terminator_takes_our_streams_and_sees_our_identity() {
         "{}",
         waypoint.log()
     );
-    // `forwarded` names the application's socket (as our listener saw it).
+    // `forwarded` names the application's address as the peer can route it (issue 25: it was
+    // the loopback hop capture made) and the service.
     assert!(
-        waypoint.log().contains("forwarded=for=\"127.0.0.1:"),
+        waypoint
+            .log()
+            .contains(&format!("forwarded=for=\"{}:", m.vm_node().ip("a"))),
         "{}",
         waypoint.log()
     );
@@ -789,5 +792,301 @@ fn double_hbone_through_the_gateway_keeps_the_inner_tls_end_to_end() {
         ) >= 1.0,
         "{}",
         vm_ic.metrics().0
+    );
+}
+
+/// Issue 25: what a peer learns of a stream from us is what ztunnel tells it. Our VM to our
+/// pod: the CONNECT's `forwarded` names the application's own address (the VM's, with the
+/// app's port, not the loopback hop capture made) and the service it meant; `baggage` names
+/// the VM's workload from its labels. The pod's inbound reads both as ztunnel does (the
+/// service for its metrics, the client and source workload for its log) and answers with its
+/// own baggage, which the VM's access log reports.
+#[test]
+fn hbone_peers_learn_the_client_the_service_and_the_workload_as_from_ztunnel() {
+    let m = Mesh::new();
+    let (_app, _streams) = m.apps();
+    // The pod knows the service it serves (as istiod would tell it).
+    let pod_mesh = m.t.write("pod-mesh.yaml", &vm_mesh("label"));
+    let pod_ic = m
+        .pod_node()
+        .interceptor()
+        .mesh(&pod_mesh)
+        .resolv(&m.resolv)
+        .certs(&m.pod_certs)
+        .args(["--label", "app=product", "--label", "version=v2"])
+        .log("pod-ic")
+        .start();
+    let vm_mesh_file = m.t.write("vm-mesh.yaml", &vm_mesh("label"));
+    let vm_ic = m
+        .vm_node()
+        .interceptor()
+        .mesh(&vm_mesh_file)
+        .resolv(&m.resolv)
+        .certs(&m.vm_certs)
+        .args(["--label", "app=ratings", "--label", "version=v3"])
+        .start();
+    let (ok, out) = m.curl("/who");
+    assert!(ok, "{out}\n{}\n{}", vm_ic.log(), pod_ic.log());
+    // Metrics first (observable state), then what the access logs say of the same stream.
+    assert!(
+        wait(10.0, || pod_ic.counter(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_service", HOST),
+                ("source_principal", &format!("{TD}/vm")),
+            ]
+        ) == 1.0),
+        "{}",
+        pod_ic.metrics().0
+    );
+    let vm_ip = m.vm_node().ip("a");
+    let log = pod_ic.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("inbound HBONE stream") && l.contains(":8080"))
+        .unwrap_or_else(|| panic!("no stream line:\n{log}"));
+    assert!(line.contains(&format!("client=\"{vm_ip}:")), "{line}");
+    assert!(line.contains(&format!("service={HOST}")), "{line}");
+    assert!(line.contains("source_workload=\"ratings\""), "{line}");
+    assert!(line.contains("source_namespace=\"default\""), "{line}");
+    assert!(line.contains("end=eof"), "{line}");
+    // The pod's 200 carried its baggage: the VM knows who answered.
+    assert!(
+        wait(5.0, || vm_ic.log().contains("peer_workload=\"product\"")),
+        "{}",
+        vm_ic.log()
+    );
+}
+
+/// Issue 25: Envoy as the receiving peer logs the exact headers: `forwarded` as ztunnel sends
+/// it (`for="<app address>";host=<service>`) and `baggage` from the VM's labels.
+#[test]
+fn envoy_sees_forwarded_and_baggage_as_ztunnel_sends_them() {
+    let m = Mesh::new();
+    let (_app, _streams) = m.apps();
+    let waypoint = Envoy::start(
+        m.pod_node(),
+        "envoy-hbone",
+        &envoy::hbone_terminator_config(&m.pod_certs, POD, 15008, 15000),
+        15000,
+    );
+    let mesh = m.t.write("vm-mesh.yaml", &vm_mesh("label"));
+    let _vm_ic = m
+        .vm_node()
+        .interceptor()
+        .mesh(&mesh)
+        .resolv(&m.resolv)
+        .certs(&m.vm_certs)
+        .args([
+            "--namespace",
+            "default",
+            "--label",
+            "app=ratings",
+            "--label",
+            "version=v3",
+        ])
+        .start();
+    let (ok, out) = m.curl("/headers");
+    assert!(ok, "{out}\n{}", waypoint.log());
+    let vm_ip = m.vm_node().ip("a");
+    let line = wait_for(5.0, || {
+        waypoint
+            .log()
+            .lines()
+            .find(|l| l.starts_with("hbone method=CONNECT"))
+            .map(str::to_string)
+    })
+    .unwrap_or_else(|| panic!("no access log line:\n{}", waypoint.log()));
+    let forwarded = line
+        .split(" forwarded=")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or_else(|| panic!("{line}"));
+    let (for_part, host_part) = forwarded
+        .split_once(';')
+        .unwrap_or_else(|| panic!("no host= in {forwarded}"));
+    assert!(
+        for_part.starts_with(&format!("for=\"{vm_ip}:")) && for_part.ends_with('"'),
+        "{line}"
+    );
+    let port: u16 = for_part
+        .trim_start_matches(&format!("for=\"{vm_ip}:"))
+        .trim_end_matches('"')
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert!(port > 1024, "the app's own ephemeral port: {line}");
+    assert_eq!(host_part, format!("host={HOST}"), "{line}");
+    assert!(
+        line.contains(
+            " baggage=k8s.namespace.name=default,service.name=ratings,service.version=v3 "
+        ),
+        "{line}"
+    );
+}
+
+/// Issue 25: a VM that is stopped (SIGTERM) while it holds a connection over HBONE and one over
+/// the sidecar wire closes both as a peer expects: the pooled HTTP/2 connection ends with
+/// GOAWAY (NO_ERROR) and TLS close_notify, the sidecar mTLS connection with close_notify, the
+/// applications' held connections with a clean EOF, and the daemon exits 0 once its grace is
+/// over. A recorder on the pod reads what the VM sent, frame by frame.
+#[test]
+fn a_stopping_vm_ends_its_hbone_and_mtls_connections_with_goaway_and_close_notify() {
+    let m = Mesh::new();
+    let pod = m.pod_node();
+    let mut recorder = Proc::spawn(
+        "hbone-record",
+        pod.cmd(
+            helper("hbone-record").as_str(),
+            &[
+                m.pod_certs.to_str().expect("utf-8"),
+                &format!("{POD}:15008"),
+                &format!("{POD}:9000"),
+            ],
+        ),
+        pod.path("hbone-record.log"),
+    );
+    recorder.wait_for_output("listening", 10.0);
+    for (marker, kind) in [("label", "hbone"), ("sidecar", "tls")] {
+        let mesh = m.t.write("vm-mesh.yaml", &vm_mesh(marker));
+        let mut vm_ic = m
+            .vm_node()
+            .interceptor()
+            .mesh(&mesh)
+            .resolv(&m.resolv)
+            .certs(&m.vm_certs)
+            .args(["--shutdown-grace", "1s"])
+            .log(&format!("vm-ic-{kind}"))
+            .start();
+        // An application holding a connection through the VM's proxy: it waits for EOF.
+        let mut held = Proc::spawn(
+            "held",
+            m.vm_node().in_cgroup(
+                "bash",
+                &[
+                    "-c",
+                    &format!("exec 3<>/dev/tcp/{VIP}/9000; echo open; cat <&3; echo \"eof $?\""),
+                ],
+            ),
+            m.vm_node().path(&format!("held-{kind}.log")),
+        );
+        held.wait_for_output("open", 10.0);
+        assert!(
+            vm_ic.wait_counter(
+                "istio_tcp_connections_opened_total",
+                &[("reporter", "source")],
+                1.0,
+                10.0
+            ),
+            "{}",
+            vm_ic.log()
+        );
+        vm_ic.proc.signal(libc::SIGTERM);
+        let status = vm_ic.proc.wait_exit(10.0).expect("exits within the grace");
+        assert!(status.success(), "{status:?}\n{}", vm_ic.log());
+        held.wait_for_output("eof 0", 5.0);
+        let needle = format!("closed kind={kind} ");
+        let line = wait_for(5.0, || {
+            recorder
+                .output()
+                .lines()
+                .find(|l| l.starts_with(&needle))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("the recorder saw no {kind} close:\n{}", recorder.output()));
+        assert!(line.contains("tls_end=close_notify"), "{line}");
+        if kind == "hbone" {
+            assert!(line.contains("goaway=NO_ERROR"), "{line}");
+            assert!(line.contains("streams=1"), "{line}");
+        }
+        assert!(
+            vm_ic.log().contains("end=drained"),
+            "the held connection was closed by the drain:\n{}",
+            vm_ic.log()
+        );
+    }
+}
+
+/// Issue 25: an mTLS client that half-closes without close_notify (as Python's ssl does) while
+/// its 1 MiB echo is still coming back: the response is not cut, and the access log and the
+/// byte counters say what moved each way and how it ended.
+#[test]
+fn inbound_counts_both_ways_for_a_client_that_skips_close_notify() {
+    let m = Mesh::new();
+    let pod = m.pod_node();
+    let mut echo = Proc::spawn(
+        "tcp-echo",
+        pod.cmd(helper("tcp-echo").as_str(), &[&format!("{POD}:9100")]),
+        pod.path("tcp-echo.log"),
+    );
+    echo.wait_for_output("listening", 10.0);
+    let pod_ic = m.pod(&["--inbound-ports", "9100"]);
+    let script = r#"
+import os, socket, ssl, sys
+certs, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.load_cert_chain(certs + "/cert-chain.pem", certs + "/key.pem")
+ctx.set_alpn_protocols(["istio"])
+s = ctx.wrap_socket(socket.create_connection((host, port)))
+data = bytes(i % 251 for i in range(1 << 20))
+s.sendall(data)
+# FIN on the TCP socket itself: no close_notify first.
+socket.socket(fileno=os.dup(s.fileno())).shutdown(socket.SHUT_WR)
+got = bytearray()
+while True:
+    try:
+        chunk = s.recv(65536)
+    except ssl.SSLError as e:
+        print("recv error", e)
+        break
+    if not chunk:
+        break
+    got += chunk
+print("sent", len(data), "got", len(got), "same", bytes(got) == data)
+s.close()
+"#;
+    let out = sh(&mut m.vm_node().cmd(
+        "python3",
+        &[
+            "-c",
+            script,
+            m.vm_certs.to_str().expect("utf-8"),
+            POD,
+            "9100",
+        ],
+    ));
+    assert!(
+        out.contains("sent 1048576 got 1048576 same True"),
+        "{out}\n{}",
+        pod_ic.log()
+    );
+    let labels = [
+        ("reporter", "destination"),
+        ("destination_service", "10.77.0.2:9100"),
+    ];
+    assert!(
+        pod_ic.wait_counter("istio_tcp_connections_closed_total", &labels, 1.0, 10.0),
+        "{}",
+        pod_ic.metrics().0
+    );
+    let metrics = pod_ic.metrics();
+    assert_eq!(
+        metrics.sum("istio_tcp_received_bytes_total", &labels),
+        1_048_576.0
+    );
+    assert_eq!(
+        metrics.sum("istio_tcp_sent_bytes_total", &labels),
+        1_048_576.0
+    );
+    let log = pod_ic.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("inbound connection") && l.contains(":9100"))
+        .unwrap_or_else(|| panic!("no access log line:\n{log}"));
+    assert!(
+        line.contains("received=1048576 sent=1048576 end=tls_no_close_notify"),
+        "{line}"
     );
 }

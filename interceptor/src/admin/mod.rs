@@ -393,25 +393,31 @@ impl Server {
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.state.limits.admin.clone();
-        crate::net::accept_loop(listener, "admin", Some(limit), move |stream, _| {
-            let this = self.clone();
-            async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(req)) }
-                });
-                // A local client that opens a connection and sends nothing holds a slot
-                // for this long at most.
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(ADMIN_HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "admin connection");
+        crate::net::accept_loop(
+            listener,
+            "admin",
+            Some(limit),
+            crate::net::Tasks::Detached,
+            move |stream, _| {
+                let this = self.clone();
+                async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let this = this.clone();
+                        async move { Ok::<_, Infallible>(this.route(req)) }
+                    });
+                    // A local client that opens a connection and sends nothing holds a slot
+                    // for this long at most.
+                    if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        tracing::debug!(error = %e, "admin connection");
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 

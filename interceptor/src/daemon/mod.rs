@@ -284,11 +284,13 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         cgroup = ?ctx.capture.info().and_then(|c| c.cgroup), "interceptor ready"
     );
     notify_systemd(&[sd_notify::NotifyState::Ready]);
-    supervise(sup).await
+    supervise(sup, s.shutdown_grace).await
 }
 
-/// Runs the parts until a stop signal (exit 0) or a dead part (exit non-zero).
-async fn supervise(sup: Supervisor) -> anyhow::Result<()> {
+/// Runs the parts until a stop signal (exit 0) or a dead part (exit non-zero). Then, with
+/// capture detached and the listeners closed, connections in progress get `grace` to end and
+/// are closed cleanly after it (`net::drain`).
+async fn supervise(sup: Supervisor, grace: std::time::Duration) -> anyhow::Result<()> {
     let stop = async {
         if let Err(e) = stop_signal().await {
             tracing::error!(error = %e, "cannot wait for signals");
@@ -297,6 +299,13 @@ async fn supervise(sup: Supervisor) -> anyhow::Result<()> {
     };
     let result = sup.run(stop).await;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    let left = crate::net::drain::run(grace).await;
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "connections still open after the shutdown grace: cut"
+        );
+    }
     result.map_err(anyhow::Error::from)
 }
 
@@ -391,7 +400,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     ctx.readiness.set(LISTENERS, true);
     tracing::info!(network = %args.network, listen = ?args.listen, hbone = ?hbone, admin = %args.admin_addr, endpoints = local, "gateway ready");
     notify_systemd(&[sd_notify::NotifyState::Ready]);
-    supervise(sup).await
+    supervise(sup, args.shutdown_grace()).await
 }
 
 /// Loads the first table of `source` for `interceptor check`: every error, or the table.

@@ -198,7 +198,7 @@ impl Listeners {
             orig,
             Dialer::new(ctx.tls.clone(), s.timeouts)
                 .with_resolver(resolver)
-                .with_metrics(ctx.metrics.clone()),
+                .with_metrics(ctx.metrics.clone(), &s.workload()),
             ctx.outliers.clone(),
             self.outbound_addrs,
             s.network.clone(),
@@ -219,6 +219,7 @@ impl Listeners {
                 s.policy.clone(),
                 s.ports.inbound,
                 s.inbound.hbone,
+                s.workload(),
                 interceptor_ebpf::abi::INBOUND_SOURCE4,
                 ctx.limits.handshakes.clone(),
                 ctx.metrics.clone(),

@@ -253,10 +253,16 @@ impl Server {
 
     /// Serves DNS over TCP on `listener`, at most `limit`'s connections at once.
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
-        crate::net::accept_loop(listener, "dns", Some(limit), move |stream, _| {
-            let this = self.clone();
-            async move { this.tcp_connection(stream).await }
-        })
+        crate::net::accept_loop(
+            listener,
+            "dns",
+            Some(limit),
+            crate::net::Tasks::Detached,
+            move |stream, _| {
+                let this = self.clone();
+                async move { this.tcp_connection(stream).await }
+            },
+        )
         .await
     }
 

@@ -2,6 +2,7 @@
 //! moving bytes between two streams. No policy: what to accept and where to send it is decided
 //! by `route` and the data paths in `proxy`.
 
+pub mod drain;
 mod limit;
 mod relay;
 mod splice;
@@ -9,7 +10,7 @@ pub mod udp;
 
 pub use limit::{reset, Limit, Limits, Permit};
 
-pub use relay::{buffered, relay, Buffered, BUFFER, TLS_READ_AHEAD};
+pub use relay::{buffered, relay, relay_until, Buffered, End, Relayed, BUFFER, TLS_READ_AHEAD};
 pub use splice::splice_relay;
 
 use std::future::Future;
@@ -18,14 +19,23 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+/// Whether a stop waits for an accept loop's connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tasks {
+    Drained,
+    Detached,
+}
+
 /// Accepts forever, one task per connection, each holding a permit of `limit` (if any) for its
 /// lifetime; at the cap a connection is reset at once. A failing accept (EMFILE and the like)
 /// backs off instead of spinning. Never returns: a loop that ends has panicked, and the
-/// supervisor that owns its task sees it.
+/// supervisor that owns its task sees it. Connections that relay someone's bytes are
+/// `Drained` (a stop waits for them to close cleanly); the admin endpoint's and DNS's are not.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     what: &'static str,
     limit: Option<std::sync::Arc<Limit>>,
+    tasks: Tasks,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
@@ -46,10 +56,16 @@ pub async fn accept_loop<F, Fut>(
                     None => None,
                 };
                 let work = handle(stream, peer);
-                tokio::spawn(async move {
+                let work = async move {
                     work.await;
                     drop(permit);
-                });
+                };
+                match tasks {
+                    Tasks::Drained => drain::spawn(work),
+                    Tasks::Detached => {
+                        tokio::spawn(work);
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "{what} accept failed");

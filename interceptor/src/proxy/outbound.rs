@@ -6,16 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::capture::OriginalDst;
 use crate::mesh::{Service, Store};
 use crate::metrics::{self, Metrics, TcpLabels};
-use crate::net::relay;
+use crate::net::{relay, Relayed};
 use crate::route::{self, Outliers, Scope, Target, Transport};
 use crate::spiffe::{SpiffeId, DEFAULT_TRUST_DOMAIN};
 use crate::tls;
+use crate::transport::hbone::Origin;
 use crate::transport::{try_targets, Dialer, For, Upstream};
 
 /// At most this many endpoints are tried for one connection.
@@ -65,10 +65,16 @@ impl Outbound {
 
     /// Serves `listener`, at most `limit`'s connections at once.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
-        crate::net::accept_loop(listener, "outbound", Some(limit), move |stream, peer| {
-            let this = self.clone();
-            async move { this.handle(stream, peer).await }
-        })
+        crate::net::accept_loop(
+            listener,
+            "outbound",
+            Some(limit),
+            crate::net::Tasks::Drained,
+            move |stream, peer| {
+                let this = self.clone();
+                async move { this.handle(stream, peer).await }
+            },
+        )
         .await
     }
 
@@ -111,7 +117,13 @@ impl Outbound {
             &self.outliers,
             &self.metrics,
             svc.host.as_str(),
-            &For(&self.dialer, peer),
+            &For(
+                &self.dialer,
+                Origin {
+                    client: peer,
+                    service: svc.host.as_str(),
+                },
+            ),
         )
         .await
         {
@@ -129,15 +141,17 @@ impl Outbound {
             server.as_ref().map(SpiffeId::as_str),
         );
         self.metrics.opened(&labels);
-        tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), "outbound connection");
+        let peer_workload = match &upstream {
+            Upstream::Hbone(s) => s.peer_workload().and_then(|w| w.service.clone()),
+            _ => None,
+        };
+        tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), peer_workload = peer_workload.as_deref().unwrap_or("-"), "outbound connection");
         let result = match upstream {
             Upstream::Tcp(mut up) => relay(&mut client, &mut up).await,
             Upstream::Tls(mut up) => relay(&mut client, up.as_mut()).await,
             Upstream::Hbone(mut up) => relay(&mut client, up.as_mut()).await,
         };
-        let _ = client.shutdown().await;
-        let (from_client, to_client) = result.as_ref().copied().unwrap_or((0, 0));
-        self.metrics.closed(&labels, from_client, to_client);
+        self.metrics.closed(&labels, result.a_to_b, result.b_to_a);
         log_close(&result, dst, svc, target, started);
     }
 }
@@ -150,22 +164,12 @@ fn hbone_authority(t: &Transport) -> Option<String> {
     }
 }
 
-fn log_close(
-    result: &std::io::Result<(u64, u64)>,
-    dst: SocketAddr,
-    svc: &Service,
-    target: &Target,
-    started: Instant,
-) {
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match result {
-        Ok((sent, received)) => tracing::info!(
-            original = %dst, service = %svc.host, endpoint = %target.endpoint, sent, received, duration_ms,
-            "outbound connection closed"
-        ),
-        Err(e) => tracing::info!(
-            original = %dst, service = %svc.host, endpoint = %target.endpoint, error = %e, duration_ms,
-            "outbound connection reset"
-        ),
-    }
+fn log_close(r: &Relayed, dst: SocketAddr, svc: &Service, target: &Target, started: Instant) {
+    tracing::info!(
+        original = %dst, service = %svc.host, endpoint = %target.endpoint,
+        sent = r.a_to_b, received = r.b_to_a, end = %r.end,
+        error = r.error.map(|k| k.to_string()).as_deref().unwrap_or("-"),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "outbound connection closed"
+    );
 }

@@ -19,14 +19,15 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::baggage::{self, Workload};
 use crate::metrics::{Metrics, OUTBOUND};
-use crate::net::buffered;
+use crate::net::{buffered, drain};
 use crate::spiffe::SpiffeId;
 use crate::tls::{self, Configs};
 
@@ -48,9 +49,10 @@ pub const IDLE: Duration = Duration::from_secs(300);
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// HTTP/2 as every HBONE client here speaks it: SPEC 11's windows, frames and limits.
-pub fn client_h2() -> hyper::client::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+/// HTTP/2 as every HBONE client here speaks it: SPEC 11's windows, frames and limits. Its
+/// connection tasks are the drain's, so a stop waits for their GOAWAY and close_notify.
+pub fn client_h2() -> hyper::client::conn::http2::Builder<drain::Executor> {
+    let mut b = hyper::client::conn::http2::Builder::new(drain::Executor);
     b.timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -61,8 +63,8 @@ pub fn client_h2() -> hyper::client::conn::http2::Builder<TokioExecutor> {
 }
 
 /// HTTP/2 as every HBONE server here (inbound 15008, the gateway's 15008) speaks it.
-pub fn server_h2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+pub fn server_h2() -> hyper::server::conn::http2::Builder<drain::Executor> {
+    let mut b = hyper::server::conn::http2::Builder::new(drain::Executor);
     b.timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -73,6 +75,26 @@ pub fn server_h2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
         .keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     b
+}
+
+/// Serves one HBONE connection with `service` until the peer closes it. On a stop it sends
+/// GOAWAY at once (no new streams), lets the open streams end (the drain closes them at its
+/// deadline) and then closes with TLS close_notify.
+pub async fn serve_draining<IO, S>(io: IO, service: S) -> Result<(), hyper::Error>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Empty<Bytes>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = server_h2().serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = drain::started() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 /// Why a stream could not be opened: a log line and a metric label (through `DialError`).
@@ -110,6 +132,8 @@ struct Conn {
     streams: Arc<Streams>,
     /// Who answered, from its certificate.
     peer: Option<SpiffeId>,
+    /// Our address on it: the address the peer can route back to this VM.
+    local: Option<std::net::IpAddr>,
 }
 
 /// The open streams of one connection and when it was last used.
@@ -156,23 +180,57 @@ pub struct Connect<'a> {
     /// `IP:port` of the destination, or `host:port` of a service (double HBONE).
     pub authority: &'a str,
     pub identities: &'a [SpiffeId],
-    /// The application's address, for `forwarded`.
-    pub client: Option<SocketAddr>,
+    /// The application connection this stream carries, for `forwarded`.
+    pub origin: Option<Origin<'a>>,
+}
+
+/// What a CONNECT says of the application connection it carries (ztunnel's `forwarded`).
+#[derive(Clone, Copy, Debug)]
+pub struct Origin<'a> {
+    /// The application's socket as we accepted it.
+    pub client: SocketAddr,
+    /// The service it meant.
+    pub service: &'a str,
+}
+
+impl Origin<'_> {
+    /// `forwarded` as ztunnel sends it: the application's own address and the service. Capture
+    /// hands us the application's socket over loopback, whose address means nothing to the
+    /// peer: the address is then ours on the connection to the peer (what the application's
+    /// would have been without capture), with the application's port.
+    fn forwarded(&self, local: Option<std::net::IpAddr>) -> String {
+        let client = match local {
+            Some(ip) if self.client.ip().to_canonical().is_loopback() => {
+                SocketAddr::new(ip.to_canonical(), self.client.port())
+            }
+            _ => self.client,
+        };
+        baggage::forwarded(client, Some(self.service))
+    }
 }
 
 pub struct Pool {
-    slots: Mutex<HashMap<Key, Slot>>,
+    slots: Arc<Mutex<HashMap<Key, Slot>>>,
     metrics: Arc<Metrics>,
     idle: Duration,
+    /// Ours, in each CONNECT's `baggage`.
+    baggage: Option<String>,
 }
 
 impl Pool {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
-            slots: Mutex::default(),
+            slots: Arc::default(),
             metrics,
             idle: IDLE,
+            baggage: None,
         }
+    }
+
+    /// Each CONNECT carries `workload`'s baggage.
+    pub fn with_workload(mut self, workload: &Workload) -> Self {
+        self.baggage = workload.header();
+        self
     }
 
     /// Opens a CONNECT stream for `req.authority` at `req.endpoint`, on a pooled connection if
@@ -194,7 +252,7 @@ impl Pool {
         );
         let slot = self.slot(key);
         let waited_from = Instant::now();
-        let (mut sender, streams, peer) = {
+        let (mut sender, streams, peer, local) = {
             let mut conns = slot.lock().await;
             conns.open.retain(|c| !c.sender.is_closed());
             let free = conns.open.iter().find(|c| {
@@ -203,7 +261,7 @@ impl Pool {
             match free {
                 Some(c) => {
                     c.streams.opened();
-                    (c.sender.clone(), c.streams.clone(), c.peer.clone())
+                    (c.sender.clone(), c.streams.clone(), c.peer.clone(), c.local)
                 }
                 None if conns.failed_at.is_some_and(|t| t >= waited_from) => {
                     return Err(super::DialError::Hbone(Error::PeerFailed));
@@ -224,14 +282,20 @@ impl Pool {
                         }
                     };
                     c.streams.opened();
-                    let out = (c.sender.clone(), c.streams.clone(), c.peer.clone());
+                    let out = (c.sender.clone(), c.streams.clone(), c.peer.clone(), c.local);
                     conns.open.push(c);
                     out
                 }
             }
         };
         let guard = StreamGuard(streams);
-        let request = connect_request(&req)?;
+        let head = Head {
+            authority: req.authority,
+            forwarded: req.origin.map(|o| o.forwarded(local)),
+            baggage: self.baggage.as_deref(),
+            network: None,
+        };
+        let request = head.request()?;
         let response = sender
             .send_request(request)
             .await
@@ -239,6 +303,7 @@ impl Pool {
         if response.status() != StatusCode::OK {
             return Err(super::DialError::Hbone(Error::Status(response.status())));
         }
+        let peer_workload = peer_baggage(&response);
         let upgraded = hyper::upgrade::on(response)
             .await
             .map_err(|e| super::DialError::Hbone(Error::Stream(e)))?;
@@ -246,6 +311,11 @@ impl Pool {
         Ok(Stream {
             io: TokioIo::new(upgraded),
             peer,
+            peer_workload,
+            head: Some(OuterHead {
+                forwarded: req.origin.map(|o| o.forwarded(local)),
+                baggage: self.baggage.clone(),
+            }),
             _guard: Some(guard),
             write_closed: false,
         })
@@ -276,6 +346,7 @@ impl Pool {
         tcp: TcpStream,
         timeout: Duration,
     ) -> Result<Conn, super::DialError> {
+        let local = tcp.local_addr().ok().map(|a| a.ip());
         let (tls, peer) = tls_handshake(configs, identities, buffered(tcp), timeout).await?;
         let (sender, conn) = client_h2()
             .keep_alive_interval(KEEPALIVE)
@@ -289,12 +360,23 @@ impl Pool {
         let watched = streams.clone();
         let idle = self.idle;
         let metrics = self.metrics.clone();
-        tokio::spawn(async move {
+        let slots = self.slots.clone();
+        drain::spawn(async move {
+            tokio::pin!(conn);
             tokio::select! {
-                r = conn => if let Err(e) = r {
+                r = conn.as_mut() => if let Err(e) = r {
                     tracing::debug!(error = %e, "HBONE connection ended");
                 },
                 () = idle_out(&watched, idle) => tracing::debug!("HBONE connection idle; closed"),
+                () = drain::started() => {
+                    // Nothing new goes out on the pool's connections: once their streams are
+                    // done, each sends GOAWAY and close_notify (h2 does, once no one can open
+                    // a stream on it).
+                    slots.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                    if let Err(e) = conn.as_mut().await {
+                        tracing::debug!(error = %e, "HBONE connection ended while draining");
+                    }
+                }
             }
             metrics.hbone_connection_closed(OUTBOUND);
         });
@@ -302,6 +384,7 @@ impl Pool {
             sender,
             streams,
             peer,
+            local,
         })
     }
 }
@@ -352,35 +435,58 @@ async fn idle_out(streams: &Streams, idle: Duration) {
     }
 }
 
-/// The CONNECT request (SPEC 11): authority-form URI, `forwarded` with the application's
-/// address, a new `traceparent`.
-fn connect_request(req: &Connect<'_>) -> Result<Request<Empty<Bytes>>, super::DialError> {
-    let authority = req.authority.to_string();
-    let bad = || super::DialError::Hbone(Error::Authority(authority.clone()));
-    let uri = hyper::Uri::builder()
-        .authority(authority.as_str())
-        .build()
-        .map_err(|_| bad())?;
-    let mut b = Request::builder().method(Method::CONNECT).uri(uri);
-    if let Some(client) = req.client {
-        b = b.header("forwarded", format!("for=\"{client}\""));
-    }
-    let mut rng = rand::rng();
-    let trace: u128 = rng.random();
-    let span: u64 = rng.random();
-    b = b.header("traceparent", format!("00-{trace:032x}-{span:016x}-00"));
-    if let Some(baggage) = baggage(req.tls) {
-        b = b.header("baggage", baggage);
-    }
-    b.body(Empty::new()).map_err(|_| bad())
+/// A CONNECT's headers (SPEC 11), as ztunnel sends them on every CONNECT, the inner one of
+/// double HBONE included (I: ztunnel src/proxy/outbound.rs `create_hbone_request`).
+struct Head<'a> {
+    /// `IP:port` or `host:port`, authority-form.
+    authority: &'a str,
+    forwarded: Option<String>,
+    baggage: Option<&'a str>,
+    /// The inner CONNECT of double HBONE names our network.
+    network: Option<&'a str>,
 }
 
-/// What ztunnel says of the source in `baggage`, as far as our identity tells it.
-fn baggage(tls: &Configs) -> Option<String> {
-    let id = tls.spiffe.as_str();
-    let rest = id.split_once("/ns/")?.1;
-    let (ns, sa) = rest.split_once("/sa/")?;
-    Some(format!("k8s.namespace.name={ns},service.name={sa}"))
+impl Head<'_> {
+    fn request(&self) -> Result<Request<Empty<Bytes>>, super::DialError> {
+        let bad = || super::DialError::Hbone(Error::Authority(self.authority.to_string()));
+        let uri = hyper::Uri::builder()
+            .authority(self.authority)
+            .build()
+            .map_err(|_| bad())?;
+        let mut b = Request::builder().method(Method::CONNECT).uri(uri);
+        if let Some(f) = &self.forwarded {
+            b = b.header("forwarded", f.as_str());
+        }
+        if let Some(baggage) = self.baggage {
+            b = b.header("baggage", baggage);
+        }
+        let mut rng = rand::rng();
+        let trace: u128 = rng.random();
+        let span: u64 = rng.random();
+        b = b.header("traceparent", format!("00-{trace:032x}-{span:016x}-00"));
+        if let Some(network) = self.network.filter(|n| !n.is_empty()) {
+            b = b.header("x-forwarded-network", network);
+        }
+        b.body(Empty::new()).map_err(|_| bad())
+    }
+}
+
+/// What the outer CONNECT said, for the inner one of double HBONE to say again.
+#[derive(Clone, Debug)]
+struct OuterHead {
+    forwarded: Option<String>,
+    baggage: Option<String>,
+}
+
+/// The peer's `baggage` on its 200: who answered, for our access log.
+fn peer_baggage<B>(response: &hyper::Response<B>) -> Option<Workload> {
+    let values: Vec<&str> = response
+        .headers()
+        .get_all("baggage")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| Workload::parse(values))
 }
 
 /// The inner half of double HBONE (SPEC 11): over the outer stream to the gateway, a new,
@@ -396,27 +502,25 @@ pub async fn inner(
     timeout: Duration,
     metrics: &Metrics,
 ) -> Result<Stream, super::DialError> {
+    let outer_head = outer.head.clone();
     let (tls, peer) = tls_handshake(configs, identities, outer, timeout).await?;
     // No pings of its own: the outer connection's keep it alive.
     let (mut sender, conn) = client_h2()
         .handshake(TokioIo::new(tls))
         .await
         .map_err(|e| super::DialError::Hbone(Error::H2Handshake(e)))?;
-    tokio::spawn(async move {
+    drain::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "inner HBONE connection ended");
         }
     });
-    let bad = || super::DialError::Hbone(Error::Authority(authority.to_string()));
-    let uri = hyper::Uri::builder()
-        .authority(authority)
-        .build()
-        .map_err(|_| bad())?;
-    let mut b = Request::builder().method(Method::CONNECT).uri(uri);
-    if !network.is_empty() {
-        b = b.header("x-forwarded-network", network);
-    }
-    let request = b.body(Empty::<Bytes>::new()).map_err(|_| bad())?;
+    let head = Head {
+        authority,
+        forwarded: outer_head.as_ref().and_then(|h| h.forwarded.clone()),
+        baggage: outer_head.as_ref().and_then(|h| h.baggage.as_deref()),
+        network: Some(network),
+    };
+    let request = head.request()?;
     let response = sender
         .send_request(request)
         .await
@@ -424,6 +528,7 @@ pub async fn inner(
     if response.status() != StatusCode::OK {
         return Err(super::DialError::Hbone(Error::Status(response.status())));
     }
+    let peer_workload = peer_baggage(&response);
     let upgraded = hyper::upgrade::on(response)
         .await
         .map_err(|e| super::DialError::Hbone(Error::Stream(e)))?;
@@ -431,6 +536,8 @@ pub async fn inner(
     Ok(Stream {
         io: TokioIo::new(upgraded),
         peer,
+        peer_workload,
+        head: None,
         _guard: None,
         write_closed: false,
     })
@@ -449,6 +556,10 @@ impl Drop for StreamGuard {
 pub struct Stream {
     io: TokioIo<hyper::upgrade::Upgraded>,
     peer: Option<SpiffeId>,
+    /// Who answered, from its `baggage`.
+    peer_workload: Option<Workload>,
+    /// What this stream's CONNECT said (an outer stream's, for the inner CONNECT).
+    head: Option<OuterHead>,
     /// The pooled connection's count (none for an unpooled inner tunnel).
     _guard: Option<StreamGuard>,
     /// The peer stopped taking data (see `poll_write`).
@@ -459,6 +570,11 @@ impl Stream {
     /// Who answered the connection this stream rides on, as its certificate proved.
     pub fn peer(&self) -> Option<&SpiffeId> {
         self.peer.as_ref()
+    }
+
+    /// Who answered, as its `baggage` says.
+    pub fn peer_workload(&self) -> Option<&Workload> {
+        self.peer_workload.as_ref()
     }
 }
 
@@ -556,7 +672,7 @@ mod tests {
             endpoint: "192.0.2.1:15008".parse().unwrap(),
             authority: "192.0.2.1:80",
             identities: &[],
-            client: None,
+            origin: None,
         };
         let dials = AtomicUsize::new(0);
         // A peer that blackholes: the TCP leg times out after a while.

@@ -139,9 +139,14 @@ impl Dialer {
         }
     }
 
-    /// HBONE connections and streams are counted in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.hbone = hbone::Pool::new(metrics);
+    /// HBONE connections and streams are counted in `metrics`, and each CONNECT names
+    /// `workload` in its baggage.
+    pub fn with_metrics(
+        mut self,
+        metrics: Arc<Metrics>,
+        workload: &crate::baggage::Workload,
+    ) -> Self {
+        self.hbone = hbone::Pool::new(metrics).with_workload(workload);
         self
     }
 
@@ -179,11 +184,11 @@ impl Dialer {
         self.dial_for(target, None).await
     }
 
-    /// As `dial`, for an application connection from `client` (HBONE tells the peer).
+    /// As `dial`, for an application connection (HBONE tells the peer of it).
     pub async fn dial_for(
         &self,
         target: &Target,
-        client: Option<SocketAddr>,
+        origin: Option<hbone::Origin<'_>>,
     ) -> Result<Upstream, DialError> {
         match &target.transport {
             Transport::Plain => Ok(Upstream::Tcp(self.tcp(&target.endpoint).await?)),
@@ -203,7 +208,7 @@ impl Dialer {
                     endpoint: SocketAddr::new(ip, target.endpoint.port),
                     authority: &authority,
                     identities,
-                    client,
+                    origin,
                 };
                 let stream = self
                     .hbone
@@ -228,7 +233,7 @@ impl Dialer {
                     endpoint: SocketAddr::new(ip, target.endpoint.port),
                     authority,
                     identities: gateway_identities,
-                    client,
+                    origin,
                 };
                 let outer = self
                     .hbone
@@ -318,7 +323,7 @@ impl Connector for Dialer {
 }
 
 /// Each target with its transport, for an application connection from `.1`.
-pub struct For<'a>(pub &'a Dialer, pub SocketAddr);
+pub struct For<'a>(pub &'a Dialer, pub hbone::Origin<'a>);
 
 impl Connector for For<'_> {
     type Conn = Upstream;

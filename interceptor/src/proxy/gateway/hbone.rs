@@ -21,7 +21,6 @@ use crate::metrics::{self, TcpLabels};
 use crate::net::buffered;
 use crate::route::{self, Target};
 use crate::spiffe::{uri_sans, SpiffeId};
-use crate::transport::hbone::server_h2;
 use crate::transport::{try_targets, RawTcp};
 
 const HANDSHAKE: Duration = Duration::from_secs(10);
@@ -75,6 +74,7 @@ impl Gateway {
             listener,
             "gateway hbone",
             Some(limit),
+            crate::net::Tasks::Drained,
             move |stream, peer| {
                 let this = self.clone();
                 async move { this.hbone(stream, peer).await }
@@ -121,9 +121,7 @@ impl Gateway {
             let client = client.clone();
             async move { Ok::<_, Infallible>(this.outer_stream(req, peer, client).await) }
         });
-        let served = server_h2()
-            .serve_connection(TokioIo::new(tls), service)
-            .await;
+        let served = crate::transport::hbone::serve_draining(TokioIo::new(tls), service).await;
         self.metrics.hbone_connection_closed(metrics::GATEWAY);
         if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "gateway: HBONE connection ended");
@@ -151,7 +149,7 @@ impl Gateway {
                     .unwrap_or("-")
                     .to_string();
                 tracing::info!(%peer, client = client.as_ref().map(SpiffeId::as_str).unwrap_or("-"), %authority, endpoint = %target.endpoint, from_network = %network, "gateway HBONE stream");
-                tokio::spawn(async move {
+                crate::net::drain::spawn(async move {
                     let mut tunnel = match hyper::upgrade::on(req).await {
                         Ok(up) => TokioIo::new(up),
                         Err(e) => {
@@ -163,10 +161,9 @@ impl Gateway {
                     let labels = TcpLabels::new(metrics::GATEWAY, service, true);
                     self.metrics.opened(&labels);
                     let mut upstream = upstream;
-                    let result = crate::net::relay(&mut tunnel, &mut upstream).await;
-                    let (rx, tx) = result.as_ref().copied().unwrap_or((0, 0));
-                    self.metrics.closed(&labels, rx, tx);
-                    tracing::info!(%peer, endpoint = %target.endpoint, sent = rx, received = tx, duration_ms = started.elapsed().as_millis() as u64, "gateway HBONE stream closed");
+                    let r = crate::net::relay(&mut tunnel, &mut upstream).await;
+                    self.metrics.closed(&labels, r.a_to_b, r.b_to_a);
+                    tracing::info!(%peer, endpoint = %target.endpoint, sent = r.a_to_b, received = r.b_to_a, end = %r.end, duration_ms = started.elapsed().as_millis() as u64, "gateway HBONE stream closed");
                 });
                 let mut r = Response::new(Empty::new());
                 *r.status_mut() = StatusCode::OK;

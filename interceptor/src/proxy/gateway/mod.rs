@@ -117,10 +117,16 @@ impl Gateway {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
-        crate::net::accept_loop(listener, "gateway", Some(limit), move |stream, peer| {
-            let this = self.clone();
-            async move { this.handle(stream, peer).await }
-        })
+        crate::net::accept_loop(
+            listener,
+            "gateway",
+            Some(limit),
+            crate::net::Tasks::Detached,
+            move |stream, peer| {
+                let this = self.clone();
+                async move { this.handle(stream, peer).await }
+            },
+        )
         .await
     }
 
@@ -213,10 +219,16 @@ pub struct ExposeIstiod {
 
 impl ExposeIstiod {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
-        crate::net::accept_loop(listener, "gateway", Some(limit), move |stream, peer| {
-            let this = self.clone();
-            async move { this.handle(stream, peer).await }
-        })
+        crate::net::accept_loop(
+            listener,
+            "gateway",
+            Some(limit),
+            crate::net::Tasks::Detached,
+            move |stream, peer| {
+                let this = self.clone();
+                async move { this.handle(stream, peer).await }
+            },
+        )
         .await
     }
 

@@ -18,11 +18,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{connect_app, Conn, Inbound, Kind, Refused, HANDSHAKE};
+use crate::baggage::{self, Workload};
 use crate::mesh::Address;
 use crate::metrics::{self, TcpLabels, INBOUND};
 use crate::net::{buffered, relay};
 use crate::spiffe::{uri_sans, SpiffeId};
-use crate::transport::hbone::server_h2;
+use crate::transport::hbone::serve_draining;
 
 /// Why one stream was refused: its status and a metric label.
 #[derive(Debug, thiserror::Error)]
@@ -114,9 +115,7 @@ impl Inbound {
             let tunnel = tunnel.clone();
             async move { Ok::<_, Infallible>(tunnel.stream(req).await) }
         });
-        let served = server_h2()
-            .serve_connection(TokioIo::new(tls), service)
-            .await;
+        let served = serve_draining(TokioIo::new(tls), service).await;
         self.metrics.hbone_connection_closed(INBOUND);
         match served {
             Ok(()) => conn.log(0, 0, &"HBONE connection closed"),
@@ -135,8 +134,14 @@ impl Tunnel {
         match self.open(&req).await {
             Ok((authority, app)) => {
                 let this = self.clone();
-                tokio::spawn(async move { this.relay(req, authority, app, started).await });
-                status(StatusCode::OK)
+                crate::net::drain::spawn(
+                    async move { this.relay(req, authority, app, started).await },
+                );
+                let mut ok = status(StatusCode::OK);
+                if let Some(b) = &self.inbound.baggage {
+                    ok.headers_mut().insert("baggage", b.clone());
+                }
+                ok
             }
             Err(why) => {
                 self.inbound.metrics.inbound_refused(why.label());
@@ -221,6 +226,13 @@ impl Tunnel {
             .get("forwarded")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let source = Workload::parse(
+            req.headers()
+                .get_all("baggage")
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
+        let service = self.destination_service(forwarded.as_deref(), authority);
         let mut tunnel = match hyper::upgrade::on(req).await {
             Ok(up) => TokioIo::new(up),
             Err(e) => {
@@ -230,21 +242,43 @@ impl Tunnel {
         };
         let m = &self.inbound.metrics;
         m.hbone_stream(INBOUND);
-        let labels = TcpLabels::new(metrics::DESTINATION, authority.to_string(), true).principals(
+        let labels = TcpLabels::new(metrics::DESTINATION, service.clone(), true).principals(
             self.client.as_ref().map(SpiffeId::as_str),
             Some(self.ours.as_str()),
         );
         m.opened(&labels);
-        let result = relay(&mut tunnel, &mut app).await;
-        let (rx, tx) = result.as_ref().copied().unwrap_or((0, 0));
-        m.closed(&labels, rx, tx);
+        let r = relay(&mut tunnel, &mut app).await;
+        m.closed(&labels, r.a_to_b, r.b_to_a);
+        let client = forwarded.as_deref().and_then(baggage::forwarded_for);
         tracing::info!(
-            peer = %self.peer, %authority, forwarded = forwarded.as_deref().unwrap_or("-"),
+            peer = %self.peer, client = client.unwrap_or("-"), %authority, service = %service,
             identity = self.client.as_ref().map(SpiffeId::as_str).unwrap_or("-"),
-            received = rx, sent = tx, duration_ms = started.elapsed().as_millis() as u64,
-            result = %result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
+            source_workload = source.service.as_deref().unwrap_or("-"),
+            source_namespace = source.namespace.as_deref().unwrap_or("-"),
+            received = r.a_to_b, sent = r.b_to_a, end = %r.end,
+            error = r.error.map(|k| k.to_string()).as_deref().unwrap_or("-"),
+            duration_ms = started.elapsed().as_millis() as u64,
             "inbound HBONE stream"
         );
+    }
+
+    /// The service a stream is for, for telemetry (as ztunnel's `guess_inbound_service`): the
+    /// `host=` the client named in `forwarded` if it is a service this VM serves at that port
+    /// (a client's word alone names nothing), else the address.
+    fn destination_service(&self, forwarded: Option<&str>, authority: SocketAddr) -> String {
+        let table = self.inbound.store.load();
+        let local = Address::Ip(authority.ip().to_canonical());
+        forwarded
+            .and_then(baggage::forwarded_host)
+            .and_then(|h| table.service_by_host(&h.to_ascii_lowercase()))
+            .filter(|svc| {
+                svc.ports.iter().any(|sp| {
+                    svc.endpoints_for(sp)
+                        .iter()
+                        .any(|w| w.address == local && w.target_port(sp) == authority.port())
+                })
+            })
+            .map_or_else(|| authority.to_string(), |svc| svc.host.to_string())
     }
 }
 

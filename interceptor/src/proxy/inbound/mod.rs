@@ -34,6 +34,8 @@ pub struct Inbound {
     own_port: u16,
     /// Connections to this port are HBONE.
     hbone_port: Option<u16>,
+    /// This VM's workload: the `baggage` on each HBONE stream's 200.
+    baggage: Option<hyper::header::HeaderValue>,
     /// Where our IPv4 connections to the app come from: an address capture leaves alone.
     app_source4: Ipv4Addr,
     /// Connections before their handshake is done: what slow clients hold.
@@ -134,6 +136,18 @@ impl Conn {
             result = %result, "inbound connection"
         );
     }
+
+    /// A relayed connection's line: what moved each way and how it ended, whatever ended it.
+    fn log_relayed(&self, r: &crate::net::Relayed) {
+        tracing::info!(
+            peer = %self.peer, service = %self.dst, mode = ?self.kind,
+            identity = self.identity.as_ref().map(SpiffeId::as_str).unwrap_or("-"),
+            received = r.a_to_b, sent = r.b_to_a, end = %r.end,
+            error = r.error.map(|k| k.to_string()).as_deref().unwrap_or("-"),
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            result = "ok", "inbound connection"
+        );
+    }
 }
 
 impl Inbound {
@@ -144,6 +158,7 @@ impl Inbound {
         policy: InboundPolicy,
         own_port: u16,
         hbone_port: Option<u16>,
+        workload: crate::baggage::Workload,
         app_source4: Ipv4Addr,
         handshakes: Arc<crate::net::Limit>,
         metrics: Arc<Metrics>,
@@ -154,6 +169,9 @@ impl Inbound {
             policy,
             own_port,
             hbone_port,
+            baggage: workload
+                .header()
+                .and_then(|b| hyper::header::HeaderValue::from_str(&b).ok()),
             app_source4,
             handshakes,
             metrics,
@@ -162,10 +180,16 @@ impl Inbound {
 
     /// Serves `listener`, at most `limit`'s connections at once.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, limit: Arc<crate::net::Limit>) {
-        crate::net::accept_loop(listener, "inbound", Some(limit), move |stream, peer| {
-            let this = self.clone();
-            async move { this.handle(stream, peer).await }
-        })
+        crate::net::accept_loop(
+            listener,
+            "inbound",
+            Some(limit),
+            crate::net::Tasks::Drained,
+            move |stream, peer| {
+                let this = self.clone();
+                async move { this.handle(stream, peer).await }
+            },
+        )
         .await
     }
 
@@ -297,9 +321,9 @@ impl Inbound {
             Some(id.spiffe.as_str()),
         );
         self.metrics.opened(&labels);
-        let (rx, tx) = relay(&mut tls, &mut app).await.unwrap_or((0, 0));
-        self.metrics.closed(&labels, rx, tx);
-        conn.log(rx, tx, &"ok");
+        let r = relay(&mut tls, &mut app).await;
+        self.metrics.closed(&labels, r.a_to_b, r.b_to_a);
+        conn.log_relayed(&r);
         Ok(())
     }
 
@@ -321,9 +345,9 @@ impl Inbound {
             .map_err(Refused::App)?;
         let labels = TcpLabels::new(metrics::DESTINATION, conn.dst.to_string(), false);
         self.metrics.opened(&labels);
-        let (rx, tx) = relay(&mut stream, &mut app).await.unwrap_or((0, 0));
-        self.metrics.closed(&labels, rx, tx);
-        conn.log(rx, tx, &"ok");
+        let r = relay(&mut stream, &mut app).await;
+        self.metrics.closed(&labels, r.a_to_b, r.b_to_a);
+        conn.log_relayed(&r);
         Ok(())
     }
 }
