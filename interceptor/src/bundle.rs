@@ -170,6 +170,9 @@ pub struct Bundle {
     pub workload_name: String,
     /// POD_NAME, else the host name: the name in the node id.
     pub pod_name: String,
+    /// `INSTANCE_IP`: this VM's address as the mesh reaches it, when the bundle says (as
+    /// istio-agent reads it); otherwise the address istiod is reached from.
+    pub instance_ip: Option<std::net::IpAddr>,
     pub labels: BTreeMap<String, String>,
     pub auto_register_group: Option<String>,
     /// `ISTIO_INBOUND_PORTS`: "*" or a list.
@@ -460,6 +463,12 @@ impl Bundle {
                 .or_else(|| var("CANONICAL_SERVICE"))
                 .unwrap_or_default(),
             pod_name: var("POD_NAME").unwrap_or_else(hostname),
+            instance_ip: match var("INSTANCE_IP") {
+                Some(ip) => Some(ip.parse().map_err(|_| {
+                    env_field("INSTANCE_IP", format!("{ip:?} is not an IP address"))
+                })?),
+                None => None,
+            },
             auto_register_group: meta.get("AUTO_REGISTER_GROUP").cloned(),
             inbound_ports: var("ISTIO_INBOUND_PORTS"),
             exclude_inbound_ports: var("ISTIO_LOCAL_EXCLUDE_PORTS"),

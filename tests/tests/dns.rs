@@ -508,7 +508,10 @@ fn a_random_name_flood_through_a_live_upstream_keeps_nothing_per_name() {
     let mut rss = Vec::new();
     let mut answered = 0;
     for _ in 0..3 {
-        let out = sh(&mut vm.in_cgroup(q, &["--flood", &server, "50000"]));
+        // At most 512 unanswered at once: on a loaded 2-core machine an unpaced flood loses
+        // half its datagrams to full socket buffers (measured: 80 000 of 150 000 answered),
+        // and this test is about what the daemon keeps, not about loss.
+        let out = sh(&mut vm.in_cgroup(q, &["--flood", &server, "50000", "512"]));
         let flood: serde_json::Value = serde_json::from_str(out.trim()).expect("flood JSON");
         let get = |k: &str| flood[k].as_u64().unwrap_or(0);
         eprintln!(

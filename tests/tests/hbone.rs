@@ -765,6 +765,29 @@ fn double_hbone_through_the_gateway_keeps_the_inner_tls_end_to_end() {
         "istio_tcp_connections_closed_total",
         &[("destination_principal", &format!("{TD}/product-b"))]
     ) == 3.0));
+    // The inner CONNECT says what the outer one does (issue 25, as ztunnel): the endpoint
+    // names the service from `host=` and the client from `for=`, across the gateway.
+    assert_eq!(
+        b_ic.counter(
+            "istio_tcp_connections_closed_total",
+            &[("reporter", "destination"), ("destination_service", ONLY_B)]
+        ),
+        3.0,
+        "{}",
+        b_ic.metrics().0
+    );
+    let vm_a = vm.ip("a");
+    assert_eq!(
+        b_ic.log()
+            .lines()
+            .filter(|l| l.contains("inbound HBONE stream")
+                && l.contains(&format!("client=\"{vm_a}:"))
+                && l.contains("source_namespace=\"default\""))
+            .count(),
+        3,
+        "{}",
+        b_ic.log()
+    );
     assert!(
         gateway.counter(
             "interceptor_hbone_streams_total",

@@ -872,3 +872,57 @@ fn a_real_envoy_accepts_everything_the_test_control_plane_sends() {
         envoy.stat("cluster_manager.active_clusters")
     );
 }
+
+/// Issue 25: on a VM with several interfaces, the node id (and so the WorkloadEntry istiod
+/// registers) takes the address istiod is reached from, not the first interface's: that is
+/// the one the mesh can route back to. The bundle's `INSTANCE_IP` wins over both, as with
+/// istio-agent.
+#[test]
+fn the_node_is_the_address_istiod_is_reached_from_or_the_bundles_instance_ip() {
+    let t = Topology::new()
+        .network("a")
+        .network("b")
+        .node("vm", &["a", "b"])
+        .node("pod", &["a"])
+        .node("istiod", &["b"])
+        .build();
+    let ca = Ca::new("mesh root");
+    let istiod_ip = t.node("istiod").ip("b").to_string();
+    let vm = t.node("vm");
+    let (vm_a, vm_b) = (vm.ip("a").to_string(), vm.ip("b").to_string());
+    for (instance_ip, expect) in [(None, vm_b.as_str()), (Some("10.99.0.7"), "10.99.0.7")] {
+        let cp = ControlPlane::start(
+            &t.node("istiod").ns.handle(),
+            format!("{istiod_ip}:15012").parse().unwrap(),
+            &ca,
+            TOKEN,
+            mesh(vec![]),
+        );
+        let mut s = Spec::new("vm-ns", "vm-sa", &istiod_ip, &ca.pem());
+        if let Some(ip) = instance_ip {
+            s.extra_env.push(("INSTANCE_IP".into(), ip.into()));
+        }
+        let bundle = write_bundle(&t.path(&format!("vm-root-{expect}")), &s);
+        ca.issue(&bundle.join("etc/certs"), &s.identity(), Key::Ecdsa);
+        let _ic = vm
+            .interceptor()
+            .args(["--control-plane", "istiod", "--istio-dir"])
+            .arg(&bundle)
+            .log(&format!("vm-ic-{expect}"))
+            .start();
+        let first = cp
+            .wait_seen(10.0, |s| !s.node_id.is_empty())
+            .expect("a request with the node");
+        assert!(
+            first.node_id.starts_with(&format!("sidecar~{expect}~")),
+            "{} (the VM has {vm_a} and {vm_b}; istiod is at {istiod_ip})",
+            first.node_id
+        );
+        assert_eq!(
+            first.metadata["INSTANCE_IPS"].split(',').next(),
+            Some(expect),
+            "{:?}",
+            first.metadata
+        );
+    }
+}

@@ -135,10 +135,17 @@ pub fn file_source(s: &Settings) -> FileSource {
     let paths = if s.mesh.explicit || s.mesh.paths.iter().any(|p| p.exists()) {
         s.mesh.paths.clone()
     } else {
-        tracing::warn!(
-            default = crate::config::DEFAULT_MESH_DIR,
-            "no mesh files: starting with an empty mesh table"
-        );
+        // With istiod the files are an optional addition: their absence is the normal case.
+        match s.istiod {
+            Some(_) => tracing::debug!(
+                default = crate::config::DEFAULT_MESH_DIR,
+                "no mesh files: the table comes from istiod alone"
+            ),
+            None => tracing::warn!(
+                default = crate::config::DEFAULT_MESH_DIR,
+                "no mesh files: starting with an empty mesh table"
+            ),
+        }
         vec![]
     };
     FileSource::new(paths, s.mesh.networks.clone(), s.options.namespace.clone())

@@ -339,7 +339,7 @@ pub fn xds(
 ) -> Handle {
     let b = istiod.bundle.clone();
     let extra = xds::node::Extra {
-        instance_ips: xds::node::instance_ips(),
+        instance_ips: xds::node::instance_ips_for(&b),
         ports: s.inbound.ports.clone(),
         hbone: s.inbound.hbone.is_some(),
     };

@@ -128,6 +128,33 @@ pub fn node(b: &Bundle, extra: &Extra) -> Node {
     }
 }
 
+/// INSTANCE_IPS as the mesh should know this VM: the first is the node id's and the
+/// auto-registered WorkloadEntry's address, so it must be one the mesh can route back to. The
+/// bundle's `INSTANCE_IP` when given (as istio-agent), else the address this host reaches
+/// istiod from (on a VM with several interfaces the first one listed may face elsewhere), then
+/// the host's other addresses.
+pub fn instance_ips_for(b: &Bundle) -> Vec<IpAddr> {
+    let primary = b.instance_ip.or_else(|| source_towards(b.discovery.addr));
+    let mut ips = instance_ips();
+    if let Some(p) = primary {
+        ips.retain(|ip| *ip != p);
+        ips.insert(0, p);
+    }
+    ips
+}
+
+/// The source address the kernel picks for `dst`: a connected UDP socket sends nothing.
+fn source_towards(dst: std::net::SocketAddr) -> Option<IpAddr> {
+    let any: std::net::SocketAddr = match dst {
+        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(dst).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified() && !ip.is_loopback()).then_some(ip)
+}
+
 /// This host's addresses (IPv4 first, loopback and link-local left out), as INSTANCE_IPS.
 pub fn instance_ips() -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = Vec::new();

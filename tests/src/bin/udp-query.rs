@@ -2,8 +2,10 @@
 //! take: `udp-query SERVER:PORT NAME [A|AAAA]`. Prints the reply's source address, its rcode and
 //! answers, so a test can check that capture restored the source.
 //! `udp-query --raw HEX SERVER:PORT` sends the given bytes as they are (malformed queries).
-//! `udp-query --flood SERVER:PORT COUNT` sends COUNT queries for random names as fast as it
-//! can, then listens 2 s more; prints `{"sent", "servfail", "other", "unanswered"}`.
+//! `udp-query --flood SERVER:PORT COUNT [WINDOW]` sends COUNT queries for random names as fast
+//! as it can (with WINDOW, at most that many unanswered at once: a client that waits, so the
+//! queries reach the server instead of a full buffer), then listens 2 s more; prints
+//! `{"sent", "servfail", "other", "unanswered"}`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
@@ -18,7 +20,12 @@ fn main() -> anyhow::Result<()> {
             return raw(hex, server.parse()?);
         }
         if flag == "--flood" {
-            return flood(hex.parse()?, server.parse()?);
+            return flood(hex.parse()?, server.parse()?, None);
+        }
+    }
+    if let [flag, server, count, window] = args.as_slice() {
+        if flag == "--flood" {
+            return flood(server.parse()?, count.parse()?, Some(window.parse()?));
         }
     }
     let (server, name) = match args.as_slice() {
@@ -81,12 +88,14 @@ fn raw(hex: &str, server: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn flood(server: SocketAddr, count: u16) -> anyhow::Result<()> {
+fn flood(server: SocketAddr, count: u16, window: Option<usize>) -> anyhow::Result<()> {
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sock = UdpSocket::bind("0.0.0.0:0")?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
     // Answers are read as they come, so neither side's receive buffer overflows.
     let reader = {
         let sock = sock.try_clone()?;
+        let answered = answered.clone();
         std::thread::spawn(move || {
             let mut replies = vec![0u8; usize::from(count)];
             let mut buf = [0u8; 4096];
@@ -96,6 +105,7 @@ fn flood(server: SocketAddr, count: u16) -> anyhow::Result<()> {
                     continue;
                 };
                 quiet_since = std::time::Instant::now();
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Ok(m) = Message::from_vec(&buf[..n]) {
                     if let Some(r) = replies.get_mut(usize::from(m.id())) {
                         *r = if m.response_code() == hickory_proto::op::ResponseCode::ServFail {
@@ -115,6 +125,17 @@ fn flood(server: SocketAddr, count: u16) -> anyhow::Result<()> {
         msg.set_id(id).set_recursion_desired(true);
         let name = format!("r{seed}x{id}.random.example.");
         msg.add_query(Query::query(Name::from_ascii(&name)?, RecordType::A));
+        if let Some(w) = window {
+            // A lost answer must not stall the flood: wait 100 ms at most.
+            let since = std::time::Instant::now();
+            while usize::from(id)
+                .saturating_sub(answered.load(std::sync::atomic::Ordering::Relaxed))
+                >= w
+                && since.elapsed() < Duration::from_millis(100)
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
         sock.send_to(&msg.to_vec()?, server)?;
         // About 25 000 a second, in bursts of 50.
         if id % 50 == 49 {
