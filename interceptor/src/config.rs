@@ -591,91 +591,10 @@ impl RunArgs {
             }
             None => self,
         };
-        let istiod = match args.control_plane.unwrap_or_default() {
-            ControlPlane::None => None,
-            ControlPlane::Istiod => {
-                let root = args.istio_dir.clone().unwrap_or_else(|| "/".into());
-                let mut paths = crate::bundle::Paths::under(&root);
-                for (flag, path) in [
-                    (&args.cluster_env, &mut paths.cluster_env),
-                    (&args.mesh_config, &mut paths.mesh_config),
-                    (&args.root_cert, &mut paths.root_cert),
-                    (&args.hosts_file, &mut paths.hosts),
-                    (&args.state_dir, &mut paths.state_dir),
-                ] {
-                    if let Some(p) = flag {
-                        *path = p.clone();
-                    }
-                }
-                if let Some(t) = &args.istio_token {
-                    paths.token = t.clone();
-                }
-                let bundle = crate::bundle::Bundle::load(paths)?;
-                // The bundle says who and where this VM is; flags and the config file still win.
-                args.namespace = args.namespace.or_else(|| Some(bundle.namespace.clone()));
-                args.network = args.network.or_else(|| Some(bundle.network.clone()));
-                args.inbound_ports = args.inbound_ports.or_else(|| bundle.inbound_ports.clone());
-                args.exclude_inbound_ports = args
-                    .exclude_inbound_ports
-                    .or_else(|| bundle.exclude_inbound_ports.clone());
-                Some(Istiod {
-                    bundle: std::sync::Arc::new(bundle),
-                    protocol: args.xds_protocol.unwrap_or_default(),
-                })
-            }
-        };
-        let bundle = istiod.as_ref().map(|i| i.bundle.clone());
-        let provider = args.identity_provider.unwrap_or(match &bundle {
-            Some(_) => IdentityProvider::IstioCa,
-            None => IdentityProvider::Files,
-        });
-        let identity = match (provider, &bundle) {
-            (IdentityProvider::IstioCa, None) => return Err(Error::CaWithoutIstiod),
-            (IdentityProvider::IstioCa, Some(b)) => {
-                IdentitySource::IstioCa(crate::identity::CaSettings {
-                    key: args.ca_key.unwrap_or_default(),
-                    ttl: std::time::Duration::from_secs(b.secret_ttl_s),
-                    out_dir: args
-                        .certs
-                        .clone()
-                        .unwrap_or_else(|| b.paths.output_certs.clone()),
-                })
-            }
-            (IdentityProvider::Files, _) => match args
-                .certs
-                .clone()
-                .or_else(|| bundle.as_ref().map(|b| b.paths.output_certs.clone()))
-            {
-                // The bundle's certificate directory may be empty until something fills it.
-                Some(dir) => IdentitySource::Files {
-                    required: bundle.as_ref().is_none_or(|b| dir != b.paths.output_certs),
-                    dir,
-                },
-                None => IdentitySource::None,
-            },
-        };
-        let probe = match args
-            .readiness_probe
-            .as_ref()
-            .map(|p| &p.0)
-            .or_else(|| bundle.as_ref().and_then(|b| b.readiness_probe.as_ref()))
-        {
-            Some(p) => Some(crate::health::Spec::from_probe(p)?),
-            None => None,
-        };
-        let inbound = args.inbound_ports.unwrap_or_default();
-        let all = inbound.trim() == "*";
-        let inbound_ports = if all {
-            vec![]
-        } else {
-            ports(&inbound, "--inbound-ports")?
-        };
-        let exclude = ports(
-            args.exclude_inbound_ports
-                .as_deref()
-                .unwrap_or(DEFAULT_EXCLUDED_INBOUND),
-            "--exclude-inbound-ports",
-        )?;
+        let istiod = args.istiod()?;
+        let bundle = istiod.as_ref().map(|i| i.bundle.as_ref());
+        let identity = args.identity(bundle)?;
+        let probe = args.probe(bundle)?;
         let defaults = Ports::default();
         let ports = Ports {
             outbound: args.outbound_port.unwrap_or(defaults.outbound),
@@ -685,27 +604,13 @@ impl RunArgs {
         let admin_addr = args
             .admin_addr
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15020)));
-        let explicit = !args.mesh.is_empty();
-        let namespace = args
-            .namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
-        let bundle_labels = bundle
-            .as_ref()
-            .map(|b| b.labels.clone())
-            .unwrap_or_default();
+        let inbound = args.inbound(&identity, ports, admin_addr)?;
+        let policy = args.policy(bundle)?;
+        let limits = args.limits()?;
         Ok(Settings {
-            mesh: MeshFiles {
-                paths: if explicit {
-                    args.mesh
-                } else {
-                    vec![DEFAULT_MESH_DIR.into()]
-                },
-                explicit,
-                networks: args.mesh_networks,
-            },
+            mesh: args.mesh_files(),
             options: crate::mesh::Options {
-                namespace: namespace.clone(),
+                namespace: policy.subject.namespace.clone(),
                 cluster_domain: args
                     .cluster_domain
                     .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.into()),
@@ -715,30 +620,8 @@ impl RunArgs {
                 CaptureMode::Ebpf => Some(args.cgroup),
                 CaptureMode::None => None,
             },
-            inbound: InboundPorts {
-                ports: inbound_ports,
-                all,
-                hbone: match args.hbone_port.unwrap_or(HBONE_PORT) {
-                    0 => None,
-                    _ if matches!(identity, IdentitySource::None) => None,
-                    p => Some(p),
-                },
-                exclude: excluded(exclude, ports, admin_addr),
-            },
-            policy: InboundPolicy {
-                mode: args.mtls_mode.unwrap_or_default(),
-                allow: AllowList::parse(&args.inbound_allow)?,
-                subject: crate::route::policy::Subject {
-                    namespace: namespace.clone(),
-                    labels: match args.labels.is_empty() {
-                        true => bundle_labels,
-                        false => parse_labels(&args.labels)?,
-                    },
-                    root_namespace: args
-                        .root_namespace
-                        .unwrap_or_else(|| crate::route::policy::DEFAULT_ROOT_NAMESPACE.into()),
-                },
-            },
+            inbound,
+            policy,
             ports,
             resolv_conf: args
                 .resolv_conf
@@ -758,37 +641,7 @@ impl RunArgs {
                 args.hedge_after,
             ),
             shutdown_grace: shutdown_grace(args.shutdown_grace),
-            limits: {
-                let d = Limits::default();
-                let cap = |v: Option<usize>, default: usize, what: &'static str| match v {
-                    Some(0) => Err(Error::Limit(what)),
-                    v => Ok(v.unwrap_or(default)),
-                };
-                Limits {
-                    outbound_connections: cap(
-                        args.max_outbound_connections,
-                        d.outbound_connections,
-                        "max-outbound-connections",
-                    )?,
-                    inbound_connections: cap(
-                        args.max_inbound_connections,
-                        d.inbound_connections,
-                        "max-inbound-connections",
-                    )?,
-                    dns_tcp_connections: cap(
-                        args.max_dns_tcp_connections,
-                        d.dns_tcp_connections,
-                        "max-dns-tcp-connections",
-                    )?,
-                    dns_forwards: cap(args.max_dns_forwards, d.dns_forwards, "max-dns-forwards")?,
-                    pending_handshakes: cap(
-                        args.max_pending_handshakes,
-                        d.pending_handshakes,
-                        "max-pending-handshakes",
-                    )?,
-                    ..d
-                }
-            },
+            limits,
             gateway_identity: match args.gateway_identity {
                 Some(id) => {
                     Some(crate::spiffe::SpiffeId::parse(&id).ok_or(Error::GatewayIdentity(id))?)
@@ -796,6 +649,199 @@ impl RunArgs {
                 None => None,
             },
         })
+    }
+
+    /// `--control-plane istiod`: the VM bundle, read and checked. It says who and where this
+    /// VM is; flags and the config file still win, so it only fills what they left unset.
+    fn istiod(&mut self) -> Result<Option<Istiod>, Error> {
+        if self.control_plane.unwrap_or_default() == ControlPlane::None {
+            return Ok(None);
+        }
+        let root = self.istio_dir.clone().unwrap_or_else(|| "/".into());
+        let mut paths = crate::bundle::Paths::under(&root);
+        for (flag, path) in [
+            (&self.cluster_env, &mut paths.cluster_env),
+            (&self.mesh_config, &mut paths.mesh_config),
+            (&self.root_cert, &mut paths.root_cert),
+            (&self.hosts_file, &mut paths.hosts),
+            (&self.state_dir, &mut paths.state_dir),
+            (&self.istio_token, &mut paths.token),
+        ] {
+            if let Some(p) = flag {
+                *path = p.clone();
+            }
+        }
+        let bundle = crate::bundle::Bundle::load(paths)?;
+        self.namespace = self
+            .namespace
+            .take()
+            .or_else(|| Some(bundle.namespace.clone()));
+        self.network = self.network.take().or_else(|| Some(bundle.network.clone()));
+        self.inbound_ports = self
+            .inbound_ports
+            .take()
+            .or_else(|| bundle.inbound_ports.clone());
+        self.exclude_inbound_ports = self
+            .exclude_inbound_ports
+            .take()
+            .or_else(|| bundle.exclude_inbound_ports.clone());
+        Ok(Some(Istiod {
+            bundle: std::sync::Arc::new(bundle),
+            protocol: self.xds_protocol.unwrap_or_default(),
+        }))
+    }
+
+    /// The identity provider: the Istio CA by default with a bundle, else certificate files.
+    fn identity(&self, bundle: Option<&crate::bundle::Bundle>) -> Result<IdentitySource, Error> {
+        let provider = self.identity_provider.unwrap_or(match bundle {
+            Some(_) => IdentityProvider::IstioCa,
+            None => IdentityProvider::Files,
+        });
+        Ok(match (provider, bundle) {
+            (IdentityProvider::IstioCa, None) => return Err(Error::CaWithoutIstiod),
+            (IdentityProvider::IstioCa, Some(b)) => {
+                IdentitySource::IstioCa(crate::identity::CaSettings {
+                    key: self.ca_key.unwrap_or_default(),
+                    ttl: std::time::Duration::from_secs(b.secret_ttl_s),
+                    out_dir: self
+                        .certs
+                        .clone()
+                        .unwrap_or_else(|| b.paths.output_certs.clone()),
+                })
+            }
+            (IdentityProvider::Files, _) => match self
+                .certs
+                .clone()
+                .or_else(|| bundle.map(|b| b.paths.output_certs.clone()))
+            {
+                // The bundle's certificate directory may be empty until something fills it.
+                Some(dir) => IdentitySource::Files {
+                    required: bundle.is_none_or(|b| dir != b.paths.output_certs),
+                    dir,
+                },
+                None => IdentitySource::None,
+            },
+        })
+    }
+
+    /// The application's readiness probe: the flag's, else the bundle's.
+    fn probe(
+        &self,
+        bundle: Option<&crate::bundle::Bundle>,
+    ) -> Result<Option<crate::health::Spec>, Error> {
+        match self
+            .readiness_probe
+            .as_ref()
+            .map(|p| &p.0)
+            .or_else(|| bundle.and_then(|b| b.readiness_probe.as_ref()))
+        {
+            Some(p) => Ok(Some(crate::health::Spec::from_probe(p)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// What sk_lookup steers inbound: the ports (or all), HBONE's when there is a certificate
+    /// to terminate it with, and what it must leave alone.
+    fn inbound(
+        &self,
+        identity: &IdentitySource,
+        ports: Ports,
+        admin: SocketAddr,
+    ) -> Result<InboundPorts, Error> {
+        let inbound = self.inbound_ports.clone().unwrap_or_default();
+        let all = inbound.trim() == "*";
+        let exclude = self
+            .exclude_inbound_ports
+            .as_deref()
+            .unwrap_or(DEFAULT_EXCLUDED_INBOUND);
+        Ok(InboundPorts {
+            ports: if all {
+                vec![]
+            } else {
+                self::ports(&inbound, "--inbound-ports")?
+            },
+            all,
+            hbone: match self.hbone_port.unwrap_or(HBONE_PORT) {
+                0 => None,
+                _ if matches!(identity, IdentitySource::None) => None,
+                p => Some(p),
+            },
+            exclude: excluded(
+                self::ports(exclude, "--exclude-inbound-ports")?,
+                ports,
+                admin,
+            ),
+        })
+    }
+
+    /// Inbound policy: the mTLS mode, the allow-list, and who this VM is to policy selectors
+    /// (its labels: the flags', else the bundle's).
+    fn policy(&self, bundle: Option<&crate::bundle::Bundle>) -> Result<InboundPolicy, Error> {
+        Ok(InboundPolicy {
+            mode: self.mtls_mode.unwrap_or_default(),
+            allow: AllowList::parse(&self.inbound_allow)?,
+            subject: crate::route::policy::Subject {
+                namespace: self
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+                labels: match self.labels.is_empty() {
+                    true => bundle.map(|b| b.labels.clone()).unwrap_or_default(),
+                    false => parse_labels(&self.labels)?,
+                },
+                root_namespace: self
+                    .root_namespace
+                    .clone()
+                    .unwrap_or_else(|| crate::route::policy::DEFAULT_ROOT_NAMESPACE.into()),
+            },
+        })
+    }
+
+    /// The resource caps; 0 is refused (it would refuse everything).
+    fn limits(&self) -> Result<Limits, Error> {
+        let d = Limits::default();
+        let cap = |v: Option<usize>, default: usize, what: &'static str| match v {
+            Some(0) => Err(Error::Limit(what)),
+            v => Ok(v.unwrap_or(default)),
+        };
+        Ok(Limits {
+            outbound_connections: cap(
+                self.max_outbound_connections,
+                d.outbound_connections,
+                "max-outbound-connections",
+            )?,
+            inbound_connections: cap(
+                self.max_inbound_connections,
+                d.inbound_connections,
+                "max-inbound-connections",
+            )?,
+            dns_tcp_connections: cap(
+                self.max_dns_tcp_connections,
+                d.dns_tcp_connections,
+                "max-dns-tcp-connections",
+            )?,
+            dns_forwards: cap(self.max_dns_forwards, d.dns_forwards, "max-dns-forwards")?,
+            pending_handshakes: cap(
+                self.max_pending_handshakes,
+                d.pending_handshakes,
+                "max-pending-handshakes",
+            )?,
+            ..d
+        })
+    }
+
+    /// The mesh files: the flags', else the default directory (which may not exist).
+    fn mesh_files(&self) -> MeshFiles {
+        let explicit = !self.mesh.is_empty();
+        MeshFiles {
+            paths: if explicit {
+                self.mesh.clone()
+            } else {
+                vec![DEFAULT_MESH_DIR.into()]
+            },
+            explicit,
+            networks: self.mesh_networks.clone(),
+        }
     }
 }
 

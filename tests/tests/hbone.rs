@@ -1004,9 +1004,14 @@ fn a_stopping_vm_ends_its_hbone_and_mtls_connections_with_goaway_and_close_notif
             "{}",
             vm_ic.log()
         );
+        let signalled = std::time::Instant::now();
         vm_ic.proc.signal(libc::SIGTERM);
         let status = vm_ic.proc.wait_exit(10.0).expect("exits within the grace");
+        let took = signalled.elapsed();
+        eprintln!("{kind}: exit {took:?} after SIGTERM, one connection held (grace 1s)");
         assert!(status.success(), "{status:?}\n{}", vm_ic.log());
+        // The held connection had its grace before the drain closed it.
+        assert!(took >= std::time::Duration::from_millis(900), "{took:?}");
         held.wait_for_output("eof 0", 5.0);
         let needle = format!("closed kind={kind} ");
         let line = wait_for(5.0, || {
