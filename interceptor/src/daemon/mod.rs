@@ -296,7 +296,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 
 /// Runs the parts until a stop signal (exit 0) or a dead part (exit non-zero). Then, with
 /// capture detached and the listeners closed, connections in progress get `grace` to end and
-/// are closed cleanly after it (`net::drain`).
+/// are closed cleanly after it (`net::drain`). A dead part gets no grace: its connections are
+/// closed cleanly at once, so that systemd restarts us sooner.
 async fn supervise(sup: Supervisor, grace: std::time::Duration) -> anyhow::Result<()> {
     let stop = async {
         if let Err(e) = stop_signal().await {
@@ -306,6 +307,11 @@ async fn supervise(sup: Supervisor, grace: std::time::Duration) -> anyhow::Resul
     };
     let result = sup.run(stop).await;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    let grace = if result.is_ok() {
+        grace
+    } else {
+        std::time::Duration::ZERO
+    };
     let left = crate::net::drain::run(grace).await;
     if left > 0 {
         tracing::warn!(

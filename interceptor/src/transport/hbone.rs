@@ -214,7 +214,7 @@ pub struct Pool {
     metrics: Arc<Metrics>,
     idle: Duration,
     /// Ours, in each CONNECT's `baggage`.
-    baggage: Option<String>,
+    baggage: Option<Arc<str>>,
 }
 
 impl Pool {
@@ -229,7 +229,7 @@ impl Pool {
 
     /// Each CONNECT carries `workload`'s baggage.
     pub fn with_workload(mut self, workload: &Workload) -> Self {
-        self.baggage = workload.header();
+        self.baggage = workload.header().map(Arc::from);
         self
     }
 
@@ -289,9 +289,10 @@ impl Pool {
             }
         };
         let guard = StreamGuard(streams);
+        let forwarded = req.origin.map(|o| o.forwarded(local));
         let head = Head {
             authority: req.authority,
-            forwarded: req.origin.map(|o| o.forwarded(local)),
+            forwarded: forwarded.as_deref(),
             baggage: self.baggage.as_deref(),
             network: None,
         };
@@ -313,7 +314,7 @@ impl Pool {
             peer,
             peer_workload,
             head: Some(OuterHead {
-                forwarded: req.origin.map(|o| o.forwarded(local)),
+                forwarded,
                 baggage: self.baggage.clone(),
             }),
             _guard: Some(guard),
@@ -440,7 +441,7 @@ async fn idle_out(streams: &Streams, idle: Duration) {
 struct Head<'a> {
     /// `IP:port` or `host:port`, authority-form.
     authority: &'a str,
-    forwarded: Option<String>,
+    forwarded: Option<&'a str>,
     baggage: Option<&'a str>,
     /// The inner CONNECT of double HBONE names our network.
     network: Option<&'a str>,
@@ -454,8 +455,8 @@ impl Head<'_> {
             .build()
             .map_err(|_| bad())?;
         let mut b = Request::builder().method(Method::CONNECT).uri(uri);
-        if let Some(f) = &self.forwarded {
-            b = b.header("forwarded", f.as_str());
+        if let Some(f) = self.forwarded {
+            b = b.header("forwarded", f);
         }
         if let Some(baggage) = self.baggage {
             b = b.header("baggage", baggage);
@@ -472,10 +473,10 @@ impl Head<'_> {
 }
 
 /// What the outer CONNECT said, for the inner one of double HBONE to say again.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct OuterHead {
     forwarded: Option<String>,
-    baggage: Option<String>,
+    baggage: Option<Arc<str>>,
 }
 
 /// The peer's `baggage` on its 200: who answered, for our access log.
@@ -495,14 +496,15 @@ fn peer_baggage<B>(response: &hyper::Response<B>) -> Option<Workload> {
 /// its one stream; the outer stream (and its pool slot) with it.
 pub async fn inner(
     configs: &Configs,
-    outer: Stream,
+    mut outer: Stream,
     authority: &str,
     identities: &[SpiffeId],
     network: &str,
     timeout: Duration,
     metrics: &Metrics,
 ) -> Result<Stream, super::DialError> {
-    let outer_head = outer.head.clone();
+    // The inner CONNECT says what the outer one said, as ztunnel's.
+    let outer_head = outer.head.take();
     let (tls, peer) = tls_handshake(configs, identities, outer, timeout).await?;
     // No pings of its own: the outer connection's keep it alive.
     let (mut sender, conn) = client_h2()
@@ -516,7 +518,7 @@ pub async fn inner(
     });
     let head = Head {
         authority,
-        forwarded: outer_head.as_ref().and_then(|h| h.forwarded.clone()),
+        forwarded: outer_head.as_ref().and_then(|h| h.forwarded.as_deref()),
         baggage: outer_head.as_ref().and_then(|h| h.baggage.as_deref()),
         network: Some(network),
     };
