@@ -1,7 +1,8 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench | install | uninstall |
-//! vagrant-test ...`.
+//! deb | vagrant-test ...`.
 
 mod bench;
+mod deb;
 mod demo;
 mod install;
 mod setup;
@@ -47,6 +48,15 @@ enum Task {
         /// Install this binary instead of building the release one
         #[arg(long, value_name = "PATH")]
         bin: Option<PathBuf>,
+    },
+    /// Build the Debian package (`interceptor_<version>_<arch>.deb`): `apt install ./FILE`
+    Deb {
+        /// Package this binary instead of building the release one
+        #[arg(long, value_name = "PATH")]
+        bin: Option<PathBuf>,
+        /// Where the package goes [default: target/deb]
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Remove exactly what `install` created; a config edited since is kept
     Uninstall {
@@ -326,6 +336,16 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { which } => bench::run(which),
         Task::Install { destdir, bin } => install::install(destdir.as_deref(), bin.as_deref()),
         Task::Uninstall { destdir } => install::uninstall(destdir.as_deref()),
+        Task::Deb { bin, out } => {
+            let bin = match bin {
+                Some(b) => b,
+                None => build(true)?.join("interceptor"),
+            };
+            let out = out.unwrap_or_else(|| root().join("target").join("deb"));
+            let deb = deb::build(&bin, &out)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Task::Soak {
             seconds,
             connections,

@@ -8,7 +8,8 @@ use crate::run;
 
 /// Debian packages: build (clang, libbpf headers), tests (iproute2, bpftool, dig, curl,
 /// dnsmasq, tcpdump, openssl), benches (iptables, iperf3, stunnel4, dnsperf), packaging
-/// (systemd: `systemd-analyze verify` of the unit).
+/// (systemd: `systemd-analyze verify` of the unit; dpkg-dev and binutils: `dpkg-shlibdeps` and
+/// `strip` for the .deb).
 const PACKAGES: &[&str] = &[
     "clang",
     "llvm",
@@ -28,6 +29,8 @@ const PACKAGES: &[&str] = &[
     "dnsperf",
     "procps",
     "systemd",
+    "dpkg-dev",
+    "binutils",
 ];
 
 fn installed(pkg: &str) -> bool {
