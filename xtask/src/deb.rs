@@ -15,11 +15,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
+use crate::install::{CONFIG, MESH_EXAMPLE, UNIT};
 use crate::run;
-
-const UNIT: &str = include_str!("../../packaging/interceptor.service");
-const CONFIG: &str = include_str!("../../packaging/config.yaml");
-const MESH_EXAMPLE: &str = include_str!("../../packaging/mesh/example.yaml");
 
 const NAME: &str = "interceptor";
 const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -16,9 +16,9 @@ use anyhow::{anyhow, bail, Context};
 use crate::run;
 
 // Embedded so the task works from any directory, and installs what this checkout packages.
-const UNIT: &str = include_str!("../../packaging/interceptor.service");
-const CONFIG: &str = include_str!("../../packaging/config.yaml");
-const MESH_EXAMPLE: &str = include_str!("../../packaging/mesh/example.yaml");
+pub(crate) const UNIT: &str = include_str!("../../packaging/interceptor.service");
+pub(crate) const CONFIG: &str = include_str!("../../packaging/config.yaml");
+pub(crate) const MESH_EXAMPLE: &str = include_str!("../../packaging/mesh/example.yaml");
 
 // Paths as seen on the installed system.
 const BIN_PATH: &str = "/usr/local/bin/interceptor";
