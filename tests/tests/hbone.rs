@@ -777,17 +777,17 @@ fn double_hbone_through_the_gateway_keeps_the_inner_tls_end_to_end() {
         b_ic.metrics().0
     );
     let vm_a = vm.ip("a");
-    assert_eq!(
+    let named = || {
         b_ic.log()
             .lines()
-            .filter(|l| l.contains("inbound HBONE stream")
-                && l.contains(&format!("client=\"{vm_a}:"))
-                && l.contains("source_namespace=\"default\""))
-            .count(),
-        3,
-        "{}",
-        b_ic.log()
-    );
+            .filter(|l| {
+                l.contains("inbound HBONE stream")
+                    && l.contains(&format!("client=\"{vm_a}:"))
+                    && l.contains("source_namespace=\"default\"")
+            })
+            .count()
+    };
+    assert!(wait(5.0, || named() == 3), "{}", b_ic.log());
     assert!(
         gateway.counter(
             "interceptor_hbone_streams_total",
@@ -864,11 +864,15 @@ fn hbone_peers_learn_the_client_the_service_and_the_workload_as_from_ztunnel() {
         pod_ic.metrics().0
     );
     let vm_ip = m.vm_node().ip("a");
-    let log = pod_ic.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("inbound HBONE stream") && l.contains(":8080"))
-        .unwrap_or_else(|| panic!("no stream line:\n{log}"));
+    // The line is written just after the counters move.
+    let line = wait_for(5.0, || {
+        pod_ic
+            .log()
+            .lines()
+            .find(|l| l.contains("inbound HBONE stream") && l.contains(":8080"))
+            .map(str::to_string)
+    })
+    .unwrap_or_else(|| panic!("no stream line:\n{}", pod_ic.log()));
     assert!(line.contains(&format!("client=\"{vm_ip}:")), "{line}");
     assert!(line.contains(&format!("service={HOST}")), "{line}");
     assert!(line.contains("source_workload=\"ratings\""), "{line}");
@@ -1108,11 +1112,15 @@ s.close()
         metrics.sum("istio_tcp_sent_bytes_total", &labels),
         1_048_576.0
     );
-    let log = pod_ic.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("inbound connection") && l.contains(":9100"))
-        .unwrap_or_else(|| panic!("no access log line:\n{log}"));
+    // The line is written just after the counters move.
+    let line = wait_for(5.0, || {
+        pod_ic
+            .log()
+            .lines()
+            .find(|l| l.contains("inbound connection") && l.contains(":9100"))
+            .map(str::to_string)
+    })
+    .unwrap_or_else(|| panic!("no access log line:\n{}", pod_ic.log()));
     assert!(
         line.contains("received=1048576 sent=1048576 end=tls_no_close_notify"),
         "{line}"
