@@ -12,7 +12,7 @@ use interceptor_tests::envoy::{self, Envoy};
 use interceptor_tests::hbone::{statuses, ClientCert};
 use interceptor_tests::wire::{tcp_payloads, Tcpdump};
 use interceptor_tests::{
-    helper_bin, sh, try_sh, wait_for, Interceptor, Net, Node, Proc, Subnet, Topology,
+    helper_bin, sh, try_sh, wait_for, Interceptor, Net, Node, Proc, Run, Subnet, Topology,
 };
 
 const TD: &str = "spiffe://cluster.local/ns/default/sa";
@@ -95,13 +95,17 @@ impl Mesh {
     }
 
     fn vm(&self, marker: &str) -> Interceptor {
+        self.vm_run(marker).start()
+    }
+
+    /// The VM's interceptor with `vm_mesh(marker)`, not started yet (for more flags).
+    fn vm_run(&self, marker: &str) -> Run {
         let mesh = self.t.write("vm-mesh.yaml", &vm_mesh(marker));
         self.vm_node()
             .interceptor()
             .mesh(&mesh)
             .resolv(&self.resolv)
             .certs(&self.vm_certs)
-            .start()
     }
 
     /// The pod's interceptor: no inbound ports listed, so 15008 is all sk_lookup steers.
@@ -839,13 +843,8 @@ fn hbone_peers_learn_the_client_the_service_and_the_workload_as_from_ztunnel() {
         .args(["--label", "app=product", "--label", "version=v2"])
         .log("pod-ic")
         .start();
-    let vm_mesh_file = m.t.write("vm-mesh.yaml", &vm_mesh("label"));
     let vm_ic = m
-        .vm_node()
-        .interceptor()
-        .mesh(&vm_mesh_file)
-        .resolv(&m.resolv)
-        .certs(&m.vm_certs)
+        .vm_run("label")
         .args(["--label", "app=ratings", "--label", "version=v3"])
         .start();
     let (ok, out) = m.curl("/who");
@@ -898,13 +897,8 @@ fn envoy_sees_forwarded_and_baggage_as_ztunnel_sends_them() {
         &envoy::hbone_terminator_config(&m.pod_certs, POD, 15008, 15000),
         15000,
     );
-    let mesh = m.t.write("vm-mesh.yaml", &vm_mesh("label"));
     let _vm_ic = m
-        .vm_node()
-        .interceptor()
-        .mesh(&mesh)
-        .resolv(&m.resolv)
-        .certs(&m.vm_certs)
+        .vm_run("label")
         .args([
             "--namespace",
             "default",
@@ -975,13 +969,8 @@ fn a_stopping_vm_ends_its_hbone_and_mtls_connections_with_goaway_and_close_notif
     );
     recorder.wait_for_output("listening", 10.0);
     for (marker, kind) in [("label", "hbone"), ("sidecar", "tls")] {
-        let mesh = m.t.write("vm-mesh.yaml", &vm_mesh(marker));
         let mut vm_ic = m
-            .vm_node()
-            .interceptor()
-            .mesh(&mesh)
-            .resolv(&m.resolv)
-            .certs(&m.vm_certs)
+            .vm_run(marker)
             .args(["--shutdown-grace", "1s"])
             .log(&format!("vm-ic-{kind}"))
             .start();
