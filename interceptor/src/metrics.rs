@@ -77,6 +77,8 @@ pub struct Metrics {
     dial_failures: Family<Reason, Counter>,
     /// Inbound connections refused.
     inbound_refused: Family<Reason, Counter>,
+    /// Outbound connections their route sends nowhere.
+    outbound_refused: Family<Reason, Counter>,
     /// Gateway connections refused.
     gateway_refused: Family<Reason, Counter>,
     /// HBONE: TLS connections made or accepted (each one handshake), and CONNECT streams.
@@ -104,6 +106,12 @@ impl Metrics {
 
     pub fn inbound_refused(&self, reason: &'static str) {
         self.inbound_refused.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn outbound_refused(&self, reason: &'static str) {
+        self.outbound_refused
+            .get_or_create(&Reason { reason })
+            .inc();
     }
 
     pub fn gateway_refused(&self, reason: &'static str) {
@@ -163,6 +171,11 @@ impl Metrics {
             "interceptor_inbound_refused",
             "Inbound connections refused, by reason",
             self.inbound_refused.clone(),
+        );
+        registry.register(
+            "interceptor_outbound_refused",
+            "Outbound connections refused by their route (no_cluster, black_hole)",
+            self.outbound_refused.clone(),
         );
         registry.register(
             "interceptor_gateway_refused",

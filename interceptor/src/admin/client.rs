@@ -93,9 +93,22 @@ pub fn print_explain(v: &Verdict) {
             },
             c.why
         );
+        if let Some(route) = &c.route {
+            println!("  route: {route}");
+        }
+        for cl in &c.clusters {
+            match &cl.refused {
+                None => println!("  cluster {} ({:.0}%)", cl.cluster, cl.share * 100.0),
+                Some(why) => println!(
+                    "  cluster {} ({:.0}%): REFUSED, {why}",
+                    cl.cluster,
+                    cl.share * 100.0
+                ),
+            }
+        }
         for r in &c.routes {
             println!(
-                "  -> {} via {} weight {:.2} {} endpoints [{}]",
+                "  -> {} via {} weight {:.2} {} endpoints [{}] in {}",
                 r.connect_to,
                 r.via,
                 r.weight,
@@ -105,7 +118,8 @@ pub fn print_explain(v: &Verdict) {
                     _ if r.mtls => "mTLS",
                     _ => "plaintext",
                 },
-                r.endpoints.join(", ")
+                r.endpoints.join(", "),
+                r.cluster
             );
             if let Some(sni) = &r.sni {
                 println!(

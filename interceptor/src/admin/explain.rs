@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use super::State;
-use crate::mesh::Table;
-use crate::route::{self, Scope, Skipped, Transport};
+use crate::mesh::{self, Table};
+use crate::route::{self, traffic, Scope, Skipped, Transport};
 use crate::spiffe::DEFAULT_TRUST_DOMAIN;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,8 +41,27 @@ pub struct ConnectionVerdict {
     pub captured: bool,
     pub why: String,
     pub service: Option<String>,
+    /// What decided where it goes: the service itself, a VirtualService rule, istiod's
+    /// listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// The route's clusters and their share of connections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<ClusterShare>,
     pub routes: Vec<Route>,
     pub skipped: Vec<Skipped>,
+}
+
+/// One destination of a route.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterShare {
+    /// Istio's name, `outbound|PORT|SUBSET|HOST`.
+    pub cluster: String,
+    /// Of the connections, 0 to 1.
+    pub share: f64,
+    /// Why connections sent here are refused (no such cluster, BlackHoleCluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,6 +72,9 @@ pub struct Route {
     pub via: String,
     pub endpoints: Vec<String>,
     pub weight: f64,
+    /// The cluster (of the route's) this target is in.
+    #[serde(default)]
+    pub cluster: String,
     /// 0 is tried first; higher only when no lower one answers.
     #[serde(default)]
     pub priority: u32,
@@ -205,6 +227,8 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
         captured: false,
         why: String::new(),
         service: None,
+        route: None,
+        clusters: vec![],
         routes: vec![],
         skipped: vec![],
     };
@@ -217,7 +241,7 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
         };
         return v;
     }
-    let Some((svc, port)) = table.service_for(dst) else {
+    let Some((svc, _)) = table.service_for(dst) else {
         v.why = "not a mesh service address: the connection goes where it was aimed".into();
         return v;
     };
@@ -226,7 +250,8 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
     v.why = if attached {
         format!(
             "mesh service {} port {}: redirected to proxy::Outbound",
-            svc.host, port.number
+            svc.host,
+            dst.port()
         )
     } else {
         "a mesh service, but this daemon attaches no eBPF (only iptables REDIRECT reaches it)"
@@ -237,69 +262,110 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
         .current()
         .map(|id| id.trust_domain().to_string())
         .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into());
-    // The very function proxy::Outbound calls for a connection.
-    let plan = route::plan(
-        svc,
-        port,
-        Scope::Sidecar {
-            network: &state.network,
-            networks: &table.networks,
-            trust_domain: &trust_domain,
-            original: Some(dst),
-            gateway_identity: state.gateway_identity.as_ref(),
-        },
-    );
-    v.skipped = plan.skipped;
-    v.routes = plan
-        .targets
-        .iter()
-        .map(
-            |route::Weighted {
-                 weight,
-                 priority,
-                 target: t,
-             }| Route {
-                connect_to: t.endpoint.to_string(),
-                via: match (&t.via, t.gateway_network()) {
-                    (_, Some(n)) => format!("gateway of network {n}"),
-                    (route::Via::ServiceHost, _) => "the service's host name".into(),
-                    (route::Via::OriginalDestination, _) => "the original destination".into(),
-                    _ => "direct".into(),
-                },
-                priority: *priority,
-                endpoints: t
-                    .workloads()
-                    .iter()
-                    .map(|w| format!("{} ({})", w.name, w.address))
-                    .collect(),
-                weight: *weight,
-                mtls: t.transport.is_mtls(),
-                transport: t.transport.label().into(),
-                sni: match &t.transport {
-                    Transport::Tls { sni, .. } => Some(sni.to_string()),
-                    _ => None,
-                },
-                authority: match &t.transport {
-                    Transport::Hbone { authority, .. } => Some(authority.to_string()),
-                    Transport::DoubleHbone { authority, .. } => Some(authority.to_string()),
-                    _ => None,
-                },
-                gateway_identities: match &t.transport {
-                    Transport::DoubleHbone {
-                        gateway_identities, ..
-                    } => gateway_identities.iter().map(ToString::to_string).collect(),
-                    _ => vec![],
-                },
-                identities: t
-                    .transport
-                    .identities()
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-            },
-        )
-        .collect();
+    let subject = state
+        .inbound
+        .as_ref()
+        .map(|p| p.subject.clone())
+        .unwrap_or_default();
+    // The very functions proxy::Outbound calls for a connection.
+    let r = traffic::route(table, &subject, svc, dst);
+    v.route = Some(r.by.to_string());
+    let destinations = match &r.target {
+        mesh::traffic::Target::Clusters(ds) => ds.clone(),
+        mesh::traffic::Target::BlackHole | mesh::traffic::Target::Passthrough => {
+            v.clusters.push(ClusterShare {
+                cluster: "BlackHoleCluster".into(),
+                share: 1.0,
+                refused: Some(traffic::NoRoute::BlackHole { by: r.by }.to_string()),
+            });
+            return v;
+        }
+    };
+    let total: f64 = destinations.iter().map(|d| f64::from(d.weight)).sum();
+    let scope = Scope::Sidecar {
+        network: &state.network,
+        networks: &table.networks,
+        trust_domain: &trust_domain,
+        original: Some(dst),
+        gateway_identity: state.gateway_identity.as_ref(),
+    };
+    for d in &destinations {
+        let share = if total > 0.0 {
+            f64::from(d.weight) / total
+        } else {
+            0.0
+        };
+        let c = match traffic::cluster(table, &subject, d, dst.port()) {
+            Ok(c) => c,
+            Err(e) => {
+                v.clusters.push(ClusterShare {
+                    cluster: traffic::cluster_name(
+                        d.port.unwrap_or(dst.port()),
+                        &d.subset,
+                        &d.host,
+                    ),
+                    share,
+                    refused: Some(e.to_string()),
+                });
+                continue;
+            }
+        };
+        let name = c.name();
+        v.clusters.push(ClusterShare {
+            cluster: name.clone(),
+            share,
+            refused: None,
+        });
+        let plan = route::plan_cluster(&c, scope);
+        v.skipped.extend(plan.skipped);
+        v.routes
+            .extend(plan.targets.iter().map(|w| target_route(w, &name)));
+    }
     v
+}
+
+fn target_route(w: &route::Weighted, cluster: &str) -> Route {
+    let t = &w.target;
+    Route {
+        connect_to: t.endpoint.to_string(),
+        via: match (&t.via, t.gateway_network()) {
+            (_, Some(n)) => format!("gateway of network {n}"),
+            (route::Via::ServiceHost, _) => "the service's host name".into(),
+            (route::Via::OriginalDestination, _) => "the original destination".into(),
+            _ => "direct".into(),
+        },
+        priority: w.priority,
+        endpoints: t
+            .workloads()
+            .iter()
+            .map(|w| format!("{} ({})", w.name, w.address))
+            .collect(),
+        weight: w.weight,
+        cluster: cluster.to_string(),
+        mtls: t.transport.is_mtls(),
+        transport: t.transport.label().into(),
+        sni: match &t.transport {
+            Transport::Tls { sni, .. } => Some(sni.to_string()),
+            _ => None,
+        },
+        authority: match &t.transport {
+            Transport::Hbone { authority, .. } => Some(authority.to_string()),
+            Transport::DoubleHbone { authority, .. } => Some(authority.to_string()),
+            _ => None,
+        },
+        gateway_identities: match &t.transport {
+            Transport::DoubleHbone {
+                gateway_identities, ..
+            } => gateway_identities.iter().map(ToString::to_string).collect(),
+            _ => vec![],
+        },
+        identities: t
+            .transport
+            .identities()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    }
 }
 
 #[cfg(test)]

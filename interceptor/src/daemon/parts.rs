@@ -203,6 +203,7 @@ impl Listeners {
             self.outbound_addrs,
             s.network.clone(),
             s.gateway_identity.clone(),
+            s.policy.subject.clone(),
             ctx.metrics.clone(),
         );
         let limits = ctx.limits.clone();

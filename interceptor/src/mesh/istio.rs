@@ -19,7 +19,7 @@ use super::model::{
 /// The service account of a workload that names none (Kubernetes' default).
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 use super::table::{Resources, ServiceDecl};
-use super::{policy, Error};
+use super::{policy, traffic, Error};
 
 const GROUP: &str = "networking.istio.io";
 const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
@@ -309,9 +309,49 @@ fn parse_document(
                 template,
             });
         }
+        "VirtualService" | "DestinationRule" => {
+            let created = str_at(meta, "creationTimestamp").map(str::to_string);
+            parse_traffic(doc, kind, name, namespace, created, spec, res)?;
+        }
         other => {
             tracing::info!(file = %doc.file.display(), doc = doc.index, kind = other, "kind not used by interceptor; ignored");
         }
+    }
+    Ok(())
+}
+
+/// VirtualService and DestinationRule: what the L4 data path honours is read, the rest (HTTP
+/// and TLS routes, traffic policies) kept out of the way with a line in the log.
+fn parse_traffic(
+    doc: &Doc,
+    kind: &str,
+    name: &str,
+    namespace: String,
+    created: Option<String>,
+    spec: Value,
+    res: &mut Resources,
+) -> Result<(), Error> {
+    let field = |e: traffic::Invalid| doc.err(format!("spec.{}", e.field), e.message);
+    if kind == "VirtualService" {
+        let spec: traffic::VirtualServiceSpec = doc.typed(spec, "spec")?;
+        if !spec.http.is_empty() || !spec.tls.is_empty() {
+            tracing::warn!(file = %doc.file.display(), doc = doc.index, name, "VirtualService http/tls routes are not honoured yet (the data path is L4): only its tcp routes are");
+        }
+        let vs = traffic::virtual_service(name.into(), namespace, created, spec).map_err(field)?;
+        res.virtual_services.push(Arc::new(vs));
+    } else {
+        let spec: traffic::DestinationRuleSpec = doc.typed(spec, "spec")?;
+        if spec.traffic_policy.is_some() {
+            tracing::warn!(file = %doc.file.display(), doc = doc.index, name, "DestinationRule trafficPolicy is not honoured yet: only its subsets are");
+        }
+        if spec.workload_selector.is_some() {
+            return Err(doc.err(
+                "spec.workloadSelector",
+                "not supported: a DestinationRule for a VM applies to every client here",
+            ));
+        }
+        let dr = traffic::destination_rule(name.into(), namespace, created, spec).map_err(field)?;
+        res.destination_rules.push(Arc::new(dr));
     }
     Ok(())
 }
@@ -467,6 +507,7 @@ fn service_entry(
         port_endpoints: Default::default(),
         endpoints_as_given: false,
         names_given: false,
+        subsets: vec![],
     })
 }
 

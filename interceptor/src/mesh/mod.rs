@@ -8,14 +8,15 @@ mod networks;
 mod policy;
 mod store;
 mod table;
+pub mod traffic;
 mod vip;
 
 pub use files::{release_freed_memory, FileSource};
 pub use istio::parse_documents;
 pub use model::{
-    Address, Health, Host, Location, PortEndpoints, Resolution, Service, ServicePort, Workload,
-    WorkloadGroup, AMBIENT_REDIRECTION, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE, TLS_MODE_LABEL,
-    TUNNEL_LABEL,
+    Address, Health, Host, Location, PortEndpoints, Resolution, Service, ServicePort,
+    SubsetEndpoints, Workload, WorkloadGroup, AMBIENT_REDIRECTION, DEFAULT_CLUSTER_DOMAIN,
+    DEFAULT_NAMESPACE, TLS_MODE_LABEL, TUNNEL_LABEL,
 };
 pub use names::{NameEntry, NameTable};
 pub use networks::{Cidr, CidrError, Gateway, Network, Networks, NetworksError};
@@ -23,7 +24,9 @@ pub use policy::{
     Action, AuthorizationPolicy, Clause, Pattern, PeerAuthentication, PeerMode, Rule,
 };
 pub use store::{SourceId, SourceStatus, Store};
-pub use table::{Options, Resources, ServiceDecl, Table};
+#[cfg(test)]
+pub(crate) use table::tests as table_tests;
+pub use table::{Options, Resources, ServiceDecl, Table, Traffic};
 
 use std::path::PathBuf;
 

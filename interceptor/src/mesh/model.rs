@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A service host: an exact FQDN or a wildcard `*.suffix`. Always lower case, no trailing dot.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Host(String);
 
 impl Host {
@@ -186,9 +186,29 @@ pub struct Service {
     /// gateways in place of remote endpoints): reach every endpoint as given.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub endpoints_as_given: bool,
+    /// DestinationRule subsets whose endpoints the source gave (istiod's subset clusters);
+    /// the file source's subsets are selected by labels when a connection needs them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<SubsetEndpoints>,
+}
+
+/// The endpoints of one subset, per port (istiod: `outbound|PORT|SUBSET|HOST`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SubsetEndpoints {
+    pub name: String,
+    pub port_endpoints: PortEndpoints,
 }
 
 impl Service {
+    /// The endpoints of `subset` on `port` as the source gave them, if it gave them.
+    pub fn given_subset(&self, port: u16, subset: &str) -> Option<&[Arc<Workload>]> {
+        self.subsets
+            .iter()
+            .find(|s| s.name == subset)
+            .and_then(|s| s.port_endpoints.get(port))
+            .map(Vec::as_slice)
+    }
+
     pub fn port(&self, number: u16) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.number == number)
     }

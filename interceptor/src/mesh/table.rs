@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::model::SubsetEndpoints;
 use super::model::{
     Address, Host, Location, PortEndpoints, Resolution, Service, ServicePort, Workload,
     WorkloadGroup, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE,
@@ -19,7 +20,156 @@ use super::model::{
 use super::names::NameTable;
 use super::networks::Networks;
 use super::policy::{AuthorizationPolicy, PeerAuthentication};
+use super::traffic::{DestinationRule, ListenerRoute, VirtualService};
 use super::vip;
+
+/// The traffic intent of a table, indexed by host (files) and by listener address (istiod).
+#[derive(Debug, Default, Serialize)]
+pub struct Traffic {
+    /// In Istio's order: by creation time, then namespace/name.
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    pub destination_rules: Vec<Arc<DestinationRule>>,
+    pub listener_routes: Vec<Arc<ListenerRoute>>,
+    #[serde(skip)]
+    vs_by_host: HashMap<Host, Vec<usize>>,
+    #[serde(skip)]
+    vs_wildcard: Vec<usize>,
+    #[serde(skip)]
+    dr_by_host: HashMap<Host, Vec<usize>>,
+    #[serde(skip)]
+    dr_wildcard: Vec<usize>,
+    #[serde(skip)]
+    by_listener: HashMap<SocketAddr, usize>,
+    #[serde(skip)]
+    catch_all: Option<usize>,
+}
+
+fn by_created<T>(
+    created: impl Fn(&T) -> (Option<&str>, &str),
+) -> impl Fn(&Arc<T>, &Arc<T>) -> std::cmp::Ordering {
+    move |a, b| {
+        let (ca, na) = created(a);
+        let (cb, nb) = created(b);
+        // Without a timestamp, file order (a stable sort keeps it).
+        match (ca, cb) {
+            (Some(x), Some(y)) => x.cmp(y).then(na.cmp(nb)),
+            _ => std::cmp::Ordering::Equal,
+        }
+    }
+}
+
+impl Traffic {
+    fn build(res: &Resources, options: &Options) -> Traffic {
+        let mut virtual_services: Vec<Arc<VirtualService>> = res
+            .virtual_services
+            .iter()
+            .map(|v| {
+                let mut v = VirtualService::clone(v);
+                v.resolve(&options.cluster_domain);
+                Arc::new(v)
+            })
+            .collect();
+        virtual_services.sort_by(by_created(|v: &VirtualService| {
+            (v.created.as_deref(), v.name.as_str())
+        }));
+        let mut destination_rules: Vec<Arc<DestinationRule>> = res
+            .destination_rules
+            .iter()
+            .map(|d| {
+                let mut d = DestinationRule::clone(d);
+                d.resolve(&options.cluster_domain);
+                Arc::new(d)
+            })
+            .collect();
+        destination_rules.sort_by(by_created(|d: &DestinationRule| {
+            (d.created.as_deref(), d.name.as_str())
+        }));
+        let mut t = Traffic {
+            listener_routes: res.listener_routes.clone(),
+            ..Default::default()
+        };
+        for (i, v) in virtual_services.iter().enumerate() {
+            for h in &v.hosts {
+                if h.is_wildcard() {
+                    t.vs_wildcard.push(i);
+                } else {
+                    t.vs_by_host.entry(h.clone()).or_default().push(i);
+                }
+            }
+        }
+        for (i, d) in destination_rules.iter().enumerate() {
+            if d.host.is_wildcard() {
+                t.dr_wildcard.push(i);
+            } else {
+                t.dr_by_host.entry(d.host.clone()).or_default().push(i);
+            }
+        }
+        for (i, l) in t.listener_routes.iter().enumerate() {
+            match l.address {
+                Some(a) => {
+                    t.by_listener.insert(a, i);
+                }
+                None => t.catch_all = Some(i),
+            }
+        }
+        t.virtual_services = virtual_services;
+        t.destination_rules = destination_rules;
+        t
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.virtual_services.is_empty()
+            && self.destination_rules.is_empty()
+            && self.listener_routes.is_empty()
+    }
+
+    /// The VirtualServices naming `host` (exactly, or by a wildcard), in Istio's order.
+    pub fn virtual_services_for<'a>(
+        &'a self,
+        host: &'a Host,
+    ) -> impl Iterator<Item = &'a Arc<VirtualService>> + 'a {
+        let mut idx: Vec<usize> = self.vs_by_host.get(host).cloned().unwrap_or_default();
+        idx.extend(
+            self.vs_wildcard
+                .iter()
+                .filter(|i| {
+                    self.virtual_services[**i]
+                        .hosts
+                        .iter()
+                        .any(|h| h.matches(host.as_str()))
+                })
+                .copied(),
+        );
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| &self.virtual_services[i])
+    }
+
+    /// The DestinationRules for `host`: exact ones first, then wildcards, each in Istio's order.
+    pub fn destination_rules_for<'a>(
+        &'a self,
+        host: &'a Host,
+    ) -> impl Iterator<Item = &'a Arc<DestinationRule>> + 'a {
+        let exact = self.dr_by_host.get(host).into_iter().flatten();
+        let wild = self
+            .dr_wildcard
+            .iter()
+            .filter(|i| self.destination_rules[**i].host.matches(host.as_str()));
+        exact.chain(wild).map(|i| &self.destination_rules[*i])
+    }
+
+    /// istiod's route for connections to `dst` (its `<VIP>_<port>` listener), if it sent one.
+    pub fn listener_route(&self, dst: SocketAddr) -> Option<&Arc<ListenerRoute>> {
+        self.by_listener
+            .get(&dst)
+            .map(|i| &self.listener_routes[*i])
+    }
+
+    /// istiod's `virtualOutbound` (where connections with no listener of their own go).
+    pub fn catch_all(&self) -> Option<&Arc<ListenerRoute>> {
+        self.catch_all.map(|i| &self.listener_routes[i])
+    }
+}
 
 /// Settings of this VM that shape the table (name variants, default namespace).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -60,6 +210,8 @@ pub struct ServiceDecl {
     pub endpoints_as_given: bool,
     /// The source's own name table has this service's names (istiod's NDS): none derived.
     pub names_given: bool,
+    /// Subset endpoints the source gave (istiod's subset clusters).
+    pub subsets: Vec<SubsetEndpoints>,
 }
 
 impl ServiceDecl {
@@ -92,6 +244,11 @@ pub struct Resources {
     pub names: Option<Arc<NameTable>>,
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    /// From files: as written (short hosts resolved by the table).
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    pub destination_rules: Vec<Arc<DestinationRule>>,
+    /// From istiod: its routes for this proxy, already evaluated.
+    pub listener_routes: Vec<Arc<ListenerRoute>>,
 }
 
 /// The shape layer, shared by every table built on it.
@@ -122,6 +279,7 @@ pub struct Table {
     /// In source order (file order for the file source): "the oldest wins" falls back on it.
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    pub traffic: Arc<Traffic>,
     #[serde(skip)]
     shape: Arc<Shape>,
     /// The name table a source gave, if any (to tell a changed one from the same).
@@ -288,6 +446,7 @@ impl Table {
     /// same but for their endpoints, and `prev`'s services whose endpoints did not change.
     pub fn build_on(res: Resources, options: Options, prev: Option<&Table>) -> Table {
         let prev = prev.filter(|p| p.options == options);
+        let traffic = Arc::new(Traffic::build(&res, &options));
         // A stable order makes "first wins" on duplicate hosts independent of file order.
         let mut decls = res.services;
         if !decls.is_sorted_by(|a, b| a.origin <= b.origin) {
@@ -346,6 +505,7 @@ impl Table {
                 .and_then(|p| p.services.get(s))
             {
                 if same_arcs(&old.endpoints, &endpoints)
+                    && old.subsets == decl.subsets
                     && old.port_endpoints.len() == port_endpoints.len()
                     && old
                         .port_endpoints
@@ -370,6 +530,7 @@ impl Table {
                 endpoints,
                 port_endpoints,
                 endpoints_as_given: decl.endpoints_as_given,
+                subsets: decl.subsets.clone(),
             }));
         }
         let names = match (&res.names, prev) {
@@ -397,6 +558,7 @@ impl Table {
             networks: shape.networks.clone(),
             names,
             provided_names: res.names,
+            traffic,
             peer_authentications: res.peer_authentications,
             authorization_policies: res.authorization_policies,
             shape,

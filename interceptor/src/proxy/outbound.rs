@@ -9,9 +9,11 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::capture::OriginalDst;
-use crate::mesh::{Service, Store};
+use crate::mesh::{self, Service, Store};
 use crate::metrics::{self, Metrics, TcpLabels};
 use crate::net::{relay, Relayed};
+use crate::route::policy::Subject;
+use crate::route::traffic::{self, NoRoute};
 use crate::route::{self, Outliers, Scope, Target, Transport};
 use crate::spiffe::{SpiffeId, DEFAULT_TRUST_DOMAIN};
 use crate::tls;
@@ -34,6 +36,9 @@ pub struct Outbound {
     network: String,
     /// What east-west gateways present for double HBONE (None: Istio's default).
     gateway_identity: Option<SpiffeId>,
+    /// Who this VM is, for the routes that depend on it (sourceLabels, sourceNamespace,
+    /// exportTo) and which DestinationRule applies.
+    subject: Subject,
     metrics: Arc<Metrics>,
 }
 
@@ -48,6 +53,7 @@ impl Outbound {
         own: Vec<SocketAddr>,
         network: String,
         gateway_identity: Option<SpiffeId>,
+        subject: Subject,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -59,6 +65,7 @@ impl Outbound {
             own,
             network,
             gateway_identity,
+            subject,
             metrics,
         })
     }
@@ -90,10 +97,33 @@ impl Outbound {
         }
         // One table snapshot for the whole connection.
         let table = self.store.load();
-        let Some((svc, port)) = table.service_for(dst) else {
+        let Some((dialed, _)) = table.service_for(dst) else {
             tracing::warn!(%peer, original = %dst, "outbound: no mesh service at the original destination; closing");
             return;
         };
+        let route = traffic::route(&table, &self.subject, dialed, dst);
+        let cluster = match &route.target {
+            mesh::traffic::Target::Clusters(ds) => traffic::pick(ds)
+                .ok_or_else(|| NoRoute::NoCluster {
+                    cluster: "(a route without destinations)".into(),
+                })
+                .and_then(|d| traffic::cluster(&table, &self.subject, d, dst.port())),
+            // A VIP is nowhere to pass through to: refused like a black hole.
+            mesh::traffic::Target::BlackHole | mesh::traffic::Target::Passthrough => {
+                Err(NoRoute::BlackHole {
+                    by: route.by.clone(),
+                })
+            }
+        };
+        let cluster = match cluster {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.outbound_refused(e.label());
+                tracing::warn!(%peer, original = %dst, service = %dialed.host, route = %route.by, reason = e.label(), error = %e, "outbound: refused by its route; closing");
+                return;
+            }
+        };
+        let svc = cluster.service;
         let tls = self.tls.current();
         let trust_domain = tls
             .as_ref()
@@ -106,7 +136,7 @@ impl Outbound {
             original: Some(dst),
             gateway_identity: self.gateway_identity.as_ref(),
         };
-        let plan = route::plan(svc, port, scope);
+        let plan = route::plan_cluster(&cluster, scope);
         self.outliers
             .warn_unreachable(svc.host.as_str(), &plan.skipped);
         let targets = route::order(plan, &self.outliers);
@@ -145,7 +175,7 @@ impl Outbound {
             Upstream::Hbone(s) => s.peer_workload().and_then(|w| w.service.clone()),
             _ => None,
         };
-        tracing::info!(%peer, original = %dst, service = %svc.host, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), peer_workload = peer_workload.as_deref().unwrap_or("-"), "outbound connection");
+        tracing::info!(%peer, original = %dst, service = %svc.host, cluster = %cluster.name(), route = %route.by, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), peer_workload = peer_workload.as_deref().unwrap_or("-"), "outbound connection");
         let result = match upstream {
             Upstream::Tcp(mut up) => relay(&mut client, &mut up).await,
             Upstream::Tls(mut up) => relay(&mut client, up.as_mut()).await,

@@ -13,6 +13,7 @@
 mod allow;
 mod outliers;
 pub mod policy;
+pub mod traffic;
 mod wire;
 
 pub use allow::{AllowList, AllowListError, InboundPolicy, MtlsMode};
@@ -249,6 +250,22 @@ fn is_local(w: &Workload, network: &str) -> bool {
 /// The plan for `port` of `svc` from `scope`: the one decision the data paths (`order`) and
 /// `interceptor explain` read.
 pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
+    plan_endpoints(svc, port, "", svc.endpoints_for(port), scope)
+}
+
+/// The plan for a cluster a route chose (`traffic::cluster`): a subset's endpoints, and its
+/// SNI (`outbound_.PORT_.SUBSET_.HOST`).
+pub fn plan_cluster(c: &traffic::Cluster<'_>, scope: Scope<'_>) -> Plan {
+    plan_endpoints(c.service, c.port, &c.subset, &c.endpoints, scope)
+}
+
+fn plan_endpoints(
+    svc: &Service,
+    port: &ServicePort,
+    subset: &str,
+    endpoints: &[Arc<Workload>],
+    scope: Scope<'_>,
+) -> Plan {
     let mut out = Plan::default();
     let mut remote: BTreeMap<(&str, u32), Vec<Arc<Workload>>> = BTreeMap::new();
     let mut remote_hbone: BTreeMap<(&str, u32), Vec<Arc<Workload>>> = BTreeMap::new();
@@ -261,7 +278,7 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
     let sni: std::cell::OnceCell<Arc<str>> = std::cell::OnceCell::new();
     let tls = |workloads: &[Arc<Workload>], trust_domain: &str| Transport::Tls {
         sni: sni
-            .get_or_init(|| Arc::from(wire::sni(port.number, "", svc.host.as_str())))
+            .get_or_init(|| Arc::from(wire::sni(port.number, subset, svc.host.as_str())))
             .clone(),
         identities: expected_identities(svc, workloads, trust_domain),
     };
@@ -277,7 +294,7 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
             transport,
         },
     };
-    for w in svc.endpoints_for(port) {
+    for w in endpoints {
         if w.health != Health::Healthy {
             out.skipped.push(skip(w, SkipReason::Unhealthy));
             continue;
@@ -559,6 +576,7 @@ mod tests {
             endpoints,
             port_endpoints: Default::default(),
             endpoints_as_given: false,
+            subsets: vec![],
         };
         (s, port)
     }

@@ -493,6 +493,7 @@ pub fn service(
         port_endpoints,
         endpoints_as_given: true,
         names_given: true,
+        subsets: vec![],
     }
 }
 
