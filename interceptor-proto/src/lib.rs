@@ -17,6 +17,9 @@ pub mod ca {
 /// Type URLs of the resources interceptor subscribes to and sends.
 pub mod type_url {
     pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const TCP_PROXY: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
     pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     pub const NAME_TABLE: &str = "type.googleapis.com/istio.networking.nds.v1.NameTable";
     pub const HEALTH: &str = "type.googleapis.com/istio.v1.HealthInformation";

@@ -1,11 +1,14 @@
 //! mesh::XdsSource: the mesh table from istiod over ADS (SPEC section 10), beside the file
 //! source and writing the same model. Delta xDS (istiod's default) or state of the world;
-//! subscribes to clusters (CDS), their endpoints (EDS) and the DNS name table (NDS). Every
+//! subscribes to clusters (CDS, subset clusters too), their endpoints (EDS), the routes of
+//! istiod's outbound listeners (LDS: VirtualService TCP routes, the catch-all) and the DNS name
+//! table (NDS). Every
 //! response is applied whole or not at all: one that cannot be applied is NACKed with the
 //! reason and the table in force stays. The accepted state is persisted, so a VM that boots
 //! while istiod is unreachable serves the last table; a dead control plane leaves it serving.
 
 mod cache;
+pub mod listeners;
 pub mod node;
 pub mod resources;
 mod state;
@@ -65,6 +68,7 @@ pub enum Error {
 pub fn short_type(url: &str) -> &'static str {
     match url {
         type_url::CLUSTER => "clusters",
+        type_url::LISTENER => "listeners",
         type_url::ENDPOINT => "endpoints",
         type_url::NAME_TABLE => "names",
         _ => "other",
@@ -347,6 +351,7 @@ impl XdsSource {
         let mut first = subscribe(type_url::CLUSTER, vec![]);
         first.node = Some(self.node.clone());
         let _ = tx.send(first);
+        let _ = tx.send(subscribe(type_url::LISTENER, vec![]));
         let _ = tx.send(subscribe(type_url::NAME_TABLE, vec![]));
         if !session.eds.is_empty() {
             let _ = tx.send(subscribe(
@@ -469,6 +474,7 @@ impl XdsSource {
         let mut first = request(type_url::CLUSTER, vec![], "", "");
         first.node = Some(self.node.clone());
         let _ = tx.send(first);
+        let _ = tx.send(request(type_url::LISTENER, vec![], "", ""));
         let _ = tx.send(request(type_url::NAME_TABLE, vec![], "", ""));
         if !session.eds.is_empty() {
             let _ = tx.send(request(
@@ -696,6 +702,13 @@ fn apply(
             match removed {
                 Some(removed) => state.update_clusters(clusters, removed),
                 None => state.replace_clusters(clusters),
+            }
+        }
+        type_url::LISTENER => {
+            let routes = decode_all(anys, listeners::listener)?;
+            match removed {
+                Some(removed) => state.update_listeners(routes, removed),
+                None => state.replace_listeners(routes),
             }
         }
         type_url::ENDPOINT => {

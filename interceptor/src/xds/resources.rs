@@ -64,6 +64,9 @@ pub struct ClusterInfo {
     pub port: u16,
     pub namespace: String,
     pub kind: ClusterKind,
+    /// A DestinationRule subset's cluster (`outbound|PORT|SUBSET|HOST`); empty: the service's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subset: String,
     /// Identities the server must present (the `tlsMode-istio` match's SANs).
     pub sans: Vec<String>,
     /// Endpoints carried inline (DNS, STATIC).
@@ -87,8 +90,8 @@ pub struct EndpointInfo {
     pub workload: Option<(String, String)>,
 }
 
-/// Which clusters are ours to use; the rest (inbound, BlackHole, Passthrough, subsets) are
-/// ignored, never errors.
+/// Which clusters are ours to use (a service's, a subset's); the rest (inbound, BlackHole,
+/// Passthrough) are ignored, never errors.
 pub fn outbound_name(name: &str) -> Option<(u16, &str, &str)> {
     let mut parts = name.splitn(4, '|');
     let (dir, port, subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -268,10 +271,6 @@ pub fn cluster(any: &Any) -> Result<Option<ClusterInfo>, Invalid> {
     let Some((port, subset, host)) = outbound_name(&c.name) else {
         return Ok(None);
     };
-    if !subset.is_empty() {
-        // DestinationRule subsets: the default subset carries the service.
-        return Ok(None);
-    }
     let kind = match c.cluster_discovery_type {
         Some(ClusterDiscoveryType::Type(t)) => match DiscoveryType::try_from(t) {
             Ok(DiscoveryType::Eds) => ClusterKind::Eds,
@@ -307,6 +306,7 @@ pub fn cluster(any: &Any) -> Result<Option<ClusterInfo>, Invalid> {
         name: c.name.clone(),
         host: host.to_string(),
         port,
+        subset: subset.to_string(),
         namespace,
         kind,
         inline,
@@ -454,7 +454,9 @@ pub fn service(
     workloads: impl Fn(&ClusterInfo) -> Vec<Arc<Workload>>,
     names: &BTreeMap<String, NameInfo>,
 ) -> ServiceDecl {
-    let first = clusters[0];
+    let (subset_clusters, clusters): (Vec<&ClusterInfo>, Vec<&ClusterInfo>) =
+        clusters.iter().copied().partition(|c| !c.subset.is_empty());
+    let first = clusters.first().copied().unwrap_or(subset_clusters[0]);
     let resolution = match first.kind {
         ClusterKind::Dns => Resolution::Dns,
         ClusterKind::OriginalDst => Resolution::None,
@@ -463,7 +465,7 @@ pub fn service(
     let mut sans: Vec<String> = Vec::new();
     let mut ports = Vec::new();
     let mut port_endpoints = mesh::PortEndpoints::default();
-    for c in clusters {
+    for c in &clusters {
         for s in &c.sans {
             if !sans.contains(s) {
                 sans.push(s.clone());
@@ -493,8 +495,30 @@ pub fn service(
         port_endpoints,
         endpoints_as_given: true,
         names_given: true,
-        subsets: vec![],
+        subsets: subsets(&subset_clusters, &workloads),
     }
+}
+
+/// The subset clusters' endpoints, by subset and port.
+fn subsets(
+    clusters: &[&ClusterInfo],
+    workloads: &impl Fn(&ClusterInfo) -> Vec<Arc<Workload>>,
+) -> Vec<mesh::SubsetEndpoints> {
+    let mut out: Vec<mesh::SubsetEndpoints> = Vec::new();
+    for c in clusters {
+        let i = match out.iter().position(|s| s.name == c.subset) {
+            Some(i) => i,
+            None => {
+                out.push(mesh::SubsetEndpoints {
+                    name: c.subset.clone(),
+                    port_endpoints: Default::default(),
+                });
+                out.len() - 1
+            }
+        };
+        out[i].port_endpoints.insert(c.port, workloads(c));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::resources::{
     build_names, cluster_workloads, service, ClusterInfo, ClusterKind, EndpointInfo, NameInfo,
 };
+use crate::mesh::traffic::ListenerRoute;
 use crate::mesh::{NameTable, Resources, ServiceDecl, Workload};
 
 /// What is kept across restarts (the persisted table).
@@ -19,6 +20,10 @@ pub struct Accepted {
     pub clusters: HashMap<String, ClusterInfo>,
     pub assignments: HashMap<String, Vec<EndpointInfo>>,
     pub names: BTreeMap<String, NameInfo>,
+    /// The TCP routes of istiod's listeners, by listener name (only those that say more than
+    /// "the service itself").
+    #[serde(default)]
+    pub listeners: BTreeMap<String, ListenerRoute>,
 }
 
 #[derive(Default)]
@@ -33,6 +38,9 @@ pub struct State {
     /// By host: sorted, as the table wants its services.
     decls: BTreeMap<String, Arc<ServiceDecl>>,
     name_table: Option<Arc<NameTable>>,
+    /// The listener routes in force (remade when LDS changes them).
+    routes: Vec<Arc<ListenerRoute>>,
+    routes_dirty: bool,
     dirty_clusters: HashSet<String>,
     dirty_hosts: HashSet<String>,
     names_dirty: bool,
@@ -54,8 +62,42 @@ impl State {
             add_sorted(self.by_host.entry(c.host.clone()).or_default(), &c.name);
         }
         self.names_dirty = true;
+        self.routes_dirty = true;
         self.accepted = accepted;
         self
+    }
+
+    /// A delta of LDS: listeners added or changed (None: no route of ours in it any more), and
+    /// removed by name.
+    pub fn update_listeners(
+        &mut self,
+        changed: Vec<(String, Option<ListenerRoute>)>,
+        removed: &[String],
+    ) {
+        for name in removed {
+            self.routes_dirty |= self.accepted.listeners.remove(name).is_some();
+        }
+        for (name, route) in changed {
+            let before = match route {
+                Some(r) => {
+                    let same = self.accepted.listeners.get(&name) == Some(&r);
+                    self.accepted.listeners.insert(name, r);
+                    same
+                }
+                None => self.accepted.listeners.remove(&name).is_none(),
+            };
+            self.routes_dirty |= !before;
+        }
+    }
+
+    /// The whole LDS (SotW): what is not in it is gone.
+    pub fn replace_listeners(&mut self, all: Vec<(String, Option<ListenerRoute>)>) {
+        let now: BTreeMap<String, ListenerRoute> =
+            all.into_iter().filter_map(|(n, r)| Some((n, r?))).collect();
+        if now != self.accepted.listeners {
+            self.accepted.listeners = now;
+            self.routes_dirty = true;
+        }
     }
 
     pub fn accepted(&self) -> &Accepted {
@@ -219,9 +261,31 @@ impl State {
             );
             self.decls.insert(host, Arc::new(decl));
         }
+        if std::mem::take(&mut self.routes_dirty) {
+            let registry_only = self
+                .accepted
+                .listeners
+                .get(super::listeners::VIRTUAL_OUTBOUND)
+                .is_some_and(|l| {
+                    l.rules
+                        .iter()
+                        .any(|r| r.target == crate::mesh::traffic::Target::BlackHole)
+                });
+            if registry_only {
+                tracing::warn!("istiod sets outboundTrafficPolicy REGISTRY_ONLY: not enforced yet (capture takes mesh addresses only; connections elsewhere leave as they would without the mesh)");
+            }
+            self.routes = self
+                .accepted
+                .listeners
+                .values()
+                .cloned()
+                .map(Arc::new)
+                .collect();
+        }
         Resources {
             services: self.decls.values().cloned().collect(),
             names: self.name_table.clone(),
+            listener_routes: self.routes.clone(),
             ..Default::default()
         }
     }
