@@ -348,6 +348,16 @@ pub fn hbone_originator_config(
 /// client's), CDS and EDS from it, and the `sds-grpc` cluster istiod's clusters name for their
 /// secrets. No listeners: it measures what taking the mesh costs.
 pub fn ads_client_config(certs: &Path, istiod: &str, node_id: &str, admin: u16) -> String {
+    ads_config(certs, istiod, node_id, admin, false)
+}
+
+/// As `ads_client_config`, also taking listeners (LDS) over ADS, as a sidecar does: with
+/// `virtualOutbound` on 15001 in Envoy's namespace.
+pub fn ads_sidecar_config(certs: &Path, istiod: &str, node_id: &str, admin: u16) -> String {
+    ads_config(certs, istiod, node_id, admin, true)
+}
+
+fn ads_config(certs: &Path, istiod: &str, node_id: &str, admin: u16, lds: bool) -> String {
     let c = certs.display().to_string();
     let (host, port) = istiod.rsplit_once(':').expect("istiod is host:port");
     let xds = json!({
@@ -387,7 +397,7 @@ pub fn ads_client_config(certs: &Path, istiod: &str, node_id: &str, admin: u16) 
     let mut sds = xds.clone();
     sds["name"] = json!("sds-grpc");
     sds["load_assignment"]["cluster_name"] = json!("sds-grpc");
-    json!({
+    let mut config = json!({
         "node": {"id": node_id, "cluster": "envoy-bench.bench"},
         "admin": {"address": socket("127.0.0.1", admin)},
         "dynamic_resources": {
@@ -400,8 +410,12 @@ pub fn ads_client_config(certs: &Path, istiod: &str, node_id: &str, admin: u16) 
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
         },
         "static_resources": {"clusters": [xds, sds]},
-    })
-    .to_string()
+    });
+    if lds {
+        config["dynamic_resources"]["lds_config"] =
+            json!({"ads": {}, "resource_api_version": "V3"});
+    }
+    config.to_string()
 }
 
 /// A running Envoy and its admin endpoint.

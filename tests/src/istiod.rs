@@ -89,6 +89,8 @@ pub struct Endpoint {
     /// `networking.istio.io/tunnel=http`): istiod gives it as an internal `connect_originate`
     /// address (SPEC 10) to a node that does not send `DISABLE_HBONE_SEND`.
     pub hbone: bool,
+    /// The workload's labels (DestinationRule subsets select by them).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Endpoint {
@@ -104,6 +106,7 @@ impl Endpoint {
             priority: 0,
             name: format!("ep-{ip}"),
             hbone: false,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -151,6 +154,13 @@ pub struct Mesh {
     pub gateways: BTreeMap<String, SocketAddr>,
     /// Sent as a cluster's load assignment once: an endpoint address that is not an address.
     pub corrupt_endpoints_of: Option<String>,
+    /// VirtualServices and DestinationRules (Istio YAML), turned into LDS, subset clusters and
+    /// their EDS as istiod does (`istiod_traffic`).
+    pub traffic: String,
+    /// meshConfig outboundTrafficPolicy REGISTRY_ONLY (virtualOutbound's catch-all).
+    pub registry_only: bool,
+    /// Sent as a listener while set: a TCP proxy that is not one.
+    pub corrupt_listener: Option<String>,
 }
 
 /// One request as received.
@@ -209,6 +219,9 @@ fn same_resource(ty: &str, a: &[u8], b: &[u8]) -> bool {
             type_url::CLUSTER => eq::<Cluster>(a, b),
             type_url::ENDPOINT => eq::<ClusterLoadAssignment>(a, b),
             type_url::NAME_TABLE => eq::<NameTable>(a, b),
+            type_url::LISTENER => {
+                eq::<interceptor_proto::envoy::config::listener::v3::Listener>(a, b)
+            }
             _ => false,
         }
 }
@@ -246,7 +259,11 @@ fn internal(endpoint_id: &str) -> Address {
 }
 
 fn cluster_name(port: u16, host: &str) -> String {
-    format!("outbound|{port}||{host}")
+    subset_cluster_name(port, "", host)
+}
+
+fn subset_cluster_name(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
 }
 
 fn lb_endpoint(e: &Endpoint, service: &Service, port: u16) -> LbEndpoint {
@@ -327,11 +344,19 @@ fn load_assignment(
     service: &Service,
     port: u16,
     client_network: &str,
+    subset: Option<&(String, BTreeMap<String, String>)>,
 ) -> ClusterLoadAssignment {
-    let name = cluster_name(port, &service.host);
+    let name = match subset {
+        Some((s, _)) => subset_cluster_name(port, s, &service.host),
+        None => cluster_name(port, &service.host),
+    };
     let mut groups: BTreeMap<(String, u32), Vec<LbEndpoint>> = BTreeMap::new();
     let mut remote: BTreeMap<String, u32> = BTreeMap::new();
-    for e in &service.endpoints {
+    // A subset's endpoints: labels a superset of the subset's (istiod's getSubSetLabels).
+    let in_subset = |e: &&Endpoint| {
+        subset.is_none_or(|(_, labels)| labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+    };
+    for e in service.endpoints.iter().filter(in_subset) {
         let remote_gw = (!e.network.is_empty() && e.network != client_network)
             .then(|| mesh.gateways.get(&e.network))
             .flatten();
@@ -414,9 +439,9 @@ fn sds_secret(name: &str) -> SdsSecretConfig {
 }
 
 #[allow(deprecated)]
-fn istio_tls(service: &Service, port: u16) -> TransportSocketMatch {
+fn istio_tls(service: &Service, port: u16, subset: &str) -> TransportSocketMatch {
     let tls = UpstreamTlsContext {
-        sni: format!("outbound_.{port}_._.{}", service.host),
+        sni: format!("outbound_.{port}_.{subset}_.{}", service.host),
         common_tls_context: Some(CommonTlsContext {
             alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
             tls_certificate_sds_secret_configs: vec![sds_secret("default")],
@@ -451,7 +476,7 @@ fn istio_tls(service: &Service, port: u16) -> TransportSocketMatch {
     }
 }
 
-fn cluster(service: &Service, port: u16) -> Cluster {
+fn cluster(service: &Service, port: u16, subset: &str) -> Cluster {
     let kind = match service.discovery {
         Discovery::Eds => DiscoveryType::Eds,
         Discovery::Dns(_) => DiscoveryType::StrictDns,
@@ -472,10 +497,10 @@ fn cluster(service: &Service, port: u16) -> Cluster {
         })),
     };
     let mut c = Cluster {
-        name: cluster_name(port, &service.host),
+        name: subset_cluster_name(port, subset, &service.host),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(kind as i32)),
         transport_socket_matches: vec![
-            istio_tls(service, port),
+            istio_tls(service, port, subset),
             TransportSocketMatch {
                 name: "tlsMode-disabled".into(),
                 r#match: Some(Struct::default()),
@@ -558,11 +583,64 @@ impl Shared {
             .into_iter()
             .map(|c| (c.name.clone(), any(type_url::CLUSTER, &c)))
             .collect();
+        let docs = crate::istiod_traffic::parse(&mesh.traffic);
         for s in &mesh.services {
+            let subsets = crate::istiod_traffic::subsets_of(&docs, &s.host);
             for p in &s.ports {
-                let c = cluster(s, *p);
-                out.insert(c.name.clone(), any(type_url::CLUSTER, &c));
+                // One cluster for the service, one per DestinationRule subset, on every port.
+                for subset in std::iter::once("").chain(subsets.iter().map(|(n, _)| n.as_str())) {
+                    let c = cluster(s, *p, subset);
+                    out.insert(c.name.clone(), any(type_url::CLUSTER, &c));
+                }
             }
+        }
+        out
+    }
+
+    /// Every listener: virtualOutbound and one `<VIP>_<port>` per TCP service port.
+    fn listeners(&self) -> BTreeMap<String, Any> {
+        let mesh = self.mesh.lock().unwrap();
+        let docs = crate::istiod_traffic::parse(&mesh.traffic);
+        let mut out = BTreeMap::new();
+        let vo = crate::istiod_traffic::virtual_outbound(mesh.registry_only);
+        out.insert(vo.name.clone(), any(type_url::LISTENER, &vo));
+        for s in &mesh.services {
+            for vip in s.vips.iter().filter(|v| v.is_ipv4()) {
+                for p in &s.ports {
+                    let l = crate::istiod_traffic::service_listener(
+                        &docs,
+                        &s.host,
+                        &vip.to_string(),
+                        *p,
+                        &s.ports,
+                    );
+                    out.insert(l.name.clone(), any(type_url::LISTENER, &l));
+                }
+            }
+        }
+        if let Some(name) = &mesh.corrupt_listener {
+            out.insert(
+                name.clone(),
+                Any {
+                    type_url: type_url::LISTENER.into(),
+                    value: interceptor_proto::envoy::config::listener::v3::Listener {
+                        name: name.clone(),
+                        address: Some(socket("10.96.99.1", 80)),
+                        filter_chains: vec![interceptor_proto::envoy::config::listener::v3::FilterChain {
+                            filters: vec![interceptor_proto::envoy::config::listener::v3::Filter {
+                                name: "envoy.filters.network.tcp_proxy".into(),
+                                config_type: Some(interceptor_proto::envoy::config::listener::v3::filter::ConfigType::TypedConfig(Any {
+                                    type_url: type_url::TCP_PROXY.into(),
+                                    value: vec![0xff, 0xff, 0xff],
+                                })),
+                            }],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }
+                    .encode_to_vec(),
+                },
+            );
         }
         out
     }
@@ -571,14 +649,20 @@ impl Shared {
     fn assignments(&self, network: &str) -> BTreeMap<String, Any> {
         let mesh = self.mesh.lock().unwrap();
         let mut out = BTreeMap::new();
+        let docs = crate::istiod_traffic::parse(&mesh.traffic);
         for s in mesh
             .services
             .iter()
             .filter(|s| s.discovery == Discovery::Eds)
         {
+            let subsets = crate::istiod_traffic::subsets_of(&docs, &s.host);
             for p in &s.ports {
-                let cla = load_assignment(&mesh, s, *p, network);
+                let cla = load_assignment(&mesh, s, *p, network, None);
                 out.insert(cla.cluster_name.clone(), any(type_url::ENDPOINT, &cla));
+                for subset in &subsets {
+                    let cla = load_assignment(&mesh, s, *p, network, Some(subset));
+                    out.insert(cla.cluster_name.clone(), any(type_url::ENDPOINT, &cla));
+                }
             }
         }
         out
@@ -824,6 +908,10 @@ impl AggregatedDiscoveryService for Ads {
                                 }
                                 vec![send(type_url::ENDPOINT, shared.assignments(&network), Some(&eds), &mut sent, &mut nonce, v, false)]
                             }
+                            type_url::LISTENER => {
+                                wants.insert(type_url::LISTENER);
+                                vec![send(type_url::LISTENER, shared.listeners(), None, &mut sent, &mut nonce, v, true)]
+                            }
                             type_url::NAME_TABLE => {
                                 wants.insert(type_url::NAME_TABLE);
                                 let t: BTreeMap<String, Any> = [(String::new(), shared.name_table())].into();
@@ -844,6 +932,9 @@ impl AggregatedDiscoveryService for Ads {
                         }
                         if wants.contains(type_url::ENDPOINT) {
                             out.push(send(type_url::ENDPOINT, shared.assignments(&network), Some(&eds), &mut sent, &mut nonce, v.clone(), false));
+                        }
+                        if wants.contains(type_url::LISTENER) {
+                            out.push(send(type_url::LISTENER, shared.listeners(), None, &mut sent, &mut nonce, v.clone(), false));
                         }
                         if wants.contains(type_url::NAME_TABLE) {
                             let t: BTreeMap<String, Any> = [(String::new(), shared.name_table())].into();
@@ -884,6 +975,7 @@ impl AggregatedDiscoveryService for Ads {
              -> Option<DiscoveryResponse> {
                 let resources: Vec<Any> = match ty {
                     type_url::CLUSTER => shared.clusters().into_values().collect(),
+                    type_url::LISTENER => shared.listeners().into_values().collect(),
                     type_url::NAME_TABLE => vec![shared.name_table()],
                     type_url::ENDPOINT => shared
                         .assignments(network)

@@ -10,6 +10,7 @@ pub mod hbone;
 pub mod istiod;
 pub mod istiod_ca;
 pub mod istiod_sds;
+pub mod istiod_traffic;
 mod netns;
 mod process;
 mod topology;

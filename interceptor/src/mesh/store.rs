@@ -254,6 +254,12 @@ fn merge(inner: &mut Inner) -> Resources {
             .extend(view.peer_authentications.iter().cloned());
         out.authorization_policies
             .extend(view.authorization_policies.iter().cloned());
+        out.virtual_services
+            .extend(view.virtual_services.iter().cloned());
+        out.destination_rules
+            .extend(view.destination_rules.iter().cloned());
+        out.listener_routes
+            .extend(view.listener_routes.iter().cloned());
         for (name, net) in &view.networks.networks {
             out.networks
                 .networks

@@ -1,0 +1,316 @@
+//! The test control plane's traffic intent, generated from Istio YAML (VirtualService,
+//! DestinationRule) as istiod does for a sidecar, never as a mirror of our client
+//! (`../shared/istio-traffic-policy.md` 1.1-1.4, 3.1-3.2):
+//! - per DestinationRule subset and service port, a cluster `outbound|PORT|SUBSET|HOST` (SNI
+//!   `outbound_.PORT_.SUBSET_.HOST`) whose EDS holds the endpoints whose labels are a superset
+//!   of the subset's (I: endpoint_builder.go `getSubSetLabels`);
+//! - `virtualOutbound` (0.0.0.0:15001, use_original_dst; a blackhole chain for port 15001 and a
+//!   catch-all to PassthroughCluster, or BlackHoleCluster under REGISTRY_ONLY);
+//! - per TCP service port with a VIP, `<VIP>_<port>` (bind_to_port false) whose one chain has
+//!   `tcp_proxy.cluster` (one destination), or `weighted_clusters` (several; weight 0 dropped,
+//!   stat_prefix `<vs>.<ns>`, chain metadata `istio.config` naming the VirtualService) from the
+//!   first `tcp[]` rule that applies (no match, or a match on this port) (I: tls.go
+//!   `buildSidecarOutboundTCPFilterChainOpts`, networkfilter.go
+//!   `buildOutboundNetworkFiltersWithWeightedClusters`).
+
+use std::collections::BTreeMap;
+
+use interceptor_proto::envoy::config::core::v3::{
+    address::Address as AddressKind, socket_address::PortSpecifier, Address, Metadata,
+    SocketAddress, TrafficDirection,
+};
+use interceptor_proto::envoy::config::listener::v3::{
+    filter::ConfigType, Filter, FilterChain, FilterChainMatch, Listener,
+};
+use interceptor_proto::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::{
+    weighted_cluster::ClusterWeight, ClusterSpecifier, WeightedCluster,
+};
+use interceptor_proto::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use interceptor_proto::google::protobuf::{
+    value::Kind, Any, BoolValue, Struct, UInt32Value, Value,
+};
+use interceptor_proto::type_url;
+use prost::Message;
+use serde::Deserialize;
+
+/// A VirtualService or DestinationRule, the fields istiod reads for a sidecar's TCP routes.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Doc {
+    pub kind: String,
+    pub metadata: Meta,
+    pub spec: Spec,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Meta {
+    pub name: String,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+}
+
+fn default_ns() -> String {
+    "default".into()
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TcpRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<TcpMatch>,
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TcpMatch {
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    pub weight: Option<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Destination {
+    pub host: String,
+    #[serde(default)]
+    pub subset: String,
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PortSelector {
+    pub number: u16,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Every document of a YAML stream.
+pub fn parse(yaml: &str) -> Vec<Doc> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| Doc::deserialize(d).expect("a VirtualService or DestinationRule"))
+        .collect()
+}
+
+/// Istio's `ResolveShortnameToFQDN`.
+pub fn fqdn(host: &str, namespace: &str) -> String {
+    if host.contains('.') {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.svc.cluster.local")
+    }
+}
+
+/// The subsets DestinationRules define for `host`: (name, labels).
+pub fn subsets_of(docs: &[Doc], host: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    docs.iter()
+        .filter(|d| {
+            d.kind == "DestinationRule" && fqdn(&d.spec.host, &d.metadata.namespace) == host
+        })
+        .flat_map(|d| {
+            d.spec
+                .subsets
+                .iter()
+                .map(|s| (s.name.clone(), s.labels.clone()))
+        })
+        .collect()
+}
+
+fn strukt(fields: &[(&str, &str)]) -> Struct {
+    Struct {
+        fields: fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue(v.to_string())),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+fn tcp_proxy(stat_prefix: &str, spec: ClusterSpecifier) -> Filter {
+    let tp = TcpProxy {
+        stat_prefix: stat_prefix.into(),
+        cluster_specifier: Some(spec),
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".into(),
+        config_type: Some(ConfigType::TypedConfig(Any {
+            type_url: type_url::TCP_PROXY.into(),
+            value: tp.encode_to_vec(),
+        })),
+    }
+}
+
+fn address(ip: &str, port: u16) -> Option<Address> {
+    Some(Address {
+        address: Some(AddressKind::SocketAddress(SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    })
+}
+
+/// `virtualOutbound` as istiod builds it (sheet 1.1).
+pub fn virtual_outbound(registry_only: bool) -> Listener {
+    let catch_all = if registry_only {
+        "BlackHoleCluster"
+    } else {
+        "PassthroughCluster"
+    };
+    Listener {
+        name: "virtualOutbound".into(),
+        address: address("0.0.0.0", 15001),
+        use_original_dst: Some(BoolValue { value: true }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        filter_chains: vec![
+            FilterChain {
+                name: "virtualOutbound-blackhole".into(),
+                filter_chain_match: Some(FilterChainMatch {
+                    destination_port: Some(UInt32Value { value: 15001 }),
+                    ..Default::default()
+                }),
+                filters: vec![tcp_proxy(
+                    "BlackHoleCluster",
+                    ClusterSpecifier::Cluster("BlackHoleCluster".into()),
+                )],
+                ..Default::default()
+            },
+            FilterChain {
+                name: "virtualOutbound-catchall-tcp".into(),
+                filters: vec![tcp_proxy(
+                    catch_all,
+                    ClusterSpecifier::Cluster(catch_all.into()),
+                )],
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    }
+}
+
+/// `<VIP>_<port>` for a TCP service port (sheet 1.2-1.4).
+pub fn service_listener(
+    docs: &[Doc],
+    host: &str,
+    vip: &str,
+    port: u16,
+    service_ports: &[u16],
+) -> Listener {
+    let default = format!("outbound|{port}||{host}");
+    let vs_rule = docs
+        .iter()
+        .filter(|d| d.kind == "VirtualService")
+        .filter(|d| {
+            d.spec
+                .hosts
+                .iter()
+                .any(|h| fqdn(h, &d.metadata.namespace) == host)
+        })
+        .find_map(|d| {
+            d.spec
+                .tcp
+                .iter()
+                .find(|r| {
+                    r.matches.is_empty()
+                        || r.matches.iter().any(|m| m.port.is_none_or(|p| p == port))
+                })
+                .map(|r| (d, r))
+        });
+    let (filter, metadata) = match vs_rule {
+        None => (
+            tcp_proxy(&default, ClusterSpecifier::Cluster(default.clone())),
+            None,
+        ),
+        Some((vs, rule)) => {
+            let single = rule.route.len() == 1;
+            let clusters: Vec<(String, u32)> = rule
+                .route
+                .iter()
+                .map(|r| {
+                    let d = &r.destination;
+                    let dport = match (&d.port, service_ports) {
+                        (Some(p), _) => p.number,
+                        (None, [only]) => *only,
+                        (None, _) => port,
+                    };
+                    let w = r.weight.unwrap_or(if single { 100 } else { 0 });
+                    (
+                        format!(
+                            "outbound|{dport}|{}|{}",
+                            d.subset,
+                            fqdn(&d.host, &vs.metadata.namespace)
+                        ),
+                        w,
+                    )
+                })
+                .filter(|(_, w)| *w > 0)
+                .collect();
+            let config = format!(
+                "/apis/networking.istio.io/v1/namespaces/{}/virtual-service/{}",
+                vs.metadata.namespace, vs.metadata.name
+            );
+            let filter = if let [(name, _)] = clusters.as_slice() {
+                tcp_proxy(name, ClusterSpecifier::Cluster(name.clone()))
+            } else {
+                tcp_proxy(
+                    &format!("{}.{}", vs.metadata.name, vs.metadata.namespace),
+                    ClusterSpecifier::WeightedClusters(WeightedCluster {
+                        clusters: clusters
+                            .into_iter()
+                            .map(|(name, weight)| ClusterWeight {
+                                name,
+                                weight,
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                )
+            };
+            (
+                filter,
+                Some(Metadata {
+                    filter_metadata: [("istio".to_string(), strukt(&[("config", &config)]))].into(),
+                    ..Default::default()
+                }),
+            )
+        }
+    };
+    Listener {
+        name: format!("{vip}_{port}"),
+        address: address(vip, port),
+        bind_to_port: Some(BoolValue { value: false }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        continue_on_listener_filters_timeout: true,
+        filter_chains: vec![FilterChain {
+            filters: vec![filter],
+            metadata,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}

@@ -1,0 +1,397 @@
+//! Issue 22: the mesh's traffic intent on the VM. One Istio YAML (a DestinationRule with
+//! subsets v1/v2, a VirtualService splitting TCP 80/20) is read from the mesh files, and turned
+//! into LDS, subset clusters and their EDS by the test control plane as istiod does; real
+//! kernel capture, real sockets. A real Envoy fed the same xDS (iptables REDIRECT to its
+//! virtualOutbound, as istio-init does) serves the same client traffic, and both must split
+//! as Istio means it.
+
+use std::path::PathBuf;
+
+use interceptor_tests::bundle::{write_bundle, Spec};
+use interceptor_tests::certs::{Ca, Key};
+use interceptor_tests::envoy::{ads_sidecar_config, Envoy};
+use interceptor_tests::istiod::{ControlPlane, Endpoint, Mesh, Service};
+use interceptor_tests::istiod_sds::Secrets;
+use interceptor_tests::{sh, wait_for, Interceptor, Net, Proc, Topology};
+
+const TOKEN: &str = "vm-bootstrap-token";
+const REVIEWS: &str = "reviews.shop.svc.cluster.local";
+const VIP: &str = "240.240.5.5";
+const V1: &str = "10.77.0.20";
+const V2: &str = "10.77.0.21";
+
+fn intent(w1: u32, w2: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  host: reviews
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  hosts: [reviews]
+  tcp:
+  - route:
+    - {{destination: {{host: reviews, subset: v1}}, weight: {w1}}}
+    - {{destination: {{host: reviews, subset: v2}}, weight: {w2}}}
+"
+    )
+}
+
+/// The same service as a ServiceEntry, for the file source.
+fn service_entry() -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  hosts: [{REVIEWS}]
+  addresses: [{VIP}]
+  ports: [{{number: 9080, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: {V1}, labels: {{version: v1}}}}
+  - {{address: {V2}, labels: {{version: v2}}}}
+"
+    )
+}
+
+fn control_plane_mesh(w1: u32, w2: u32) -> Mesh {
+    let mut s = Service::new(REVIEWS, VIP, 9080);
+    for (ip, version) in [(V1, "v1"), (V2, "v2")] {
+        let mut e = Endpoint::new(ip, 9080);
+        e.mtls = false;
+        e.labels.insert("version".into(), version.into());
+        s.endpoints.push(e);
+    }
+    Mesh {
+        services: vec![s],
+        traffic: intent(w1, w2),
+        ..Default::default()
+    }
+}
+
+struct World {
+    t: Net,
+    v1: Proc,
+    v2: Proc,
+}
+
+impl World {
+    fn new() -> Self {
+        let t = Topology::new()
+            .network("a")
+            .node("vm", &["a"])
+            .node("pod", &["a"])
+            .address("a", V1)
+            .address("a", V2)
+            .node("istiod", &["a"])
+            .node("envoy", &["a"])
+            .build();
+        let pod = t.node("pod");
+        let v1 = pod.http("v1", &[&format!("{V1}:9080")]);
+        let v2 = pod.http("v2", &[&format!("{V2}:9080")]);
+        Self { t, v1, v2 }
+    }
+
+    /// Connections each version answered so far.
+    fn answered(&self) -> (usize, usize) {
+        let count = |p: &Proc| p.output().lines().filter(|l| l.contains(" GET /")).count();
+        (count(&self.v1), count(&self.v2))
+    }
+
+    /// `seconds` of new connections (one request each) to the service from `run`'s command,
+    /// and what each version answered of them.
+    fn load(&self, mut cmd: std::process::Command) -> (usize, usize) {
+        let before = self.answered();
+        let out = sh(&mut cmd);
+        let report: serde_json::Value = serde_json::from_str(out.trim()).expect("loadgen JSON");
+        assert_eq!(report["errors"], 0, "failed connections: {report}");
+        let done = report["connections"].as_u64().unwrap_or(0) as usize;
+        // The servers print each answer just before sending it.
+        let after = wait_for(5.0, || {
+            let a = self.answered();
+            (a.0 + a.1 - before.0 - before.1 >= done).then_some(a)
+        })
+        .unwrap_or_else(|| self.answered());
+        (after.0 - before.0, after.1 - before.1)
+    }
+
+    fn loadgen(&self, node: &str, captured: bool, secs: &str) -> std::process::Command {
+        let bin = interceptor_tests::helper_bin("loadgen");
+        let addr = format!("{VIP}:9080");
+        let args = [addr.as_str(), secs, "4"];
+        let n = self.t.node(node);
+        if captured {
+            n.in_cgroup(bin.to_str().expect("utf-8"), &args)
+        } else {
+            n.cmd(bin.to_str().expect("utf-8"), &args)
+        }
+    }
+}
+
+fn assert_split(who: &str, (v1, v2): (usize, usize), share: f64) {
+    let total = v1 + v2;
+    assert!(total >= 1000, "{who}: only {total} connections");
+    let got = v1 as f64 / total as f64;
+    eprintln!("{who}: v1 {v1}, v2 {v2} ({got:.3} to v1)");
+    assert!(
+        (got - share).abs() <= 0.04,
+        "{who}: v1 took {got:.3} of {total} connections, the route says {share}"
+    );
+}
+
+/// A connection opened through the VIP now that only speaks after `wait` (its upstream is
+/// chosen at connect): it must still be answered after the route changed.
+fn held_connection(t: &Net) -> std::process::Child {
+    let script = format!(
+        "exec 3<>/dev/tcp/{VIP}/9080 || exit 1; echo connected; read go; printf 'GET /held HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    let mut c = t.node("vm").in_cgroup("bash", &["-c", &script]);
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    c.spawn().expect("bash")
+}
+
+fn finish_held(mut held: std::process::Child) -> String {
+    use std::io::Write;
+    let mut stdin = held.stdin.take().expect("stdin");
+    writeln!(stdin).expect("go");
+    drop(stdin);
+    let out = held.wait_with_output().expect("held connection");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn wait_connected(held: &mut std::process::Child) {
+    use std::io::{BufRead, BufReader};
+    let stdout = held.stdout.as_mut().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("held");
+    assert_eq!(line.trim(), "connected", "the held connection did not open");
+}
+
+fn route_weights(ic: &Interceptor) -> String {
+    let v = ic.json(&format!("/explain?target={VIP}:9080"));
+    v["connections"][0]["clusters"].to_string()
+}
+
+#[test]
+fn a_weighted_tcp_split_from_the_mesh_files_and_a_live_shift() {
+    let w = World::new();
+    let mesh = w.t.write(
+        "mesh.yaml",
+        &format!("{}---\n{}", service_entry(), intent(80, 20)),
+    );
+    let ic = w.t.node("vm").interceptor().mesh(&mesh).start();
+    let weights = route_weights(&ic);
+    assert!(
+        weights.contains("outbound|9080|v1|reviews.shop.svc.cluster.local"),
+        "{weights}"
+    );
+    assert_split(
+        "interceptor (files)",
+        w.load(w.loadgen("vm", true, "3")),
+        0.8,
+    );
+
+    let mut held = held_connection(&w.t);
+    wait_connected(&mut held);
+    let version = ic.table_version();
+    std::fs::write(&mesh, format!("{}---\n{}", service_entry(), intent(0, 100)))
+        .expect("mesh file");
+    assert!(
+        ic.wait_table_after(version, 10.0),
+        "the shift never took effect"
+    );
+    let answer = finish_held(held);
+    assert!(
+        answer.contains("GET /held"),
+        "the held connection broke: {answer:?}"
+    );
+    let (v1, v2) = w.load(w.loadgen("vm", true, "1"));
+    assert_eq!(
+        v1, 0,
+        "after the shift to 0/100, v1 still took {v1} (v2 {v2})"
+    );
+    assert!(v2 > 0);
+}
+
+struct Istiod {
+    cp: ControlPlane,
+    bundle: PathBuf,
+    ca: Ca,
+}
+
+fn istiod(w: &World, mesh: Mesh) -> Istiod {
+    let ca = Ca::new("mesh root");
+    let ip = w.t.node("istiod").ip("a").to_string();
+    let cp = ControlPlane::start(
+        &w.t.node("istiod").ns.handle(),
+        format!("{ip}:15012").parse().expect("address"),
+        &ca,
+        TOKEN,
+        mesh,
+    );
+    let spec = Spec::new("vm-ns", "vm-sa", &ip, &ca.pem());
+    let bundle = write_bundle(&w.t.path("vm-root"), &spec);
+    ca.issue(&bundle.join("etc/certs"), &spec.identity(), Key::Ecdsa);
+    Istiod { cp, bundle, ca }
+}
+
+#[test]
+fn the_same_split_from_istiod_and_a_real_envoy_fed_the_same_xds_agrees() {
+    let w = World::new();
+    let cp = istiod(&w, control_plane_mesh(80, 20));
+    let ic =
+        w.t.node("vm")
+            .interceptor()
+            .args(["--control-plane", "istiod", "--istio-dir"])
+            .arg(&cp.bundle)
+            .start();
+    let routed = wait_for(20.0, || {
+        let r = route_weights(&ic);
+        r.contains("outbound|9080|v2|").then_some(r)
+    });
+    assert!(
+        routed.is_some(),
+        "istiod's route never in force: {}",
+        ic.log()
+    );
+    assert_split(
+        "interceptor (istiod)",
+        w.load(w.loadgen("vm", true, "3")),
+        0.8,
+    );
+
+    // The reference: Envoy as istiod's sidecar, traffic redirected as istio-init does.
+    let certs = w.t.path("envoy-certs");
+    cp.ca.issue(
+        &certs,
+        "spiffe://cluster.local/ns/shop/sa/envoy",
+        Key::Ecdsa,
+    );
+    cp.cp.serve_secrets(Secrets::from_dir(&certs));
+    let envoy_node = w.t.node("envoy");
+    let ip = envoy_node.ip("a").to_string();
+    let envoy = Envoy::start(
+        envoy_node,
+        "envoy-sidecar",
+        &ads_sidecar_config(
+            &certs,
+            &format!("{}:15012", w.t.node("istiod").ip("a")),
+            &format!("sidecar~{ip}~envoy.shop~shop.svc.cluster.local"),
+            15902,
+        ),
+        15902,
+    );
+    let ready = wait_for(30.0, || {
+        (envoy.stat("listener_manager.total_listeners_active") >= 2
+            && envoy.stat("cluster_manager.warming_clusters") == 0)
+            .then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "Envoy never took the listeners:\n{}",
+        envoy.log()
+    );
+    assert_eq!(
+        envoy.stat("listener_manager.lds.update_rejected"),
+        0,
+        "{}",
+        envoy.log()
+    );
+    // A route for the VIPs (the kernel routes before the nat table redirects), then the
+    // redirect istio-init installs.
+    let iface = envoy_node.iface("a").to_string();
+    sh(&mut envoy_node.cmd("ip", &["route", "add", "240.240.0.0/16", "dev", &iface]));
+    sh(&mut envoy_node.cmd(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "240.240.0.0/16",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    ));
+    assert_split("Envoy", w.load(w.loadgen("envoy", false, "3")), 0.8);
+
+    // A shift applied live: both follow, a held connection stays.
+    let mut held = held_connection(&w.t);
+    wait_connected(&mut held);
+    cp.cp.update(|m| m.traffic = intent(0, 100));
+    let shifted = wait_for(10.0, || {
+        let r = route_weights(&ic);
+        (!r.contains("|v1|")).then_some(())
+    });
+    assert!(
+        shifted.is_some(),
+        "the shift never reached the VM: {}",
+        route_weights(&ic)
+    );
+    let answer = finish_held(held);
+    assert!(
+        answer.contains("GET /held"),
+        "the held connection broke: {answer:?}"
+    );
+    assert_eq!(
+        w.load(w.loadgen("vm", true, "1")).0,
+        0,
+        "v1 still routed to"
+    );
+    let envoy_shifted = wait_for(10.0, || {
+        (envoy.stat("listener_manager.lds.update_success") >= 2).then_some(())
+    });
+    assert!(envoy_shifted.is_some(), "Envoy never took the shift");
+    assert_eq!(
+        w.load(w.loadgen("envoy", false, "1")).0,
+        0,
+        "Envoy still routes to v1"
+    );
+}
+
+#[test]
+fn a_listener_push_that_cannot_be_applied_is_nacked_and_the_last_intent_serves() {
+    let w = World::new();
+    let cp = istiod(&w, control_plane_mesh(80, 20));
+    let ic =
+        w.t.node("vm")
+            .interceptor()
+            .args(["--control-plane", "istiod", "--istio-dir"])
+            .arg(&cp.bundle)
+            .start();
+    assert!(wait_for(20.0, || route_weights(&ic).contains("|v2|").then_some(())).is_some());
+    cp.cp.update(|m| {
+        m.traffic = intent(0, 100);
+        m.corrupt_listener = Some("10.96.99.1_80".into());
+    });
+    let nack = cp.cp.wait_seen(10.0, |s| {
+        s.type_url == interceptor_proto::type_url::LISTENER && s.error.is_some()
+    });
+    let nack = nack.expect("the bad listener push was not NACKed");
+    let reason = nack.error.unwrap_or_default();
+    assert!(
+        reason.contains("10.96.99.1_80") && reason.contains("tcp_proxy"),
+        "{reason}"
+    );
+    // The last good intent (80/20) still serves.
+    assert!(
+        route_weights(&ic).contains("|v1|"),
+        "{}",
+        route_weights(&ic)
+    );
+    assert_split("after a NACK", w.load(w.loadgen("vm", true, "3")), 0.8);
+}
