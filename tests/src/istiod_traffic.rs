@@ -106,7 +106,9 @@ pub struct Subset {
 /// Every document of a YAML stream.
 pub fn parse(yaml: &str) -> Vec<Doc> {
     serde_yaml_ng::Deserializer::from_str(yaml)
-        .map(|d| Doc::deserialize(d).expect("a VirtualService or DestinationRule"))
+        .map(|d| serde_yaml_ng::Value::deserialize(d).expect("YAML"))
+        .filter(|v| !v.is_null())
+        .map(|v| serde_yaml_ng::from_value(v).expect("a VirtualService or DestinationRule"))
         .collect()
 }
 

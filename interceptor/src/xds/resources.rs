@@ -456,7 +456,15 @@ pub fn service(
 ) -> ServiceDecl {
     let (subset_clusters, clusters): (Vec<&ClusterInfo>, Vec<&ClusterInfo>) =
         clusters.iter().copied().partition(|c| !c.subset.is_empty());
-    let first = clusters.first().copied().unwrap_or(subset_clusters[0]);
+    // The caller gives at least one cluster; a host whose default cluster is not there yet
+    // (only subsets) takes its kind and namespace from a subset's.
+    let Some(first) = clusters.first().or(subset_clusters.first()).copied() else {
+        return ServiceDecl {
+            origin: format!("istiod/{host}"),
+            hosts: vec![Host::new(host)],
+            ..Default::default()
+        };
+    };
     let resolution = match first.kind {
         ClusterKind::Dns => Resolution::Dns,
         ClusterKind::OriginalDst => Resolution::None,
