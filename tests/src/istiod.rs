@@ -583,13 +583,16 @@ impl Shared {
             .into_iter()
             .map(|c| (c.name.clone(), any(type_url::CLUSTER, &c)))
             .collect();
-        let docs = crate::istiod_traffic::parse(&mesh.traffic);
+        let by_host = crate::istiod_traffic::by_host(crate::istiod_traffic::parse(&mesh.traffic));
         for s in &mesh.services {
-            let subsets = crate::istiod_traffic::subsets_of(&docs, &s.host);
+            let docs = by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default();
+            let subsets = crate::istiod_traffic::subsets_of(docs, &s.host);
             for p in &s.ports {
                 // One cluster for the service, one per DestinationRule subset, on every port.
                 for subset in std::iter::once("").chain(subsets.iter().map(|(n, _)| n.as_str())) {
-                    let c = cluster(s, *p, subset);
+                    let mut c = cluster(s, *p, subset);
+                    let policy = crate::istiod_traffic::policy_of(docs, &s.host, subset);
+                    crate::istiod_traffic::apply_policy(&mut c, &policy);
                     out.insert(c.name.clone(), any(type_url::CLUSTER, &c));
                 }
             }
@@ -600,15 +603,16 @@ impl Shared {
     /// Every listener: virtualOutbound and one `<VIP>_<port>` per TCP service port.
     fn listeners(&self) -> BTreeMap<String, Any> {
         let mesh = self.mesh.lock().unwrap();
-        let docs = crate::istiod_traffic::parse(&mesh.traffic);
+        let by_host = crate::istiod_traffic::by_host(crate::istiod_traffic::parse(&mesh.traffic));
         let mut out = BTreeMap::new();
         let vo = crate::istiod_traffic::virtual_outbound(mesh.registry_only);
         out.insert(vo.name.clone(), any(type_url::LISTENER, &vo));
         for s in &mesh.services {
+            let docs = by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default();
             for vip in s.vips.iter().filter(|v| v.is_ipv4()) {
                 for p in &s.ports {
                     let l = crate::istiod_traffic::service_listener(
-                        &docs,
+                        docs,
                         &s.host,
                         &vip.to_string(),
                         *p,
@@ -649,13 +653,14 @@ impl Shared {
     fn assignments(&self, network: &str) -> BTreeMap<String, Any> {
         let mesh = self.mesh.lock().unwrap();
         let mut out = BTreeMap::new();
-        let docs = crate::istiod_traffic::parse(&mesh.traffic);
+        let by_host = crate::istiod_traffic::by_host(crate::istiod_traffic::parse(&mesh.traffic));
         for s in mesh
             .services
             .iter()
             .filter(|s| s.discovery == Discovery::Eds)
         {
-            let subsets = crate::istiod_traffic::subsets_of(&docs, &s.host);
+            let docs = by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default();
+            let subsets = crate::istiod_traffic::subsets_of(docs, &s.host);
             for p in &s.ports {
                 let cla = load_assignment(&mesh, s, *p, network, None);
                 out.insert(cla.cluster_name.clone(), any(type_url::ENDPOINT, &cla));

@@ -63,6 +63,43 @@ pub struct Spec {
     pub tcp: Vec<TcpRoute>,
     #[serde(default)]
     pub subsets: Vec<Subset>,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// The part of a DestinationRule's trafficPolicy istiod turns into L4 cluster fields.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<Outlier>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerSettings {
+    pub simple: Option<String>,
+    pub consistent_hash: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ConnectionPool {
+    pub tcp: Option<TcpPool>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpPool {
+    pub max_connections: Option<u32>,
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outlier {
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    pub base_ejection_time: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -97,10 +134,12 @@ pub struct PortSelector {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Subset {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicy>,
 }
 
 /// Every document of a YAML stream.
@@ -110,6 +149,27 @@ pub fn parse(yaml: &str) -> Vec<Doc> {
         .filter(|v| !v.is_null())
         .map(|v| serde_yaml_ng::from_value(v).expect("a VirtualService or DestinationRule"))
         .collect()
+}
+
+/// The documents by the host they are for (a VirtualService under each of its hosts), so a
+/// large mesh is not scanned once per service.
+pub fn by_host(docs: Vec<Doc>) -> std::collections::HashMap<String, Vec<Doc>> {
+    let mut out: std::collections::HashMap<String, Vec<Doc>> = Default::default();
+    for d in docs {
+        let hosts: Vec<String> = if d.kind == "DestinationRule" {
+            vec![fqdn(&d.spec.host, &d.metadata.namespace)]
+        } else {
+            d.spec
+                .hosts
+                .iter()
+                .map(|h| fqdn(h, &d.metadata.namespace))
+                .collect()
+        };
+        for h in hosts {
+            out.entry(h).or_default().push(d.clone());
+        }
+    }
+    out
 }
 
 /// Istio's `ResolveShortnameToFQDN`.
@@ -314,5 +374,102 @@ pub fn service_listener(
             ..Default::default()
         }],
         ..Default::default()
+    }
+}
+
+/// The trafficPolicy that applies to `host`'s `subset` ("" for the service): the subset's
+/// blocks over the rule's (istiod's `MergeSubsetTrafficPolicy`; no port-level settings here).
+pub fn policy_of(docs: &[Doc], host: &str, subset: &str) -> TrafficPolicy {
+    let Some(dr) = docs
+        .iter()
+        .find(|d| d.kind == "DestinationRule" && fqdn(&d.spec.host, &d.metadata.namespace) == host)
+    else {
+        return TrafficPolicy::default();
+    };
+    let base = dr.spec.traffic_policy.clone().unwrap_or_default();
+    let sub = dr
+        .spec
+        .subsets
+        .iter()
+        .find(|s| s.name == subset)
+        .and_then(|s| s.traffic_policy.clone())
+        .unwrap_or_default();
+    TrafficPolicy {
+        load_balancer: sub.load_balancer.or(base.load_balancer),
+        connection_pool: sub.connection_pool.or(base.connection_pool),
+        outlier_detection: sub.outlier_detection.or(base.outlier_detection),
+    }
+}
+
+fn seconds(s: &str) -> interceptor_proto::google::protobuf::Duration {
+    let ms: u64 = if let Some(ms) = s.strip_suffix("ms") {
+        ms.parse().expect("ms")
+    } else {
+        (s.strip_suffix('s')
+            .expect("a duration in s or ms")
+            .parse::<f64>()
+            .expect("seconds")
+            * 1000.0) as u64
+    };
+    interceptor_proto::google::protobuf::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// istiod's `applyTrafficPolicy` for the L4 fields (sheet 3.3): lb_policy (LEAST_REQUEST by
+/// default; consistentHash -> RING_HASH), circuit breakers (UINT32_MAX unless maxConnections),
+/// connect_timeout (the mesh's 10 s unless set), outlier_detection only when set
+/// (consecutive_5xx and enforcing 100, base_ejection_time, enforcing_success_rate 0).
+pub fn apply_policy(
+    c: &mut interceptor_proto::envoy::config::cluster::v3::Cluster,
+    p: &TrafficPolicy,
+) {
+    use interceptor_proto::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+    use interceptor_proto::envoy::config::cluster::v3::cluster::LbPolicy;
+    use interceptor_proto::envoy::config::cluster::v3::{CircuitBreakers, OutlierDetection};
+    if c.lb_policy != LbPolicy::ClusterProvided as i32 {
+        c.lb_policy = match &p.load_balancer {
+            Some(LoadBalancerSettings {
+                consistent_hash: Some(_),
+                ..
+            }) => LbPolicy::RingHash,
+            Some(LoadBalancerSettings {
+                simple: Some(s), ..
+            }) => match s.as_str() {
+                "ROUND_ROBIN" => LbPolicy::RoundRobin,
+                "RANDOM" => LbPolicy::Random,
+                _ => LbPolicy::LeastRequest,
+            },
+            _ => LbPolicy::LeastRequest,
+        } as i32;
+    }
+    let tcp = p.connection_pool.as_ref().and_then(|cp| cp.tcp.as_ref());
+    let max = tcp.and_then(|t| t.max_connections).unwrap_or(u32::MAX);
+    c.circuit_breakers = Some(CircuitBreakers {
+        thresholds: vec![Thresholds {
+            max_connections: Some(UInt32Value { value: max }),
+            max_pending_requests: Some(UInt32Value { value: u32::MAX }),
+            max_requests: Some(UInt32Value { value: u32::MAX }),
+            max_retries: Some(UInt32Value { value: u32::MAX }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    c.connect_timeout = Some(seconds(
+        tcp.and_then(|t| t.connect_timeout.as_deref())
+            .unwrap_or("10s"),
+    ));
+    if let Some(o) = &p.outlier_detection {
+        let n = o.consecutive_5xx_errors;
+        c.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx: n.map(|v| UInt32Value { value: v }),
+            enforcing_consecutive_5xx: n.map(|v| UInt32Value {
+                value: if v == 0 { 0 } else { 100 },
+            }),
+            enforcing_success_rate: Some(UInt32Value { value: 0 }),
+            base_ejection_time: o.base_ejection_time.as_deref().map(seconds),
+            ..Default::default()
+        });
     }
 }

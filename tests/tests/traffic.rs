@@ -395,3 +395,263 @@ fn a_listener_push_that_cannot_be_applied_is_nacked_and_the_last_intent_serves()
     );
     assert_split("after a NACK", w.load(w.loadgen("vm", true, "3")), 0.8);
 }
+
+/// Where the VM's mesh comes from, for scenarios run once per source.
+enum Source {
+    Files(PathBuf),
+    Istiod(Box<Istiod>),
+}
+
+const DEAD: &str = "10.77.0.22";
+
+/// The service with v1 and v2 (and, with `dead`, a v3 nobody serves on), a DestinationRule
+/// with `policy` (YAML, the trafficPolicy's fields) for the service and no VirtualService.
+fn policy_rule(policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  host: reviews
+  trafficPolicy: {policy}
+"
+    )
+}
+
+fn entry_with(dead: bool) -> String {
+    let mut e = service_entry();
+    if dead {
+        e.push_str(&format!(
+            "  - {{address: {DEAD}, labels: {{version: v3}}}}\n"
+        ));
+    }
+    e
+}
+
+fn cp_mesh_with(policy: &str, dead: bool) -> Mesh {
+    let mut m = control_plane_mesh(0, 0);
+    if dead {
+        let mut e = Endpoint::new(DEAD, 9080);
+        e.mtls = false;
+        m.services[0].endpoints.push(e);
+    }
+    m.traffic = policy_rule(policy);
+    m
+}
+
+impl Source {
+    fn start(w: &World, files: bool) -> (Source, Interceptor) {
+        let node = w.t.node("vm");
+        if files {
+            let mesh = w.t.write(
+                "mesh.yaml",
+                &format!("{}---\n{}", entry_with(false), policy_rule("{}")),
+            );
+            let ic = node.interceptor().mesh(&mesh).start();
+            (Source::Files(mesh), ic)
+        } else {
+            let cp = istiod(w, cp_mesh_with("{}", false));
+            let ic = node
+                .interceptor()
+                .args(["--control-plane", "istiod", "--istio-dir"])
+                .arg(&cp.bundle)
+                .start();
+            assert!(
+                wait_for(20.0, || (ic.table_version() > 0
+                    && route_weights(&ic).contains("outbound|9080||"))
+                .then_some(()))
+                .is_some(),
+                "no table from istiod: {}",
+                ic.log()
+            );
+            (Source::Istiod(Box::new(cp)), ic)
+        }
+    }
+
+    /// Puts `policy` in force (and the dead endpoint or not); returns once explain shows
+    /// `expect` in the cluster's policy.
+    fn apply(&self, ic: &Interceptor, policy: &str, dead: bool, expect: &str) {
+        match self {
+            Source::Files(path) => {
+                std::fs::write(
+                    path,
+                    format!("{}---\n{}", entry_with(dead), policy_rule(policy)),
+                )
+                .expect("mesh file");
+            }
+            Source::Istiod(cp) => cp.cp.update(|m| *m = cp_mesh_with(policy, dead)),
+        }
+        let seen = wait_for(10.0, || {
+            let w = route_weights(ic);
+            w.contains(expect).then_some(w)
+        });
+        assert!(
+            seen.is_some(),
+            "{policy} never in force: {}",
+            route_weights(ic)
+        );
+    }
+}
+
+/// `n` sequential requests through the VIP from the VM's app: who answered each ("-" failed).
+fn sequential(w: &World, n: usize, path: &str) -> Vec<String> {
+    let script = format!(
+        "for i in $(seq {n}); do curl -s -m 3 http://{VIP}:9080/{path} || echo '- failed'; echo; done"
+    );
+    sh(&mut w.t.node("vm").in_cgroup("bash", &["-c", &script]))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().next().unwrap_or("-").to_string())
+        .collect()
+}
+
+fn policies_from(files: bool) {
+    let w = World::new();
+    sh(&mut w.t.node("pod").cmd(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{DEAD}/24"),
+            "dev",
+            w.t.node("pod").iface("a"),
+        ],
+    ));
+    let (source, ic) = Source::start(&w, files);
+    let who = if files { "files" } else { "istiod" };
+
+    // ROUND_ROBIN: turns.
+    source.apply(
+        &ic,
+        "{loadBalancer: {simple: ROUND_ROBIN}}",
+        false,
+        "ROUND_ROBIN",
+    );
+    let turns = sequential(&w, 10, "rr");
+    assert_eq!(turns.len(), 10, "{who}: {turns:?}");
+    assert!(
+        turns.windows(2).all(|p| p[0] != p[1]),
+        "{who}: round robin did not alternate: {turns:?}"
+    );
+
+    // consistentHash useSourceIp: one endpoint for this VM.
+    source.apply(
+        &ic,
+        "{loadBalancer: {consistentHash: {useSourceIp: true}}}",
+        false,
+        "SOURCE_IP_HASH",
+    );
+    let sticky = sequential(&w, 12, "hash");
+    assert!(
+        sticky.iter().all(|s| *s == sticky[0] && s != "-"),
+        "{who}: not sticky: {sticky:?}"
+    );
+
+    // The default, least request: a held connection makes its endpoint the busy one.
+    source.apply(
+        &ic,
+        "{loadBalancer: {simple: LEAST_REQUEST}}",
+        false,
+        "LEAST_REQUEST",
+    );
+    let mut held = held_connection(&w.t);
+    wait_connected(&mut held);
+    let while_held = sequential(&w, 8, "lr");
+    let held_by = finish_held(held);
+    // The body (the last line) names who answered.
+    let busy = held_by
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("-")
+        .to_string();
+    assert!(busy == "v1" || busy == "v2", "{who}: held: {held_by:?}");
+    assert!(
+        while_held.iter().all(|s| *s != busy && s != "-"),
+        "{who}: {busy} was busy, yet: {while_held:?}"
+    );
+
+    // maxConnections 1: the second connection is refused while the first is held.
+    source.apply(
+        &ic,
+        "{connectionPool: {tcp: {maxConnections: 1}}}",
+        false,
+        "\"max_connections\":1",
+    );
+    let refused_before = ic.counter(
+        "interceptor_outbound_refused_total",
+        &[("reason", "overflow")],
+    );
+    let mut held = held_connection(&w.t);
+    wait_connected(&mut held);
+    let over = sequential(&w, 1, "over");
+    assert_eq!(
+        over,
+        vec!["-"],
+        "{who}: the connection over the limit was served"
+    );
+    assert_eq!(
+        ic.counter(
+            "interceptor_outbound_refused_total",
+            &[("reason", "overflow")]
+        ),
+        refused_before + 1.0
+    );
+    assert!(
+        finish_held(held).contains("GET /held"),
+        "{who}: the held connection broke"
+    );
+    assert_ne!(
+        sequential(&w, 1, "after"),
+        vec!["-"],
+        "{who}: the limit outlived the connection"
+    );
+
+    // Outlier detection: a dead endpoint is ejected after one failure for 1 s, then tried
+    // again. Round robin makes sure it comes up.
+    source.apply(
+        &ic,
+        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s}}",
+        true,
+        "\"base_ejection_ms\":1000",
+    );
+    let failures = || ic.counter("interceptor_endpoint_failures_total", &[]);
+    let start = failures();
+    let first = wait_for(5.0, || {
+        sequential(&w, 1, "od");
+        (failures() > start).then(std::time::Instant::now)
+    })
+    .expect("the dead endpoint was never tried");
+    let ejected_failures = failures();
+    // Ejected: for the next turns (well within the second), no new failure.
+    let during = sequential(&w, 6, "ejected");
+    assert!(during.iter().all(|s| s != "-"), "{who}: {during:?}");
+    if first.elapsed() < std::time::Duration::from_millis(900) {
+        assert_eq!(
+            failures(),
+            ejected_failures,
+            "{who}: the ejected endpoint was tried"
+        );
+    }
+    let again = wait_for(10.0, || {
+        sequential(&w, 1, "od2");
+        (failures() > ejected_failures).then(std::time::Instant::now)
+    })
+    .expect("the ejected endpoint never came back");
+    let out_for = again - first;
+    assert!(
+        out_for >= std::time::Duration::from_millis(900),
+        "{who}: tried again after {out_for:?}, under the 1 s ejection"
+    );
+    eprintln!("{who}: ejected endpoint retried after {out_for:?}");
+}
+
+#[test]
+fn load_balancing_pool_limits_and_ejection_follow_the_destination_rule_from_files() {
+    policies_from(true);
+}
+
+#[test]
+fn load_balancing_pool_limits_and_ejection_follow_the_destination_rule_from_istiod() {
+    policies_from(false);
+}

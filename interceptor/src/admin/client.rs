@@ -98,7 +98,28 @@ pub fn print_explain(v: &Verdict) {
         }
         for cl in &c.clusters {
             match &cl.refused {
-                None => println!("  cluster {} ({:.0}%)", cl.cluster, cl.share * 100.0),
+                None => {
+                    let p = &cl.policy;
+                    let lb = p
+                        .load_balancer
+                        .map_or("LEAST_REQUEST (default)".to_string(), |l| format!("{l:?}"));
+                    let pool = p.pool.unwrap_or_default();
+                    println!(
+                        "  cluster {} ({:.0}%): lb {lb}, maxConnections {}, connectTimeout {}, outlier {}",
+                        cl.cluster,
+                        cl.share * 100.0,
+                        pool.max_connections
+                            .map_or("unlimited".into(), |n| n.to_string()),
+                        pool.connect_timeout_ms
+                            .map_or("daemon's".into(), |t| format!("{t} ms")),
+                        p.outlier.map_or("ours (failed endpoints tried last)".into(), |o| {
+                            format!(
+                                "{} in a row eject for {} ms",
+                                o.consecutive_errors, o.base_ejection_ms
+                            )
+                        }),
+                    )
+                }
                 Some(why) => println!(
                     "  cluster {} ({:.0}%): REFUSED, {why}",
                     cl.cluster,

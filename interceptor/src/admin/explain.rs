@@ -62,6 +62,9 @@ pub struct ClusterShare {
     /// Why connections sent here are refused (no such cluster, BlackHoleCluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Its traffic policy (load balancer, pool, outlier detection); unset parts are defaults.
+    #[serde(default)]
+    pub policy: mesh::traffic::TrafficPolicy,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -277,6 +280,7 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
                 cluster: "BlackHoleCluster".into(),
                 share: 1.0,
                 refused: Some(traffic::NoRoute::BlackHole { by: r.by }.to_string()),
+                policy: Default::default(),
             });
             return v;
         }
@@ -306,6 +310,7 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
                     ),
                     share,
                     refused: Some(e.to_string()),
+                    policy: Default::default(),
                 });
                 continue;
             }
@@ -315,6 +320,7 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
             cluster: name.clone(),
             share,
             refused: None,
+            policy: c.policy.clone(),
         });
         let plan = route::plan_cluster(&c, scope);
         v.skipped.extend(plan.skipped);

@@ -341,9 +341,6 @@ fn parse_traffic(
         res.virtual_services.push(Arc::new(vs));
     } else {
         let spec: traffic::DestinationRuleSpec = doc.typed(spec, "spec")?;
-        if spec.traffic_policy.is_some() {
-            tracing::warn!(file = %doc.file.display(), doc = doc.index, name, "DestinationRule trafficPolicy is not honoured yet: only its subsets are");
-        }
         if spec.workload_selector.is_some() {
             return Err(doc.err(
                 "spec.workloadSelector",
@@ -508,6 +505,7 @@ fn service_entry(
         endpoints_as_given: false,
         names_given: false,
         subsets: vec![],
+        policies: None,
     })
 }
 

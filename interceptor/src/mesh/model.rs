@@ -190,6 +190,18 @@ pub struct Service {
     /// the file source's subsets are selected by labels when a connection needs them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub subsets: Vec<SubsetEndpoints>,
+    /// The traffic policy of each of its clusters when the source gives them (istiod's CDS;
+    /// a cluster not listed has the defaults); None: from the mesh's DestinationRules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Vec<ClusterPolicy>>,
+}
+
+/// A cluster's traffic policy as the source gave it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClusterPolicy {
+    pub port: u16,
+    pub subset: String,
+    pub policy: super::traffic::TrafficPolicy,
 }
 
 /// The endpoints of one subset, per port (istiod: `outbound|PORT|SUBSET|HOST`).

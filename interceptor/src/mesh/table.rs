@@ -12,11 +12,11 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::model::SubsetEndpoints;
 use super::model::{
     Address, Host, Location, PortEndpoints, Resolution, Service, ServicePort, Workload,
     WorkloadGroup, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE,
 };
+use super::model::{ClusterPolicy, SubsetEndpoints};
 use super::names::NameTable;
 use super::networks::Networks;
 use super::policy::{AuthorizationPolicy, PeerAuthentication};
@@ -212,6 +212,8 @@ pub struct ServiceDecl {
     pub names_given: bool,
     /// Subset endpoints the source gave (istiod's subset clusters).
     pub subsets: Vec<SubsetEndpoints>,
+    /// Cluster policies the source gave (istiod's CDS); None: from DestinationRules.
+    pub policies: Option<Vec<ClusterPolicy>>,
 }
 
 impl ServiceDecl {
@@ -506,6 +508,7 @@ impl Table {
             {
                 if same_arcs(&old.endpoints, &endpoints)
                     && old.subsets == decl.subsets
+                    && old.policies == decl.policies
                     && old.port_endpoints.len() == port_endpoints.len()
                     && old
                         .port_endpoints
@@ -531,6 +534,7 @@ impl Table {
                 port_endpoints,
                 endpoints_as_given: decl.endpoints_as_given,
                 subsets: decl.subsets.clone(),
+                policies: decl.policies.clone(),
             }));
         }
         let names = match (&res.names, prev) {

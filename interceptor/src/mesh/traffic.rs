@@ -80,6 +80,86 @@ pub struct VirtualService {
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Overrides the rule's policy block by block.
+    #[serde(skip_serializing_if = "Policies::is_empty")]
+    pub policy: Policies,
+}
+
+/// How connections to a cluster's endpoints are made: what a DestinationRule's (or istiod's
+/// cluster's) traffic policy says at L4. Unset: the defaults (least request, no limit, the
+/// daemon's connect timeout, our own failed-last rule).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    /// connectionPool: one block (a subset's replaces the rule's whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Pool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<OutlierDetection>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadBalancer {
+    /// Istio's default: of two endpoints drawn by weight, the one with fewer connections.
+    LeastRequest,
+    RoundRobin,
+    Random,
+    /// consistentHash on the client's address (the only hash Istio gives TCP).
+    SourceIpHash,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Connections open to the cluster at once; beyond, refused (Envoy's UO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+}
+
+/// Envoy's outlier detection as a TCP proxy sees it: failures to connect in a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutlierDetection {
+    /// Consecutive failures that eject (0: never).
+    pub consecutive_errors: u32,
+    /// Ejected for this long times the times ejected in a row (at most 300 s).
+    pub base_ejection_ms: u64,
+}
+
+/// A rule's policy and its per-port replacements (portLevelSettings).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policies {
+    #[serde(default)]
+    pub all: TrafficPolicy,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<(u16, TrafficPolicy)>,
+}
+
+impl Policies {
+    pub fn is_empty(&self) -> bool {
+        *self == Policies::default()
+    }
+
+    /// Istio's `GetPortLevelTrafficPolicy`: a port's settings replace the rule's entirely.
+    pub fn for_port(&self, port: u16) -> &TrafficPolicy {
+        self.ports
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(&self.all, |(_, t)| t)
+    }
+}
+
+impl TrafficPolicy {
+    /// Istio's `MergeSubsetTrafficPolicy`: the subset's blocks over the rule's.
+    pub fn merged_with(&self, subset: &TrafficPolicy) -> TrafficPolicy {
+        TrafficPolicy {
+            load_balancer: subset.load_balancer.or(self.load_balancer),
+            pool: subset.pool.or(self.pool),
+            outlier: subset.outlier.or(self.outlier),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -90,8 +170,21 @@ pub struct DestinationRule {
     pub host: Host,
     pub export_to: Vec<String>,
     pub subsets: Vec<Subset>,
+    #[serde(skip_serializing_if = "Policies::is_empty")]
+    pub policy: Policies,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
+}
+
+impl DestinationRule {
+    /// The policy for `port` of `subset` ("" for the service itself).
+    pub fn policy(&self, port: u16, subset: &str) -> TrafficPolicy {
+        let base = self.policy.for_port(port);
+        match self.subsets.iter().find(|s| s.name == subset) {
+            Some(s) if !s.policy.is_empty() => base.merged_with(s.policy.for_port(port)),
+            _ => base.clone(),
+        }
+    }
 }
 
 /// A route istiod computed for this proxy: the TCP proxy of its `<VIP>_<port>` listener (or of
@@ -239,9 +332,280 @@ pub(super) struct DestinationRuleSpec {
     subsets: Vec<SubsetSpec>,
     #[serde(default)]
     export_to: Vec<String>,
-    /// Connection pool, load balancer, outlier detection, TLS: not yet honoured (logged).
-    pub(super) traffic_policy: Option<Value>,
+    pub(super) traffic_policy: Option<TrafficPolicySpec>,
     pub(super) workload_selector: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct TrafficPolicySpec {
+    load_balancer: Option<LoadBalancerSpec>,
+    connection_pool: Option<ConnectionPoolSpec>,
+    outlier_detection: Option<OutlierSpec>,
+    #[serde(default)]
+    port_level_settings: Vec<PortTrafficPolicySpec>,
+    /// Read so the document is not refused; not honoured yet (logged).
+    pub(super) tls: Option<Value>,
+    pub(super) tunnel: Option<Value>,
+    pub(super) proxy_protocol: Option<Value>,
+    pub(super) retry_budget: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PortTrafficPolicySpec {
+    port: Option<PortSelectorSpec>,
+    load_balancer: Option<LoadBalancerSpec>,
+    connection_pool: Option<ConnectionPoolSpec>,
+    outlier_detection: Option<OutlierSpec>,
+    tls: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LoadBalancerSpec {
+    simple: Option<String>,
+    consistent_hash: Option<ConsistentHashSpec>,
+    locality_lb_setting: Option<Value>,
+    warmup_duration_secs: Option<Value>,
+    warmup: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConsistentHashSpec {
+    use_source_ip: Option<bool>,
+    http_header_name: Option<String>,
+    http_cookie: Option<Value>,
+    http_query_parameter_name: Option<String>,
+    ring_hash: Option<Value>,
+    maglev: Option<Value>,
+    minimum_ring_size: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionPoolSpec {
+    tcp: Option<TcpPoolSpec>,
+    /// The HTTP data path's (not yet).
+    #[allow(dead_code)]
+    http: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TcpPoolSpec {
+    max_connections: Option<i64>,
+    connect_timeout: Option<String>,
+    tcp_keepalive: Option<Value>,
+    max_connection_duration: Option<Value>,
+    idle_timeout: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OutlierSpec {
+    consecutive_errors: Option<i64>,
+    consecutive_gateway_errors: Option<u32>,
+    #[serde(rename = "consecutive5xxErrors")]
+    consecutive_5xx_errors: Option<u32>,
+    interval: Option<String>,
+    base_ejection_time: Option<String>,
+    max_ejection_percent: Option<i64>,
+    min_health_percent: Option<i64>,
+    split_external_local_origin_errors: Option<bool>,
+    consecutive_local_origin_failures: Option<u32>,
+}
+
+/// A protobuf duration as Istio writes it: `10s`, `1.5s`, `100ms`, `1m`, `1h30m`.
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
+    let mut total = 0f64;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let (unit, ms) = [
+            ("ms", 1.0),
+            ("h", 3_600_000.0),
+            ("m", 60_000.0),
+            ("s", 1000.0),
+        ]
+        .into_iter()
+        .find(|(u, _)| rest.starts_with(u))?;
+        rest = &rest[unit.len()..];
+        total += value * ms;
+    }
+    Some(total.round() as u64)
+}
+
+fn duration(field: String, s: &str) -> Result<u64, Invalid> {
+    parse_duration_ms(s)
+        .ok_or_else(|| invalid(field, format!("{s:?} is not a duration (10s, 1.5s, 100ms)")))
+}
+
+fn load_balancer(at: &str, lb: LoadBalancerSpec) -> Result<Option<LoadBalancer>, Invalid> {
+    if let Some(hash) = lb.consistent_hash {
+        let http_key = hash.http_header_name.is_some()
+            || hash.http_cookie.is_some()
+            || hash.http_query_parameter_name.is_some();
+        if hash.use_source_ip == Some(true) && !http_key {
+            if hash.ring_hash.is_some() || hash.maglev.is_some() || hash.minimum_ring_size.is_some()
+            {
+                tracing::debug!(
+                    at,
+                    "consistentHash table settings: a rendezvous hash needs none"
+                );
+            }
+            return Ok(Some(LoadBalancer::SourceIpHash));
+        }
+        return Err(invalid(
+            format!("{at}.loadBalancer.consistentHash"),
+            "only useSourceIp is supported at L4 (a header, cookie or query hash needs the HTTP data path)",
+        ));
+    }
+    if lb.locality_lb_setting.is_some() || lb.warmup.is_some() || lb.warmup_duration_secs.is_some()
+    {
+        tracing::warn!(
+            at,
+            "loadBalancer localityLbSetting/warmup are not honoured yet"
+        );
+    }
+    Ok(match lb.simple.as_deref() {
+        None | Some("UNSPECIFIED") => None,
+        Some("LEAST_REQUEST" | "LEAST_CONN") => Some(LoadBalancer::LeastRequest),
+        Some("ROUND_ROBIN") => Some(LoadBalancer::RoundRobin),
+        Some("RANDOM") => Some(LoadBalancer::Random),
+        Some("PASSTHROUGH") => {
+            return Err(invalid(
+                format!("{at}.loadBalancer.simple"),
+                "PASSTHROUGH is not supported: the VM routes to the mesh's endpoints",
+            ))
+        }
+        Some(other) => {
+            return Err(invalid(
+                format!("{at}.loadBalancer.simple"),
+                format!("unknown policy {other:?}"),
+            ))
+        }
+    })
+}
+
+fn pool(at: &str, p: ConnectionPoolSpec) -> Result<Option<Pool>, Invalid> {
+    let Some(tcp) = p.tcp else {
+        return Ok(None);
+    };
+    if tcp.tcp_keepalive.is_some()
+        || tcp.max_connection_duration.is_some()
+        || tcp.idle_timeout.is_some()
+    {
+        tracing::warn!(at, "connectionPool.tcp tcpKeepalive/maxConnectionDuration/idleTimeout are not honoured yet");
+    }
+    let max_connections = match tcp.max_connections {
+        None => None,
+        Some(n) if n > 0 => Some(u32::try_from(n).unwrap_or(u32::MAX)),
+        Some(_) => {
+            return Err(invalid(
+                format!("{at}.connectionPool.tcp.maxConnections"),
+                "must be 1 or more",
+            ))
+        }
+    };
+    let connect_timeout_ms = tcp
+        .connect_timeout
+        .map(|t| duration(format!("{at}.connectionPool.tcp.connectTimeout"), &t))
+        .transpose()?;
+    Ok(Some(Pool {
+        max_connections,
+        connect_timeout_ms,
+    }))
+}
+
+/// As istiod's `applyOutlierDetection` reads it for a TCP cluster: consecutive5xxErrors (or
+/// the deprecated consecutiveErrors) counts failed connections; Envoy's defaults otherwise.
+fn outlier(at: &str, o: OutlierSpec) -> Result<OutlierDetection, Invalid> {
+    let consecutive = match (o.consecutive_5xx_errors, o.consecutive_errors) {
+        (Some(n), _) => n,
+        (None, Some(n)) => u32::try_from(n).map_err(|_| {
+            invalid(
+                format!("{at}.outlierDetection.consecutiveErrors"),
+                "must be 0 or more",
+            )
+        })?,
+        // Envoy's default when the rule sets outlierDetection without a count.
+        (None, None) => 5,
+    };
+    if o.consecutive_gateway_errors.is_some()
+        || o.split_external_local_origin_errors.is_some()
+        || o.min_health_percent.is_some()
+        || o.max_ejection_percent.is_some()
+        || o.interval.is_some()
+        || o.consecutive_local_origin_failures.is_some()
+    {
+        tracing::debug!(at, "outlierDetection: interval, maxEjectionPercent, minHealthPercent and the gateway/local-origin counts are not used at L4");
+    }
+    let base_ejection_ms = o
+        .base_ejection_time
+        .map(|t| duration(format!("{at}.outlierDetection.baseEjectionTime"), &t))
+        .transpose()?
+        .unwrap_or(30_000);
+    Ok(OutlierDetection {
+        consecutive_errors: consecutive,
+        base_ejection_ms,
+    })
+}
+
+fn policy_blocks(
+    at: &str,
+    lb: Option<LoadBalancerSpec>,
+    cp: Option<ConnectionPoolSpec>,
+    od: Option<OutlierSpec>,
+) -> Result<TrafficPolicy, Invalid> {
+    Ok(TrafficPolicy {
+        load_balancer: lb.map(|l| load_balancer(at, l)).transpose()?.flatten(),
+        pool: cp.map(|p| pool(at, p)).transpose()?.flatten(),
+        outlier: od.map(|o| outlier(at, o)).transpose()?,
+    })
+}
+
+fn policies(at: &str, spec: Option<TrafficPolicySpec>) -> Result<Policies, Invalid> {
+    let Some(t) = spec else {
+        return Ok(Policies::default());
+    };
+    if t.tls.is_some()
+        || t.tunnel.is_some()
+        || t.proxy_protocol.is_some()
+        || t.retry_budget.is_some()
+    {
+        tracing::warn!(at, "trafficPolicy tls/tunnel/proxyProtocol/retryBudget are not honoured yet (Istio mTLS stays automatic)");
+    }
+    let all = policy_blocks(at, t.load_balancer, t.connection_pool, t.outlier_detection)?;
+    let mut ports = Vec::new();
+    for (i, p) in t.port_level_settings.into_iter().enumerate() {
+        let field = format!("{at}.portLevelSettings[{i}]");
+        let number = p
+            .port
+            .ok_or_else(|| invalid(format!("{field}.port"), "a port is required"))?;
+        let number = port(format!("{field}.port.number"), number.number)?;
+        if p.tls.is_some() {
+            tracing::warn!(at = %field, "portLevelSettings tls is not honoured yet");
+        }
+        ports.push((
+            number,
+            policy_blocks(
+                &field,
+                p.load_balancer,
+                p.connection_pool,
+                p.outlier_detection,
+            )?,
+        ));
+    }
+    Ok(Policies { all, ports })
 }
 
 #[derive(Deserialize)]
@@ -251,7 +615,7 @@ struct SubsetSpec {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(rename = "trafficPolicy")]
-    traffic_policy: Option<Value>,
+    traffic_policy: Option<TrafficPolicySpec>,
 }
 
 fn port(field: String, p: u32) -> Result<u16, Invalid> {
@@ -385,20 +749,21 @@ pub(super) fn destination_rule(
                 format!("subset {:?} defined twice", s.name),
             ));
         }
-        if s.traffic_policy.is_some() {
-            tracing::warn!(rule = %format!("{namespace}/{name}"), subset = %s.name, "subset trafficPolicy is not honoured yet; the subset's endpoints are");
-        }
+        let policy = policies(&format!("subsets[{i}].trafficPolicy"), s.traffic_policy)?;
         subsets.push(Subset {
             name: s.name,
             labels: s.labels,
+            policy,
         });
     }
+    let policy = policies("trafficPolicy", spec.traffic_policy)?;
     Ok(DestinationRule {
         name: format!("{namespace}/{name}"),
         host: Host::new(&spec.host),
         namespace,
         export_to: spec.export_to,
         subsets,
+        policy,
         created,
     })
 }
@@ -434,6 +799,54 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "tcp[0].match[0].port");
         assert!(vs("hosts: []\n").is_err());
+    }
+
+    fn dr(yaml: &str) -> Result<DestinationRule, Invalid> {
+        let spec: DestinationRuleSpec = serde_yaml_ng::from_str(yaml).unwrap();
+        destination_rule("pg".into(), "db".into(), None, spec)
+    }
+
+    #[test]
+    fn port_settings_replace_and_subsets_override_block_by_block() {
+        let d = dr("host: pg
+trafficPolicy:
+  loadBalancer: {simple: ROUND_ROBIN}
+  connectionPool: {tcp: {maxConnections: 100, connectTimeout: 1.5s}}
+  portLevelSettings:
+  - port: {number: 5433}
+    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 500ms}
+subsets:
+- name: v2
+  labels: {version: v2}
+  trafficPolicy:
+    loadBalancer: {consistentHash: {useSourceIp: true}}
+")
+        .unwrap();
+        let all = d.policy(5432, "");
+        assert_eq!(all.load_balancer, Some(LoadBalancer::RoundRobin));
+        assert_eq!(
+            all.pool,
+            Some(Pool {
+                max_connections: Some(100),
+                connect_timeout_ms: Some(1500)
+            })
+        );
+        // Port level replaces the whole policy: no ROUND_ROBIN, no pool there.
+        let p = d.policy(5433, "");
+        assert_eq!((p.load_balancer, p.pool), (None, None));
+        assert_eq!(p.outlier.unwrap().base_ejection_ms, 500);
+        let v2 = d.policy(5432, "v2");
+        assert_eq!(v2.load_balancer, Some(LoadBalancer::SourceIpHash));
+        assert_eq!(v2.pool, all.pool);
+        assert!(dr(
+            "host: pg\ntrafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x}}}\n"
+        )
+        .is_err());
+        assert!(
+            dr("host: pg\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: soon}}}\n")
+                .is_err()
+        );
+        assert_eq!(parse_duration_ms("1m30s"), Some(90_000));
     }
 
     #[test]

@@ -9,16 +9,18 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::capture::OriginalDst;
+use crate::mesh::traffic::LoadBalancer;
 use crate::mesh::{self, Service, Store};
 use crate::metrics::{self, Metrics, TcpLabels};
 use crate::net::{relay, Relayed};
+use crate::route::balance::{self, Balance, Load};
 use crate::route::policy::Subject;
 use crate::route::traffic::{self, NoRoute};
 use crate::route::{self, Outliers, Scope, Target, Transport};
 use crate::spiffe::{SpiffeId, DEFAULT_TRUST_DOMAIN};
 use crate::tls;
 use crate::transport::hbone::Origin;
-use crate::transport::{try_targets, Dialer, For, Upstream};
+use crate::transport::{try_targets, Attempts, Dialer, For, Upstream};
 
 /// At most this many endpoints are tried for one connection.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -39,6 +41,8 @@ pub struct Outbound {
     /// Who this VM is, for the routes that depend on it (sourceLabels, sourceNamespace,
     /// exportTo) and which DestinationRule applies.
     subject: Subject,
+    /// Connections open per endpoint and cluster (least request, maxConnections).
+    load: Arc<Load>,
     metrics: Arc<Metrics>,
 }
 
@@ -66,6 +70,7 @@ impl Outbound {
             network,
             gateway_identity,
             subject,
+            load: Arc::default(),
             metrics,
         })
     }
@@ -124,6 +129,19 @@ impl Outbound {
             }
         };
         let svc = cluster.service;
+        let cluster_name = cluster.name();
+        let policy = cluster.policy.clone();
+        if let Some(max) = policy.pool.and_then(|p| p.max_connections) {
+            if self.load.cluster(&cluster_name) >= max {
+                let e = NoRoute::Overflow {
+                    cluster: cluster_name,
+                    max,
+                };
+                self.metrics.outbound_refused(e.label());
+                tracing::warn!(%peer, original = %dst, service = %svc.host, reason = e.label(), error = %e, "outbound: refused; closing");
+                return;
+            }
+        }
         let tls = self.tls.current();
         let trust_domain = tls
             .as_ref()
@@ -139,11 +157,27 @@ impl Outbound {
         let plan = route::plan_cluster(&cluster, scope);
         self.outliers
             .warn_unreachable(svc.host.as_str(), &plan.skipped);
-        let targets = route::order(plan, &self.outliers);
+        let targets = balance::order(
+            plan,
+            &self.outliers,
+            Balance {
+                policy: policy.load_balancer.unwrap_or(LoadBalancer::LeastRequest),
+                load: &self.load,
+                cluster: &cluster_name,
+                source: peer.ip(),
+            },
+        );
         let started = Instant::now();
         let (i, upstream) = match try_targets(
             &targets,
-            MAX_ATTEMPTS,
+            Attempts {
+                max: MAX_ATTEMPTS,
+                connect_timeout: policy
+                    .pool
+                    .and_then(|p| p.connect_timeout_ms)
+                    .map(std::time::Duration::from_millis),
+                outlier: policy.outlier,
+            },
             &self.outliers,
             &self.metrics,
             svc.host.as_str(),
@@ -164,6 +198,7 @@ impl Outbound {
             }
         };
         let target = &targets[i];
+        let _open = self.load.open(&cluster_name, &target.endpoint);
         let mtls = upstream.is_mtls();
         let server = upstream.peer_identity(target.transport.identities());
         let labels = TcpLabels::new(metrics::SOURCE, svc.host.to_string(), mtls).principals(
@@ -175,7 +210,7 @@ impl Outbound {
             Upstream::Hbone(s) => s.peer_workload().and_then(|w| w.service.clone()),
             _ => None,
         };
-        tracing::info!(%peer, original = %dst, service = %svc.host, cluster = %cluster.name(), route = %route.by, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), peer_workload = peer_workload.as_deref().unwrap_or("-"), "outbound connection");
+        tracing::info!(%peer, original = %dst, service = %svc.host, cluster = %cluster_name, route = %route.by, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), peer_workload = peer_workload.as_deref().unwrap_or("-"), "outbound connection");
         let result = match upstream {
             Upstream::Tcp(mut up) => relay(&mut client, &mut up).await,
             Upstream::Tls(mut up) => relay(&mut client, up.as_mut()).await,

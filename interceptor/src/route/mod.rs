@@ -11,6 +11,7 @@
 //! reached, and they are taken as given.
 
 mod allow;
+pub mod balance;
 mod outliers;
 pub mod policy;
 pub mod traffic;
@@ -577,6 +578,7 @@ mod tests {
             port_endpoints: Default::default(),
             endpoints_as_given: false,
             subsets: vec![],
+            policies: None,
         };
         (s, port)
     }

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{EndpointAddr, Skipped};
+use crate::mesh::traffic::OutlierDetection;
 
 /// How long a failed endpoint is tried last, after its first failure; each further failure in
 /// a row adds as much again (Envoy's outlier detection: base ejection time times ejections), up
@@ -22,27 +23,52 @@ fn ejection(n: u32) -> Duration {
     EJECTION.saturating_mul(n.max(1)).min(MAX_EJECTION)
 }
 
+/// A failure record: when, how many in a row, and the cluster's outlier detection (None: ours).
+type Failures = (Instant, u32, Option<OutlierDetection>);
+
+/// How long an endpoint stays ejected after `n` failures in a row under `policy` (zero: not
+/// ejected). Ours: from the first failure, `EJECTION` times the failures. A DestinationRule's
+/// (Envoy's): from `consecutive_errors` failures, its base time times the ejections.
+fn ejected_for(n: u32, policy: Option<OutlierDetection>) -> Duration {
+    match policy {
+        None => ejection(n),
+        Some(p) if p.consecutive_errors == 0 || n < p.consecutive_errors => Duration::ZERO,
+        Some(p) => Duration::from_millis(p.base_ejection_ms)
+            .saturating_mul(n - p.consecutive_errors + 1)
+            .min(MAX_EJECTION),
+    }
+}
+
 #[derive(Default)]
 pub struct Outliers {
-    /// When each endpoint last failed, and how many times in a row.
-    failed: Mutex<HashMap<EndpointAddr, (Instant, u32)>>,
+    /// When each endpoint last failed, how many times in a row, under which policy.
+    failed: Mutex<HashMap<EndpointAddr, Failures>>,
     /// (service, network) pairs already reported unreachable: said once, not per connection.
     warned: Mutex<HashSet<(String, String)>>,
 }
 
 impl Outliers {
     pub fn failed(&self, endpoint: &EndpointAddr) {
+        self.failed_under(endpoint, None)
+    }
+
+    /// A failure, judged by the cluster's outlier detection (None: ours).
+    pub fn failed_under(&self, endpoint: &EndpointAddr, policy: Option<OutlierDetection>) {
         let mut m = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        let e = m.entry(endpoint.clone()).or_insert((Instant::now(), 0));
-        // In a row: failing again soon after its ejection ended (when it is tried again).
-        // A failure long after that starts the count over.
-        let in_a_row = e.0.elapsed() < ejection(e.1).saturating_mul(2);
+        let e = m
+            .entry(endpoint.clone())
+            .or_insert((Instant::now(), 0, policy));
+        // In a row: failing again soon after its ejection ended (when it is tried again), or
+        // before it was ejected at all. A failure long after that starts the count over.
+        let window = ejected_for(e.1, e.2).max(EJECTION).saturating_mul(2);
+        let in_a_row = e.0.elapsed() < window;
         *e = (
             Instant::now(),
             if in_a_row { e.1.saturating_add(1) } else { 1 },
+            policy,
         );
         if m.len() > MAX_FAILED {
-            m.retain(|_, (t, n)| t.elapsed() < ejection(*n));
+            m.retain(|_, (t, n, p)| t.elapsed() < ejected_for(*n, *p).max(EJECTION));
         }
     }
 
@@ -57,7 +83,7 @@ impl Outliers {
         let m = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         !m.is_empty()
             && m.get(endpoint)
-                .is_some_and(|(t, n)| t.elapsed() < ejection(*n))
+                .is_some_and(|(t, n, p)| t.elapsed() < ejected_for(*n, *p))
     }
 
     /// Logs, once per (service, network), the endpoints a plan could not reach for a reason

@@ -19,7 +19,11 @@ use rand::Rng;
 use serde::Serialize;
 
 use super::policy::Subject;
-use crate::mesh::traffic::{visible, Destination, Target, TcpMatch, VirtualService};
+use std::collections::BTreeMap;
+
+use crate::mesh::traffic::{
+    visible, Destination, DestinationRule, Target, TcpMatch, TrafficPolicy, VirtualService,
+};
 use crate::mesh::{Host, Service, ServicePort, Table, Workload};
 
 /// The gateway name that means "the sidecars of the mesh".
@@ -76,6 +80,9 @@ pub enum NoRoute {
     /// istiod's BlackHoleCluster (REGISTRY_ONLY, or a route to nowhere).
     #[error("refused by {by} (BlackHoleCluster)")]
     BlackHole { by: RouteBy },
+    /// The cluster's connectionPool.tcp.maxConnections are all open (`UO`).
+    #[error("{cluster} has its maxConnections ({max}) open (UO)")]
+    Overflow { cluster: String, max: u32 },
 }
 
 impl NoRoute {
@@ -83,6 +90,7 @@ impl NoRoute {
         match self {
             NoRoute::NoCluster { .. } => "no_cluster",
             NoRoute::BlackHole { .. } => "black_hole",
+            NoRoute::Overflow { .. } => "overflow",
         }
     }
 }
@@ -94,6 +102,8 @@ pub struct Cluster<'t> {
     pub port: &'t ServicePort,
     pub subset: String,
     pub endpoints: Cow<'t, [Arc<Workload>]>,
+    /// How its endpoints are chosen and connected to (the DestinationRule's, or istiod's).
+    pub policy: TrafficPolicy,
 }
 
 impl Cluster<'_> {
@@ -107,10 +117,7 @@ pub fn cluster_name(port: u16, subset: &str, host: &Host) -> String {
     format!("outbound|{port}|{subset}|{host}")
 }
 
-fn selects(
-    selector: &std::collections::BTreeMap<String, String>,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> bool {
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -223,16 +230,15 @@ pub fn pick(destinations: &[Destination]) -> Option<&Destination> {
     destinations.last()
 }
 
-/// The labels a subset selects by, from the DestinationRule that applies to `host` for this VM
-/// (istiod's lookup: our namespace's rules, then the service's namespace's, then the root
-/// namespace's; of one namespace's rules, merged, the first to define a subset wins).
-pub fn subset_labels<'t>(
+/// The DestinationRules that apply to `host` for this VM, merged as istiod merges them
+/// (push_context.go: our namespace's rules, else the service namespace's, else the root
+/// namespace's; of one namespace's rules the first to define a subset or a policy wins).
+pub fn destination_rules<'t>(
     table: &'t Table,
     subject: &Subject,
     host: &'t Host,
     service_namespace: &str,
-    subset: &str,
-) -> Option<(&'t std::collections::BTreeMap<String, String>, &'t str)> {
+) -> Vec<&'t Arc<DestinationRule>> {
     let rank = |ns: &str| {
         if ns == subject.namespace {
             0
@@ -249,16 +255,26 @@ pub fn subset_labels<'t>(
         .destination_rules_for(host)
         .filter(|d| visible(&d.namespace, &d.export_to, &subject.namespace))
         .collect();
-    let best = rules.iter().map(|d| rank(&d.namespace)).min()?;
+    let Some(best) = rules.iter().map(|d| rank(&d.namespace)).min() else {
+        return vec![];
+    };
     rules
         .into_iter()
         .filter(|d| rank(&d.namespace) == best)
-        .find_map(|d| {
-            d.subsets
-                .iter()
-                .find(|s| s.name == subset)
-                .map(|s| (&s.labels, d.name.as_str()))
-        })
+        .collect()
+}
+
+/// The labels `subset` selects by and the rule that defines it.
+pub fn subset_labels<'t>(
+    rules: &[&'t Arc<DestinationRule>],
+    subset: &str,
+) -> Option<(&'t BTreeMap<String, String>, &'t str)> {
+    rules.iter().find_map(|d| {
+        d.subsets
+            .iter()
+            .find(|s| s.name == subset)
+            .map(|s| (&s.labels, d.name.as_str()))
+    })
 }
 
 /// The cluster `dest` names, for a connection made to port `listener_port`.
@@ -289,8 +305,8 @@ pub fn cluster<'t>(
                 .ok_or_else(|| no_cluster(number))?,
         )
     } else {
-        let (labels, _) = subset_labels(table, subject, &svc.host, &svc.namespace, &dest.subset)
-            .ok_or_else(|| no_cluster(number))?;
+        let rules = destination_rules(table, subject, &svc.host, &svc.namespace);
+        let (labels, _) = subset_labels(&rules, &dest.subset).ok_or_else(|| no_cluster(number))?;
         Cow::Owned(
             svc.endpoints_for(port)
                 .iter()
@@ -299,18 +315,31 @@ pub fn cluster<'t>(
                 .collect(),
         )
     };
+    let policy = match &svc.policies {
+        // The source gave each cluster's policy (istiod's CDS).
+        Some(given) => given
+            .iter()
+            .find(|p| p.port == port.number && p.subset == dest.subset)
+            .map(|p| p.policy.clone())
+            .unwrap_or_default(),
+        None => destination_rules(table, subject, &svc.host, &svc.namespace)
+            .first()
+            .map(|d| d.policy(port.number, &dest.subset))
+            .unwrap_or_default(),
+    };
     Ok(Cluster {
         service: svc,
         port,
         subset: dest.subset.clone(),
         endpoints,
+        policy,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::traffic::{DestinationRule, Subset, TcpRule};
+    use crate::mesh::traffic::{Subset, TcpRule};
     use crate::mesh::{Resources, ServiceDecl};
 
     fn table(vs: Vec<VirtualService>, dr: Vec<DestinationRule>) -> Table {
@@ -396,8 +425,10 @@ mod tests {
                 .map(|v| Subset {
                     name: v.to_string(),
                     labels: [("version".to_string(), v.to_string())].into(),
+                    policy: Default::default(),
                 })
                 .collect(),
+            policy: Default::default(),
             created: None,
         }
     }

@@ -369,25 +369,57 @@ pub struct Exhausted {
 /// much. Far above a LAN or even a cross-region handshake.
 pub const HEDGE_AFTER: Duration = Duration::from_millis(500);
 
-/// Dials `targets` in order, at most `max_attempts` of them: the next one when a dial fails, or
+/// How many targets one connection may try, and the cluster's settings for them (its
+/// DestinationRule's connect timeout and outlier detection).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Attempts {
+    pub max: usize,
+    /// Instead of the daemon's connect timeout.
+    pub connect_timeout: Option<Duration>,
+    pub outlier: Option<crate::mesh::traffic::OutlierDetection>,
+}
+
+impl Attempts {
+    pub fn at_most(max: usize) -> Self {
+        Self {
+            max,
+            ..Default::default()
+        }
+    }
+}
+
+/// Dials `targets` in order, at most `attempts.max` of them: the next one when a dial fails, or
 /// beside it when it has not answered within the connector's `hedge_after`; the first to answer wins and the
 /// others are dropped. Marks each failure and success in `outliers` (a dial outpaced by
 /// another counts as failed: it was slower than `HEDGE_AFTER`) and counts failures by reason.
 /// Returns the index of the target that answered with its upstream.
 pub async fn try_targets<C: Connector>(
     targets: &[Target],
-    max_attempts: usize,
+    attempts: Attempts,
     outliers: &Outliers,
     metrics: &Metrics,
     service: &str,
     connector: &C,
 ) -> Result<(usize, C::Conn), Exhausted> {
     use futures_util::stream::{FuturesUnordered, StreamExt};
-    let tried = targets.len().min(max_attempts);
+    let tried = targets.len().min(attempts.max);
     let hedge_after = connector.hedge_after();
     let dial = |i: usize| {
         let target = &targets[i];
-        async move { (i, connector.connect(target).await) }
+        async move {
+            let result = match attempts.connect_timeout {
+                None => connector.connect(target).await,
+                Some(t) => tokio::time::timeout(t, connector.connect(target))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(DialError::Connect(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within the cluster's connectTimeout {t:?}"),
+                        )))
+                    }),
+            };
+            (i, result)
+        }
     };
     let mut dialing = FuturesUnordered::new();
     let mut in_flight: Vec<usize> = Vec::new();
@@ -422,14 +454,14 @@ pub async fn try_targets<C: Connector>(
             Ok(up) => {
                 outliers.succeeded(&targets[i].endpoint);
                 for &j in &in_flight {
-                    outliers.failed(&targets[j].endpoint);
+                    outliers.failed_under(&targets[j].endpoint, attempts.outlier);
                     metrics.dial_failed(OUTPACED);
                     tracing::warn!(%service, endpoint = %targets[j].endpoint, reason = OUTPACED, "endpoint did not answer within {hedge_after:?}; another did");
                 }
                 return Ok((i, up));
             }
             Err(e) => {
-                outliers.failed(&targets[i].endpoint);
+                outliers.failed_under(&targets[i].endpoint, attempts.outlier);
                 metrics.dial_failed(e.label());
                 tracing::warn!(%service, endpoint = %targets[i].endpoint, error = %e, reason = e.label(), "endpoint failed; trying the next");
                 last = Some(e);
@@ -548,9 +580,16 @@ mod tests {
         let outliers = Outliers::default();
         let targets = [target(1), target(2)];
         let started = tokio::time::Instant::now();
-        let (i, port) = try_targets(&targets, 3, &outliers, &Metrics::default(), "svc", &Silent)
-            .await
-            .unwrap();
+        let (i, port) = try_targets(
+            &targets,
+            Attempts::at_most(3),
+            &outliers,
+            &Metrics::default(),
+            "svc",
+            &Silent,
+        )
+        .await
+        .unwrap();
         assert_eq!((i, port), (1, 2));
         assert_eq!(started.elapsed(), HEDGE_AFTER);
         assert!(outliers.is_ejected(&targets[0].endpoint));
@@ -569,9 +608,16 @@ mod tests {
         let dialer = Dialer::new(tls::Store::new(), Timeouts::default());
         let outliers = Outliers::default();
         let targets = [target(closed), target(good)];
-        let (i, up) = try_targets(&targets, 3, &outliers, &Metrics::default(), "svc", &dialer)
-            .await
-            .unwrap();
+        let (i, up) = try_targets(
+            &targets,
+            Attempts::at_most(3),
+            &outliers,
+            &Metrics::default(),
+            "svc",
+            &dialer,
+        )
+        .await
+        .unwrap();
         assert_eq!(i, 1);
         assert!(!up.is_mtls());
         assert!(outliers.is_ejected(&targets[0].endpoint));
@@ -579,7 +625,7 @@ mod tests {
         // At most max_attempts are tried.
         let Err(e) = try_targets(
             &targets[..1],
-            1,
+            Attempts::at_most(1),
             &outliers,
             &Metrics::default(),
             "svc",

@@ -23,6 +23,7 @@ use interceptor_proto::type_url;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use crate::mesh::traffic::{LoadBalancer, OutlierDetection, Pool, TrafficPolicy};
 use crate::mesh::{
     self, Address, Health, Host, Location, NameTable, Resolution, ServiceDecl, ServicePort,
     Workload, TLS_MODE_LABEL, TUNNEL_LABEL,
@@ -71,6 +72,66 @@ pub struct ClusterInfo {
     pub sans: Vec<String>,
     /// Endpoints carried inline (DNS, STATIC).
     pub inline: Vec<EndpointInfo>,
+    /// What istiod made of the DestinationRule's traffic policy for this cluster.
+    #[serde(default, skip_serializing_if = "is_default_policy")]
+    pub policy: TrafficPolicy,
+}
+
+fn is_default_policy(p: &TrafficPolicy) -> bool {
+    *p == TrafficPolicy::default()
+}
+
+/// Envoy's "no limit" circuit breaker value, which istiod sets by default (sheet 3.3).
+const NO_LIMIT: u32 = u32::MAX;
+
+fn millis(d: &interceptor_proto::google::protobuf::Duration) -> u64 {
+    u64::try_from(d.seconds).unwrap_or(0) * 1000 + u64::try_from(d.nanos).unwrap_or(0) / 1_000_000
+}
+
+/// The cluster's L4 traffic policy (sheet 3.3, in reverse): lb_policy, the first circuit
+/// breaker threshold's max_connections, connect_timeout, outlier_detection's consecutive_5xx
+/// and base_ejection_time (Envoy's defaults where unset: 5, 30 s).
+fn traffic_policy(c: &Cluster) -> TrafficPolicy {
+    use interceptor_proto::envoy::config::cluster::v3::cluster::LbPolicy;
+    let load_balancer = match LbPolicy::try_from(c.lb_policy) {
+        Ok(LbPolicy::RoundRobin) => Some(LoadBalancer::RoundRobin),
+        Ok(LbPolicy::LeastRequest) => Some(LoadBalancer::LeastRequest),
+        Ok(LbPolicy::Random) => Some(LoadBalancer::Random),
+        // A TCP proxy's only hash key from istiod is the source IP.
+        Ok(LbPolicy::RingHash | LbPolicy::Maglev) => Some(LoadBalancer::SourceIpHash),
+        _ => None,
+    };
+    let max_connections = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.first())
+        .and_then(|t| t.max_connections.as_ref())
+        .map(|v| v.value)
+        .filter(|v| *v != NO_LIMIT);
+    let connect_timeout_ms = c.connect_timeout.as_ref().map(millis);
+    let pool = (max_connections.is_some() || connect_timeout_ms.is_some()).then_some(Pool {
+        max_connections,
+        connect_timeout_ms,
+    });
+    let outlier = c.outlier_detection.as_ref().map(|o| {
+        let enforced = o
+            .enforcing_consecutive_5xx
+            .as_ref()
+            .is_none_or(|v| v.value > 0);
+        OutlierDetection {
+            consecutive_errors: if enforced {
+                o.consecutive_5xx.as_ref().map_or(5, |v| v.value)
+            } else {
+                0
+            },
+            base_ejection_ms: o.base_ejection_time.as_ref().map_or(30_000, millis),
+        }
+    });
+    TrafficPolicy {
+        load_balancer,
+        pool,
+        outlier,
+    }
 }
 
 /// One endpoint of a ClusterLoadAssignment.
@@ -310,6 +371,7 @@ pub fn cluster(any: &Any) -> Result<Option<ClusterInfo>, Invalid> {
         namespace,
         kind,
         inline,
+        policy: traffic_policy(&c),
     }))
 }
 
@@ -504,6 +566,18 @@ pub fn service(
         endpoints_as_given: true,
         names_given: true,
         subsets: subsets(&subset_clusters, &workloads),
+        policies: Some(
+            clusters
+                .iter()
+                .chain(&subset_clusters)
+                .filter(|c| !is_default_policy(&c.policy))
+                .map(|c| mesh::ClusterPolicy {
+                    port: c.port,
+                    subset: c.subset.clone(),
+                    policy: c.policy.clone(),
+                })
+                .collect(),
+        ),
     }
 }
 

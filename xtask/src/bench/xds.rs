@@ -8,7 +8,7 @@ use std::path::Path;
 
 use interceptor_tests::bundle::{write_bundle, Spec};
 use interceptor_tests::certs::{Ca, Key};
-use interceptor_tests::envoy::{ads_client_config, envoy_bin, Envoy};
+use interceptor_tests::envoy::{ads_sidecar_config, envoy_bin, Envoy};
 use interceptor_tests::istiod::{
     decode_seconds, encoded_sync, ControlPlane, Endpoint, Mesh, Service,
 };
@@ -17,6 +17,34 @@ use interceptor_tests::{wait_for, Topology};
 
 const SERVICES: usize = 10_000;
 const ENDPOINTS_PER_SERVICE: usize = 5;
+/// One service in this many has a DestinationRule (subsets v1, v2) and a VirtualService
+/// splitting its TCP 90/10 between them.
+const ROUTED_EVERY: usize = 10;
+
+/// The DestinationRule and VirtualService of service `i`, with `v1`% to v1.
+fn intent(i: usize, v1: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: s{i}, namespace: bench}}
+spec:
+  host: s{i}
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: s{i}, namespace: bench}}
+spec:
+  hosts: [s{i}]
+  tcp:
+  - route:
+    - {{destination: {{host: s{i}, subset: v1}}, weight: {v1}}}
+    - {{destination: {{host: s{i}, subset: v2}}, weight: {}}}
+---
+",
+        100 - v1
+    )
+}
 
 fn mesh() -> Mesh {
     let services = (0..SERVICES)
@@ -26,7 +54,11 @@ fn mesh() -> Mesh {
             s.sans = vec![format!("spiffe://cluster.local/ns/bench/sa/s{i}")];
             s.endpoints = (0..ENDPOINTS_PER_SERVICE)
                 .map(|e| {
-                    Endpoint::new(&format!("10.{}.{}.{}", 100 + e, i / 250, i % 250 + 1), 8080)
+                    let mut ep =
+                        Endpoint::new(&format!("10.{}.{}.{}", 100 + e, i / 250, i % 250 + 1), 8080);
+                    let version = if e % 2 == 0 { "v1" } else { "v2" };
+                    ep.labels.insert("version".into(), version.into());
+                    ep
                 })
                 .collect();
             s
@@ -34,6 +66,10 @@ fn mesh() -> Mesh {
         .collect();
     Mesh {
         services,
+        traffic: (0..SERVICES)
+            .step_by(ROUTED_EVERY)
+            .map(|i| intent(i, 90))
+            .collect(),
         ..Default::default()
     }
 }
@@ -112,7 +148,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .start();
     let pid = ic.proc.pid();
-    // Envoy, istio-proxy's data plane, takes the same push as a sidecar would (CDS and EDS;
+    // Envoy, istio-proxy's data plane, takes the same push as a sidecar would (CDS, EDS, LDS;
     // it has no NDS): the peer these figures compare with.
     // Its own control plane (the same code and mesh), pushed once ours is measured: the two
     // do not share the two cores while measured.
@@ -135,7 +171,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     let envoy = Envoy::start_logging(
         t.node("envoy"),
         "envoy-xds",
-        &ads_client_config(
+        &ads_sidecar_config(
             &envoy_certs,
             &format!("{istiod2}:15012"),
             &format!("sidecar~{envoy_ip}~envoy-bench.bench~bench.svc.cluster.local"),
@@ -154,13 +190,15 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         |s: &serde_json::Value, ty: &str| s["istiod"]["types"][ty]["acks"].as_u64().unwrap_or(0);
     let before = status(&ic);
     let eds_acks = acks(&before, "endpoints");
+    let lds_acks = acks(&before, "listeners");
 
     let pushed = std::time::Instant::now();
     cp.push(mesh());
     let in_force = wait_for(60.0, || {
         let s = status(&ic);
         (s["table"]["services"].as_u64() == Some(SERVICES as u64)
-            && acks(&s, "endpoints") > eds_acks)
+            && acks(&s, "endpoints") > eds_acks
+            && acks(&s, "listeners") > lds_acks)
             .then_some(())
     });
     anyhow::ensure!(in_force.is_some(), "the push never came into force");
@@ -177,6 +215,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
             .unwrap_or(0.0)
     };
     let (cds, eds, nds) = (apply("clusters"), apply("endpoints"), apply("names"));
+    let lds = apply("listeners");
     let rss = rss_mib(pid);
     // After the table was persisted (1 s after the push) and the allocator settled.
     std::thread::sleep(std::time::Duration::from_secs(3));
@@ -186,8 +225,10 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     let envoy_pushed = std::time::Instant::now();
     cp2.push(mesh());
     let envoy_in_force = wait_for(120.0, || {
-        (envoy.stat("cluster_manager.active_clusters") >= ignored + SERVICES as u64
-            && envoy.stat("cluster_manager.warming_clusters") == 0)
+        (envoy.stat("cluster_manager.active_clusters")
+            >= ignored + (SERVICES + 2 * SERVICES / ROUTED_EVERY) as u64
+            && envoy.stat("cluster_manager.warming_clusters") == 0
+            && envoy.stat("listener_manager.total_listeners_active") > SERVICES as u64)
             .then_some(())
     });
     anyhow::ensure!(
@@ -214,6 +255,26 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         "the endpoint change was never applied"
     );
     let one = status(&ic)["istiod"]["types"]["endpoints"]["last_apply_ms"]
+        .as_f64()
+        .unwrap_or(0.0);
+
+    // One VirtualService's weights change (90/10 to 50/50): applied when the listeners' ACK
+    // count moves, in force in the table that same moment.
+    let lds_acks = acks(&status(&ic), "listeners");
+    let shifted = SERVICES / 2 / ROUTED_EVERY * ROUTED_EVERY;
+    cp.update(|m| {
+        m.traffic = (0..SERVICES)
+            .step_by(ROUTED_EVERY)
+            .map(|i| intent(i, if i == shifted { 50 } else { 90 }))
+            .collect()
+    });
+    anyhow::ensure!(
+        wait_for(10.0, || (acks(&status(&ic), "listeners") > lds_acks)
+            .then_some(()))
+        .is_some(),
+        "the VirtualService change was never applied"
+    );
+    let one_route = status(&ic)["istiod"]["types"]["listeners"]["last_apply_ms"]
         .as_f64()
         .unwrap_or(0.0);
 
@@ -247,9 +308,14 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         "RSS: {rss_empty:.1} MiB with an empty table, {rss:.1} MiB after the push, {rss_settled:.1} MiB settled \
          (goal < 64 MiB)"
     );
-    println!("one endpoint change: {one:.2} ms (goal < 5 ms)");
+    println!("one endpoint change: {one:.2} ms (goal < 5 ms); one VirtualService weight change: {one_route:.2} ms");
     println!(
-        "side by side with Envoy {} (the same push from the same control plane code, one after the other; Envoy takes CDS+EDS only):",
+        "intent: {} services of {SERVICES} with a DestinationRule (2 subsets) and a weighted VirtualService: {} subset clusters, {SERVICES} listeners (LDS applied in {lds:.0} ms)",
+        SERVICES / ROUTED_EVERY,
+        2 * SERVICES / ROUTED_EVERY
+    );
+    println!(
+        "side by side with Envoy {} (the same push from the same control plane code, one after the other; Envoy takes CDS+EDS+LDS):",
         envoy_version()
     );
     println!(
@@ -264,7 +330,9 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     );
     let json = serde_json::json!({
         "services": SERVICES, "endpoints": SERVICES * ENDPOINTS_PER_SERVICE,
-        "apply_ms": {"clusters": cds, "endpoints": eds, "names": nds},
+        "apply_ms": {"clusters": cds, "endpoints": eds, "names": nds, "listeners": lds},
+        "one_route_change_ms": one_route,
+        "routed_services": SERVICES / ROUTED_EVERY,
         "outer_decode_ms": decode.iter().map(|d| (d.0.clone(), d.2)).collect::<std::collections::BTreeMap<_, _>>(),
         "bytes": decode.iter().map(|d| (d.0.clone(), d.1)).collect::<std::collections::BTreeMap<_, _>>(),
         "rss_mib": {"empty": rss_empty, "after_push": rss, "settled": rss_settled},

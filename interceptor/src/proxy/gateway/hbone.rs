@@ -204,7 +204,7 @@ impl Gateway {
         }
         let (i, upstream) = try_targets(
             &targets,
-            MAX_ATTEMPTS,
+            crate::transport::Attempts::at_most(MAX_ATTEMPTS),
             &self.outliers,
             &self.metrics,
             svc.host.as_str(),

@@ -170,7 +170,7 @@ impl Gateway {
         // The relay needs the raw socket: the bytes are the client's TLS, never ours.
         let (i, upstream) = match try_targets(
             &targets,
-            MAX_ATTEMPTS,
+            crate::transport::Attempts::at_most(MAX_ATTEMPTS),
             &self.outliers,
             &self.metrics,
             svc.host.as_str(),
