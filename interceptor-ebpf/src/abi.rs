@@ -94,3 +94,29 @@ mod tests {
         assert_eq!(c.socket_addr(), "[2001:2::7]:443".parse().unwrap());
     }
 }
+
+/// `struct cidr_key`: an LPM trie key over the 16 address bytes (IPv4 v4-mapped: /n is /96+n).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CidrKey {
+    pub prefixlen: u32,
+    pub addr: [u32; 4],
+}
+
+// SAFETY: plain old data with no padding (4 + 16 bytes, align 4).
+unsafe impl aya::Pod for CidrKey {}
+
+impl CidrKey {
+    pub fn new(ip: IpAddr, prefix: u8) -> Self {
+        let mapped = IpPort::new(ip, 0);
+        let extra = if mapped.family == AF_INET { 96 } else { 0 };
+        Self {
+            prefixlen: u32::from(prefix) + extra,
+            addr: mapped.addr,
+        }
+    }
+}
+
+/// `enum outbound_traffic_mode`.
+pub const OUTBOUND_ALLOW_ANY: u32 = 0;
+pub const OUTBOUND_REGISTRY_ONLY: u32 = 1;

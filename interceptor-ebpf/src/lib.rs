@@ -50,6 +50,9 @@ pub mod maps {
     pub const INBOUND_PORTS: &str = "inbound_ports";
     pub const INBOUND_LISTENER: &str = "inbound_listener";
     pub const LOCAL_HOPS: &str = "local_hops";
+    pub const OUTBOUND_MODE: &str = "outbound_mode";
+    pub const PASSTHROUGH: &str = "passthrough";
+    pub const REGISTRY_ONLY_REFUSED: &str = "registry_only_refused";
 }
 
 /// `const volatile` globals the daemon sets before load (see `src/bpf/common.h`).

@@ -5,7 +5,8 @@ use std::mem::{offset_of, size_of};
 
 use btf_rs::{Btf, Type};
 use interceptor_ebpf::abi::{
-    InboundPort, IpPort, INBOUND_CAPTURE, INBOUND_EXCLUDE, INBOUND_SOURCE4, SSH_PORT,
+    CidrKey, InboundPort, IpPort, INBOUND_CAPTURE, INBOUND_EXCLUDE, INBOUND_SOURCE4,
+    OUTBOUND_ALLOW_ANY, OUTBOUND_REGISTRY_ONLY, SSH_PORT,
 };
 use object::{Object, ObjectSection, ObjectSymbol};
 
@@ -52,6 +53,19 @@ fn ip_port_matches_c() {
 }
 
 #[test]
+fn cidr_key_matches_c() {
+    let (size, members) = c_layout(&btf(), "cidr_key");
+    assert_eq!(size, size_of::<CidrKey>());
+    assert_eq!(
+        members,
+        vec![
+            ("prefixlen".to_string(), offset_of!(CidrKey, prefixlen)),
+            ("addr".to_string(), offset_of!(CidrKey, addr)),
+        ]
+    );
+}
+
+#[test]
 fn inbound_port_matches_c() {
     let (size, members) = c_layout(&btf(), "inbound_port");
     assert_eq!(size, size_of::<InboundPort>());
@@ -85,6 +99,13 @@ fn constants_match_c() {
         vec![
             ("INBOUND_CAPTURE".to_string(), INBOUND_CAPTURE),
             ("INBOUND_EXCLUDE".to_string(), INBOUND_EXCLUDE),
+        ]
+    );
+    assert_eq!(
+        c_enum(&btf, "outbound_traffic_mode"),
+        vec![
+            ("OUTBOUND_ALLOW_ANY".to_string(), OUTBOUND_ALLOW_ANY),
+            ("OUTBOUND_REGISTRY_ONLY".to_string(), OUTBOUND_REGISTRY_ONLY),
         ]
     );
     assert_eq!(

@@ -41,6 +41,8 @@ pub enum Error {
     CaWithoutIstiod,
     #[error("--label: {0:?} is not KEY=VALUE")]
     Label(String),
+    #[error("--exclude-outbound-cidrs: {0:?}: {1}")]
+    ExcludeOutbound(String, crate::mesh::CidrError),
     #[error("readiness probe: {0}")]
     Probe(#[from] crate::health::SpecError),
 }
@@ -144,6 +146,19 @@ pub enum CaptureMode {
     None,
 }
 
+/// Istio's meshConfig `outboundTrafficPolicy.mode`: what the VM's apps may reach outside the
+/// mesh. istiod's `virtualOutbound` wins over the flag when the VM follows istiod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboundTrafficPolicy {
+    /// connections outside the mesh go where they were aimed, untouched (Istio's default)
+    #[default]
+    AllowAny,
+    /// TCP connections outside the mesh are refused at connect() (EPERM), except loopback,
+    /// SSH and --exclude-outbound-cidrs
+    RegistryOnly,
+}
+
 /// How bytes cross the hop between a captured app and proxy::Outbound on this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -244,6 +259,14 @@ pub struct RunArgs {
     /// How bytes cross the app <-> outbound hop on this host [default: tcp]
     #[arg(long, value_enum)]
     pub local_hop: Option<LocalHop>,
+    /// What apps may reach outside the mesh (Istio's outboundTrafficPolicy) [default:
+    /// allow-any; istiod's virtualOutbound wins]
+    #[arg(long, value_enum)]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// Destinations REGISTRY_ONLY never refuses (Istio's excludeOutboundIPRanges), CIDRs
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    #[serde(default)]
+    pub exclude_outbound_cidrs: Vec<String>,
     /// Captured outbound connections served at once; beyond, new ones are reset and counted
     /// [default: 65536]
     #[arg(long, value_name = "N")]
@@ -400,6 +423,8 @@ pub struct Settings {
     /// None: one per core.
     pub worker_threads: Option<usize>,
     pub local_hop: LocalHop,
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    pub exclude_outbound_cidrs: Vec<crate::mesh::Cidr>,
     pub gateway_identity: Option<crate::spiffe::SpiffeId>,
     pub limits: Limits,
     pub timeouts: crate::transport::Timeouts,
@@ -550,6 +575,14 @@ impl RunArgs {
             capture: self.capture.or(file.capture),
             worker_threads: self.worker_threads.or(file.worker_threads),
             local_hop: self.local_hop.or(file.local_hop),
+            outbound_traffic_policy: self
+                .outbound_traffic_policy
+                .or(file.outbound_traffic_policy),
+            exclude_outbound_cidrs: if self.exclude_outbound_cidrs.is_empty() {
+                file.exclude_outbound_cidrs
+            } else {
+                self.exclude_outbound_cidrs
+            },
             max_outbound_connections: self
                 .max_outbound_connections
                 .or(file.max_outbound_connections),
@@ -610,6 +643,8 @@ impl RunArgs {
         Ok(Settings {
             mesh: args.mesh_files(),
             options: crate::mesh::Options {
+                registry_only: args.outbound_traffic_policy
+                    == Some(OutboundTrafficPolicy::RegistryOnly),
                 namespace: policy.subject.namespace.clone(),
                 cluster_domain: args
                     .cluster_domain
@@ -635,6 +670,14 @@ impl RunArgs {
                 n => n,
             },
             local_hop: args.local_hop.unwrap_or_default(),
+            outbound_traffic_policy: args.outbound_traffic_policy.unwrap_or_default(),
+            exclude_outbound_cidrs: args
+                .exclude_outbound_cidrs
+                .iter()
+                .map(|c| {
+                    crate::mesh::Cidr::parse(c).map_err(|e| Error::ExcludeOutbound(c.clone(), e))
+                })
+                .collect::<Result<_, _>>()?,
             timeouts: timeouts(
                 args.connect_timeout,
                 args.handshake_timeout,

@@ -108,6 +108,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let options = mesh::Options {
         namespace: args.namespace,
         cluster_domain: args.cluster_domain,
+        registry_only: false,
     };
     let table = interceptor::daemon::check_table(&source, options)?;
     if args.json {

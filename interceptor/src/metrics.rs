@@ -114,6 +114,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Refusals counted elsewhere (the kernel's REGISTRY_ONLY), `n` more of them.
+    pub fn outbound_refused_by(&self, reason: &'static str, n: u64) {
+        self.outbound_refused
+            .get_or_create(&Reason { reason })
+            .inc_by(n);
+    }
+
     pub fn gateway_refused(&self, reason: &'static str) {
         self.gateway_refused.get_or_create(&Reason { reason }).inc();
     }
@@ -174,7 +181,7 @@ impl Metrics {
         );
         registry.register(
             "interceptor_outbound_refused",
-            "Outbound connections refused by their route (no_cluster, black_hole)",
+            "Outbound connections refused: by their route (no_cluster, black_hole, overflow) or, in the kernel, by REGISTRY_ONLY (registry_only)",
             self.outbound_refused.clone(),
         );
         registry.register(

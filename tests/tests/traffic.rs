@@ -655,3 +655,117 @@ fn load_balancing_pool_limits_and_ejection_follow_the_destination_rule_from_file
 fn load_balancing_pool_limits_and_ejection_follow_the_destination_rule_from_istiod() {
     policies_from(false);
 }
+
+const OUTSIDE: &str = "10.77.0.23";
+const EXCLUDED: &str = "10.77.0.24";
+
+/// Who answered `GET url` from the VM's app ("-": the connection failed).
+fn get(w: &World, url: &str) -> String {
+    let script = format!("curl -s -m 3 {url} || echo '- failed'");
+    sh(&mut w.t.node("vm").in_cgroup("bash", &["-c", &script]))
+        .split_whitespace()
+        .next()
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// Servers outside the mesh: `outside` (8080), `ssh` (22) and `excluded` (8080).
+fn outside_servers(w: &World) -> Vec<Proc> {
+    let pod = w.t.node("pod");
+    for ip in [OUTSIDE, EXCLUDED] {
+        sh(&mut pod.cmd(
+            "ip",
+            &["addr", "add", &format!("{ip}/24"), "dev", pod.iface("a")],
+        ));
+    }
+    vec![
+        pod.http("outside", &[&format!("{OUTSIDE}:8080")]),
+        pod.http("ssh", &[&format!("{OUTSIDE}:22")]),
+        pod.http("excluded", &[&format!("{EXCLUDED}:8080")]),
+    ]
+}
+
+fn refused_registry_only(ic: &Interceptor) -> f64 {
+    ic.counter(
+        "interceptor_outbound_refused_total",
+        &[("reason", "registry_only")],
+    )
+}
+
+#[test]
+fn registry_only_from_istiod_refuses_what_is_outside_the_mesh_and_allow_any_lets_it_by() {
+    let w = World::new();
+    let _outside = outside_servers(&w);
+    let mut mesh = control_plane_mesh(50, 50);
+    mesh.registry_only = true;
+    let cp = istiod(&w, mesh);
+    let ic =
+        w.t.node("vm")
+            .interceptor()
+            .args(["--control-plane", "istiod", "--istio-dir"])
+            .arg(&cp.bundle)
+            .start();
+    let outside = format!("http://{OUTSIDE}:8080/");
+    let refused = wait_for(20.0, || (get(&w, &outside) == "-").then_some(()));
+    assert!(refused.is_some(), "REGISTRY_ONLY never refused {outside}");
+    assert!(
+        ic.wait_counter(
+            "interceptor_outbound_refused_total",
+            &[("reason", "registry_only")],
+            1.0,
+            5.0
+        ),
+        "the refusal was not counted"
+    );
+    // The mesh and SSH still work.
+    let mesh_answer = get(&w, &format!("http://{VIP}:9080/"));
+    assert!(mesh_answer == "v1" || mesh_answer == "v2", "{mesh_answer}");
+    assert_eq!(get(&w, &format!("http://{OUTSIDE}:22/")), "ssh");
+
+    // Back to ALLOW_ANY, live: the same connection goes where it was aimed, past the proxy.
+    cp.cp.update(|m| m.registry_only = false);
+    let allowed = wait_for(10.0, || (get(&w, &outside) == "outside").then_some(()));
+    assert!(allowed.is_some(), "ALLOW_ANY never let {outside} by");
+    let proxied = ic.counter("istio_tcp_connections_opened_total", &[]);
+    let before = refused_registry_only(&ic);
+    assert_eq!(get(&w, &outside), "outside");
+    assert_eq!(
+        ic.counter("istio_tcp_connections_opened_total", &[]),
+        proxied,
+        "a non-mesh connection went through the proxy"
+    );
+    assert_eq!(refused_registry_only(&ic), before);
+}
+
+#[test]
+fn registry_only_from_the_flag_keeps_excluded_cidrs_and_loopback() {
+    let w = World::new();
+    let _outside = outside_servers(&w);
+    let local = w.t.node("vm").http("local", &["127.0.0.1:8088"]);
+    let mesh = w.t.write(
+        "mesh.yaml",
+        &format!("{}---\n{}", service_entry(), intent(100, 0)),
+    );
+    let ic =
+        w.t.node("vm")
+            .interceptor()
+            .mesh(&mesh)
+            .args([
+                "--outbound-traffic-policy",
+                "registry-only",
+                "--exclude-outbound-cidrs",
+                &format!("{EXCLUDED}/32,192.0.2.0/24"),
+            ])
+            .start();
+    assert_eq!(get(&w, &format!("http://{OUTSIDE}:8080/")), "-");
+    assert_eq!(get(&w, &format!("http://{EXCLUDED}:8080/")), "excluded");
+    assert_eq!(get(&w, "http://127.0.0.1:8088/"), "local");
+    assert_eq!(get(&w, &format!("http://{VIP}:9080/")), "v1");
+    assert!(ic.wait_counter(
+        "interceptor_outbound_refused_total",
+        &[("reason", "registry_only")],
+        1.0,
+        5.0
+    ));
+    drop(local);
+}

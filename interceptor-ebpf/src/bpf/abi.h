@@ -22,6 +22,19 @@ struct inbound_port {
 	enum inbound_action action; /* 4 bytes, as __u32 on the Rust side */
 };
 
+/* Key of the passthrough map: an LPM prefix over the 16 address bytes (IPv4 as ::ffff:a.b.c.d,
+ * so an IPv4 /n is a /96+n here). */
+struct cidr_key {
+	__u32 prefixlen;
+	__u32 addr[4]; /* network byte order */
+};
+
+/* What happens to TCP connections to destinations outside the mesh (outboundTrafficPolicy). */
+enum outbound_traffic_mode {
+	OUTBOUND_ALLOW_ANY = 0,
+	OUTBOUND_REGISTRY_ONLY = 1,
+};
+
 /* Constants both sides must agree on. Enumerators (not #defines) so they are in the object's
  * BTF, where tests/abi.rs compares them with abi.rs. */
 enum abi_constant {

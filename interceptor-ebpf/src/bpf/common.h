@@ -19,8 +19,10 @@
 #define barrier_var(var) asm volatile("" : "=r"(var) : "0"(var))
 #endif
 
-/* cgroup sock_addr programs: 1 lets the syscall go on (with any rewrite we made). */
+/* cgroup sock_addr programs: 1 lets the syscall go on (with any rewrite we made), 0 fails it
+ * with EPERM. */
 #define ALLOW 1
+#define DENY 0
 
 /* Set by the daemon before load (aya EbpfLoader::set_global). Read-only for the programs. */
 const volatile __u32 daemon_tgid = 0;      /* the daemon's own sockets are never captured */

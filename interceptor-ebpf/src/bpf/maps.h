@@ -12,6 +12,36 @@ struct {
 	__type(value, __u32);
 } vips SEC(".maps");
 
+/* outboundTrafficPolicy: key 0 holds an enum outbound_traffic_mode. ALLOW_ANY (the default, and what
+ * an absent daemon leaves) lets non-mesh TCP go where it was aimed; REGISTRY_ONLY refuses it
+ * at connect() (EPERM) unless `passthrough` or the fixed exceptions (loopback, SSH) let it.
+ * Writer: daemon (capture::Vips::sync, from the table). Reader: connect4/connect6. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, enum outbound_traffic_mode);
+} outbound_mode SEC(".maps");
+
+/* Destinations REGISTRY_ONLY never refuses (--exclude-outbound-cidrs).
+ * Writer: daemon at attach. Reader: connect4/connect6. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 256);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct cidr_key);
+	__type(value, __u32);
+} passthrough SEC(".maps");
+
+/* Connections REGISTRY_ONLY refused, per CPU (key 0).
+ * Writer: connect4/connect6. Reader: daemon (metrics). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} registry_only_refused SEC(".maps");
+
 /* Original destination of a redirected socket, by socket cookie. Cookies are never reused, so
  * stale entries are harmless and LRU bounds them.
  * Writer: connect4/6, sendmsg4/6. Reader: sockops (TCP to the outbound listener),

@@ -14,6 +14,40 @@ static __always_inline __u16 capture_port(__u32 protocol, const struct ip_port *
 	return 0;
 }
 
+/* Under REGISTRY_ONLY, is a TCP connection to dst (not a mesh address) refused? Loopback, SSH
+ * and the passthrough CIDRs never are. */
+static __always_inline int refused_outside_mesh(__u32 protocol, const struct ip_port *dst)
+{
+	__u32 zero = 0;
+	const enum outbound_traffic_mode *mode;
+	struct cidr_key key;
+	__u64 *refused;
+
+	if (protocol != IPPROTO_TCP)
+		return 0;
+	mode = bpf_map_lookup_elem(&outbound_mode, &zero);
+	if (!mode || *mode != OUTBOUND_REGISTRY_ONLY)
+		return 0;
+	if (dst->port == SSH_PORT)
+		return 0;
+	if (dst->family == AF_INET && (bpf_ntohl(dst->addr[3]) >> 24) == 127)
+		return 0;
+	if (dst->family == AF_INET6 && !dst->addr[0] && !dst->addr[1] && !dst->addr[2] &&
+	    dst->addr[3] == bpf_htonl(1))
+		return 0;
+	key.prefixlen = 128;
+	key.addr[0] = dst->addr[0];
+	key.addr[1] = dst->addr[1];
+	key.addr[2] = dst->addr[2];
+	key.addr[3] = dst->addr[3];
+	if (bpf_map_lookup_elem(&passthrough, &key))
+		return 0;
+	refused = bpf_map_lookup_elem(&registry_only_refused, &zero);
+	if (refused)
+		*refused += 1;
+	return 1;
+}
+
 /* The original destination is kept by socket cookie: sockops, recvmsg and getpeername find it
  * from the socket alone. */
 static __always_inline void remember(void *ctx, const struct ip_port *dst)
@@ -33,7 +67,7 @@ static __always_inline int redirect4(struct bpf_sock_addr *ctx)
 	ip_port_from_v4(&dst, ctx->user_ip4, bpf_ntohs((__u16)ctx->user_port));
 	port = capture_port(ctx->protocol, &dst);
 	if (!port)
-		return ALLOW;
+		return refused_outside_mesh(ctx->protocol, &dst) ? DENY : ALLOW;
 	remember(ctx, &dst);
 	ctx->user_ip4 = bpf_htonl(LOOPBACK4);
 	ctx->user_port = bpf_htons(port);
@@ -55,7 +89,7 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx)
 	ip_port_from_v6(&dst, ip6, bpf_ntohs((__u16)ctx->user_port));
 	port = capture_port(ctx->protocol, &dst);
 	if (!port)
-		return ALLOW;
+		return refused_outside_mesh(ctx->protocol, &dst) ? DENY : ALLOW;
 	remember(ctx, &dst);
 	/* A v6 socket aimed at a v4-mapped address stays in the v4 world: ::ffff:127.0.0.1. */
 	ctx->user_ip6[0] = 0;

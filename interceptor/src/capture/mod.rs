@@ -16,11 +16,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::maps::{SockHash, SockMap};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use interceptor_ebpf::abi::{InboundPort, IpPort, INBOUND_CAPTURE, INBOUND_EXCLUDE};
+use interceptor_ebpf::abi::{
+    CidrKey, InboundPort, IpPort, INBOUND_CAPTURE, INBOUND_EXCLUDE, OUTBOUND_ALLOW_ANY,
+    OUTBOUND_REGISTRY_ONLY,
+};
 use interceptor_ebpf::{globals, maps, programs};
 
 use crate::config::{InboundPorts, Ports};
@@ -86,6 +90,8 @@ pub struct Settings {
     pub exempt_cgroup: u64,
     /// sockops + sk_msg on the app <-> outbound hop (`--local-hop sockmap`).
     pub local_hop: bool,
+    /// Destinations REGISTRY_ONLY never refuses (`--exclude-outbound-cidrs`).
+    pub passthrough: Vec<crate::mesh::Cidr>,
 }
 
 /// What capture attached, for status and metrics.
@@ -209,6 +215,7 @@ impl Capture {
 
         let vips = take_hash::<IpPort, u32>(&mut ebpf, maps::VIPS)?;
         let orig = take_hash::<IpPort, IpPort>(&mut ebpf, maps::ORIG_BY_PEER)?;
+        let outbound = OutboundMode::take(&mut ebpf, &settings.passthrough)?;
         tracing::info!(cgroup = %settings.cgroup.display(), programs = ?attached, "capture attached");
         Ok((
             Self {
@@ -219,6 +226,7 @@ impl Capture {
             Vips {
                 map: vips,
                 current: HashSet::new(),
+                outbound,
             },
             OriginalDst::from_map(orig),
         ))
@@ -344,10 +352,45 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })
 }
 
-/// Writer of the kernel's set of captured (VIP, port) pairs.
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name).ok_or(Error::MapMissing(name))
+}
+
+/// The kernel's outboundTrafficPolicy: the mode, the CIDRs it never refuses, and its count of
+/// refusals.
+struct OutboundMode {
+    mode: Array<MapData, u32>,
+    refused: PerCpuArray<MapData, u64>,
+    registry_only: Option<bool>,
+}
+
+impl OutboundMode {
+    fn take(ebpf: &mut Ebpf, passthrough: &[crate::mesh::Cidr]) -> Result<Self, Error> {
+        let mode = Array::try_from(take_map(ebpf, maps::OUTBOUND_MODE)?)
+            .map_err(map_error(maps::OUTBOUND_MODE))?;
+        let refused = PerCpuArray::try_from(take_map(ebpf, maps::REGISTRY_ONLY_REFUSED)?)
+            .map_err(map_error(maps::REGISTRY_ONLY_REFUSED))?;
+        let mut trie: LpmTrie<MapData, [u32; 4], u32> =
+            LpmTrie::try_from(take_map(ebpf, maps::PASSTHROUGH)?)
+                .map_err(map_error(maps::PASSTHROUGH))?;
+        for c in passthrough {
+            let k = CidrKey::new(c.addr, c.prefix);
+            trie.insert(&LpmKey::new(k.prefixlen, k.addr), 1, 0)
+                .map_err(map_error(maps::PASSTHROUGH))?;
+        }
+        Ok(Self {
+            mode,
+            refused,
+            registry_only: None,
+        })
+    }
+}
+
+/// Writer of the kernel's set of captured (VIP, port) pairs and outbound mode.
 pub struct Vips {
     map: HashMap<MapData, IpPort, u32>,
     current: HashSet<IpPort>,
+    outbound: OutboundMode,
 }
 
 impl Vips {
@@ -366,6 +409,33 @@ impl Vips {
         }
         self.current = want;
         Ok(self.current.len())
+    }
+
+    /// Puts REGISTRY_ONLY (or ALLOW_ANY) in force in the kernel; true when it changed.
+    pub fn set_registry_only(&mut self, on: bool) -> Result<bool, Error> {
+        if self.outbound.registry_only == Some(on) {
+            return Ok(false);
+        }
+        let mode = if on {
+            OUTBOUND_REGISTRY_ONLY
+        } else {
+            OUTBOUND_ALLOW_ANY
+        };
+        self.outbound
+            .mode
+            .set(0, mode, 0)
+            .map_err(map_error(maps::OUTBOUND_MODE))?;
+        self.outbound.registry_only = Some(on);
+        Ok(true)
+    }
+
+    /// Connections the kernel refused under REGISTRY_ONLY so far.
+    pub fn registry_only_refused(&self) -> u64 {
+        self.outbound
+            .refused
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 
     pub fn len(&self) -> usize {

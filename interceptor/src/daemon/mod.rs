@@ -250,6 +250,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 inbound: s.inbound.enabled().then(|| s.inbound.clone()),
                 exempt_cgroup: exec_cgroup.as_ref().map_or(0, |c| c.id()),
                 local_hop: s.local_hop == crate::config::LocalHop::Sockmap,
+                passthrough: s.exclude_outbound_cidrs.clone(),
             };
             Some(parts::Capture::attach(&ctx, settings, &inbound_fds)?)
         }
@@ -350,6 +351,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let options = mesh::Options {
         namespace: args.namespace.clone(),
         cluster_domain: args.cluster_domain.clone(),
+        registry_only: false,
     };
     let ctx = Ctx::new(
         options,

@@ -279,6 +279,7 @@ impl Capture {
         ctx.store.gate_dns();
         let table = ctx.store.load();
         let n = vips.sync(&table)?;
+        outbound_mode(&mut vips, &table);
         ctx.store.release_dns(table);
         ctx.capture.set_vips(n);
         ctx.capture.set(capture.info(settings.inbound.as_ref()));
@@ -297,6 +298,7 @@ impl Capture {
 
     pub fn start(self, ctx: &Ctx) -> Handle {
         let (store, status) = (ctx.store.clone(), ctx.capture.clone());
+        let metrics = ctx.metrics.clone();
         let Self {
             capture, mut vips, ..
         } = self;
@@ -305,8 +307,22 @@ impl Capture {
             // Owned here: when the supervisor stops this part, the programs go with it.
             let _capture = capture;
             let mut synced = store.load();
-            while changed.changed().await.is_ok() {
+            let mut counted = 0;
+            let mut tick = tokio::time::interval(REFUSALS_EVERY);
+            loop {
+                tokio::select! {
+                    c = changed.changed() => if c.is_err() { break },
+                    _ = tick.tick() => {
+                        // The kernel counts REGISTRY_ONLY refusals; the metric follows.
+                        let now = vips.registry_only_refused();
+                        metrics.outbound_refused_by("registry_only", now.saturating_sub(counted));
+                        counted = now;
+                        continue;
+                    }
+                }
                 let table = store.load();
+                // The mode is the routes' (istiod's virtualOutbound), not the shape's.
+                outbound_mode(&mut vips, &table);
                 // An endpoint-only change keeps every (VIP, port): nothing to tell the kernel.
                 if table.same_shape(&synced) {
                     store.release_dns(table);
@@ -326,6 +342,27 @@ impl Capture {
             }
             anyhow::bail!("the mesh store went away")
         })
+    }
+}
+
+/// How often the kernel's REGISTRY_ONLY refusal count is read into the metric.
+const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The table's outboundTrafficPolicy into the kernel.
+fn outbound_mode(vips: &mut Vips, table: &crate::mesh::Table) {
+    let on = table.registry_only();
+    match vips.set_registry_only(on) {
+        Ok(true) => tracing::info!(
+            registry_only = on,
+            "outbound traffic policy in force: {}",
+            if on {
+                "REGISTRY_ONLY (TCP outside the mesh refused at connect)"
+            } else {
+                "ALLOW_ANY"
+            }
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "cannot set the outbound traffic policy"),
     }
 }
 

@@ -176,6 +176,9 @@ impl Traffic {
 pub struct Options {
     pub namespace: String,
     pub cluster_domain: String,
+    /// `--outbound-traffic-policy registry-only`: what holds unless istiod's `virtualOutbound`
+    /// says otherwise.
+    pub registry_only: bool,
 }
 
 impl Default for Options {
@@ -183,6 +186,7 @@ impl Default for Options {
         Self {
             namespace: DEFAULT_NAMESPACE.into(),
             cluster_domain: DEFAULT_CLUSTER_DOMAIN.into(),
+            registry_only: false,
         }
     }
 }
@@ -598,6 +602,18 @@ impl Table {
             .map(|(ip, port)| SocketAddr::new(*ip, *port))
     }
 
+    /// Istio's outboundTrafficPolicy in force: REGISTRY_ONLY when istiod's `virtualOutbound`
+    /// black-holes what matches no listener, else the flag (ALLOW_ANY by default).
+    pub fn registry_only(&self) -> bool {
+        match self.traffic.catch_all() {
+            Some(l) => l
+                .rules
+                .iter()
+                .any(|r| r.target == super::traffic::Target::BlackHole),
+            None => self.options.registry_only,
+        }
+    }
+
     /// Does this table share its shape with `other` (an endpoint-only change)?
     pub fn same_shape(&self, other: &Table) -> bool {
         Arc::ptr_eq(&self.shape, &other.shape)
@@ -693,6 +709,7 @@ pub(crate) mod tests {
             Options {
                 namespace: "other".into(),
                 cluster_domain: "cluster.local".into(),
+                registry_only: false,
             },
         );
         assert!(t.names.lookup("product").is_none());

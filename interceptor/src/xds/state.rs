@@ -272,7 +272,7 @@ impl State {
                         .any(|r| r.target == crate::mesh::traffic::Target::BlackHole)
                 });
             if registry_only {
-                tracing::warn!("istiod sets outboundTrafficPolicy REGISTRY_ONLY: not enforced yet (capture takes mesh addresses only; connections elsewhere leave as they would without the mesh)");
+                tracing::info!("istiod sets outboundTrafficPolicy REGISTRY_ONLY");
             }
             self.routes = self
                 .accepted
