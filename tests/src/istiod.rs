@@ -161,6 +161,9 @@ pub struct Mesh {
     pub registry_only: bool,
     /// Sent as a listener while set: a TCP proxy that is not one.
     pub corrupt_listener: Option<String>,
+    /// The workload `virtualInbound` is made for (from the PeerAuthentications and
+    /// AuthorizationPolicies in `traffic`); None: no virtualInbound.
+    pub inbound: Option<crate::istiod_traffic::InboundWorkload>,
 }
 
 /// One request as received.
@@ -409,7 +412,7 @@ fn load_assignment(
 /// A secret the proxy gets from istio-agent over SDS, as istiod names it (I:
 /// pilot/pkg/model/authentication.go ConstructSdsSecretConfig: cluster `sds-grpc`, no initial
 /// fetch timeout).
-fn sds_secret(name: &str) -> SdsSecretConfig {
+pub(crate) fn sds_secret(name: &str) -> SdsSecretConfig {
     SdsSecretConfig {
         name: name.to_string(),
         sds_config: Some(ConfigSource {
@@ -607,6 +610,11 @@ impl Shared {
         let mut out = BTreeMap::new();
         let vo = crate::istiod_traffic::virtual_outbound(mesh.registry_only);
         out.insert(vo.name.clone(), any(type_url::LISTENER, &vo));
+        if let Some(w) = &mesh.inbound {
+            let docs = crate::istiod_traffic::parse(&mesh.traffic);
+            let vi = crate::istiod_traffic::virtual_inbound(&docs, w);
+            out.insert(vi.name.clone(), any(type_url::LISTENER, &vi));
+        }
         for s in &mesh.services {
             let docs = by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default();
             for vip in s.vips.iter().filter(|v| v.is_ipv4()) {

@@ -64,6 +64,61 @@ pub struct Spec {
     #[serde(default)]
     pub subsets: Vec<Subset>,
     pub traffic_policy: Option<TrafficPolicy>,
+    /// PeerAuthentication, AuthorizationPolicy.
+    pub selector: Option<WorkloadSelector>,
+    pub mtls: Option<Mtls>,
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<u16, Mtls>,
+    pub action: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Mtls {
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct AuthzRule {
+    #[serde(default)]
+    pub from: Vec<AuthzFrom>,
+    #[serde(default)]
+    pub to: Vec<AuthzTo>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct AuthzFrom {
+    pub source: AuthzSource,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzSource {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct AuthzTo {
+    pub operation: AuthzOperation,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct AuthzOperation {
+    #[serde(default)]
+    pub ports: Vec<String>,
 }
 
 /// The part of a DestinationRule's trafficPolicy istiod turns into L4 cluster fields.
@@ -471,5 +526,350 @@ pub fn apply_policy(
             base_ejection_time: o.base_ejection_time.as_deref().map(seconds),
             ..Default::default()
         });
+    }
+}
+
+/// The workload `virtualInbound` is built for: its namespace, labels and declared ports.
+#[derive(Clone, Debug, Default)]
+pub struct InboundWorkload {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<u16>,
+}
+
+const ROOT_NAMESPACE: &str = "istio-system";
+
+fn selects(sel: &Option<WorkloadSelector>, labels: &BTreeMap<String, String>) -> bool {
+    sel.as_ref()
+        .is_none_or(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// istiod's `ComposePeerAuthentication` for `w`: (the workload's mode, per-port modes).
+fn peer_modes(docs: &[Doc], w: &InboundWorkload) -> (String, BTreeMap<u16, String>) {
+    let pas = docs.iter().filter(|d| d.kind == "PeerAuthentication");
+    let (mut mesh, mut ns, mut workload) = (None, None, None);
+    for d in pas {
+        let mode = d.spec.mtls.as_ref().map(|m| m.mode.clone());
+        let at_root = d.metadata.namespace == ROOT_NAMESPACE;
+        match (&d.spec.selector, at_root) {
+            (None, true) => mesh = mesh.or(mode),
+            (None, false) if d.metadata.namespace == w.namespace => ns = ns.or(mode),
+            (Some(_), false)
+                if d.metadata.namespace == w.namespace && selects(&d.spec.selector, &w.labels) =>
+            {
+                workload = workload.or(Some(d))
+            }
+            _ => {}
+        }
+    }
+    let unset = |m: &Option<String>| m.as_deref().is_none_or(|m| m == "UNSET");
+    let mut mode = "PERMISSIVE".to_string();
+    for m in [&mesh, &ns] {
+        if !unset(m) {
+            mode = m.clone().unwrap_or_default();
+        }
+    }
+    let mut ports = BTreeMap::new();
+    if let Some(d) = workload {
+        let m = d.spec.mtls.as_ref().map(|m| m.mode.clone());
+        if !unset(&m) {
+            mode = m.unwrap_or_default();
+        }
+        for (p, pm) in &d.spec.port_level_mtls {
+            if pm.mode != "UNSET" {
+                ports.insert(*p, pm.mode.clone());
+            }
+        }
+    }
+    (mode, ports)
+}
+
+fn rbac_filter(
+    action: i32,
+    policies: Vec<(String, interceptor_proto::envoy::config::rbac::v3::Policy)>,
+) -> Filter {
+    use interceptor_proto::envoy::config::rbac::v3::Rbac;
+    use interceptor_proto::envoy::extensions::filters::network::rbac::v3::Rbac as NetRbac;
+    let f = NetRbac {
+        stat_prefix: "tcp.".into(),
+        rules: Some(Rbac {
+            action,
+            policies: policies.into_iter().collect(),
+            ..Default::default()
+        }),
+        shadow_rules_stat_prefix: if action == 1 {
+            "istio_dry_run_deny_"
+        } else {
+            "istio_dry_run_allow_"
+        }
+        .into(),
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.rbac".into(),
+        config_type: Some(ConfigType::TypedConfig(Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC".into(),
+            value: f.encode_to_vec(),
+        })),
+    }
+}
+
+/// istiod's authz builder for a TCP chain (sheet 4.3): one filter per action (AUDIT, DENY,
+/// ALLOW), a policy per rule named `ns[NS]-policy[NAME]-rule[I]`.
+fn rbac_filters(docs: &[Doc], w: &InboundWorkload) -> Vec<Filter> {
+    use interceptor_proto::envoy::config::core::v3::CidrRange;
+    use interceptor_proto::envoy::config::rbac::v3::permission::{
+        Rule as PermRule, Set as PermSet,
+    };
+    use interceptor_proto::envoy::config::rbac::v3::principal::{
+        Authenticated, Identifier, Set as IdSet,
+    };
+    use interceptor_proto::envoy::config::rbac::v3::{Permission, Policy, Principal};
+    use interceptor_proto::envoy::r#type::matcher::v3::{
+        string_matcher::MatchPattern, RegexMatcher, StringMatcher,
+    };
+    let authenticated = |m: MatchPattern| Principal {
+        identifier: Some(Identifier::Authenticated(Authenticated {
+            principal_name: Some(StringMatcher {
+                match_pattern: Some(m),
+                ..Default::default()
+            }),
+        })),
+    };
+    let or_ids = |ids: Vec<Principal>| Principal {
+        identifier: Some(Identifier::OrIds(IdSet { ids })),
+    };
+    let any_id = Principal {
+        identifier: Some(Identifier::Any(true)),
+    };
+    let any_perm = Permission {
+        rule: Some(PermRule::Any(true)),
+    };
+    let mut by_action: BTreeMap<i32, Vec<(String, Policy)>> = BTreeMap::new();
+    for d in docs.iter().filter(|d| d.kind == "AuthorizationPolicy") {
+        let ns = &d.metadata.namespace;
+        if !(ns == &w.namespace || ns == ROOT_NAMESPACE) || !selects(&d.spec.selector, &w.labels) {
+            continue;
+        }
+        let action = match d.spec.action.as_deref() {
+            Some("DENY") => 1,
+            Some("AUDIT") => 2,
+            _ => 0,
+        };
+        for (i, r) in d.spec.rules.iter().enumerate() {
+            let principals = if r.from.is_empty() {
+                vec![any_id.clone()]
+            } else {
+                r.from
+                    .iter()
+                    .map(|f| {
+                        let s = &f.source;
+                        let mut ands = Vec::new();
+                        if !s.principals.is_empty() {
+                            ands.push(or_ids(
+                                s.principals
+                                    .iter()
+                                    .map(|p| {
+                                        authenticated(MatchPattern::Exact(format!("spiffe://{p}")))
+                                    })
+                                    .collect(),
+                            ));
+                        }
+                        if !s.namespaces.is_empty() {
+                            ands.push(or_ids(
+                                s.namespaces
+                                    .iter()
+                                    .map(|n| {
+                                        authenticated(MatchPattern::SafeRegex(RegexMatcher {
+                                            regex: format!(".*/ns/{n}/.*"),
+                                            ..Default::default()
+                                        }))
+                                    })
+                                    .collect(),
+                            ));
+                        }
+                        if !s.ip_blocks.is_empty() {
+                            ands.push(or_ids(
+                                s.ip_blocks
+                                    .iter()
+                                    .map(|b| {
+                                        let (a, l) = b.split_once('/').unwrap_or((b, "32"));
+                                        Principal {
+                                            identifier: Some(Identifier::DirectRemoteIp(
+                                                CidrRange {
+                                                    address_prefix: a.into(),
+                                                    prefix_len: Some(UInt32Value {
+                                                        value: l.parse().expect("prefix"),
+                                                    }),
+                                                },
+                                            )),
+                                        }
+                                    })
+                                    .collect(),
+                            ));
+                        }
+                        if ands.is_empty() {
+                            any_id.clone()
+                        } else {
+                            Principal {
+                                identifier: Some(Identifier::AndIds(IdSet { ids: ands })),
+                            }
+                        }
+                    })
+                    .collect()
+            };
+            let permissions = if r.to.is_empty() {
+                vec![any_perm.clone()]
+            } else {
+                r.to.iter()
+                    .map(|t| {
+                        if t.operation.ports.is_empty() {
+                            return any_perm.clone();
+                        }
+                        let ports = t
+                            .operation
+                            .ports
+                            .iter()
+                            .map(|p| Permission {
+                                rule: Some(PermRule::DestinationPort(p.parse().expect("port"))),
+                            })
+                            .collect();
+                        Permission {
+                            rule: Some(PermRule::AndRules(PermSet {
+                                rules: vec![Permission {
+                                    rule: Some(PermRule::OrRules(PermSet { rules: ports })),
+                                }],
+                            })),
+                        }
+                    })
+                    .collect()
+            };
+            by_action.entry(action).or_default().push((
+                format!("ns[{ns}]-policy[{}]-rule[{i}]", d.metadata.name),
+                Policy {
+                    permissions,
+                    principals,
+                    ..Default::default()
+                },
+            ));
+        }
+    }
+    // AUDIT (LOG), then DENY, then ALLOW.
+    [2, 1, 0]
+        .into_iter()
+        .filter_map(|a| by_action.remove(&a).map(|ps| rbac_filter(a, ps)))
+        .collect()
+}
+
+fn downstream_tls() -> interceptor_proto::envoy::config::core::v3::TransportSocket {
+    use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
+    use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::{
+        CommonTlsContext, DownstreamTlsContext,
+    };
+    // BuildInboundTLS: the workload certificate and the root from SDS, a client certificate
+    // required, ALPN for TCP chains.
+    let ctx = DownstreamTlsContext {
+        require_client_certificate: Some(BoolValue { value: true }),
+        common_tls_context: Some(CommonTlsContext {
+            alpn_protocols: vec!["istio-peer-exchange".into(), "h2".into(), "http/1.1".into()],
+            tls_certificate_sds_secret_configs: vec![crate::istiod::sds_secret("default")],
+            validation_context_type: Some(ValidationContextType::ValidationContextSdsSecretConfig(
+                crate::istiod::sds_secret("ROOTCA"),
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    interceptor_proto::envoy::config::core::v3::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(interceptor_proto::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(Any {
+            type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext".into(),
+            value: ctx.encode_to_vec(),
+        })),
+    }
+}
+
+/// The chains of one port (None: the passthrough chains) in `mode`, as the sheet's table
+/// (TCP port; auto ports add HTTP chains we leave out: the VM's L4 path reads TCP chains).
+fn inbound_chains(port: Option<u16>, mode: &str, filters: &[Filter]) -> Vec<FilterChain> {
+    let cluster = match port {
+        Some(p) => format!("inbound|{p}||"),
+        None => "InboundPassthroughCluster".into(),
+    };
+    let mut fs = filters.to_vec();
+    fs.push(tcp_proxy(
+        &cluster,
+        ClusterSpecifier::Cluster(cluster.clone()),
+    ));
+    let name = port.map_or("virtualInbound".to_string(), |p| format!("0.0.0.0_{p}"));
+    let m = |transport: &str, alpn: &[&str]| FilterChainMatch {
+        destination_port: port.map(|p| UInt32Value {
+            value: u32::from(p),
+        }),
+        transport_protocol: transport.into(),
+        application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let tls = |alpn: &[&str]| FilterChain {
+        name: name.clone(),
+        filter_chain_match: Some(m("tls", alpn)),
+        transport_socket: Some(downstream_tls()),
+        filters: fs.clone(),
+        ..Default::default()
+    };
+    let plain = FilterChain {
+        name: name.clone(),
+        filter_chain_match: Some(m("raw_buffer", &[])),
+        filters: fs.clone(),
+        ..Default::default()
+    };
+    let all_mtls = [
+        "istio",
+        "istio-peer-exchange",
+        "istio-http/1.0",
+        "istio-http/1.1",
+        "istio-h2",
+    ];
+    match mode {
+        "STRICT" => vec![tls(&[])],
+        "DISABLE" => vec![plain],
+        _ => vec![tls(&all_mtls), plain],
+    }
+}
+
+/// `virtualInbound` for `w` (sheet 4.2): the blackhole chain, the passthrough chains in the
+/// workload's mode, then each declared port's chains in its mode; RBAC on every one.
+pub fn virtual_inbound(docs: &[Doc], w: &InboundWorkload) -> Listener {
+    let (mode, port_modes) = peer_modes(docs, w);
+    let filters = rbac_filters(docs, w);
+    let mut chains = vec![FilterChain {
+        name: "virtualInbound-blackhole".into(),
+        filter_chain_match: Some(FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 15006 }),
+            ..Default::default()
+        }),
+        filters: vec![tcp_proxy(
+            "BlackHoleCluster",
+            ClusterSpecifier::Cluster("BlackHoleCluster".into()),
+        )],
+        ..Default::default()
+    }];
+    chains.extend(inbound_chains(None, &mode, &filters));
+    let mut ports: Vec<u16> = w.ports.clone();
+    // A portLevelMtls port no service declares gets passthrough chains of its own.
+    ports.extend(port_modes.keys().filter(|p| !w.ports.contains(p)));
+    ports.sort_unstable();
+    ports.dedup();
+    for p in ports {
+        let m = port_modes.get(&p).unwrap_or(&mode);
+        chains.extend(inbound_chains(Some(p), m, &filters));
+    }
+    Listener {
+        name: "virtualInbound".into(),
+        address: address("0.0.0.0", 15006),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        continue_on_listener_filters_timeout: true,
+        filter_chains: chains,
+        ..Default::default()
     }
 }

@@ -1287,3 +1287,144 @@ fn peer_authentication_and_authorization_policy_decide_inbound_with_real_clients
     assert!(!served(&out, "/still-blocked"), "{out}");
     assert_eq!(pod_ic.readiness(), Some(200));
 }
+
+/// Issue 22: the same intent from istiod. The test control plane composes the
+/// PeerAuthentications and builds the RBAC filters of `virtualInbound` as istiod does (sheet
+/// 4.1-4.3); the pod follows istiod (no policy file), and the same real clients (curl,
+/// openssl with mesh certificates) are let in or refused as Istio means it, by the policy names
+/// istiod writes. A change at the control plane is in force without a restart.
+#[test]
+fn peer_authentication_and_authorization_policy_from_istiod_decide_inbound() {
+    use interceptor_tests::bundle::{write_bundle, Spec};
+    use interceptor_tests::istiod::{ControlPlane, Mesh as CpMesh};
+    use interceptor_tests::istiod_traffic::InboundWorkload;
+
+    let m = Mesh::new();
+    let _app = m
+        .pod_node()
+        .http("pod", &["10.77.0.2:8080", "10.77.0.2:8443"]);
+    let doc = |kind: &str, ns: &str, name: &str, spec: &str| {
+        format!("---\napiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n")
+    };
+    let peer = doc(
+        "PeerAuthentication",
+        "istio-system",
+        "mesh",
+        "  mtls: {mode: STRICT}",
+    ) + &doc(
+        "PeerAuthentication",
+        "default",
+        "product",
+        "  selector: {matchLabels: {app: product}}\n  portLevelMtls:\n    8443: {mode: PERMISSIVE}",
+    );
+    let workload = InboundWorkload {
+        namespace: "default".into(),
+        labels: [("app".to_string(), "product".to_string())].into(),
+        ports: vec![8080, 8443],
+    };
+    let cp_mesh = |traffic: String| CpMesh {
+        traffic,
+        inbound: Some(workload.clone()),
+        ..Default::default()
+    };
+    let cp = ControlPlane::start(
+        &m.pod_node().ns.handle(),
+        "10.77.0.2:15012".parse().unwrap(),
+        &m.ca,
+        "pod-token",
+        cp_mesh(peer.clone()),
+    );
+    let mut spec = Spec::new("default", "product", "10.77.0.2", &m.ca.pem());
+    spec.token = "pod-token".into();
+    spec.labels.insert("app".into(), "product".into());
+    let bundle = write_bundle(&m.t.path("pod-root"), &spec);
+    m.ca.issue(&bundle.join("etc/certs"), &spec.identity(), Key::Rsa);
+    let pod_ic = m
+        .pod_node()
+        .interceptor()
+        .resolv(&m.resolv)
+        .args(["--control-plane", "istiod", "--istio-dir"])
+        .arg(&bundle)
+        .args(["--inbound-ports", "8080,8443"])
+        .log("pod-ic")
+        .start();
+    let explain = |port: u16, from: &str| {
+        pod_ic.json(&format!(
+            "/explain/inbound?port={port}&identity={from}&source=10.77.0.1"
+        ))
+    };
+    assert!(
+        wait(20.0, || explain(8080, "")["mtls"]["by"]
+            .as_str()
+            .is_some_and(|b| b.contains("virtualInbound"))),
+        "istiod's virtualInbound never in force: {}",
+        pod_ic.log()
+    );
+    let plain = |port: u16, path: &str| -> String {
+        let url = format!("http://10.77.0.2:{port}{path}");
+        let (_, out, err) = try_sh(&mut m.vm_node().cmd("curl", &["-sS", "-m", "5", &url]));
+        out + &err
+    };
+    let served = |out: &str, path: &str| out.contains(&format!("pod GET {path}"));
+
+    // STRICT from the mesh-wide PeerAuthentication on 8080, PERMISSIVE on 8443 by port.
+    let out = plain(8080, "/strict");
+    assert!(!served(&out, "/strict"), "{out}");
+    assert!(wait(5.0, || refused(&pod_ic, "plaintext_strict") == 1.0));
+    assert!(served(&plain(8443, "/permissive"), "/permissive"));
+    assert_eq!(explain(8080, "")["mtls"]["mode"], "strict");
+    assert_eq!(explain(8443, "")["mtls"]["mode"], "permissive");
+
+    // AuthorizationPolicies, pushed live: ALLOW by namespace on 8080 and by ipBlocks on 8443,
+    // DENY a principal on 8080 (mesh-wide).
+    let allow = doc(
+        "AuthorizationPolicy",
+        "default",
+        "product-allow",
+        "  selector: {matchLabels: {app: product}}\n  rules:\n  - from: [{source: {namespaces: [default]}}]\n    to: [{operation: {ports: ['8080']}}]\n  - from: [{source: {ipBlocks: [192.0.2.0/24]}}]\n    to: [{operation: {ports: ['8443']}}]",
+    );
+    let deny = doc(
+        "AuthorizationPolicy",
+        "istio-system",
+        "deny-blocked",
+        "  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/blocked]}}]\n    to: [{operation: {ports: ['8080']}}]",
+    );
+    cp.update(|c| *c = cp_mesh(format!("{peer}{allow}{deny}")));
+    assert!(
+        wait(10.0, || !explain(8080, "")["decision"]["applicable"]
+            .as_array()
+            .is_none_or(|a| a.is_empty())),
+        "the policies never reached the pod"
+    );
+    let istio = ["-alpn", "istio"];
+    let cert = |name: &str, spiffe: &str| m.ca.issue(&m.t.path(name), spiffe, Key::Ecdsa);
+    let blocked = cert("blocked", &format!("{TD}/blocked"));
+    let other_ns = cert("other-ns", "spiffe://cluster.local/ns/other/sa/x");
+    let out = m.s_client(&m.vm_certs, &istio, "GET /allowed HTTP/1.0\r\n\r\n");
+    assert!(served(&out, "/allowed"), "{out}");
+    let out = m.s_client(&blocked, &istio, "GET /blocked HTTP/1.0\r\n\r\n");
+    assert!(!served(&out, "/blocked"), "{out}");
+    assert!(wait(5.0, || refused(&pod_ic, "policy_denied") == 1.0));
+    let out = m.s_client(&other_ns, &istio, "GET /other HTTP/1.0\r\n\r\n");
+    assert!(!served(&out, "/other"), "{out}");
+    assert!(wait(5.0, || refused(&pod_ic, "policy_not_allowed") == 1.0));
+    let out = plain(8443, "/plain-denied");
+    assert!(!served(&out, "/plain-denied"), "{out}");
+    let e = explain(8080, &format!("{TD}/blocked"));
+    assert_eq!(e["decision"]["reason"], "policy_denied", "{e}");
+    assert_eq!(
+        e["decision"]["policy"], "ns[istio-system]-policy[deny-blocked]-rule[0]",
+        "{e}"
+    );
+    let e = explain(8080, &format!("{TD}/vm"));
+    assert_eq!(
+        e["decision"]["policy"], "ns[default]-policy[product-allow]-rule[0]",
+        "{e}"
+    );
+    // The DENY lifted at the control plane: the blocked principal is in (same namespace).
+    cp.update(|c| *c = cp_mesh(format!("{peer}{allow}")));
+    assert!(wait(10.0, || served(
+        &m.s_client(&blocked, &istio, "GET /unblocked HTTP/1.0\r\n\r\n"),
+        "/unblocked"
+    )));
+}

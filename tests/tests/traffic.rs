@@ -269,7 +269,19 @@ fn the_same_split_from_istiod_and_a_real_envoy_fed_the_same_xds_agrees() {
         0.8,
     );
 
-    // The reference: Envoy as istiod's sidecar, traffic redirected as istio-init does.
+    // The reference: Envoy as istiod's sidecar, traffic redirected as istio-init does. It
+    // takes a virtualInbound too (a mesh-wide STRICT, an ALLOW by namespace), so the
+    // inbound chains and RBAC the control plane writes are shown to be Envoy's config.
+    cp.cp.update(|m| {
+        m.traffic.push_str(
+            "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: mesh, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-shop, namespace: shop}\nspec:\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n    to: [{operation: {ports: ['9080']}}]\n",
+        );
+        m.inbound = Some(interceptor_tests::istiod_traffic::InboundWorkload {
+            namespace: "shop".into(),
+            labels: Default::default(),
+            ports: vec![9080],
+        });
+    });
     let certs = w.t.path("envoy-certs");
     cp.ca.issue(
         &certs,
@@ -291,7 +303,7 @@ fn the_same_split_from_istiod_and_a_real_envoy_fed_the_same_xds_agrees() {
         15902,
     );
     let ready = wait_for(30.0, || {
-        (envoy.stat("listener_manager.total_listeners_active") >= 2
+        (envoy.stat("listener_manager.total_listeners_active") >= 3
             && envoy.stat("cluster_manager.warming_clusters") == 0)
             .then_some(())
     });

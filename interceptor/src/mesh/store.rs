@@ -260,6 +260,9 @@ fn merge(inner: &mut Inner) -> Resources {
             .extend(view.destination_rules.iter().cloned());
         out.listener_routes
             .extend(view.listener_routes.iter().cloned());
+        if out.inbound.is_none() {
+            out.inbound = view.inbound.clone();
+        }
         for (name, net) in &view.networks.networks {
             out.networks
                 .networks

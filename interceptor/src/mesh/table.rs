@@ -30,6 +30,9 @@ pub struct Traffic {
     pub virtual_services: Vec<Arc<VirtualService>>,
     pub destination_rules: Vec<Arc<DestinationRule>>,
     pub listener_routes: Vec<Arc<ListenerRoute>>,
+    /// istiod's inbound intent: when present, it decides inbound (not the files' policies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<Arc<super::inbound::InboundIntent>>,
     #[serde(skip)]
     vs_by_host: HashMap<Host, Vec<usize>>,
     #[serde(skip)]
@@ -86,6 +89,7 @@ impl Traffic {
         }));
         let mut t = Traffic {
             listener_routes: res.listener_routes.clone(),
+            inbound: res.inbound.clone(),
             ..Default::default()
         };
         for (i, v) in virtual_services.iter().enumerate() {
@@ -255,6 +259,8 @@ pub struct Resources {
     pub destination_rules: Vec<Arc<DestinationRule>>,
     /// From istiod: its routes for this proxy, already evaluated.
     pub listener_routes: Vec<Arc<ListenerRoute>>,
+    /// From istiod: `virtualInbound` (inbound mTLS modes and authorization for this VM).
+    pub inbound: Option<Arc<super::inbound::InboundIntent>>,
 }
 
 /// The shape layer, shared by every table built on it.

@@ -14,6 +14,7 @@ mod allow;
 pub mod balance;
 mod outliers;
 pub mod policy;
+pub mod rbac;
 pub mod traffic;
 mod wire;
 

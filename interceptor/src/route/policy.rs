@@ -59,8 +59,24 @@ fn older(a: &PeerAuthentication, b: &PeerAuthentication) -> bool {
     matches!((&a.created, &b.created), (Some(x), Some(y)) if x < y)
 }
 
-/// The mTLS mode of connections to `port` (a port of this VM's app).
+/// The mTLS mode of connections to `port` (a port of this VM's app): istiod's, when it sent
+/// `virtualInbound` (it composed every PeerAuthentication for us), else from the table's.
 pub fn mtls_mode(table: &Table, policy: &InboundPolicy, port: u16) -> ModeDecision {
+    if let Some(intent) = &table.traffic.inbound {
+        let mode = intent.port(port).map_or(PeerMode::Permissive, |p| p.mode);
+        return ModeDecision {
+            mode: match mode {
+                PeerMode::Strict => MtlsMode::Strict,
+                PeerMode::Disable => MtlsMode::Disable,
+                PeerMode::Permissive | PeerMode::Unset => MtlsMode::Permissive,
+            },
+            by: if intent.ports.contains_key(&port) {
+                format!("istiod virtualInbound (port {port}'s chains)")
+            } else {
+                "istiod virtualInbound (the passthrough chains)".into()
+            },
+        };
+    }
     let s = &policy.subject;
     let (mut mesh, mut namespace, mut workload): (Option<&PeerAuthentication>, _, _) =
         (None, None, None);
@@ -198,9 +214,28 @@ pub fn applicable<'t, 's>(
         })
 }
 
-/// Whether `req` may go on. DENY first, then ALLOW (none applying: everything, or what
-/// `--inbound-allow` says for mTLS), AUDIT only noted.
+/// Whether `req` may go on: istiod's RBAC when it sent `virtualInbound`, else the table's
+/// policies. DENY first, then ALLOW (none applying: everything, or what `--inbound-allow`
+/// says for mTLS), AUDIT only noted.
 pub fn authorize(table: &Table, policy: &InboundPolicy, req: &Request) -> Decision {
+    if let Some(port) = table
+        .traffic
+        .inbound
+        .as_ref()
+        .and_then(|i| i.port(req.port))
+    {
+        let d = super::rbac::authorize(port, req);
+        // istiod sent no ALLOW for this port: the flag still narrows mTLS clients.
+        if d.reason == Reason::NoPolicy && req.mtls && !policy.allow.allows(req.port, req.identity)
+        {
+            return Decision {
+                allowed: false,
+                reason: Reason::NotAllowed,
+                ..d
+            };
+        }
+        return d;
+    }
     let mut out = Decision {
         allowed: true,
         reason: Reason::NoPolicy,

@@ -33,14 +33,33 @@ fn invalid(resource: &str, message: impl Into<String>) -> Invalid {
     }
 }
 
-/// A Listener resource: its name, and None for listeners that carry no TCP route of ours
-/// (inbound, wildcard-address HTTP listeners) or only the route a service has anyway (its
-/// own default cluster, no VirtualService): 10 000 services need not keep 10 000 of those.
-pub fn listener(any: &Any) -> Result<(String, Option<ListenerRoute>), Invalid> {
+/// What one Listener resource says to us.
+#[derive(Debug, PartialEq)]
+pub struct Decoded {
+    pub name: String,
+    /// None for listeners that carry no TCP route of ours (wildcard-address HTTP listeners)
+    /// or only the route a service has anyway (its own default cluster, no VirtualService):
+    /// 10 000 services need not keep 10 000 of those.
+    pub route: Option<ListenerRoute>,
+    /// `virtualInbound`: this VM's inbound mTLS modes and authorization.
+    pub inbound: Option<crate::mesh::inbound::InboundIntent>,
+}
+
+/// A Listener resource.
+pub fn listener(any: &Any) -> Result<Decoded, Invalid> {
     let l = Listener::decode(any.value.as_slice())
         .map_err(|e| invalid("(listener)", format!("not a Listener: {e}")))?;
-    let route = route(&l)?;
-    Ok((l.name, route))
+    let inbound = if l.name == super::inbound::VIRTUAL_INBOUND {
+        Some(super::inbound::inbound(&l)?)
+    } else {
+        None
+    };
+    let route = if inbound.is_some() { None } else { route(&l)? };
+    Ok(Decoded {
+        name: l.name,
+        route,
+        inbound,
+    })
 }
 
 fn route(l: &Listener) -> Result<Option<ListenerRoute>, Invalid> {
@@ -284,7 +303,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let r = listener(&any(&l)).unwrap().1.unwrap();
+        let r = listener(&any(&l)).unwrap().route.unwrap();
         assert_eq!(r.address, Some("10.96.0.20:5432".parse().unwrap()));
         assert_eq!(r.rules.len(), 2);
         assert_eq!(r.rules[0].target, Target::BlackHole);
@@ -304,7 +323,7 @@ mod tests {
             filter_chains: vec![FilterChain::default()],
             ..Default::default()
         };
-        assert_eq!(listener(&any(&http)).unwrap().1, None);
+        assert_eq!(listener(&any(&http)).unwrap().route, None);
         let bad = Listener {
             name: "10.0.0.1_80".into(),
             address: at("10.0.0.1", 80),
@@ -336,7 +355,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let r = listener(&any(&registry_only)).unwrap().1.unwrap();
+        let r = listener(&any(&registry_only)).unwrap().route.unwrap();
         assert_eq!((r.address, &r.rules[0].target), (None, &Target::BlackHole));
     }
 }

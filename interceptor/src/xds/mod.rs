@@ -8,6 +8,7 @@
 //! while istiod is unreachable serves the last table; a dead control plane leaves it serving.
 
 mod cache;
+pub mod inbound;
 pub mod listeners;
 pub mod node;
 pub mod resources;

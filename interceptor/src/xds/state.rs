@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::listeners::Decoded;
 use super::resources::{
     build_names, cluster_workloads, service, ClusterInfo, ClusterKind, EndpointInfo, NameInfo,
 };
+use crate::mesh::inbound::InboundIntent;
 use crate::mesh::traffic::ListenerRoute;
 use crate::mesh::{NameTable, Resources, ServiceDecl, Workload};
 
@@ -24,6 +26,9 @@ pub struct Accepted {
     /// "the service itself").
     #[serde(default)]
     pub listeners: BTreeMap<String, ListenerRoute>,
+    /// `virtualInbound`: the inbound mTLS modes and authorization istiod computed for us.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundIntent>,
 }
 
 #[derive(Default)]
@@ -40,6 +45,7 @@ pub struct State {
     name_table: Option<Arc<NameTable>>,
     /// The listener routes in force (remade when LDS changes them).
     routes: Vec<Arc<ListenerRoute>>,
+    inbound: Option<Arc<InboundIntent>>,
     routes_dirty: bool,
     dirty_clusters: HashSet<String>,
     dirty_hosts: HashSet<String>,
@@ -69,15 +75,24 @@ impl State {
 
     /// A delta of LDS: listeners added or changed (None: no route of ours in it any more), and
     /// removed by name.
-    pub fn update_listeners(
-        &mut self,
-        changed: Vec<(String, Option<ListenerRoute>)>,
-        removed: &[String],
-    ) {
+    pub fn update_listeners(&mut self, changed: Vec<Decoded>, removed: &[String]) {
         for name in removed {
             self.routes_dirty |= self.accepted.listeners.remove(name).is_some();
+            if name == super::inbound::VIRTUAL_INBOUND {
+                self.routes_dirty |= self.accepted.inbound.take().is_some();
+            }
         }
-        for (name, route) in changed {
+        for Decoded {
+            name,
+            route,
+            inbound,
+        } in changed
+        {
+            if name == super::inbound::VIRTUAL_INBOUND {
+                self.routes_dirty |= self.accepted.inbound != inbound;
+                self.accepted.inbound = inbound;
+                continue;
+            }
             let before = match route {
                 Some(r) => {
                     let same = self.accepted.listeners.get(&name) == Some(&r);
@@ -91,11 +106,19 @@ impl State {
     }
 
     /// The whole LDS (SotW): what is not in it is gone.
-    pub fn replace_listeners(&mut self, all: Vec<(String, Option<ListenerRoute>)>) {
-        let now: BTreeMap<String, ListenerRoute> =
-            all.into_iter().filter_map(|(n, r)| Some((n, r?))).collect();
-        if now != self.accepted.listeners {
+    pub fn replace_listeners(&mut self, all: Vec<Decoded>) {
+        let mut inbound = None;
+        let mut now = BTreeMap::new();
+        for d in all {
+            if d.inbound.is_some() {
+                inbound = d.inbound;
+            } else if let Some(r) = d.route {
+                now.insert(d.name, r);
+            }
+        }
+        if now != self.accepted.listeners || inbound != self.accepted.inbound {
             self.accepted.listeners = now;
+            self.accepted.inbound = inbound;
             self.routes_dirty = true;
         }
     }
@@ -281,11 +304,13 @@ impl State {
                 .cloned()
                 .map(Arc::new)
                 .collect();
+            self.inbound = self.accepted.inbound.clone().map(Arc::new);
         }
         Resources {
             services: self.decls.values().cloned().collect(),
             names: self.name_table.clone(),
             listener_routes: self.routes.clone(),
+            inbound: self.inbound.clone(),
             ..Default::default()
         }
     }
