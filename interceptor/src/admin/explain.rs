@@ -273,7 +273,13 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
     // The very functions proxy::Outbound calls for a connection.
     let r = traffic::route(table, &subject, svc, dst);
     v.route = Some(r.by.to_string());
-    let destinations = match &r.target {
+    let destinations = match r.target.as_ref() {
+        mesh::traffic::Target::Service => vec![mesh::traffic::Destination {
+            host: svc.host.clone(),
+            subset: String::new(),
+            port: Some(dst.port()),
+            weight: 1,
+        }],
         mesh::traffic::Target::Clusters(ds) => ds.clone(),
         mesh::traffic::Target::BlackHole | mesh::traffic::Target::Passthrough => {
             v.clusters.push(ClusterShare {

@@ -127,6 +127,17 @@ impl Traffic {
             && self.listener_routes.is_empty()
     }
 
+    /// Whether any VirtualService may name `host` (without allocating: the per-connection
+    /// fast path for services no route touches).
+    pub fn may_route(&self, host: &Host) -> bool {
+        !self.vs_wildcard.is_empty() || self.vs_by_host.contains_key(host)
+    }
+
+    /// Whether any DestinationRule may apply to `host`.
+    pub fn may_have_rule(&self, host: &Host) -> bool {
+        !self.dr_wildcard.is_empty() || self.dr_by_host.contains_key(host)
+    }
+
     /// The VirtualServices naming `host` (exactly, or by a wildcard), in Istio's order.
     pub fn virtual_services_for<'a>(
         &'a self,

@@ -35,6 +35,8 @@ pub struct Destination {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
+    /// The service the connection was made to, as it is (no route says otherwise).
+    Service,
     Clusters(Vec<Destination>),
     /// `BlackHoleCluster`: refused.
     BlackHole,

@@ -102,12 +102,18 @@ impl Outbound {
         }
         // One table snapshot for the whole connection.
         let table = self.store.load();
-        let Some((dialed, _)) = table.service_for(dst) else {
+        let Some((dialed, dialed_port)) = table.service_for(dst) else {
             tracing::warn!(%peer, original = %dst, "outbound: no mesh service at the original destination; closing");
             return;
         };
         let route = traffic::route(&table, &self.subject, dialed, dst);
-        let cluster = match &route.target {
+        let cluster = match route.target.as_ref() {
+            mesh::traffic::Target::Service => Ok(traffic::service_cluster(
+                &table,
+                &self.subject,
+                dialed,
+                dialed_port,
+            )),
             mesh::traffic::Target::Clusters(ds) => traffic::pick(ds)
                 .ok_or_else(|| NoRoute::NoCluster {
                     cluster: "(a route without destinations)".into(),
@@ -129,12 +135,16 @@ impl Outbound {
             }
         };
         let svc = cluster.service;
-        let cluster_name = cluster.name();
         let policy = cluster.policy.clone();
-        if let Some(max) = policy.pool.and_then(|p| p.max_connections) {
-            if self.load.cluster(&cluster_name) >= max {
+        let max_connections = policy.pool.and_then(|p| p.max_connections);
+        let lb = policy.load_balancer.unwrap_or(LoadBalancer::LeastRequest);
+        // The cluster's name is a key only where its count or cursor is kept.
+        let cluster_key =
+            (max_connections.is_some() || lb == LoadBalancer::RoundRobin).then(|| cluster.name());
+        if let (Some(max), Some(key)) = (max_connections, &cluster_key) {
+            if self.load.cluster(key) >= max {
                 let e = NoRoute::Overflow {
-                    cluster: cluster_name,
+                    cluster: key.clone(),
                     max,
                 };
                 self.metrics.outbound_refused(e.label());
@@ -161,9 +171,9 @@ impl Outbound {
             plan,
             &self.outliers,
             Balance {
-                policy: policy.load_balancer.unwrap_or(LoadBalancer::LeastRequest),
+                policy: lb,
                 load: &self.load,
-                cluster: &cluster_name,
+                cluster: cluster_key.as_deref().unwrap_or_default(),
                 source: peer.ip(),
             },
         );
@@ -198,7 +208,10 @@ impl Outbound {
             }
         };
         let target = &targets[i];
-        let _open = self.load.open(&cluster_name, &target.endpoint);
+        let _open = self.load.open(
+            cluster_key.as_deref().filter(|_| max_connections.is_some()),
+            &target.endpoint,
+        );
         let mtls = upstream.is_mtls();
         let server = upstream.peer_identity(target.transport.identities());
         let labels = TcpLabels::new(metrics::SOURCE, svc.host.to_string(), mtls).principals(
@@ -210,7 +223,7 @@ impl Outbound {
             Upstream::Hbone(s) => s.peer_workload().and_then(|w| w.service.clone()),
             _ => None,
         };
-        tracing::info!(%peer, original = %dst, service = %svc.host, cluster = %cluster_name, route = %route.by, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), peer_workload = peer_workload.as_deref().unwrap_or("-"), "outbound connection");
+        tracing::info!(%peer, original = %dst, service = %svc.host, cluster = %cluster, route = %route.by, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), peer_workload = peer_workload.as_deref().unwrap_or("-"), "outbound connection");
         let result = match upstream {
             Upstream::Tcp(mut up) => relay(&mut client, &mut up).await,
             Upstream::Tls(mut up) => relay(&mut client, up.as_mut()).await,

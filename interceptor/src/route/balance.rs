@@ -32,7 +32,8 @@ pub struct Load {
 #[derive(Debug)]
 pub struct Opened {
     load: Arc<Load>,
-    cluster: String,
+    /// Counted per cluster too (only where a limit reads it).
+    cluster: Option<String>,
     endpoint: EndpointAddr,
 }
 
@@ -48,28 +49,32 @@ impl Drop for Opened {
             }
         }
         release(&self.load.endpoints, &self.endpoint);
-        release(&self.load.clusters, &self.cluster);
+        if let Some(c) = &self.cluster {
+            release(&self.load.clusters, c);
+        }
     }
 }
 
 impl Load {
-    /// Counts a connection to `endpoint` of `cluster` as open.
-    pub fn open(self: &Arc<Self>, cluster: &str, endpoint: &EndpointAddr) -> Opened {
+    /// Counts a connection to `endpoint` as open, and to `cluster` when given.
+    pub fn open(self: &Arc<Self>, cluster: Option<&str>, endpoint: &EndpointAddr) -> Opened {
         *self
             .endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(endpoint.clone())
             .or_default() += 1;
-        *self
-            .clusters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(cluster.to_string())
-            .or_default() += 1;
+        if let Some(c) = cluster {
+            *self
+                .clusters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(c.to_string())
+                .or_default() += 1;
+        }
         Opened {
             load: self.clone(),
-            cluster: cluster.to_string(),
+            cluster: cluster.map(str::to_string),
             endpoint: endpoint.clone(),
         }
     }
@@ -257,7 +262,7 @@ mod tests {
                 }
             })
             .collect();
-        let _held: Vec<Opened> = busy.iter().map(|e| load.open("c", e)).collect();
+        let _held: Vec<Opened> = busy.iter().map(|e| load.open(Some("c"), e)).collect();
         assert_eq!(load.cluster("c"), 2);
         let idle_first = (0..300)
             .filter(|_| targets(LoadBalancer::LeastRequest, &load, "10.0.0.9")[0] == all[2])

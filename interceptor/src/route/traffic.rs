@@ -61,10 +61,10 @@ impl fmt::Display for RouteBy {
     }
 }
 
-/// The route of a connection: where it may go, and who said so.
+/// The route of a connection: where it may go (borrowed from the table), and who said so.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Route {
-    pub target: Target,
+pub struct Route<'t> {
+    pub target: Cow<'t, Target>,
     pub by: RouteBy,
 }
 
@@ -109,7 +109,18 @@ pub struct Cluster<'t> {
 impl Cluster<'_> {
     /// Istio's cluster name, `outbound|PORT|SUBSET|HOST`.
     pub fn name(&self) -> String {
-        cluster_name(self.port.number, &self.subset, &self.service.host)
+        self.to_string()
+    }
+}
+
+/// The name, written only where it is wanted (a log line that is on).
+impl fmt::Display for Cluster<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "outbound|{}|{}|{}",
+            self.port.number, self.subset, self.service.host
+        )
     }
 }
 
@@ -145,12 +156,12 @@ fn tcp_match_applies(
 }
 
 /// The first TCP rule of the VirtualServices for `host` that applies to this VM.
-fn virtual_service_route(
-    table: &Table,
+fn virtual_service_route<'t>(
+    table: &'t Table,
     subject: &Subject,
     host: &Host,
     dst: SocketAddr,
-) -> Option<Route> {
+) -> Option<Route<'t>> {
     for vs in table.traffic.virtual_services_for(host) {
         if !visible(&vs.namespace, &vs.export_to, &subject.namespace) {
             continue;
@@ -166,7 +177,7 @@ fn virtual_service_route(
                     .any(|m| tcp_match_applies(m, vs, subject, dst));
             if applies {
                 return Some(Route {
-                    target: Target::Clusters(rule.destinations.clone()),
+                    target: Cow::Owned(Target::Clusters(rule.destinations.clone())),
                     by: RouteBy::VirtualService {
                         name: vs.name.clone(),
                         rule: i,
@@ -186,7 +197,7 @@ fn unmapped(ip: IpAddr) -> IpAddr {
 }
 
 /// The route for a connection to `dst` (a VIP and port of `svc`).
-pub fn route(table: &Table, subject: &Subject, svc: &Service, dst: SocketAddr) -> Route {
+pub fn route<'t>(table: &'t Table, subject: &Subject, svc: &Service, dst: SocketAddr) -> Route<'t> {
     let dst = SocketAddr::new(unmapped(dst.ip()), dst.port());
     if let Some(l) = table.traffic.listener_route(dst) {
         let rule = l
@@ -195,7 +206,7 @@ pub fn route(table: &Table, subject: &Subject, svc: &Service, dst: SocketAddr) -
             .find(|r| r.subnets.is_empty() || r.subnets.iter().any(|c| c.contains(dst.ip())));
         if let Some(rule) = rule {
             return Route {
-                target: rule.target.clone(),
+                target: Cow::Borrowed(&rule.target),
                 by: RouteBy::Listener {
                     name: l.listener.clone(),
                     config: rule.config.clone(),
@@ -203,15 +214,53 @@ pub fn route(table: &Table, subject: &Subject, svc: &Service, dst: SocketAddr) -
             };
         }
     }
-    virtual_service_route(table, subject, &svc.host, dst).unwrap_or_else(|| Route {
-        target: Target::Clusters(vec![Destination {
-            host: svc.host.clone(),
-            subset: String::new(),
-            port: None,
-            weight: 1,
-        }]),
+    let routed = table
+        .traffic
+        .may_route(&svc.host)
+        .then(|| virtual_service_route(table, subject, &svc.host, dst))
+        .flatten();
+    routed.unwrap_or(Route {
+        target: Cow::Owned(Target::Service),
         by: RouteBy::Service,
     })
+}
+
+/// The cluster of `svc` itself for a connection to `port` (no route, no subset).
+pub fn service_cluster<'t>(
+    table: &'t Table,
+    subject: &Subject,
+    svc: &'t Arc<Service>,
+    port: &'t ServicePort,
+) -> Cluster<'t> {
+    Cluster {
+        service: svc,
+        port,
+        subset: String::new(),
+        endpoints: Cow::Borrowed(svc.endpoints_for(port)),
+        policy: policy_of(table, subject, svc, port.number, ""),
+    }
+}
+
+/// A cluster's traffic policy: as the source gave it, else from the DestinationRules.
+fn policy_of(
+    table: &Table,
+    subject: &Subject,
+    svc: &Service,
+    port: u16,
+    subset: &str,
+) -> TrafficPolicy {
+    match &svc.policies {
+        Some(given) => given
+            .iter()
+            .find(|p| p.port == port && p.subset == subset)
+            .map(|p| p.policy.clone())
+            .unwrap_or_default(),
+        None if !table.traffic.may_have_rule(&svc.host) => TrafficPolicy::default(),
+        None => destination_rules(table, subject, &svc.host, &svc.namespace)
+            .first()
+            .map(|d| d.policy(port, subset))
+            .unwrap_or_default(),
+    }
 }
 
 /// One destination of `destinations` by weight.
@@ -315,18 +364,7 @@ pub fn cluster<'t>(
                 .collect(),
         )
     };
-    let policy = match &svc.policies {
-        // The source gave each cluster's policy (istiod's CDS).
-        Some(given) => given
-            .iter()
-            .find(|p| p.port == port.number && p.subset == dest.subset)
-            .map(|p| p.policy.clone())
-            .unwrap_or_default(),
-        None => destination_rules(table, subject, &svc.host, &svc.namespace)
-            .first()
-            .map(|d| d.policy(port.number, &dest.subset))
-            .unwrap_or_default(),
-    };
+    let policy = policy_of(table, subject, svc, port.number, &dest.subset);
     Ok(Cluster {
         service: svc,
         port,
@@ -449,7 +487,7 @@ mod tests {
                 rule: 1
             }
         );
-        let Target::Clusters(ds) = &r.target else {
+        let Target::Clusters(ds) = r.target.as_ref() else {
             panic!("{r:?}")
         };
         let v1 = (0..10_000)
@@ -483,7 +521,7 @@ mod tests {
         // Without the DestinationRule the subsets do not exist.
         let bare = table(vec![split(&[])], vec![]);
         let r = route(&bare, &Subject::default(), &svc, dst());
-        let Target::Clusters(ds) = &r.target else {
+        let Target::Clusters(ds) = r.target.as_ref() else {
             panic!()
         };
         assert_eq!(

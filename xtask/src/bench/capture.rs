@@ -30,8 +30,38 @@ spec:
   ports: [{number: 8080, name: http}, {number: 5201, name: iperf}]
   resolution: STATIC
   endpoints: [{address: 10.77.0.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: routed, namespace: default}
+spec:
+  hosts: [routed.default.svc.cluster.local]
+  addresses: [240.240.7.8]
+  ports: [{number: 8080, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.77.0.2, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: routed, namespace: default}
+spec:
+  host: routed
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: routed, namespace: default}
+spec:
+  hosts: [routed]
+  tcp:
+  - route:
+    - {destination: {host: routed, subset: v1}, weight: 50}
+    - {destination: {host: routed}, weight: 50}
 "#;
 const VIP: &str = "240.240.7.7:8080";
+/// The same server behind a weighted VirtualService over a DestinationRule subset: what a
+/// route costs per connection.
+const ROUTED_VIP: &str = "240.240.7.8:8080";
 /// The same VIP on another port, redirected to Envoy in the iptables namespace.
 const ENVOY_VIP: &str = "240.240.7.7:8081";
 
@@ -136,16 +166,17 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
     let lg = lg.to_str().expect("utf-8");
     let direct = "10.77.0.2:8080".to_string();
     // Where each client runs: 0 the vm, 1 the vm's captured cgroup, 2 the iptables namespace.
-    let modes: [(&str, &str, u8); 5] = [
+    let modes: [(&str, &str, u8); 6] = [
         ("a direct", &direct, 0),
         ("b eBPF", VIP, 1),
         ("b' +sockmap", VIP, 3),
         ("c iptables", VIP, 2),
         ("d Envoy+ipt", ENVOY_VIP, 2),
+        ("b +VS route", ROUTED_VIP, 1),
     ];
     let pids = |mode: usize| -> Vec<i32> {
         match mode {
-            1 => vec![ebpf.proc.pid()],
+            1 | 5 => vec![ebpf.proc.pid()],
             2 => vec![sockmap.proc.pid()],
             3 => vec![ipt.proc.pid()],
             4 => vec![envoy.proc.pid()],
@@ -200,6 +231,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         ratio_range(&cps[1], &cps[0]),
         ratio_range(&cps[1], &cps[3]),
         ratio_range(&cps[1], &cps[4]),
+        ratio_range(&cps[5], &cps[1]),
     );
     let gbps = m(&gbps);
     let (cps, p50, p99, cpu) = (m(&cps), m(&p50), m(&p99), m(&cpu));
@@ -235,15 +267,23 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
         gbps[0],
     );
     println!(
+        "a weighted VirtualService over a DestinationRule subset (b+VS / b, same daemon): conn/s {:.3} {}, CPU/conn {:.3}, p50 {:.3} (goal: within 2 %)",
+        cps[5] / cps[1],
+        ranges.3,
+        cpu[5] / cpu[1],
+        p50[5] / p50[1],
+    );
+    println!(
         "b/c p50 {:.2}   b/a p50 {:.2}   b/c p99 {:.2}",
         p50[1] / p50[3],
         p50[1] / p50[0],
         p99[1] / p99[3]
     );
     let json = serde_json::json!({
-        "modes": ["direct", "ebpf", "ebpf_sockmap", "iptables", "envoy_iptables"], "cps": cps,
+        "modes": ["direct", "ebpf", "ebpf_sockmap", "iptables", "envoy_iptables", "ebpf_routed"], "cps": cps,
         "p50_us": p50, "p99_us": p99, "cpu_us_per_conn": cpu, "gbps_one_stream": gbps,
         "b_over_c_cps": cps[1] / cps[3], "b_over_a_cps": cps[1] / cps[0],
+        "routed_over_b_cps": cps[5] / cps[1], "routed_over_b_cpu": cpu[5] / cpu[1],
     });
     std::fs::write(
         out.join("capture.json"),
