@@ -331,6 +331,12 @@ fn the_gateway_refuses_bad_hellos_and_keeps_serving() {
     assert!(!unknown.contains("Server certificate"), "{unknown}");
     let port = s_client("outbound_.9999_._.onlyb.default.svc.cluster.local", "istio");
     assert!(!port.contains("Server certificate"), "{port}");
+    // A subset no DestinationRule defines: Istio's gateway has no such cluster either.
+    let subset = s_client(
+        "outbound_.8080_.v9_.onlyb.default.svc.cluster.local",
+        "istio",
+    );
+    assert!(!subset.contains("Server certificate"), "{subset}");
     for garbage in [
         "GET / HTTP/1.1\\r\\n\\r\\n",
         "\\026\\003\\001\\000\\005hello",
@@ -349,6 +355,7 @@ fn the_gateway_refuses_bad_hellos_and_keeps_serving() {
         "no_istio_alpn",
         "unknown_host",
         "unknown_port",
+        "unknown_subset",
         "not_tls",
         "malformed_hello",
     ] {

@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::mesh::traffic::Destination;
 use crate::mesh::Store;
 use crate::metrics::{self, Metrics, TcpLabels};
 use crate::net::splice_relay;
-use crate::route::{self, parse_sni, Outliers, Scope};
+use crate::route::policy::Subject;
+use crate::route::{self, parse_sni, traffic, Outliers, Scope};
 use crate::tls::{self, ClientHello, Peeked};
 use crate::transport::{try_targets, Dialer, RawTcp};
 
@@ -54,6 +56,8 @@ pub enum Refusal {
     UnknownHost(String),
     #[error("host {host:?} has no port {port}")]
     UnknownPort { host: String, port: u16 },
+    #[error("host {host:?} has no subset {subset:?}")]
+    UnknownSubset { host: String, subset: String },
     #[error("no healthy mTLS endpoint of {0:?} in this network")]
     NoEndpoint(String),
     #[error("SNI {0:?} is not istiod's")]
@@ -74,6 +78,7 @@ impl Refusal {
             Refusal::NotIstioSni(_) => "not_istio_sni",
             Refusal::UnknownHost(_) => "unknown_host",
             Refusal::UnknownPort { .. } => "unknown_port",
+            Refusal::UnknownSubset { .. } => "unknown_subset",
             Refusal::NoEndpoint(_) => "no_endpoint",
             Refusal::NotIstiod(_) => "not_istiod",
             Refusal::IstiodUnreachable(_) => "istiod_unreachable",
@@ -81,8 +86,8 @@ impl Refusal {
     }
 }
 
-/// Where a ClientHello asks to go: (host, port).
-pub fn route(hello: &ClientHello) -> Result<(String, u16), Refusal> {
+/// Where a ClientHello asks to go: (host, port, subset).
+pub fn route(hello: &ClientHello) -> Result<(String, u16, String), Refusal> {
     if !hello.has_istio_alpn() {
         let offered = hello
             .alpn
@@ -92,9 +97,9 @@ pub fn route(hello: &ClientHello) -> Result<(String, u16), Refusal> {
         return Err(Refusal::NoIstioAlpn(offered));
     }
     let sni = hello.sni.as_deref().ok_or(Refusal::NoSni)?;
-    let (port, _subset, host) =
+    let (port, subset, host) =
         parse_sni(sni).ok_or_else(|| Refusal::NotIstioSni(sni.to_string()))?;
-    Ok((host.to_string(), port))
+    Ok((host.to_string(), port, subset.to_string()))
 }
 
 impl Gateway {
@@ -144,7 +149,7 @@ impl Gateway {
             }
         };
         let sni = hello.sni.clone();
-        let (host, port) = match route(&hello) {
+        let (host, port, subset) = match route(&hello) {
             Ok(r) => r,
             Err(e) => return self.refuse(peer, sni.as_deref(), e),
         };
@@ -156,9 +161,31 @@ impl Gateway {
         let Some(svc_port) = svc.port(port) else {
             return self.refuse(peer, sni.as_deref(), Refusal::UnknownPort { host, port });
         };
-        let plan = route::plan(
-            svc,
-            svc_port,
+        // A subset's SNI (a DestinationRule subset behind this gateway) reaches that subset's
+        // endpoints only, as Istio's gateway's subset clusters do.
+        let subject = Subject::default();
+        let cluster = if subset.is_empty() {
+            traffic::service_cluster(&table, &subject, svc, svc_port)
+        } else {
+            let dest = Destination {
+                host: svc.host.clone(),
+                subset: subset.clone(),
+                port: Some(port),
+                weight: 1,
+            };
+            match traffic::cluster(&table, &subject, &dest, port) {
+                Ok(c) => c,
+                Err(_) => {
+                    return self.refuse(
+                        peer,
+                        sni.as_deref(),
+                        Refusal::UnknownSubset { host, subset },
+                    )
+                }
+            }
+        };
+        let plan = route::plan_cluster(
+            &cluster,
             Scope::Gateway {
                 network: &self.network,
             },
@@ -295,7 +322,22 @@ mod tests {
         let sni = "outbound_.8080_._.product.default.svc.cluster.local";
         assert_eq!(
             route(&hello(Some(sni), &["istio"])),
-            Ok(("product.default.svc.cluster.local".into(), 8080))
+            Ok((
+                "product.default.svc.cluster.local".into(),
+                8080,
+                String::new()
+            ))
+        );
+        assert_eq!(
+            route(&hello(
+                Some("outbound_.8080_.v1_.product.default.svc.cluster.local"),
+                &["istio"]
+            )),
+            Ok((
+                "product.default.svc.cluster.local".into(),
+                8080,
+                "v1".into()
+            ))
         );
         assert_eq!(
             route(&hello(Some(sni), &["h2"])),
