@@ -770,6 +770,9 @@ fn registry_only_from_the_flag_keeps_excluded_cidrs_and_loopback() {
             ])
             .start();
     assert_eq!(get(&w, &format!("http://{OUTSIDE}:8080/")), "-");
+    let why =
+        ic.json(&format!("/explain?target={OUTSIDE}:8080"))["connections"][0]["why"].to_string();
+    assert!(why.contains("REGISTRY_ONLY"), "{why}");
     assert_eq!(get(&w, &format!("http://{EXCLUDED}:8080/")), "excluded");
     assert_eq!(get(&w, "http://127.0.0.1:8088/"), "local");
     assert_eq!(get(&w, &format!("http://{VIP}:9080/")), "v1");

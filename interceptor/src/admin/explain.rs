@@ -245,7 +245,14 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
         return v;
     }
     let Some((svc, _)) = table.service_for(dst) else {
-        v.why = "not a mesh service address: the connection goes where it was aimed".into();
+        let exempt = dst.ip().is_loopback() || dst.port() == interceptor_ebpf::abi::SSH_PORT;
+        v.why = if attached && table.registry_only() && !exempt {
+            "not a mesh service address, and REGISTRY_ONLY is in force: connect() is refused \
+             (EPERM) unless the address is in --exclude-outbound-cidrs"
+                .into()
+        } else {
+            "not a mesh service address: the connection goes where it was aimed".into()
+        };
         return v;
     };
     v.service = Some(svc.host.to_string());
