@@ -225,6 +225,11 @@ pub struct RunArgs {
     /// [default: istio-system]
     #[arg(long)]
     pub root_namespace: Option<String>,
+    /// This VM's locality, REGION/ZONE/SUBZONE (a prefix is fine): with outlier detection set,
+    /// endpoints nearer it are tried first, and istiod is told it [default: the labels'
+    /// istio-locality, region.zone.subzone, as istio-agent reads it]
+    #[arg(long, value_name = "REGION/ZONE/SUBZONE")]
+    pub locality: Option<String>,
     /// Outbound capture listener port on loopback [default: 15001]
     #[arg(long)]
     pub outbound_port: Option<u16>,
@@ -567,6 +572,7 @@ impl RunArgs {
                 self.labels
             },
             root_namespace: self.root_namespace.or(file.root_namespace),
+            locality: self.locality.or(file.locality),
             outbound_port: self.outbound_port.or(file.outbound_port),
             inbound_port: self.inbound_port.or(file.inbound_port),
             hbone_port: self.hbone_port.or(file.hbone_port),
@@ -820,6 +826,16 @@ impl RunArgs {
     /// Inbound policy: the mTLS mode, the allow-list, and who this VM is to policy selectors
     /// (its labels: the flags', else the bundle's).
     fn policy(&self, bundle: Option<&crate::bundle::Bundle>) -> Result<InboundPolicy, Error> {
+        let labels = match self.labels.is_empty() {
+            true => bundle.map(|b| b.labels.clone()).unwrap_or_default(),
+            false => parse_labels(&self.labels)?,
+        };
+        // istio-agent: the `istio-locality` label, dots for slashes.
+        let locality = self
+            .locality
+            .clone()
+            .or_else(|| labels.get("istio-locality").map(|l| l.replace('.', "/")))
+            .unwrap_or_default();
         Ok(InboundPolicy {
             mode: self.mtls_mode.unwrap_or_default(),
             allow: AllowList::parse(&self.inbound_allow)?,
@@ -828,10 +844,8 @@ impl RunArgs {
                     .namespace
                     .clone()
                     .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
-                labels: match self.labels.is_empty() {
-                    true => bundle.map(|b| b.labels.clone()).unwrap_or_default(),
-                    false => parse_labels(&self.labels)?,
-                },
+                labels,
+                locality,
                 root_namespace: self
                     .root_namespace
                     .clone()

@@ -66,6 +66,9 @@ struct ExplainArgs {
     /// With --inbound: the client's address
     #[arg(long, value_name = "IP", requires = "inbound")]
     source: Option<std::net::IpAddr>,
+    /// The SNI the client's TLS hello names (routes by VirtualService tls sniHosts)
+    #[arg(long, value_name = "NAME", conflicts_with = "inbound")]
+    sni: Option<String>,
     #[command(flatten)]
     admin: AdminArgs,
 }
@@ -223,7 +226,10 @@ fn main() -> ExitCode {
         }),
         Command::Explain(args) => ask(&args.admin, |admin| async move {
             let target = args.target.unwrap_or_default();
-            let path = format!("/explain?target={}", encode_query(&target));
+            let mut path = format!("/explain?target={}", encode_query(&target));
+            if let Some(sni) = &args.sni {
+                path += &format!("&sni={}", encode_query(sni));
+            }
             let v: interceptor::admin::Verdict =
                 interceptor::admin::get_json(admin.admin, &path).await?;
             if admin.json {

@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Who reports a connection, in Istio's terms.
@@ -28,6 +29,24 @@ pub struct TcpLabels {
     pub destination_service: String,
     /// `mutual_tls` or `none`, as Istio labels it.
     pub connection_security_policy: &'static str,
+    /// The answering workload's canonical revision (outbound), as Istio's telemetry names
+    /// it; `unknown` where no single workload is known (a gateway, a host name, inbound).
+    pub destination_version: String,
+}
+
+/// Istio's canonical revision of a workload (pkg/config/labels: the
+/// `service.istio.io/canonical-revision` label, else `app.kubernetes.io/version`, else
+/// `version`, else `latest`).
+pub fn canonical_revision(labels: &std::collections::BTreeMap<String, String>) -> String {
+    [
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ]
+    .iter()
+    .find_map(|k| labels.get(*k))
+    .cloned()
+    .unwrap_or_else(|| "latest".into())
 }
 
 impl TcpLabels {
@@ -38,7 +57,13 @@ impl TcpLabels {
             destination_principal: UNKNOWN.into(),
             destination_service,
             connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+            destination_version: UNKNOWN.into(),
         }
+    }
+
+    pub fn version(mut self, version: String) -> Self {
+        self.destination_version = version;
+        self
     }
 
     pub fn principals(mut self, source: Option<&str>, destination: Option<&str>) -> Self {
@@ -46,6 +71,29 @@ impl TcpLabels {
         self.destination_principal = destination.unwrap_or(UNKNOWN).to_string();
         self
     }
+}
+
+/// Istio's request metric labels (the ones a VM's source reporter knows).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub destination_service: String,
+    pub destination_version: String,
+    /// `http/1.1`, `http/2`.
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    /// Envoy's response flags (`-`: none), as Istio labels them.
+    pub response_flags: &'static str,
+}
+
+/// Istio's buckets for `istio_request_duration_milliseconds` (istio_stats.cc).
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
 }
 
 /// Which side of HBONE counted it.
@@ -65,7 +113,7 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Metrics {
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
@@ -86,6 +134,29 @@ pub struct Metrics {
     hbone_streams: Family<Direction, Counter>,
     /// HBONE connections open now, by direction.
     hbone_open: Family<Direction, Gauge>,
+    /// HTTP requests routed by the outbound HTTP path.
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            dial_failures: Family::default(),
+            inbound_refused: Family::default(),
+            outbound_refused: Family::default(),
+            gateway_refused: Family::default(),
+            hbone_connections: Family::default(),
+            hbone_streams: Family::default(),
+            hbone_open: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+        }
+    }
 }
 
 impl Metrics {
@@ -98,6 +169,14 @@ impl Metrics {
         self.closed.get_or_create(labels).inc();
         self.received.get_or_create(labels).inc_by(from_client);
         self.sent.get_or_create(labels).inc_by(to_client);
+    }
+
+    /// One HTTP request answered (by the upstream or by us), and how long it took.
+    pub fn request(&self, labels: &RequestLabels, took: std::time::Duration) {
+        self.requests.get_or_create(labels).inc();
+        self.request_duration
+            .get_or_create(labels)
+            .observe(took.as_secs_f64() * 1000.0);
     }
 
     pub fn dial_failed(&self, reason: &'static str) {
@@ -169,6 +248,12 @@ impl Metrics {
             "Bytes received from the client during the connection",
             self.received.clone(),
         );
+        registry.register("istio_requests", "HTTP requests", self.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "HTTP request duration",
+            self.request_duration.clone(),
+        );
         registry.register(
             "interceptor_endpoint_failures",
             "Endpoint attempts that failed (another endpoint is tried), by reason",
@@ -215,7 +300,8 @@ mod tests {
     fn istio_names_and_labels_in_the_exposition() {
         let m = Metrics::default();
         let l = TcpLabels::new(SOURCE, "product.default.svc.cluster.local".into(), true)
-            .principals(Some("spiffe://td/ns/a/sa/vm"), None);
+            .principals(Some("spiffe://td/ns/a/sa/vm"), None)
+            .version("v2".into());
         m.opened(&l);
         m.closed(&l, 10, 20);
         m.inbound_refused("plaintext_strict");
@@ -223,7 +309,7 @@ mod tests {
         m.register(&mut reg);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
-        let labels = "reporter=\"source\",source_principal=\"spiffe://td/ns/a/sa/vm\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"mutual_tls\"";
+        let labels = "reporter=\"source\",source_principal=\"spiffe://td/ns/a/sa/vm\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"mutual_tls\",destination_version=\"v2\"";
         assert!(
             text.contains(&format!("istio_tcp_connections_opened_total{{{labels}}} 1")),
             "{text}"

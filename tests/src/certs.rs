@@ -90,6 +90,35 @@ impl Ca {
         )
     }
 
+    /// Writes `<stem>.pem` and `<stem>-key.pem` into `dir`: a certificate for DNS name `name`
+    /// (also the CN) for a server, or with `client` for a client. (cert, key) paths.
+    pub fn write_leaf(
+        &self,
+        dir: &Path,
+        stem: &str,
+        name: &str,
+        client: bool,
+    ) -> (PathBuf, PathBuf) {
+        std::fs::create_dir_all(dir).expect("cert dir");
+        let key = KeyPair::generate().expect("leaf key");
+        let mut p = CertificateParams::new(vec![name.to_string()]).expect("leaf params");
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![if client {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&rand_serial()));
+        let cert = p.signed_by(&key, &self.cert, &self.key).expect("leaf cert");
+        let (c, k) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}-key.pem")),
+        );
+        write_atomically(&c, &cert.pem());
+        write_atomically(&k, &key.serialize_pem());
+        (c, k)
+    }
+
     /// Signs `csr` (PEM) as the Istio CA does: the SAN is `identity` whatever the CSR says,
     /// valid from now for `lifetime`. The leaf's PEM.
     pub fn sign_csr(

@@ -493,3 +493,66 @@ impl Envoy {
         wait_for(secs, || (self.stat(name) >= at_least).then_some(())).is_some()
     }
 }
+
+/// A real Envoy sidecar on `node` taking LDS/RDS/CDS/EDS from `cp` (istiod at `istiod`), with
+/// the `240.240.0.0/16` VIPs redirected to its virtualOutbound as istio-init does; ready once it
+/// holds `listeners` active listeners and no cluster is warming.
+pub fn sidecar(
+    node: &Node,
+    cp: &crate::istiod::ControlPlane,
+    istiod: &str,
+    certs: &Path,
+    listeners: u64,
+) -> Envoy {
+    cp.serve_secrets(crate::istiod_sds::Secrets::from_dir(certs));
+    let ip = node.ip("a").to_string();
+    let envoy = Envoy::start(
+        node,
+        "envoy-sidecar",
+        &ads_sidecar_config(
+            certs,
+            istiod,
+            &format!("sidecar~{ip}~envoy.shop~shop.svc.cluster.local"),
+            15902,
+        ),
+        15902,
+    );
+    let ready = wait_for(30.0, || {
+        (envoy.stat("listener_manager.total_listeners_active") >= listeners
+            && envoy.stat("cluster_manager.warming_clusters") == 0)
+            .then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "Envoy never took the listeners:\n{}",
+        envoy.log()
+    );
+    assert_eq!(
+        envoy.stat("listener_manager.lds.update_rejected"),
+        0,
+        "{}",
+        envoy.log()
+    );
+    // A route for the VIPs (the kernel routes before the nat table redirects), then the
+    // redirect istio-init installs.
+    let iface = node.iface("a").to_string();
+    crate::sh(&mut node.cmd("ip", &["route", "add", "240.240.0.0/16", "dev", &iface]));
+    crate::sh(&mut node.cmd(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "240.240.0.0/16",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    ));
+    envoy
+}

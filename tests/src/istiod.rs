@@ -124,6 +124,11 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// A Kubernetes service (NDS registry `Kubernetes`: short names answer too).
     pub kubernetes: bool,
+    /// Ports declared TLS/HTTPS: their listeners route by SNI (VirtualService `tls`).
+    pub tls_ports: Vec<u16>,
+    /// Ports declared HTTP: one `0.0.0.0_<port>` listener and RDS `"<port>"` for them all
+    /// (VirtualService `http`).
+    pub http_ports: Vec<u16>,
 }
 
 impl Service {
@@ -138,6 +143,8 @@ impl Service {
             discovery: Discovery::Eds,
             endpoints: vec![],
             kubernetes: host.ends_with(".svc.cluster.local"),
+            tls_ports: vec![],
+            http_ports: vec![],
         }
     }
 }
@@ -229,7 +236,7 @@ fn same_resource(ty: &str, a: &[u8], b: &[u8]) -> bool {
         }
 }
 
-fn any<M: Message>(type_url: &str, m: &M) -> Any {
+pub(crate) fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
         type_url: type_url.to_string(),
         value: m.encode_to_vec(),
@@ -340,15 +347,54 @@ fn locality(endpoints: Vec<LbEndpoint>, loc: &str, priority: u32) -> LocalityLbE
     }
 }
 
-/// The endpoints of `service` as a client in `client_network` gets them: endpoints of another
-/// network with a gateway become that gateway, weighing as many as stand behind it.
+/// Who a stream is for, as its node says: its network and locality.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Client {
+    network: String,
+    /// `region/zone/subzone`.
+    locality: String,
+}
+
+impl Client {
+    fn of(
+        node: Option<&interceptor_proto::envoy::config::core::v3::Node>,
+        md: &BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            network: md.get("NETWORK").cloned().unwrap_or_default(),
+            locality: node
+                .and_then(|n| n.locality.as_ref())
+                .map(|l| format!("{}/{}/{}", l.region, l.zone, l.sub_zone))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// istiod's `LbPriority` of an endpoint's locality for a proxy's (both `region/zone/subzone`).
+fn lb_priority(proxy: &str, endpoint: &str) -> u32 {
+    let part = |l: &str, i: usize| l.split('/').nth(i).unwrap_or("").to_string();
+    let same = |i: usize| part(proxy, i) == part(endpoint, i);
+    match (same(0), same(1), same(2)) {
+        (true, true, true) => 0,
+        (true, true, false) => 1,
+        (true, false, _) => 2,
+        (false, _, _) => 3,
+    }
+}
+
+/// The endpoints of `service` as `client` gets them: endpoints of another network with a
+/// gateway become that gateway, weighing as many as stand behind it; with `failover` (the
+/// DestinationRule sets outlier detection) each locality's priority is its distance from the
+/// client's (istiod's `applyLocalityFailover`: the given priority times 5 plus `LbPriority`).
 fn load_assignment(
     mesh: &Mesh,
     service: &Service,
     port: u16,
-    client_network: &str,
+    client: &Client,
     subset: Option<&(String, BTreeMap<String, String>)>,
+    failover: bool,
 ) -> ClusterLoadAssignment {
+    let client_network = client.network.as_str();
     let name = match subset {
         Some((s, _)) => subset_cluster_name(port, s, &service.host),
         None => cluster_name(port, &service.host),
@@ -366,10 +412,17 @@ fn load_assignment(
         match remote_gw {
             Some(_) if e.mtls => *remote.entry(e.network.clone()).or_default() += e.weight,
             Some(_) => {} // plaintext cannot cross a gateway
-            None => groups
-                .entry((e.locality.clone(), e.priority))
-                .or_default()
-                .push(lb_endpoint(e, service, port)),
+            None => {
+                let priority = if failover {
+                    e.priority * 5 + lb_priority(&client.locality, &e.locality)
+                } else {
+                    e.priority
+                };
+                groups
+                    .entry((e.locality.clone(), priority))
+                    .or_default()
+                    .push(lb_endpoint(e, service, port))
+            }
         }
     }
     for (network, weight) in remote {
@@ -385,9 +438,14 @@ fn load_assignment(
             .or_default()
             .push(lb_endpoint(&e, &gateway, port));
     }
+    // istiod compacts priorities to 0..N without gaps, as Envoy wants them.
+    let mut levels: Vec<u32> = groups.keys().map(|(_, p)| *p).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    let rank = |p: u32| levels.iter().position(|l| *l == p).unwrap_or(0) as u32;
     let mut endpoints: Vec<LocalityLbEndpoints> = groups
         .into_iter()
-        .map(|((loc, prio), eps)| locality(eps, &loc, prio))
+        .map(|((loc, prio), eps)| locality(eps, &loc, rank(prio)))
         .collect();
     if mesh.corrupt_endpoints_of.as_deref() == Some(name.as_str()) {
         endpoints.push(locality(
@@ -595,7 +653,7 @@ impl Shared {
                 for subset in std::iter::once("").chain(subsets.iter().map(|(n, _)| n.as_str())) {
                     let mut c = cluster(s, *p, subset);
                     let policy = crate::istiod_traffic::policy_of(docs, &s.host, subset);
-                    crate::istiod_traffic::apply_policy(&mut c, &policy);
+                    crate::istiod_traffic::apply_policy(&mut c, &policy, s);
                     out.insert(c.name.clone(), any(type_url::CLUSTER, &c));
                 }
             }
@@ -616,15 +674,20 @@ impl Shared {
             out.insert(vi.name.clone(), any(type_url::LISTENER, &vi));
         }
         for s in &mesh.services {
+            for p in &s.http_ports {
+                let l = crate::istiod_http::http_listener(*p);
+                out.insert(l.name.clone(), any(type_url::LISTENER, &l));
+            }
             let docs = by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default();
             for vip in s.vips.iter().filter(|v| v.is_ipv4()) {
-                for p in &s.ports {
+                for p in s.ports.iter().filter(|p| !s.http_ports.contains(p)) {
                     let l = crate::istiod_traffic::service_listener(
                         docs,
                         &s.host,
                         &vip.to_string(),
                         *p,
                         &s.ports,
+                        s.tls_ports.contains(p),
                     );
                     out.insert(l.name.clone(), any(type_url::LISTENER, &l));
                 }
@@ -657,8 +720,41 @@ impl Shared {
         out
     }
 
+    /// RDS: per HTTP port, a route configuration over every service with the port, for a
+    /// proxy in `proxy_ns`.
+    fn routes(&self, proxy_ns: &str) -> BTreeMap<String, Any> {
+        let mesh = self.mesh.lock().unwrap();
+        let by_host = crate::istiod_traffic::by_host(crate::istiod_traffic::parse(&mesh.traffic));
+        let ports: BTreeSet<u16> = mesh
+            .services
+            .iter()
+            .flat_map(|s| s.http_ports.iter().copied())
+            .collect();
+        ports
+            .into_iter()
+            .map(|port| {
+                let services: Vec<crate::istiod_http::HttpService<'_>> = mesh
+                    .services
+                    .iter()
+                    .filter(|s| s.http_ports.contains(&port))
+                    .map(|s| crate::istiod_http::HttpService {
+                        host: &s.host,
+                        namespace: &s.namespace,
+                        vips: s.vips.iter().map(|v| v.to_string()).collect(),
+                        ports: &s.ports,
+                        docs: by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default(),
+                    })
+                    .collect();
+                (
+                    port.to_string(),
+                    crate::istiod_http::route_configuration(port, &services, proxy_ns),
+                )
+            })
+            .collect()
+    }
+
     /// Every EDS cluster's load assignment for a client in `network`.
-    fn assignments(&self, network: &str) -> BTreeMap<String, Any> {
+    fn assignments(&self, network: &Client) -> BTreeMap<String, Any> {
         let mesh = self.mesh.lock().unwrap();
         let mut out = BTreeMap::new();
         let by_host = crate::istiod_traffic::by_host(crate::istiod_traffic::parse(&mesh.traffic));
@@ -669,11 +765,18 @@ impl Shared {
         {
             let docs = by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default();
             let subsets = crate::istiod_traffic::subsets_of(docs, &s.host);
+            // istiod prioritises by locality only where outlier detection is set.
+            let failover = |subset: &str| {
+                crate::istiod_traffic::policy_of(docs, &s.host, subset)
+                    .outlier_detection
+                    .is_some()
+            };
             for p in &s.ports {
-                let cla = load_assignment(&mesh, s, *p, network, None);
+                let cla = load_assignment(&mesh, s, *p, network, None, failover(""));
                 out.insert(cla.cluster_name.clone(), any(type_url::ENDPOINT, &cla));
                 for subset in &subsets {
-                    let cla = load_assignment(&mesh, s, *p, network, Some(subset));
+                    let cla =
+                        load_assignment(&mesh, s, *p, network, Some(subset), failover(&subset.0));
                     out.insert(cla.cluster_name.clone(), any(type_url::ENDPOINT, &cla));
                 }
             }
@@ -819,10 +922,11 @@ impl AggregatedDiscoveryService for Ads {
             let mut pushes = shared.pushes.subscribe();
             let mut recycle = shared.recycle.subscribe();
             let (mut node_id, mut md) = (String::new(), BTreeMap::new());
-            let mut network = String::new();
+            let mut network = Client::default();
             // What this client has, by type: name -> encoded resource.
             let mut sent: HashMap<&'static str, BTreeMap<String, Vec<u8>>> = HashMap::new();
             let mut eds: BTreeSet<String> = BTreeSet::new();
+            let mut rds: BTreeSet<String> = BTreeSet::new();
             let mut wants: BTreeSet<&'static str> = BTreeSet::new();
             let mut nonce = 0u64;
             let send = |ty: &'static str,
@@ -889,7 +993,7 @@ impl AggregatedDiscoveryService for Ads {
                         };
                         if req.node.is_some() {
                             (node_id, md) = metadata_of(req.node.as_ref());
-                            network = md.get("NETWORK").cloned().unwrap_or_default();
+                            network = Client::of(req.node.as_ref(), &md);
                         }
                         shared.record(Seen {
                             type_url: req.type_url.clone(),
@@ -925,6 +1029,14 @@ impl AggregatedDiscoveryService for Ads {
                                 wants.insert(type_url::LISTENER);
                                 vec![send(type_url::LISTENER, shared.listeners(), None, &mut sent, &mut nonce, v, true)]
                             }
+                            crate::istiod_http::ROUTE => {
+                                wants.insert(crate::istiod_http::ROUTE);
+                                rds.extend(req.resource_names_subscribe.iter().cloned());
+                                for n in &req.resource_names_unsubscribe {
+                                    rds.remove(n);
+                                }
+                                vec![send(crate::istiod_http::ROUTE, shared.routes(&proxy_namespace(&node_id)), Some(&rds), &mut sent, &mut nonce, v, false)]
+                            }
                             type_url::NAME_TABLE => {
                                 wants.insert(type_url::NAME_TABLE);
                                 let t: BTreeMap<String, Any> = [(String::new(), shared.name_table())].into();
@@ -940,14 +1052,23 @@ impl AggregatedDiscoveryService for Ads {
                         if changed.is_err() { return; }
                         let v = shared.version();
                         let mut out = Vec::new();
+                        let mut clusters_changed = false;
                         if wants.contains(type_url::CLUSTER) {
-                            out.push(send(type_url::CLUSTER, shared.clusters(), None, &mut sent, &mut nonce, v.clone(), false));
+                            let c = send(type_url::CLUSTER, shared.clusters(), None, &mut sent, &mut nonce, v.clone(), false);
+                            clusters_changed = c.is_some();
+                            out.push(c);
                         }
+                        // A changed cluster warms in Envoy until its EDS arrives again (else it
+                        // waits out initial_fetch_timeout, 15 s): istiod's full push sends CDS
+                        // then every watched EDS resource, changed or not.
                         if wants.contains(type_url::ENDPOINT) {
-                            out.push(send(type_url::ENDPOINT, shared.assignments(&network), Some(&eds), &mut sent, &mut nonce, v.clone(), false));
+                            out.push(send(type_url::ENDPOINT, shared.assignments(&network), Some(&eds), &mut sent, &mut nonce, v.clone(), clusters_changed));
                         }
                         if wants.contains(type_url::LISTENER) {
                             out.push(send(type_url::LISTENER, shared.listeners(), None, &mut sent, &mut nonce, v.clone(), false));
+                        }
+                        if wants.contains(crate::istiod_http::ROUTE) {
+                            out.push(send(crate::istiod_http::ROUTE, shared.routes(&proxy_namespace(&node_id)), Some(&rds), &mut sent, &mut nonce, v.clone(), false));
                         }
                         if wants.contains(type_url::NAME_TABLE) {
                             let t: BTreeMap<String, Any> = [(String::new(), shared.name_table())].into();
@@ -976,19 +1097,28 @@ impl AggregatedDiscoveryService for Ads {
             let mut pushes = shared.pushes.subscribe();
             let mut recycle = shared.recycle.subscribe();
             let (mut node_id, mut md) = (String::new(), BTreeMap::new());
-            let mut network = String::new();
+            let mut network = Client::default();
             let mut wants: BTreeMap<String, Vec<String>> = BTreeMap::new();
             // EDS sent so far, to send only what changed (SotW EDS may be partial).
             let mut eds_sent: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            // The clusters last sent, to tell a push that changed them.
+            let mut cds_sent: Option<Vec<u8>> = None;
             let mut nonce = 0u64;
             let mut respond = |ty: &str,
                                names: &[String],
-                               network: &str,
+                               network: &Client,
+                               proxy_ns: &str,
                                all: bool|
              -> Option<DiscoveryResponse> {
                 let resources: Vec<Any> = match ty {
                     type_url::CLUSTER => shared.clusters().into_values().collect(),
                     type_url::LISTENER => shared.listeners().into_values().collect(),
+                    crate::istiod_http::ROUTE => shared
+                        .routes(proxy_ns)
+                        .into_iter()
+                        .filter(|(n, _)| names.contains(n))
+                        .map(|(_, a)| a)
+                        .collect(),
                     type_url::NAME_TABLE => vec![shared.name_table()],
                     type_url::ENDPOINT => shared
                         .assignments(network)
@@ -1028,7 +1158,7 @@ impl AggregatedDiscoveryService for Ads {
                         };
                         if req.node.is_some() {
                             (node_id, md) = metadata_of(req.node.as_ref());
-                            network = md.get("NETWORK").cloned().unwrap_or_default();
+                            network = Client::of(req.node.as_ref(), &md);
                         }
                         shared.record(Seen {
                             type_url: req.type_url.clone(),
@@ -1046,10 +1176,11 @@ impl AggregatedDiscoveryService for Ads {
                         if !req.response_nonce.is_empty() && !changed_names {
                             continue;
                         }
-                        let mut out = vec![respond(&req.type_url, &req.resource_names, &network, true)];
+                        let mut out = vec![respond(&req.type_url, &req.resource_names, &network, &proxy_namespace(&node_id), true)];
                         if req.type_url == type_url::CLUSTER {
+                            cds_sent = Some(encoded(&out[0]));
                             if let Some(names) = wants.get(type_url::ENDPOINT).cloned() {
-                                out.push(respond(type_url::ENDPOINT, &names, &network, true));
+                                out.push(respond(type_url::ENDPOINT, &names, &network, &proxy_namespace(&node_id), true));
                             }
                         }
                         for r in out.into_iter().flatten() {
@@ -1058,9 +1189,18 @@ impl AggregatedDiscoveryService for Ads {
                     }
                     changed = pushes.changed() => {
                         if changed.is_err() { return; }
+                        // Types in push order (CDS, EDS, LDS, RDS sort so); a changed cluster
+                        // gets its EDS again, as istiod's full push (see the Delta stream).
                         let mut out = Vec::new();
+                        let mut clusters_changed = false;
                         for (ty, names) in wants.clone() {
-                            out.push(respond(&ty, &names, &network, false));
+                            let r = respond(&ty, &names, &network, &proxy_namespace(&node_id), clusters_changed);
+                            if ty == type_url::CLUSTER {
+                                let now = encoded(&r);
+                                clusters_changed = cds_sent.as_ref() != Some(&now);
+                                cds_sent = Some(now);
+                            }
+                            out.push(r);
                         }
                         for r in out.into_iter().flatten() {
                             if tx.send(Ok(r)).is_err() { return; }
@@ -1072,6 +1212,25 @@ impl AggregatedDiscoveryService for Ads {
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
+}
+
+/// The namespace a proxy is in: its node id's DNS domain's first label
+/// (`sidecar~IP~POD.NS~NS.svc.cluster.local`), as istiod reads it.
+fn proxy_namespace(node_id: &str) -> String {
+    node_id
+        .split('~')
+        .nth(3)
+        .and_then(|d| d.split('.').next())
+        .unwrap_or("default")
+        .to_string()
+}
+
+/// A SotW response's resources, encoded end to end: to tell whether a push changed them.
+fn encoded(r: &Option<DiscoveryResponse>) -> Vec<u8> {
+    r.iter()
+        .flat_map(|r| r.resources.iter())
+        .flat_map(|a| a.value.iter().copied())
+        .collect()
 }
 
 /// The responses a first Delta sync of `mesh` is made of (clusters, their endpoints, the name
@@ -1110,7 +1269,7 @@ pub fn encoded_sync(mesh: Mesh) -> Vec<(String, Vec<u8>)> {
         ),
         (
             "endpoints".into(),
-            response(type_url::ENDPOINT, shared.assignments("")).encode_to_vec(),
+            response(type_url::ENDPOINT, shared.assignments(&Client::default())).encode_to_vec(),
         ),
         (
             "names".into(),

@@ -62,6 +62,10 @@ pub struct Spec {
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
     #[serde(default)]
+    pub tls: Vec<TlsRoute>,
+    #[serde(default)]
+    pub http: Vec<crate::istiod_http::HttpRoute>,
+    #[serde(default)]
     pub subsets: Vec<Subset>,
     pub traffic_policy: Option<TrafficPolicy>,
     /// PeerAuthentication, AuthorizationPolicy.
@@ -128,6 +132,21 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<Outlier>,
+    pub tls: Option<ClientTls>,
+}
+
+/// A DestinationRule's `ClientTLSSettings`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTls {
+    pub mode: Option<String>,
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    pub ca_certificates: Option<String>,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -155,6 +174,7 @@ pub struct Outlier {
     #[serde(rename = "consecutive5xxErrors")]
     pub consecutive_5xx_errors: Option<u32>,
     pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<u32>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -166,6 +186,20 @@ pub struct TcpRoute {
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct TcpMatch {
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TlsRoute {
+    #[serde(rename = "match")]
+    pub matches: Vec<TlsMatch>,
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsMatch {
+    pub sni_hosts: Vec<String>,
     pub port: Option<u16>,
 }
 
@@ -292,6 +326,36 @@ fn address(ip: &str, port: u16) -> Option<Address> {
     })
 }
 
+pub fn socket_address(ip: &str, port: u16) -> Option<Address> {
+    address(ip, port)
+}
+
+/// The catch-all to PassthroughCluster (an HTTP listener's default chain, sheet 1.2).
+pub fn passthrough_chain() -> FilterChain {
+    FilterChain {
+        filters: vec![tcp_proxy(
+            "PassthroughCluster",
+            ClusterSpecifier::Cluster("PassthroughCluster".into()),
+        )],
+        ..Default::default()
+    }
+}
+
+/// `envoy.filters.listener.http_inspector`, on listeners whose chains match by ALPN.
+pub fn http_inspector() -> interceptor_proto::envoy::config::listener::v3::ListenerFilter {
+    use interceptor_proto::envoy::config::listener::v3::listener_filter::ConfigType as LfConfig;
+    interceptor_proto::envoy::config::listener::v3::ListenerFilter {
+        name: "envoy.filters.listener.http_inspector".into(),
+        config_type: Some(LfConfig::TypedConfig(Any {
+            type_url:
+                "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"
+                    .into(),
+            value: vec![],
+        })),
+        filter_disabled: None,
+    }
+}
+
 /// `virtualOutbound` as istiod builds it (sheet 1.1).
 pub fn virtual_outbound(registry_only: bool) -> Listener {
     let catch_all = if registry_only {
@@ -330,25 +394,54 @@ pub fn virtual_outbound(registry_only: bool) -> Listener {
     }
 }
 
-/// `<VIP>_<port>` for a TCP service port (sheet 1.2-1.4).
+/// `<VIP>_<port>` for a service port (sheet 1.2-1.4): on a TLS port, one chain per distinct
+/// `tls` match by its sniHosts (istiod's `buildSidecarOutboundTLSFilterChainOpts`; the first
+/// of equal matches wins; none: the service's own chain); on a TCP port the first `tcp` rule
+/// for the port (`buildSidecarOutboundTCPFilterChainOpts`), else the service's own.
 pub fn service_listener(
     docs: &[Doc],
     host: &str,
     vip: &str,
     port: u16,
     service_ports: &[u16],
+    tls: bool,
 ) -> Listener {
     let default = format!("outbound|{port}||{host}");
-    let vs_rule = docs
-        .iter()
-        .filter(|d| d.kind == "VirtualService")
-        .filter(|d| {
-            d.spec
-                .hosts
-                .iter()
-                .any(|h| fqdn(h, &d.metadata.namespace) == host)
-        })
-        .find_map(|d| {
+    let for_host = || {
+        docs.iter()
+            .filter(|d| d.kind == "VirtualService")
+            .filter(|d| {
+                d.spec
+                    .hosts
+                    .iter()
+                    .any(|h| fqdn(h, &d.metadata.namespace) == host)
+            })
+    };
+    let mut chains = Vec::new();
+    if tls {
+        let mut seen: Vec<&Vec<String>> = Vec::new();
+        for d in for_host() {
+            for r in &d.spec.tls {
+                for m in &r.matches {
+                    if m.port.is_some_and(|p| p != port) || seen.contains(&&m.sni_hosts) {
+                        continue;
+                    }
+                    seen.push(&m.sni_hosts);
+                    let (filter, metadata) = route_filter(d, &r.route, port, service_ports);
+                    chains.push(FilterChain {
+                        filter_chain_match: Some(FilterChainMatch {
+                            server_names: m.sni_hosts.clone(),
+                            ..Default::default()
+                        }),
+                        filters: vec![filter],
+                        metadata,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+    } else {
+        let vs_rule = for_host().find_map(|d| {
             d.spec
                 .tcp
                 .iter()
@@ -358,78 +451,114 @@ pub fn service_listener(
                 })
                 .map(|r| (d, r))
         });
-    let (filter, metadata) = match vs_rule {
-        None => (
-            tcp_proxy(&default, ClusterSpecifier::Cluster(default.clone())),
-            None,
-        ),
-        Some((vs, rule)) => {
-            let single = rule.route.len() == 1;
-            let clusters: Vec<(String, u32)> = rule
-                .route
-                .iter()
-                .map(|r| {
-                    let d = &r.destination;
-                    let dport = match (&d.port, service_ports) {
-                        (Some(p), _) => p.number,
-                        (None, [only]) => *only,
-                        (None, _) => port,
-                    };
-                    let w = r.weight.unwrap_or(if single { 100 } else { 0 });
-                    (
-                        format!(
-                            "outbound|{dport}|{}|{}",
-                            d.subset,
-                            fqdn(&d.host, &vs.metadata.namespace)
-                        ),
-                        w,
-                    )
-                })
-                .filter(|(_, w)| *w > 0)
-                .collect();
-            let config = format!(
-                "/apis/networking.istio.io/v1/namespaces/{}/virtual-service/{}",
-                vs.metadata.namespace, vs.metadata.name
-            );
-            let filter = if let [(name, _)] = clusters.as_slice() {
-                tcp_proxy(name, ClusterSpecifier::Cluster(name.clone()))
-            } else {
-                tcp_proxy(
-                    &format!("{}.{}", vs.metadata.name, vs.metadata.namespace),
-                    ClusterSpecifier::WeightedClusters(WeightedCluster {
-                        clusters: clusters
-                            .into_iter()
-                            .map(|(name, weight)| ClusterWeight {
-                                name,
-                                weight,
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                )
-            };
-            (
-                filter,
-                Some(Metadata {
-                    filter_metadata: [("istio".to_string(), strukt(&[("config", &config)]))].into(),
-                    ..Default::default()
-                }),
-            )
+        if let Some((vs, rule)) = vs_rule {
+            let (filter, metadata) = route_filter(vs, &rule.route, port, service_ports);
+            chains.push(FilterChain {
+                filters: vec![filter],
+                metadata,
+                ..Default::default()
+            });
         }
-    };
+    }
+    if chains.is_empty() {
+        chains.push(FilterChain {
+            filters: vec![tcp_proxy(
+                &default,
+                ClusterSpecifier::Cluster(default.clone()),
+            )],
+            ..Default::default()
+        });
+    }
+    let sni = chains.iter().any(|c| {
+        c.filter_chain_match
+            .as_ref()
+            .is_some_and(|m| !m.server_names.is_empty())
+    });
     Listener {
         name: format!("{vip}_{port}"),
         address: address(vip, port),
         bind_to_port: Some(BoolValue { value: false }),
         traffic_direction: TrafficDirection::Outbound as i32,
         continue_on_listener_filters_timeout: true,
-        filter_chains: vec![FilterChain {
-            filters: vec![filter],
-            metadata,
-            ..Default::default()
-        }],
+        listener_filters: if sni { vec![tls_inspector()] } else { vec![] },
+        filter_chains: chains,
         ..Default::default()
     }
+}
+
+/// `envoy.filters.listener.tls_inspector`, added when a chain matches by SNI (sheet 1.4).
+fn tls_inspector() -> interceptor_proto::envoy::config::listener::v3::ListenerFilter {
+    use interceptor_proto::envoy::config::listener::v3::listener_filter::ConfigType as LfConfig;
+    interceptor_proto::envoy::config::listener::v3::ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(LfConfig::TypedConfig(Any {
+            type_url:
+                "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+                    .into(),
+            value: vec![],
+        })),
+        filter_disabled: None,
+    }
+}
+
+/// The tcp_proxy of a route's destinations (`buildOutboundNetworkFilters`): one cluster, or
+/// weighted clusters; the chain's `istio.config` metadata names the VirtualService.
+fn route_filter(
+    vs: &Doc,
+    route: &[RouteDestination],
+    port: u16,
+    service_ports: &[u16],
+) -> (Filter, Option<Metadata>) {
+    let single = route.len() == 1;
+    let clusters: Vec<(String, u32)> = route
+        .iter()
+        .map(|r| {
+            let d = &r.destination;
+            let dport = match (&d.port, service_ports) {
+                (Some(p), _) => p.number,
+                (None, [only]) => *only,
+                (None, _) => port,
+            };
+            let w = r.weight.unwrap_or(if single { 100 } else { 0 });
+            (
+                format!(
+                    "outbound|{dport}|{}|{}",
+                    d.subset,
+                    fqdn(&d.host, &vs.metadata.namespace)
+                ),
+                w,
+            )
+        })
+        .filter(|(_, w)| *w > 0)
+        .collect();
+    let config = format!(
+        "/apis/networking.istio.io/v1/namespaces/{}/virtual-service/{}",
+        vs.metadata.namespace, vs.metadata.name
+    );
+    let filter = if let [(name, _)] = clusters.as_slice() {
+        tcp_proxy(name, ClusterSpecifier::Cluster(name.clone()))
+    } else {
+        tcp_proxy(
+            &format!("{}.{}", vs.metadata.name, vs.metadata.namespace),
+            ClusterSpecifier::WeightedClusters(WeightedCluster {
+                clusters: clusters
+                    .into_iter()
+                    .map(|(name, weight)| ClusterWeight {
+                        name,
+                        weight,
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+        )
+    };
+    (
+        filter,
+        Some(Metadata {
+            filter_metadata: [("istio".to_string(), strukt(&[("config", &config)]))].into(),
+            ..Default::default()
+        }),
+    )
 }
 
 /// The trafficPolicy that applies to `host`'s `subset` ("" for the service): the subset's
@@ -453,11 +582,21 @@ pub fn policy_of(docs: &[Doc], host: &str, subset: &str) -> TrafficPolicy {
         load_balancer: sub.load_balancer.or(base.load_balancer),
         connection_pool: sub.connection_pool.or(base.connection_pool),
         outlier_detection: sub.outlier_detection.or(base.outlier_detection),
+        tls: sub.tls.or(base.tls),
     }
 }
 
 fn seconds(s: &str) -> interceptor_proto::google::protobuf::Duration {
-    let ms: u64 = if let Some(ms) = s.strip_suffix("ms") {
+    let ms = duration_ms(s);
+    interceptor_proto::google::protobuf::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// `10s`, `1.5s`, `300ms` in milliseconds.
+pub fn duration_ms(s: &str) -> u64 {
+    if let Some(ms) = s.strip_suffix("ms") {
         ms.parse().expect("ms")
     } else {
         (s.strip_suffix('s')
@@ -465,10 +604,6 @@ fn seconds(s: &str) -> interceptor_proto::google::protobuf::Duration {
             .parse::<f64>()
             .expect("seconds")
             * 1000.0) as u64
-    };
-    interceptor_proto::google::protobuf::Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
     }
 }
 
@@ -479,7 +614,11 @@ fn seconds(s: &str) -> interceptor_proto::google::protobuf::Duration {
 pub fn apply_policy(
     c: &mut interceptor_proto::envoy::config::cluster::v3::Cluster,
     p: &TrafficPolicy,
+    service: &crate::istiod::Service,
 ) {
+    if let Some(t) = &p.tls {
+        apply_tls(c, t, service);
+    }
     use interceptor_proto::envoy::config::cluster::v3::circuit_breakers::Thresholds;
     use interceptor_proto::envoy::config::cluster::v3::cluster::LbPolicy;
     use interceptor_proto::envoy::config::cluster::v3::{CircuitBreakers, OutlierDetection};
@@ -524,9 +663,126 @@ pub fn apply_policy(
             }),
             enforcing_success_rate: Some(UInt32Value { value: 0 }),
             base_ejection_time: o.base_ejection_time.as_deref().map(seconds),
+            // istiod: only when the rule sets it above 0 (Envoy's 10 % otherwise).
+            max_ejection_percent: o
+                .max_ejection_percent
+                .filter(|p| *p > 0)
+                .map(|value| UInt32Value { value }),
             ..Default::default()
         });
     }
+}
+
+/// istiod's `applyUpstreamTLSSettings` for a DestinationRule's mode (sheet 3.5; cluster_tls.go
+/// `buildUpstreamClusterTLSContext`, `constructUpstreamTLS`; cluster_builder.go
+/// `buildAutoMtlsSettings`): a user-supplied mode replaces the auto-mTLS matches with one
+/// `transport_socket` (DISABLE: none at all); files become file-SDS secrets
+/// (`file-root:PATH`, default `system`; `file-cert:CERT~KEY`); a registry-external service's
+/// subjectAltNames fill in when the rule gives none; insecureSkipVerify is an empty
+/// validation context.
+fn apply_tls(
+    c: &mut interceptor_proto::envoy::config::cluster::v3::Cluster,
+    t: &ClientTls,
+    service: &crate::istiod::Service,
+) {
+    use interceptor_proto::envoy::config::core::v3::transport_socket::ConfigType;
+    use interceptor_proto::envoy::config::core::v3::TransportSocket;
+    use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::common_tls_context::{
+        CombinedCertificateValidationContext, ValidationContextType,
+    };
+    use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, CommonTlsContext, UpstreamTlsContext,
+    };
+    use interceptor_proto::envoy::r#type::matcher::v3::{
+        string_matcher::MatchPattern, StringMatcher,
+    };
+    c.transport_socket_matches.clear();
+    c.transport_socket = None;
+    let exact = |names: &[String]| -> Vec<StringMatcher> {
+        names
+            .iter()
+            .map(|s| StringMatcher {
+                match_pattern: Some(MatchPattern::Exact(s.clone())),
+                ..Default::default()
+            })
+            .collect()
+    };
+    let combined = |sans: &[String], root: &str| {
+        #[allow(deprecated)]
+        Some(ValidationContextType::CombinedValidationContext(
+            CombinedCertificateValidationContext {
+                default_validation_context: Some(CertificateValidationContext {
+                    match_subject_alt_names: exact(sans),
+                    ..Default::default()
+                }),
+                validation_context_sds_secret_config: Some(crate::istiod::sds_secret(root)),
+                ..Default::default()
+            },
+        ))
+    };
+    let mode = t.mode.as_deref().unwrap_or("DISABLE");
+    let mut ctx = UpstreamTlsContext {
+        sni: t.sni.clone().unwrap_or_default(),
+        common_tls_context: Some(CommonTlsContext::default()),
+        ..Default::default()
+    };
+    let common = ctx.common_tls_context.as_mut().expect("set above");
+    match mode {
+        "DISABLE" => return,
+        "ISTIO_MUTUAL" => {
+            let (port, subset, host) = {
+                let mut p = c.name.splitn(4, '|').skip(1);
+                (
+                    p.next().unwrap_or(""),
+                    p.next().unwrap_or(""),
+                    p.next().unwrap_or(""),
+                )
+            };
+            if ctx.sni.is_empty() {
+                ctx.sni = format!("outbound_.{port}_.{subset}_.{host}");
+            }
+            let sans = if t.subject_alt_names.is_empty() {
+                service.sans.clone()
+            } else {
+                t.subject_alt_names.clone()
+            };
+            common.alpn_protocols = vec!["istio-peer-exchange".into(), "istio".into()];
+            common.tls_certificate_sds_secret_configs = vec![crate::istiod::sds_secret("default")];
+            common.validation_context_type = combined(&sans, "ROOTCA");
+        }
+        "SIMPLE" | "MUTUAL" => {
+            let sans = if t.subject_alt_names.is_empty() && !service.kubernetes {
+                service.sans.clone()
+            } else {
+                t.subject_alt_names.clone()
+            };
+            if mode == "MUTUAL" {
+                let (Some(cert), Some(key)) = (&t.client_certificate, &t.private_key) else {
+                    // istiod logs the error and leaves the cluster without TLS.
+                    return;
+                };
+                common.tls_certificate_sds_secret_configs = vec![crate::istiod::sds_secret(
+                    &format!("file-cert:{cert}~{key}"),
+                )];
+            }
+            common.validation_context_type = if t.insecure_skip_verify.unwrap_or(false) {
+                Some(ValidationContextType::ValidationContext(
+                    CertificateValidationContext::default(),
+                ))
+            } else {
+                let ca = t.ca_certificates.as_deref().unwrap_or("system");
+                combined(&sans, &format!("file-root:{ca}"))
+            };
+        }
+        other => panic!("DestinationRule tls mode {other:?}"),
+    }
+    c.transport_socket = Some(TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(ConfigType::TypedConfig(crate::istiod::any(
+            interceptor_proto::type_url::UPSTREAM_TLS,
+            &ctx,
+        ))),
+    });
 }
 
 /// The workload `virtualInbound` is built for: its namespace, labels and declared ports.

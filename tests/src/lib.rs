@@ -9,6 +9,7 @@ pub mod envoy;
 pub mod hbone;
 pub mod istiod;
 pub mod istiod_ca;
+pub mod istiod_http;
 pub mod istiod_sds;
 pub mod istiod_traffic;
 mod netns;

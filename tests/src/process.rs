@@ -1,3 +1,4 @@
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -14,6 +15,7 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).expect("create log");
         let err = out.try_clone().expect("dup log");
+        die_with_parent(&mut cmd);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -284,4 +286,19 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
         rest = &after[end + 1..];
     }
     out
+}
+
+/// The child gets SIGKILL when the thread that spawned it ends, so a test binary that aborts
+/// (a panic while panicking, a signal) leaves no daemon, echo server or dnsmasq behind. Every
+/// `Proc` is spawned from a test's own thread, which outlives it.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

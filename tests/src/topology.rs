@@ -314,6 +314,17 @@ impl Node {
         p
     }
 
+    /// An http-echo that keeps HTTP/1.1 connections open between requests (as most apps do).
+    pub fn http_keepalive(&self, name: &str, addrs: &[&str]) -> Proc {
+        let mut c = self
+            .ns
+            .cmd(crate::helper_bin("http-echo").to_str().expect("utf-8 path"));
+        c.arg(name).args(addrs).env("HTTP_ECHO_KEEPALIVE", "1");
+        let mut p = Proc::spawn(name, c, self.path(&format!("{name}.log")));
+        p.wait_for_output("listening", 10.0);
+        p
+    }
+
     /// The http-bench server (one event loop, fixed answer): for benchmarks.
     pub fn bench_http(&self, addrs: &[&str]) -> Proc {
         let mut c = self.ns.cmd(

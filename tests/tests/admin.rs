@@ -140,7 +140,7 @@ fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
     );
 
     let text = admin(&t, "/stats/prometheus");
-    let labels = "{reporter=\"source\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"none\"}";
+    let labels = "{reporter=\"source\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"none\",destination_version=\"latest\"}";
     assert_eq!(
         sample(
             &text,

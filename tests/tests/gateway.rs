@@ -221,7 +221,7 @@ fn a_service_only_in_network_b_is_reached_through_the_gateway_with_tls_only_on_i
         m.sidecars[1].log()
     );
     // Its own admin endpoint counts the relayed connection; it saw neither identity.
-    assert!(gw.metrics().0.contains(&format!("istio_tcp_connections_closed_total{{reporter=\"gateway\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"{ONLY_B}\",connection_security_policy=\"mutual_tls\"}} 1")), "{}", gw.metrics().0);
+    assert!(gw.metrics().0.contains(&format!("istio_tcp_connections_closed_total{{reporter=\"gateway\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"{ONLY_B}\",connection_security_policy=\"mutual_tls\",destination_version=\"unknown\"}} 1")), "{}", gw.metrics().0);
     // The gateway held no capability at all.
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", gw.proc.pid())).expect("gateway status");

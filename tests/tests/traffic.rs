@@ -9,9 +9,8 @@ use std::path::PathBuf;
 
 use interceptor_tests::bundle::{write_bundle, Spec};
 use interceptor_tests::certs::{Ca, Key};
-use interceptor_tests::envoy::{ads_sidecar_config, Envoy};
+use interceptor_tests::envoy::Envoy;
 use interceptor_tests::istiod::{ControlPlane, Endpoint, Mesh, Service};
-use interceptor_tests::istiod_sds::Secrets;
 use interceptor_tests::{sh, wait_for, Interceptor, Net, Proc, Topology};
 
 const TOKEN: &str = "vm-bootstrap-token";
@@ -150,10 +149,29 @@ fn assert_split(who: &str, (v1, v2): (usize, usize), share: f64) {
 /// A connection opened through the VIP now that only speaks after `wait` (its upstream is
 /// chosen at connect): it must still be answered after the route changed.
 fn held_connection(t: &Net) -> std::process::Child {
+    held_from(t, Client::Vm)
+}
+
+/// Where a client runs: the VM's captured application, or a process beside the reference
+/// Envoy (whose VIP traffic iptables hands to Envoy).
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    Vm,
+    Envoy,
+}
+
+fn bash(t: &Net, client: Client, script: &str) -> std::process::Command {
+    match client {
+        Client::Vm => t.node("vm").in_cgroup("bash", &["-c", script]),
+        Client::Envoy => t.node("envoy").cmd("bash", &["-c", script]),
+    }
+}
+
+fn held_from(t: &Net, client: Client) -> std::process::Child {
     let script = format!(
         "exec 3<>/dev/tcp/{VIP}/9080 || exit 1; echo connected; read go; printf 'GET /held HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
     );
-    let mut c = t.node("vm").in_cgroup("bash", &["-c", &script]);
+    let mut c = bash(t, client, &script);
     c.stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped());
     c.spawn().expect("bash")
@@ -194,10 +212,19 @@ fn a_weighted_tcp_split_from_the_mesh_files_and_a_live_shift() {
         weights.contains("outbound|9080|v1|reviews.shop.svc.cluster.local"),
         "{weights}"
     );
-    assert_split(
-        "interceptor (files)",
-        w.load(w.loadgen("vm", true, "3")),
-        0.8,
+    let split = w.load(w.loadgen("vm", true, "3"));
+    assert_split("interceptor (files)", split, 0.8);
+    // Istio's request metrics name the version that answered (the endpoint's `version` label).
+    let opened = |v: &str| {
+        ic.counter(
+            "istio_tcp_connections_opened_total",
+            &[("destination_service", REVIEWS), ("destination_version", v)],
+        ) as usize
+    };
+    assert_eq!(
+        (opened("v1"), opened("v2")),
+        split,
+        "destination_version counts differ from what each version answered"
     );
 
     let mut held = held_connection(&w.t);
@@ -282,63 +309,7 @@ fn the_same_split_from_istiod_and_a_real_envoy_fed_the_same_xds_agrees() {
             ports: vec![9080],
         });
     });
-    let certs = w.t.path("envoy-certs");
-    cp.ca.issue(
-        &certs,
-        "spiffe://cluster.local/ns/shop/sa/envoy",
-        Key::Ecdsa,
-    );
-    cp.cp.serve_secrets(Secrets::from_dir(&certs));
-    let envoy_node = w.t.node("envoy");
-    let ip = envoy_node.ip("a").to_string();
-    let envoy = Envoy::start(
-        envoy_node,
-        "envoy-sidecar",
-        &ads_sidecar_config(
-            &certs,
-            &format!("{}:15012", w.t.node("istiod").ip("a")),
-            &format!("sidecar~{ip}~envoy.shop~shop.svc.cluster.local"),
-            15902,
-        ),
-        15902,
-    );
-    let ready = wait_for(30.0, || {
-        (envoy.stat("listener_manager.total_listeners_active") >= 3
-            && envoy.stat("cluster_manager.warming_clusters") == 0)
-            .then_some(())
-    });
-    assert!(
-        ready.is_some(),
-        "Envoy never took the listeners:\n{}",
-        envoy.log()
-    );
-    assert_eq!(
-        envoy.stat("listener_manager.lds.update_rejected"),
-        0,
-        "{}",
-        envoy.log()
-    );
-    // A route for the VIPs (the kernel routes before the nat table redirects), then the
-    // redirect istio-init installs.
-    let iface = envoy_node.iface("a").to_string();
-    sh(&mut envoy_node.cmd("ip", &["route", "add", "240.240.0.0/16", "dev", &iface]));
-    sh(&mut envoy_node.cmd(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "240.240.0.0/16",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-    ));
+    let envoy = envoy_sidecar(&w, &cp);
     assert_split("Envoy", w.load(w.loadgen("envoy", false, "3")), 0.8);
 
     // A shift applied live: both follow, a held connection stays.
@@ -373,6 +344,19 @@ fn the_same_split_from_istiod_and_a_real_envoy_fed_the_same_xds_agrees() {
         0,
         "Envoy still routes to v1"
     );
+}
+
+/// A real Envoy as istiod's sidecar on the `envoy` node, fed by `cp`, and the VIPs redirected
+/// to it as istio-init does.
+fn envoy_sidecar(w: &World, cp: &Istiod) -> Envoy {
+    let certs = w.t.path("envoy-certs");
+    cp.ca.issue(
+        &certs,
+        "spiffe://cluster.local/ns/shop/sa/envoy",
+        Key::Ecdsa,
+    );
+    let istiod = format!("{}:15012", w.t.node("istiod").ip("a"));
+    interceptor_tests::envoy::sidecar(w.t.node("envoy"), &cp.cp, &istiod, &certs, 2)
 }
 
 #[test]
@@ -507,10 +491,14 @@ impl Source {
 
 /// `n` sequential requests through the VIP from the VM's app: who answered each ("-" failed).
 fn sequential(w: &World, n: usize, path: &str) -> Vec<String> {
+    sequential_from(w, Client::Vm, n, path)
+}
+
+fn sequential_from(w: &World, client: Client, n: usize, path: &str) -> Vec<String> {
     let script = format!(
         "for i in $(seq {n}); do curl -s -m 3 http://{VIP}:9080/{path} || echo '- failed'; echo; done"
     );
-    sh(&mut w.t.node("vm").in_cgroup("bash", &["-c", &script]))
+    sh(&mut bash(&w.t, client, &script))
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| l.split_whitespace().next().unwrap_or("-").to_string())
@@ -623,7 +611,7 @@ fn policies_from(files: bool) {
     // again. Round robin makes sure it comes up.
     source.apply(
         &ic,
-        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s}}",
+        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s, maxEjectionPercent: 100}}",
         true,
         "\"base_ejection_ms\":1000",
     );
@@ -666,6 +654,176 @@ fn load_balancing_pool_limits_and_ejection_follow_the_destination_rule_from_file
 #[test]
 fn load_balancing_pool_limits_and_ejection_follow_the_destination_rule_from_istiod() {
     policies_from(false);
+}
+
+/// The reference for L4 traffic policy: the same DestinationRules from the same control plane,
+/// served to the interceptor and to a real Envoy sidecar, give the same round-robin turns, the
+/// same refusal past maxConnections (Envoy: upstream_cx_overflow), no ejection under the
+/// default 10 % maxEjectionPercent with three endpoints, and the ejection of a dead endpoint
+/// after one failure once it is raised (Envoy: outlier_detection.ejections_active). Where they
+/// differ, on purpose: the connection that meets the dead endpoint is retried elsewhere by
+/// us; Envoy's tcp_proxy (max_connect_attempts 1, istiod's default) closes it.
+#[test]
+fn envoy_and_the_interceptor_agree_on_round_robin_max_connections_and_ejection() {
+    let w = World::new();
+    sh(&mut w.t.node("pod").cmd(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{DEAD}/24"),
+            "dev",
+            w.t.node("pod").iface("a"),
+        ],
+    ));
+    let rr = "{loadBalancer: {simple: ROUND_ROBIN}}";
+    let cp = istiod(&w, cp_mesh_with(rr, false));
+    let ic =
+        w.t.node("vm")
+            .interceptor()
+            .args(["--control-plane", "istiod", "--istio-dir"])
+            .arg(&cp.bundle)
+            .start();
+    let envoy = envoy_sidecar(&w, &cp);
+    let cluster = format!("cluster.outbound|9080||{REVIEWS}");
+    let apply = |policy: &str, dead: bool, expect: &str| {
+        let pushes = envoy.stat("cluster_manager.cds.update_success");
+        let asked = std::time::Instant::now();
+        cp.cp.update(|m| *m = cp_mesh_with(policy, dead));
+        // Both take it in well under a second; a changed cluster that Envoy keeps warming
+        // (its EDS not sent again) would show here as initial_fetch_timeout's 15 s.
+        let both = wait_for(12.0, || {
+            (route_weights(&ic).contains(expect)
+                && envoy.stat("cluster_manager.cds.update_success") > pushes
+                && envoy.stat("cluster_manager.warming_clusters") == 0)
+                .then_some(())
+        });
+        assert!(
+            both.is_some(),
+            "{policy} never in force on both: interceptor {}; Envoy cds updates {} (before {pushes}), warming {}\n{}",
+            route_weights(&ic),
+            envoy.stat("cluster_manager.cds.update_success"),
+            envoy.stat("cluster_manager.warming_clusters"),
+            envoy.log()
+        );
+        eprintln!("{policy} in force on both after {:?}", asked.elapsed());
+    };
+    let in_force = wait_for(20.0, || {
+        route_weights(&ic).contains("ROUND_ROBIN").then_some(())
+    });
+    assert!(
+        in_force.is_some(),
+        "no ROUND_ROBIN from istiod: {}",
+        ic.log()
+    );
+
+    for client in [Client::Vm, Client::Envoy] {
+        let turns = sequential_from(&w, client, 10, "rr");
+        assert!(
+            turns.len() == 10 && turns.windows(2).all(|p| p[0] != p[1] && p[0] != "-"),
+            "{client:?}: round robin did not alternate: {turns:?}"
+        );
+    }
+
+    apply(
+        "{connectionPool: {tcp: {maxConnections: 1}}}",
+        false,
+        "\"max_connections\":1",
+    );
+    for client in [Client::Vm, Client::Envoy] {
+        let mut held = held_from(&w.t, client);
+        wait_connected(&mut held);
+        let over = sequential_from(&w, client, 1, "over");
+        assert_eq!(
+            over,
+            vec!["-"],
+            "{client:?}: the connection over maxConnections was served"
+        );
+        assert!(
+            finish_held(held).contains("GET /held"),
+            "{client:?}: the held connection broke"
+        );
+        assert_ne!(
+            sequential_from(&w, client, 1, "after"),
+            vec!["-"],
+            "{client:?}: the limit outlived the connection"
+        );
+    }
+    assert_eq!(
+        ic.counter(
+            "interceptor_outbound_refused_total",
+            &[("reason", "overflow")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        envoy.stat(&format!("{cluster}.upstream_cx_overflow")),
+        1,
+        "{}",
+        envoy.log()
+    );
+
+    // Outlier detection at Istio's default maxEjectionPercent (10 %): of three endpoints none
+    // may be ejected, so both keep trying the dead one in its turn.
+    apply(
+        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 60s}}",
+        true,
+        "\"max_ejection_percent\":10",
+    );
+    let failures = || ic.counter("interceptor_endpoint_failures_total", &[]);
+    let before = failures();
+    let ours = sequential_from(&w, Client::Vm, 9, "od");
+    assert!(
+        ours.iter().all(|s| s != "-"),
+        "a connection failed on the dead endpoint: {ours:?}"
+    );
+    assert!(
+        failures() - before >= 2.0,
+        "the dead endpoint was ejected past the 10 % cap"
+    );
+    let theirs = sequential_from(&w, Client::Envoy, 9, "od");
+    let envoy_failed = theirs.iter().filter(|s| *s == "-").count();
+    assert!(
+        envoy_failed >= 2,
+        "Envoy: the dead endpoint was not kept in turn: {theirs:?}"
+    );
+    assert_eq!(
+        envoy.stat(&format!("{cluster}.outlier_detection.ejections_active")),
+        0
+    );
+
+    // maxEjectionPercent 100: one failure ejects it, in both.
+    apply(
+        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}}",
+        true,
+        "\"max_ejection_percent\":100",
+    );
+    let before = failures();
+    let ours = sequential_from(&w, Client::Vm, 9, "od");
+    assert!(
+        ours.iter().all(|s| s != "-"),
+        "a connection failed on the dead endpoint: {ours:?}"
+    );
+    assert!(
+        failures() - before <= 1.0,
+        "the dead endpoint was tried again after its ejection"
+    );
+    let fails_before = envoy.stat(&format!("{cluster}.upstream_cx_connect_fail"));
+    let theirs = sequential_from(&w, Client::Envoy, 9, "od");
+    assert!(
+        theirs.iter().filter(|s| *s == "-").count() <= 1,
+        "Envoy: more than one connection failed: {theirs:?}"
+    );
+    assert!(
+        envoy.stat(&format!("{cluster}.upstream_cx_connect_fail")) - fails_before <= 1,
+        "Envoy tried the dead endpoint again"
+    );
+    assert_eq!(
+        envoy.stat(&format!("{cluster}.outlier_detection.ejections_active")),
+        1,
+        "Envoy did not eject it"
+    );
+    eprintln!("round robin, maxConnections, the 10 % ejection cap and ejection: the interceptor and Envoy agree (Envoy's clients saw {envoy_failed} failed at the cap; ours none)");
 }
 
 const OUTSIDE: &str = "10.77.0.23";

@@ -96,6 +96,21 @@ pub fn print_explain(v: &Verdict) {
         if let Some(route) = &c.route {
             println!("  route: {route}");
         }
+        for rule in c
+            .http
+            .as_ref()
+            .and_then(|h| h["rules"].as_array())
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "    http[{}] {}: matches {} -> {}",
+                rule["index"],
+                rule["name"].as_str().unwrap_or_default(),
+                rule["matches"],
+                rule["action"]
+            );
+        }
         for cl in &c.clusters {
             match &cl.refused {
                 None => {
@@ -118,7 +133,8 @@ pub fn print_explain(v: &Verdict) {
                                 o.consecutive_errors, o.base_ejection_ms
                             )
                         }),
-                    )
+                    );
+                    println!("    tls {}", tls_summary(p.tls.as_ref()));
                 }
                 Some(why) => println!(
                     "  cluster {} ({:.0}%): REFUSED, {why}",
@@ -136,6 +152,7 @@ pub fn print_explain(v: &Verdict) {
                 match r.transport.as_str() {
                     "hbone" => "HBONE",
                     "double_hbone" => "double HBONE",
+                    "tls_origination" => "TLS origination",
                     _ if r.mtls => "mTLS",
                     _ => "plaintext",
                 },
@@ -347,4 +364,33 @@ fn now_unix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A cluster's upstream TLS as `explain` prints it.
+fn tls_summary(t: Option<&crate::mesh::traffic::UpstreamTls>) -> String {
+    let Some(t) = t else {
+        return "auto (Istio mTLS where the endpoint speaks it)".into();
+    };
+    let mut out = t.mode.as_str().to_string();
+    if let Some(sni) = &t.sni {
+        out += &format!(", sni {sni}");
+    }
+    if !t.subject_alt_names.is_empty() {
+        out += &format!(", SANs {:?}", t.subject_alt_names);
+    }
+    if t.originates() {
+        out += &format!(
+            ", CA {}",
+            t.ca_certificates
+                .as_ref()
+                .map_or("system".into(), |p| p.display().to_string())
+        );
+    }
+    if let (Some(c), Some(k)) = (&t.client_certificate, &t.private_key) {
+        out += &format!(", client {} / {}", c.display(), k.display());
+    }
+    if t.insecure_skip_verify {
+        out += ", server NOT verified (insecureSkipVerify)";
+    }
+    out
 }

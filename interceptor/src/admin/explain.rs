@@ -50,6 +50,10 @@ pub struct ConnectionVerdict {
     pub clusters: Vec<ClusterShare>,
     pub routes: Vec<Route>,
     pub skipped: Vec<Skipped>,
+    /// Where requests are routed one by one: the VirtualService's `http` rules that apply to
+    /// this VM, in order (each cluster's share above is within its rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<serde_json::Value>,
 }
 
 /// One destination of a route.
@@ -174,7 +178,8 @@ fn parse(target: &str) -> Result<(String, Option<u16>), String> {
     }
 }
 
-pub fn explain(state: &State, target: &str) -> Result<Verdict, String> {
+/// What happens to a connection to `target` (whose TLS hello names `sni`, if given).
+pub fn explain(state: &State, target: &str, sni: Option<&str>) -> Result<Verdict, String> {
     let (host, port) = parse(target.trim())?;
     if host.is_empty() {
         return Err("empty target".into());
@@ -212,7 +217,7 @@ pub fn explain(state: &State, target: &str) -> Result<Verdict, String> {
     let connections = match port {
         Some(p) => addresses
             .iter()
-            .map(|ip| connection(state, &table, SocketAddr::new(*ip, p)))
+            .map(|ip| connection(state, &table, SocketAddr::new(*ip, p), sni))
             .collect(),
         None => vec![],
     };
@@ -223,7 +228,12 @@ pub fn explain(state: &State, target: &str) -> Result<Verdict, String> {
     })
 }
 
-fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdict {
+fn connection(
+    state: &State,
+    table: &Table,
+    dst: SocketAddr,
+    sni: Option<&str>,
+) -> ConnectionVerdict {
     let attached = state.capture.info().is_some_and(|c| !c.programs.is_empty());
     let mut v = ConnectionVerdict {
         address: dst,
@@ -234,6 +244,7 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
         clusters: vec![],
         routes: vec![],
         skipped: vec![],
+        http: None,
     };
     if dst.port() == 53 {
         v.captured = attached;
@@ -278,7 +289,29 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
         .map(|p| p.subject.clone())
         .unwrap_or_default();
     // The very functions proxy::Outbound calls for a connection.
-    let r = traffic::route(table, &subject, svc, dst);
+    if let Some(h) = route::http::http_routes(table, &subject, svc, dst) {
+        v.route = Some(format!(
+            "VirtualService {} http rules (per request)",
+            h.virtual_service
+        ));
+        v.http = Some(http_rules(&h));
+        let weighted = h
+            .rules
+            .iter()
+            .filter_map(|a| match &a.rule.action {
+                mesh::http_route::HttpAction::Forward(ds) => Some(ds),
+                mesh::http_route::HttpAction::Respond { .. }
+                | mesh::http_route::HttpAction::Redirect(_) => None,
+            })
+            .flat_map(|ds| {
+                let total: f64 = ds.iter().map(|d| f64::from(d.weight)).sum();
+                ds.iter()
+                    .map(move |d| (d.clone(), f64::from(d.weight) / total.max(1.0)))
+            })
+            .collect();
+        return clusters(state, table, &subject, dst, &trust_domain, weighted, v);
+    }
+    let r = traffic::route(table, &subject, svc, dst, sni);
     v.route = Some(r.by.to_string());
     let destinations = match r.target.as_ref() {
         mesh::traffic::Target::Service => vec![mesh::traffic::Destination {
@@ -299,20 +332,62 @@ fn connection(state: &State, table: &Table, dst: SocketAddr) -> ConnectionVerdic
         }
     };
     let total: f64 = destinations.iter().map(|d| f64::from(d.weight)).sum();
+    let weighted = destinations
+        .into_iter()
+        .map(|d| {
+            let share = if total > 0.0 {
+                f64::from(d.weight) / total
+            } else {
+                0.0
+            };
+            (d, share)
+        })
+        .collect();
+    clusters(state, table, &subject, dst, &trust_domain, weighted, v)
+}
+
+/// The `http` rules as explain prints them: index, name, the matches kept for this VM, the
+/// action and its timeout, retries and fault.
+fn http_rules(h: &route::http::HttpRoutes<'_>) -> serde_json::Value {
+    let rules: Vec<serde_json::Value> = h
+        .rules
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "index": a.index,
+                "name": a.rule.name,
+                "matches": a.matches,
+                "action": a.rule.action,
+                "timeout_ms": a.rule.timeout_ms,
+                "retries": a.rule.retries,
+                "fault": a.rule.fault,
+            })
+        })
+        .collect();
+    serde_json::json!({ "virtual_service": h.virtual_service, "rules": rules })
+}
+
+/// Each destination's cluster, share, policy and endpoints.
+fn clusters(
+    state: &State,
+    table: &Table,
+    subject: &route::policy::Subject,
+    dst: SocketAddr,
+    trust_domain: &str,
+    weighted: Vec<(mesh::traffic::Destination, f64)>,
+    mut v: ConnectionVerdict,
+) -> ConnectionVerdict {
     let scope = Scope::Sidecar {
         network: &state.network,
         networks: &table.networks,
-        trust_domain: &trust_domain,
+        trust_domain,
         original: Some(dst),
         gateway_identity: state.gateway_identity.as_ref(),
+        locality: &subject.locality,
     };
-    for d in &destinations {
-        let share = if total > 0.0 {
-            f64::from(d.weight) / total
-        } else {
-            0.0
-        };
-        let c = match traffic::cluster(table, &subject, d, dst.port()) {
+    for (d, share) in &weighted {
+        let share = *share;
+        let c = match traffic::cluster(table, subject, d, dst.port()) {
             Ok(c) => c,
             Err(e) => {
                 v.clusters.push(ClusterShare {
@@ -365,6 +440,7 @@ fn target_route(w: &route::Weighted, cluster: &str) -> Route {
         transport: t.transport.label().into(),
         sni: match &t.transport {
             Transport::Tls { sni, .. } => Some(sni.to_string()),
+            Transport::Originate { sni, .. } => sni.as_deref().map(str::to_string),
             _ => None,
         },
         authority: match &t.transport {

@@ -459,13 +459,15 @@ impl Server {
             "/config_dump" => json(&self.config_dump()),
             "/status" => json(&self.state.status()),
             "/explain" => {
-                let target = req
-                    .uri()
-                    .query()
-                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("target=")))
-                    .map(percent_decode);
-                match target {
-                    Some(t) => match explain(&self.state, &t) {
+                let get = |key: &str| {
+                    req.uri()
+                        .query()
+                        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(key)))
+                        .map(percent_decode)
+                };
+                let sni = get("sni=");
+                match get("target=") {
+                    Some(t) => match explain(&self.state, &t, sni.as_deref()) {
                         Ok(v) => json(&v),
                         Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                     },

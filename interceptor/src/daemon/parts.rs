@@ -380,6 +380,7 @@ pub fn xds(
         instance_ips: xds::node::instance_ips_for(&b),
         ports: s.inbound.ports.clone(),
         hbone: s.inbound.hbone.is_some(),
+        locality: s.policy.subject.locality.clone(),
     };
     let node = xds::node::node(&b, &extra);
     tracing::info!(node = %node.id, "node for istiod");

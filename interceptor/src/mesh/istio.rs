@@ -320,8 +320,8 @@ fn parse_document(
     Ok(())
 }
 
-/// VirtualService and DestinationRule: what the L4 data path honours is read, the rest (HTTP
-/// and TLS routes, traffic policies) kept out of the way with a line in the log.
+/// VirtualService and DestinationRule, checked field by field; what is not honoured yet is
+/// refused where it would change where traffic goes, else logged.
 fn parse_traffic(
     doc: &Doc,
     kind: &str,
@@ -334,9 +334,6 @@ fn parse_traffic(
     let field = |e: traffic::Invalid| doc.err(format!("spec.{}", e.field), e.message);
     if kind == "VirtualService" {
         let spec: traffic::VirtualServiceSpec = doc.typed(spec, "spec")?;
-        if !spec.http.is_empty() || !spec.tls.is_empty() {
-            tracing::warn!(file = %doc.file.display(), doc = doc.index, name, "VirtualService http/tls routes are not honoured yet (the data path is L4): only its tcp routes are");
-        }
         let vs = traffic::virtual_service(name.into(), namespace, created, spec).map_err(field)?;
         res.virtual_services.push(Arc::new(vs));
     } else {

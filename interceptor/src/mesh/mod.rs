@@ -1,6 +1,7 @@
 //! The mesh model: one table every data path reads and only sources write.
 
 mod files;
+pub mod http_route;
 pub mod inbound;
 mod istio;
 mod model;

@@ -72,6 +72,38 @@ pub struct ServicePort {
     pub target_port: Option<u16>,
 }
 
+impl ServicePort {
+    /// Istio's `Protocol.IsTLS()`: TLS or HTTPS, declared or by the port name's prefix
+    /// (pkg/config/protocol `Parse`, kube `ConvertProtocol`).
+    pub fn is_tls(&self) -> bool {
+        self.protocol_is(&["TLS", "HTTPS"])
+    }
+
+    /// Istio's `Protocol.IsHTTP()`: HTTP, HTTP2, gRPC, gRPC-Web (declared or by name prefix).
+    pub fn is_http(&self) -> bool {
+        self.protocol_is(&["HTTP", "HTTP2", "GRPC", "GRPC-Web", "HTTP_PROXY"])
+    }
+
+    /// Whether its requests go upstream as HTTP/2 (Istio: HTTP2 and gRPC ports).
+    pub fn is_http2(&self) -> bool {
+        self.protocol_is(&["HTTP2", "GRPC", "GRPC-Web"])
+    }
+
+    /// The declared protocol is one of `names`, or (none declared) the port's name is one of
+    /// them or starts with one and a dash.
+    fn protocol_is(&self, names: &[&str]) -> bool {
+        if !self.protocol.is_empty() {
+            return names.iter().any(|n| self.protocol.eq_ignore_ascii_case(n));
+        }
+        let p = self.name.as_str();
+        names.iter().any(|t| {
+            p.len() >= t.len()
+                && p[..t.len()].eq_ignore_ascii_case(t)
+                && matches!(p.as_bytes().get(t.len()), None | Some(b'-'))
+        })
+    }
+}
+
 /// Where an endpoint can be reached.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(untagged)]

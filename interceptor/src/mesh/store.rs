@@ -260,6 +260,7 @@ fn merge(inner: &mut Inner) -> Resources {
             .extend(view.destination_rules.iter().cloned());
         out.listener_routes
             .extend(view.listener_routes.iter().cloned());
+        out.http_hosts.extend(view.http_hosts.iter().cloned());
         if out.inbound.is_none() {
             out.inbound = view.inbound.clone();
         }

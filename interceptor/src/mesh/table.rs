@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::http_route::VirtualHostRoutes;
 use super::model::{
     Address, Host, Location, PortEndpoints, Resolution, Service, ServicePort, Workload,
     WorkloadGroup, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE,
@@ -30,9 +31,14 @@ pub struct Traffic {
     pub virtual_services: Vec<Arc<VirtualService>>,
     pub destination_rules: Vec<Arc<DestinationRule>>,
     pub listener_routes: Vec<Arc<ListenerRoute>>,
+    /// istiod's HTTP routes (RDS virtual hosts a VirtualService made).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http_hosts: Vec<Arc<VirtualHostRoutes>>,
     /// istiod's inbound intent: when present, it decides inbound (not the files' policies).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inbound: Option<Arc<super::inbound::InboundIntent>>,
+    #[serde(skip)]
+    by_http_host: HashMap<(Host, u16), usize>,
     #[serde(skip)]
     vs_by_host: HashMap<Host, Vec<usize>>,
     #[serde(skip)]
@@ -89,9 +95,13 @@ impl Traffic {
         }));
         let mut t = Traffic {
             listener_routes: res.listener_routes.clone(),
+            http_hosts: res.http_hosts.clone(),
             inbound: res.inbound.clone(),
             ..Default::default()
         };
+        for (i, h) in t.http_hosts.iter().enumerate() {
+            t.by_http_host.entry((h.host.clone(), h.port)).or_insert(i);
+        }
         for (i, v) in virtual_services.iter().enumerate() {
             for h in &v.hosts {
                 if h.is_wildcard() {
@@ -125,6 +135,17 @@ impl Traffic {
         self.virtual_services.is_empty()
             && self.destination_rules.is_empty()
             && self.listener_routes.is_empty()
+            && self.http_hosts.is_empty()
+    }
+
+    /// istiod's HTTP routes for a service port, if a VirtualService made some.
+    pub fn http_host(&self, host: &Host, port: u16) -> Option<&Arc<VirtualHostRoutes>> {
+        if self.by_http_host.is_empty() {
+            return None;
+        }
+        self.by_http_host
+            .get(&(host.clone(), port))
+            .map(|i| &self.http_hosts[*i])
     }
 
     /// Whether any VirtualService may name `host` (without allocating: the per-connection
@@ -270,6 +291,7 @@ pub struct Resources {
     pub destination_rules: Vec<Arc<DestinationRule>>,
     /// From istiod: its routes for this proxy, already evaluated.
     pub listener_routes: Vec<Arc<ListenerRoute>>,
+    pub http_hosts: Vec<Arc<VirtualHostRoutes>>,
     /// From istiod: `virtualInbound` (inbound mTLS modes and authorization for this VM).
     pub inbound: Option<Arc<super::inbound::InboundIntent>>,
 }

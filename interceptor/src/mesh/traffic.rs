@@ -62,6 +62,40 @@ pub struct TcpRule {
     pub destinations: Vec<Destination>,
 }
 
+/// A VirtualService `tls[].match[]` entry: `sni_hosts` (and destination subnets) are checked on
+/// each connection's ClientHello; the rest against this VM, as istiod's `matchTLS` does.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TlsMatch {
+    /// Exact names, or `*.suffix`.
+    pub sni_hosts: Vec<String>,
+    pub port: Option<u16>,
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+    pub gateways: Vec<String>,
+    pub destination_subnets: Vec<Cidr>,
+}
+
+/// One `tls[]` rule (only on a service's TLS/HTTPS ports, as in Istio).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TlsRule {
+    pub matches: Vec<TlsMatch>,
+    pub destinations: Vec<Destination>,
+}
+
+/// Does the SNI `name` match `pattern` (exact, or `*.suffix` for any name under it)? The
+/// score says how specific the match is (Envoy's server_names: exact first, then the
+/// longest wildcard).
+pub fn sni_score(pattern: &str, name: &str) -> Option<usize> {
+    if pattern.eq_ignore_ascii_case(name) {
+        return Some(usize::MAX);
+    }
+    let suffix = pattern.strip_prefix('*')?;
+    (suffix.starts_with('.')
+        && name.len() > suffix.len()
+        && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix))
+    .then_some(suffix.len())
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VirtualService {
     /// `namespace/name`.
@@ -74,6 +108,11 @@ pub struct VirtualService {
     pub export_to: Vec<String>,
     pub gateways: Vec<String>,
     pub tcp: Vec<TcpRule>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<TlsRule>,
+    /// Only on a service's HTTP ports (as istiod builds RDS for them alone).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<super::http_route::HttpRule>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
 }
@@ -99,6 +138,96 @@ pub struct TrafficPolicy {
     pub pool: Option<Pool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier: Option<OutlierDetection>,
+    /// `tls`: None is Istio's auto mTLS (mTLS to endpoints that speak it, else plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+    /// `loadBalancer.localityLbSetting` (part of the loadBalancer block). None: the mesh's
+    /// default, locality failover on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<LocalityLb>,
+}
+
+/// Locality load balancing: with outlier detection set, endpoints are tried by how close their
+/// locality is to this VM's (same region/zone/subzone first, then zone, region, elsewhere),
+/// as istiod prioritises them for a sidecar (I: pilot/pkg/networking/core/loadbalancer
+/// `applyLocalityFailover`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalityLb {
+    pub enabled: bool,
+    /// `failover`: (from region, to region): from `from`, only `to` is a fallback beyond it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<(String, String)>,
+}
+
+/// A DestinationRule's `tls.mode` (I: destination_rule.proto `ClientTLSSettings.TLSmode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TlsMode {
+    /// Plaintext, even to endpoints that speak mTLS.
+    Disable,
+    /// TLS origination: the server's certificate checked against a CA bundle.
+    Simple,
+    /// TLS origination presenting a client certificate from files.
+    Mutual,
+    /// Istio's mTLS to every endpoint, sidecar or not.
+    IstioMutual,
+}
+
+impl TlsMode {
+    /// As Istio spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "DISABLE",
+            TlsMode::Simple => "SIMPLE",
+            TlsMode::Mutual => "MUTUAL",
+            TlsMode::IstioMutual => "ISTIO_MUTUAL",
+        }
+    }
+}
+
+/// How connections to a cluster are secured when a DestinationRule (or istiod's cluster) says:
+/// what `ClientTLSSettings` gives a sidecar. Files are read when a connection needs them (and
+/// again when they change), so a rotated client certificate takes effect without a reload.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UpstreamTls {
+    pub mode: TlsMode,
+    /// SIMPLE/MUTUAL: None sends the service's host name (Envoy's auto_sni does so for HTTP; a
+    /// TCP proxy would send none, which most TLS servers refuse). ISTIO_MUTUAL: None is Istio's
+    /// `outbound_.P_.SUBSET_.HOST`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// The server must present one of these (exact, DNS or URI SAN). Empty: SIMPLE/MUTUAL check
+    /// the SNI as a host name, ISTIO_MUTUAL the service accounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// PEM roots; None: the system bundle (Istio's `system`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}
+
+impl UpstreamTls {
+    pub fn mode(mode: TlsMode) -> Self {
+        Self {
+            mode,
+            sni: None,
+            subject_alt_names: Vec::new(),
+            ca_certificates: None,
+            client_certificate: None,
+            private_key: None,
+            insecure_skip_verify: false,
+        }
+    }
+
+    /// Whether we originate TLS ourselves (SIMPLE, MUTUAL) rather than speak Istio's mTLS.
+    pub fn originates(&self) -> bool {
+        matches!(self.mode, TlsMode::Simple | TlsMode::Mutual)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +257,17 @@ pub struct OutlierDetection {
     pub consecutive_errors: u32,
     /// Ejected for this long times the times ejected in a row (at most 300 s).
     pub base_ejection_ms: u64,
+    /// At most this share of the cluster's endpoints ejected at once (Istio's and Envoy's
+    /// default: 10 %, so a cluster of fewer than ten endpoints ejects none unless raised).
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+/// Envoy's `max_ejection_percent` default, which istiod leaves in place unless the rule sets it.
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
+
+fn default_max_ejection_percent() -> u32 {
+    DEFAULT_MAX_EJECTION_PERCENT
 }
 
 /// A rule's policy and its per-port replacements (portLevelSettings).
@@ -160,6 +300,13 @@ impl TrafficPolicy {
             load_balancer: subset.load_balancer.or(self.load_balancer),
             pool: subset.pool.or(self.pool),
             outlier: subset.outlier.or(self.outlier),
+            tls: subset.tls.clone().or_else(|| self.tls.clone()),
+            // Part of the loadBalancer block: replaced with it.
+            locality: if subset.load_balancer.is_some() || subset.locality.is_some() {
+                subset.locality.clone()
+            } else {
+                self.locality.clone()
+            },
         }
     }
 }
@@ -205,6 +352,9 @@ pub struct ListenerRule {
     /// The chain's `prefix_ranges` (a VirtualService's destinationSubnets); empty: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subnets: Vec<Cidr>,
+    /// The chain's `server_names` (a VirtualService's tls sniHosts); empty: any SNI or none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<String>,
     pub target: Target,
     /// The VirtualService istiod made it from (`/apis/.../virtual-service/<name>`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -227,7 +377,10 @@ impl VirtualService {
         for h in &mut self.hosts {
             *h = resolve_host(h.as_str(), ns, cluster_domain);
         }
-        for d in self.tcp.iter_mut().flat_map(|r| &mut r.destinations) {
+        let tcp = self.tcp.iter_mut().flat_map(|r| &mut r.destinations);
+        let tls = self.tls.iter_mut().flat_map(|r| &mut r.destinations);
+        let http = self.http.iter_mut().flat_map(|r| r.destinations_mut());
+        for d in tcp.chain(tls).chain(http) {
             d.host = resolve_host(d.host.as_str(), ns, cluster_domain);
         }
     }
@@ -255,7 +408,7 @@ pub struct Invalid {
     pub message: String,
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
     Invalid {
         field: field.into(),
         message: message.into(),
@@ -273,11 +426,34 @@ pub(super) struct VirtualServiceSpec {
     export_to: Vec<String>,
     #[serde(default)]
     tcp: Vec<TcpRouteSpec>,
-    /// Read by the HTTP data path (not yet): kept so the document is not refused.
     #[serde(default)]
-    pub(super) http: Vec<Value>,
+    tls: Vec<TlsRouteSpec>,
     #[serde(default)]
-    pub(super) tls: Vec<Value>,
+    http: Vec<super::http_route::HttpRouteSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TlsRouteSpec {
+    #[serde(default, rename = "match")]
+    matches: Vec<TlsMatchSpec>,
+    #[serde(default)]
+    route: Vec<RouteDestinationSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TlsMatchSpec {
+    #[serde(default)]
+    sni_hosts: Vec<String>,
+    #[serde(default)]
+    destination_subnets: Vec<String>,
+    port: Option<u32>,
+    #[serde(default)]
+    source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    gateways: Vec<String>,
+    source_namespace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -307,14 +483,14 @@ struct TcpMatchSpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RouteDestinationSpec {
+pub(super) struct RouteDestinationSpec {
     destination: DestinationSpec,
     weight: Option<i64>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct DestinationSpec {
+pub(super) struct DestinationSpec {
     host: String,
     subset: Option<String>,
     port: Option<PortSelectorSpec>,
@@ -346,8 +522,8 @@ pub(super) struct TrafficPolicySpec {
     outlier_detection: Option<OutlierSpec>,
     #[serde(default)]
     port_level_settings: Vec<PortTrafficPolicySpec>,
+    tls: Option<TlsSettingsSpec>,
     /// Read so the document is not refused; not honoured yet (logged).
-    pub(super) tls: Option<Value>,
     pub(super) tunnel: Option<Value>,
     pub(super) proxy_protocol: Option<Value>,
     pub(super) retry_budget: Option<Value>,
@@ -360,7 +536,22 @@ struct PortTrafficPolicySpec {
     load_balancer: Option<LoadBalancerSpec>,
     connection_pool: Option<ConnectionPoolSpec>,
     outlier_detection: Option<OutlierSpec>,
-    tls: Option<Value>,
+    tls: Option<TlsSettingsSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TlsSettingsSpec {
+    mode: Option<String>,
+    client_certificate: Option<String>,
+    private_key: Option<String>,
+    ca_certificates: Option<String>,
+    credential_name: Option<String>,
+    #[serde(default)]
+    subject_alt_names: Vec<String>,
+    sni: Option<String>,
+    insecure_skip_verify: Option<bool>,
+    ca_crl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -446,9 +637,57 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
     Some(total.round() as u64)
 }
 
-fn duration(field: String, s: &str) -> Result<u64, Invalid> {
+pub(super) fn duration(field: String, s: &str) -> Result<u64, Invalid> {
     parse_duration_ms(s)
         .ok_or_else(|| invalid(field, format!("{s:?} is not a duration (10s, 1.5s, 100ms)")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LocalityLbSpec {
+    enabled: Option<bool>,
+    #[serde(default)]
+    distribute: Vec<Value>,
+    #[serde(default)]
+    failover: Vec<FailoverSpec>,
+    #[serde(default)]
+    failover_priority: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverSpec {
+    from: String,
+    to: String,
+}
+
+/// `localityLbSetting`, checked as Istio's validation does (validateLocalityLbSetting:
+/// distribute and failover are exclusive; a failover goes to another region).
+fn locality_lb(at: &str, v: Option<&Value>) -> Result<Option<LocalityLb>, Invalid> {
+    let Some(v) = v else {
+        return Ok(None);
+    };
+    let field = format!("{at}.loadBalancer.localityLbSetting");
+    let spec: LocalityLbSpec =
+        serde_yaml_ng::from_value(v.clone()).map_err(|e| invalid(field.clone(), e.to_string()))?;
+    if !spec.distribute.is_empty() && !spec.failover.is_empty() {
+        return Err(invalid(field, "distribute and failover cannot both be set"));
+    }
+    for (i, f) in spec.failover.iter().enumerate() {
+        if f.from == f.to {
+            return Err(invalid(
+                format!("{field}.failover[{i}]"),
+                "from and to must be different regions",
+            ));
+        }
+    }
+    if !spec.distribute.is_empty() || !spec.failover_priority.is_empty() {
+        tracing::warn!(at = %field, "localityLbSetting distribute/failoverPriority are not honoured yet (failover by locality is)");
+    }
+    Ok(Some(LocalityLb {
+        enabled: spec.enabled.unwrap_or(true),
+        failover: spec.failover.into_iter().map(|f| (f.from, f.to)).collect(),
+    }))
 }
 
 fn load_balancer(at: &str, lb: LoadBalancerSpec) -> Result<Option<LoadBalancer>, Invalid> {
@@ -471,12 +710,8 @@ fn load_balancer(at: &str, lb: LoadBalancerSpec) -> Result<Option<LoadBalancer>,
             "only useSourceIp is supported at L4 (a header, cookie or query hash needs the HTTP data path)",
         ));
     }
-    if lb.locality_lb_setting.is_some() || lb.warmup.is_some() || lb.warmup_duration_secs.is_some()
-    {
-        tracing::warn!(
-            at,
-            "loadBalancer localityLbSetting/warmup are not honoured yet"
-        );
+    if lb.warmup.is_some() || lb.warmup_duration_secs.is_some() {
+        tracing::warn!(at, "loadBalancer warmup is not honoured yet");
     }
     Ok(match lb.simple.as_deref() {
         None | Some("UNSPECIFIED") => None,
@@ -545,12 +780,20 @@ fn outlier(at: &str, o: OutlierSpec) -> Result<OutlierDetection, Invalid> {
     if o.consecutive_gateway_errors.is_some()
         || o.split_external_local_origin_errors.is_some()
         || o.min_health_percent.is_some()
-        || o.max_ejection_percent.is_some()
         || o.interval.is_some()
         || o.consecutive_local_origin_failures.is_some()
     {
-        tracing::debug!(at, "outlierDetection: interval, maxEjectionPercent, minHealthPercent and the gateway/local-origin counts are not used at L4");
+        tracing::debug!(at, "outlierDetection: interval, minHealthPercent and the gateway/local-origin counts are not used at L4");
     }
+    let max_ejection_percent = match o.max_ejection_percent {
+        None => DEFAULT_MAX_EJECTION_PERCENT,
+        Some(p) => u32::try_from(p).ok().filter(|p| *p <= 100).ok_or_else(|| {
+            invalid(
+                format!("{at}.outlierDetection.maxEjectionPercent"),
+                format!("{p} is not a percentage (0-100)"),
+            )
+        })?,
+    };
     let base_ejection_ms = o
         .base_ejection_time
         .map(|t| duration(format!("{at}.outlierDetection.baseEjectionTime"), &t))
@@ -559,7 +802,69 @@ fn outlier(at: &str, o: OutlierSpec) -> Result<OutlierDetection, Invalid> {
     Ok(OutlierDetection {
         consecutive_errors: consecutive,
         base_ejection_ms,
+        max_ejection_percent,
     })
+}
+
+/// `ClientTLSSettings` checked as Istio's validation does (validateTLS): MUTUAL needs a client
+/// certificate and key; file paths are absolute.
+fn tls(at: &str, s: TlsSettingsSpec) -> Result<UpstreamTls, Invalid> {
+    let mode = match s.mode.as_deref().unwrap_or("DISABLE") {
+        "DISABLE" => TlsMode::Disable,
+        "SIMPLE" => TlsMode::Simple,
+        "MUTUAL" => TlsMode::Mutual,
+        "ISTIO_MUTUAL" => TlsMode::IstioMutual,
+        other => {
+            return Err(invalid(
+                format!("{at}.mode"),
+                format!("{other:?} is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL"),
+            ))
+        }
+    };
+    let path = |field: &str, v: Option<String>| -> Result<Option<std::path::PathBuf>, Invalid> {
+        match v.filter(|v| !v.is_empty()) {
+            Some(v) if v.starts_with('/') || (field == "caCertificates" && v == "system") => {
+                Ok((v != "system").then(|| std::path::PathBuf::from(v)))
+            }
+            Some(v) => Err(invalid(
+                format!("{at}.{field}"),
+                format!("{v:?} is not an absolute path"),
+            )),
+            None => Ok(None),
+        }
+    };
+    if let Some(name) = s.credential_name.filter(|n| !n.is_empty()) {
+        // Istio ignores it on sidecars unless the rule has a workloadSelector: the secret is
+        // a Kubernetes one that a VM cannot read.
+        tracing::warn!(at = %format!("{at}.credentialName"), name, "credentialName names a Kubernetes secret; a VM uses the file paths");
+    }
+    if s.ca_crl.is_some() {
+        tracing::warn!(at = %format!("{at}.caCrl"), "revocation lists are not checked yet");
+    }
+    let out = UpstreamTls {
+        mode,
+        sni: s.sni.filter(|v| !v.is_empty()),
+        subject_alt_names: s.subject_alt_names,
+        ca_certificates: path("caCertificates", s.ca_certificates)?,
+        client_certificate: path("clientCertificate", s.client_certificate)?,
+        private_key: path("privateKey", s.private_key)?,
+        insecure_skip_verify: s.insecure_skip_verify.unwrap_or(false),
+    };
+    if mode == TlsMode::Mutual {
+        if out.client_certificate.is_none() {
+            return Err(invalid(
+                format!("{at}.clientCertificate"),
+                "client certificate required for mutual tls",
+            ));
+        }
+        if out.private_key.is_none() {
+            return Err(invalid(
+                format!("{at}.privateKey"),
+                "private key required for mutual tls",
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn policy_blocks(
@@ -568,10 +873,17 @@ fn policy_blocks(
     cp: Option<ConnectionPoolSpec>,
     od: Option<OutlierSpec>,
 ) -> Result<TrafficPolicy, Invalid> {
+    let locality = lb
+        .as_ref()
+        .map(|l| locality_lb(at, l.locality_lb_setting.as_ref()))
+        .transpose()?
+        .flatten();
     Ok(TrafficPolicy {
+        locality,
         load_balancer: lb.map(|l| load_balancer(at, l)).transpose()?.flatten(),
         pool: cp.map(|p| pool(at, p)).transpose()?.flatten(),
         outlier: od.map(|o| outlier(at, o)).transpose()?,
+        tls: None,
     })
 }
 
@@ -579,14 +891,14 @@ fn policies(at: &str, spec: Option<TrafficPolicySpec>) -> Result<Policies, Inval
     let Some(t) = spec else {
         return Ok(Policies::default());
     };
-    if t.tls.is_some()
-        || t.tunnel.is_some()
-        || t.proxy_protocol.is_some()
-        || t.retry_budget.is_some()
-    {
-        tracing::warn!(at, "trafficPolicy tls/tunnel/proxyProtocol/retryBudget are not honoured yet (Istio mTLS stays automatic)");
+    if t.tunnel.is_some() || t.proxy_protocol.is_some() || t.retry_budget.is_some() {
+        tracing::warn!(
+            at,
+            "trafficPolicy tunnel/proxyProtocol/retryBudget are not honoured yet"
+        );
     }
-    let all = policy_blocks(at, t.load_balancer, t.connection_pool, t.outlier_detection)?;
+    let mut all = policy_blocks(at, t.load_balancer, t.connection_pool, t.outlier_detection)?;
+    all.tls = t.tls.map(|s| tls(&format!("{at}.tls"), s)).transpose()?;
     let mut ports = Vec::new();
     for (i, p) in t.port_level_settings.into_iter().enumerate() {
         let field = format!("{at}.portLevelSettings[{i}]");
@@ -594,18 +906,14 @@ fn policies(at: &str, spec: Option<TrafficPolicySpec>) -> Result<Policies, Inval
             .port
             .ok_or_else(|| invalid(format!("{field}.port"), "a port is required"))?;
         let number = port(format!("{field}.port.number"), number.number)?;
-        if p.tls.is_some() {
-            tracing::warn!(at = %field, "portLevelSettings tls is not honoured yet");
-        }
-        ports.push((
-            number,
-            policy_blocks(
-                &field,
-                p.load_balancer,
-                p.connection_pool,
-                p.outlier_detection,
-            )?,
-        ));
+        let mut policy = policy_blocks(
+            &field,
+            p.load_balancer,
+            p.connection_pool,
+            p.outlier_detection,
+        )?;
+        policy.tls = p.tls.map(|s| tls(&format!("{field}.tls"), s)).transpose()?;
+        ports.push((number, policy));
     }
     Ok(Policies { all, ports })
 }
@@ -620,14 +928,27 @@ struct SubsetSpec {
     traffic_policy: Option<TrafficPolicySpec>,
 }
 
-fn port(field: String, p: u32) -> Result<u16, Invalid> {
+pub(super) fn port(field: String, p: u32) -> Result<u16, Invalid> {
     u16::try_from(p)
         .ok()
         .filter(|p| *p > 0)
         .ok_or_else(|| invalid(field, format!("{p} is not a port (1-65535)")))
 }
 
-fn destinations(at: &str, route: Vec<RouteDestinationSpec>) -> Result<Vec<Destination>, Invalid> {
+/// One destination that carries no weight (a mirror's).
+pub(super) fn single_destination(at: &str, d: DestinationSpec) -> Result<Destination, Invalid> {
+    let spec = RouteDestinationSpec {
+        destination: d,
+        weight: None,
+    };
+    let mut one = destinations(at, vec![spec])?;
+    Ok(one.remove(0))
+}
+
+pub(super) fn destinations(
+    at: &str,
+    route: Vec<RouteDestinationSpec>,
+) -> Result<Vec<Destination>, Invalid> {
     if route.is_empty() {
         return Err(invalid(format!("{at}.route"), "at least one destination"));
     }
@@ -681,7 +1002,7 @@ pub(super) fn virtual_service(
     if spec.hosts.is_empty() {
         return Err(invalid("hosts", "at least one host is required"));
     }
-    let hosts = spec.hosts.iter().map(|h| Host::new(h)).collect();
+    let hosts: Vec<Host> = spec.hosts.iter().map(|h| Host::new(h)).collect();
     let mut tcp = Vec::new();
     for (i, r) in spec.tcp.into_iter().enumerate() {
         let at = format!("tcp[{i}]");
@@ -717,6 +1038,8 @@ pub(super) fn virtual_service(
             destinations,
         });
     }
+    let tls = tls_rules(spec.tls, &hosts)?;
+    let http = super::http_route::http_rules(spec.http)?;
     Ok(VirtualService {
         name: format!("{namespace}/{name}"),
         namespace,
@@ -724,8 +1047,69 @@ pub(super) fn virtual_service(
         export_to: spec.export_to,
         gateways: spec.gateways,
         tcp,
+        tls,
+        http,
         created,
     })
+}
+
+fn subnets(field: &str, given: &[String]) -> Result<Vec<Cidr>, Invalid> {
+    given
+        .iter()
+        .enumerate()
+        .map(|(n, s)| {
+            Cidr::parse(s)
+                .map_err(|e| invalid(format!("{field}.destinationSubnets[{n}]"), e.to_string()))
+        })
+        .collect()
+}
+
+/// `tls[]` rules checked as Istio's validation does (validateTLSRoute, validateTLSMatch): a
+/// match is required, with at least one sniHost, each within one of the VirtualService's hosts.
+fn tls_rules(spec: Vec<TlsRouteSpec>, hosts: &[Host]) -> Result<Vec<TlsRule>, Invalid> {
+    let mut out = Vec::new();
+    for (i, r) in spec.into_iter().enumerate() {
+        let at = format!("tls[{i}]");
+        if r.matches.is_empty() {
+            return Err(invalid(format!("{at}.match"), "a TLS route needs a match"));
+        }
+        let mut matches = Vec::new();
+        for (k, m) in r.matches.into_iter().enumerate() {
+            let field = format!("{at}.match[{k}]");
+            if m.sni_hosts.is_empty() {
+                return Err(invalid(
+                    format!("{field}.sniHosts"),
+                    "at least one SNI host",
+                ));
+            }
+            for (n, sni) in m.sni_hosts.iter().enumerate() {
+                // Istio: the SNI host is a subset of one of the hosts.
+                let within = hosts.iter().any(|h| h.matches(sni));
+                if !within {
+                    return Err(invalid(
+                        format!("{field}.sniHosts[{n}]"),
+                        format!("{sni:?} is not one of the VirtualService's hosts"),
+                    ));
+                }
+            }
+            matches.push(TlsMatch {
+                destination_subnets: subnets(&field, &m.destination_subnets)?,
+                sni_hosts: m.sni_hosts,
+                port: m
+                    .port
+                    .map(|p| port(format!("{field}.port"), p))
+                    .transpose()?,
+                source_labels: m.source_labels,
+                source_namespace: m.source_namespace,
+                gateways: m.gateways,
+            });
+        }
+        out.push(TlsRule {
+            matches,
+            destinations: destinations(&at, r.route)?,
+        });
+    }
+    Ok(out)
 }
 
 pub(super) fn destination_rule(
@@ -792,6 +1176,21 @@ mod tests {
     }
 
     #[test]
+    fn tls_routes_need_sni_hosts_within_the_virtual_services_hosts() {
+        let v = vs("hosts: ['*.example.com']\ntls:\n- match: [{sniHosts: [api.example.com], port: 443}]\n  route: [{destination: {host: api.example.com}}]\n").unwrap();
+        assert_eq!(v.tls[0].matches[0].sni_hosts, vec!["api.example.com"]);
+        assert_eq!(v.tls[0].matches[0].port, Some(443));
+        for (bad, field) in [
+            ("tls:\n- route: [{destination: {host: a.example.com}}]\n", "tls[0].match"),
+            ("tls:\n- match: [{port: 443}]\n  route: [{destination: {host: a.example.com}}]\n", "tls[0].match[0].sniHosts"),
+            ("tls:\n- match: [{sniHosts: [a.example.org]}]\n  route: [{destination: {host: a.example.com}}]\n", "tls[0].match[0].sniHosts[0]"),
+        ] {
+            let e = vs(&format!("hosts: ['*.example.com']\n{bad}")).unwrap_err();
+            assert_eq!(e.field, field, "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_routes_are_refused_with_the_field() {
         let e = vs("hosts: [pg]\ntcp:\n- route:\n  - destination: {host: a}\n    weight: 0\n  - destination: {host: b}\n").unwrap_err();
         assert_eq!(e.field, "tcp[0].route");
@@ -849,6 +1248,44 @@ subsets:
                 .is_err()
         );
         assert_eq!(parse_duration_ms("1m30s"), Some(90_000));
+    }
+
+    #[test]
+    fn tls_settings_are_checked_as_istio_validates_them_and_override_per_port_and_subset() {
+        let d = dr("host: pg
+trafficPolicy:
+  tls: {mode: SIMPLE, sni: db.example.com, caCertificates: /etc/db/ca.pem}
+  portLevelSettings:
+  - port: {number: 5433}
+    tls: {mode: DISABLE}
+subsets:
+- name: v2
+  trafficPolicy:
+    tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem, credentialName: ignored}
+")
+        .unwrap();
+        let t = d.policy(5432, "").tls.unwrap();
+        assert_eq!(t.mode, TlsMode::Simple);
+        assert_eq!(t.sni.as_deref(), Some("db.example.com"));
+        assert_eq!(t.ca_certificates, Some("/etc/db/ca.pem".into()));
+        assert!(t.originates());
+        assert_eq!(d.policy(5433, "").tls.unwrap().mode, TlsMode::Disable);
+        let v2 = d.policy(5432, "v2").tls.unwrap();
+        assert_eq!(v2.mode, TlsMode::Mutual);
+        assert_eq!(v2.private_key, Some("/k.pem".into()));
+        // `system` is the default bundle, not a path.
+        let sys =
+            dr("host: pg\ntrafficPolicy: {tls: {mode: SIMPLE, caCertificates: system}}\n").unwrap();
+        assert_eq!(sys.policy(1, "").tls.unwrap().ca_certificates, None);
+        for (bad, field) in [
+            ("{mode: MUTUAL, clientCertificate: /c.pem}", "privateKey"),
+            ("{mode: MUTUAL, privateKey: /k.pem}", "clientCertificate"),
+            ("{mode: SIMPLE, caCertificates: ca.pem}", "caCertificates"),
+            ("{mode: STRICT}", "mode"),
+        ] {
+            let e = dr(&format!("host: pg\ntrafficPolicy: {{tls: {bad}}}\n")).unwrap_err();
+            assert!(e.field.ends_with(field), "{bad}: {e:?}");
+        }
     }
 
     #[test]

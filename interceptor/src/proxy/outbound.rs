@@ -9,18 +9,24 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::capture::OriginalDst;
-use crate::mesh::traffic::LoadBalancer;
-use crate::mesh::{self, Service, Store};
+use crate::mesh::traffic::{LoadBalancer, TrafficPolicy};
+use crate::mesh::{Host, Service, Store, Table};
 use crate::metrics::{self, Metrics, TcpLabels};
-use crate::net::{relay, Relayed};
+use crate::net::relay;
 use crate::route::balance::{self, Balance, Load};
 use crate::route::policy::Subject;
-use crate::route::traffic::{self, NoRoute};
+use crate::route::traffic::{self, Cluster, NoRoute};
 use crate::route::{self, Outliers, Scope, Target, Transport};
 use crate::spiffe::{SpiffeId, DEFAULT_TRUST_DOMAIN};
 use crate::tls;
 use crate::transport::hbone::Origin;
 use crate::transport::{try_targets, Attempts, Dialer, For, Upstream};
+
+mod http;
+mod pool;
+
+/// How long a connection routed by SNI may take to send its ClientHello (as the gateway).
+const HELLO_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// At most this many endpoints are tried for one connection.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -43,6 +49,10 @@ pub struct Outbound {
     subject: Subject,
     /// Connections open per endpoint and cluster (least request, maxConnections).
     load: Arc<Load>,
+    /// Upstream HTTP connections kept for the next request.
+    pool: pool::Pool,
+    /// Mirrored copies in flight (bounded: a slow mirror sheds copies, never memory).
+    mirroring: std::sync::atomic::AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
@@ -71,6 +81,8 @@ impl Outbound {
             gateway_identity,
             subject,
             load: Arc::default(),
+            pool: pool::Pool::default(),
+            mirroring: Default::default(),
             metrics,
         })
     }
@@ -90,7 +102,7 @@ impl Outbound {
         .await
     }
 
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
         let _ = client.set_nodelay(true);
         let Some(dst) = self.orig.lookup(&client) else {
             tracing::warn!(%peer, "outbound: no original destination for connection; closing");
@@ -106,26 +118,19 @@ impl Outbound {
             tracing::warn!(%peer, original = %dst, "outbound: no mesh service at the original destination; closing");
             return;
         };
-        let route = traffic::route(&table, &self.subject, dialed, dst);
-        let cluster = match route.target.as_ref() {
-            mesh::traffic::Target::Service => Ok(traffic::service_cluster(
-                &table,
-                &self.subject,
-                dialed,
-                dialed_port,
-            )),
-            mesh::traffic::Target::Clusters(ds) => traffic::pick(ds)
-                .ok_or_else(|| NoRoute::NoCluster {
-                    cluster: "(a route without destinations)".into(),
-                })
-                .and_then(|d| traffic::cluster(&table, &self.subject, d, dst.port())),
-            // A VIP is nowhere to pass through to: refused like a black hole.
-            mesh::traffic::Target::BlackHole | mesh::traffic::Target::Passthrough => {
-                Err(NoRoute::BlackHole {
-                    by: route.by.clone(),
-                })
-            }
+        // Requests are routed one by one where a VirtualService has HTTP rules for the port.
+        if route::http::http_routes(&table, &self.subject, dialed, dst).is_some() {
+            return self.serve_http(client, peer, dst).await;
+        }
+        // Read the ClientHello only where a route depends on its SNI.
+        let sni = if traffic::needs_sni(&table, &self.subject, dialed, dst) {
+            client_sni(&client, peer).await
+        } else {
+            None
         };
+        let route = traffic::route(&table, &self.subject, dialed, dst, sni.as_deref());
+        let cluster =
+            traffic::chosen_cluster(&table, &self.subject, &route, dialed, dialed_port, dst);
         let cluster = match cluster {
             Ok(c) => c,
             Err(e) => {
@@ -135,26 +140,95 @@ impl Outbound {
             }
         };
         let svc = cluster.service;
+        let tls = self.tls.current();
+        let dial = match self.prepare(&table, &cluster, peer, dst, tls.as_deref()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.metrics.outbound_refused(e.label());
+                tracing::warn!(%peer, original = %dst, service = %svc.host, reason = e.label(), error = %e, "outbound: refused; closing");
+                return;
+            }
+        };
+        let started = Instant::now();
+        let (i, upstream) = match self
+            .connect(&dial.targets, &dial.policy, peer, &svc.host)
+            .await
+        {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::warn!(%peer, original = %dst, service = %svc.host, tried = e.tried, "outbound: no endpoint reachable; closing");
+                return;
+            }
+        };
+        let targets = &dial.targets;
+        let target = &targets[i];
+        let _open = self.load.open(dial.count_key(), &target.endpoint);
+        let labels = labels(&upstream, target, svc, tls.as_deref());
+        self.metrics.opened(&labels);
+        let peer_workload = match &upstream {
+            Upstream::Hbone(s) => s.peer_workload().and_then(|w| w.service.clone()),
+            _ => None,
+        };
+        tracing::debug!(%peer, original = %dst, service = %svc.host, endpoint = %target.endpoint, "outbound connection");
+        let result = match upstream {
+            Upstream::Tcp(mut up) => relay(&mut client, &mut up).await,
+            Upstream::Tls(mut up) | Upstream::Originated(mut up) => {
+                relay(&mut client, up.as_mut()).await
+            }
+            Upstream::Hbone(mut up) => relay(&mut client, up.as_mut()).await,
+        };
+        self.metrics.closed(&labels, result.a_to_b, result.b_to_a);
+        // The access log: one line per connection, at its end.
+        tracing::info!(
+            %peer, original = %dst, service = %svc.host, %cluster, route = %route.by,
+            endpoint = %target.endpoint, gateway_network = target.gateway_network(),
+            transport = target.transport.label(), authority = hbone_authority(&target.transport),
+            peer_workload = peer_workload.as_deref().unwrap_or("-"),
+            sent = result.a_to_b, received = result.b_to_a, end = %result.end,
+            error = result.error.map(|k| k.to_string()).as_deref().unwrap_or("-"),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "outbound connection closed"
+        );
+    }
+}
+
+/// How one cluster's endpoints are dialed, decided once per connection (or request).
+pub(super) struct Dial {
+    /// In the order to try them.
+    targets: Vec<Target>,
+    policy: TrafficPolicy,
+    /// The cluster's name where a count or cursor is kept under it.
+    cluster_key: Option<String>,
+}
+
+impl Dial {
+    /// The key the cluster's open connections are counted under (only where a limit reads it).
+    fn count_key(&self) -> Option<&str> {
+        let limited = self.policy.pool.and_then(|p| p.max_connections).is_some();
+        self.cluster_key.as_deref().filter(|_| limited)
+    }
+}
+
+impl Outbound {
+    /// The endpoints of `cluster` in the order to try them, unless its circuit breaker is open.
+    fn prepare(
+        &self,
+        table: &Table,
+        cluster: &Cluster<'_>,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        tls: Option<&tls::Configs>,
+    ) -> Result<Dial, NoRoute> {
         let policy = cluster.policy.clone();
         let max_connections = policy.pool.and_then(|p| p.max_connections);
         let lb = policy.load_balancer.unwrap_or(LoadBalancer::LeastRequest);
         // The cluster's name is a key only where its count or cursor is kept.
         let cluster_key =
             (max_connections.is_some() || lb == LoadBalancer::RoundRobin).then(|| cluster.name());
-        if let (Some(max), Some(key)) = (max_connections, &cluster_key) {
-            if self.load.cluster(key) >= max {
-                let e = NoRoute::Overflow {
-                    cluster: key.clone(),
-                    max,
-                };
-                self.metrics.outbound_refused(e.label());
-                tracing::warn!(%peer, original = %dst, service = %svc.host, reason = e.label(), error = %e, "outbound: refused; closing");
-                return;
-            }
+        if let Some(e) = self.overflow(max_connections, cluster_key.as_deref()) {
+            return Err(e);
         }
-        let tls = self.tls.current();
         let trust_domain = tls
-            .as_ref()
             .map(|c| c.trust_domain())
             .unwrap_or(DEFAULT_TRUST_DOMAIN);
         let scope = Scope::Sidecar {
@@ -163,10 +237,11 @@ impl Outbound {
             trust_domain,
             original: Some(dst),
             gateway_identity: self.gateway_identity.as_ref(),
+            locality: &self.subject.locality,
         };
-        let plan = route::plan_cluster(&cluster, scope);
+        let plan = route::plan_cluster(cluster, scope);
         self.outliers
-            .warn_unreachable(svc.host.as_str(), &plan.skipped);
+            .warn_unreachable(cluster.service.host.as_str(), &plan.skipped);
         let targets = balance::order(
             plan,
             &self.outliers,
@@ -175,11 +250,26 @@ impl Outbound {
                 load: &self.load,
                 cluster: cluster_key.as_deref().unwrap_or_default(),
                 source: peer.ip(),
+                max_ejection_percent: policy.outlier.map(|o| o.max_ejection_percent),
             },
         );
-        let started = Instant::now();
-        let (i, upstream) = match try_targets(
-            &targets,
+        Ok(Dial {
+            targets,
+            policy,
+            cluster_key,
+        })
+    }
+
+    /// Dials `targets` in order (the next one when one fails), as the cluster's policy says.
+    async fn connect(
+        &self,
+        targets: &[Target],
+        policy: &TrafficPolicy,
+        peer: SocketAddr,
+        service: &Host,
+    ) -> Result<(usize, Upstream), crate::transport::Exhausted> {
+        try_targets(
+            targets,
             Attempts {
                 max: MAX_ATTEMPTS,
                 connect_timeout: policy
@@ -190,48 +280,63 @@ impl Outbound {
             },
             &self.outliers,
             &self.metrics,
-            svc.host.as_str(),
+            service.as_str(),
             &For(
                 &self.dialer,
                 Origin {
                     client: peer,
-                    service: svc.host.as_str(),
+                    service: service.as_str(),
                 },
             ),
         )
         .await
-        {
-            Ok(ok) => ok,
-            Err(e) => {
-                tracing::warn!(%peer, original = %dst, service = %svc.host, tried = e.tried, "outbound: no endpoint reachable; closing");
-                return;
-            }
-        };
-        let target = &targets[i];
-        let _open = self.load.open(
-            cluster_key.as_deref().filter(|_| max_connections.is_some()),
-            &target.endpoint,
-        );
-        let mtls = upstream.is_mtls();
-        let server = upstream.peer_identity(target.transport.identities());
-        let labels = TcpLabels::new(metrics::SOURCE, svc.host.to_string(), mtls).principals(
-            tls.as_ref().filter(|_| mtls).map(|c| c.spiffe.as_str()),
-            server.as_ref().map(SpiffeId::as_str),
-        );
-        self.metrics.opened(&labels);
-        let peer_workload = match &upstream {
-            Upstream::Hbone(s) => s.peer_workload().and_then(|w| w.service.clone()),
-            _ => None,
-        };
-        tracing::info!(%peer, original = %dst, service = %svc.host, cluster = %cluster, route = %route.by, endpoint = %target.endpoint, gateway_network = target.gateway_network(), transport = target.transport.label(), authority = hbone_authority(&target.transport), peer_workload = peer_workload.as_deref().unwrap_or("-"), "outbound connection");
-        let result = match upstream {
-            Upstream::Tcp(mut up) => relay(&mut client, &mut up).await,
-            Upstream::Tls(mut up) => relay(&mut client, up.as_mut()).await,
-            Upstream::Hbone(mut up) => relay(&mut client, up.as_mut()).await,
-        };
-        self.metrics.closed(&labels, result.a_to_b, result.b_to_a);
-        log_close(&result, dst, svc, target, started);
     }
+
+    /// Envoy's circuit breaker: the cluster already holds its `maxConnections`.
+    fn overflow(&self, max: Option<u32>, cluster: Option<&str>) -> Option<NoRoute> {
+        let (max, key) = (max?, cluster?);
+        (self.load.cluster(key) >= max).then(|| NoRoute::Overflow {
+            cluster: key.to_string(),
+            max,
+        })
+    }
+}
+
+/// The SNI of the client's ClientHello, left unread in the socket: None when the client is not
+/// speaking TLS (its route is then the chains without server names, as in Envoy).
+async fn client_sni(client: &TcpStream, peer: SocketAddr) -> Option<String> {
+    match tls::peek_client_hello(client, HELLO_WAIT, HELLO_WAIT).await {
+        Ok(tls::Peeked::Tls(hello)) => hello.sni,
+        Ok(other) => {
+            tracing::debug!(%peer, first_flight = ?other, "outbound: no SNI on a port routed by SNI");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "outbound: reading the ClientHello failed");
+            None
+        }
+    }
+}
+
+/// Istio's TCP metric labels for a connection made: who proved to be whom, and the answering
+/// workload's version.
+fn labels(
+    upstream: &Upstream,
+    target: &Target,
+    svc: &Service,
+    tls: Option<&tls::Configs>,
+) -> TcpLabels {
+    let mtls = upstream.is_mtls();
+    let server = upstream.peer_identity(target.transport.identities());
+    TcpLabels::new(metrics::SOURCE, svc.host.to_string(), mtls)
+        .principals(
+            tls.filter(|_| mtls).map(|c| c.spiffe.as_str()),
+            server.as_ref().map(SpiffeId::as_str),
+        )
+        .version(match &target.via {
+            route::Via::Direct(w) => metrics::canonical_revision(&w.labels),
+            _ => metrics::UNKNOWN.into(),
+        })
 }
 
 /// The CONNECT stream's authority, for the access log.
@@ -240,14 +345,4 @@ fn hbone_authority(t: &Transport) -> Option<String> {
         Transport::Hbone { authority, .. } => Some(authority.to_string()),
         _ => None,
     }
-}
-
-fn log_close(r: &Relayed, dst: SocketAddr, svc: &Service, target: &Target, started: Instant) {
-    tracing::info!(
-        original = %dst, service = %svc.host, endpoint = %target.endpoint,
-        sent = r.a_to_b, received = r.b_to_a, end = %r.end,
-        error = r.error.map(|k| k.to_string()).as_deref().unwrap_or("-"),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "outbound connection closed"
-    );
 }

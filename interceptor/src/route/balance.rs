@@ -110,6 +110,9 @@ pub struct Balance<'a> {
     pub cluster: &'a str,
     /// The application's address: the source-IP hash's key.
     pub source: IpAddr,
+    /// The cluster's outlier detection's cap on ejected endpoints, in percent (None: ours,
+    /// no cap).
+    pub max_ejection_percent: Option<u32>,
 }
 
 /// A deterministic number in (0, 1) for (source, endpoint).
@@ -121,6 +124,24 @@ fn unit_hash(source: IpAddr, endpoint: &EndpointAddr) -> f64 {
     source.hash(&mut h);
     endpoint.hash(&mut h);
     ((h.finish() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// Envoy's max_ejection_percent: an ejection counts only while (ejected + 1) / endpoints stays
+/// within the cap; past it the endpoint is used as if healthy (the ones earlier in the plan keep
+/// theirs).
+fn cap_ejections<T>(keyed: &mut [(bool, u32, f64, f64, T)], max_percent: Option<u32>) {
+    let Some(max) = max_percent else {
+        return;
+    };
+    let allowed = keyed.len() * max as usize / 100;
+    let mut kept = 0;
+    for k in keyed.iter_mut().filter(|k| k.0) {
+        if kept < allowed {
+            kept += 1;
+        } else {
+            k.0 = false;
+        }
+    }
 }
 
 /// The targets of `plan` in the order to try them under `balance`.
@@ -142,6 +163,7 @@ pub fn order(plan: Plan, outliers: &Outliers, balance: Balance<'_>) -> Vec<Targe
             )
         })
         .collect();
+    cap_ejections(&mut keyed, balance.max_ejection_percent);
     keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)).then(b.2.total_cmp(&a.2)));
     let best = keyed
         .iter()
@@ -203,6 +225,7 @@ mod tests {
             trust_domain: "td",
             original: None,
             gateway_identity: None,
+            locality: "",
         };
         order(
             plan(&s, &p, scope),
@@ -212,6 +235,7 @@ mod tests {
                 load,
                 cluster: "c",
                 source: source.parse().unwrap(),
+                max_ejection_percent: None,
             },
         )
         .into_iter()
@@ -271,5 +295,24 @@ mod tests {
         assert!(idle_first > 170, "{idle_first}");
         drop(_held);
         assert_eq!(load.cluster("c"), 0);
+    }
+
+    #[test]
+    fn ejections_stay_within_the_clusters_cap() {
+        let mut keyed: Vec<(bool, u32, f64, f64, ())> =
+            (0..3).map(|_| (true, 0, 1.0, 1.0, ())).collect();
+        // Envoy's default 10 % of three endpoints: not even one.
+        cap_ejections(&mut keyed, Some(10));
+        assert!(keyed.iter().all(|k| !k.0));
+        let mut keyed: Vec<(bool, u32, f64, f64, ())> =
+            (0..3).map(|_| (true, 0, 1.0, 1.0, ())).collect();
+        cap_ejections(&mut keyed, Some(50));
+        assert_eq!(keyed.iter().filter(|k| k.0).count(), 1);
+        let mut keyed: Vec<(bool, u32, f64, f64, ())> =
+            (0..3).map(|_| (true, 0, 1.0, 1.0, ())).collect();
+        cap_ejections(&mut keyed, Some(100));
+        assert_eq!(keyed.iter().filter(|k| k.0).count(), 3);
+        cap_ejections(&mut keyed, None);
+        assert_eq!(keyed.iter().filter(|k| k.0).count(), 3, "ours: no cap");
     }
 }

@@ -12,10 +12,13 @@
 
 mod allow;
 pub mod balance;
+pub mod http;
+mod locality;
 mod outliers;
 pub mod policy;
 pub mod rbac;
 pub mod traffic;
+mod upstream_tls;
 mod wire;
 
 pub use allow::{AllowList, AllowListError, InboundPolicy, MtlsMode};
@@ -88,17 +91,25 @@ pub enum Transport {
         identities: Vec<SpiffeId>,
         network: Arc<str>,
     },
+    /// TLS we originate (a DestinationRule's SIMPLE or MUTUAL): the application's plaintext
+    /// leaves encrypted, to a server checked against `tls`'s CA bundle and names.
+    Originate {
+        /// None: no SNI (an IP endpoint with neither a DR `sni` nor a host name).
+        sni: Option<Arc<str>>,
+        tls: Arc<crate::mesh::traffic::UpstreamTls>,
+    },
 }
 
 impl Transport {
+    /// Istio's mTLS (sidecar or HBONE), not TLS we originate to a server outside the mesh.
     pub fn is_mtls(&self) -> bool {
-        !matches!(self, Transport::Plain)
+        !matches!(self, Transport::Plain | Transport::Originate { .. })
     }
 
     /// The identities the server must present (none for plain TCP).
     pub fn identities(&self) -> &[SpiffeId] {
         match self {
-            Transport::Plain => &[],
+            Transport::Plain | Transport::Originate { .. } => &[],
             Transport::Tls { identities, .. }
             | Transport::Hbone { identities, .. }
             | Transport::DoubleHbone { identities, .. } => identities,
@@ -112,6 +123,7 @@ impl Transport {
             Transport::Tls { .. } => "sidecar_mtls",
             Transport::Hbone { .. } => "hbone",
             Transport::DoubleHbone { .. } => "double_hbone",
+            Transport::Originate { .. } => "tls_origination",
         }
     }
 }
@@ -175,6 +187,8 @@ pub enum Scope<'a> {
         /// The identity east-west gateways present for double HBONE (None: the default of
         /// Istio's east-west gateway chart in our trust domain).
         gateway_identity: Option<&'a SpiffeId>,
+        /// This VM's `region/zone/subzone`, for locality failover.
+        locality: &'a str,
     },
     /// An east-west gateway of `network`: only that network's endpoints that speak mTLS (the
     /// bytes it relays are the client's TLS).
@@ -194,6 +208,9 @@ pub enum SkipReason {
     RemotePlaintext,
     /// Seen from a gateway's 15008: the endpoint takes no HBONE.
     GatewayNeedsHbone,
+    /// The DestinationRule's TLS (DISABLE, SIMPLE, MUTUAL) cannot cross an east-west gateway,
+    /// which routes by Istio's mTLS SNI.
+    RemoteNeedsIstioMtls,
 }
 
 impl SkipReason {
@@ -205,6 +222,7 @@ impl SkipReason {
             SkipReason::NotInGatewayNetwork => "not_in_gateway_network",
             SkipReason::RemotePlaintext => "remote_plaintext",
             SkipReason::GatewayNeedsHbone => "gateway_needs_hbone",
+            SkipReason::RemoteNeedsIstioMtls => "remote_needs_istio_mtls",
         }
     }
 }
@@ -217,6 +235,9 @@ impl fmt::Display for SkipReason {
             SkipReason::NotInGatewayNetwork => "not in the gateway's network",
             SkipReason::RemotePlaintext => "another network (behind its gateway) and no mTLS",
             SkipReason::GatewayNeedsHbone => "no HBONE: the gateway's 15008 tunnels to HBONE only",
+            SkipReason::RemoteNeedsIstioMtls => {
+                "another network, and the DestinationRule's TLS mode is not Istio's mTLS"
+            }
         })
     }
 }
@@ -258,7 +279,19 @@ pub fn plan(svc: &Service, port: &ServicePort, scope: Scope<'_>) -> Plan {
 /// The plan for a cluster a route chose (`traffic::cluster`): a subset's endpoints, and its
 /// SNI (`outbound_.PORT_.SUBSET_.HOST`).
 pub fn plan_cluster(c: &traffic::Cluster<'_>, scope: Scope<'_>) -> Plan {
-    plan_endpoints(c.service, c.port, &c.subset, &c.endpoints, scope)
+    let mut plan = plan_endpoints(c.service, c.port, &c.subset, &c.endpoints, scope);
+    if let Scope::Sidecar {
+        trust_domain,
+        locality: ours,
+        ..
+    } = scope
+    {
+        if let Some(tls) = &c.policy.tls {
+            upstream_tls::apply(&mut plan, tls, c, trust_domain);
+        }
+        locality::apply(&mut plan, c, ours);
+    }
+    plan
 }
 
 fn plan_endpoints(
@@ -368,6 +401,7 @@ fn plan_endpoints(
         trust_domain,
         original,
         gateway_identity,
+        ..
     } = scope
     {
         for ((network, priority), behind) in remote_hbone {
@@ -588,13 +622,14 @@ mod tests {
         Networks::default()
     }
 
-    fn sidecar<'a>(network: &'a str, networks: &'a Networks) -> Scope<'a> {
+    pub(crate) fn sidecar<'a>(network: &'a str, networks: &'a Networks) -> Scope<'a> {
         Scope::Sidecar {
             network,
             networks,
             trust_domain: "td",
             original: None,
             gateway_identity: None,
+            locality: "",
         }
     }
 
@@ -658,7 +693,7 @@ mod tests {
         assert_eq!(plain.target.endpoint.to_string(), "10.0.0.2:8001");
     }
 
-    fn two_networks() -> Networks {
+    pub(crate) fn two_networks() -> Networks {
         Networks::from_yaml(
             "networks:\n  a: {}\n  b:\n    gateways: [{address: 192.0.2.10, port: 15443}]\n  c: {}\n",
         )
@@ -755,6 +790,7 @@ mod tests {
             trust_domain: "td",
             original: Some("10.9.9.9:5432".parse().unwrap()),
             gateway_identity: None,
+            locality: "",
         };
         let t = &plan(&s, &p, scope).targets[0].target;
         assert_eq!(t.endpoint.to_string(), "10.9.9.9:5432");
@@ -871,6 +907,7 @@ mod tests {
             trust_domain: "td",
             original: None,
             gateway_identity: Some(&named),
+            locality: "",
         };
         let plan = super::plan(&s, &p, scope);
         let double = plan

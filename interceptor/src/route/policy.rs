@@ -30,6 +30,8 @@ pub struct Subject {
     pub labels: BTreeMap<String, String>,
     /// Policies here without a selector are mesh-wide.
     pub root_namespace: String,
+    /// `region/zone/subzone` (or a prefix; empty: unknown): locality load balancing's origin.
+    pub locality: String,
 }
 
 impl Default for Subject {
@@ -38,6 +40,7 @@ impl Default for Subject {
             namespace: crate::mesh::DEFAULT_NAMESPACE.into(),
             labels: BTreeMap::new(),
             root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+            locality: String::new(),
         }
     }
 }
@@ -358,6 +361,7 @@ mod tests {
                 namespace: "vms".into(),
                 labels: [("app".to_string(), "db".to_string())].into(),
                 root_namespace: "istio-system".into(),
+                locality: String::new(),
             },
             ..InboundPolicy::default()
         }

@@ -2,10 +2,12 @@
 //! `istio` ALPN. Configs are built once per identity; only the verifier varies per connection.
 
 mod hello;
+mod origin;
 mod store;
 mod verify;
 
 pub use hello::{parse_client_hello, peek_client_hello, ClientHello, Peeked};
+pub use origin::{OriginConfigs, OriginError};
 pub use store::{Configs, Store};
 pub use verify::SpiffeServerVerifier;
 

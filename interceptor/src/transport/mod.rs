@@ -29,18 +29,20 @@ pub enum Upstream {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<Buffered>>),
     Hbone(Box<hbone::Stream>),
+    /// TLS we originated (DestinationRule SIMPLE/MUTUAL): encrypted, but not Istio's mTLS.
+    Originated(Box<tokio_rustls::client::TlsStream<Buffered>>),
 }
 
 impl Upstream {
     pub fn is_mtls(&self) -> bool {
-        !matches!(self, Upstream::Tcp(_))
+        !matches!(self, Upstream::Tcp(_) | Upstream::Originated(_))
     }
 
     /// Who answered, as its certificate proved: one of `expected` (the verifier accepted
     /// nothing else). None for plain TCP.
     pub fn peer_identity(&self, expected: &[SpiffeId]) -> Option<SpiffeId> {
         let tls = match self {
-            Upstream::Tcp(_) => return None,
+            Upstream::Tcp(_) | Upstream::Originated(_) => return None,
             Upstream::Hbone(s) => return s.peer().cloned(),
             Upstream::Tls(tls) => tls,
         };
@@ -80,6 +82,9 @@ pub enum DialError {
     HandshakeTimeout,
     #[error("HBONE: {0}")]
     Hbone(hbone::Error),
+    /// The DestinationRule's TLS files cannot be used (unreadable, not PEM).
+    #[error("TLS origination: {0}")]
+    Origin(tls::OriginError),
 }
 
 impl DialError {
@@ -95,6 +100,7 @@ impl DialError {
             DialError::ServerCertificate(_) => "server_certificate",
             DialError::HandshakeTimeout => "handshake_timeout",
             DialError::Hbone(e) => e.label(),
+            DialError::Origin(_) => "tls_origination_config",
         }
     }
 }
@@ -126,6 +132,9 @@ pub struct Dialer {
     resolver: Option<Arc<Resolver>>,
     /// HBONE's pooled connections.
     hbone: hbone::Pool,
+    /// TLS origination's configs (DestinationRule SIMPLE/MUTUAL).
+    origin: tls::OriginConfigs,
+    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 impl Dialer {
@@ -136,6 +145,8 @@ impl Dialer {
             timeouts,
             resolver: None,
             hbone: hbone::Pool::new(Arc::default()),
+            origin: tls::OriginConfigs::default(),
+            provider: tls::provider(),
         }
     }
 
@@ -266,7 +277,43 @@ impl Dialer {
                     .map_err(handshake_error)?;
                 Ok(Upstream::Tls(Box::new(stream)))
             }
+            Transport::Originate { sni, tls } => {
+                let config = self
+                    .origin
+                    .get(tls, &self.provider)
+                    .map_err(DialError::Origin)?;
+                let tcp = self.tcp(&target.endpoint).await?;
+                Ok(Upstream::Originated(Box::new(
+                    self.originate(config, sni.as_deref(), &target.endpoint, tcp)
+                        .await?,
+                )))
+            }
         }
+    }
+
+    /// The handshake of TLS we originate: SNI `sni` when given (else none: the endpoint's IP
+    /// is what the certificate is checked against).
+    async fn originate(
+        &self,
+        config: Arc<ClientConfig>,
+        sni: Option<&str>,
+        endpoint: &EndpointAddr,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<Buffered>, DialError> {
+        let name = match (sni, &endpoint.address) {
+            (Some(s), _) => {
+                ServerName::try_from(s.to_string()).map_err(|_| DialError::Sni(s.to_string()))?
+            }
+            (None, Address::Ip(ip)) => ServerName::IpAddress((*ip).into()),
+            (None, Address::Hostname(h)) => {
+                ServerName::try_from(h.clone()).map_err(|_| DialError::Sni(h.clone()))?
+            }
+        };
+        let handshake = TlsConnector::from(config).connect(name, buffered(tcp));
+        tokio::time::timeout(self.timeouts.handshake, handshake)
+            .await
+            .map_err(|_| DialError::HandshakeTimeout)?
+            .map_err(handshake_error)
     }
 }
 

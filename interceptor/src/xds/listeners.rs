@@ -43,6 +43,8 @@ pub struct Decoded {
     pub route: Option<ListenerRoute>,
     /// `virtualInbound`: this VM's inbound mTLS modes and authorization.
     pub inbound: Option<crate::mesh::inbound::InboundIntent>,
+    /// The route configuration (RDS) its HTTP chains take, if any.
+    pub rds: Option<String>,
 }
 
 /// A Listener resource.
@@ -55,11 +57,42 @@ pub fn listener(any: &Any) -> Result<Decoded, Invalid> {
         None
     };
     let route = if inbound.is_some() { None } else { route(&l)? };
+    let rds = if inbound.is_some() { None } else { rds(&l) };
     Ok(Decoded {
         name: l.name,
         route,
         inbound,
+        rds,
     })
+}
+
+const HCM: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+
+/// The RDS name an outbound HTTP chain's connection manager takes (an unreadable one is
+/// Envoy's business, not ours: no HTTP routes from it).
+fn rds(l: &Listener) -> Option<String> {
+    use interceptor_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+        http_connection_manager::RouteSpecifier, HttpConnectionManager,
+    };
+    l.filter_chains
+        .iter()
+        .flat_map(|c| &c.filters)
+        .find_map(|f| {
+            let Some(ConfigType::TypedConfig(a)) = &f.config_type else {
+                return None;
+            };
+            if a.type_url != HCM {
+                return None;
+            }
+            match HttpConnectionManager::decode(a.value.as_slice())
+                .ok()?
+                .route_specifier?
+            {
+                RouteSpecifier::Rds(r) => Some(r.route_config_name),
+                _ => None,
+            }
+        })
 }
 
 fn route(l: &Listener) -> Result<Option<ListenerRoute>, Invalid> {
@@ -81,11 +114,10 @@ fn route(l: &Listener) -> Result<Option<ListenerRoute>, Invalid> {
         .map(|c| ("default_filter_chain".to_string(), c));
     for (at, chain) in chains.chain(default) {
         let m = chain.filter_chain_match.as_ref();
-        // HTTP (sniffed or declared) and TLS chains are not for the TCP path.
+        // HTTP chains (sniffed or declared) are not for the TCP path; TLS chains (by SNI) are.
         if m.is_some_and(|m| {
             !m.application_protocols.is_empty()
-                || !m.server_names.is_empty()
-                || !m.transport_protocol.is_empty()
+                || !(m.transport_protocol.is_empty() || m.transport_protocol == "tls")
         }) {
             continue;
         }
@@ -105,6 +137,7 @@ fn route(l: &Listener) -> Result<Option<ListenerRoute>, Invalid> {
         }
         rules.push(ListenerRule {
             subnets,
+            server_names: m.map(|m| m.server_names.clone()).unwrap_or_default(),
             target,
             config: chain_config(chain),
         });
@@ -112,10 +145,12 @@ fn route(l: &Listener) -> Result<Option<ListenerRoute>, Invalid> {
     let plain_default = match rules.as_slice() {
         [ListenerRule {
             subnets,
+            server_names,
             target: Target::Clusters(ds),
             config: None,
         }] => {
             subnets.is_empty()
+                && server_names.is_empty()
                 && matches!(ds.as_slice(), [d] if d.subset.is_empty() && d.port == Some(address.port()))
         }
         _ => false,
@@ -155,6 +190,7 @@ fn catch_all(l: &Listener) -> Result<ListenerRoute, Invalid> {
         if let Some(target) = tcp_proxy(&l.name, &format!("filter_chains[{i}]"), chain)? {
             rules.push(ListenerRule {
                 subnets: vec![],
+                server_names: vec![],
                 target,
                 config: None,
             });
@@ -211,7 +247,8 @@ fn tcp_proxy(listener: &str, at: &str, chain: &FilterChain) -> Result<Option<Tar
     Ok(Some(target))
 }
 
-fn destination(cluster: &str, weight: u32) -> Result<Destination, String> {
+/// The destination an `outbound|PORT|SUBSET|HOST` cluster name stands for.
+pub(super) fn destination(cluster: &str, weight: u32) -> Result<Destination, String> {
     let (port, subset, host) = outbound_name(cluster).ok_or_else(|| {
         format!("cluster {cluster:?} is not an outbound|PORT|SUBSET|HOST cluster")
     })?;

@@ -12,6 +12,7 @@ pub mod inbound;
 pub mod listeners;
 pub mod node;
 pub mod resources;
+mod routes;
 mod state;
 pub mod status;
 
@@ -72,6 +73,7 @@ pub fn short_type(url: &str) -> &'static str {
         type_url::LISTENER => "listeners",
         type_url::ENDPOINT => "endpoints",
         type_url::NAME_TABLE => "names",
+        routes::ROUTE => "routes",
         _ => "other",
     }
 }
@@ -126,6 +128,8 @@ struct Session {
     answered: bool,
     acked: BTreeSet<&'static str>,
     eds: BTreeSet<String>,
+    /// The route configurations subscribed to (the HTTP listeners').
+    rds: BTreeSet<String>,
     persist_due: Option<tokio::time::Instant>,
     /// Applied to the state, not yet in force: responses that arrived back to back are put in
     /// force together (a first sync is three large ones), once nothing more is waiting.
@@ -235,6 +239,7 @@ impl XdsSource {
             self.status.connection(Connection::Connecting, None);
             let mut session = Session {
                 eds: state.eds_clusters(),
+                rds: state.rds_names(),
                 ..Default::default()
             };
             let result = match self.protocol {
@@ -360,6 +365,12 @@ impl XdsSource {
                 session.eds.iter().cloned().collect(),
             ));
         }
+        if !session.rds.is_empty() {
+            let _ = tx.send(subscribe(
+                routes::ROUTE,
+                session.rds.iter().cloned().collect(),
+            ));
+        }
         let health_request = |detail: Option<RpcStatus>| DeltaDiscoveryRequest {
             type_url: type_url::HEALTH.into(),
             error_detail: detail,
@@ -449,6 +460,20 @@ impl XdsSource {
                         }
                         session.eds = now;
                     }
+                    if resp.type_url == type_url::LISTENER {
+                        let now = state.rds_names();
+                        let add: Vec<String> = now.difference(&session.rds).cloned().collect();
+                        let remove: Vec<String> = session.rds.difference(&now).cloned().collect();
+                        if !add.is_empty() || !remove.is_empty() {
+                            let _ = tx.send(DeltaDiscoveryRequest {
+                                type_url: routes::ROUTE.into(),
+                                resource_names_subscribe: add,
+                                resource_names_unsubscribe: remove,
+                                ..Default::default()
+                            });
+                        }
+                        session.rds = now;
+                    }
                 }
                 Err(e) => {
                     self.refused(ty, &resp.nonce, &e);
@@ -481,6 +506,14 @@ impl XdsSource {
             let _ = tx.send(request(
                 type_url::ENDPOINT,
                 session.eds.iter().cloned().collect(),
+                "",
+                "",
+            ));
+        }
+        if !session.rds.is_empty() {
+            let _ = tx.send(request(
+                routes::ROUTE,
+                session.rds.iter().cloned().collect(),
                 "",
                 "",
             ));
@@ -546,10 +579,10 @@ impl XdsSource {
             let arrived = Instant::now();
             let ty = short_type(&resp.type_url);
             let names = |session: &Session| -> Vec<String> {
-                if resp.type_url == type_url::ENDPOINT {
-                    session.eds.iter().cloned().collect()
-                } else {
-                    vec![]
+                match resp.type_url.as_str() {
+                    type_url::ENDPOINT => session.eds.iter().cloned().collect(),
+                    routes::ROUTE => session.rds.iter().cloned().collect(),
+                    _ => vec![],
                 }
             };
             match apply_sotw(state, &resp) {
@@ -582,6 +615,19 @@ impl XdsSource {
                             let _ = tx.send(request(
                                 type_url::ENDPOINT,
                                 session.eds.iter().cloned().collect(),
+                                &v,
+                                &n,
+                            ));
+                        }
+                    }
+                    if resp.type_url == type_url::LISTENER {
+                        let now = state.rds_names();
+                        if now != session.rds {
+                            session.rds = now;
+                            let (v, n) = versions.get(routes::ROUTE).cloned().unwrap_or_default();
+                            let _ = tx.send(request(
+                                routes::ROUTE,
+                                session.rds.iter().cloned().collect(),
                                 &v,
                                 &n,
                             ));
@@ -710,6 +756,13 @@ fn apply(
             match removed {
                 Some(removed) => state.update_listeners(routes, removed),
                 None => state.replace_listeners(routes),
+            }
+        }
+        routes::ROUTE => {
+            let configs = decode_all(anys, routes::route_configuration)?;
+            match removed {
+                Some(removed) => state.update_routes(configs, removed),
+                None => state.replace_routes(configs),
             }
         }
         type_url::ENDPOINT => {

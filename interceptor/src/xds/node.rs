@@ -44,6 +44,8 @@ pub struct Extra {
     /// auto-registered WorkloadEntry for ztunnel clients. We always send HBONE (outbound), so
     /// `DISABLE_HBONE_SEND` is never set and tunnel endpoints come as they are.
     pub hbone: bool,
+    /// `region/zone/subzone`: istiod orders endpoints by closeness to it.
+    pub locality: String,
 }
 
 /// The node id: `sidecar~<ip>~<pod name>.<ns>~<ns>.svc.cluster.local`.
@@ -123,9 +125,23 @@ pub fn node(b: &Bundle, extra: &Extra) -> Node {
             b.namespace
         ),
         metadata: Some(Struct { fields }),
+        locality: locality(&extra.locality),
         user_agent_name: "interceptor".into(),
         ..Default::default()
     }
+}
+
+/// istio-agent's `model.ConvertLocality`: `region/zone/subzone`, any part may be missing.
+fn locality(l: &str) -> Option<interceptor_proto::envoy::config::core::v3::Locality> {
+    if l.is_empty() {
+        return None;
+    }
+    let mut parts = l.splitn(3, '/').map(str::to_string);
+    Some(interceptor_proto::envoy::config::core::v3::Locality {
+        region: parts.next().unwrap_or_default(),
+        zone: parts.next().unwrap_or_default(),
+        sub_zone: parts.next().unwrap_or_default(),
+    })
 }
 
 /// INSTANCE_IPS as the mesh should know this VM: the first is the node id's and the

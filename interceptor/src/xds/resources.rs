@@ -23,7 +23,10 @@ use interceptor_proto::type_url;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use crate::mesh::traffic::{LoadBalancer, OutlierDetection, Pool, TrafficPolicy};
+use crate::mesh::traffic::{
+    LoadBalancer, OutlierDetection, Pool, TlsMode, TrafficPolicy, UpstreamTls,
+    DEFAULT_MAX_EJECTION_PERCENT,
+};
 use crate::mesh::{
     self, Address, Health, Host, Location, NameTable, Resolution, ServiceDecl, ServicePort,
     Workload, TLS_MODE_LABEL, TUNNEL_LABEL,
@@ -125,12 +128,19 @@ fn traffic_policy(c: &Cluster) -> TrafficPolicy {
                 0
             },
             base_ejection_ms: o.base_ejection_time.as_ref().map_or(30_000, millis),
+            max_ejection_percent: o
+                .max_ejection_percent
+                .as_ref()
+                .map_or(DEFAULT_MAX_EJECTION_PERCENT, |v| v.value.min(100)),
         }
     });
     TrafficPolicy {
         load_balancer,
         pool,
         outlier,
+        tls: None,
+        // istiod already prioritised the endpoints by locality for us (EDS priorities).
+        locality: None,
     }
 }
 
@@ -171,6 +181,97 @@ fn struct_str<'a>(s: &'a Struct, key: &str) -> Option<&'a str> {
 
 fn filter<'a>(m: Option<&'a Metadata>, name: &str) -> Option<&'a Struct> {
     m?.filter_metadata.get(name)
+}
+
+/// The cluster's own TLS (sheet 3.5, in reverse): none at all is plaintext to every endpoint
+/// (DR DISABLE, mesh-external, auto mTLS off); transport socket matches are auto mTLS (None);
+/// a `transport_socket` is the DR's mode, told by its secrets: `default` is Istio's certificate
+/// (ISTIO_MUTUAL), `file-cert:CERT~KEY` a client certificate from files (MUTUAL), neither
+/// SIMPLE; `file-root:PATH` the CA bundle (`system`: the system's), an empty validation
+/// context insecureSkipVerify.
+fn upstream_tls(c: &Cluster) -> Result<Option<UpstreamTls>, Invalid> {
+    let Some(socket) = &c.transport_socket else {
+        return Ok(c
+            .transport_socket_matches
+            .is_empty()
+            .then(|| UpstreamTls::mode(TlsMode::Disable)));
+    };
+    let Some(ConfigType::TypedConfig(any)) = &socket.config_type else {
+        return Ok(Some(UpstreamTls::mode(TlsMode::Disable)));
+    };
+    if any.type_url != type_url::UPSTREAM_TLS {
+        // raw_buffer and the like: plaintext.
+        return Ok(Some(UpstreamTls::mode(TlsMode::Disable)));
+    }
+    let ctx = UpstreamTlsContext::decode(any.value.as_slice())
+        .map_err(|e| invalid(&c.name, format!("transport socket: {e}")))?;
+    let common = ctx.common_tls_context.unwrap_or_default();
+    let mut out = UpstreamTls::mode(TlsMode::Simple);
+    out.sni = Some(ctx.sni).filter(|s| !s.is_empty());
+    for secret in &common.tls_certificate_sds_secret_configs {
+        if secret.name == "default" {
+            out.mode = TlsMode::IstioMutual;
+        } else if let Some(files) = secret.name.strip_prefix("file-cert:") {
+            let (cert, key) = files.split_once('~').ok_or_else(|| {
+                invalid(
+                    &c.name,
+                    format!(
+                        "client certificate secret {:?} is not file-cert:CERT~KEY",
+                        secret.name
+                    ),
+                )
+            })?;
+            out.mode = TlsMode::Mutual;
+            out.client_certificate = Some(cert.into());
+            out.private_key = Some(key.into());
+        } else {
+            return Err(invalid(
+                &c.name,
+                format!("client certificate secret {:?}: a VM reads only Istio's own and file-cert: secrets (credentialName needs a gateway)", secret.name),
+            ));
+        }
+    }
+    let (validation, root) = match common.validation_context_type {
+        Some(ValidationContextType::CombinedValidationContext(v)) => (
+            v.default_validation_context,
+            v.validation_context_sds_secret_config.map(|s| s.name),
+        ),
+        Some(ValidationContextType::ValidationContext(v)) => (Some(v), None),
+        Some(ValidationContextType::ValidationContextSdsSecretConfig(s)) => (None, Some(s.name)),
+        _ => (None, None),
+    };
+    match root.as_deref() {
+        Some("ROOTCA") | None if out.mode == TlsMode::IstioMutual => {}
+        None => out.insecure_skip_verify = true,
+        Some(r) => match r.strip_prefix("file-root:") {
+            Some("system") => {}
+            Some(path) => out.ca_certificates = Some(path.into()),
+            None => {
+                return Err(invalid(
+                    &c.name,
+                    format!(
+                        "validation secret {r:?}: a VM reads only ROOTCA and file-root: secrets"
+                    ),
+                ))
+            }
+        },
+    }
+    if let Some(v) = validation {
+        #[allow(deprecated)]
+        let plain = v.match_subject_alt_names.into_iter();
+        let typed = v
+            .match_typed_subject_alt_names
+            .into_iter()
+            .filter_map(|m| m.matcher);
+        out.subject_alt_names = plain
+            .chain(typed)
+            .filter_map(|m| match m.match_pattern {
+                Some(MatchPattern::Exact(s)) => Some(s),
+                _ => None,
+            })
+            .collect();
+    }
+    Ok(Some(out))
 }
 
 /// The SANs of the cluster's `tlsMode-istio` transport socket.
@@ -371,7 +472,10 @@ pub fn cluster(any: &Any) -> Result<Option<ClusterInfo>, Invalid> {
         namespace,
         kind,
         inline,
-        policy: traffic_policy(&c),
+        policy: TrafficPolicy {
+            tls: upstream_tls(&c)?,
+            ..traffic_policy(&c)
+        },
     }))
 }
 
@@ -626,6 +730,104 @@ mod tests {
         ] {
             assert_eq!(outbound_name(ignored), None, "{ignored}");
         }
+    }
+
+    /// A cluster whose transport socket is istiod's rendering of a DR's tls.
+    fn tls_cluster(certs: &[&str], root: Option<&str>, sans: &[&str]) -> Cluster {
+        use interceptor_proto::envoy::config::core::v3::TransportSocket;
+        use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::common_tls_context::CombinedCertificateValidationContext;
+        use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::{
+            CertificateValidationContext, CommonTlsContext, SdsSecretConfig,
+        };
+        use interceptor_proto::envoy::r#type::matcher::v3::StringMatcher;
+        let secret = |n: &str| SdsSecretConfig {
+            name: n.into(),
+            ..Default::default()
+        };
+        #[allow(deprecated)]
+        let validation = CertificateValidationContext {
+            match_subject_alt_names: sans
+                .iter()
+                .map(|s| StringMatcher {
+                    match_pattern: Some(MatchPattern::Exact(s.to_string())),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let ctx = UpstreamTlsContext {
+            sni: "db.example.com".into(),
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_sds_secret_configs: certs.iter().map(|c| secret(c)).collect(),
+                validation_context_type: Some(match root {
+                    Some(r) => ValidationContextType::CombinedValidationContext(
+                        CombinedCertificateValidationContext {
+                            default_validation_context: Some(validation),
+                            validation_context_sds_secret_config: Some(secret(r)),
+                            ..Default::default()
+                        },
+                    ),
+                    None => ValidationContextType::ValidationContext(validation),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Cluster {
+            name: "outbound|5432||db.example.com".into(),
+            transport_socket: Some(TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(ConfigType::TypedConfig(Any {
+                    type_url: type_url::UPSTREAM_TLS.into(),
+                    value: ctx.encode_to_vec(),
+                })),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_clusters_transport_socket_tells_the_destination_rules_tls_mode() {
+        let t = upstream_tls(&tls_cluster(
+            &[],
+            Some("file-root:/ca.pem"),
+            &["db.example.com"],
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.mode, TlsMode::Simple);
+        assert_eq!(t.ca_certificates, Some("/ca.pem".into()));
+        assert_eq!(t.sni.as_deref(), Some("db.example.com"));
+        assert_eq!(t.subject_alt_names, vec!["db.example.com".to_string()]);
+        assert!(!t.insecure_skip_verify);
+        let t = upstream_tls(&tls_cluster(&[], Some("file-root:system"), &[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.ca_certificates, None, "system: the system bundle");
+        let t = upstream_tls(&tls_cluster(&["file-cert:/c.pem~/k.pem"], None, &[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.mode, TlsMode::Mutual);
+        assert_eq!(
+            (t.client_certificate, t.private_key),
+            (Some("/c.pem".into()), Some("/k.pem".into()))
+        );
+        assert!(t.insecure_skip_verify, "an empty validation context");
+        let t = upstream_tls(&tls_cluster(&["default"], Some("ROOTCA"), &[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.mode, TlsMode::IstioMutual);
+        // Nothing at all: plaintext; matches: auto mTLS.
+        let none = Cluster::default();
+        assert_eq!(upstream_tls(&none).unwrap().unwrap().mode, TlsMode::Disable);
+        let auto = Cluster {
+            transport_socket_matches: vec![Default::default()],
+            ..Default::default()
+        };
+        assert_eq!(upstream_tls(&auto).unwrap(), None);
+        // A Kubernetes secret (credentialName) cannot be read on a VM: the push is refused.
+        let e = upstream_tls(&tls_cluster(&["kubernetes://db-creds"], None, &[])).unwrap_err();
+        assert!(e.message.contains("kubernetes://db-creds"), "{e}");
     }
 
     #[test]

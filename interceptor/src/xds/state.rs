@@ -12,6 +12,7 @@ use super::listeners::Decoded;
 use super::resources::{
     build_names, cluster_workloads, service, ClusterInfo, ClusterKind, EndpointInfo, NameInfo,
 };
+use crate::mesh::http_route::VirtualHostRoutes;
 use crate::mesh::inbound::InboundIntent;
 use crate::mesh::traffic::ListenerRoute;
 use crate::mesh::{NameTable, Resources, ServiceDecl, Workload};
@@ -29,6 +30,12 @@ pub struct Accepted {
     /// `virtualInbound`: the inbound mTLS modes and authorization istiod computed for us.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<InboundIntent>,
+    /// The RDS name each HTTP listener takes, by listener name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rds: BTreeMap<String, String>,
+    /// RDS: by route configuration name, the virtual hosts a VirtualService made.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub http_routes: BTreeMap<String, Vec<VirtualHostRoutes>>,
 }
 
 #[derive(Default)]
@@ -45,6 +52,7 @@ pub struct State {
     name_table: Option<Arc<NameTable>>,
     /// The listener routes in force (remade when LDS changes them).
     routes: Vec<Arc<ListenerRoute>>,
+    http_hosts: Vec<Arc<VirtualHostRoutes>>,
     inbound: Option<Arc<InboundIntent>>,
     routes_dirty: bool,
     dirty_clusters: HashSet<String>,
@@ -77,6 +85,7 @@ impl State {
     /// removed by name.
     pub fn update_listeners(&mut self, changed: Vec<Decoded>, removed: &[String]) {
         for name in removed {
+            self.accepted.rds.remove(name);
             self.routes_dirty |= self.accepted.listeners.remove(name).is_some();
             if name == super::inbound::VIRTUAL_INBOUND {
                 self.routes_dirty |= self.accepted.inbound.take().is_some();
@@ -86,8 +95,13 @@ impl State {
             name,
             route,
             inbound,
+            rds,
         } in changed
         {
+            match rds {
+                Some(r) => self.accepted.rds.insert(name.clone(), r),
+                None => self.accepted.rds.remove(&name),
+            };
             if name == super::inbound::VIRTUAL_INBOUND {
                 self.routes_dirty |= self.accepted.inbound != inbound;
                 self.accepted.inbound = inbound;
@@ -109,7 +123,11 @@ impl State {
     pub fn replace_listeners(&mut self, all: Vec<Decoded>) {
         let mut inbound = None;
         let mut now = BTreeMap::new();
+        self.accepted.rds.clear();
         for d in all {
+            if let Some(r) = d.rds {
+                self.accepted.rds.insert(d.name.clone(), r);
+            }
             if d.inbound.is_some() {
                 inbound = d.inbound;
             } else if let Some(r) = d.route {
@@ -119,6 +137,37 @@ impl State {
         if now != self.accepted.listeners || inbound != self.accepted.inbound {
             self.accepted.listeners = now;
             self.accepted.inbound = inbound;
+            self.routes_dirty = true;
+        }
+    }
+
+    /// The route configurations the HTTP listeners take (RDS subscriptions).
+    pub fn rds_names(&self) -> BTreeSet<String> {
+        self.accepted.rds.values().cloned().collect()
+    }
+
+    /// A delta of RDS.
+    pub fn update_routes(
+        &mut self,
+        changed: Vec<(String, Vec<VirtualHostRoutes>)>,
+        removed: &[String],
+    ) {
+        for name in removed {
+            self.routes_dirty |= self.accepted.http_routes.remove(name).is_some();
+        }
+        for (name, hosts) in changed {
+            if self.accepted.http_routes.get(&name) != Some(&hosts) {
+                self.accepted.http_routes.insert(name, hosts);
+                self.routes_dirty = true;
+            }
+        }
+    }
+
+    /// The whole RDS (SotW): what is not in it is gone.
+    pub fn replace_routes(&mut self, all: Vec<(String, Vec<VirtualHostRoutes>)>) {
+        let now: BTreeMap<_, _> = all.into_iter().collect();
+        if now != self.accepted.http_routes {
+            self.accepted.http_routes = now;
             self.routes_dirty = true;
         }
     }
@@ -305,11 +354,20 @@ impl State {
                 .map(Arc::new)
                 .collect();
             self.inbound = self.accepted.inbound.clone().map(Arc::new);
+            self.http_hosts = self
+                .accepted
+                .http_routes
+                .values()
+                .flatten()
+                .cloned()
+                .map(Arc::new)
+                .collect();
         }
         Resources {
             services: self.decls.values().cloned().collect(),
             names: self.name_table.clone(),
             listener_routes: self.routes.clone(),
+            http_hosts: self.http_hosts.clone(),
             inbound: self.inbound.clone(),
             ..Default::default()
         }

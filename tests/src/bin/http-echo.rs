@@ -1,38 +1,122 @@
 //! Test server: `http-echo NAME ADDR...`. Answers every HTTP request with
 //! "NAME METHOD PATH from PEER" and prints the same line, so a test sees who reached whom.
 //! With HTTP_ECHO_STATUS_FILE set, the status code is what that file holds (200 without it):
-//! an application whose health a test turns.
+//! an application whose health a test turns. A path `/status/N` answers N, `/delay/MS` waits
+//! MS milliseconds first. The answer's `x-echo-headers` header lists the request's headers
+//! (`name=value;...`). With HTTP_ECHO_KEEPALIVE set, HTTP/1.1 connections stay open for the
+//! next request (else each answer closes its connection).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
 
-fn serve(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
+struct Request {
+    line: String,
+    headers: Vec<(String, String)>,
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+        if let Some((k, v)) = h.trim_end().split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let length: u64 = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        skip_chunks(reader)?;
+    } else {
+        std::io::copy(&mut reader.by_ref().take(length), &mut std::io::sink())?;
+    }
+    Ok(Some(Request { line, headers }))
+}
+
+/// Reads a chunked body (and its trailers) to its end.
+fn skip_chunks(reader: &mut BufReader<TcpStream>) -> std::io::Result<()> {
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size)?;
+        let hex = size.trim().split(';').next().unwrap_or("0");
+        let n = u64::from_str_radix(hex, 16).unwrap_or(0);
+        if n == 0 {
+            loop {
+                let mut trailer = String::new();
+                if reader.read_line(&mut trailer)? == 0 || trailer.trim().is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        std::io::copy(&mut reader.by_ref().take(n + 2), &mut std::io::sink())?;
+    }
+}
+
+fn status_of(path: &str) -> u16 {
+    if let Some(n) = path.strip_prefix("/status/").and_then(|s| s.parse().ok()) {
+        return n;
+    }
+    std::env::var_os("HTTP_ECHO_STATUS_FILE")
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(200)
+}
+
+fn serve(name: &str, mut stream: TcpStream, keepalive: bool) -> std::io::Result<()> {
     let peer = stream.peer_addr()?;
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+    while let Some(req) = read_request(&mut reader)? {
+        let mut parts = req.line.split_whitespace();
+        let (method, path, version) = (
+            parts.next().unwrap_or("-"),
+            parts.next().unwrap_or("-"),
+            parts.next().unwrap_or("HTTP/1.0"),
+        );
+        if let Some(ms) = path.strip_prefix("/delay/").and_then(|s| s.parse().ok()) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        let body = format!("{name} {method} {path} from {peer}\n");
+        print!("{body}");
+        std::io::stdout().flush()?;
+        let close_asked = req
+            .headers
+            .iter()
+            .any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"));
+        let keep = keepalive && version == "HTTP/1.1" && !close_asked;
+        let echoed: Vec<String> = req
+            .headers
+            .iter()
+            .filter(|(_, v)| v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        write!(
+            stream,
+            "HTTP/1.1 {} X\r\nContent-Length: {}\r\nx-echo-headers: {}\r\nConnection: {}\r\n\r\n{body}",
+            status_of(path),
+            body.len(),
+            echoed.join(";"),
+            if keep { "keep-alive" } else { "close" },
+        )?;
+        stream.flush()?;
+        if !keep {
             break;
         }
     }
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or("-"), parts.next().unwrap_or("-"));
-    let body = format!("{name} {method} {path} from {peer}\n");
-    print!("{body}");
-    std::io::stdout().flush()?;
-    let status: u16 = std::env::var_os("HTTP_ECHO_STATUS_FILE")
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(200);
-    write!(
-        stream,
-        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    stream.flush()
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +124,7 @@ fn main() -> anyhow::Result<()> {
     let name = args
         .next()
         .ok_or_else(|| anyhow::anyhow!("usage: http-echo NAME ADDR..."))?;
+    let keepalive = std::env::var_os("HTTP_ECHO_KEEPALIVE").is_some();
     let mut handles = Vec::new();
     for addr in args {
         let listener = TcpListener::bind(&addr).map_err(|e| anyhow::anyhow!("bind {addr}: {e}"))?;
@@ -47,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         handles.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let name = name.clone();
-                std::thread::spawn(move || serve(&name, stream));
+                std::thread::spawn(move || serve(&name, stream, keepalive));
             }
         }));
     }
