@@ -66,6 +66,15 @@ struct ExplainArgs {
     /// With --inbound: the client's address
     #[arg(long, value_name = "IP", requires = "inbound")]
     source: Option<std::net::IpAddr>,
+    /// With --inbound on an HTTP port: judge a request for this path (and --method, --host)
+    #[arg(long, value_name = "PATH", requires = "inbound")]
+    path: Option<String>,
+    /// With --path: the request's method
+    #[arg(long, value_name = "METHOD", requires = "path", default_value = "GET")]
+    method: String,
+    /// With --path: the request's authority
+    #[arg(long, value_name = "HOST", requires = "path")]
+    host: Option<String>,
     /// The SNI the client's TLS hello names (routes by VirtualService tls sniHosts)
     #[arg(long, value_name = "NAME", conflicts_with = "inbound")]
     sni: Option<String>,
@@ -210,10 +219,13 @@ fn main() -> ExitCode {
             }),
         Command::Explain(args) if args.inbound.is_some() => ask(&args.admin, |admin| async move {
             let path = format!(
-                "/explain/inbound?port={}&identity={}&source={}",
+                "/explain/inbound?port={}&identity={}&source={}&method={}&path={}&host={}",
                 args.inbound.unwrap_or_default(),
                 encode_query(args.from.as_deref().unwrap_or("")),
-                args.source.map(|s| s.to_string()).unwrap_or_default()
+                args.source.map(|s| s.to_string()).unwrap_or_default(),
+                encode_query(&args.method),
+                encode_query(args.path.as_deref().unwrap_or("")),
+                encode_query(args.host.as_deref().unwrap_or("")),
             );
             let v: interceptor::admin::InboundVerdict =
                 interceptor::admin::get_json(admin.admin, &path).await?;

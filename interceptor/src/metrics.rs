@@ -77,6 +77,8 @@ impl TcpLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: &'static str,
+    /// The client's SPIFFE id (ours outbound; the proved one inbound, else `unknown`).
+    pub source_principal: String,
     pub destination_service: String,
     pub destination_version: String,
     /// `http/1.1`, `http/2`.

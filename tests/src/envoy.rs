@@ -216,6 +216,59 @@ pub fn redirect_passthrough_config(listen: u16, upstream: &str, admin: u16) -> S
     )
 }
 
+/// As `outbound_config`, but at L7 as an Istio sidecar is for an HTTP port: an HTTP connection
+/// manager (HTTP/1.1 or h2c from the app) routing to the cluster, whose mTLS offers the ALPN
+/// Istio's `istio.alpn` filter sets for HTTP/1.1 upstreams.
+pub fn http_outbound_config(
+    certs: &Path,
+    local: u16,
+    host: &str,
+    endpoint: &str,
+    port: u16,
+    san: &str,
+    admin: u16,
+) -> String {
+    let name = format!("outbound|{port}||{host}");
+    let mut cluster = static_cluster(&name, endpoint, port);
+    cluster["transport_socket"] = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": format!("outbound_.{port}_._.{host}"),
+            "common_tls_context": common_tls(
+                certs,
+                &["istio-http/1.1", "istio", "http/1.1"],
+                json!({"exact": san}),
+            ),
+        },
+    });
+    let hcm = json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": format!("outbound_0.0.0.0_{port}"),
+            "route_config": {
+                "name": port.to_string(),
+                "virtual_hosts": [{
+                    "name": format!("{host}:{port}"),
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}],
+                }],
+            },
+            "http_filters": [{
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }],
+        },
+    });
+    let listener = json!({
+        "name": format!("outbound_{local}"),
+        "address": socket("127.0.0.1", local),
+        "filter_chains": [{"filters": [hcm]}],
+    });
+    bootstrap(admin, json!([listener]), json!([cluster]))
+}
+
 /// TLS 1.3 only, as HBONE requires (SPEC 11).
 fn tls13(mut common: Value) -> Value {
     common["tls_params"] = json!({

@@ -815,3 +815,93 @@ fn route_action(vs: &Doc, rule: &HttpRoute, s: &HttpService<'_>, port: u16) -> A
         }
     }
 }
+
+/// istiod's HTTP RBAC filters for an inbound HTTP chain, one per action in order.
+pub fn http_rbac_filters(
+    policies: Vec<(
+        i32,
+        Vec<(String, interceptor_proto::envoy::config::rbac::v3::Policy)>,
+    )>,
+) -> Vec<HttpFilter> {
+    use interceptor_proto::envoy::config::rbac::v3::Rbac;
+    use interceptor_proto::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+    policies
+        .into_iter()
+        .map(|(action, ps)| {
+            let f = HttpRbac {
+                rules: Some(Rbac {
+                    action,
+                    policies: ps.into_iter().collect(),
+                    ..Default::default()
+                }),
+                shadow_rules_stat_prefix: if action == 1 {
+                    "istio_dry_run_deny_"
+                } else {
+                    "istio_dry_run_allow_"
+                }
+                .into(),
+                ..Default::default()
+            };
+            HttpFilter {
+                name: "envoy.filters.http.rbac".into(),
+                config_type: Some(HttpFilterConfig::TypedConfig(any(
+                    "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                    &f,
+                ))),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+/// An inbound HTTP chain's connection manager (sheet 4.2): the HTTP RBAC filters, then the
+/// router to `inbound|<port>||` by an inline route configuration, as istiod builds it.
+pub fn inbound_hcm(port: u16, rbac: Vec<HttpFilter>) -> Filter {
+    use interceptor_proto::envoy::config::route::v3::{
+        route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route,
+        RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    };
+    let cluster = format!("inbound|{port}||");
+    let mut filters = rbac;
+    filters.push(HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(HttpFilterConfig::TypedConfig(Any {
+            type_url: ROUTER.into(),
+            value: vec![],
+        })),
+        ..Default::default()
+    });
+    let hcm = HttpConnectionManager {
+        stat_prefix: format!("inbound_0.0.0.0_{port}"),
+        route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
+            name: cluster.clone(),
+            virtual_hosts: vec![VirtualHost {
+                name: format!("inbound|http|{port}"),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    name: "default".into(),
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(Action::Route(RouteAction {
+                        cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.clone())),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            // istiod's inbound route configuration does not validate clusters (its
+            // `inbound|P||` clusters may come after the listener).
+            validate_clusters: Some(BoolValue { value: false }),
+            ..Default::default()
+        })),
+        http_filters: filters,
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(ConfigType::TypedConfig(any(HCM, &hcm))),
+    }
+}

@@ -96,6 +96,25 @@ pub struct AuthzRule {
     pub from: Vec<AuthzFrom>,
     #[serde(default)]
     pub to: Vec<AuthzTo>,
+    #[serde(default)]
+    pub when: Vec<AuthzCondition>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct AuthzCondition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+impl AuthzRule {
+    /// It names what only HTTP carries (checkError's HTTP-only fields).
+    fn is_http(&self) -> bool {
+        self.to.iter().any(|t| {
+            let o = &t.operation;
+            !(o.methods.is_empty() && o.paths.is_empty() && o.hosts.is_empty())
+        }) || self.when.iter().any(|c| c.key.starts_with("request."))
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -123,6 +142,12 @@ pub struct AuthzTo {
 pub struct AuthzOperation {
     #[serde(default)]
     pub ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 /// The part of a DestinationRule's trafficPolicy istiod turns into L4 cluster fields.
@@ -791,6 +816,8 @@ pub struct InboundWorkload {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
     pub ports: Vec<u16>,
+    /// Those of `ports` a service declares HTTP: istiod gives them HTTP chains.
+    pub http_ports: Vec<u16>,
 }
 
 const ROOT_NAMESPACE: &str = "istio-system";
@@ -873,6 +900,25 @@ fn rbac_filter(
 /// istiod's authz builder for a TCP chain (sheet 4.3): one filter per action (AUDIT, DENY,
 /// ALLOW), a policy per rule named `ns[NS]-policy[NAME]-rule[I]`.
 fn rbac_filters(docs: &[Doc], w: &InboundWorkload) -> Vec<Filter> {
+    rbac_policies(docs, w, false)
+        .into_iter()
+        .map(|(a, ps)| rbac_filter(a, ps))
+        .collect()
+}
+
+/// The policies of each action, in filter order, for a TCP chain or (`http`) an HTTP one. On
+/// a TCP chain an ALLOW rule naming HTTP-only fields is dropped whole and a DENY or AUDIT
+/// rule loses those conditions (checkError); on an HTTP chain they are matchers: methods on
+/// `:method`, paths on `url_path`, hosts on `:authority` ignoring case, and
+/// `request.headers[X]` as a principal on header X.
+pub(crate) fn rbac_policies(
+    docs: &[Doc],
+    w: &InboundWorkload,
+    http: bool,
+) -> Vec<(
+    i32,
+    Vec<(String, interceptor_proto::envoy::config::rbac::v3::Policy)>,
+)> {
     use interceptor_proto::envoy::config::core::v3::CidrRange;
     use interceptor_proto::envoy::config::rbac::v3::permission::{
         Rule as PermRule, Set as PermSet,
@@ -912,8 +958,32 @@ fn rbac_filters(docs: &[Doc], w: &InboundWorkload) -> Vec<Filter> {
             Some("AUDIT") => 2,
             _ => 0,
         };
+        if action == 0 {
+            // An ALLOW policy makes its filter even when no rule is left of it (deny all).
+            by_action.entry(0).or_default();
+        }
         for (i, r) in d.spec.rules.iter().enumerate() {
-            let principals = if r.from.is_empty() {
+            if !http && action == 0 && r.is_http() {
+                continue;
+            }
+            let headers: Vec<Principal> = r
+                .when
+                .iter()
+                .filter(|_| http)
+                .filter_map(|c| {
+                    let name = c.key.strip_prefix("request.headers[")?.strip_suffix(']')?;
+                    Some(or_ids(
+                        c.values.iter().map(|v| header_id(name, v, false)).collect(),
+                    ))
+                })
+                .collect();
+            let principals = if r.from.is_empty() && !headers.is_empty() {
+                vec![Principal {
+                    identifier: Some(Identifier::AndIds(IdSet {
+                        ids: headers.clone(),
+                    })),
+                }]
+            } else if r.from.is_empty() {
                 vec![any_id.clone()]
             } else {
                 r.from
@@ -964,6 +1034,7 @@ fn rbac_filters(docs: &[Doc], w: &InboundWorkload) -> Vec<Filter> {
                                     .collect(),
                             ));
                         }
+                        ands.extend(headers.iter().cloned());
                         if ands.is_empty() {
                             any_id.clone()
                         } else {
@@ -979,23 +1050,44 @@ fn rbac_filters(docs: &[Doc], w: &InboundWorkload) -> Vec<Filter> {
             } else {
                 r.to.iter()
                     .map(|t| {
-                        if t.operation.ports.is_empty() {
+                        let o = &t.operation;
+                        let or = |rules: Vec<Permission>| Permission {
+                            rule: Some(PermRule::OrRules(PermSet { rules })),
+                        };
+                        let mut ands = Vec::new();
+                        if !o.ports.is_empty() {
+                            ands.push(or(o
+                                .ports
+                                .iter()
+                                .map(|p| Permission {
+                                    rule: Some(PermRule::DestinationPort(p.parse().expect("port"))),
+                                })
+                                .collect()));
+                        }
+                        if http {
+                            if !o.methods.is_empty() {
+                                ands.push(or(o
+                                    .methods
+                                    .iter()
+                                    .map(|m| header_perm(":method", m, false))
+                                    .collect()));
+                            }
+                            if !o.paths.is_empty() {
+                                ands.push(or(o.paths.iter().map(|p| path_perm(p)).collect()));
+                            }
+                            if !o.hosts.is_empty() {
+                                ands.push(or(o
+                                    .hosts
+                                    .iter()
+                                    .map(|h| header_perm(":authority", h, true))
+                                    .collect()));
+                            }
+                        }
+                        if ands.is_empty() {
                             return any_perm.clone();
                         }
-                        let ports = t
-                            .operation
-                            .ports
-                            .iter()
-                            .map(|p| Permission {
-                                rule: Some(PermRule::DestinationPort(p.parse().expect("port"))),
-                            })
-                            .collect();
                         Permission {
-                            rule: Some(PermRule::AndRules(PermSet {
-                                rules: vec![Permission {
-                                    rule: Some(PermRule::OrRules(PermSet { rules: ports })),
-                                }],
-                            })),
+                            rule: Some(PermRule::AndRules(PermSet { rules: ands })),
                         }
                     })
                     .collect()
@@ -1013,8 +1105,91 @@ fn rbac_filters(docs: &[Doc], w: &InboundWorkload) -> Vec<Filter> {
     // AUDIT (LOG), then DENY, then ALLOW.
     [2, 1, 0]
         .into_iter()
-        .filter_map(|a| by_action.remove(&a).map(|ps| rbac_filter(a, ps)))
+        .filter_map(|a| by_action.remove(&a).map(|ps| (a, ps)))
         .collect()
+}
+
+/// Istio's string forms as Envoy matchers: `*` any (present), `p*` prefix, `*s` suffix, else
+/// exact (authz/matcher `StringMatcher`).
+fn istio_string(
+    v: &str,
+    ignore_case: bool,
+) -> Option<interceptor_proto::envoy::r#type::matcher::v3::StringMatcher> {
+    use interceptor_proto::envoy::r#type::matcher::v3::{
+        string_matcher::MatchPattern, StringMatcher,
+    };
+    let pattern = if v == "*" {
+        return None;
+    } else if let Some(p) = v.strip_suffix('*') {
+        MatchPattern::Prefix(p.into())
+    } else if let Some(s) = v.strip_prefix('*') {
+        MatchPattern::Suffix(s.into())
+    } else {
+        MatchPattern::Exact(v.into())
+    };
+    Some(StringMatcher {
+        match_pattern: Some(pattern),
+        ignore_case,
+    })
+}
+
+fn header_matcher(
+    name: &str,
+    v: &str,
+    ignore_case: bool,
+) -> interceptor_proto::envoy::config::route::v3::HeaderMatcher {
+    use interceptor_proto::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
+    interceptor_proto::envoy::config::route::v3::HeaderMatcher {
+        name: name.into(),
+        header_match_specifier: Some(match istio_string(v, ignore_case) {
+            Some(m) => HeaderMatchSpecifier::StringMatch(m),
+            None => HeaderMatchSpecifier::PresentMatch(true),
+        }),
+        ..Default::default()
+    }
+}
+
+fn header_perm(
+    name: &str,
+    v: &str,
+    ignore_case: bool,
+) -> interceptor_proto::envoy::config::rbac::v3::Permission {
+    use interceptor_proto::envoy::config::rbac::v3::permission::Rule;
+    interceptor_proto::envoy::config::rbac::v3::Permission {
+        rule: Some(Rule::Header(header_matcher(name, v, ignore_case))),
+    }
+}
+
+fn header_id(
+    name: &str,
+    v: &str,
+    ignore_case: bool,
+) -> interceptor_proto::envoy::config::rbac::v3::Principal {
+    use interceptor_proto::envoy::config::rbac::v3::principal::Identifier;
+    interceptor_proto::envoy::config::rbac::v3::Principal {
+        identifier: Some(Identifier::Header(header_matcher(name, v, ignore_case))),
+    }
+}
+
+/// `paths`: url_path exact / prefix / suffix, `*` any path (`.+`).
+fn path_perm(v: &str) -> interceptor_proto::envoy::config::rbac::v3::Permission {
+    use interceptor_proto::envoy::config::rbac::v3::permission::Rule;
+    use interceptor_proto::envoy::r#type::matcher::v3::{
+        path_matcher::Rule as PathRule, string_matcher::MatchPattern, PathMatcher, RegexMatcher,
+        StringMatcher,
+    };
+    let m = istio_string(v, false).unwrap_or(StringMatcher {
+        match_pattern: Some(MatchPattern::SafeRegex(RegexMatcher {
+            regex: ".+".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    });
+    interceptor_proto::envoy::config::rbac::v3::Permission {
+        rule: Some(Rule::UrlPath(PathMatcher {
+            rule: Some(PathRule::Path(m)),
+        })),
+    }
 }
 
 fn downstream_tls() -> interceptor_proto::envoy::config::core::v3::TransportSocket {
@@ -1045,18 +1220,30 @@ fn downstream_tls() -> interceptor_proto::envoy::config::core::v3::TransportSock
     }
 }
 
-/// The chains of one port (None: the passthrough chains) in `mode`, as the sheet's table
-/// (TCP port; auto ports add HTTP chains we leave out: the VM's L4 path reads TCP chains).
-fn inbound_chains(port: Option<u16>, mode: &str, filters: &[Filter]) -> Vec<FilterChain> {
+/// The chains of one port (None: the passthrough chains) in `mode`, as the sheet's table:
+/// a TCP port's network RBAC and TCP proxy, or an HTTP port's connection manager (`hcm`,
+/// its HTTP RBAC inside). Auto ports' extra HTTP chains are left out.
+fn inbound_chains(
+    port: Option<u16>,
+    mode: &str,
+    filters: &[Filter],
+    hcm: Option<Filter>,
+) -> Vec<FilterChain> {
     let cluster = match port {
         Some(p) => format!("inbound|{p}||"),
         None => "InboundPassthroughCluster".into(),
     };
-    let mut fs = filters.to_vec();
-    fs.push(tcp_proxy(
-        &cluster,
-        ClusterSpecifier::Cluster(cluster.clone()),
-    ));
+    let fs = match hcm {
+        Some(hcm) => vec![hcm],
+        None => {
+            let mut fs = filters.to_vec();
+            fs.push(tcp_proxy(
+                &cluster,
+                ClusterSpecifier::Cluster(cluster.clone()),
+            ));
+            fs
+        }
+    };
     let name = port.map_or("virtualInbound".to_string(), |p| format!("0.0.0.0_{p}"));
     let m = |transport: &str, alpn: &[&str]| FilterChainMatch {
         destination_port: port.map(|p| UInt32Value {
@@ -1110,7 +1297,8 @@ pub fn virtual_inbound(docs: &[Doc], w: &InboundWorkload) -> Listener {
         )],
         ..Default::default()
     }];
-    chains.extend(inbound_chains(None, &mode, &filters));
+    chains.extend(inbound_chains(None, &mode, &filters, None));
+    let http_rbac = crate::istiod_http::http_rbac_filters(rbac_policies(docs, w, true));
     let mut ports: Vec<u16> = w.ports.clone();
     // A portLevelMtls port no service declares gets passthrough chains of its own.
     ports.extend(port_modes.keys().filter(|p| !w.ports.contains(p)));
@@ -1118,7 +1306,11 @@ pub fn virtual_inbound(docs: &[Doc], w: &InboundWorkload) -> Listener {
     ports.dedup();
     for p in ports {
         let m = port_modes.get(&p).unwrap_or(&mode);
-        chains.extend(inbound_chains(Some(p), m, &filters));
+        let hcm = w
+            .http_ports
+            .contains(&p)
+            .then(|| crate::istiod_http::inbound_hcm(p, http_rbac.clone()));
+        chains.extend(inbound_chains(Some(p), m, &filters, hcm));
     }
     Listener {
         name: "virtualInbound".into(),

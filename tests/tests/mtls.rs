@@ -1321,6 +1321,7 @@ fn peer_authentication_and_authorization_policy_from_istiod_decide_inbound() {
         namespace: "default".into(),
         labels: [("app".to_string(), "product".to_string())].into(),
         ports: vec![8080, 8443],
+        http_ports: vec![],
     };
     let cp_mesh = |traffic: String| CpMesh {
         traffic,
@@ -1427,4 +1428,248 @@ fn peer_authentication_and_authorization_policy_from_istiod_decide_inbound() {
         &m.s_client(&blocked, &istio, "GET /unblocked HTTP/1.0\r\n\r\n"),
         "/unblocked"
     )));
+}
+
+/// The HTTP AuthorizationPolicy both pod-side scenarios apply: GET (or HEAD) under /public for
+/// anyone, POST /orders for the VM's identity only, and a DENY for any request carrying
+/// `x-evil`.
+const HTTP_POLICIES: &str = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: product-http, namespace: default}\nspec:\n  selector: {matchLabels: {app: product}}\n  rules:\n  - to: [{operation: {methods: [GET, HEAD], paths: ['/public*']}}]\n  - from: [{source: {principals: [cluster.local/ns/default/sa/vm]}}]\n    to: [{operation: {methods: [POST], paths: [/orders]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-evil, namespace: default}\nspec:\n  action: DENY\n  rules:\n  - when: [{key: 'request.headers[x-evil]', values: ['*']}]\n";
+
+/// Issue 26: requests judged one by one on the pod's HTTP port 8080, as Envoy's HTTP RBAC
+/// does: real clients (curl over plaintext HTTP/1.1 and h2c where PERMISSIVE lets them in,
+/// curl through the VM's interceptor over Istio mTLS, whose identity a rule names) get the
+/// app's answer or Envoy's 403 `RBAC: access denied`, counted in istio_requests_total
+/// (reporter destination) and refusals; the app sees the caller in x-forwarded-client-cert.
+fn http_policy_decides_each_request(m: &Mesh, pod_ic: &Interceptor) {
+    let plain = |args: &[&str]| -> String {
+        let mut a = vec!["-sS", "-m", "5", "-w", " status=%{http_code}", "-i"];
+        a.extend(args);
+        let (_, out, err) = try_sh(&mut m.vm_node().cmd("curl", &a));
+        out + &err
+    };
+    let url = |path: &str| format!("http://10.77.0.2:8080{path}");
+    let allowed = |out: &str, what: &str| {
+        assert!(out.contains(what) && out.contains("status=200"), "{out}");
+    };
+    let denied = |out: &str| {
+        assert!(
+            out.contains("status=403") && out.contains("RBAC: access denied"),
+            "{out}"
+        );
+    };
+    allowed(&plain(&[&url("/public/a?x=1")]), "pod GET /public/a");
+    denied(&plain(&["-X", "POST", &url("/public/a")]));
+    denied(&plain(&[&url("/admin")]));
+    denied(&plain(&["-H", "x-evil: 1", &url("/public/a")]));
+    // A plaintext client has no identity: POST /orders is not for it.
+    denied(&plain(&["-X", "POST", &url("/orders")]));
+    // HTTP/2 from the client, HTTP/1.1 to the app (the port is HTTP, not HTTP2).
+    allowed(
+        &plain(&["--http2-prior-knowledge", &url("/public/h2")]),
+        "pod GET /public/h2",
+    );
+    assert!(
+        wait(5.0, || pod_ic.counter(
+            "istio_requests_total",
+            &[("reporter", "destination"), ("response_code", "403")]
+        ) == 4.0),
+        "{}",
+        pod_ic.log()
+    );
+    assert_eq!(
+        pod_ic.counter(
+            "istio_requests_total",
+            &[("reporter", "destination"), ("response_code", "200")]
+        ),
+        2.0
+    );
+    assert!(refused(pod_ic, "policy_denied") >= 1.0);
+    assert!(refused(pod_ic, "policy_not_allowed") >= 3.0);
+
+    // Over mTLS from the VM's interceptor (curl by name in its captured cgroup): the VM's
+    // identity may POST /orders; the app sees it in x-forwarded-client-cert.
+    let (ok, out) = m.curl("/orders");
+    assert!(ok, "{out}");
+    assert!(out.contains("RBAC: access denied"), "GET /orders: {out}");
+    let (_, out, err) = try_sh(&mut m.vm_node().with_resolv(
+        &m.resolv,
+        &format!("exec curl -sS -m 5 -i -X POST http://{HOST}:8080/orders"),
+    ));
+    assert!(out.contains("pod POST /orders"), "{out}{err}");
+    let xfcc = format!("x-forwarded-client-cert=By={TD}/product;URI={TD}/vm");
+    assert!(out.contains(&xfcc), "{out}");
+    assert!(
+        pod_ic.counter(
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &format!("{TD}/vm")),
+                ("response_code", "200")
+            ]
+        ) >= 1.0,
+        "{}",
+        pod_ic.log()
+    );
+    assert!(
+        pod_ic.log().contains("inbound request"),
+        "no per-request log line"
+    );
+
+    // A real Envoy sidecar as the client (the VM's identity, Istio mTLS, HTTP/1.1 upstream):
+    // the same verdicts per request, on connections it keeps.
+    let sidecar = Envoy::start(
+        m.vm_node(),
+        "envoy-client",
+        &envoy::http_outbound_config(
+            &m.vm_certs,
+            15101,
+            HOST,
+            "10.77.0.2",
+            8080,
+            &format!("{TD}/product"),
+            15000,
+        ),
+        15000,
+    );
+    let via_envoy = |args: &[&str], path: &str| {
+        let mut a = vec!["-sS", "-m", "5", "-w", " status=%{http_code}"];
+        a.extend(args);
+        let url = format!("http://127.0.0.1:15101{path}");
+        a.push(&url);
+        sh(&mut m.vm_node().cmd("curl", &a))
+    };
+    for i in 0..3 {
+        allowed(
+            &via_envoy(&[], &format!("/public/envoy{i}")),
+            &format!("pod GET /public/envoy{i}"),
+        );
+    }
+    allowed(&via_envoy(&["-X", "POST"], "/orders"), "pod POST /orders");
+    denied(&via_envoy(&[], "/admin"));
+    denied(&via_envoy(&["-H", "x-evil: yes"], "/public/envoy"));
+    let cluster = format!("cluster.outbound|8080||{HOST}");
+    assert_eq!(
+        sidecar.stat(&format!("{cluster}.upstream_rq_403")),
+        2,
+        "{}",
+        sidecar.log()
+    );
+    // Six requests on fewer upstream connections: ours keeps them open between requests.
+    assert!(
+        sidecar.stat(&format!("{cluster}.upstream_cx_total")) < 6,
+        "{}",
+        sidecar.log()
+    );
+}
+
+/// The same policies on a port that is not HTTP fail closed (as Istio on TCP chains): the
+/// ALLOW rules need a request, so none matches, and the DENY rule without its header
+/// condition denies everything.
+fn the_same_policies_fail_closed_on_a_tcp_port(m: &Mesh, pod_ic: &Interceptor) {
+    let (_, out, err) = try_sh(&mut m.vm_node().cmd(
+        "curl",
+        &["-sS", "-m", "5", "http://10.77.0.2:8443/public/a"],
+    ));
+    assert!(!out.contains("pod GET"), "{out}{err}");
+    let e = pod_ic.json("/explain/inbound?port=8443&identity=&source=10.77.0.1");
+    assert_eq!(e["decision"]["allowed"], false, "{e}");
+    assert_eq!(e["http_port"], false, "{e}");
+}
+
+#[test]
+fn http_authorization_policy_from_files_decides_each_request() {
+    let m = Mesh::new();
+    let _app = m
+        .pod_node()
+        .http("pod", &["10.77.0.2:8080", "10.77.0.2:8443"]);
+    let _vm = m.vm(&vm_mesh(&pod_workload("product")));
+    // The pod's table: its own service (port 8080 declared HTTP) and the policies.
+    let policies = m.t.write(
+        "pod-policy.yaml",
+        &format!("{}{HTTP_POLICIES}", vm_mesh(&pod_workload("product"))),
+    );
+    let pod_ic = m
+        .pod_node()
+        .interceptor()
+        .mesh(&policies)
+        .resolv(&m.resolv)
+        .certs(&m.pod_certs)
+        .args(["--inbound-ports", "8080,8443"])
+        .args(["--namespace", "default", "--label", "app=product"])
+        .log("pod-ic")
+        .start();
+    http_policy_decides_each_request(&m, &pod_ic);
+    the_same_policies_fail_closed_on_a_tcp_port(&m, &pod_ic);
+    // explain judges a request as the data path does.
+    let e = pod_ic.json(&format!(
+        "/explain/inbound?port=8080&identity={TD}/vm&source=10.77.0.1&method=POST&path=/orders"
+    ));
+    assert_eq!(e["decision"]["allowed"], true, "{e}");
+    assert_eq!(e["decision"]["policy"], "default/product-http", "{e}");
+    assert_eq!(e["decision"]["rule"], 1, "{e}");
+    let e =
+        pod_ic.json("/explain/inbound?port=8080&identity=&source=10.77.0.1&method=GET&path=/admin");
+    assert_eq!(e["decision"]["reason"], "policy_not_allowed", "{e}");
+}
+
+#[test]
+fn http_authorization_policy_from_istiod_decides_each_request() {
+    use interceptor_tests::bundle::{write_bundle, Spec};
+    use interceptor_tests::istiod::{ControlPlane, Mesh as CpMesh};
+    use interceptor_tests::istiod_traffic::InboundWorkload;
+
+    let m = Mesh::new();
+    let _app = m
+        .pod_node()
+        .http("pod", &["10.77.0.2:8080", "10.77.0.2:8443"]);
+    let _vm = m.vm(&vm_mesh(&pod_workload("product")));
+    let workload = InboundWorkload {
+        namespace: "default".into(),
+        labels: [("app".to_string(), "product".to_string())].into(),
+        ports: vec![8080, 8443],
+        http_ports: vec![8080],
+    };
+    let _cp = ControlPlane::start(
+        &m.pod_node().ns.handle(),
+        "10.77.0.2:15012".parse().unwrap(),
+        &m.ca,
+        "pod-token",
+        CpMesh {
+            traffic: HTTP_POLICIES.into(),
+            inbound: Some(workload),
+            ..Default::default()
+        },
+    );
+    let mut spec = Spec::new("default", "product", "10.77.0.2", &m.ca.pem());
+    spec.token = "pod-token".into();
+    spec.labels.insert("app".into(), "product".into());
+    let bundle = write_bundle(&m.t.path("pod-root"), &spec);
+    m.ca.issue(&bundle.join("etc/certs"), &spec.identity(), Key::Rsa);
+    let pod_ic = m
+        .pod_node()
+        .interceptor()
+        .resolv(&m.resolv)
+        .args(["--control-plane", "istiod", "--istio-dir"])
+        .arg(&bundle)
+        .args(["--inbound-ports", "8080,8443"])
+        .log("pod-ic")
+        .start();
+    assert!(
+        wait(20.0, || pod_ic.json(
+            "/explain/inbound?port=8080&identity=&source=10.77.0.1"
+        )["http_port"]
+            == true),
+        "istiod's HTTP chains never in force: {}",
+        pod_ic.log()
+    );
+    http_policy_decides_each_request(&m, &pod_ic);
+    the_same_policies_fail_closed_on_a_tcp_port(&m, &pod_ic);
+    let e = pod_ic.json(&format!(
+        "/explain/inbound?port=8080&identity={TD}/vm&source=10.77.0.1&method=POST&path=/orders"
+    ));
+    assert_eq!(e["decision"]["allowed"], true, "{e}");
+    assert_eq!(
+        e["decision"]["policy"], "ns[default]-policy[product-http]-rule[1]",
+        "{e}"
+    );
 }

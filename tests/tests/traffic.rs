@@ -301,12 +301,14 @@ fn the_same_split_from_istiod_and_a_real_envoy_fed_the_same_xds_agrees() {
     // inbound chains and RBAC the control plane writes are shown to be Envoy's config.
     cp.cp.update(|m| {
         m.traffic.push_str(
-            "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: mesh, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-shop, namespace: shop}\nspec:\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n    to: [{operation: {ports: ['9080']}}]\n",
+            "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: mesh, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-shop, namespace: shop}\nspec:\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n    to: [{operation: {ports: ['9080']}}]\n  - to: [{operation: {ports: ['9081'], methods: [GET], paths: [/public*, '*.css', /exact], hosts: ['Shop.example']}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-evil, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - when: [{key: 'request.headers[x-evil]', values: ['*']}]\n",
         );
+        // 9081 is an HTTP port: HTTP chains with HTTP RBAC (methods, paths, hosts, a header).
         m.inbound = Some(interceptor_tests::istiod_traffic::InboundWorkload {
             namespace: "shop".into(),
             labels: Default::default(),
-            ports: vec![9080],
+            ports: vec![9080, 9081],
+            http_ports: vec![9081],
         });
     });
     let envoy = envoy_sidecar(&w, &cp);
@@ -339,6 +341,11 @@ fn the_same_split_from_istiod_and_a_real_envoy_fed_the_same_xds_agrees() {
         (envoy.stat("listener_manager.lds.update_success") >= 2).then_some(())
     });
     assert!(envoy_shifted.is_some(), "Envoy never took the shift");
+    assert_eq!(
+        envoy.stat("listener_manager.lds.update_rejected"),
+        0,
+        "Envoy refused a listener the control plane wrote (virtualInbound's HTTP chains?)"
+    );
     assert_eq!(
         w.load(w.loadgen("envoy", false, "1")).0,
         0,

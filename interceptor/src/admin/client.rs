@@ -44,7 +44,19 @@ pub fn print_inbound(v: &InboundVerdict) {
         println!("{client} from {}: refused (plaintext in STRICT)", v.source);
         return;
     }
-    println!("{client} from {}: {}", v.source, v.decision);
+    match &v.request {
+        Some(r) => println!("{client} from {} asking {r}: {}", v.source, v.decision),
+        None => println!("{client} from {}: {}", v.source, v.decision),
+    }
+    if v.decision.needs_http && v.request.is_none() {
+        println!(
+            "{}",
+            match v.http_port {
+                true => "a rule names a path, method, host or header: on this HTTP port each request is judged (give --path to judge one)",
+                false => "a rule names a path, method, host or header: this port is not HTTP, so the rule fails closed (as Istio on TCP chains)",
+            }
+        );
+    }
     if !v.decision.applicable.is_empty() {
         println!(
             "AuthorizationPolicies that apply: {}",

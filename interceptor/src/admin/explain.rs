@@ -111,15 +111,34 @@ pub struct InboundVerdict {
     pub mtls: route::policy::ModeDecision,
     /// Plaintext in STRICT never reaches authorization.
     pub refused_as_plaintext: bool,
+    /// The request judged (`METHOD PATH`), when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// The port is served request by request where a policy needs it.
+    #[serde(default)]
+    pub http_port: bool,
     pub decision: route::policy::Decision,
 }
 
-pub fn explain_inbound(
-    state: &State,
-    port: Option<&str>,
-    identity: Option<&str>,
-    source: Option<&str>,
-) -> Result<InboundVerdict, String> {
+/// `explain/inbound`'s question, as the query gives it.
+#[derive(Default)]
+pub struct InboundQuery<'a> {
+    pub port: Option<&'a str>,
+    pub identity: Option<&'a str>,
+    pub source: Option<&'a str>,
+    /// With `path`: judge this request (on an HTTP port).
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub host: Option<&'a str>,
+}
+
+pub fn explain_inbound(state: &State, q: &InboundQuery) -> Result<InboundVerdict, String> {
+    let InboundQuery {
+        port,
+        identity,
+        source,
+        ..
+    } = *q;
     let policy = state
         .inbound
         .as_ref()
@@ -140,6 +159,16 @@ pub fn explain_inbound(
     };
     let table = state.store.load();
     let mtls = route::policy::mtls_mode(&table, policy, port);
+    let headers = hyper::HeaderMap::new();
+    let target = q.path.filter(|p| !p.is_empty());
+    let method = q.method.filter(|m| !m.is_empty()).unwrap_or("GET");
+    let attrs = target.map(|target| route::policy::HttpAttrs {
+        method,
+        path: target.split(['?', '#']).next().unwrap_or(target),
+        target,
+        host: q.host.unwrap_or(""),
+        headers: &headers,
+    });
     let decision = route::policy::authorize(
         &table,
         policy,
@@ -149,7 +178,17 @@ pub fn explain_inbound(
             mtls: identity.is_some(),
             source,
             destination: IpAddr::from([0, 0, 0, 0]),
+            http: attrs.as_ref(),
         },
+    );
+    let http_port = table.traffic.inbound.as_ref().map_or_else(
+        || {
+            table
+                .services
+                .iter()
+                .any(|s| s.ports.iter().any(|p| p.is_http() && p.number == port))
+        },
+        |i| i.port(port).is_some_and(|p| p.http),
     );
     Ok(InboundVerdict {
         port,
@@ -157,6 +196,8 @@ pub fn explain_inbound(
         identity: identity.map(|i| i.to_string()),
         source,
         mtls,
+        request: target.map(|t| format!("{method} {t}")),
+        http_port,
         decision,
     })
 }

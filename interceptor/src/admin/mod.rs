@@ -6,7 +6,7 @@ mod client;
 mod explain;
 
 pub use client::{get_json, print_explain, print_inbound, print_status};
-pub use explain::{explain, explain_inbound, AnsweredFrom, InboundVerdict, Verdict};
+pub use explain::{explain, explain_inbound, AnsweredFrom, InboundQuery, InboundVerdict, Verdict};
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -484,11 +484,18 @@ impl Server {
                         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
                         .map(percent_decode)
                 };
+                let (port, identity, source) = (get("port"), get("identity"), get("source"));
+                let (method, path, host) = (get("method"), get("path"), get("host"));
                 match explain_inbound(
                     &self.state,
-                    get("port").as_deref(),
-                    get("identity").as_deref(),
-                    get("source").as_deref(),
+                    &InboundQuery {
+                        port: port.as_deref(),
+                        identity: identity.as_deref(),
+                        source: source.as_deref(),
+                        method: method.as_deref(),
+                        path: path.as_deref(),
+                        host: host.as_deref(),
+                    },
                 ) {
                     Ok(v) => json(&v),
                     Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
@@ -497,7 +504,7 @@ impl Server {
             _ => text(
                 StatusCode::NOT_FOUND,
                 "/healthz/ready /stats/prometheus /config_dump /status /explain?target= \
-                 /explain/inbound?port=&identity=&source=\n"
+                 /explain/inbound?port=&identity=&source=&method=&path=&host=\n"
                     .into(),
             ),
         }

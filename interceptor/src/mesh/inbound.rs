@@ -31,6 +31,9 @@ impl InboundIntent {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InboundPort {
     pub mode: PeerMode,
+    /// Its chains are HTTP (an HTTP connection manager): requests can be judged one by one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http: bool,
     /// In chain order (istiod: AUDIT, DENY, ALLOW).
     pub filters: Arc<Vec<RbacFilter>>,
 }
@@ -71,7 +74,11 @@ pub enum Permission {
     And(Vec<Permission>),
     Or(Vec<Permission>),
     Not(Box<Permission>),
-    /// A condition the L4 path cannot evaluate (a header, a path, JWT metadata), by kind.
+    /// A request header (`:method`, `:authority` as istiod writes methods and hosts).
+    Header(HeaderMatch),
+    /// The request's path without its query (Envoy's url_path).
+    UrlPath(StringMatch),
+    /// A condition we cannot evaluate even with the request (JWT metadata, SNI), by kind.
     L7(String),
 }
 
@@ -89,7 +96,33 @@ pub enum Principal {
     And(Vec<Principal>),
     Or(Vec<Principal>),
     Not(Box<Principal>),
+    /// A request header (`when: request.headers[...]`).
+    Header(HeaderMatch),
     L7(String),
+}
+
+/// Envoy's HeaderMatcher, the kinds istiod writes: a string match or presence, maybe inverted.
+/// Several values of a header are matched joined by `,`, as Envoy does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeaderMatch {
+    /// Lower case; pseudo-headers (`:method`, `:authority`, `:path`) as HTTP/2 names them.
+    pub name: String,
+    /// None: present (any value).
+    pub value: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub invert: bool,
+}
+
+impl HeaderMatch {
+    /// Whether the header (its value, None when absent) matches.
+    pub fn matches(&self, value: Option<&str>) -> bool {
+        let hit = match (&self.value, value) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(m), Some(v)) => m.matches(v),
+        };
+        hit != self.invert
+    }
 }
 
 /// Envoy's StringMatcher, the kinds istiod writes.
@@ -101,6 +134,8 @@ pub enum StringMatch {
     Suffix(String),
     Contains(String),
     Regex(#[serde(with = "regex_text")] regex::Regex),
+    /// `ignore_case` (hosts): the inner pattern is lower case and the value is lowered.
+    IgnoreCase(Box<StringMatch>),
 }
 
 impl PartialEq for StringMatch {
@@ -111,6 +146,7 @@ impl PartialEq for StringMatch {
             | (StringMatch::Prefix(a), StringMatch::Prefix(b))
             | (StringMatch::Suffix(a), StringMatch::Suffix(b))
             | (StringMatch::Contains(a), StringMatch::Contains(b)) => a == b,
+            (StringMatch::IgnoreCase(a), StringMatch::IgnoreCase(b)) => a == b,
             _ => false,
         }
     }
@@ -129,6 +165,7 @@ impl StringMatch {
             StringMatch::Suffix(s) => v.ends_with(s.as_str()),
             StringMatch::Contains(s) => v.contains(s.as_str()),
             StringMatch::Regex(r) => r.is_match(v),
+            StringMatch::IgnoreCase(m) => m.matches(&v.to_ascii_lowercase()),
         }
     }
 }

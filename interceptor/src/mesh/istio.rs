@@ -87,13 +87,22 @@ fn parse_security(
             let p = policy::authorization_policy(origin, namespace.to_string(), spec)
                 .map_err(|e| doc.err(format!("spec.{}", e.field), e.message))?;
             for r in &p.rules {
+                for f in &r.http_fields {
+                    tracing::info!(
+                        file = %doc.file.display(), doc = doc.index, policy = %p.name, field = %f,
+                        action = ?p.action,
+                        "HTTP-only field: judged request by request on the VM's HTTP ports; on \
+                         other ports this rule fails closed (an ALLOW rule never matches, a DENY \
+                         rule matches without it), as Istio on TCP chains"
+                    );
+                }
                 for f in &r.http_only {
                     tracing::warn!(
                         file = %doc.file.display(), doc = doc.index, policy = %p.name, field = %f,
                         action = ?p.action,
-                        "HTTP-only field: interceptor enforces AuthorizationPolicy at L4, so this \
-                         rule fails closed (an ALLOW rule never matches, a DENY rule matches \
-                         without it)"
+                        "field needs a JWT (RequestAuthentication), which interceptor does not \
+                         verify: this rule fails closed (an ALLOW rule never matches, a DENY rule \
+                         matches without it)"
                     );
                 }
             }

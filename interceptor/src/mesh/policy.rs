@@ -121,6 +121,45 @@ pub struct Clause {
     pub ports: Vec<u16>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_ports: Vec<u16>,
+    /// Lower case: hosts match whatever the request's case (istiod's `ignore_case`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<Pattern>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<Pattern>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<Pattern>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<Pattern>,
+    /// The request's path without its query.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<Pattern>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<Pattern>,
+    /// `when: request.headers[NAME]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<HeaderCondition>,
+}
+
+impl Clause {
+    /// It names what only a request carries (judged per request on HTTP ports).
+    pub fn is_http(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.header.is_none())
+    }
+}
+
+/// A request header condition: any of `values` (none: any), none of `not_values`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HeaderCondition {
+    /// Lower case.
+    pub name: String,
+    pub values: Vec<Pattern>,
+    pub not_values: Vec<Pattern>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -131,11 +170,21 @@ pub struct Rule {
     pub to: Vec<Clause>,
     /// All of them.
     pub when: Vec<Clause>,
-    /// HTTP-only fields this rule names (`to[0].operation.paths`, ...): a proxy of L4 cannot
-    /// see them. As ztunnel, the rule is then enforced failing closed: an ALLOW rule never
-    /// matches, a DENY rule matches without them.
+    /// The request fields this rule names (`to[0].operation.paths`, ...): judged per request
+    /// on HTTP ports; on others the rule fails closed, as Istio on TCP chains.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http_fields: Vec<String>,
+    /// Fields that need what we never have (a JWT: `requestPrincipals`, `request.auth.*`):
+    /// the rule always fails closed (an ALLOW rule never matches, a DENY rule matches
+    /// without them), as Istio where no RequestAuthentication applies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub http_only: Vec<String>,
+}
+
+impl Rule {
+    pub fn is_http(&self) -> bool {
+        !self.http_fields.is_empty()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -360,13 +409,31 @@ fn ports(field: &str, values: &[String]) -> Result<Vec<u16>, Invalid> {
         .collect()
 }
 
+/// `request.headers[NAME]`'s NAME.
+fn header_key(key: &str) -> Option<&str> {
+    key.strip_prefix("request.headers[")?
+        .strip_suffix(']')
+        .filter(|n| !n.is_empty())
+}
+
+/// Paths as Istio writes them; its path templates (`{*}`, `{**}`) are refused, not guessed.
+fn paths(field: &str, values: &[String]) -> Result<Vec<Pattern>, Invalid> {
+    match values.iter().position(|v| v.contains('{')) {
+        Some(i) => Err(invalid(
+            format!("{field}[{i}]"),
+            "path templates ({*}, {**}) are not supported yet; use exact, prefix* or *suffix",
+        )),
+        None => Ok(patterns(values)),
+    }
+}
+
 fn patterns(values: &[String]) -> Vec<Pattern> {
     values.iter().map(|v| Pattern::new(v)).collect()
 }
 
 fn rule(at: &str, r: RuleSpec) -> Result<Rule, Invalid> {
     let mut out = Rule::default();
-    let mut http = |field: String, set: bool| {
+    let mut jwt = |field: String, set: bool| {
         if set {
             out.http_only.push(field);
         }
@@ -374,14 +441,19 @@ fn rule(at: &str, r: RuleSpec) -> Result<Rule, Invalid> {
     for (i, f) in r.from.iter().enumerate() {
         let s = &f.source;
         let p = format!("{at}.from[{i}].source");
-        http(
+        jwt(
             format!("{p}.requestPrincipals"),
             !s.request_principals.is_empty(),
         );
-        http(
+        jwt(
             format!("{p}.notRequestPrincipals"),
             !s.not_request_principals.is_empty(),
         );
+    }
+    for (i, c) in r.when.iter().enumerate() {
+        let never = (c.key.starts_with("request.") && header_key(&c.key).is_none())
+            || c.key.starts_with("experimental.");
+        jwt(format!("{at}.when[{i}].key: {}", c.key), never);
     }
     for (i, t) in r.to.iter().enumerate() {
         let o = &t.operation;
@@ -394,12 +466,16 @@ fn rule(at: &str, r: RuleSpec) -> Result<Rule, Invalid> {
             ("paths", &o.paths),
             ("notPaths", &o.not_paths),
         ] {
-            http(format!("{p}.{name}"), !values.is_empty());
+            if !values.is_empty() {
+                out.http_fields.push(format!("{p}.{name}"));
+            }
         }
     }
     for (i, c) in r.when.iter().enumerate() {
-        let l7 = c.key.starts_with("request.") || c.key.starts_with("experimental.");
-        http(format!("{at}.when[{i}].key: {}", c.key), l7);
+        if header_key(&c.key).is_some() {
+            out.http_fields
+                .push(format!("{at}.when[{i}].key: {}", c.key));
+        }
     }
     for (i, f) in r.from.into_iter().enumerate() {
         let s = f.source;
@@ -425,9 +501,17 @@ fn rule(at: &str, r: RuleSpec) -> Result<Rule, Invalid> {
     for (i, t) in r.to.into_iter().enumerate() {
         let o = t.operation;
         let p = format!("{at}.to[{i}].operation");
+        let lower =
+            |v: &[String]| patterns(&v.iter().map(|h| h.to_ascii_lowercase()).collect::<Vec<_>>());
         out.to.push(Clause {
             ports: ports(&format!("{p}.ports"), &o.ports)?,
             not_ports: ports(&format!("{p}.notPorts"), &o.not_ports)?,
+            hosts: lower(&o.hosts),
+            not_hosts: lower(&o.not_hosts),
+            methods: patterns(&o.methods),
+            not_methods: patterns(&o.not_methods),
+            paths: paths(&format!("{p}.paths"), &o.paths)?,
+            not_paths: paths(&format!("{p}.notPaths"), &o.not_paths)?,
             ..Clause::default()
         });
     }
@@ -461,6 +545,14 @@ fn rule(at: &str, r: RuleSpec) -> Result<Rule, Invalid> {
             "destination.port" => Clause {
                 ports: ports(&v, &c.values)?,
                 not_ports: ports(&nv, &c.not_values)?,
+                ..Clause::default()
+            },
+            k if header_key(k).is_some() => Clause {
+                header: header_key(k).map(|name| HeaderCondition {
+                    name: name.to_ascii_lowercase(),
+                    values: patterns(&c.values),
+                    not_values: patterns(&c.not_values),
+                }),
                 ..Clause::default()
             },
             k if k.starts_with("request.") || k.starts_with("experimental.") => continue,
@@ -520,15 +612,30 @@ mod tests {
 
     #[test]
     fn http_fields_are_named_and_bad_values_refused() {
-        let p = policy("rules:\n- to:\n  - operation: {paths: [/admin], methods: [GET]}\n  when:\n  - {key: 'request.headers[x]', values: [y]}\n").unwrap();
+        let p = policy("rules:\n- to:\n  - operation: {paths: [/admin], methods: [GET], hosts: [API.example]}\n  when:\n  - {key: 'request.headers[X-User]', values: [y]}\n  - {key: 'request.auth.claims[iss]', values: [z]}\n").unwrap();
         assert_eq!(
-            p.rules[0].http_only,
+            p.rules[0].http_fields,
             vec![
+                "rules[0].to[0].operation.hosts",
                 "rules[0].to[0].operation.methods",
                 "rules[0].to[0].operation.paths",
-                "rules[0].when[0].key: request.headers[x]",
+                "rules[0].when[0].key: request.headers[X-User]",
             ]
         );
+        assert_eq!(
+            p.rules[0].http_only,
+            vec!["rules[0].when[1].key: request.auth.claims[iss]"]
+        );
+        let to = &p.rules[0].to[0];
+        assert_eq!(to.hosts, vec![Pattern::Exact("api.example".into())]);
+        assert_eq!(to.paths, vec![Pattern::Exact("/admin".into())]);
+        let h = p.rules[0].when[0].header.as_ref().unwrap();
+        assert_eq!(
+            (h.name.as_str(), &h.values),
+            ("x-user", &vec![Pattern::Exact("y".into())])
+        );
+        let e = policy("rules:\n- to:\n  - operation: {paths: ['/a/{*}/b']}\n").unwrap_err();
+        assert_eq!(e.field, "rules[0].to[0].operation.paths[0]");
         let e = policy("rules:\n- to:\n  - operation: {ports: ['http']}\n").unwrap_err();
         assert_eq!(e.field, "rules[0].to[0].operation.ports[0]");
         let e = policy("rules:\n- when:\n  - {key: connection.sni, values: [a]}\n").unwrap_err();

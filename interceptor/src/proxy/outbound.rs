@@ -23,7 +23,6 @@ use crate::transport::hbone::Origin;
 use crate::transport::{try_targets, Attempts, Dialer, For, Upstream};
 
 mod http;
-mod pool;
 
 /// How long a connection routed by SNI may take to send its ClientHello (as the gateway).
 const HELLO_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -50,7 +49,7 @@ pub struct Outbound {
     /// Connections open per endpoint and cluster (least request, maxConnections).
     load: Arc<Load>,
     /// Upstream HTTP connections kept for the next request.
-    pool: pool::Pool,
+    pool: super::pool::Pool,
     /// Mirrored copies in flight (bounded: a slow mirror sheds copies, never memory).
     mirroring: std::sync::atomic::AtomicUsize,
     metrics: Arc<Metrics>,
@@ -81,7 +80,7 @@ impl Outbound {
             gateway_identity,
             subject,
             load: Arc::default(),
-            pool: pool::Pool::default(),
+            pool: super::pool::Pool::default(),
             mirroring: Default::default(),
             metrics,
         })

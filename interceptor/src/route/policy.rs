@@ -137,6 +137,50 @@ pub struct Request<'a> {
     pub mtls: bool,
     pub source: IpAddr,
     pub destination: IpAddr,
+    /// The request, where the connection is served as HTTP; None at L4, where conditions
+    /// only a request carries fail closed.
+    pub http: Option<&'a HttpAttrs<'a>>,
+}
+
+/// What of an HTTP request authorization may look at.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpAttrs<'a> {
+    pub method: &'a str,
+    /// The path without its query or fragment (Envoy's url_path; Istio's `paths`).
+    pub path: &'a str,
+    /// The whole request target (`:path`).
+    pub target: &'a str,
+    /// The authority (`:authority`, or `Host`).
+    pub host: &'a str,
+    pub headers: &'a hyper::HeaderMap,
+}
+
+impl HttpAttrs<'_> {
+    /// A header's value as Envoy's HeaderMatcher sees it: pseudo-headers from the request
+    /// line, several values joined by `,`; None when absent.
+    pub fn header(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
+        match name {
+            ":method" => return Some(Cow::Borrowed(self.method)),
+            ":authority" | "host" => return Some(Cow::Borrowed(self.host)),
+            ":path" => return Some(Cow::Borrowed(self.target)),
+            _ => {}
+        }
+        let mut values = self.headers.get_all(name).iter();
+        let first = values.next()?;
+        let first = String::from_utf8_lossy(first.as_bytes());
+        match values.next() {
+            None => Some(first),
+            Some(second) => {
+                let mut all = first.into_owned();
+                for v in std::iter::once(second).chain(values) {
+                    all.push(',');
+                    all.push_str(&String::from_utf8_lossy(v.as_bytes()));
+                }
+                Some(Cow::Owned(all))
+            }
+        }
+    }
 }
 
 /// Why a connection may or may not go on; the refusals are metric labels.
@@ -182,6 +226,10 @@ pub struct Decision {
     /// The AuthorizationPolicies that apply to this VM, whatever the verdict.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applicable: Vec<String>,
+    /// Judged without a request, a rule needed one (a path, a method, a header): failed closed
+    /// here, it is decided request by request where the port is served as HTTP.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub needs_http: bool,
 }
 
 impl std::fmt::Display for Decision {
@@ -246,13 +294,17 @@ pub fn authorize(table: &Table, policy: &InboundPolicy, req: &Request) -> Decisi
         rule: None,
         audited: vec![],
         applicable: vec![],
+        needs_http: false,
     };
     let mut any_allow = false;
     let mut allowed_by = None;
     let mut denied_by = None;
     for p in applicable(table, &policy.subject) {
         out.applicable.push(p.name.clone());
-        let hit = p.rules.iter().position(|r| rule_matches(r, p.action, req));
+        let hit = p.rules.iter().position(|r| {
+            out.needs_http |= r.is_http() && req.http.is_none() && p.action != Action::Audit;
+            rule_matches(r, p.action, req)
+        });
         match (p.action, hit) {
             (Action::Deny, Some(i)) if denied_by.is_none() => denied_by = Some((&p.name, i)),
             (Action::Allow, hit) => {
@@ -288,9 +340,10 @@ pub fn authorize(table: &Table, policy: &InboundPolicy, req: &Request) -> Decisi
 }
 
 fn rule_matches(rule: &Rule, action: Action, req: &Request) -> bool {
-    // Failing closed on what L4 cannot see: such an ALLOW (or AUDIT) rule never matches; a
-    // DENY rule matches on the rest (its HTTP conditions dropped).
-    if !rule.http_only.is_empty() && action != Action::Deny {
+    // Failing closed on what we cannot see (a JWT; at L4, the request): such an ALLOW (or
+    // AUDIT) rule never matches; a DENY rule matches on the rest (those conditions dropped).
+    let unseen = !rule.http_only.is_empty() || (rule.is_http() && req.http.is_none());
+    if unseen && action != Action::Deny {
         return false;
     }
     (rule.from.is_empty() || rule.from.iter().any(|c| clause_matches(c, req)))
@@ -333,6 +386,25 @@ fn clause_matches(c: &Clause, req: &Request) -> bool {
         && !in_cidrs(&c.not_destination_ips, req.destination)
         && (c.ports.is_empty() || c.ports.contains(&req.port))
         && !c.not_ports.contains(&req.port)
+        && req.http.is_none_or(|h| request_matches(c, h))
+}
+
+/// The request's part of a clause (at L4 there is none: those conditions are dropped).
+fn request_matches(c: &Clause, h: &HttpAttrs) -> bool {
+    let host = h.host.to_ascii_lowercase();
+    let host = Some(host.as_str());
+    let header_holds = c.header.as_ref().is_none_or(|cond| {
+        let value = h.header(&cond.name);
+        let value = value.as_deref();
+        one_of(&cond.values, value) && none_of(&cond.not_values, value)
+    });
+    one_of(&c.hosts, host)
+        && none_of(&c.not_hosts, host)
+        && one_of(&c.methods, Some(h.method))
+        && none_of(&c.not_methods, Some(h.method))
+        && one_of(&c.paths, Some(h.path))
+        && none_of(&c.not_paths, Some(h.path))
+        && header_holds
 }
 
 #[cfg(test)]
@@ -386,7 +458,57 @@ mod tests {
             mtls: identity.is_some(),
             source: "10.0.0.7".parse().unwrap(),
             destination: "10.1.0.1".parse().unwrap(),
+            http: None,
         }
+    }
+
+    /// Paths (Istio's prefix and suffix forms), methods, hosts (any case) and a request
+    /// header, judged on the request; without one the same rules fail closed and say so.
+    #[test]
+    fn http_fields_are_judged_on_the_request() {
+        let t = table(&(ap(
+            "vms",
+            "web",
+            "  rules:\n  - to: [{operation: {methods: [GET], paths: ['/public*', '*.css'], hosts: [Shop.Example]}}]\n  - to: [{operation: {notPaths: ['/admin*'], methods: [POST]}}]\n    when: [{key: 'request.headers[x-user]', values: [alice]}]",
+        ) + &ap(
+            "vms",
+            "deny-evil",
+            "  action: DENY\n  rules:\n  - when: [{key: 'request.headers[x-evil]', values: ['*']}]",
+        )));
+        let mut headers = hyper::HeaderMap::new();
+        let judge = |method: &str, path: &str, host: &str, h: &hyper::HeaderMap| {
+            let attrs = HttpAttrs {
+                method,
+                path,
+                target: path,
+                host,
+                headers: h,
+            };
+            authorize(
+                &t,
+                &vm(),
+                &Request {
+                    http: Some(&attrs),
+                    ..req(8080, None)
+                },
+            )
+        };
+        assert!(judge("GET", "/public/a", "shop.example", &headers).allowed);
+        assert!(judge("GET", "/x/site.css", "SHOP.example", &headers).allowed);
+        assert!(!judge("GET", "/public/a", "other.example", &headers).allowed);
+        assert!(!judge("DELETE", "/public/a", "shop.example", &headers).allowed);
+        assert!(!judge("POST", "/orders", "shop.example", &headers).allowed);
+        headers.insert("x-user", "alice".parse().unwrap());
+        let d = judge("POST", "/orders", "shop.example", &headers);
+        assert_eq!((d.allowed, d.rule), (true, Some(1)), "{d:?}");
+        assert!(!judge("POST", "/admin/x", "shop.example", &headers).allowed);
+        headers.insert("x-evil", "".parse().unwrap());
+        let d = judge("GET", "/public/a", "shop.example", &headers);
+        assert_eq!(d.reason, Reason::PolicyDenied, "{d:?}");
+        // At L4: the ALLOW rules never match, the DENY matches without its header.
+        let d = authorize(&t, &vm(), &req(8080, None));
+        assert_eq!(d.reason, Reason::PolicyDenied, "{d:?}");
+        assert!(d.needs_http);
     }
 
     #[test]

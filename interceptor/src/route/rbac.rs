@@ -1,8 +1,9 @@
 //! What istiod's RBAC filters decide for an inbound connection, as Envoy's RBAC would at the
 //! connection (E: rbac.proto; sheet 4.3): a DENY filter refuses on any match, an ALLOW filter
-//! on none (an empty one refuses everything), a LOG (AUDIT) filter only notes. Conditions the
-//! L4 path cannot see (headers, paths, JWT) fail closed, as Istio fails them on TCP chains: an
-//! ALLOW policy that needs one does not match, a DENY policy matches without it.
+//! on none (an empty one refuses everything), a LOG (AUDIT) filter only notes. Headers and
+//! paths are judged on the request where there is one; without (at L4), and for what we never
+//! see (JWT metadata), they fail closed, as Istio fails them on TCP chains: an ALLOW policy
+//! that needs one does not match, a DENY policy matches without it.
 
 use std::net::IpAddr;
 
@@ -45,6 +46,8 @@ fn permission(p: &Permission, req: &Request) -> Tri {
         Permission::And(ps) => all(ps.iter().map(|p| permission(p, req))),
         Permission::Or(ps) => any(ps.iter().map(|p| permission(p, req))),
         Permission::Not(p) => permission(p, req).map(|b| !b),
+        Permission::Header(h) => req.http.map(|r| h.matches(r.header(&h.name).as_deref())),
+        Permission::UrlPath(m) => req.http.map(|r| m.matches(r.path)),
         Permission::L7(_) => None,
     }
 }
@@ -71,6 +74,7 @@ fn principal(p: &Principal, req: &Request) -> Tri {
         Principal::And(ps) => all(ps.iter().map(|p| principal(p, req))),
         Principal::Or(ps) => any(ps.iter().map(|p| principal(p, req))),
         Principal::Not(p) => principal(p, req).map(|b| !b),
+        Principal::Header(h) => req.http.map(|r| h.matches(r.header(&h.name).as_deref())),
         Principal::L7(_) => None,
     }
 }
@@ -92,14 +96,19 @@ pub fn authorize(port: &InboundPort, req: &Request) -> Decision {
         rule: None,
         audited: vec![],
         applicable: vec![],
+        needs_http: false,
     };
     for f in port.filters.iter() {
         out.applicable
             .extend(f.policies.iter().map(|(name, _)| name.clone()));
         // Unknown conditions: an ALLOW needs a sure match, a DENY or AUDIT takes a possible one.
-        let hit = f.policies.iter().find(|(_, p)| match f.action {
-            RbacAction::Allow => policy(p, req) == Some(true),
-            RbacAction::Deny | RbacAction::Log => policy(p, req) != Some(false),
+        let hit = f.policies.iter().find(|(_, p)| {
+            let verdict = policy(p, req);
+            out.needs_http |= verdict.is_none() && req.http.is_none();
+            match f.action {
+                RbacAction::Allow => verdict == Some(true),
+                RbacAction::Deny | RbacAction::Log => verdict != Some(false),
+            }
         });
         match (f.action, hit) {
             (RbacAction::Log, Some((name, _))) => out.audited.push(name.clone()),
@@ -134,6 +143,7 @@ mod tests {
     use super::*;
     use crate::mesh::inbound::{RbacFilter, StringMatch};
     use crate::mesh::PeerMode;
+    use crate::route::policy::HttpAttrs;
     use crate::spiffe::SpiffeId;
     use std::sync::Arc;
 
@@ -144,12 +154,14 @@ mod tests {
             mtls: id.is_some(),
             source: "10.0.0.9".parse().unwrap(),
             destination: "10.0.0.1".parse().unwrap(),
+            http: None,
         }
     }
 
     fn port(filters: Vec<RbacFilter>) -> InboundPort {
         InboundPort {
             mode: PeerMode::Strict,
+            http: true,
             filters: Arc::new(filters),
         }
     }
@@ -227,5 +239,84 @@ mod tests {
             policies: vec![],
         }]);
         assert!(!authorize(&empty, &req(None, 80)).allowed);
+    }
+
+    /// istiod's HTTP RBAC for `to: [{operation: {methods: [GET], paths: [/public*]}}]` (ALLOW)
+    /// and `when: [{key: request.headers[x-evil], values: [yes]}]` (DENY), judged per request.
+    #[test]
+    fn methods_paths_and_headers_are_judged_on_the_request() {
+        use crate::mesh::inbound::HeaderMatch;
+        let and = |p: Permission| Permission::And(vec![Permission::Or(vec![p])]);
+        let allow = RbacFilter {
+            action: RbacAction::Allow,
+            http: true,
+            policies: vec![(
+                "ns[vm]-policy[public]-rule[0]".into(),
+                RbacPolicy {
+                    permissions: vec![Permission::And(vec![
+                        Permission::Or(vec![Permission::Header(HeaderMatch {
+                            name: ":method".into(),
+                            value: Some(StringMatch::Exact("GET".into())),
+                            invert: false,
+                        })]),
+                        Permission::Or(vec![Permission::UrlPath(StringMatch::Prefix(
+                            "/public".into(),
+                        ))]),
+                    ])],
+                    principals: vec![Principal::Any],
+                },
+            )],
+        };
+        let deny = RbacFilter {
+            action: RbacAction::Deny,
+            http: true,
+            policies: vec![(
+                "ns[vm]-policy[evil]-rule[0]".into(),
+                RbacPolicy {
+                    permissions: vec![and(Permission::Any)],
+                    principals: vec![Principal::And(vec![Principal::Header(HeaderMatch {
+                        name: "x-evil".into(),
+                        value: Some(StringMatch::Exact("yes".into())),
+                        invert: false,
+                    })])],
+                },
+            )],
+        };
+        let p = port(vec![deny, allow]);
+        let mut headers = hyper::HeaderMap::new();
+        let judge = |method: &str, target: &str, headers: &hyper::HeaderMap| {
+            let http = HttpAttrs {
+                method,
+                path: target.split('?').next().unwrap(),
+                target,
+                host: "vm.example",
+                headers,
+            };
+            authorize(
+                &p,
+                &Request {
+                    http: Some(&http),
+                    ..req(None, 8080)
+                },
+            )
+        };
+        let d = judge("GET", "/public/a?x=1", &headers);
+        assert!(d.allowed && !d.needs_http, "{d:?}");
+        assert_eq!(
+            judge("POST", "/public/a", &headers).reason,
+            Reason::PolicyNotAllowed
+        );
+        assert_eq!(
+            judge("GET", "/admin", &headers).reason,
+            Reason::PolicyNotAllowed
+        );
+        headers.insert("x-evil", "yes".parse().unwrap());
+        assert_eq!(
+            judge("GET", "/public", &headers).reason,
+            Reason::PolicyDenied
+        );
+        // Without the request the same port fails closed, and says a request would decide.
+        let d = authorize(&p, &req(None, 8080));
+        assert!(!d.allowed && d.needs_http, "{d:?}");
     }
 }

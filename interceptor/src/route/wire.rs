@@ -42,6 +42,43 @@ pub fn sni_served(
     )
 }
 
+/// Whether `dst` (this host's address and port) is an HTTP port, as Istio decides it: from
+/// istiod, its `virtualInbound` chains are HTTP ones; from the files, a service whose endpoint
+/// is this address and port declares the port HTTP (HTTP, HTTP2, gRPC, or by its name).
+pub fn inbound_is_http(table: &crate::mesh::Table, dst: std::net::SocketAddr) -> bool {
+    if let Some(intent) = &table.traffic.inbound {
+        return intent.port(dst.port()).is_some_and(|p| p.http);
+    }
+    inbound_service_port(table, dst).is_some_and(|sp| sp.is_http())
+}
+
+/// Whether requests to the app on `dst` go as HTTP/2: its service declares the port HTTP2 or
+/// gRPC (istiod's inbound cluster gets HTTP/2 options then; HTTP/1.1 otherwise).
+pub fn inbound_is_http2(table: &crate::mesh::Table, dst: std::net::SocketAddr) -> bool {
+    inbound_service_port(table, dst).is_some_and(|sp| sp.is_http2())
+}
+
+/// The service port this host serves on `dst`: a service's whose endpoint is this address and
+/// port (an HTTP one first, where several services share it).
+fn inbound_service_port(
+    table: &crate::mesh::Table,
+    dst: std::net::SocketAddr,
+) -> Option<&crate::mesh::ServicePort> {
+    let ours = &crate::mesh::Address::Ip(dst.ip().to_canonical());
+    let mut found = table.services.iter().flat_map(|svc| {
+        svc.ports.iter().filter(move |sp| {
+            svc.endpoints_for(sp)
+                .iter()
+                .any(|w| &w.address == ours && w.target_port(sp) == dst.port())
+        })
+    });
+    let first = found.next()?;
+    match first.is_http() {
+        true => Some(first),
+        false => found.find(|sp| sp.is_http()).or(Some(first)),
+    }
+}
+
 /// Who may answer for `svc` on these workloads: the service's subjectAltNames when given (a
 /// ServiceEntry's, or CDS's SAN matchers), else each workload's service account in our trust
 /// domain.

@@ -18,15 +18,15 @@ use interceptor_proto::envoy::config::rbac::v3::{
 use interceptor_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_filter, HttpConnectionManager,
 };
-use interceptor_proto::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
-use interceptor_proto::envoy::r#type::matcher::v3::StringMatcher;
+use interceptor_proto::envoy::r#type::matcher::v3::path_matcher::Rule as PathRule;
 use interceptor_proto::google::protobuf::Any;
 use prost::Message;
 
 use super::resources::Invalid;
+use super::routes::string_match;
 use crate::mesh::inbound::{
-    InboundIntent, InboundPort, Permission, Principal, RbacAction, RbacFilter, RbacPolicy,
-    StringMatch,
+    HeaderMatch, InboundIntent, InboundPort, Permission, Principal, RbacAction, RbacFilter,
+    RbacPolicy,
 };
 use crate::mesh::{Cidr, PeerMode};
 
@@ -50,6 +50,8 @@ fn err(at: &str, m: impl std::fmt::Display) -> Invalid {
 struct Chains {
     mtls: bool,
     plaintext: bool,
+    /// A chain is an HTTP connection manager's.
+    http: bool,
     filters: Option<Vec<RbacFilter>>,
 }
 
@@ -73,6 +75,9 @@ pub fn inbound(l: &Listener) -> Result<InboundIntent, Invalid> {
             ("tls", true) => c.mtls = true,
             _ => c.plaintext = true,
         }
+        c.http |= chain.filters.iter().any(
+            |f| matches!(&f.config_type, Some(ConfigType::TypedConfig(any)) if any.type_url == HCM),
+        );
         if c.filters.is_none() {
             c.filters = Some(rbac_filters(&at, chain)?);
         }
@@ -83,6 +88,7 @@ pub fn inbound(l: &Listener) -> Result<InboundIntent, Invalid> {
             (true, true) => PeerMode::Permissive,
             _ => PeerMode::Disable,
         },
+        http: c.http,
         filters: Arc::new(c.filters.unwrap_or_default()),
     };
     let mut out = InboundIntent::default();
@@ -179,16 +185,15 @@ fn cidr(c: &CidrRange) -> Result<Cidr, String> {
     Cidr::parse(&format!("{}/{len}", c.address_prefix)).map_err(|e| e.to_string())
 }
 
-fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
-    Ok(match &m.match_pattern {
-        Some(MatchPattern::Exact(s)) => StringMatch::Exact(s.clone()),
-        Some(MatchPattern::Prefix(s)) => StringMatch::Prefix(s.clone()),
-        Some(MatchPattern::Suffix(s)) => StringMatch::Suffix(s.clone()),
-        Some(MatchPattern::Contains(s)) => StringMatch::Contains(s.clone()),
-        Some(MatchPattern::SafeRegex(r)) => {
-            StringMatch::regex(&r.regex).map_err(|e| format!("safe_regex {:?}: {e}", r.regex))?
-        }
-        _ => return Err("a string matcher of an unsupported kind".into()),
+/// A HeaderMatcher as the route reader reads it, kept with its inversion.
+fn header(
+    h: &interceptor_proto::envoy::config::route::v3::HeaderMatcher,
+) -> Result<HeaderMatch, String> {
+    let v = super::routes::header(h)?;
+    Ok(HeaderMatch {
+        name: v.name,
+        value: v.value,
+        invert: h.invert_match,
     })
 }
 
@@ -211,8 +216,12 @@ fn permission(p: &EnvoyPermission) -> Result<Permission, String> {
             u16::try_from(r.end).unwrap_or(u16::MAX),
         ),
         Some(Rule::DestinationIp(c)) => Permission::DestinationIp(cidr(c)?),
-        Some(Rule::Header(_)) => Permission::L7("header".into()),
-        Some(Rule::UrlPath(_)) => Permission::L7("url_path".into()),
+        Some(Rule::Header(h)) => Permission::Header(header(h)?),
+        Some(Rule::UrlPath(p)) => match &p.rule {
+            Some(PathRule::Path(m)) => Permission::UrlPath(string_match(m)?),
+            None => return Err("url_path without a path".into()),
+        },
+        Some(Rule::UriTemplate(_)) => Permission::L7("uri_template".into()),
         Some(Rule::Metadata(_)) => Permission::L7("metadata".into()),
         Some(Rule::RequestedServerName(_)) => Permission::L7("requested_server_name".into()),
         Some(_) => Permission::L7("other".into()),
@@ -234,7 +243,7 @@ fn principal(p: &EnvoyPrincipal) -> Result<Principal, String> {
         Some(Identifier::DirectRemoteIp(c)) => Principal::DirectRemoteIp(cidr(c)?),
         Some(Identifier::SourceIp(c)) => Principal::SourceIp(cidr(c)?),
         Some(Identifier::RemoteIp(c)) => Principal::RemoteIp(cidr(c)?),
-        Some(Identifier::Header(_)) => Principal::L7("header".into()),
+        Some(Identifier::Header(h)) => Principal::Header(header(h)?),
         Some(Identifier::UrlPath(_)) => Principal::L7("url_path".into()),
         Some(Identifier::Metadata(_)) => Principal::L7("metadata".into()),
         Some(_) => Principal::L7("other".into()),

@@ -242,17 +242,24 @@ fn ms(d: &Duration) -> u64 {
     u64::try_from(d.seconds).unwrap_or(0) * 1000 + u64::try_from(d.nanos).unwrap_or(0) / 1_000_000
 }
 
-fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
-    Ok(
-        match m.match_pattern.as_ref().ok_or("an empty string matcher")? {
-            MatchPattern::Exact(s) => StringMatch::Exact(s.clone()),
-            MatchPattern::Prefix(s) => StringMatch::Prefix(s.clone()),
-            MatchPattern::Suffix(s) => StringMatch::Suffix(s.clone()),
-            MatchPattern::Contains(s) => StringMatch::Contains(s.clone()),
-            MatchPattern::SafeRegex(r) => regex(&r.regex)?,
-            _ => return Err("a custom string matcher".into()),
-        },
-    )
+pub(super) fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
+    // Envoy: ignore_case has no effect on safe_regex.
+    let fold = |s: &String| match m.ignore_case {
+        true => s.to_ascii_lowercase(),
+        false => s.clone(),
+    };
+    let inner = match m.match_pattern.as_ref().ok_or("an empty string matcher")? {
+        MatchPattern::Exact(s) => StringMatch::Exact(fold(s)),
+        MatchPattern::Prefix(s) => StringMatch::Prefix(fold(s)),
+        MatchPattern::Suffix(s) => StringMatch::Suffix(fold(s)),
+        MatchPattern::Contains(s) => StringMatch::Contains(fold(s)),
+        MatchPattern::SafeRegex(r) => return regex(&r.regex),
+        _ => return Err("a custom string matcher".into()),
+    };
+    Ok(match m.ignore_case {
+        true => StringMatch::IgnoreCase(Box::new(inner)),
+        false => inner,
+    })
 }
 
 fn regex(r: &str) -> Result<StringMatch, String> {
@@ -260,7 +267,7 @@ fn regex(r: &str) -> Result<StringMatch, String> {
 }
 
 #[allow(deprecated)] // istiod may still write exact_match / safe_regex_match
-fn header(h: &HeaderMatcher) -> Result<ValueMatch, String> {
+pub(super) fn header(h: &HeaderMatcher) -> Result<ValueMatch, String> {
     let value = match h.header_match_specifier.as_ref() {
         None | Some(HeaderMatchSpecifier::PresentMatch(true)) => None,
         Some(HeaderMatchSpecifier::StringMatch(m)) => Some(string_match(m)?),

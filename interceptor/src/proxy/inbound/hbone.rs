@@ -180,6 +180,7 @@ impl Tunnel {
                 mtls: true,
                 source: self.peer.ip().to_canonical(),
                 destination: authority.ip(),
+                http: None,
             },
         );
         super::audit(&decision, self.peer, authority);

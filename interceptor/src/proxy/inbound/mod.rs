@@ -2,8 +2,10 @@
 //! PERMISSIVE and STRICT as Istio's sidecar (SPEC section 6; I: pilot/pkg/networking/core/
 //! filterchain_options.go). The accepted socket's local address is the original destination.
 //! The HBONE port is served here too (`hbone`): always mTLS, one CONNECT stream per connection.
+//! Where a policy needs the request, an HTTP port's connections are served by `http`.
 
 mod hbone;
+mod http;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -41,10 +43,21 @@ pub struct Inbound {
     /// Connections before their handshake is done: what slow clients hold.
     handshakes: Arc<crate::net::Limit>,
     metrics: Arc<Metrics>,
+    /// Kept HTTP connections to the app (inbound HTTP).
+    app_pool: crate::proxy::pool::Pool,
+}
+
+/// How an authorized connection goes on.
+enum Serve {
+    /// Relayed as bytes.
+    L4,
+    /// Its policy needs each request (a path, a method, a header) and the port is HTTP; the
+    /// verdict without one is kept for a connection whose requests we cannot read.
+    Http(policy::Decision),
 }
 
 /// How a connection was handled, for the access log.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Mtls,
     /// mTLS on a resumed session: the client's chain was verified when the session was made.
@@ -52,6 +65,8 @@ enum Kind {
     TlsPassthrough,
     Plaintext,
     Hbone,
+    /// Served request by request (its mTLS, if any, terminated first).
+    Http,
 }
 
 /// Why a connection was not served: the access log's result and a metric label.
@@ -175,6 +190,7 @@ impl Inbound {
             app_source4,
             handshakes,
             metrics,
+            app_pool: crate::proxy::pool::Pool::default(),
         })
     }
 
@@ -216,7 +232,7 @@ impl Inbound {
             let _ = stream.set_nodelay(true);
             self.clone().hbone(stream, &mut conn).await
         } else {
-            self.serve_one(stream, &mut conn).await
+            self.clone().serve_one(stream, &mut conn).await
         };
         if let Err(why) = served {
             self.metrics.inbound_refused(why.label());
@@ -225,9 +241,10 @@ impl Inbound {
     }
 
     /// AuthorizationPolicy (and `--inbound-allow`) for a connection whose client is known.
-    fn authorize(&self, conn: &Conn, mtls: bool) -> Result<(), Refused> {
+    fn authorize(&self, conn: &Conn, mtls: bool) -> Result<Serve, Refused> {
+        let table = self.store.load();
         let decision = policy::authorize(
-            &self.store.load(),
+            &table,
             &self.policy,
             &policy::Request {
                 port: conn.dst.port(),
@@ -235,16 +252,40 @@ impl Inbound {
                 mtls,
                 source: conn.peer.ip().to_canonical(),
                 destination: conn.dst.ip().to_canonical(),
+                http: None,
             },
         );
+        if !decision.allowed
+            && decision.needs_http
+            && crate::route::inbound_is_http(&table, conn.dst)
+        {
+            return Ok(Serve::Http(decision));
+        }
         audit(&decision, conn.peer, conn.dst);
         match decision.allowed {
-            true => Ok(()),
+            true => Ok(Serve::L4),
             false => Err(Refused::Policy(decision)),
         }
     }
 
-    async fn serve_one(&self, stream: TcpStream, conn: &mut Conn) -> Result<(), Refused> {
+    /// A connection whose policy needs its requests, served as HTTP.
+    async fn serve_requests<I>(self: &Arc<Self>, io: I, conn: &mut Conn, mtls: bool)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        conn.kind = Some(Kind::Http);
+        let client = http::Client {
+            peer: conn.peer,
+            dst: conn.dst,
+            identity: conn.identity.clone(),
+            mtls,
+            app_h2: crate::route::inbound_is_http2(&self.store.load(), conn.dst),
+        };
+        self.serve_http(io, client).await;
+        conn.log(0, 0, &"served as HTTP (requests logged one by one)");
+    }
+
+    async fn serve_one(self: Arc<Self>, stream: TcpStream, conn: &mut Conn) -> Result<(), Refused> {
         let _ = stream.set_nodelay(true);
         let mode = policy::mtls_mode(&self.store.load(), &self.policy, conn.dst.port()).mode;
         let strict = mode == MtlsMode::Strict;
@@ -280,7 +321,11 @@ impl Inbound {
         }
     }
 
-    async fn terminate(&self, stream: TcpStream, conn: &mut Conn) -> Result<(), Refused> {
+    async fn terminate(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        conn: &mut Conn,
+    ) -> Result<(), Refused> {
         conn.kind = Some(Kind::Mtls);
         let id = self.tls.current().ok_or(Refused::NoCertificate)?;
         let accept = TlsAcceptor::from(id.server.clone()).accept(buffered(stream));
@@ -306,9 +351,16 @@ impl Inbound {
             let _ = tls.shutdown().await;
             return Err(refusal);
         }
-        if let Err(refused) = self.authorize(conn, true) {
-            let _ = tls.shutdown().await;
-            return Err(refused);
+        match self.authorize(conn, true) {
+            Err(refused) => {
+                let _ = tls.shutdown().await;
+                return Err(refused);
+            }
+            Ok(Serve::Http(_)) => {
+                self.serve_requests(tls, conn, true).await;
+                return Ok(());
+            }
+            Ok(Serve::L4) => {}
         }
         let mut app = connect_app(conn.dst, self.app_source4)
             .await
@@ -328,7 +380,7 @@ impl Inbound {
     }
 
     async fn passthrough(
-        &self,
+        self: &Arc<Self>,
         mut stream: TcpStream,
         conn: &mut Conn,
         kind: Kind,
@@ -336,9 +388,23 @@ impl Inbound {
         conn.kind = Some(kind);
         conn.pending = None;
         // Istio applies AuthorizationPolicy to plaintext too: no principal, no namespace.
-        if let Err(refused) = self.authorize(conn, false) {
-            crate::net::reset(stream);
-            return Err(refused);
+        match self.authorize(conn, false) {
+            Err(refused) => {
+                crate::net::reset(stream);
+                return Err(refused);
+            }
+            Ok(Serve::Http(_)) if kind == Kind::Plaintext => {
+                self.serve_requests(stream, conn, false).await;
+                return Ok(());
+            }
+            // TLS we do not terminate: its requests cannot be read; the verdict without them
+            // stands (failed closed).
+            Ok(Serve::Http(decision)) => {
+                audit(&decision, conn.peer, conn.dst);
+                crate::net::reset(stream);
+                return Err(Refused::Policy(decision));
+            }
+            Ok(Serve::L4) => {}
         }
         let mut app = connect_app(conn.dst, self.app_source4)
             .await

@@ -8,7 +8,6 @@
 //! upstream` (`UH`), 503 on connect failure (`UF`) or reset (`UC`), 504 `upstream request
 //! timeout` (`UT`), the fault's abort (`FI`).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,32 +17,26 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
-use hyper::{Request, Response, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::{Request, Response};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::pool::{Body, Key, Sender};
 use super::Outbound;
 use crate::mesh::http_route::{
     Abort, HeaderOps, HttpAction, HttpMatch, HttpRule, Retries, RetryOn, Rewrite,
 };
 use crate::mesh::Table;
 use crate::metrics::{self, RequestLabels};
+use crate::proxy::http::{
+    handshake, local_response, protocol, serve, strip_hop_by_hop, upstream_request,
+};
+use crate::proxy::pool::{Body, Key, Sender};
 use crate::route::http::{authority, http_routes, redirect_location, rewritten_path};
 use crate::route::traffic::{self, NoRoute};
 use crate::route::{EndpointAddr, Target};
 use crate::transport::Upstream;
 
-/// Request heads larger than this are refused (Envoy's default 60 KiB limit, rounded up).
-const MAX_HEAD: usize = 64 * 1024;
-/// A client has this long to send a request's head (slowloris).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 streams one client connection may have open at once (Envoy's sidecar: 2^31; a VM's
-/// apps need far fewer, and a bound keeps memory bounded).
-const MAX_STREAMS: u32 = 1024;
 /// Bodies up to this size are kept so that a failed try can be retried (Envoy buffers for
 /// retries up to its connection buffer limit).
 const RETRY_BODY_LIMIT: u64 = 64 * 1024;
@@ -52,16 +45,6 @@ const RETRY_BODY_LIMIT: u64 = 64 * 1024;
 const MAX_MIRRORING: usize = 256;
 /// Envoy's default retry back-off base (25 ms, doubling, jittered).
 const BACKOFF_BASE_MS: u64 = 25;
-
-/// Headers that belong to one hop (RFC 9110 7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-];
 
 /// How a request ended, for the access log and the metrics.
 struct Outcome {
@@ -85,20 +68,6 @@ impl Outcome {
             attempts: 0,
         }
     }
-}
-
-fn local_response(status: u16, body: Bytes) -> Response<Body> {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    let len = body.len();
-    let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
-    *r.status_mut() = status;
-    if len > 0 {
-        r.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain"),
-        );
-    }
-    r
 }
 
 /// A request body: kept (it can be sent again) or streamed once.
@@ -159,25 +128,11 @@ impl Outbound {
         dst: SocketAddr,
     ) {
         let this = self.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let answer = move |req| {
             let this = this.clone();
-            async move { Ok::<_, Infallible>(this.request(req, peer, dst).await) }
-        });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEAD_TIMEOUT)
-            .max_buf_size(MAX_HEAD);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_STREAMS)
-            .max_header_list_size(MAX_HEAD as u32);
-        if let Err(e) = builder
-            .serve_connection(TokioIo::new(client), service)
-            .await
-        {
+            async move { this.request(req, peer, dst).await }
+        };
+        if let Err(e) = serve(client, answer).await {
             tracing::debug!(%peer, original = %dst, error = %e, "outbound HTTP connection ended with an error");
         }
     }
@@ -204,6 +159,10 @@ impl Outbound {
         self.metrics.request(
             &RequestLabels {
                 reporter: metrics::SOURCE,
+                source_principal: self.tls.current().map_or_else(
+                    || metrics::UNKNOWN.to_string(),
+                    |id| id.spiffe.as_str().to_string(),
+                ),
                 destination_service: service.clone(),
                 destination_version: outcome.version.clone(),
                 request_protocol: protocol(parts.version),
@@ -644,22 +603,9 @@ impl Outbound {
                 tracing::debug!(%service, tried = e.tried, "outbound HTTP: no endpoint reachable");
             })?;
         let target = &dial.targets[i];
-        let io = TokioIo::new(boxed_io(up));
-        let sender = if h2 {
-            let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(|e| tracing::debug!(endpoint = %target.endpoint, error = %e, "outbound HTTP/2 handshake failed"))?;
-            tokio::spawn(conn);
-            Sender::H2(s)
-        } else {
-            let (s, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| tracing::debug!(endpoint = %target.endpoint, error = %e, "outbound HTTP/1.1 handshake failed"))?;
-            tokio::spawn(conn);
-            Sender::H1(s)
-        };
+        let sender = handshake(boxed_io(up), h2).await.map_err(|e| {
+            tracing::debug!(endpoint = %target.endpoint, h2, error = %e, "outbound HTTP handshake failed");
+        })?;
         Ok((target.clone(), sender, key(target), false))
     }
 }
@@ -798,23 +744,6 @@ fn prepare_headers(headers: &mut HeaderMap, ops: Option<&HeaderOps>) {
     }
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers the Connection header names are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
-    }
-}
-
 /// VirtualService header operations: remove, then set (replace), then add (append).
 fn apply_ops(headers: &mut HeaderMap, ops: &HeaderOps) {
     for n in &ops.remove {
@@ -846,44 +775,6 @@ fn request_id() -> String {
         &hex[16..20],
         &hex[20..32]
     )
-}
-
-/// The request as it goes to the endpoint: origin-form with a Host header over HTTP/1.1,
-/// absolute with `:authority` over HTTP/2.
-fn upstream_request(parts: &Parts, body: Body, h2: bool) -> Request<Body> {
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let host = authority(parts).to_string();
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
-    if h2 {
-        *req.version_mut() = Version::HTTP_2;
-        req.headers_mut().remove(hyper::header::HOST);
-        *req.uri_mut() = format!("http://{host}{path}")
-            .parse()
-            .unwrap_or_else(|_| hyper::Uri::from_static("/"));
-    } else {
-        *req.version_mut() = Version::HTTP_11;
-        *req.uri_mut() = path
-            .parse()
-            .unwrap_or_else(|_| hyper::Uri::from_static("/"));
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            req.headers_mut().insert(hyper::header::HOST, v);
-        }
-    }
-    req
-}
-
-fn protocol(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_2 => "http/2",
-        Version::HTTP_10 => "http/1.0",
-        _ => "http/1.1",
-    }
 }
 
 /// hyper's error says whether the upstream refused the HTTP/2 stream (safe to retry).

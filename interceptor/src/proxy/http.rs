@@ -1,0 +1,157 @@
+//! What the outbound and inbound HTTP paths share: hyper's server with our limits, the client
+//! handshake, Envoy-shaped local answers and the hop-by-hop rules.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::pool::{Body, Sender};
+use crate::route::http::authority;
+
+/// Request heads larger than this are refused (Envoy's default 60 KiB limit, rounded up).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// A client has this long to send a request's head (slowloris).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 streams one client connection may have open at once (Envoy's sidecar: 2^31; a VM's
+/// apps need far fewer, and a bound keeps memory bounded).
+pub const MAX_STREAMS: u32 = 1024;
+
+/// Headers that belong to one hop (RFC 9110 7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+/// Serves `io` as HTTP/1.1 or HTTP/2 (by the client's first bytes), each request answered by
+/// `answer`, within the limits above.
+pub async fn serve<I, F, Fut>(
+    io: I,
+    answer: F,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let fut = answer(req);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEAD as u32);
+    builder.serve_connection(TokioIo::new(io), service).await
+}
+
+/// A client connection over `io` (HTTP/2 or HTTP/1.1), its driver spawned.
+pub async fn handshake<I>(io: I, h2: bool) -> Result<Sender, hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let io = TokioIo::new(io);
+    Ok(if h2 {
+        let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await?;
+        tokio::spawn(conn);
+        Sender::H2(s)
+    } else {
+        let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        Sender::H1(s)
+    })
+}
+
+/// An answer of our own, as Envoy writes its local replies (text/plain when it has a body).
+pub fn local_response(status: u16, body: Bytes) -> Response<Body> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let len = body.len();
+    let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    if len > 0 {
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+    }
+    r
+}
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+/// The request as it goes to the endpoint: origin-form with a Host header over HTTP/1.1,
+/// absolute with `:authority` over HTTP/2.
+pub fn upstream_request(parts: &Parts, body: Body, h2: bool) -> Request<Body> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let host = authority(parts).to_string();
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    if h2 {
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut().remove(hyper::header::HOST);
+        *req.uri_mut() = format!("http://{host}{path}")
+            .parse()
+            .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        *req.uri_mut() = path
+            .parse()
+            .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            req.headers_mut().insert(hyper::header::HOST, v);
+        }
+    }
+    req
+}
+
+/// Istio's `request_protocol` label.
+pub fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "http/2",
+        Version::HTTP_10 => "http/1.0",
+        _ => "http/1.1",
+    }
+}
