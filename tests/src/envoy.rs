@@ -147,6 +147,89 @@ pub fn sidecar_inbound_config(
     bootstrap(admin, Value::Array(listeners), Value::Array(clusters))
 }
 
+/// An Istio sidecar's inbound HTTP chain for one port: Istio mTLS terminated on
+/// `listen`:`port`, an HTTP connection manager with an HTTP RBAC filter (ALLOW any path, as an
+/// AuthorizationPolicy with `paths: ['*']` makes it) and the router to the app over HTTP/1.1.
+pub fn sidecar_http_inbound_config(
+    certs: &Path,
+    listen: &str,
+    port: u16,
+    app: &str,
+    admin: u16,
+) -> String {
+    let cluster = format!("inbound|{port}||");
+    let (app_host, app_port) = app.rsplit_once(':').expect("app address host:port");
+    let app_port: u16 = app_port.parse().expect("app port");
+    let hcm = json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": format!("inbound_0.0.0.0_{port}"),
+            "forward_client_cert_details": "APPEND_FORWARD",
+            "set_current_client_cert_details": {"subject": true, "dns": true, "uri": true},
+            "route_config": {
+                "name": cluster,
+                "validate_clusters": false,
+                "virtual_hosts": [{
+                    "name": format!("inbound|http|{port}"),
+                    "domains": ["*"],
+                    "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": cluster}}],
+                }],
+            },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.rbac",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                        "rules": {"policies": {"ns[default]-policy[bench]-rule[0]": {
+                            "permissions": [{"and_rules": {"rules": [{"or_rules": {"rules": [
+                                {"url_path": {"path": {"safe_regex": {"regex": ".+"}}}}
+                            ]}}]}}],
+                            "principals": [{"any": true}],
+                        }}},
+                    },
+                },
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                },
+            ],
+        },
+    });
+    let listener = json!({
+        "name": format!("virtualInbound_{port}"),
+        "address": socket(listen, port),
+        "listener_filters": [{
+            "name": "envoy.filters.listener.tls_inspector",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+        }],
+        "filter_chains": [{
+            "filter_chain_match": {
+                "transport_protocol": "tls",
+                "application_protocols": ["istio-http/1.0", "istio-http/1.1", "istio-h2"],
+            },
+            "transport_socket": {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "require_client_certificate": true,
+                    "common_tls_context": common_tls(
+                        certs,
+                        &["h2", "http/1.1"],
+                        json!({"prefix": "spiffe://cluster.local/"}),
+                    ),
+                },
+            },
+            "filters": [hcm],
+        }],
+    });
+    bootstrap(
+        admin,
+        json!([listener]),
+        json!([static_cluster(&cluster, app_host, app_port)]),
+    )
+}
+
 /// An Istio sidecar's outbound side for one service port: plaintext in on 127.0.0.1:`local`,
 /// Istio mTLS out to `endpoint`:`port` (SNI `outbound_.<port>_._.<host>`, ALPN
 /// `istio-peer-exchange,istio`, the server's URI SAN exactly `san`).

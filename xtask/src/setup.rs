@@ -7,7 +7,8 @@ use anyhow::bail;
 use crate::run;
 
 /// Debian packages: build (clang, libbpf headers), tests (iproute2, bpftool, dig, curl,
-/// dnsmasq, tcpdump, openssl), benches (iptables, iperf3, stunnel4, dnsperf), packaging
+/// dnsmasq, tcpdump, openssl), benches (iptables, iperf3, stunnel4, dnsperf, wrk, h2load from
+/// nghttp2-client), packaging
 /// (systemd: `systemd-analyze verify` of the unit; dpkg-dev and binutils: `dpkg-shlibdeps` and
 /// `strip` for the .deb).
 const PACKAGES: &[&str] = &[
@@ -27,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "stunnel4",
     "dnsperf",
+    "wrk",
+    "nghttp2-client",
     "procps",
     "systemd",
     "dpkg-dev",

@@ -5,6 +5,7 @@ mod capture;
 mod dns;
 mod gateway;
 mod hbone;
+mod http;
 mod mtls;
 mod xds;
 
@@ -20,6 +21,7 @@ pub enum Which {
     Mtls,
     Gateway,
     Hbone,
+    Http,
     Xds,
     All,
 }
@@ -45,6 +47,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
     }
     if matches!(which, Which::Hbone | Which::All) {
         hbone::run(&out)?;
+    }
+    if matches!(which, Which::Http | Which::All) {
+        http::run(&out)?;
     }
     if matches!(which, Which::Xds | Which::All) {
         xds::run(&out)?;
