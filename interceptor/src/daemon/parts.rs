@@ -267,6 +267,10 @@ pub struct Capture {
     capture: capture::Capture,
     vips: Vips,
     orig: Arc<OriginalDst>,
+    /// The table the kernel's map holds, and the table changes since: a table published
+    /// between attaching and `start` is synced by the loop, not taken as already there.
+    synced: Arc<crate::mesh::Table>,
+    changed: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Capture {
@@ -276,11 +280,13 @@ impl Capture {
         inbound_fds: &[RawFd],
     ) -> anyhow::Result<Self> {
         let (capture, mut vips, orig) = capture::Capture::attach(&settings, inbound_fds)?;
+        // Subscribed before the table is read: a publish after the read is a change to sync.
+        let changed = ctx.store.subscribe();
         ctx.store.gate_dns();
         let table = ctx.store.load();
         let n = vips.sync(&table)?;
         outbound_mode(&mut vips, &table);
-        ctx.store.release_dns(table);
+        ctx.store.release_dns(table.clone());
         ctx.capture.set_vips(n);
         ctx.capture.set(capture.info(settings.inbound.as_ref()));
         ctx.readiness.set(CAPTURE, true);
@@ -289,6 +295,8 @@ impl Capture {
             capture,
             vips,
             orig: Arc::new(orig),
+            synced: table,
+            changed,
         })
     }
 
@@ -300,13 +308,15 @@ impl Capture {
         let (store, status) = (ctx.store.clone(), ctx.capture.clone());
         let metrics = ctx.metrics.clone();
         let Self {
-            capture, mut vips, ..
+            capture,
+            mut vips,
+            mut synced,
+            mut changed,
+            ..
         } = self;
-        let mut changed = store.subscribe();
         Handle::new("capture", async move {
             // Owned here: when the supervisor stops this part, the programs go with it.
             let _capture = capture;
-            let mut synced = store.load();
             let mut counted = 0;
             let mut tick = tokio::time::interval(REFUSALS_EVERY);
             loop {
