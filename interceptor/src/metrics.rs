@@ -81,11 +81,16 @@ pub struct RequestLabels {
     pub source_principal: String,
     pub destination_service: String,
     pub destination_version: String,
-    /// `http/1.1`, `http/2`.
+    /// `http` or `grpc`, as Istio labels them.
     pub request_protocol: &'static str,
     pub response_code: u16,
+    /// The gRPC status number from the response's trailers (or its trailers-only headers);
+    /// empty for other requests.
+    pub grpc_response_status: &'static str,
     /// Envoy's response flags (`-`: none), as Istio labels them.
     pub response_flags: &'static str,
+    /// `mutual_tls` or `none` (reporter destination); `unknown` at the source, as Istio.
+    pub connection_security_policy: &'static str,
 }
 
 /// Istio's buckets for `istio_request_duration_milliseconds` (istio_stats.cc).

@@ -306,7 +306,11 @@ fn requests_are_routed_one_by_one_by_header_path_and_method_and_split_by_weight(
         ));
         assert!(ic.wait_counter(
             "istio_requests_total",
-            &[("request_protocol", "http/2"), ("response_code", "200")],
+            &[
+                ("request_protocol", "http"),
+                ("response_code", "200"),
+                ("grpc_response_status", "")
+            ],
             1.0,
             5.0
         ));
@@ -779,13 +783,28 @@ fn grpc_unary_and_streaming_calls_are_routed_per_call_with_their_status() {
     // A server stream carries all its messages and its end.
     let out = run(&["watch", &url, "v1"], None);
     assert_eq!(out.trim(), "watch 3", "{out}");
+    // Istio's labels: gRPC by the request's content type, the status from the trailers (0 for
+    // the 55 checks and the stream, 5 NOT_FOUND for the error, which came trailers-only).
     assert!(
         ic.wait_counter(
             "istio_requests_total",
-            &[("request_protocol", "http/2"), ("response_code", "200")],
-            57.0,
+            &[
+                ("request_protocol", "grpc"),
+                ("response_code", "200"),
+                ("grpc_response_status", "0")
+            ],
+            56.0,
             5.0
         ),
+        "{}",
+        ic.metrics().0
+    );
+    assert_eq!(
+        ic.counter(
+            "istio_requests_total",
+            &[("request_protocol", "grpc"), ("grpc_response_status", "5")]
+        ),
+        1.0,
         "{}",
         ic.metrics().0
     );

@@ -1504,6 +1504,8 @@ fn http_policy_decides_each_request(m: &Mesh, pod_ic: &Interceptor) {
             &[
                 ("reporter", "destination"),
                 ("source_principal", &format!("{TD}/vm")),
+                ("connection_security_policy", "mutual_tls"),
+                ("request_protocol", "http"),
                 ("response_code", "200")
             ]
         ) >= 1.0,

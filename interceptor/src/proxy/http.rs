@@ -3,11 +3,14 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Version};
@@ -16,6 +19,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::pool::{Body, Sender};
+use crate::metrics::{Metrics, RequestLabels};
 use crate::route::http::authority;
 
 /// Request heads larger than this are refused (Envoy's default 60 KiB limit, rounded up).
@@ -147,11 +151,98 @@ pub fn upstream_request(parts: &Parts, body: Body, h2: bool) -> Request<Body> {
     req
 }
 
-/// Istio's `request_protocol` label.
-pub fn protocol(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_2 => "http/2",
-        Version::HTTP_10 => "http/1.0",
-        _ => "http/1.1",
+/// Istio's `request_protocol` label: `grpc` when the request says it is gRPC, else `http`.
+pub fn request_protocol(headers: &HeaderMap) -> &'static str {
+    let grpc = headers
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        "grpc"
+    } else {
+        "http"
+    }
+}
+
+/// gRPC's status codes as label values (0 to 16).
+const GRPC_STATUS: [&str; 17] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];
+
+fn grpc_status(headers: &HeaderMap) -> Option<&'static str> {
+    let n: usize = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    GRPC_STATUS.get(n).copied()
+}
+
+/// A response body that counts its request when it is done (sent whole, or dropped on a
+/// reset), as Istio counts a request at its end: the duration is to the last byte and the gRPC
+/// status is the one its trailers (or its trailers-only head) carry.
+pub struct Counted {
+    inner: Body,
+    metrics: Arc<Metrics>,
+    labels: Option<RequestLabels>,
+    started: Instant,
+}
+
+impl Counted {
+    pub fn wrap(
+        response: Response<Body>,
+        metrics: Arc<Metrics>,
+        mut labels: RequestLabels,
+        started: Instant,
+    ) -> Response<Body> {
+        if let Some(s) = grpc_status(response.headers()) {
+            labels.grpc_response_status = s;
+        }
+        response.map(|inner| {
+            Counted {
+                inner,
+                metrics,
+                labels: Some(labels),
+                started,
+            }
+            .boxed()
+        })
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            let status = frame.trailers_ref().and_then(grpc_status);
+            if let (Some(s), Some(labels)) = (status, this.labels.as_mut()) {
+                labels.grpc_response_status = s;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(labels) = self.labels.take() {
+            self.metrics.request(&labels, self.started.elapsed());
+        }
     }
 }

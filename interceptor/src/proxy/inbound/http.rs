@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{audit, connect_app, Inbound};
 use crate::metrics::{self, RequestLabels};
 use crate::proxy::http::{
-    handshake, local_response, protocol, serve, strip_hop_by_hop, upstream_request,
+    handshake, local_response, request_protocol, serve, strip_hop_by_hop, upstream_request, Counted,
 };
 use crate::proxy::pool::{Body, Key};
 use crate::route::http::authority;
@@ -75,18 +75,20 @@ impl Inbound {
         strip_hop_by_hop(response.headers_mut());
         let status = response.status().as_u16();
         let source = client.identity.as_ref().map(SpiffeId::as_str);
-        self.metrics.request(
-            &RequestLabels {
-                reporter: metrics::DESTINATION,
-                source_principal: source.unwrap_or(metrics::UNKNOWN).to_string(),
-                destination_service: client.dst.to_string(),
-                destination_version: metrics::UNKNOWN.into(),
-                request_protocol: protocol(parts.version),
-                response_code: status,
-                response_flags: flags,
+        let labels = RequestLabels {
+            reporter: metrics::DESTINATION,
+            source_principal: source.unwrap_or(metrics::UNKNOWN).to_string(),
+            destination_service: client.dst.to_string(),
+            destination_version: metrics::UNKNOWN.into(),
+            request_protocol: request_protocol(&parts.headers),
+            response_code: status,
+            grpc_response_status: "",
+            response_flags: flags,
+            connection_security_policy: match client.identity.is_some() && client.mtls {
+                true => "mutual_tls",
+                false => "none",
             },
-            started.elapsed(),
-        );
+        };
         tracing::info!(
             peer = %client.peer, service = %client.dst, identity = source.unwrap_or("-"),
             method = %parts.method, authority = authority(&parts), path = parts.uri.path(),
@@ -94,7 +96,7 @@ impl Inbound {
             policy = decision.policy.as_deref().unwrap_or("-"),
             duration_ms = started.elapsed().as_millis() as u64, "inbound request"
         );
-        response
+        Counted::wrap(response, self.metrics.clone(), labels, started)
     }
 
     /// The policy's verdict on this request (AUDIT matches logged).

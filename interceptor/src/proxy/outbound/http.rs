@@ -29,7 +29,7 @@ use crate::mesh::http_route::{
 use crate::mesh::Table;
 use crate::metrics::{self, RequestLabels};
 use crate::proxy::http::{
-    handshake, local_response, protocol, serve, strip_hop_by_hop, upstream_request,
+    handshake, local_response, request_protocol, serve, strip_hop_by_hop, upstream_request, Counted,
 };
 use crate::proxy::pool::{Body, Key, Sender};
 use crate::route::http::{authority, http_routes, redirect_location, rewritten_path};
@@ -156,21 +156,20 @@ impl Outbound {
             .service_for(dst)
             .map(|(s, _)| s.host.to_string())
             .unwrap_or_else(|| dst.to_string());
-        self.metrics.request(
-            &RequestLabels {
-                reporter: metrics::SOURCE,
-                source_principal: self.tls.current().map_or_else(
-                    || metrics::UNKNOWN.to_string(),
-                    |id| id.spiffe.as_str().to_string(),
-                ),
-                destination_service: service.clone(),
-                destination_version: outcome.version.clone(),
-                request_protocol: protocol(parts.version),
-                response_code: status,
-                response_flags: outcome.flags,
-            },
-            started.elapsed(),
-        );
+        let labels = RequestLabels {
+            reporter: metrics::SOURCE,
+            source_principal: self.tls.current().map_or_else(
+                || metrics::UNKNOWN.to_string(),
+                |id| id.spiffe.as_str().to_string(),
+            ),
+            destination_service: service.clone(),
+            destination_version: outcome.version.clone(),
+            request_protocol: request_protocol(&parts.headers),
+            response_code: status,
+            grpc_response_status: "",
+            response_flags: outcome.flags,
+            connection_security_policy: metrics::UNKNOWN,
+        };
         tracing::info!(
             %peer, original = %dst, service, method = %parts.method, authority = authority(&parts),
             path = parts.uri.path(), status, flags = outcome.flags, route,
@@ -178,7 +177,7 @@ impl Outbound {
             attempts = outcome.attempts, duration_ms = started.elapsed().as_millis() as u64,
             "outbound request"
         );
-        outcome.response
+        Counted::wrap(outcome.response, self.metrics.clone(), labels, started)
     }
 
     /// The rule for the request, its fault, then its forwarding; the route's name comes back for
