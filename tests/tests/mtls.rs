@@ -1506,6 +1506,7 @@ fn http_policy_decides_each_request(m: &Mesh, pod_ic: &Interceptor) {
                 ("source_principal", &format!("{TD}/vm")),
                 ("connection_security_policy", "mutual_tls"),
                 ("request_protocol", "http"),
+                ("destination_service", HOST),
                 ("response_code", "200")
             ]
         ) >= 1.0,
@@ -1617,7 +1618,7 @@ fn http_authorization_policy_from_files_decides_each_request() {
 #[test]
 fn http_authorization_policy_from_istiod_decides_each_request() {
     use interceptor_tests::bundle::{write_bundle, Spec};
-    use interceptor_tests::istiod::{ControlPlane, Mesh as CpMesh};
+    use interceptor_tests::istiod::{ControlPlane, Endpoint, Mesh as CpMesh, Service};
     use interceptor_tests::istiod_traffic::InboundWorkload;
 
     let m = Mesh::new();
@@ -1631,6 +1632,9 @@ fn http_authorization_policy_from_istiod_decides_each_request() {
         ports: vec![8080, 8443],
         http_ports: vec![8080],
     };
+    let mut product = Service::new(HOST, "240.240.7.7", 8080);
+    product.endpoints = vec![Endpoint::new("10.77.0.2", 8080)];
+    product.http_ports = vec![8080];
     let _cp = ControlPlane::start(
         &m.pod_node().ns.handle(),
         "10.77.0.2:15012".parse().unwrap(),
@@ -1639,6 +1643,8 @@ fn http_authorization_policy_from_istiod_decides_each_request() {
         CpMesh {
             traffic: HTTP_POLICIES.into(),
             inbound: Some(workload),
+            // The pod's own service, as istiod's CDS/EDS give it (counted under its host).
+            services: vec![product],
             ..Default::default()
         },
     );

@@ -49,33 +49,32 @@ pub fn inbound_is_http(table: &crate::mesh::Table, dst: std::net::SocketAddr) ->
     if let Some(intent) = &table.traffic.inbound {
         return intent.port(dst.port()).is_some_and(|p| p.http);
     }
-    inbound_service_port(table, dst).is_some_and(|sp| sp.is_http())
+    inbound_service(table, dst).is_some_and(|(_, sp)| sp.is_http())
 }
 
-/// Whether requests to the app on `dst` go as HTTP/2: its service declares the port HTTP2 or
-/// gRPC (istiod's inbound cluster gets HTTP/2 options then; HTTP/1.1 otherwise).
-pub fn inbound_is_http2(table: &crate::mesh::Table, dst: std::net::SocketAddr) -> bool {
-    inbound_service_port(table, dst).is_some_and(|sp| sp.is_http2())
-}
-
-/// The service port this host serves on `dst`: a service's whose endpoint is this address and
-/// port (an HTTP one first, where several services share it).
-fn inbound_service_port(
+/// The service (and its port) this host serves on `dst`: one whose endpoint is this address
+/// and port (an HTTP port first, where several services share it). Requests to the app go as
+/// HTTP/2 where that port is HTTP2 or gRPC (istiod's inbound cluster gets HTTP/2 options then),
+/// and are counted under its host.
+pub fn inbound_service(
     table: &crate::mesh::Table,
     dst: std::net::SocketAddr,
-) -> Option<&crate::mesh::ServicePort> {
+) -> Option<(&Arc<Service>, &crate::mesh::ServicePort)> {
     let ours = &crate::mesh::Address::Ip(dst.ip().to_canonical());
     let mut found = table.services.iter().flat_map(|svc| {
-        svc.ports.iter().filter(move |sp| {
-            svc.endpoints_for(sp)
-                .iter()
-                .any(|w| &w.address == ours && w.target_port(sp) == dst.port())
-        })
+        svc.ports
+            .iter()
+            .filter(move |sp| {
+                svc.endpoints_for(sp)
+                    .iter()
+                    .any(|w| &w.address == ours && w.target_port(sp) == dst.port())
+            })
+            .map(move |sp| (svc, sp))
     });
     let first = found.next()?;
-    match first.is_http() {
+    match first.1.is_http() {
         true => Some(first),
-        false => found.find(|sp| sp.is_http()).or(Some(first)),
+        false => found.find(|(_, sp)| sp.is_http()).or(Some(first)),
     }
 }
 

@@ -40,6 +40,8 @@ pub(super) struct Client {
     pub mtls: bool,
     /// Requests go to the app as HTTP/2 (its port is HTTP2 or gRPC), else HTTP/1.1.
     pub app_h2: bool,
+    /// The service served here (its host), else the address: `destination_service`.
+    pub service: String,
 }
 
 impl Inbound {
@@ -78,7 +80,7 @@ impl Inbound {
         let labels = RequestLabels {
             reporter: metrics::DESTINATION,
             source_principal: source.unwrap_or(metrics::UNKNOWN).to_string(),
-            destination_service: client.dst.to_string(),
+            destination_service: client.service.clone(),
             destination_version: metrics::UNKNOWN.into(),
             request_protocol: request_protocol(&parts.headers),
             response_code: status,
@@ -90,7 +92,7 @@ impl Inbound {
             },
         };
         tracing::info!(
-            peer = %client.peer, service = %client.dst, identity = source.unwrap_or("-"),
+            peer = %client.peer, service = client.service, identity = source.unwrap_or("-"),
             method = %parts.method, authority = authority(&parts), path = parts.uri.path(),
             status, flags, decision = decision.reason.label(),
             policy = decision.policy.as_deref().unwrap_or("-"),

@@ -274,13 +274,17 @@ impl Inbound {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         conn.kind = Some(Kind::Http);
+        let table = self.store.load();
+        let service = crate::route::inbound_service(&table, conn.dst);
         let client = http::Client {
             peer: conn.peer,
             dst: conn.dst,
             identity: conn.identity.clone(),
             mtls,
-            app_h2: crate::route::inbound_is_http2(&self.store.load(), conn.dst),
+            app_h2: service.is_some_and(|(_, sp)| sp.is_http2()),
+            service: service.map_or_else(|| conn.dst.to_string(), |(s, _)| s.host.to_string()),
         };
+        drop(table);
         self.serve_http(io, client).await;
         conn.log(0, 0, &"served as HTTP (requests logged one by one)");
     }
