@@ -620,8 +620,8 @@ fn cluster(service: &Service, port: u16, subset: &str) -> Cluster {
 }
 
 /// Clusters istiod sends that a VM client must ignore.
-fn ignored_clusters() -> Vec<Cluster> {
-    [
+fn ignored_clusters(inbound: Option<&crate::istiod_traffic::InboundWorkload>) -> Vec<Cluster> {
+    let mut out: Vec<Cluster> = [
         "BlackHoleCluster",
         "PassthroughCluster",
         "InboundPassthroughCluster",
@@ -633,14 +633,40 @@ fn ignored_clusters() -> Vec<Cluster> {
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
         ..Default::default()
     })
-    .collect()
+    .collect();
+    // A workload's inbound clusters as istiod builds them for a sidecar: the original
+    // destination, reached from 127.0.0.6 (which istio-init's rules leave alone).
+    for p in inbound.map(|w| w.ports.as_slice()).unwrap_or_default() {
+        use interceptor_proto::envoy::config::cluster::v3::cluster::LbPolicy;
+        use interceptor_proto::envoy::config::core::v3::{BindConfig, SocketAddress};
+        out.retain(|c| c.name != format!("inbound|{p}||"));
+        out.push(Cluster {
+            name: format!("inbound|{p}||"),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(
+                DiscoveryType::OriginalDst as i32,
+            )),
+            lb_policy: LbPolicy::ClusterProvided as i32,
+            upstream_bind_config: Some(BindConfig {
+                source_address: Some(SocketAddress {
+                    address: "127.0.0.6".into(),
+                    port_specifier: Some(
+                        interceptor_proto::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(0),
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    out
 }
 
 impl Shared {
     /// Every cluster by name.
     fn clusters(&self) -> BTreeMap<String, Any> {
         let mesh = self.mesh.lock().unwrap();
-        let mut out: BTreeMap<String, Any> = ignored_clusters()
+        let mut out: BTreeMap<String, Any> = ignored_clusters(mesh.inbound.as_ref())
             .into_iter()
             .map(|c| (c.name.clone(), any(type_url::CLUSTER, &c)))
             .collect();

@@ -1317,7 +1317,26 @@ pub fn virtual_inbound(docs: &[Doc], w: &InboundWorkload) -> Listener {
         address: address("0.0.0.0", 15006),
         traffic_direction: TrafficDirection::Inbound as i32,
         continue_on_listener_filters_timeout: true,
+        // istiod's: the chains match on the original destination, TLS or not, and ALPN.
+        use_original_dst: Some(BoolValue { value: true }),
+        listener_filters: vec![original_dst(), tls_inspector(), http_inspector()],
         filter_chains: chains,
         ..Default::default()
+    }
+}
+
+/// `envoy.filters.listener.original_dst`: the connection's destination before iptables
+/// REDIRECT, which the inbound chains match on.
+fn original_dst() -> interceptor_proto::envoy::config::listener::v3::ListenerFilter {
+    use interceptor_proto::envoy::config::listener::v3::listener_filter::ConfigType as LfConfig;
+    interceptor_proto::envoy::config::listener::v3::ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        config_type: Some(LfConfig::TypedConfig(Any {
+            type_url:
+                "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+                    .into(),
+            value: vec![],
+        })),
+        filter_disabled: None,
     }
 }

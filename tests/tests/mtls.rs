@@ -1435,6 +1435,19 @@ fn peer_authentication_and_authorization_policy_from_istiod_decide_inbound() {
 /// `x-evil`.
 const HTTP_POLICIES: &str = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: product-http, namespace: default}\nspec:\n  selector: {matchLabels: {app: product}}\n  rules:\n  - to: [{operation: {methods: [GET, HEAD], paths: ['/public*']}}]\n  - from: [{source: {principals: [cluster.local/ns/default/sa/vm]}}]\n    to: [{operation: {methods: [POST], paths: [/orders]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-evil, namespace: default}\nspec:\n  action: DENY\n  rules:\n  - when: [{key: 'request.headers[x-evil]', values: ['*']}]\n";
 
+/// Plaintext requests to the pod's HTTP port 8080 under HTTP_POLICIES and what they get:
+/// (curl arguments, path, status). Ours and a real Envoy's inbound answer them alike.
+const PLAIN_CASES: [(&[&str], &str, u16); 6] = [
+    (&[], "/public/a?x=1", 200),
+    (&["-X", "POST"], "/public/a", 403),
+    (&[], "/admin", 403),
+    (&["-H", "x-evil: 1"], "/public/a", 403),
+    // A plaintext client has no identity: POST /orders is not for it.
+    (&["-X", "POST"], "/orders", 403),
+    // HTTP/2 from the client, HTTP/1.1 to the app (the port is HTTP, not HTTP2).
+    (&["--http2-prior-knowledge"], "/public/h2", 200),
+];
+
 /// Issue 26: requests judged one by one on the pod's HTTP port 8080, as Envoy's HTTP RBAC
 /// does: real clients (curl over plaintext HTTP/1.1 and h2c where PERMISSIVE lets them in,
 /// curl through the VM's interceptor over Istio mTLS, whose identity a rule names) get the
@@ -1457,17 +1470,19 @@ fn http_policy_decides_each_request(m: &Mesh, pod_ic: &Interceptor) {
             "{out}"
         );
     };
-    allowed(&plain(&[&url("/public/a?x=1")]), "pod GET /public/a");
-    denied(&plain(&["-X", "POST", &url("/public/a")]));
-    denied(&plain(&[&url("/admin")]));
-    denied(&plain(&["-H", "x-evil: 1", &url("/public/a")]));
-    // A plaintext client has no identity: POST /orders is not for it.
-    denied(&plain(&["-X", "POST", &url("/orders")]));
-    // HTTP/2 from the client, HTTP/1.1 to the app (the port is HTTP, not HTTP2).
-    allowed(
-        &plain(&["--http2-prior-knowledge", &url("/public/h2")]),
-        "pod GET /public/h2",
-    );
+    for (args, path, status) in PLAIN_CASES {
+        let mut a = args.to_vec();
+        let u = url(path);
+        a.push(&u);
+        let out = plain(&a);
+        match status {
+            200 => allowed(
+                &out,
+                &format!("pod GET {}", path.split('?').next().unwrap_or(path)),
+            ),
+            _ => denied(&out),
+        }
+    }
     assert!(
         wait(5.0, || pod_ic.counter(
             "istio_requests_total",
@@ -1679,5 +1694,86 @@ fn http_authorization_policy_from_istiod_decides_each_request() {
     assert_eq!(
         e["decision"]["policy"], "ns[default]-policy[product-http]-rule[1]",
         "{e}"
+    );
+}
+
+/// Envoy is the reference for what istiod's HTTP RBAC means: a real Envoy as the pod's
+/// sidecar, fed by the test control plane the same virtualInbound (HTTP chains with the HTTP
+/// RBAC of HTTP_POLICIES) and inbound clusters as our istiod scenario, inbound traffic
+/// redirected to it as istio-init does, answers the same plaintext requests as ours does
+/// (PLAIN_CASES, asserted on ours in the two scenarios above).
+#[test]
+fn a_real_envoy_sidecar_judges_the_same_requests_alike() {
+    use interceptor_tests::istiod::{ControlPlane, Mesh as CpMesh};
+    use interceptor_tests::istiod_traffic::InboundWorkload;
+
+    let m = Mesh::new();
+    let app = m.pod_node().http("pod", &["10.77.0.2:8080"]);
+    let cp = ControlPlane::start(
+        &m.pod_node().ns.handle(),
+        "10.77.0.2:15012".parse().unwrap(),
+        &m.ca,
+        "pod-token",
+        CpMesh {
+            traffic: HTTP_POLICIES.into(),
+            inbound: Some(InboundWorkload {
+                namespace: "default".into(),
+                labels: [("app".to_string(), "product".to_string())].into(),
+                ports: vec![8080],
+                http_ports: vec![8080],
+            }),
+            ..Default::default()
+        },
+    );
+    // virtualOutbound and virtualInbound.
+    let envoy = envoy::sidecar(m.pod_node(), &cp, "10.77.0.2:15012", &m.pod_certs, 2);
+    sh(&mut m.pod_node().cmd(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15006",
+        ],
+    ));
+    let plain = |args: &[&str], path: &str| -> (u16, String) {
+        let url = format!("http://10.77.0.2:8080{path}");
+        let mut a = vec!["-sS", "-m", "5", "-w", "\n%{http_code}"];
+        a.extend(args);
+        a.push(&url);
+        let (_, out, err) = try_sh(&mut m.vm_node().cmd("curl", &a));
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), format!("{body}{err}"))
+    };
+    for (args, path, status) in PLAIN_CASES {
+        let (code, body) = plain(args, path);
+        assert_eq!(
+            code,
+            status,
+            "Envoy answered {args:?} {path} with {code}: {body}\n{}",
+            envoy.log()
+        );
+        if status == 403 {
+            assert_eq!(body.trim(), "RBAC: access denied", "{body}");
+        }
+    }
+    assert_eq!(
+        app.output().matches(" /public/").count(),
+        2,
+        "the app saw: {}",
+        app.output()
+    );
+    assert!(
+        envoy.stat("http.inbound_0.0.0.0_8080.rbac.denied") >= 4,
+        "{}",
+        envoy.log()
     );
 }
