@@ -589,6 +589,27 @@ sys.stdout.write(got[:400].decode('latin-1'))
     (took.trim().parse().unwrap_or(99.0), rest.to_string())
 }
 
+/// An HTTP/1.1 upgrade (a websocket's handshake shape, `Upgrade: echo` here) through the
+/// per-request path: the app's 101 reaches the client with its upgrade headers and the bytes
+/// after it flow both ways, the first of them sent with the head, as Istio's sidecar (which
+/// turns websocket upgrades on) carries them.
+#[test]
+fn an_upgrade_switches_protocols_through_the_http_path() {
+    let w = World::new();
+    let (_, got) = raw_exchange(
+        &w,
+        "b'GET /api/upgrade HTTP/1.1\\r\\nHost: reviews\\r\\nConnection: Upgrade\\r\\nUpgrade: echo\\r\\n\\r\\nping-through-the-upgrade'",
+        3,
+    );
+    assert!(got.starts_with("HTTP/1.1 101"), "{got:?}\n{}", w.ic.log());
+    let lower = got.to_ascii_lowercase();
+    assert!(
+        lower.contains("upgrade: echo") && lower.contains("connection: upgrade"),
+        "{got:?}"
+    );
+    assert!(got.ends_with("ping-through-the-upgrade"), "{got:?}");
+}
+
 #[test]
 fn hostile_clients_on_an_http_port_are_refused_cleanly_and_reach_nothing() {
     let w = World::new();

@@ -1501,6 +1501,15 @@ fn http_policy_decides_each_request(m: &Mesh, pod_ic: &Interceptor) {
     assert!(refused(pod_ic, "policy_denied") >= 1.0);
     assert!(refused(pod_ic, "policy_not_allowed") >= 3.0);
 
+    // An upgrade (a websocket's shape) on an allowed path switches and carries bytes.
+    let script = "import socket\ns = socket.create_connection(('10.77.0.2', 8080))\ns.settimeout(3)\ns.sendall(b'GET /public/ws HTTP/1.1\\r\\nHost: product\\r\\nConnection: Upgrade\\r\\nUpgrade: echo\\r\\n\\r\\n')\ngot = b''\nwhile b'\\r\\n\\r\\n' not in got:\n    got += s.recv(4096)\ns.sendall(b'ping-after-101')\ntry:\n    while not got.endswith(b'ping-after-101'):\n        b = s.recv(4096)\n        if not b:\n            break\n        got += b\nexcept OSError:\n    pass\nprint(got.decode('latin-1'))\n";
+    let (_, out, err) = try_sh(&mut m.vm_node().cmd("python3", &["-c", script]));
+    assert!(
+        out.starts_with("HTTP/1.1 101") && out.trim_end().ends_with("ping-after-101"),
+        "{out}{err}\n{}",
+        pod_ic.log()
+    );
+
     // Over mTLS from the VM's interceptor (curl by name in its captured cgroup): the VM's
     // identity may POST /orders; the app sees it in x-forwarded-client-cert.
     let (ok, out) = m.curl("/orders");

@@ -66,7 +66,9 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEAD as u32);
-    builder.serve_connection(TokioIo::new(io), service).await
+    builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
 }
 
 /// A client connection over `io` (HTTP/2 or HTTP/1.1), its driver spawned.
@@ -84,7 +86,7 @@ where
         Sender::H2(s)
     } else {
         let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn);
+        tokio::spawn(conn.with_upgrades());
         Sender::H1(s)
     })
 }
@@ -136,6 +138,9 @@ pub fn upstream_request(parts: &Parts, body: Body, h2: bool) -> Request<Body> {
     if h2 {
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().remove(hyper::header::HOST);
+        // HTTP/2 has no connection-level headers (an upgrade cannot cross to it).
+        req.headers_mut().remove(hyper::header::CONNECTION);
+        req.headers_mut().remove(hyper::header::UPGRADE);
         *req.uri_mut() = format!("http://{host}{path}")
             .parse()
             .unwrap_or_else(|_| hyper::Uri::from_static("/"));
@@ -149,6 +154,76 @@ pub fn upstream_request(parts: &Parts, body: Body, h2: bool) -> Request<Body> {
         }
     }
     req
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` and `Upgrade`,
+/// as a websocket's handshake), before the hop-by-hop headers are stripped.
+pub fn upgrade_protocol(parts: &Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = parts
+        .headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| parts.headers.get(hyper::header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Puts back the two hop-by-hop headers an upgrade travels in (as Envoy's `upgrade_configs`
+/// do for websocket, which Istio turns on).
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: &HeaderValue) {
+    headers.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(hyper::header::UPGRADE, protocol.clone());
+}
+
+/// After a 101 both ways: the client's and the upstream's switched connections, relayed to
+/// each other until either ends.
+pub fn relay_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
+            tracing::debug!("HTTP upgrade: a side never switched");
+            return;
+        };
+        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "HTTP upgrade: the relay ended with an error");
+        }
+    });
+}
+
+/// Follows a 101 the upstream answered to an upgrade request: the relay is set up and the
+/// upgrade headers go back to the client. A 101 that cannot be followed (no upgrade asked, or
+/// a side that cannot switch) becomes a 502.
+pub fn follow_upgrade(
+    response: &mut Response<Body>,
+    protocol: Option<&HeaderValue>,
+    client: Option<hyper::upgrade::OnUpgrade>,
+) {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let upstream = response
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>();
+    match (protocol, client, upstream) {
+        (Some(p), Some(client), Some(upstream)) => {
+            set_upgrade(response.headers_mut(), p);
+            relay_upgraded(client, upstream);
+        }
+        _ => {
+            *response = local_response(
+                502,
+                Bytes::from_static(b"upstream switched protocols unasked"),
+            )
+        }
+    }
 }
 
 /// Istio's `request_protocol` label: `grpc` when the request says it is gRPC, else `http`.

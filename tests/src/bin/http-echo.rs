@@ -3,7 +3,8 @@
 //! With HTTP_ECHO_STATUS_FILE set, the status code is what that file holds (200 without it):
 //! an application whose health a test turns. A path `/status/N` answers N, `/delay/MS` waits
 //! MS milliseconds first. The answer's `x-echo-headers` header lists the request's headers
-//! (`name=value;...`). With HTTP_ECHO_KEEPALIVE set, HTTP/1.1 connections stay open for the
+//! (`name=value;...`). A request with `Upgrade: echo` gets a 101 and its bytes echoed after it.
+//! With HTTP_ECHO_KEEPALIVE set, HTTP/1.1 connections stay open for the
 //! next request (else each answer closes its connection).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -92,6 +93,26 @@ fn serve(name: &str, mut stream: TcpStream, keepalive: bool) -> std::io::Result<
         let body = format!("{name} {method} {path} from {peer}\n");
         print!("{body}");
         std::io::stdout().flush()?;
+        // `Upgrade: echo` (as a websocket's upgrade): 101, then the raw bytes echoed.
+        let upgrade = req
+            .headers
+            .iter()
+            .any(|(k, v)| k == "upgrade" && v.eq_ignore_ascii_case("echo"));
+        if upgrade {
+            write!(
+                stream,
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n"
+            )?;
+            stream.flush()?;
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = reader.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                stream.write_all(&buf[..n])?;
+            }
+        }
         let close_asked = req
             .headers
             .iter()

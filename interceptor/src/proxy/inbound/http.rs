@@ -20,7 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{audit, connect_app, Inbound};
 use crate::metrics::{self, RequestLabels};
 use crate::proxy::http::{
-    handshake, local_response, request_protocol, serve, strip_hop_by_hop, upstream_request, Counted,
+    follow_upgrade, handshake, local_response, request_protocol, serve, set_upgrade,
+    strip_hop_by_hop, upgrade_protocol, upstream_request, Counted,
 };
 use crate::proxy::pool::{Body, Key};
 use crate::route::http::authority;
@@ -65,6 +66,10 @@ impl Inbound {
     async fn request(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
+        let upgrade = upgrade_protocol(&parts).filter(|_| !client.app_h2);
+        let client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         let decision = self.authorize_request(&parts, client);
         let (mut response, flags) = match decision.allowed {
             false => {
@@ -72,9 +77,13 @@ impl Inbound {
                 let body = Bytes::from_static(ACCESS_DENIED);
                 (local_response(403, body), "-")
             }
-            true => self.forward(&mut parts, body, client).await,
+            true => {
+                self.forward(&mut parts, body, upgrade.as_ref(), client)
+                    .await
+            }
         };
         strip_hop_by_hop(response.headers_mut());
+        follow_upgrade(&mut response, upgrade.as_ref(), client_upgrade);
         let status = response.status().as_u16();
         let source = client.identity.as_ref().map(SpiffeId::as_str);
         let labels = RequestLabels {
@@ -132,6 +141,7 @@ impl Inbound {
         &self,
         parts: &mut Parts,
         body: Incoming,
+        upgrade: Option<&HeaderValue>,
         client: &Client,
     ) -> (Response<Body>, &'static str) {
         let h2 = client.app_h2;
@@ -145,6 +155,9 @@ impl Inbound {
             parts
                 .headers
                 .insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(p) = upgrade {
+            set_upgrade(&mut parts.headers, p);
         }
         add_client_cert(parts, client, self.tls.current().as_deref());
         let key = Key {
@@ -176,7 +189,9 @@ impl Inbound {
         };
         match sender.send(upstream_request(parts, body.boxed(), h2)).await {
             Ok(resp) => {
-                self.app_pool.put(key, sender);
+                if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                    self.app_pool.put(key, sender);
+                }
                 let (head, body) = resp.into_parts();
                 (Response::from_parts(head, body.boxed()), "-")
             }

@@ -29,7 +29,8 @@ use crate::mesh::http_route::{
 use crate::mesh::Table;
 use crate::metrics::{self, RequestLabels};
 use crate::proxy::http::{
-    handshake, local_response, request_protocol, serve, strip_hop_by_hop, upstream_request, Counted,
+    follow_upgrade, handshake, local_response, request_protocol, serve, set_upgrade,
+    strip_hop_by_hop, upgrade_protocol, upstream_request, Counted,
 };
 use crate::proxy::pool::{Body, Key, Sender};
 use crate::route::http::{authority, http_routes, redirect_location, rewritten_path};
@@ -145,12 +146,17 @@ impl Outbound {
     ) -> Response<Body> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
+        let upgrade = upgrade_protocol(&parts);
+        let client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         // Each request sees the table as it is now: a route changed mid-connection applies to
         // the next request.
         let table = self.store.load();
-        let (outcome, route) = self
-            .route_request(&table, &mut parts, body, peer, dst)
+        let (mut outcome, route) = self
+            .route_request(&table, &mut parts, body, upgrade.as_ref(), peer, dst)
             .await;
+        follow_upgrade(&mut outcome.response, upgrade.as_ref(), client_upgrade);
         let status = outcome.response.status().as_u16();
         let service = table
             .service_for(dst)
@@ -187,6 +193,7 @@ impl Outbound {
         table: &Arc<Table>,
         parts: &mut Parts,
         body: Incoming,
+        upgrade: Option<&HeaderValue>,
         peer: SocketAddr,
         dst: SocketAddr,
     ) -> (Outcome, String) {
@@ -238,7 +245,10 @@ impl Outbound {
             }
         };
         prepare_headers(&mut parts.headers, rule.map(|r| &r.request_headers));
-        if let Some(r) = rule.filter(|r| !r.mirrors.is_empty()) {
+        if let Some(p) = upgrade {
+            set_upgrade(&mut parts.headers, p);
+        }
+        if let Some(r) = rule.filter(|r| !r.mirrors.is_empty() && upgrade.is_none()) {
             self.mirror(table, parts, &body, r, peer, dst);
         }
         let forward = self.forward(table, parts, &mut body, rule, peer, dst);
@@ -453,8 +463,9 @@ impl Outbound {
                     }
                 }
                 let retry = retriable_response(retries, &resp);
-                // A response dropped for a retry leaves its connection unusable.
-                if !retry {
+                // A response dropped for a retry leaves its connection unusable; a switched
+                // one belongs to its upgrade.
+                if !retry && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
                     self.pool.put(key, sender);
                 }
                 let (head, body) = resp.into_parts();
