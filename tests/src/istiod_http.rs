@@ -823,23 +823,14 @@ pub fn http_rbac_filters(
         Vec<(String, interceptor_proto::envoy::config::rbac::v3::Policy)>,
     )>,
 ) -> Vec<HttpFilter> {
-    use interceptor_proto::envoy::config::rbac::v3::Rbac;
     use interceptor_proto::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
     policies
         .into_iter()
         .map(|(action, ps)| {
+            let (rules, shadow_rules_stat_prefix) = crate::istiod_traffic::rbac_rules(action, ps);
             let f = HttpRbac {
-                rules: Some(Rbac {
-                    action,
-                    policies: ps.into_iter().collect(),
-                    ..Default::default()
-                }),
-                shadow_rules_stat_prefix: if action == 1 {
-                    "istio_dry_run_deny_"
-                } else {
-                    "istio_dry_run_allow_"
-                }
-                .into(),
+                rules: Some(rules),
+                shadow_rules_stat_prefix,
                 ..Default::default()
             };
             HttpFilter {

@@ -867,25 +867,33 @@ fn peer_modes(docs: &[Doc], w: &InboundWorkload) -> (String, BTreeMap<u16, Strin
     (mode, ports)
 }
 
+/// One action's rules and the dry-run stat prefix istiod gives its filter, TCP or HTTP alike.
+pub(crate) fn rbac_rules(
+    action: i32,
+    policies: Vec<(String, interceptor_proto::envoy::config::rbac::v3::Policy)>,
+) -> (interceptor_proto::envoy::config::rbac::v3::Rbac, String) {
+    let rules = interceptor_proto::envoy::config::rbac::v3::Rbac {
+        action,
+        policies: policies.into_iter().collect(),
+        ..Default::default()
+    };
+    let shadow = match action {
+        1 => "istio_dry_run_deny_",
+        _ => "istio_dry_run_allow_",
+    };
+    (rules, shadow.into())
+}
+
 fn rbac_filter(
     action: i32,
     policies: Vec<(String, interceptor_proto::envoy::config::rbac::v3::Policy)>,
 ) -> Filter {
-    use interceptor_proto::envoy::config::rbac::v3::Rbac;
     use interceptor_proto::envoy::extensions::filters::network::rbac::v3::Rbac as NetRbac;
+    let (rules, shadow_rules_stat_prefix) = rbac_rules(action, policies);
     let f = NetRbac {
         stat_prefix: "tcp.".into(),
-        rules: Some(Rbac {
-            action,
-            policies: policies.into_iter().collect(),
-            ..Default::default()
-        }),
-        shadow_rules_stat_prefix: if action == 1 {
-            "istio_dry_run_deny_"
-        } else {
-            "istio_dry_run_allow_"
-        }
-        .into(),
+        rules: Some(rules),
+        shadow_rules_stat_prefix,
         ..Default::default()
     };
     Filter {

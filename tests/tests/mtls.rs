@@ -111,6 +111,26 @@ impl Mesh {
         self.inbound(self.pod_node(), &self.pod_certs, extra, log)
     }
 
+    /// The pod's interceptor following the test control plane at 10.77.0.2:15012 (the Istio
+    /// VM bundle of `default/product`, labels app=product), serving inbound 8080 and 8443.
+    fn pod_following_istiod(&self) -> Interceptor {
+        use interceptor_tests::bundle::{write_bundle, Spec};
+        let mut spec = Spec::new("default", "product", "10.77.0.2", &self.ca.pem());
+        spec.token = "pod-token".into();
+        spec.labels.insert("app".into(), "product".into());
+        let bundle = write_bundle(&self.t.path("pod-root"), &spec);
+        self.ca
+            .issue(&bundle.join("etc/certs"), &spec.identity(), Key::Rsa);
+        self.pod_node()
+            .interceptor()
+            .resolv(&self.resolv)
+            .args(["--control-plane", "istiod", "--istio-dir"])
+            .arg(&bundle)
+            .args(["--inbound-ports", "8080,8443"])
+            .log("pod-ic")
+            .start()
+    }
+
     /// curl by service name from the VM's captured cgroup (DNS and connection captured).
     fn curl(&self, path: &str) -> (bool, String) {
         let (ok, out, err) = try_sh(&mut self.vm_node().with_resolv(
@@ -1295,7 +1315,6 @@ fn peer_authentication_and_authorization_policy_decide_inbound_with_real_clients
 /// istiod writes. A change at the control plane is in force without a restart.
 #[test]
 fn peer_authentication_and_authorization_policy_from_istiod_decide_inbound() {
-    use interceptor_tests::bundle::{write_bundle, Spec};
     use interceptor_tests::istiod::{ControlPlane, Mesh as CpMesh};
     use interceptor_tests::istiod_traffic::InboundWorkload;
 
@@ -1335,20 +1354,7 @@ fn peer_authentication_and_authorization_policy_from_istiod_decide_inbound() {
         "pod-token",
         cp_mesh(peer.clone()),
     );
-    let mut spec = Spec::new("default", "product", "10.77.0.2", &m.ca.pem());
-    spec.token = "pod-token".into();
-    spec.labels.insert("app".into(), "product".into());
-    let bundle = write_bundle(&m.t.path("pod-root"), &spec);
-    m.ca.issue(&bundle.join("etc/certs"), &spec.identity(), Key::Rsa);
-    let pod_ic = m
-        .pod_node()
-        .interceptor()
-        .resolv(&m.resolv)
-        .args(["--control-plane", "istiod", "--istio-dir"])
-        .arg(&bundle)
-        .args(["--inbound-ports", "8080,8443"])
-        .log("pod-ic")
-        .start();
+    let pod_ic = m.pod_following_istiod();
     let explain = |port: u16, from: &str| {
         pod_ic.json(&format!(
             "/explain/inbound?port={port}&identity={from}&source=10.77.0.1"
@@ -1641,7 +1647,6 @@ fn http_authorization_policy_from_files_decides_each_request() {
 
 #[test]
 fn http_authorization_policy_from_istiod_decides_each_request() {
-    use interceptor_tests::bundle::{write_bundle, Spec};
     use interceptor_tests::istiod::{ControlPlane, Endpoint, Mesh as CpMesh, Service};
     use interceptor_tests::istiod_traffic::InboundWorkload;
 
@@ -1672,20 +1677,7 @@ fn http_authorization_policy_from_istiod_decides_each_request() {
             ..Default::default()
         },
     );
-    let mut spec = Spec::new("default", "product", "10.77.0.2", &m.ca.pem());
-    spec.token = "pod-token".into();
-    spec.labels.insert("app".into(), "product".into());
-    let bundle = write_bundle(&m.t.path("pod-root"), &spec);
-    m.ca.issue(&bundle.join("etc/certs"), &spec.identity(), Key::Rsa);
-    let pod_ic = m
-        .pod_node()
-        .interceptor()
-        .resolv(&m.resolv)
-        .args(["--control-plane", "istiod", "--istio-dir"])
-        .arg(&bundle)
-        .args(["--inbound-ports", "8080,8443"])
-        .log("pod-ic")
-        .start();
+    let pod_ic = m.pod_following_istiod();
     assert!(
         wait(20.0, || pod_ic.json(
             "/explain/inbound?port=8080&identity=&source=10.77.0.1"
