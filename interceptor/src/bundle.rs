@@ -505,12 +505,14 @@ pub fn parse_duration(s: &str) -> Option<u64> {
         }
         let n: u64 = num.parse().ok()?;
         num.clear();
-        total += n * match c {
+        let unit = match c {
             'h' => 3600,
             'm' => 60,
             's' => 1,
             _ => return None,
         };
+        // Outside input: an absurd figure is refused, never wrapped or panicked on.
+        total = total.checked_add(n.checked_mul(unit)?)?;
     }
     num.is_empty().then_some(total)
 }
@@ -628,5 +630,8 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Some(5400));
         assert_eq!(parse_duration("20s"), Some(20));
         assert_eq!(parse_duration("x"), None);
+        // Found by the vm_bundle fuzz target: a figure whose seconds overflow is refused.
+        assert_eq!(parse_duration("9999999999999999h"), None);
+        assert_eq!(parse_duration("5124095576030431h5124095576030431h"), None);
     }
 }

@@ -7,6 +7,7 @@ mod demo;
 mod install;
 mod setup;
 mod vagrant;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,6 +71,14 @@ enum Task {
         seconds: u64,
         #[arg(long, default_value_t = 10_000)]
         connections: u64,
+    },
+    /// The .deb in Debian guests under QEMU and real systemd, on each release's own kernel
+    VmTest {
+        #[arg(long, value_enum, default_value = "all")]
+        release: vm::Which,
+        /// Only CI's smoke subset (one bookworm guest, the debug build), as `test` runs it
+        #[arg(long)]
+        smoke: bool,
     },
     /// Two Vagrant VMs: the scenario tests on one, and the installed service reaching the other
     VagrantTest {
@@ -187,6 +196,8 @@ fn test() -> anyhow::Result<()> {
             ])
             .env("INTERCEPTOR_BIN", bin.join("interceptor")),
     )?;
+    let smoke = vm::smoke(&bin)?;
+    println!("{smoke}");
     fuzz(FUZZ_SECONDS)?;
     // One closing line for the whole suite: cargo prints one per test binary, the last of which
     // (doc tests) counts none.
@@ -350,6 +361,12 @@ fn main() -> anyhow::Result<()> {
             seconds,
             connections,
         } => soak(seconds, connections),
+        Task::VmTest { smoke: true, .. } => {
+            setup::ensure()?;
+            println!("{}", vm::smoke(&build(false)?)?);
+            Ok(())
+        }
+        Task::VmTest { release, .. } => vm::test(release),
         Task::VagrantTest { keep, provider } => vagrant::test(keep, provider.as_deref()),
     }
 }

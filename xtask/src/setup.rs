@@ -34,6 +34,10 @@ const PACKAGES: &[&str] = &[
     "systemd",
     "dpkg-dev",
     "binutils",
+    // vm-test: guest images from Debian's archive, ssh into them, guestfwd's relay.
+    "mmdebstrap",
+    "openssh-client",
+    "socat",
 ];
 
 fn installed(pkg: &str) -> bool {
@@ -67,6 +71,7 @@ fn ensure_cargo_tools() -> anyhow::Result<()> {
 
 pub fn ensure() -> anyhow::Result<()> {
     ensure_packages()?;
+    ensure_qemu()?;
     ensure_cargo_tools()?;
     ensure_envoy()
 }
@@ -151,4 +156,55 @@ fn ensure_packages() -> anyhow::Result<()> {
     let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
     install.args(&missing);
     run(&mut install)
+}
+
+fn version_of(pkg: &str) -> Option<String> {
+    let o = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", pkg])
+        .output()
+        .ok()?;
+    (o.status.success() && !o.stdout.is_empty())
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/interceptor-backports.sources";
+
+/// qemu-system-x86 for vm-test, from the same suite as the machine's qemu-utils: where that came
+/// from backports (as on this project's machines), the system emulator must too, or apt
+/// downgrades qemu-utils to match. The backports source is the machine's own Debian archive
+/// with the backports suite added, in a file of ours.
+fn ensure_qemu() -> anyhow::Result<()> {
+    if installed("qemu-system-x86") {
+        return Ok(());
+    }
+    let from_backports = version_of("qemu-utils").is_some_and(|v| v.contains("~bpo"));
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    if from_backports {
+        let codename = std::fs::read_to_string("/etc/os-release")?
+            .lines()
+            .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(str::to_string))
+            .ok_or_else(|| anyhow::anyhow!("no VERSION_CODENAME in /etc/os-release"))?;
+        let sources = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources")?;
+        let uri = sources
+            .lines()
+            .filter_map(|l| l.strip_prefix("URIs:"))
+            .flat_map(str::split_whitespace)
+            .find(|u| u.trim_end_matches('/').ends_with("/debian"))
+            .ok_or_else(|| anyhow::anyhow!("no Debian archive URI in debian.sources"))?
+            .to_string();
+        std::fs::write(
+            BACKPORTS_SOURCE,
+            format!(
+                "Types: deb\nURIs: {uri}\nSuites: {codename}-backports\nComponents: main\n\
+                 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            ),
+        )?;
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        install.args(["-t", &format!("{codename}-backports")]);
+    }
+    eprintln!("installing qemu-system-x86 (vm-test)");
+    run(install.arg("qemu-system-x86"))
 }

@@ -1,0 +1,372 @@
+//! The scenarios, run in a guest under its real systemd. Each step checks what a user would
+//! check (systemctl, journalctl, /proc, bpftool, a captured app's bytes) and fails with what it
+//! saw.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::guest::{self, Forward, Guest, Spec};
+use super::image::{self, Image};
+use super::peer::{self, HostProc, Mesh};
+use super::Release;
+
+/// The pod's address as guests see it (a guestfwd to the host's s_server) and its port.
+const POD_ADDR: &str = "10.0.2.100";
+const POD_PORT: u16 = 7000;
+/// The guest's own mesh service, captured inbound.
+const APP_PORT: u16 = 8080;
+const SERVICE: &str = "echo.default.svc.cluster.local";
+
+/// The mesh as the guest's files say it: one service whose pod has a sidecar (tlsMode istio).
+fn mesh_yaml() -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: echo, namespace: default}}\n\
+         spec:\n  hosts: [{SERVICE}]\n  ports: [{{number: {POD_PORT}, name: tcp-echo, protocol: TCP}}]\n\
+         \x20 resolution: STATIC\n  workloadSelector: {{labels: {{app: echo}}}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: echo-pod, namespace: default}}\n\
+         spec:\n  address: {POD_ADDR}\n  labels: {{app: echo, security.istio.io/tlsMode: istio}}\n  serviceAccount: echo\n"
+    )
+}
+
+/// The operator's config: the package's, with the mesh, STRICT inbound on the app's port.
+fn config_yaml() -> String {
+    format!(
+        "mesh:\n  - /etc/interceptor/mesh\nnamespace: default\ncluster-domain: cluster.local\n\
+         certs: /etc/certs\nmtls-mode: strict\ninbound-ports: \"{APP_PORT}\"\n"
+    )
+}
+
+/// One booted guest with the host side of the mesh around it.
+struct Run {
+    guest: Guest,
+    mesh: Mesh,
+    _pod: HostProc,
+    /// 127.0.0.1 port forwarded to the guest's app port (for the inbound client).
+    app_fwd: u16,
+    pub accel: &'static str,
+    pub image: Image,
+}
+
+impl Run {
+    fn start(release: Release, deb: &Path) -> anyhow::Result<Run> {
+        let image = image::ensure(release)?;
+        let accel = guest::accel(&image)?;
+        let dir = image::vm_dir().join("run").join(release.name());
+        let mesh = Mesh::new(&dir.join("mesh"))?;
+        let pod_port = guest::free_port()?;
+        let pod = peer::pod(&mesh, "echo", pod_port)?;
+        let app_fwd = guest::free_port()?;
+        let guest = Guest::boot(
+            Spec {
+                name: release.name(),
+                image: &image,
+                memory_mb: 1024,
+                forwards: vec![Forward {
+                    guest_addr: "10.0.2.100:7000",
+                    host_port: pod_port,
+                }],
+                hostfwds: vec![(app_fwd, APP_PORT)],
+                lans: Vec::new(),
+            },
+            accel,
+            &dir,
+        )?;
+        let run = Run {
+            guest,
+            mesh,
+            _pod: pod,
+            app_fwd,
+            accel,
+            image,
+        };
+        run.guest.put(deb, "/root/interceptor.deb")?;
+        Ok(run)
+    }
+
+    fn sh(&self, script: &str) -> anyhow::Result<String> {
+        self.guest.sh(script)
+    }
+
+    /// Polls a guest shell condition until it holds.
+    fn until(&self, what: &str, secs: u64, script: &str) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            if self.guest.run(script)?.status.success() {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(secs) {
+                bail!(
+                    "{}: {what}: not within {secs} s; unit: {}",
+                    self.guest.name,
+                    self.guest
+                        .sh("systemctl status --no-pager interceptor 2>&1; journalctl -u interceptor --no-pager -n 30 -o cat")
+                        .unwrap_or_else(|e| format!("{e:#}"))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `apt install ./interceptor.deb`: installed, enabled and started by nothing.
+    fn install(&self) -> anyhow::Result<()> {
+        self.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/interceptor.deb >/root/apt.log 2>&1 || { cat /root/apt.log; exit 1; }")?;
+        let state =
+            self.sh("systemctl is-enabled interceptor; systemctl is-active interceptor; true")?;
+        if !state.contains("disabled") || !state.contains("inactive") {
+            bail!("the package enabled or started the service by itself: {state}");
+        }
+        self.guest
+            .write("/etc/interceptor/mesh/mesh.yaml", &mesh_yaml())?;
+        self.guest
+            .write("/etc/interceptor/config.yaml", &config_yaml())?;
+        let certs = self.mesh.certs("vm");
+        self.sh("mkdir -p /etc/certs")?;
+        for f in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+            self.guest.put(&certs.join(f), &format!("/etc/certs/{f}"))?;
+        }
+        self.sh("chmod 600 /etc/certs/key.pem && interceptor check --mesh /etc/interceptor/mesh >/dev/null")?;
+        // The VM's own service: an echo server, a unit of its own (not captured outbound: it
+        // only listens).
+        self.sh(&format!(
+            "systemd-run --unit app-echo socat TCP-LISTEN:{APP_PORT},fork,reuseaddr EXEC:cat"
+        ))?;
+        Ok(())
+    }
+
+    /// `systemctl enable --now`: Type=notify returns once READY=1, and READY means capture is in
+    /// the kernel: checked at once, with no wait.
+    fn start_service(&self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        self.sh("systemctl enable --now interceptor")?;
+        let took = started.elapsed();
+        self.capture_attached()
+            .context("READY=1 came before capture was attached")?;
+        Ok(took)
+    }
+
+    /// The captured programs on the guest's root cgroup, as bpftool lists them.
+    fn capture_attached(&self) -> anyhow::Result<String> {
+        let out = self.sh("bpftool cgroup show /sys/fs/cgroup")?;
+        if !out.contains("connect4") {
+            bail!("no capture programs on the root cgroup: {out}");
+        }
+        Ok(out)
+    }
+
+    fn capture_detached(&self) -> anyhow::Result<()> {
+        let out = self.sh("bpftool cgroup show /sys/fs/cgroup")?;
+        if out.contains("connect4") {
+            bail!("capture programs still attached: {out}");
+        }
+        Ok(())
+    }
+
+    /// The guest's app, by the service's mesh name: DNS and connection captured, carried over
+    /// mTLS to the pod (which reverses the line).
+    fn outbound(&self, line: &str) -> anyhow::Result<()> {
+        let out = self.sh(&format!(
+            "(echo {line}; sleep 2) | timeout 20 socat - TCP:{SERVICE}:{POD_PORT} 2>&1; true"
+        ))?;
+        let want: String = line.chars().rev().collect();
+        if !out.contains(&want) {
+            bail!("the captured app got {out:?} from the pod, not {want:?}");
+        }
+        Ok(())
+    }
+
+    /// The host as a mesh client with its own certificate: into the guest's app port, which
+    /// capture (sk_lookup) hands to the interceptor's inbound (STRICT), to the echo app.
+    fn inbound(&self, line: &str) -> anyhow::Result<()> {
+        let out = peer::mtls_line(&self.mesh, "client", self.app_fwd, line)?;
+        if !out.contains(line) {
+            bail!("openssl s_client into the guest's app port got {out:?}");
+        }
+        Ok(())
+    }
+
+    fn main_pid(&self) -> anyhow::Result<u32> {
+        self.sh("systemctl show -p MainPID --value interceptor")?
+            .trim()
+            .parse()
+            .context("MainPID")
+    }
+
+    /// kill -9 of the main PID: capture detaches with the process (fail-open), the unit
+    /// restarts it (Restart=on-failure), capture and the mesh connection come back.
+    fn kill9(&self) -> anyhow::Result<Duration> {
+        let pid = self.main_pid()?;
+        let started = Instant::now();
+        self.sh(&format!("kill -9 {pid}"))?;
+        self.until(
+            "restarted by systemd",
+            30,
+            &format!(
+                "test \"$(systemctl show -p NRestarts --value interceptor)\" -ge 1 && \
+                 systemctl is-active -q interceptor && \
+                 test \"$(systemctl show -p MainPID --value interceptor)\" != {pid}"
+            ),
+        )?;
+        let took = started.elapsed();
+        self.capture_attached()?;
+        self.outbound("after-restart")?;
+        Ok(took)
+    }
+
+    /// What systemd and the kernel say about the running service.
+    fn inspect(&self) -> anyhow::Result<Inspection> {
+        let pid = self.main_pid()?;
+        let caps = self.sh(&format!("grep -E '^Cap(Eff|Bnd)' /proc/{pid}/status"))?;
+        if caps.lines().any(|l| !l.ends_with("0000000000000000")) {
+            bail!("the daemon kept capabilities: {caps}");
+        }
+        let journal = self.sh("journalctl -u interceptor --no-pager -o cat")?;
+        if !journal.contains("capture attached") {
+            bail!("journald has no 'capture attached' line: {journal}");
+        }
+        let status = self.sh("interceptor status --json")?;
+        let programs = serde_json::from_str::<serde_json::Value>(&status)
+            .ok()
+            .and_then(|v| {
+                v.pointer("/capture/programs")
+                    .and_then(|p| p.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| p.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+            })
+            .with_context(|| format!("status has no capture.programs: {status}"))?;
+        let ktls = self
+            .sh("modprobe tls 2>/dev/null && echo yes || echo no")?
+            .trim()
+            .to_string();
+        Ok(Inspection { programs, ktls })
+    }
+
+    /// systemctl stop: a clean exit, every program gone, the app's traffic no longer captured.
+    fn stop(&self) -> anyhow::Result<()> {
+        self.sh("systemctl stop interceptor")?;
+        let result = self.sh("systemctl show -p Result --value interceptor")?;
+        if result.trim() != "success" {
+            bail!("stop ended with Result={}", result.trim());
+        }
+        self.capture_detached()
+    }
+
+    /// apt purge: nothing of ours is left.
+    fn purge(&self) -> anyhow::Result<()> {
+        self.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q interceptor >/root/apt.log 2>&1 || { cat /root/apt.log; exit 1; }")?;
+        let left = self.sh(
+            "for p in /etc/interceptor /var/lib/interceptor /usr/bin/interceptor \
+             /usr/lib/systemd/system/interceptor.service /etc/systemd/system/multi-user.target.wants/interceptor.service; \
+             do test -e $p && echo $p; done; true",
+        )?;
+        if !left.trim().is_empty() {
+            bail!("purge left: {left}");
+        }
+        self.capture_detached()
+    }
+}
+
+struct Inspection {
+    programs: String,
+    ktls: String,
+}
+
+fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let started = Instant::now();
+    let r = f().with_context(|| format!("step '{name}'"))?;
+    eprintln!("vm:   ok {name} ({:.1} s)", started.elapsed().as_secs_f64());
+    Ok(r)
+}
+
+pub fn smoke(release: Release, deb: &Path) -> anyhow::Result<()> {
+    let run = step("boot", || Run::start(release, deb))?;
+    step("install", || run.install())?;
+    step("start (READY with capture)", || run.start_service())?;
+    step("captured mesh connection over mTLS", || {
+        run.outbound("hello-mesh")
+    })?;
+    step("kill -9, restarted by systemd", || run.kill9())?;
+    step("stop detaches", || run.stop())?;
+    step("purge leaves nothing", || run.purge())?;
+    Ok(())
+}
+
+pub struct Report {
+    release: Release,
+    kernel: String,
+    accel: &'static str,
+    boot: Duration,
+    ready: Duration,
+    restart: Duration,
+    reboot: Duration,
+    inspection: Inspection,
+}
+
+impl Report {
+    pub fn header() -> &'static str {
+        "| release | kernel | accel | boot | enable --now (READY) | outbound mTLS | inbound mTLS (sk_lookup) | kill -9 → back | reboot → back | stop / purge | programs attached | kTLS module |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    }
+
+    pub fn row(&self, total: Duration) -> String {
+        format!(
+            "| {} | {} | {} | {:.0} s | {:.1} s | ok | ok | {:.1} s | {:.0} s | ok | {} | {} | (all steps {:.0} s)",
+            self.release.name(),
+            self.kernel,
+            self.accel,
+            self.boot.as_secs_f64(),
+            self.ready.as_secs_f64(),
+            self.restart.as_secs_f64(),
+            self.reboot.as_secs_f64(),
+            self.inspection.programs,
+            self.inspection.ktls,
+            total.as_secs_f64()
+        )
+    }
+}
+
+pub fn full(release: Release, deb: &Path) -> anyhow::Result<Report> {
+    let mut run = step("boot", || Run::start(release, deb))?;
+    step("install", || run.install())?;
+    let ready = step("start (READY with capture)", || run.start_service())?;
+    step("captured mesh connection over mTLS", || {
+        run.outbound("hello-mesh")
+    })?;
+    step("inbound mTLS from openssl via sk_lookup", || {
+        run.inbound("hello-vm")
+    })?;
+    let inspection = step("capabilities, journald, status", || run.inspect())?;
+    let restart = step("kill -9, restarted by systemd", || run.kill9())?;
+    let reboot = step("reboot: enabled unit back with capture", || {
+        let took = run.guest.reboot()?;
+        run.until(
+            "active after reboot",
+            60,
+            "systemctl is-active -q interceptor",
+        )?;
+        run.capture_attached()?;
+        run.sh(&format!(
+            "systemd-run --unit app-echo socat TCP-LISTEN:{APP_PORT},fork,reuseaddr EXEC:cat"
+        ))?;
+        run.outbound("after-reboot")?;
+        run.inbound("after-reboot")?;
+        Ok(took)
+    })?;
+    step("stop detaches", || run.stop())?;
+    step("purge leaves nothing", || run.purge())?;
+    Ok(Report {
+        release,
+        kernel: run.image.kernel_version.clone(),
+        accel: run.accel,
+        boot: run.guest.booted_in,
+        ready,
+        restart,
+        reboot,
+        inspection,
+    })
+}
