@@ -1398,6 +1398,24 @@ impl ControlPlane {
         mesh: Mesh,
         name: &str,
     ) -> Self {
+        let netns = Some(format!("/run/netns/{}", ns.name()));
+        Self::start_in(netns, addr, ca, token, mesh, name)
+    }
+
+    /// Serves on `addr` in the caller's own network namespace: on the host's loopback, for
+    /// QEMU guests that reach it through a forwarded address (`cargo xtask vm-test`).
+    pub fn start_here(addr: SocketAddr, ca: &Ca, token: &str, mesh: Mesh) -> Self {
+        Self::start_in(None, addr, ca, token, mesh, ISTIOD_NAME)
+    }
+
+    fn start_in(
+        netns: Option<String>,
+        addr: SocketAddr,
+        ca: &Ca,
+        token: &str,
+        mesh: Mesh,
+        name: &str,
+    ) -> Self {
         let ca = ca.clone_ca();
         let (pushes, _) = watch::channel(0);
         let (recycle, _) = watch::channel(0);
@@ -1417,20 +1435,21 @@ impl ControlPlane {
         });
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let path = format!("/run/netns/{}", ns.name());
         let s2 = shared.clone();
         let thread = std::thread::spawn(move || {
-            let file = match std::fs::File::open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
+            if let Some(path) = netns {
+                let file = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                // SAFETY: setns on a descriptor we own; it moves only this thread.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    let _ = ready_tx.send(Err(std::io::Error::last_os_error().to_string()));
                     return;
                 }
-            };
-            // SAFETY: setns on a descriptor we own; it moves only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let _ = ready_tx.send(Err(std::io::Error::last_os_error().to_string()));
-                return;
             }
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -140,6 +140,30 @@ pub fn build(release: bool) -> anyhow::Result<PathBuf> {
         .join(if release { "release" } else { "debug" }))
 }
 
+/// The oldest glibc the packaged binary links against: bullseye's (2.31), so one `.deb` installs
+/// on Debian 11, 12 and 13 (a plain build on this bookworm machine needs 2.34).
+const PORTABLE_TARGET: &str = "x86_64-unknown-linux-gnu.2.31";
+
+/// The release daemon for packages: built with zig as the linker against glibc 2.31's symbols.
+pub fn build_portable() -> anyhow::Result<PathBuf> {
+    setup::ensure_zig()?;
+    run(cargo().args([
+        "zigbuild",
+        "--release",
+        "-p",
+        "interceptor",
+        "--bin",
+        "interceptor",
+        "--target",
+        PORTABLE_TARGET,
+    ]))?;
+    Ok(root()
+        .join("target")
+        .join("x86_64-unknown-linux-gnu")
+        .join("release")
+        .join("interceptor"))
+}
+
 /// Removes namespaces and cgroups left by an earlier test run that was killed before its
 /// destructors ran. Only names this project's harness makes.
 fn sweep_leftovers() {
@@ -350,7 +374,7 @@ fn main() -> anyhow::Result<()> {
         Task::Deb { bin, out } => {
             let bin = match bin {
                 Some(b) => b,
-                None => build(true)?.join("interceptor"),
+                None => build_portable()?,
             };
             let out = out.unwrap_or_else(|| root().join("target").join("deb"));
             let deb = deb::build(&bin, &out)?;

@@ -52,7 +52,11 @@ fn installed(pkg: &str) -> bool {
 const CARGO_TOOLS: &[(&str, &str)] = &[("cargo-fuzz", "cargo-fuzz")];
 
 fn ensure_cargo_tools() -> anyhow::Result<()> {
-    for (bin, krate) in CARGO_TOOLS {
+    install_cargo_tools(CARGO_TOOLS)
+}
+
+fn install_cargo_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    for (bin, krate) in tools {
         let have = Command::new("sh")
             .arg("-c")
             .arg(format!("command -v {bin}"))
@@ -207,4 +211,19 @@ fn ensure_qemu() -> anyhow::Result<()> {
     }
     eprintln!("installing qemu-system-x86 (vm-test)");
     run(install.arg("qemu-system-x86"))
+}
+
+/// The portable build's tools (only `deb` and `vm-test` need them, so CI's setup does not pay
+/// for them): zig, from its PyPI wheel, as the linker that targets an older glibc, and
+/// cargo-zigbuild to drive it.
+pub fn ensure_zig() -> anyhow::Result<()> {
+    let have_zig = Command::new("python3")
+        .args(["-m", "ziglang", "version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have_zig {
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", "ziglang==0.17.1"]))?;
+    }
+    install_cargo_tools(&[("cargo-zigbuild", "cargo-zigbuild")])
 }

@@ -19,7 +19,7 @@ use super::image::{self, Image};
 /// A guest-side address that leads to a TCP port on the host's loopback (a QEMU `guestfwd`):
 /// each connection the guest makes to `guest_addr` runs one socat to `host_port`.
 pub struct Forward {
-    pub guest_addr: &'static str,
+    pub guest_addr: String,
     pub host_port: u16,
 }
 

@@ -27,7 +27,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "socat",
     "curl",
-    "dnsutils",
+    // dig: bind9-dnsutils in every release (trixie dropped the dnsutils name).
+    "bind9-dnsutils",
     "openssl",
     "procps",
 ];
@@ -174,8 +175,12 @@ fn build(release: Release, dir: &Path) -> anyhow::Result<()> {
         .arg(suite)
         .arg(&rootfs)
         .arg(format!("deb {main} {suite} main"))
-        .arg(format!("deb {main} {suite}-updates main"))
-        .arg(format!("deb {security} {suite}-security main"));
+        .arg(format!("deb {main} {suite}-updates main"));
+    // bullseye is past its LTS: on 2026-12-07 its security suite listed packages (bpftool,
+    // the kernel) whose pool files answered 404. Its guests are the final point release.
+    if release != Release::Bullseye {
+        mm.arg(format!("deb {security} {suite}-security main"));
+    }
     run(&mut mm).with_context(|| format!("building the {suite} guest image"))?;
     let boot = rootfs.join("boot");
     let kernel = newest(&boot, "vmlinuz-")?;

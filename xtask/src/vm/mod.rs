@@ -59,9 +59,9 @@ impl Which {
     }
 }
 
-/// The release binary packaged as users get it.
+/// The package as users get it: `cargo xtask deb`'s portable release build.
 fn release_deb() -> anyhow::Result<PathBuf> {
-    let bin = crate::build(true)?.join("interceptor");
+    let bin = crate::build_portable()?;
     crate::deb::build(&bin, &crate::root().join("target").join("deb"))
 }
 
@@ -73,13 +73,16 @@ pub fn test(which: Which) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     for release in which.releases() {
-        let started = Instant::now();
-        match scenario::full(release, &deb) {
-            Ok(report) => rows.push(report.row(started.elapsed())),
-            Err(e) => {
-                eprintln!("vm: {} FAILED: {e:#}", release.name());
-                rows.push(format!("| {} | FAILED: {e:#} |", release.name()));
-                failed.push(release.name());
+        for source in [scenario::Source::Files, scenario::Source::Istiod] {
+            let started = Instant::now();
+            match scenario::full(release, source, &deb) {
+                Ok(report) => rows.push(report.row(started.elapsed())),
+                Err(e) => {
+                    let what = format!("{} ({})", release.name(), source.name());
+                    eprintln!("vm: {what} FAILED: {e:#}");
+                    rows.push(format!("| {what} | FAILED: {e:#} |"));
+                    failed.push(what);
+                }
             }
         }
     }

@@ -38,10 +38,59 @@ fn config_yaml() -> String {
     )
 }
 
+/// Where the guest's daemon learns the mesh.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Istio YAML in /etc/interceptor/mesh (the package's default).
+    Files,
+    /// The test control plane on the host (ADS, the Istio CA), with the Istio VM bundle
+    /// installed in the guest as Istio's VM guide does.
+    Istiod,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Files => "files",
+            Source::Istiod => "istiod",
+        }
+    }
+}
+
+/// Where the guest reaches the control plane (a guestfwd to the host's loopback).
+const ISTIOD_ADDR: &str = "10.0.2.101";
+const ISTIOD_PORT: u16 = 15012;
+const TOKEN: &str = "vm-test-bootstrap-token";
+const VIP: &str = "240.240.0.10";
+
+/// The control plane's mesh: the same service as the files say, and STRICT for the VM's port
+/// from a mesh-wide PeerAuthentication (istiod's virtualInbound).
+fn istiod_mesh() -> interceptor_tests::istiod::Mesh {
+    use interceptor_tests::istiod::{Endpoint, Mesh as CpMesh, Service};
+    let mut svc = Service::new(SERVICE, VIP, POD_PORT);
+    svc.sans = vec![format!("{}/echo", peer::TRUST_DOMAIN)];
+    svc.endpoints = vec![Endpoint::new(POD_ADDR, POD_PORT)];
+    CpMesh {
+        services: vec![svc],
+        traffic: "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+                  metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n"
+            .into(),
+        inbound: Some(interceptor_tests::istiod_traffic::InboundWorkload {
+            namespace: "default".into(),
+            labels: [("app".to_string(), "vm-app".to_string())].into(),
+            ports: vec![APP_PORT],
+            http_ports: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
 /// One booted guest with the host side of the mesh around it.
 struct Run {
     guest: Guest,
+    source: Source,
     mesh: Mesh,
+    cp: Option<interceptor_tests::istiod::ControlPlane>,
     _pod: HostProc,
     /// 127.0.0.1 port forwarded to the guest's app port (for the inbound client).
     app_fwd: u16,
@@ -50,7 +99,7 @@ struct Run {
 }
 
 impl Run {
-    fn start(release: Release, deb: &Path) -> anyhow::Result<Run> {
+    fn start(release: Release, source: Source, deb: &Path) -> anyhow::Result<Run> {
         let image = image::ensure(release)?;
         let accel = guest::accel(&image)?;
         let dir = image::vm_dir().join("run").join(release.name());
@@ -58,15 +107,40 @@ impl Run {
         let pod_port = guest::free_port()?;
         let pod = peer::pod(&mesh, "echo", pod_port)?;
         let app_fwd = guest::free_port()?;
+        let mut forwards = vec![Forward {
+            guest_addr: format!("{POD_ADDR}:{POD_PORT}"),
+            host_port: pod_port,
+        }];
+        let cp = match source {
+            Source::Files => None,
+            Source::Istiod => {
+                let port = guest::free_port()?;
+                forwards.push(Forward {
+                    guest_addr: format!("{ISTIOD_ADDR}:{ISTIOD_PORT}"),
+                    host_port: port,
+                });
+                let cp = interceptor_tests::istiod::ControlPlane::start_here(
+                    ([127, 0, 0, 1], port).into(),
+                    &mesh.ca,
+                    TOKEN,
+                    istiod_mesh(),
+                );
+                // Whom the bootstrap token stands for (istiod reads it from the token's
+                // service account).
+                *cp.ca_state()
+                    .token_identity
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("CA state poisoned"))? =
+                    format!("{}/vm", peer::TRUST_DOMAIN);
+                Some(cp)
+            }
+        };
         let guest = Guest::boot(
             Spec {
                 name: release.name(),
                 image: &image,
                 memory_mb: 1024,
-                forwards: vec![Forward {
-                    guest_addr: "10.0.2.100:7000",
-                    host_port: pod_port,
-                }],
+                forwards,
                 hostfwds: vec![(app_fwd, APP_PORT)],
                 lans: Vec::new(),
             },
@@ -75,7 +149,9 @@ impl Run {
         )?;
         let run = Run {
             guest,
+            source,
             mesh,
+            cp,
             _pod: pod,
             app_fwd,
             accel,
@@ -117,6 +193,19 @@ impl Run {
         if !state.contains("disabled") || !state.contains("inactive") {
             bail!("the package enabled or started the service by itself: {state}");
         }
+        match self.source {
+            Source::Files => self.files_config()?,
+            Source::Istiod => self.istiod_config()?,
+        }
+        // The VM's own service: an echo server, a unit of its own (not captured outbound: it
+        // only listens).
+        self.sh(&format!(
+            "systemd-run --unit app-echo socat TCP-LISTEN:{APP_PORT},fork,reuseaddr EXEC:cat"
+        ))?;
+        Ok(())
+    }
+
+    fn files_config(&self) -> anyhow::Result<()> {
         self.guest
             .write("/etc/interceptor/mesh/mesh.yaml", &mesh_yaml())?;
         self.guest
@@ -127,12 +216,36 @@ impl Run {
             self.guest.put(&certs.join(f), &format!("/etc/certs/{f}"))?;
         }
         self.sh("chmod 600 /etc/certs/key.pem && interceptor check --mesh /etc/interceptor/mesh >/dev/null")?;
-        // The VM's own service: an echo server, a unit of its own (not captured outbound: it
-        // only listens).
-        self.sh(&format!(
-            "systemd-run --unit app-echo socat TCP-LISTEN:{APP_PORT},fork,reuseaddr EXEC:cat"
-        ))?;
         Ok(())
+    }
+
+    /// The Istio VM bundle as `istioctl x workload entry configure` writes it, placed as
+    /// Istio's VM guide says (cluster.env, mesh config, root cert, token, the hosts line for
+    /// istiod). The token lives under /var/run, a tmpfs: gone after a reboot, as on a VM whose
+    /// token was good for the first start only.
+    fn istiod_config(&self) -> anyhow::Result<()> {
+        use interceptor_tests::bundle::{write_bundle, Spec as Bundle};
+        let mut spec = Bundle::new("default", "vm", ISTIOD_ADDR, &self.mesh.ca.pem());
+        spec.token = TOKEN.into();
+        spec.inbound_ports = APP_PORT.to_string();
+        let root = write_bundle(&self.mesh.dir.join("bundle"), &spec);
+        for f in [
+            "var/lib/istio/envoy/cluster.env",
+            "etc/istio/config/mesh",
+            "etc/certs/root-cert.pem",
+            "var/run/secrets/tokens/istio-token",
+        ] {
+            let remote = format!("/{f}");
+            self.sh(&format!("mkdir -p $(dirname {remote})"))?;
+            self.guest.put(&root.join(f), &remote)?;
+        }
+        self.sh(&format!(
+            "echo '{ISTIOD_ADDR} istiod.istio-system.svc' >> /etc/hosts"
+        ))?;
+        self.guest.write(
+            "/etc/interceptor/config.yaml",
+            "control-plane: istiod\nistio-dir: /\n",
+        )
     }
 
     /// `systemctl enable --now`: Type=notify returns once READY=1, and READY means capture is in
@@ -171,7 +284,10 @@ impl Run {
         ))?;
         let want: String = line.chars().rev().collect();
         if !out.contains(&want) {
-            bail!("the captured app got {out:?} from the pod, not {want:?}");
+            bail!(
+                "the captured app got {out:?} from the pod, not {want:?}; the daemon's journal:\n{}",
+                self.journal_tail()
+            );
         }
         Ok(())
     }
@@ -181,9 +297,18 @@ impl Run {
     fn inbound(&self, line: &str) -> anyhow::Result<()> {
         let out = peer::mtls_line(&self.mesh, "client", self.app_fwd, line)?;
         if !out.contains(line) {
-            bail!("openssl s_client into the guest's app port got {out:?}");
+            bail!(
+                "openssl s_client into the guest's app port got {out:?}; the daemon's journal:\n{}",
+                self.journal_tail()
+            );
         }
         Ok(())
+    }
+
+    fn journal_tail(&self) -> String {
+        self.guest
+            .sh("journalctl -u interceptor --no-pager -n 40 -o cat")
+            .unwrap_or_else(|e| format!("{e:#}"))
     }
 
     fn main_pid(&self) -> anyhow::Result<u32> {
@@ -214,8 +339,34 @@ impl Run {
         Ok(took)
     }
 
+    /// How the control plane's CA was asked for this VM's certificates since `since`: by the
+    /// bootstrap token or by the certificate it already held.
+    fn issued_since(&self, since: std::time::SystemTime) -> Vec<&'static str> {
+        self.cp.as_ref().map_or_else(Vec::new, |cp| {
+            cp.ca_state()
+                .issued
+                .lock()
+                .map(|issued| {
+                    issued
+                        .iter()
+                        .filter(|i| i.at >= since && i.identity.ends_with("/sa/vm"))
+                        .map(|i| i.auth)
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    }
+
     /// What systemd and the kernel say about the running service.
     fn inspect(&self) -> anyhow::Result<Inspection> {
+        if self.source == Source::Istiod {
+            let issued = self.issued_since(std::time::UNIX_EPOCH);
+            if !issued.contains(&"token") {
+                bail!(
+                    "the Istio CA never issued the VM's first certificate on its token: {issued:?}"
+                );
+            }
+        }
         let pid = self.main_pid()?;
         let caps = self.sh(&format!("grep -E '^Cap(Eff|Bnd)' /proc/{pid}/status"))?;
         if caps.lines().any(|l| !l.ends_with("0000000000000000")) {
@@ -284,7 +435,7 @@ fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<
 }
 
 pub fn smoke(release: Release, deb: &Path) -> anyhow::Result<()> {
-    let run = step("boot", || Run::start(release, deb))?;
+    let run = step("boot", || Run::start(release, Source::Files, deb))?;
     step("install", || run.install())?;
     step("start (READY with capture)", || run.start_service())?;
     step("captured mesh connection over mTLS", || {
@@ -298,6 +449,7 @@ pub fn smoke(release: Release, deb: &Path) -> anyhow::Result<()> {
 
 pub struct Report {
     release: Release,
+    source: Source,
     kernel: String,
     accel: &'static str,
     boot: Duration,
@@ -309,14 +461,15 @@ pub struct Report {
 
 impl Report {
     pub fn header() -> &'static str {
-        "| release | kernel | accel | boot | enable --now (READY) | outbound mTLS | inbound mTLS (sk_lookup) | kill -9 → back | reboot → back | stop / purge | programs attached | kTLS module |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| release (mesh from) | kernel | accel | boot | enable --now (READY) | outbound mTLS | inbound mTLS (sk_lookup) | kill -9 → back | reboot → back | stop / purge | programs attached | kTLS module | all steps |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     }
 
     pub fn row(&self, total: Duration) -> String {
         format!(
-            "| {} | {} | {} | {:.0} s | {:.1} s | ok | ok | {:.1} s | {:.0} s | ok | {} | {} | (all steps {:.0} s)",
+            "| {} ({}) | {} | {} | {:.0} s | {:.1} s | ok | ok | {:.1} s | {:.0} s | ok | {} | {} | {:.0} s |",
             self.release.name(),
+            self.source.name(),
             self.kernel,
             self.accel,
             self.boot.as_secs_f64(),
@@ -330,8 +483,8 @@ impl Report {
     }
 }
 
-pub fn full(release: Release, deb: &Path) -> anyhow::Result<Report> {
-    let mut run = step("boot", || Run::start(release, deb))?;
+pub fn full(release: Release, source: Source, deb: &Path) -> anyhow::Result<Report> {
+    let mut run = step("boot", || Run::start(release, source, deb))?;
     step("install", || run.install())?;
     let ready = step("start (READY with capture)", || run.start_service())?;
     step("captured mesh connection over mTLS", || {
@@ -343,12 +496,23 @@ pub fn full(release: Release, deb: &Path) -> anyhow::Result<Report> {
     let inspection = step("capabilities, journald, status", || run.inspect())?;
     let restart = step("kill -9, restarted by systemd", || run.kill9())?;
     let reboot = step("reboot: enabled unit back with capture", || {
+        let rebooted_at = std::time::SystemTime::now();
         let took = run.guest.reboot()?;
         run.until(
             "active after reboot",
             60,
             "systemctl is-active -q interceptor",
         )?;
+        if run.source == Source::Istiod {
+            // The bootstrap token was on a tmpfs: the daemon is back on its kept certificate
+            // and table alone.
+            run.sh("! test -e /var/run/secrets/tokens/istio-token")
+                .context("the token survived the reboot: the test proves nothing")?;
+            let asked = run.issued_since(rebooted_at);
+            if asked.contains(&"token") {
+                bail!("after the reboot the CA was asked with a token: {asked:?}");
+            }
+        }
         run.capture_attached()?;
         run.sh(&format!(
             "systemd-run --unit app-echo socat TCP-LISTEN:{APP_PORT},fork,reuseaddr EXEC:cat"
@@ -357,10 +521,22 @@ pub fn full(release: Release, deb: &Path) -> anyhow::Result<Report> {
         run.inbound("after-reboot")?;
         Ok(took)
     })?;
+    if source == Source::Istiod {
+        step(
+            "istiod gone: a restart serves the kept table and certificate",
+            || {
+                run.cp = None;
+                run.sh("systemctl restart interceptor")?;
+                run.capture_attached()?;
+                run.outbound("without-istiod")
+            },
+        )?;
+    }
     step("stop detaches", || run.stop())?;
     step("purge leaves nothing", || run.purge())?;
     Ok(Report {
         release,
+        source,
         kernel: run.image.kernel_version.clone(),
         accel: run.accel,
         boot: run.guest.booted_in,
