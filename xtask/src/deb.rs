@@ -174,12 +174,49 @@ fn depends(bin: &Path, dir: &Path) -> anyhow::Result<String> {
     let _ = fs::remove_dir_all(dir);
     let out = out?;
     match out.strip_prefix("shlibs:Depends=") {
-        Some(d) if !d.trim().is_empty() => Ok(d.trim().to_string()),
+        Some(d) if !d.trim().is_empty() => Ok(match glibc_needed(&bin)? {
+            Some(v) => with_libc6_at_least(d.trim(), &v),
+            None => d.trim().to_string(),
+        }),
         _ => bail!(
             "dpkg-shlibdeps gave no dependencies for {}: {out:?}",
             bin.display()
         ),
     }
+}
+
+/// The newest glibc symbol version the binary references (`objdump -p`'s version references):
+/// the glibc it really needs. dpkg-shlibdeps answers from this machine's libc6 symbols file,
+/// where libpthread's symbols moved into libc in 2.34 and are listed at 2.34: right for a
+/// binary linked here, wrong for the portable build linked against 2.31's libpthread.so.0,
+/// which it would keep off bullseye.
+fn glibc_needed(bin: &Path) -> anyhow::Result<Option<String>> {
+    let out = output(Command::new("objdump").arg("-p").arg(bin))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().last()?.strip_prefix("GLIBC_"))
+        .filter(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .max_by_key(|v| version_key(v))
+        .map(str::to_string))
+}
+
+fn version_key(v: &str) -> Vec<u32> {
+    v.split('.').filter_map(|n| n.parse().ok()).collect()
+}
+
+/// `libc6 (>= X)` in `depends` lowered (or raised) to `glibc`, the rest as it was.
+fn with_libc6_at_least(depends: &str, glibc: &str) -> String {
+    depends
+        .split(", ")
+        .map(|d| {
+            if d.starts_with("libc6 ") || d == "libc6" {
+                format!("libc6 (>= {glibc})")
+            } else {
+                d.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn put(root: &Path, installed: &str, mode: u32, content: &[u8]) -> anyhow::Result<()> {
@@ -221,6 +258,15 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn libc6_follows_the_binary_s_own_glibc_needs() {
+        assert_eq!(
+            super::with_libc6_at_least("libc6 (>= 2.34), libgcc-s1 (>= 4.2)", "2.30"),
+            "libc6 (>= 2.30), libgcc-s1 (>= 4.2)"
+        );
+        assert!(super::version_key("2.30") > super::version_key("2.3.4"));
+    }
+
     use super::*;
 
     fn dpkg(root: &Path, args: &[&str]) -> String {

@@ -76,6 +76,8 @@ enum Task {
     VmTest {
         #[arg(long, value_enum, default_value = "all")]
         release: vm::Which,
+        #[arg(long, value_enum, default_value = "all")]
+        scenarios: vm::Scenarios,
         /// Only CI's smoke subset (one bookworm guest, the debug build), as `test` runs it
         #[arg(long)]
         smoke: bool,
@@ -390,7 +392,9 @@ fn main() -> anyhow::Result<()> {
             println!("{}", vm::smoke(&build(false)?)?);
             Ok(())
         }
-        Task::VmTest { release, .. } => vm::test(release),
+        Task::VmTest {
+            release, scenarios, ..
+        } => vm::test(release, scenarios),
         Task::VagrantTest { keep, provider } => vagrant::test(keep, provider.as_deref()),
     }
 }

@@ -6,6 +6,7 @@
 //! that is not us), reached through a QEMU guestfwd address; the client that reaches the guest's
 //! own service over mTLS is `openssl s_client`. Nothing else leaves a guest.
 
+mod cross;
 mod guest;
 mod image;
 mod peer;
@@ -40,6 +41,17 @@ impl Release {
     pub const ALL: [Release; 3] = [Release::Bullseye, Release::Bookworm, Release::Trixie];
 }
 
+/// Which scenarios `vm-test` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenarios {
+    /// Both
+    All,
+    /// One guest per release and mesh source (files, istiod)
+    Single,
+    /// The four-guest demo story (bookworm)
+    Cross,
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Which {
     Bullseye,
@@ -67,12 +79,15 @@ fn release_deb() -> anyhow::Result<PathBuf> {
 
 /// Every scenario on every release asked for; a table of what each kernel did, written to
 /// target/vm/results.md and printed.
-pub fn test(which: Which) -> anyhow::Result<()> {
+pub fn test(which: Which, scenarios: Scenarios) -> anyhow::Result<()> {
     crate::setup::ensure()?;
     let deb = release_deb()?;
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     for release in which.releases() {
+        if scenarios == Scenarios::Cross {
+            break;
+        }
         for source in [scenario::Source::Files, scenario::Source::Istiod] {
             let started = Instant::now();
             match scenario::full(release, source, &deb) {
@@ -83,6 +98,19 @@ pub fn test(which: Which) -> anyhow::Result<()> {
                     rows.push(format!("| {what} | FAILED: {e:#} |"));
                     failed.push(what);
                 }
+            }
+        }
+    }
+    if which.releases().contains(&Release::Bookworm) && scenarios != Scenarios::Single {
+        match cross::run(Release::Bookworm, &deb) {
+            Ok(summary) => {
+                eprintln!("vm: cross-VM demo: {summary}");
+                rows.push(format!("\nCross-VM demo (bookworm): {summary}"));
+            }
+            Err(e) => {
+                eprintln!("vm: cross-VM demo FAILED: {e:#}");
+                rows.push(format!("\nCross-VM demo (bookworm): FAILED: {e:#}"));
+                failed.push("cross-VM demo".into());
             }
         }
     }

@@ -376,8 +376,18 @@ impl Run {
         if !journal.contains("capture attached") {
             bail!("journald has no 'capture attached' line: {journal}");
         }
+        let programs = self.status_programs()?;
+        let ktls = self
+            .sh("modprobe tls 2>/dev/null && echo yes || echo no")?
+            .trim()
+            .to_string();
+        Ok(Inspection { programs, ktls })
+    }
+
+    /// The programs the daemon says it attached (`interceptor status --json`).
+    fn status_programs(&self) -> anyhow::Result<String> {
         let status = self.sh("interceptor status --json")?;
-        let programs = serde_json::from_str::<serde_json::Value>(&status)
+        serde_json::from_str::<serde_json::Value>(&status)
             .ok()
             .and_then(|v| {
                 v.pointer("/capture/programs")
@@ -389,12 +399,28 @@ impl Run {
                             .join(" ")
                     })
             })
-            .with_context(|| format!("status has no capture.programs: {status}"))?;
-        let ktls = self
-            .sh("modprobe tls 2>/dev/null && echo yes || echo no")?
-            .trim()
-            .to_string();
-        Ok(Inspection { programs, ktls })
+            .with_context(|| format!("status has no capture.programs: {status}"))
+    }
+
+    /// The opt-in local hop (sockops + sk_msg between the app and the daemon): attached on
+    /// this kernel, and the captured connection still carries its bytes. The config is put
+    /// back afterwards.
+    fn local_hop(&self) -> anyhow::Result<String> {
+        self.sh("cp /etc/interceptor/config.yaml /root/config.yaml && \
+             echo 'local-hop: sockmap' >> /etc/interceptor/config.yaml && \
+             systemctl restart interceptor")?;
+        self.capture_attached()?;
+        let programs = self.status_programs()?;
+        let sk_msg = self.sh("bpftool prog show")?;
+        if !programs.contains("local_hop") || !sk_msg.contains("sk_msg") {
+            bail!("local-hop: sockmap attached no sk_msg program: {programs}");
+        }
+        self.outbound("over-the-local-hop")?;
+        self.sh(
+            "cp /root/config.yaml /etc/interceptor/config.yaml && systemctl restart interceptor",
+        )?;
+        self.capture_attached()?;
+        Ok("yes".into())
     }
 
     /// systemctl stop: a clean exit, every program gone, the app's traffic no longer captured.
@@ -457,17 +483,18 @@ pub struct Report {
     restart: Duration,
     reboot: Duration,
     inspection: Inspection,
+    local_hop: String,
 }
 
 impl Report {
     pub fn header() -> &'static str {
-        "| release (mesh from) | kernel | accel | boot | enable --now (READY) | outbound mTLS | inbound mTLS (sk_lookup) | kill -9 → back | reboot → back | stop / purge | programs attached | kTLS module | all steps |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| release (mesh from) | kernel | accel | boot | enable --now (READY) | outbound mTLS | inbound mTLS (sk_lookup) | kill -9 → back | reboot → back | stop / purge | programs attached | local hop (sockmap) | kTLS module | all steps |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     }
 
     pub fn row(&self, total: Duration) -> String {
         format!(
-            "| {} ({}) | {} | {} | {:.0} s | {:.1} s | ok | ok | {:.1} s | {:.0} s | ok | {} | {} | {:.0} s |",
+            "| {} ({}) | {} | {} | {:.0} s | {:.1} s | ok | ok | {:.1} s | {:.0} s | ok | {} | {} | {} | {:.0} s |",
             self.release.name(),
             self.source.name(),
             self.kernel,
@@ -477,6 +504,7 @@ impl Report {
             self.restart.as_secs_f64(),
             self.reboot.as_secs_f64(),
             self.inspection.programs,
+            self.local_hop,
             self.inspection.ktls,
             total.as_secs_f64()
         )
@@ -494,6 +522,7 @@ pub fn full(release: Release, source: Source, deb: &Path) -> anyhow::Result<Repo
         run.inbound("hello-vm")
     })?;
     let inspection = step("capabilities, journald, status", || run.inspect())?;
+    let local_hop = step("local hop (sockops + sk_msg)", || run.local_hop())?;
     let restart = step("kill -9, restarted by systemd", || run.kill9())?;
     let reboot = step("reboot: enabled unit back with capture", || {
         let rebooted_at = std::time::SystemTime::now();
@@ -544,5 +573,6 @@ pub fn full(release: Release, source: Source, deb: &Path) -> anyhow::Result<Repo
         restart,
         reboot,
         inspection,
+        local_hop,
     })
 }
