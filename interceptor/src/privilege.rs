@@ -6,13 +6,21 @@
 //! included: a compromised daemon cannot regain one, and the commands exec probes run start
 //! with none.
 //!
+//! One exception, measured in Debian 11 guests (`cargo xtask vm-test`): on older kernels
+//! (5.10) with unprivileged BPF disabled (Debian's default), bpf(2) refuses *every* command to
+//! a caller without CAP_BPF, lookups and updates through descriptors it already holds included,
+//! so a daemon with no capabilities can no longer read an original destination or write the
+//! VIP map. Newer kernels (6.1 here) check only program loads and map creation. `run` asks the
+//! kernel (`capture::OriginalDst::needs_capability`, from a thread that dropped everything)
+//! and keeps CAP_BPF alone where it must, saying so in its log and status.
+//!
 //! Capabilities belong to each thread, not to the process: capset(2) changes only the caller's.
 //! By the time `run` is done with them the runtime's worker and blocking threads exist, each
 //! holding what the process started with. So `drop_all` does as glibc does for setuid and Go's
 //! `AllThreadsSyscall` for capabilities: it signals every other thread, whose handler drops its
 //! own, and then checks each thread's masks in /proc until all match the caller's.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use caps::{CapSet, Capability};
@@ -49,7 +57,8 @@ fn masks(status: &str) -> String {
 /// `drop_this_thread` in the same order. Errors are left for the /proc check to find.
 extern "C" fn drop_in_handler(_: libc::c_int) {
     if BOUNDING.load(Ordering::Relaxed) {
-        for cap in 0..64 {
+        let keep = KEEP.load(Ordering::Relaxed);
+        for cap in (0..64).filter(|c| keep & (1u64 << c) == 0) {
             // SAFETY: prctl with integer arguments touches no memory of ours.
             unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
         }
@@ -68,13 +77,24 @@ extern "C" fn drop_in_handler(_: libc::c_int) {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [CapData::default(); 2];
+    let keep = KEEP.load(Ordering::Relaxed);
+    let word = |shift: u32| {
+        let w = (keep >> shift) as u32;
+        CapData {
+            effective: w,
+            permitted: w,
+            inheritable: 0,
+        }
+    };
+    let data = [word(0), word(32)];
     // SAFETY: header and data are valid for capset's reads (version 3 takes two data words).
     unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
 }
 
 /// Whether the handler drops the bounding set too (only when the caller could).
 static BOUNDING: AtomicBool = AtomicBool::new(false);
+/// The capabilities every thread keeps (a bit per capability number).
+static KEEP: AtomicU64 = AtomicU64::new(0);
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
@@ -117,7 +137,13 @@ pub fn effective_mask() -> u64 {
 /// without CAP_SETPCAP (not root, or a unit that does not grant it) keeps its bounding set: it
 /// cannot shrink it.
 pub fn drop_all() -> Result<(), Error> {
-    let bounding = drop_this_thread()?;
+    drop_all_but(None)
+}
+
+/// As `drop_all`, but every thread keeps `keep` (effective, permitted and bounding).
+pub fn drop_all_but(keep: Option<Capability>) -> Result<(), Error> {
+    KEEP.store(keep.map_or(0, |c| c.bitmask()), Ordering::Relaxed);
+    let bounding = drop_this_thread(keep)?;
     BOUNDING.store(bounding, Ordering::Relaxed);
     let want = std::fs::read_to_string("/proc/thread-self/status")
         .map(|s| masks(&s))
@@ -175,21 +201,41 @@ fn signal_until_dropped(signal: libc::c_int, want: &str) -> Result<(), Error> {
     }
 }
 
-/// The caller's thread; true if its bounding set was emptied too.
-fn drop_this_thread() -> Result<bool, Error> {
+/// The caller's thread; true if its bounding set was emptied too (but for `keep`).
+fn drop_this_thread(keep: Option<Capability>) -> Result<bool, Error> {
     let err = |set| move |source| Error::Drop { set, source };
     let bounding = caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)
         .map_err(err(CapSet::Effective))?;
     if bounding {
-        caps::clear(None, CapSet::Bounding).map_err(err(CapSet::Bounding))?;
+        // As caps::clear does: only what the bounding set holds (a capability newer than the
+        // kernel is not there to drop).
+        for cap in caps::all().into_iter().filter(|c| Some(*c) != keep) {
+            if caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+                caps::drop(None, CapSet::Bounding, cap).map_err(err(CapSet::Bounding))?;
+            }
+        }
     }
+    let kept: caps::CapsHashSet = keep.into_iter().collect();
+    for set in [CapSet::Ambient, CapSet::Inheritable] {
+        caps::clear(None, set).map_err(err(set))?;
+    }
+    // Effective before permitted: a capability must leave the effective set first.
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        caps::set(None, set, &kept).map_err(err(set))?;
+    }
+    Ok(bounding)
+}
+
+/// Drops every capability of the calling thread only (a probe thread's, to see what the kernel
+/// allows a daemon without them).
+pub fn drop_this_thread_only() -> Result<(), Error> {
     for set in [
         CapSet::Ambient,
         CapSet::Inheritable,
         CapSet::Effective,
         CapSet::Permitted,
     ] {
-        caps::clear(None, set).map_err(err(set))?;
+        caps::clear(None, set).map_err(|source| Error::Drop { set, source })?;
     }
-    Ok(bounding)
+    Ok(())
 }

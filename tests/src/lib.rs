@@ -19,7 +19,7 @@ pub mod wire;
 
 pub use cgroup::{cgroup2_mount, TestCgroup};
 pub use netns::{Netns, NetnsRef, Veth};
-pub use process::{Interceptor, Metrics, Proc};
+pub use process::{die_with_parent, Interceptor, Metrics, Proc};
 pub use topology::{Net, Node, Run, Subnet, Topology};
 
 use std::path::PathBuf;

@@ -291,7 +291,9 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
 /// The child gets SIGKILL when the thread that spawned it ends, so a test binary that aborts
 /// (a panic while panicking, a signal) leaves no daemon, echo server or dnsmasq behind. Every
 /// `Proc` is spawned from a test's own thread, which outlives it.
-pub(crate) fn die_with_parent(cmd: &mut Command) {
+/// The child gets SIGKILL when the thread that spawned it ends (a killed harness leaves no
+/// process behind).
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {

@@ -3,6 +3,7 @@
 //! owned by this process, so they also go when it dies (fail-open).
 
 mod cgroup;
+mod kernel;
 mod orig_dst;
 
 pub use cgroup::{cgroup2_mount, resolve as resolve_cgroup};
@@ -51,6 +52,16 @@ pub enum Error {
     Program {
         program: &'static str,
         message: String,
+    },
+    #[error(
+        "{source}; this kernel is Linux {release}, capture is tested on {} and newer \
+             (Debian 11, 12 and 13 guests: `cargo xtask vm-test`)",
+        kernel::MIN_TESTED
+    )]
+    OlderKernel {
+        release: String,
+        #[source]
+        source: Box<Error>,
     },
     #[error("BPF map {0} missing from the object")]
     MapMissing(&'static str),
@@ -167,6 +178,15 @@ impl Capture {
         if unsafe { libc::geteuid() } != 0 {
             return Err(Error::NotRoot);
         }
+        // Whatever failed, nothing stays attached (the links drop with `ebpf`); on a kernel
+        // older than any measured, the message says so.
+        Self::load_and_attach(settings, inbound_listeners).map_err(kernel::explain)
+    }
+
+    fn load_and_attach(
+        settings: &Settings,
+        inbound_listeners: &[RawFd],
+    ) -> Result<(Self, Vips, OriginalDst), Error> {
         let cgroup = File::open(&settings.cgroup).map_err(|source| Error::OpenCgroup {
             path: settings.cgroup.clone(),
             source,

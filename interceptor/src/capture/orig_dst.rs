@@ -33,6 +33,32 @@ impl OriginalDst {
             .or_else(|| netfilter_original_dst(stream))
     }
 
+    /// Whether this kernel refuses map access through descriptors we hold to a thread with no
+    /// capabilities (bpf(2) on 5.10 with unprivileged BPF disabled: EPERM for every command).
+    /// Asked from a thread of its own that drops its capabilities (capabilities are per
+    /// thread), with a lookup of a key no connection has.
+    pub fn needs_capability(&self) -> bool {
+        let Some(map) = self.map.as_ref() else {
+            return false;
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                if crate::privilege::drop_this_thread_only().is_err() {
+                    return false;
+                }
+                let map = map.lock().unwrap_or_else(|e| e.into_inner());
+                let nobody = IpPort::from_socket_addr(SocketAddr::from(([0, 0, 0, 0], 0)));
+                matches!(
+                    map.get(&nobody, 0),
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::EPERM)
+                )
+            })
+            .join()
+            .unwrap_or(false)
+        })
+    }
+
     fn take_from_ebpf(&self, peer: SocketAddr) -> Option<SocketAddr> {
         let map = self.map.as_ref()?;
         let key = IpPort::from_socket_addr(peer);

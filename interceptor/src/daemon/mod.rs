@@ -264,6 +264,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         .as_ref()
         .map(|c| c.original_dst())
         .unwrap_or_else(|| Arc::new(capture::OriginalDst::netfilter_only()));
+    let capture_maps_need_capability = orig.needs_capability();
     let (outbound, inbound, dns) = listeners.start(&ctx, &s, orig, resolv)?;
     sup.add(dns);
     sup.add(outbound);
@@ -278,9 +279,17 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     if let Some(c) = capture {
         sup.add(c.start(&ctx));
     }
-    // Everything that needed a capability is done (see `privilege`).
+    // Everything that needed a capability is done (see `privilege`), but for map access on a
+    // kernel that asks CAP_BPF for it.
     let before = crate::privilege::effective_mask();
-    crate::privilege::drop_all().context("dropping capabilities")?;
+    let keep = capture_maps_need_capability.then_some(caps::Capability::CAP_BPF);
+    if keep.is_some() {
+        tracing::warn!(
+            "this kernel refuses BPF map access without CAP_BPF (unprivileged BPF disabled; \
+             seen on 5.10, not on 6.1 and newer): CAP_BPF kept, every other capability dropped"
+        );
+    }
+    crate::privilege::drop_all_but(keep).context("dropping capabilities")?;
     tracing::info!(
         before = format!("{before:016x}"),
         after = format!("{:016x}", crate::privilege::effective_mask()),

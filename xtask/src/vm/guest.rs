@@ -46,6 +46,7 @@ pub struct Guest {
     ssh_port: u16,
     key: PathBuf,
     dir: PathBuf,
+    started: Instant,
     pub booted_in: Duration,
 }
 
@@ -57,7 +58,17 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Guest {
+    /// Starts the guest and waits until it answers ssh with its LAN addresses set.
     pub fn boot(spec: Spec, accel: &str, run_dir: &Path) -> anyhow::Result<Guest> {
+        let mut guest = Guest::spawn(&spec, accel, run_dir)?;
+        guest.ready(&spec)?;
+        Ok(guest)
+    }
+
+    /// Starts QEMU and returns at once: several guests boot side by side when spawned first
+    /// and waited for after (`ready`). QEMU dies with this thread (PDEATHSIG): spawn from the
+    /// thread that keeps the guard.
+    pub fn spawn(spec: &Spec, accel: &str, run_dir: &Path) -> anyhow::Result<Guest> {
         let dir = run_dir.join(spec.name);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
@@ -108,6 +119,8 @@ impl Guest {
                 lan_mac(spec.name, i)
             ));
         }
+        // A killed harness leaves no guest behind.
+        interceptor_tests::die_with_parent(&mut qemu);
         qemu.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("qemu.log"))?);
@@ -115,23 +128,29 @@ impl Guest {
         let child = qemu
             .spawn()
             .with_context(|| format!("cannot start {qemu:?}"))?;
-        let mut guest = Guest {
+        Ok(Guest {
             name: spec.name.to_string(),
             child,
             ssh_port,
             key: image::ssh_key()?,
             dir,
+            started,
             booted_in: Duration::ZERO,
-        };
-        guest.wait_ssh(Duration::from_secs(240))?;
-        guest.booted_in = started.elapsed();
+        })
+    }
+
+    /// Waits for ssh, then gives the LAN NICs their addresses.
+    pub fn ready(&mut self, spec: &Spec) -> anyhow::Result<()> {
+        self.wait_ssh(Duration::from_secs(300))?;
+        self.booted_in = self.started.elapsed();
         eprintln!(
-            "vm: {} up in {:.1} s (ssh on 127.0.0.1:{ssh_port})",
-            guest.name,
-            guest.booted_in.as_secs_f64()
+            "vm: {} up in {:.1} s (ssh on 127.0.0.1:{})",
+            self.name,
+            self.booted_in.as_secs_f64(),
+            self.ssh_port
         );
         for (i, lan) in spec.lans.iter().enumerate() {
-            guest.sh(&format!(
+            self.sh(&format!(
                 "printf '[Match]\\nMACAddress={mac}\\n[Network]\\nAddress={addr}\\n' \
                  > /etc/systemd/network/10-lan{i}.network && networkctl reload && \
                  for n in $(seq 50); do ip -br a | grep -q '{ip}' && exit 0; sleep 0.2; done; exit 1",
@@ -141,7 +160,7 @@ impl Guest {
             ))
             .with_context(|| format!("{}: LAN address {}", spec.name, lan.addr))?;
         }
-        Ok(guest)
+        Ok(())
     }
 
     /// ssh with the harness's key; the host key changes with every image, so it is not kept.

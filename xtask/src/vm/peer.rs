@@ -75,6 +75,7 @@ pub fn pod(mesh: &Mesh, sa: &str, port: u16) -> anyhow::Result<HostProc> {
         .stdin(Stdio::piped())
         .stdout(fs::File::create(&log)?)
         .stderr(fs::File::create(&log)?.try_clone()?);
+    interceptor_tests::die_with_parent(&mut c);
     let child = c.spawn().with_context(|| format!("cannot start {c:?}"))?;
     let p = HostProc { child, log };
     let deadline = Instant::now() + Duration::from_secs(10);
