@@ -162,7 +162,7 @@ pub fn run(release: Release, deb: &Path) -> anyhow::Result<String> {
     for (service, what) in [("product", "direct"), ("reviews", "via the gateway VM")] {
         let line = format!("hello-{service}");
         let out = client.sh(&format!(
-            "(echo {line}; sleep 2) | timeout 20 socat - TCP:{service}.default.svc.cluster.local:{PORT} 2>&1; true"
+            "(echo {line}; sleep 3) | timeout 20 socat - TCP:{service}.default.svc.cluster.local:{PORT} 2>&1; true"
         ))?;
         if !out.contains(&line) {
             bail!(

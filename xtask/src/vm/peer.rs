@@ -96,7 +96,7 @@ pub fn mtls_line(mesh: &Mesh, sa: &str, port: u16, line: &str) -> anyhow::Result
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "(echo '{line}'; sleep 2) | timeout 20 openssl s_client -quiet -no_ign_eof -connect \
+            "(echo '{line}'; sleep 3) | timeout 20 openssl s_client -quiet -no_ign_eof -connect \
              127.0.0.1:{port} -cert {c} -key {k} -CAfile {r} -verify_return_error -alpn istio 2>&1",
             c = certs.join("cert-chain.pem").display(),
             k = certs.join("key.pem").display(),

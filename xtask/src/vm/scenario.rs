@@ -279,8 +279,10 @@ impl Run {
     /// The guest's app, by the service's mesh name: DNS and connection captured, carried over
     /// mTLS to the pod (which reverses the line).
     fn outbound(&self, line: &str) -> anyhow::Result<()> {
+        // The pod answers and keeps the connection: the app's stdin stays open 3 s so socat
+        // reads the answer before its end (it gives the other side 0.5 s after an EOF).
         let out = self.sh(&format!(
-            "(echo {line}; sleep 2) | timeout 20 socat - TCP:{SERVICE}:{POD_PORT} 2>&1; true"
+            "(echo {line}; sleep 3) | timeout 20 socat - TCP:{SERVICE}:{POD_PORT} 2>&1; true"
         ))?;
         let want: String = line.chars().rev().collect();
         if !out.contains(&want) {
