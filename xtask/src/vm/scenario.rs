@@ -294,6 +294,26 @@ impl Run {
         Ok(())
     }
 
+    /// What the app's own getpeername() says it is connected to: the service's VIP, not the
+    /// daemon's listener (the getpeername4 hook). Asked by perl's getpeername (perl-base is in
+    /// every guest), since curl and socat report the address they dialled, not the kernel's.
+    fn app_sees_vip(&self) -> anyhow::Result<()> {
+        let vip = self.sh(&format!(
+            "getent ahostsv4 {SERVICE} | head -1 | cut -d' ' -f1"
+        ))?;
+        let vip = vip.trim();
+        let seen = self.sh(&format!(
+            "perl -MSocket -e 'socket(S, PF_INET, SOCK_STREAM, 0) or die $!; \
+             connect(S, sockaddr_in({POD_PORT}, inet_aton(\"{vip}\"))) or die $!; \
+             my ($p, $a) = sockaddr_in(getpeername(S)); print inet_ntoa($a), \":$p\"'"
+        ))?;
+        let want = format!("{vip}:{POD_PORT}");
+        if seen.trim() != want {
+            bail!("the app's getpeername() said {seen:?}, not the service's {want}");
+        }
+        Ok(())
+    }
+
     /// The host as a mesh client with its own certificate: into the guest's app port, which
     /// capture (sk_lookup) hands to the interceptor's inbound (STRICT), to the echo app.
     fn inbound(&self, line: &str) -> anyhow::Result<()> {
@@ -505,13 +525,13 @@ pub struct Report {
 
 impl Report {
     pub fn header() -> &'static str {
-        "| release (mesh from) | kernel | accel | boot | enable --now (READY) | outbound mTLS | inbound mTLS (sk_lookup) | kill -9 → back | reboot → back | stop / purge | capabilities kept | programs attached | local hop (sockmap) | kTLS module | all steps |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| release (mesh from) | kernel | accel | boot | enable --now (READY) | outbound mTLS | inbound mTLS (sk_lookup) | getpeername → VIP | kill -9 → back | reboot → back | stop / purge | capabilities kept | programs attached | local hop (sockmap) | kTLS module | all steps |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     }
 
     pub fn row(&self, total: Duration) -> String {
         format!(
-            "| {} ({}) | {} | {} | {:.0} s | {:.1} s | ok | ok | {:.1} s | {:.0} s | ok | {} | {} | {} | {} | {:.0} s |",
+            "| {} ({}) | {} | {} | {:.0} s | {:.1} s | ok | ok | ok | {:.1} s | {:.0} s | ok | {} | {} | {} | {} | {:.0} s |",
             self.release.name(),
             self.source.name(),
             self.kernel,
@@ -538,6 +558,9 @@ pub fn full(release: Release, source: Source, deb: &Path) -> anyhow::Result<Repo
     })?;
     step("inbound mTLS from openssl via sk_lookup", || {
         run.inbound("hello-vm")
+    })?;
+    step("the app's getpeername() gives the VIP", || {
+        run.app_sees_vip()
     })?;
     let inspection = step("capabilities, journald, status", || run.inspect())?;
     let local_hop = step("local hop (sockops + sk_msg)", || run.local_hop())?;
