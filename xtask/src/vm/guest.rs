@@ -163,28 +163,30 @@ impl Guest {
         Ok(())
     }
 
-    /// ssh with the harness's key; the host key changes with every image, so it is not kept.
+    /// ssh (or scp) with the harness's key; the host key changes with every image, so it is
+    /// not kept.
+    fn ssh_tool(&self, tool: &str) -> Command {
+        let mut c = Command::new(tool);
+        c.arg("-i").arg(&self.key);
+        for option in [
+            "StrictHostKeyChecking=no",
+            "UserKnownHostsFile=/dev/null",
+            "LogLevel=ERROR",
+            "BatchMode=yes",
+            "ConnectTimeout=5",
+            "ServerAliveInterval=5",
+        ] {
+            c.args(["-o", option]);
+        }
+        // ssh names the port -p, scp -P.
+        c.arg(if tool == "scp" { "-P" } else { "-p" })
+            .arg(self.ssh_port.to_string());
+        c
+    }
+
     fn ssh_cmd(&self) -> Command {
-        let mut c = Command::new("ssh");
-        c.arg("-i")
-            .arg(&self.key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ConnectTimeout=5",
-                "-o",
-                "ServerAliveInterval=5",
-                "-p",
-            ])
-            .arg(self.ssh_port.to_string())
-            .arg("root@127.0.0.1");
+        let mut c = self.ssh_tool("ssh");
+        c.arg("root@127.0.0.1");
         c
     }
 
@@ -215,22 +217,8 @@ impl Guest {
 
     /// Copies a host file into the guest.
     pub fn put(&self, local: &Path, remote: &str) -> anyhow::Result<()> {
-        let mut c = Command::new("scp");
+        let mut c = self.ssh_tool("scp");
         c.arg("-q")
-            .arg("-i")
-            .arg(&self.key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-P",
-            ])
-            .arg(self.ssh_port.to_string())
             .arg(local)
             .arg(format!("root@127.0.0.1:{remote}"));
         crate::run(&mut c)
