@@ -159,6 +159,19 @@ pub enum OutboundTrafficPolicy {
     RegistryOnly,
 }
 
+/// Whether the daemon keeps its listeners and capture links in systemd's file descriptor store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FdStore {
+    /// under systemd (NOTIFY_SOCKET set): a restart or a crash systemd restarts keeps capture
+    /// and the listeners, so connections and DNS queries wait in kernel queues for the next
+    /// process instead of failing (the unit needs FileDescriptorStoreMax=)
+    #[default]
+    Auto,
+    /// never: a restart is a gap, as when run outside systemd
+    Off,
+}
+
 /// How bytes cross the hop between a captured app and proxy::Outbound on this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -264,6 +277,10 @@ pub struct RunArgs {
     /// How bytes cross the app <-> outbound hop on this host [default: tcp]
     #[arg(long, value_enum)]
     pub local_hop: Option<LocalHop>,
+    /// Keep listeners and capture in systemd's file descriptor store across restarts
+    /// [default: auto]
+    #[arg(long, value_enum)]
+    pub fd_store: Option<FdStore>,
     /// What apps may reach outside the mesh (Istio's outboundTrafficPolicy) [default:
     /// allow-any; istiod's virtualOutbound wins]
     #[arg(long, value_enum)]
@@ -428,6 +445,7 @@ pub struct Settings {
     /// None: one per core.
     pub worker_threads: Option<usize>,
     pub local_hop: LocalHop,
+    pub fd_store: FdStore,
     pub outbound_traffic_policy: OutboundTrafficPolicy,
     pub exclude_outbound_cidrs: Vec<crate::mesh::Cidr>,
     pub gateway_identity: Option<crate::spiffe::SpiffeId>,
@@ -581,6 +599,7 @@ impl RunArgs {
             capture: self.capture.or(file.capture),
             worker_threads: self.worker_threads.or(file.worker_threads),
             local_hop: self.local_hop.or(file.local_hop),
+            fd_store: self.fd_store.or(file.fd_store),
             outbound_traffic_policy: self
                 .outbound_traffic_policy
                 .or(file.outbound_traffic_policy),
@@ -676,6 +695,7 @@ impl RunArgs {
                 n => n,
             },
             local_hop: args.local_hop.unwrap_or_default(),
+            fd_store: args.fd_store.unwrap_or_default(),
             outbound_traffic_policy: args.outbound_traffic_policy.unwrap_or_default(),
             exclude_outbound_cidrs: args
                 .exclude_outbound_cidrs

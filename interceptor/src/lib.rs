@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod dns;
 mod fault;
+pub mod fdstore;
 pub mod health;
 pub mod identity;
 pub mod mesh;

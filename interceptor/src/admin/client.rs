@@ -369,6 +369,17 @@ pub fn print_status(s: &Status) {
         ns.join(", "),
         s.uptime_s
     );
+    let r = &s.restart;
+    match (r.fd_store, r.generation) {
+        (false, _) => println!("restart: a gap (no systemd descriptor store)"),
+        (true, 0) => {
+            println!("restart: hitless (systemd keeps listeners and capture); fresh start")
+        }
+        (true, g) => println!(
+            "restart: hitless; generation {g}, adopted {} descriptors from the previous process",
+            r.adopted
+        ),
+    }
 }
 
 fn now_unix() -> u64 {

@@ -57,6 +57,7 @@ pub struct State {
     /// The daemon's inbound flags and policy subject; None in the gateway.
     pub inbound: Option<crate::route::InboundPolicy>,
     pub started: SystemTime,
+    pub restart: crate::fdstore::Restart,
 }
 
 impl State {
@@ -94,6 +95,7 @@ impl State {
             network: self.network.clone(),
             nameservers: self.nameservers.clone(),
             uptime_s: self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            restart: self.restart,
         }
     }
 }
@@ -125,6 +127,8 @@ pub struct Status {
     pub network: String,
     pub nameservers: Vec<SocketAddr>,
     pub uptime_s: u64,
+    #[serde(default)]
+    pub restart: crate::fdstore::Restart,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -199,6 +203,18 @@ impl Collector for Pulled {
             "interceptor_capture_programs",
             "BPF programs attached",
             s.capture.info().map_or(0, |c| c.programs.len()) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "interceptor_generation",
+            "Restarts that took over the previous process's listeners and capture (0: fresh)",
+            s.restart.generation as i64,
+        )?;
+        gauge(
+            &mut e,
+            "interceptor_adopted_descriptors",
+            "Listeners and links this process adopted from systemd's descriptor store",
+            s.restart.adopted as i64,
         )?;
         if let Some(id) = s.identity.current() {
             gauge(

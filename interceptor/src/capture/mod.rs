@@ -4,6 +4,7 @@
 
 mod cgroup;
 mod kernel;
+mod link;
 mod orig_dst;
 
 pub use cgroup::{cgroup2_mount, resolve as resolve_cgroup};
@@ -12,7 +13,7 @@ pub use orig_dst::OriginalDst;
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -29,7 +30,12 @@ use interceptor_ebpf::abi::{
 use interceptor_ebpf::{globals, maps, programs};
 
 use crate::config::{InboundPorts, Ports};
+use crate::fdstore::FdStore;
 use crate::mesh::Table;
+
+/// The name the original-destination map has in systemd's store: a restarted process reads the
+/// entries its predecessor's programs wrote for connections still waiting to be accepted.
+const STORED_ORIG: &str = "map.orig-by-peer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -70,6 +76,13 @@ pub enum Error {
         map: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("the link of {program}: {source}")]
+    Link {
+        program: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::fdstore::Error),
 }
 
 fn program_error(program: &'static str, e: ProgramError) -> Error {
@@ -162,17 +175,29 @@ fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
 /// The attached capture programs. Holds the links; drop to detach.
 pub struct Capture {
     _ebpf: Ebpf,
+    /// Our descriptor of each link (aya's own goes with `_ebpf`): what systemd's store keeps.
+    _links: Vec<OwnedFd>,
     cgroup: PathBuf,
     attached: Vec<&'static str>,
+    /// Links taken over from the previous process, now running this process's programs.
+    adopted: usize,
+    /// systemd's store keeps the links too: dropping ours detaches nothing.
+    kept: bool,
 }
 
 impl Capture {
     /// Loads and attaches every program to the cgroup. Returns the capture, the VIP map writer and
     /// the original-destination reader.
     /// `inbound_listeners`: the proxy::Inbound listener sockets (IPv4 first) sk_lookup steers to.
+    /// A link the previous process left in `store` is kept and swapped to this process's
+    /// program, so capture never stops across a restart. `prepare` fills the VIP map and the
+    /// outbound mode before any program is linked: a program swapped into a running link must
+    /// never see them empty (an app's connect() to a VIP would go unredirected).
     pub fn attach(
         settings: &Settings,
         inbound_listeners: &[RawFd],
+        store: &mut FdStore,
+        prepare: impl FnOnce(&mut Vips) -> Result<(), Error>,
     ) -> Result<(Self, Vips, OriginalDst), Error> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -180,76 +205,79 @@ impl Capture {
         }
         // Whatever failed, nothing stays attached (the links drop with `ebpf`); on a kernel
         // older than any measured, the message says so.
-        Self::load_and_attach(settings, inbound_listeners).map_err(kernel::explain)
+        Self::load_and_attach(settings, inbound_listeners, store, prepare).map_err(kernel::explain)
     }
 
     fn load_and_attach(
         settings: &Settings,
         inbound_listeners: &[RawFd],
+        store: &mut FdStore,
+        prepare: impl FnOnce(&mut Vips) -> Result<(), Error>,
     ) -> Result<(Self, Vips, OriginalDst), Error> {
         let cgroup = File::open(&settings.cgroup).map_err(|source| Error::OpenCgroup {
             path: settings.cgroup.clone(),
             source,
         })?;
-        let tgid = std::process::id();
-        let mut ebpf = EbpfLoader::new()
-            .override_global(globals::DAEMON_TGID, &tgid, true)
-            .override_global(globals::OUTBOUND_PORT, &settings.ports.outbound, true)
-            .override_global(globals::DNS_PORT, &settings.ports.dns, true)
-            .override_global(globals::INBOUND_PORT, &settings.ports.inbound, true)
-            .override_global(globals::EXEMPT_CGROUP, &settings.exempt_cgroup, true)
-            .override_global(globals::LOCAL_HOP, &u8::from(settings.local_hop), true)
-            .override_global(
-                globals::INBOUND_ALL_PORTS,
-                &u8::from(settings.inbound.as_ref().is_some_and(|i| i.all)),
-                true,
-            )
-            .load(interceptor_ebpf::capture_object())?;
-        let mut attached = Vec::new();
-        for name in programs::SOCK_ADDR {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| program_error(name, e))?;
-            // A bpf_link always coexists with other programs on the cgroup; the kernel rejects
-            // the ALLOW_MULTI flag on links, so "Single" (flags 0) is the right mode here.
-            prog.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| program_error(name, e))?;
-            attached.push(name);
-        }
-        // The message redirect before sockops fills its map: no end is ever in the map
-        // without the program that uses it.
-        if settings.local_hop {
-            attach_local_hop(&mut ebpf)?;
-            attached.push(programs::LOCAL_HOP);
-        }
-        let name = programs::SOCKOPS;
-        let prog: &mut SockOps = program(&mut ebpf, name)?;
-        prog.load().map_err(|e| program_error(name, e))?;
-        prog.attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| program_error(name, e))?;
-        attached.push(name);
-
+        let mut ebpf = load(settings)?;
+        // aya loads programs with the descriptors of the maps the object holds: loaded before
+        // any map is taken out of it.
+        load_programs(&mut ebpf, settings)?;
+        // Every map a program reads is filled before any program runs.
         if let Some(inbound) = &settings.inbound {
-            attach_inbound(&mut ebpf, inbound, inbound_listeners)?;
-            attached.push(programs::SK_LOOKUP);
+            fill_inbound(&mut ebpf, inbound, inbound_listeners)?;
         }
+        let mut vips = Vips {
+            map: take_hash::<IpPort, u32>(&mut ebpf, maps::VIPS)?,
+            current: HashSet::new(),
+            outbound: OutboundMode::take(&mut ebpf, &settings.passthrough)?,
+        };
+        prepare(&mut vips)?;
+        let orig = take_map(&mut ebpf, maps::ORIG_BY_PEER)?;
+        match &orig {
+            // An LRU map (maps.h); both kinds are a HashMap to aya.
+            aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => {
+                store.put(STORED_ORIG, data.fd().as_fd(), false)?
+            }
+            _ => return Err(Error::MapMissing(maps::ORIG_BY_PEER)),
+        }
+        let orig = HashMap::try_from(orig).map_err(map_error(maps::ORIG_BY_PEER))?;
 
-        let vips = take_hash::<IpPort, u32>(&mut ebpf, maps::VIPS)?;
-        let orig = take_hash::<IpPort, IpPort>(&mut ebpf, maps::ORIG_BY_PEER)?;
-        let outbound = OutboundMode::take(&mut ebpf, &settings.passthrough)?;
-        tracing::info!(cgroup = %settings.cgroup.display(), programs = ?attached, "capture attached");
+        let mut links = Links {
+            store,
+            fds: Vec::new(),
+            attached: Vec::new(),
+            adopted: 0,
+        };
+        link_all(&mut ebpf, settings, &cgroup, &mut links)?;
+        let Links {
+            store,
+            fds,
+            attached,
+            adopted,
+        } = links;
+        let previous = previous_orig(store);
+        let kept = store.enabled();
+        tracing::info!(
+            cgroup = %settings.cgroup.display(), programs = ?attached, adopted,
+            "capture attached"
+        );
         Ok((
             Self {
                 _ebpf: ebpf,
+                _links: fds,
                 cgroup: settings.cgroup.clone(),
                 attached,
+                adopted,
+                kept,
             },
-            Vips {
-                map: vips,
-                current: HashSet::new(),
-                outbound,
-            },
-            OriginalDst::from_map(orig),
+            vips,
+            OriginalDst::from_maps(orig, previous),
         ))
+    }
+
+    /// Links taken over from the previous process (0: a fresh attach).
+    pub fn adopted(&self) -> usize {
+        self.adopted
     }
 
     pub fn cgroup(&self) -> &std::path::Path {
@@ -273,8 +301,90 @@ impl Capture {
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        tracing::info!(cgroup = %self.cgroup.display(), "capture detached");
+        if self.kept {
+            tracing::info!(cgroup = %self.cgroup.display(), "capture stays attached: systemd keeps the links for the next process, or detaches them if the unit stops");
+        } else {
+            tracing::info!(cgroup = %self.cgroup.display(), "capture detached");
+        }
     }
+}
+
+/// The previous process's original-destination map: connections its programs captured while no
+/// process was accepting are found there.
+fn previous_orig(store: &mut FdStore) -> Option<HashMap<MapData, IpPort, IpPort>> {
+    let fd = store.take_replaced(STORED_ORIG)?;
+    let map = MapData::from_fd(fd)
+        .and_then(aya::maps::Map::from_map_data)
+        .and_then(HashMap::try_from);
+    match map {
+        Ok(map) => Some(map),
+        Err(e) => {
+            tracing::warn!(error = %e, "the previous process's original destinations are unreadable");
+            None
+        }
+    }
+}
+
+/// The links of this attach: each program goes into the link the previous process left in the
+/// store under its name (BPF_LINK_UPDATE), or into a new one that is stored for the next.
+struct Links<'a> {
+    store: &'a mut FdStore,
+    fds: Vec<OwnedFd>,
+    attached: Vec<&'static str>,
+    adopted: usize,
+}
+
+impl Links<'_> {
+    fn link(
+        &mut self,
+        name: &'static str,
+        prog: BorrowedFd<'_>,
+        attach: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let key = format!("link.{name}");
+        if let Some(fd) = self.store.take(&key) {
+            match link::update(fd.as_fd(), prog) {
+                Ok(()) => {
+                    self.fds.push(fd);
+                    self.attached.push(name);
+                    self.adopted += 1;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(program = name, error = %e, "cannot take over the previous link: attaching a new one");
+                    self.store.reject(&key);
+                }
+            }
+        }
+        attach()?;
+        let id = link::prog_id(prog).map_err(|source| Error::Link {
+            program: name,
+            source,
+        })?;
+        let fd = link::find(id).map_err(|source| Error::Link {
+            program: name,
+            source,
+        })?;
+        self.store.put(&key, fd.as_fd(), false)?;
+        self.fds.push(fd);
+        self.attached.push(name);
+        Ok(())
+    }
+}
+
+/// Our own copy of a loaded program's descriptor (aya's is borrowed from the program, which
+/// attaching needs mutably).
+fn prog_fd(
+    fd: Result<&aya::programs::ProgramFd, ProgramError>,
+    name: &'static str,
+) -> Result<OwnedFd, Error> {
+    fd.map_err(|e| program_error(name, e))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| Error::Link {
+            program: name,
+            source,
+        })
 }
 
 /// The sk_msg program on the local_hops sockhash. The link lives as long as the object.
@@ -293,7 +403,6 @@ fn attach_local_hop(ebpf: &mut Ebpf) -> Result<(), Error> {
     };
     let name = programs::LOCAL_HOP;
     let prog: &mut SkMsg = program(ebpf, name)?;
-    prog.load().map_err(|e| program_error(name, e))?;
     prog.attach(&fd).map_err(|e| program_error(name, e))?;
     Ok(())
 }
@@ -307,12 +416,94 @@ impl AsRawFd for Fd {
     }
 }
 
-/// Port policy and listeners first, then the program: it must never see a half-filled policy.
-fn attach_inbound(
+/// The capture object with this process's globals, its maps created, no program loaded.
+fn load(settings: &Settings) -> Result<Ebpf, Error> {
+    let tgid = std::process::id();
+    Ok(EbpfLoader::new()
+        .override_global(globals::DAEMON_TGID, &tgid, true)
+        .override_global(globals::OUTBOUND_PORT, &settings.ports.outbound, true)
+        .override_global(globals::DNS_PORT, &settings.ports.dns, true)
+        .override_global(globals::INBOUND_PORT, &settings.ports.inbound, true)
+        .override_global(globals::EXEMPT_CGROUP, &settings.exempt_cgroup, true)
+        .override_global(globals::LOCAL_HOP, &u8::from(settings.local_hop), true)
+        .override_global(
+            globals::INBOUND_ALL_PORTS,
+            &u8::from(settings.inbound.as_ref().is_some_and(|i| i.all)),
+            true,
+        )
+        .load(interceptor_ebpf::capture_object())?)
+}
+
+/// Loads every program this configuration runs.
+fn load_programs(ebpf: &mut Ebpf, settings: &Settings) -> Result<(), Error> {
+    if settings.local_hop {
+        let prog: &mut SkMsg = program(ebpf, programs::LOCAL_HOP)?;
+        prog.load()
+            .map_err(|e| program_error(programs::LOCAL_HOP, e))?;
+    }
+    for name in programs::SOCK_ADDR {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        prog.load().map_err(|e| program_error(name, e))?;
+    }
+    let prog: &mut SockOps = program(ebpf, programs::SOCKOPS)?;
+    prog.load()
+        .map_err(|e| program_error(programs::SOCKOPS, e))?;
+    if settings.inbound.is_some() {
+        let prog: &mut SkLookup = program(ebpf, programs::SK_LOOKUP)?;
+        prog.load()
+            .map_err(|e| program_error(programs::SK_LOOKUP, e))?;
+    }
+    Ok(())
+}
+
+/// Links every loaded program: into the previous process's link, or a new one.
+fn link_all(
     ebpf: &mut Ebpf,
-    inbound: &InboundPorts,
-    listeners: &[RawFd],
+    settings: &Settings,
+    cgroup: &File,
+    links: &mut Links<'_>,
 ) -> Result<(), Error> {
+    for name in programs::SOCK_ADDR {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        links.link(name, prog_fd(prog.fd(), name)?.as_fd(), || {
+            // A bpf_link always coexists with other programs on the cgroup; the kernel
+            // rejects the ALLOW_MULTI flag on links, so "Single" (flags 0) is right here.
+            prog.attach(cgroup, CgroupAttachMode::Single)
+                .map(drop)
+                .map_err(|e| program_error(name, e))
+        })?;
+    }
+    // The message redirect before sockops fills its map: no end is ever in the map without
+    // the program that uses it.
+    if settings.local_hop {
+        attach_local_hop(ebpf)?;
+        links.attached.push(programs::LOCAL_HOP);
+    }
+    let name = programs::SOCKOPS;
+    let prog: &mut SockOps = program(ebpf, name)?;
+    links.link(name, prog_fd(prog.fd(), name)?.as_fd(), || {
+        prog.attach(cgroup, CgroupAttachMode::Single)
+            .map(drop)
+            .map_err(|e| program_error(name, e))
+    })?;
+    if settings.inbound.is_some() {
+        let netns = File::open("/proc/self/ns/net").map_err(|source| Error::OpenCgroup {
+            path: "/proc/self/ns/net".into(),
+            source,
+        })?;
+        let name = programs::SK_LOOKUP;
+        let prog: &mut SkLookup = program(ebpf, name)?;
+        links.link(name, prog_fd(prog.fd(), name)?.as_fd(), || {
+            prog.attach(&netns)
+                .map(drop)
+                .map_err(|e| program_error(name, e))
+        })?;
+    }
+    Ok(())
+}
+
+/// The inbound port policy and the listeners sk_lookup steers to.
+fn fill_inbound(ebpf: &mut Ebpf, inbound: &InboundPorts, listeners: &[RawFd]) -> Result<(), Error> {
     let mut ports: HashMap<&mut MapData, u16, InboundPort> = HashMap::try_from(
         ebpf.map_mut(maps::INBOUND_PORTS)
             .ok_or(Error::MapMissing(maps::INBOUND_PORTS))?,
@@ -353,14 +544,6 @@ fn attach_inbound(
             .set(i as u32, &Fd(*l), 0)
             .map_err(map_error(maps::INBOUND_LISTENER))?;
     }
-    let netns = File::open("/proc/self/ns/net").map_err(|source| Error::OpenCgroup {
-        path: "/proc/self/ns/net".into(),
-        source,
-    })?;
-    let name = programs::SK_LOOKUP;
-    let prog: &mut SkLookup = program(ebpf, name)?;
-    prog.load().map_err(|e| program_error(name, e))?;
-    prog.attach(&netns).map_err(|e| program_error(name, e))?;
     Ok(())
 }
 

@@ -13,18 +13,28 @@ use tokio::net::TcpStream;
 /// also serves behind an iptables REDIRECT rule.
 pub struct OriginalDst {
     map: Option<Mutex<HashMap<MapData, IpPort, IpPort>>>,
+    /// After a restart: the previous process's map, where its programs wrote the connections
+    /// that waited in the listener's queue until this process accepted them.
+    previous: Option<Mutex<HashMap<MapData, IpPort, IpPort>>>,
 }
 
 impl OriginalDst {
-    pub(super) fn from_map(map: HashMap<MapData, IpPort, IpPort>) -> Self {
+    pub(super) fn from_maps(
+        map: HashMap<MapData, IpPort, IpPort>,
+        previous: Option<HashMap<MapData, IpPort, IpPort>>,
+    ) -> Self {
         Self {
             map: Some(Mutex::new(map)),
+            previous: previous.map(Mutex::new),
         }
     }
 
     /// No eBPF capture: only connections redirected by netfilter can be resolved.
     pub fn netfilter_only() -> Self {
-        Self { map: None }
+        Self {
+            map: None,
+            previous: None,
+        }
     }
 
     pub fn lookup(&self, stream: &TcpStream) -> Option<SocketAddr> {
@@ -60,14 +70,17 @@ impl OriginalDst {
     }
 
     fn take_from_ebpf(&self, peer: SocketAddr) -> Option<SocketAddr> {
-        let map = self.map.as_ref()?;
         let key = IpPort::from_socket_addr(peer);
-        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-        let orig = map.get(&key, 0).ok()?;
-        // The entry is single-use: the client port will be reused by a later connection.
-        let _ = map.remove(&key);
-        Some(orig.socket_addr())
+        take(self.map.as_ref()?, &key).or_else(|| take(self.previous.as_ref()?, &key))
     }
+}
+
+fn take(map: &Mutex<HashMap<MapData, IpPort, IpPort>>, key: &IpPort) -> Option<SocketAddr> {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    let orig = map.get(key, 0).ok()?;
+    // The entry is single-use: the client port will be reused by a later connection.
+    let _ = map.remove(key);
+    Some(orig.socket_addr())
 }
 
 fn netfilter_original_dst(stream: &TcpStream) -> Option<SocketAddr> {

@@ -3,6 +3,7 @@
 //! makes first (`Ctx`): the mesh store that sources write and data paths read, the identity
 //! store that providers write and TLS reads, readiness, metrics, observed endpoint health.
 
+mod listeners;
 mod parts;
 mod supervisor;
 
@@ -19,6 +20,7 @@ use crate::admin;
 use crate::capture;
 use crate::config::{GatewayArgs, IdentitySource, Settings};
 use crate::dns::{self, ResolvConf};
+use crate::fdstore::FdStore;
 use crate::health;
 use crate::identity::{self, FileProvider, Identity};
 use crate::mesh::{self, FileSource};
@@ -109,6 +111,7 @@ impl Ctx {
         nameservers: Vec<SocketAddr>,
         dns: bool,
         inbound: Option<crate::route::InboundPolicy>,
+        restart: crate::fdstore::Restart,
     ) -> Arc<admin::State> {
         Arc::new(admin::State {
             store: self.store.clone(),
@@ -126,6 +129,7 @@ impl Ctx {
             nameservers,
             inbound,
             started: self.started,
+            restart,
         })
     }
 }
@@ -197,10 +201,16 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         ResolvConf::default()
     });
     let mut sup = Supervisor::new(ctx.readiness.clone());
+    let mut store = FdStore::open(s.fd_store);
 
     // Admin first: readiness says 503 until everything below is up.
     sup.add(parts::admin(
-        ctx.admin_state(resolv.nameservers.clone(), true, Some(s.policy.clone())),
+        ctx.admin_state(
+            resolv.nameservers.clone(),
+            true,
+            Some(s.policy.clone()),
+            store.restart(),
+        ),
         s.admin_addr,
     )?);
 
@@ -229,7 +239,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
 
     // Listeners before capture: a captured connection must never meet a closed port.
-    let listeners = parts::Listeners::bind(&s)?;
+    let listeners = listeners::Listeners::bind(&s, &mut store)?;
     let inbound_fds = listeners.inbound_fds();
     let mut exec_cgroup = None;
     let capture = match &s.cgroup {
@@ -252,7 +262,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 local_hop: s.local_hop == crate::config::LocalHop::Sockmap,
                 passthrough: s.exclude_outbound_cidrs.clone(),
             };
-            Some(parts::Capture::attach(&ctx, settings, &inbound_fds)?)
+            Some(parts::Capture::attach(
+                &ctx,
+                settings,
+                &inbound_fds,
+                &mut store,
+            )?)
         }
         None => {
             ctx.capture.set(capture::Info::default());
@@ -300,23 +315,58 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         outbound = s.ports.outbound, dns = s.ports.dns, admin = %s.admin_addr,
         cgroup = ?ctx.capture.info().and_then(|c| c.cgroup), "interceptor ready"
     );
+    // What the previous process stored and this one did not take goes now (a link to a
+    // program this configuration no longer runs, a listener on a port it no longer uses).
+    store.finish();
     notify_systemd(&[sd_notify::NotifyState::Ready]);
-    supervise(sup, s.shutdown_grace).await
+    let serve_through = store.enabled().then(|| ctx.readiness.clone());
+    supervise(sup, s.shutdown_grace, serve_through).await
 }
+
+/// After a hand-over's grace, how long the connections accepted last get to finish.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the parts until a stop signal (exit 0) or a dead part (exit non-zero). Then, with
 /// capture detached and the listeners closed, connections in progress get `grace` to end and
 /// are closed cleanly after it (`net::drain`). A dead part gets no grace: its connections are
 /// closed cleanly at once, so that systemd restarts us sooner.
-async fn supervise(sup: Supervisor, grace: std::time::Duration) -> anyhow::Result<()> {
+///
+/// `serve_through` (systemd keeps the links and listeners): our stop detaches nothing, so the
+/// grace is spent still serving, and new connections and DNS queries are answered up to the
+/// end. What comes after waits in the kernel's queues for the next process on a restart; on a
+/// stop, systemd closes the store as we exit and capture detaches then.
+async fn supervise(
+    sup: Supervisor,
+    grace: std::time::Duration,
+    serve_through: Option<Arc<crate::readiness::Readiness>>,
+) -> anyhow::Result<()> {
+    let serving_through = serve_through.is_some();
     let stop = async {
         if let Err(e) = stop_signal().await {
             tracing::error!(error = %e, "cannot wait for signals");
             std::future::pending::<()>().await;
         }
+        if let Some(readiness) = serve_through {
+            readiness.stopping();
+            notify_systemd(&[sd_notify::NotifyState::Stopping]);
+            // Everything answered for the grace (connections open then are closed cleanly at
+            // its end); then new connections are left in the queue for the next process, the
+            // short ones in flight finish, and DNS answers up to the exit.
+            let _ = tokio::time::timeout(grace, crate::net::drain::run(grace)).await;
+            crate::net::drain::stop_accepting();
+            let left = crate::net::drain::settle(SETTLE).await;
+            tracing::info!(
+                cut = left,
+                "stopping: served through the grace; new connections wait for the next process \
+                 (capture and listeners stay with systemd)"
+            );
+        }
     };
     let result = sup.run(stop).await;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    if serving_through && result.is_ok() {
+        return Ok(());
+    }
     let grace = if result.is_ok() {
         grace
     } else {
@@ -378,7 +428,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     ctx.capture.set(capture::Info::default());
     let mut sup = Supervisor::new(ctx.readiness.clone());
     sup.add(parts::admin(
-        ctx.admin_state(vec![], false, None),
+        ctx.admin_state(vec![], false, None, Default::default()),
         args.admin_addr,
     )?);
     let source = FileSource::new(
@@ -424,7 +474,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     ctx.readiness.set(LISTENERS, true);
     tracing::info!(network = %args.network, listen = ?args.listen, hbone = ?hbone, admin = %args.admin_addr, endpoints = local, "gateway ready");
     notify_systemd(&[sd_notify::NotifyState::Ready]);
-    supervise(sup, args.shutdown_grace()).await
+    supervise(sup, args.shutdown_grace(), None).await
 }
 
 /// Loads the first table of `source` for `interceptor check`: every error, or the table.

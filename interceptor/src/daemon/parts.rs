@@ -3,27 +3,25 @@
 //! and the future the supervisor then owns.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use tokio::net::{TcpListener, UdpSocket};
 
 use super::{mesh_errors, Ctx, Handle, CAPTURE, TABLE};
 use crate::admin;
 use crate::capture::{self, OriginalDst, Vips};
 use crate::config::{Istiod, Settings};
-use crate::dns::{self, ResolvConf, Resolver, Upstream};
 use crate::identity::{self, FileProvider};
 use crate::mesh::FileSource;
 use crate::net;
-use crate::proxy::{ExposeIstiod, Gateway, Inbound, Outbound};
+use crate::proxy::{ExposeIstiod, Gateway};
 use crate::transport::{Dialer, Timeouts};
 use crate::xds;
 
 /// How long an upstream DNS exchange may take before the client gets SERVFAIL.
-const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// admin::Server: bound now (its port in use is a start failure), serving from here on.
 pub fn admin(state: Arc<admin::State>, addr: SocketAddr) -> anyhow::Result<Handle> {
@@ -146,121 +144,6 @@ pub fn probe(
     })
 }
 
-/// Every listener of `interceptor run`, bound before capture attaches.
-pub struct Listeners {
-    outbound: Vec<TcpListener>,
-    outbound_addrs: Vec<SocketAddr>,
-    inbound: Vec<TcpListener>,
-    dns_tcp: Vec<TcpListener>,
-    dns_udp: Vec<UdpSocket>,
-}
-
-impl Listeners {
-    pub fn bind(s: &Settings) -> anyhow::Result<Self> {
-        let outbound_addrs = net::loopback(s.ports.outbound).to_vec();
-        let dns_addrs = net::loopback(s.ports.dns);
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        Ok(Self {
-            outbound: net::bind_all(&outbound_addrs, "outbound").context("outbound listener")?,
-            outbound_addrs,
-            inbound: if s.inbound.enabled() {
-                net::bind_all(&net::any(s.ports.inbound), "inbound").context("inbound listener")?
-            } else {
-                vec![]
-            },
-            dns_tcp: net::bind_all(&dns_addrs, "DNS").context("DNS TCP listener")?,
-            dns_udp: net::bind_all_udp(&dns_addrs, workers, "DNS").context("DNS UDP listener")?,
-        })
-    }
-
-    /// The inbound listeners, IPv4 first, for sk_lookup.
-    pub fn inbound_fds(&self) -> Vec<RawFd> {
-        self.inbound.iter().map(AsRawFd::as_raw_fd).collect()
-    }
-
-    /// The data paths on these listeners: (outbound, inbound if any, DNS).
-    pub fn start(
-        self,
-        ctx: &Ctx,
-        s: &Settings,
-        orig: Arc<OriginalDst>,
-        resolv: ResolvConf,
-    ) -> anyhow::Result<(Handle, Option<Handle>, Handle)> {
-        let resolver = Arc::new(Resolver::new(Upstream::new(
-            resolv.nameservers.clone(),
-            DNS_UPSTREAM_TIMEOUT,
-        )));
-        let outbound = Outbound::new(
-            ctx.store.clone(),
-            ctx.tls.clone(),
-            orig,
-            Dialer::new(ctx.tls.clone(), s.timeouts)
-                .with_resolver(resolver)
-                .with_metrics(ctx.metrics.clone(), &s.workload()),
-            ctx.outliers.clone(),
-            self.outbound_addrs,
-            s.network.clone(),
-            s.gateway_identity.clone(),
-            s.policy.subject.clone(),
-            ctx.metrics.clone(),
-        );
-        let limits = ctx.limits.clone();
-        let outbound = Handle::loops(
-            "outbound",
-            self.outbound
-                .into_iter()
-                .map(move |l| outbound.clone().serve(l, limits.outbound.clone())),
-        );
-        let inbound = (!self.inbound.is_empty()).then(|| {
-            let inbound = Inbound::new(
-                ctx.tls.clone(),
-                ctx.store.clone(),
-                s.policy.clone(),
-                s.ports.inbound,
-                s.inbound.hbone,
-                s.workload(),
-                interceptor_ebpf::abi::INBOUND_SOURCE4,
-                ctx.limits.handshakes.clone(),
-                ctx.metrics.clone(),
-            );
-            let limit = ctx.limits.inbound.clone();
-            Handle::loops(
-                "inbound",
-                self.inbound
-                    .into_iter()
-                    .map(move |l| inbound.clone().serve(l, limit.clone())),
-            )
-        });
-        let upstream = Upstream::new(resolv.nameservers.clone(), DNS_UPSTREAM_TIMEOUT);
-        let server = dns::Server::new(
-            ctx.store.clone(),
-            upstream,
-            resolv.search.first().cloned(),
-            ctx.dns_stats.clone(),
-            ctx.limits.dns_forwards.clone(),
-        );
-        tracing::info!(upstream = ?resolv.nameservers, "DNS forwarding");
-        let tcp = self.dns_tcp.into_iter().map({
-            let server = server.clone();
-            let limit = ctx.limits.dns_tcp.clone();
-            move |l| {
-                let (server, limit) = (server.clone(), limit.clone());
-                Box::pin(async move { server.serve_tcp(l, limit).await })
-                    as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-            }
-        });
-        let udp = self.dns_udp.into_iter().map(move |u| {
-            let server = server.clone();
-            Box::pin(async move { server.serve_udp(u).await })
-                as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-        });
-        let dns = Handle::loops("dns", tcp.chain(udp).collect::<Vec<_>>());
-        Ok((outbound, inbound, dns))
-    }
-}
-
 /// Capture: attached now (it needs the inbound listeners), then keeping the kernel's VIP map
 /// equal to the table for as long as it runs. Dropping it detaches every program.
 pub struct Capture {
@@ -278,14 +161,19 @@ impl Capture {
         ctx: &Ctx,
         settings: capture::Settings,
         inbound_fds: &[RawFd],
+        store: &mut crate::fdstore::FdStore,
     ) -> anyhow::Result<Self> {
-        let (capture, mut vips, orig) = capture::Capture::attach(&settings, inbound_fds)?;
         // Subscribed before the table is read: a publish after the read is a change to sync.
         let changed = ctx.store.subscribe();
         ctx.store.gate_dns();
         let table = ctx.store.load();
-        let n = vips.sync(&table)?;
-        outbound_mode(&mut vips, &table);
+        let mut n = 0;
+        let (capture, vips, orig) =
+            capture::Capture::attach(&settings, inbound_fds, store, |vips| {
+                n = vips.sync(&table)?;
+                outbound_mode(vips, &table);
+                Ok(())
+            })?;
         ctx.store.release_dns(table.clone());
         ctx.capture.set_vips(n);
         ctx.capture.set(capture.info(settings.inbound.as_ref()));

@@ -22,12 +22,29 @@ const CLOSE_BOUND: Duration = Duration::from_secs(2);
 struct Drain {
     started: watch::Sender<Option<Duration>>,
     tasks: TaskTracker,
+    /// Set once the listeners that relay bytes stop accepting (a hand-over to the next
+    /// process: what arrives after waits in the kernel's queue for it).
+    handed_over: watch::Sender<bool>,
 }
 
 static DRAIN: LazyLock<Drain> = LazyLock::new(|| Drain {
     started: watch::Sender::new(None),
     tasks: TaskTracker::new(),
+    handed_over: watch::Sender::new(false),
 });
+
+/// From now on the relaying listeners accept nothing: connections wait in the kernel's accept
+/// queue (kept open by systemd's store) for the next process.
+pub fn stop_accepting() {
+    DRAIN.handed_over.send_replace(true);
+}
+
+/// Resolves once `stop_accepting` was called (never, in a process that keeps accepting).
+pub async fn accepting_stopped() {
+    let mut rx = DRAIN.handed_over.subscribe();
+    // An error means the sender is gone, which a static never is.
+    let _ = rx.wait_for(|stopped| *stopped).await;
+}
 
 /// Spawns a task the drain waits for: a connection, or an HTTP/2 connection's driver.
 pub fn spawn<F>(fut: F)
@@ -70,6 +87,15 @@ pub async fn run(grace: Duration) -> usize {
         );
     }
     match tokio::time::timeout(grace + CLOSE_BOUND, DRAIN.tasks.wait()).await {
+        Ok(()) => 0,
+        Err(_) => DRAIN.tasks.len(),
+    }
+}
+
+/// After `run`: waits up to `bound` more for the tasks still running (those started since, with
+/// their own grace), without cutting any. Returns how many are left.
+pub async fn settle(bound: Duration) -> usize {
+    match tokio::time::timeout(bound, DRAIN.tasks.wait()).await {
         Ok(()) => 0,
         Err(_) => DRAIN.tasks.len(),
     }

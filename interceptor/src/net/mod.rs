@@ -42,7 +42,17 @@ pub async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            // A hand-over: the next process accepts what comes now (relaying listeners only;
+            // DNS and admin answer up to the end).
+            () = drain::accepting_stopped(), if matches!(tasks, Tasks::Drained) => {
+                std::future::pending::<()>().await;
+                continue;
+            }
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 crate::fault::on_accept(what);
                 let permit = match &limit {
@@ -135,10 +145,20 @@ fn collect<T>(
     what: &str,
     bind: impl Fn(SocketAddr) -> std::io::Result<T>,
 ) -> std::io::Result<Vec<T>> {
+    bind_each(addrs, what, |_, a| bind(a))
+}
+
+/// `bind` (with the address's index) on each address; a failure is a warning as long as one
+/// address is served (no IPv6 in this netns).
+pub fn bind_each<T>(
+    addrs: &[SocketAddr],
+    what: &str,
+    mut bind: impl FnMut(usize, SocketAddr) -> std::io::Result<T>,
+) -> std::io::Result<Vec<T>> {
     let mut out = Vec::new();
     let mut last_err = None;
-    for a in addrs {
-        match bind(*a) {
+    for (i, a) in addrs.iter().enumerate() {
+        match bind(i, *a) {
             Ok(l) => out.push(l),
             Err(e) => {
                 tracing::warn!(addr = %a, error = %e, "{what}: cannot listen");
@@ -167,7 +187,7 @@ fn socket(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socke
     Ok(sock)
 }
 
-fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = socket(addr, socket2::Type::STREAM)?;
     sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
@@ -177,14 +197,69 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// `count` UDP sockets on `addr` with SO_REUSEPORT.
 pub fn bind_udp(addr: SocketAddr, count: usize) -> std::io::Result<Vec<UdpSocket>> {
-    let mut out = Vec::new();
-    for _ in 0..count.max(1) {
-        let s = socket(addr, socket2::Type::DGRAM)?;
-        s.set_reuse_port(true)?;
-        s.bind(&addr.into())?;
-        out.push(UdpSocket::from_std(s.into())?);
+    (0..count.max(1)).map(|_| bind_udp_one(addr)).collect()
+}
+
+/// One UDP socket of `addr`'s SO_REUSEPORT group.
+pub fn bind_udp_one(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let s = socket(addr, socket2::Type::DGRAM)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    deep_receive_queue(&s);
+    UdpSocket::from_std(s.into())
+}
+
+/// Queries that arrive while no process reads (a restart, with the socket kept in systemd's
+/// store) wait in the receive queue: the default (net.core.rmem_default, 208 KiB, about 200
+/// queries at their truesize) would drop some of a busy VM's second of restart.
+/// SO_RCVBUFFORCE passes rmem_max with CAP_NET_ADMIN; without it the default stays.
+fn deep_receive_queue(s: &socket2::Socket) {
+    const BYTES: libc::c_int = 4 << 20;
+    // SAFETY: setsockopt reads size_of::<c_int>() bytes from a live c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&BYTES as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "DNS receive queue stays at the default");
     }
-    Ok(out)
+}
+
+/// A listening TCP socket another process made (systemd passed it on), if it is one and is
+/// bound to `want`.
+pub fn adopt_tcp(fd: std::os::fd::OwnedFd, want: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = adopted(fd, want, socket2::Type::STREAM)?;
+    if !sock.is_listener()? {
+        return Err(std::io::Error::other("not listening"));
+    }
+    TcpListener::from_std(sock.into())
+}
+
+/// A UDP socket another process made, if it is bound to `want`.
+pub fn adopt_udp(fd: std::os::fd::OwnedFd, want: SocketAddr) -> std::io::Result<UdpSocket> {
+    UdpSocket::from_std(adopted(fd, want, socket2::Type::DGRAM)?.into())
+}
+
+fn adopted(
+    fd: std::os::fd::OwnedFd,
+    want: SocketAddr,
+    ty: socket2::Type,
+) -> std::io::Result<socket2::Socket> {
+    let sock = socket2::Socket::from(fd);
+    let local = sock.local_addr()?.as_socket();
+    if sock.r#type()? != ty || local != Some(want) {
+        return Err(std::io::Error::other(format!(
+            "a {:?} socket bound to {local:?}, not {want}",
+            sock.r#type()?
+        )));
+    }
+    sock.set_nonblocking(true)?;
+    Ok(sock)
 }
 
 /// A TCP connection to `addr` with Nagle off, bounded by `timeout`.

@@ -8,6 +8,7 @@
 
 mod cross;
 mod guest;
+mod hitless;
 mod image;
 mod peer;
 mod scenario;
@@ -135,9 +136,15 @@ pub fn smoke(debug_dir: &Path) -> anyhow::Result<String> {
         &crate::root().join("target").join("vm").join("smoke-deb"),
     )
     .context("packaging the debug build for the smoke test")?;
-    scenario::smoke(Release::Bookworm, &deb)?;
+    let smoke = scenario::smoke(Release::Bookworm, &deb, &debug_dir.join("restart-load"))?;
+    let rows: Vec<String> = smoke.outcomes.iter().map(|o| o.row()).collect();
     Ok(format!(
-        "vm smoke (bookworm guest, systemd): passed in {:.0} s",
-        started.elapsed().as_secs_f64()
+        "vm smoke (bookworm guest, systemd): passed in {:.0} s\n{}\n{}\n\
+         capture gone after the unit failed (crash loop): {:.0} ms; after systemctl stop: {:.0} ms",
+        started.elapsed().as_secs_f64(),
+        hitless::Outcome::header(),
+        rows.join("\n"),
+        smoke.crash_loop_detach.as_secs_f64() * 1000.0,
+        smoke.stop_detach.as_secs_f64() * 1000.0,
     ))
 }

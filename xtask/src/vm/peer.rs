@@ -105,3 +105,65 @@ pub fn mtls_line(mesh: &Mesh, sa: &str, port: u16, line: &str) -> anyhow::Result
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A pod that serves many clients at once, for load, as a real pod would: Envoy as istiod
+/// configures a sidecar's inbound (mTLS with client certificates required, the istio ALPNs) in
+/// front of an app that echoes lines (socat forking a `cat` per connection). Two processes.
+pub fn envoy_pod(mesh: &Mesh, sa: &str, port: u16) -> anyhow::Result<[HostProc; 2]> {
+    let app_port = super::guest::free_port()?;
+    let admin = super::guest::free_port()?;
+    let app = spawn(
+        Command::new("socat")
+            .arg(format!(
+                "TCP-LISTEN:{app_port},bind=127.0.0.1,reuseaddr,fork,backlog=1024"
+            ))
+            .arg("EXEC:cat"),
+        &mesh.dir.join(format!("echo-app-{sa}.log")),
+    )?;
+    let config = mesh.dir.join(format!("envoy-{sa}.json"));
+    fs::write(
+        &config,
+        interceptor_tests::envoy::inbound_config(
+            &mesh.certs(sa),
+            "127.0.0.1",
+            port,
+            app_port,
+            admin,
+        ),
+    )?;
+    let envoy = spawn(
+        Command::new(interceptor_tests::envoy::envoy_bin())
+            .arg("-c")
+            .arg(&config)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+            ]),
+        &mesh.dir.join(format!("envoy-{sa}.log")),
+    )?;
+    for (p, what) in [(app_port, &app), (port, &envoy)] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+            if Instant::now() > deadline {
+                bail!("the echo pod did not listen on {p}: {}", what.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok([app, envoy])
+}
+
+fn spawn(c: &mut Command, log: &Path) -> anyhow::Result<HostProc> {
+    c.stdin(Stdio::null())
+        .stdout(fs::File::create(log)?)
+        .stderr(fs::File::create(log)?.try_clone()?);
+    interceptor_tests::die_with_parent(c);
+    let child = c.spawn().with_context(|| format!("cannot start {c:?}"))?;
+    Ok(HostProc {
+        child,
+        log: log.to_path_buf(),
+    })
+}

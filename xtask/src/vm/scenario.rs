@@ -14,13 +14,30 @@ use super::Release;
 
 /// The pod's address as guests see it (a guestfwd to the host's s_server) and its port.
 const POD_ADDR: &str = "10.0.2.100";
-const POD_PORT: u16 = 7000;
+pub(super) const POD_PORT: u16 = 7000;
 /// The guest's own mesh service, captured inbound.
 const APP_PORT: u16 = 8080;
-const SERVICE: &str = "echo.default.svc.cluster.local";
+pub(super) const SERVICE: &str = "echo.default.svc.cluster.local";
 
-/// The mesh as the guest's files say it: one service whose pod has a sidecar (tlsMode istio).
+/// The load's service: a pod that echoes many connections at once (`peer::envoy_pod`).
+pub(super) const LOAD_SERVICE: &str = "load.default.svc.cluster.local";
+const LOAD_POD_ADDR: &str = "10.0.2.102";
+pub(super) const LOAD_PORT: u16 = 7001;
+
+/// The mesh as the guest's files say it: one service whose pod has a sidecar (tlsMode istio),
+/// and the load's.
 fn mesh_yaml() -> String {
+    let load = format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: load, namespace: default}}\n\
+         spec:\n  hosts: [{LOAD_SERVICE}]\n  ports: [{{number: {LOAD_PORT}, name: tcp-load, protocol: TCP}}]\n\
+         \x20 resolution: STATIC\n  workloadSelector: {{labels: {{app: load}}}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: load-pod, namespace: default}}\n\
+         spec:\n  address: {LOAD_POD_ADDR}\n  labels: {{app: load, security.istio.io/tlsMode: istio}}\n  serviceAccount: echo\n"
+    );
+    one_service_yaml() + &load
+}
+
+fn one_service_yaml() -> String {
     format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: echo, namespace: default}}\n\
          spec:\n  hosts: [{SERVICE}]\n  ports: [{{number: {POD_PORT}, name: tcp-echo, protocol: TCP}}]\n\
@@ -86,12 +103,13 @@ fn istiod_mesh() -> interceptor_tests::istiod::Mesh {
 }
 
 /// One booted guest with the host side of the mesh around it.
-struct Run {
-    guest: Guest,
+pub(super) struct Run {
+    pub(super) guest: Guest,
     source: Source,
     mesh: Mesh,
     cp: Option<interceptor_tests::istiod::ControlPlane>,
     _pod: HostProc,
+    _load_pod: [HostProc; 2],
     /// 127.0.0.1 port forwarded to the guest's app port (for the inbound client).
     app_fwd: u16,
     pub accel: &'static str,
@@ -99,18 +117,26 @@ struct Run {
 }
 
 impl Run {
-    fn start(release: Release, source: Source, deb: &Path) -> anyhow::Result<Run> {
+    pub(super) fn start(release: Release, source: Source, deb: &Path) -> anyhow::Result<Run> {
         let image = image::ensure(release)?;
         let accel = guest::accel(&image)?;
         let dir = image::vm_dir().join("run").join(release.name());
         let mesh = Mesh::new(&dir.join("mesh"))?;
         let pod_port = guest::free_port()?;
         let pod = peer::pod(&mesh, "echo", pod_port)?;
+        let load_port = guest::free_port()?;
+        let load_pod = peer::envoy_pod(&mesh, "echo", load_port)?;
         let app_fwd = guest::free_port()?;
-        let mut forwards = vec![Forward {
-            guest_addr: format!("{POD_ADDR}:{POD_PORT}"),
-            host_port: pod_port,
-        }];
+        let mut forwards = vec![
+            Forward {
+                guest_addr: format!("{POD_ADDR}:{POD_PORT}"),
+                host_port: pod_port,
+            },
+            Forward {
+                guest_addr: format!("{LOAD_POD_ADDR}:{LOAD_PORT}"),
+                host_port: load_port,
+            },
+        ];
         let cp = match source {
             Source::Files => None,
             Source::Istiod => {
@@ -153,6 +179,7 @@ impl Run {
             mesh,
             cp,
             _pod: pod,
+            _load_pod: load_pod,
             app_fwd,
             accel,
             image,
@@ -161,12 +188,12 @@ impl Run {
         Ok(run)
     }
 
-    fn sh(&self, script: &str) -> anyhow::Result<String> {
+    pub(super) fn sh(&self, script: &str) -> anyhow::Result<String> {
         self.guest.sh(script)
     }
 
     /// Polls a guest shell condition until it holds.
-    fn until(&self, what: &str, secs: u64, script: &str) -> anyhow::Result<Duration> {
+    pub(super) fn until(&self, what: &str, secs: u64, script: &str) -> anyhow::Result<Duration> {
         let started = Instant::now();
         loop {
             if self.guest.run(script)?.status.success() {
@@ -186,7 +213,7 @@ impl Run {
     }
 
     /// `apt install ./interceptor.deb`: installed, enabled and started by nothing.
-    fn install(&self) -> anyhow::Result<()> {
+    pub(super) fn install(&self) -> anyhow::Result<()> {
         self.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/interceptor.deb >/root/apt.log 2>&1 || { cat /root/apt.log; exit 1; }")?;
         let state =
             self.sh("systemctl is-enabled interceptor; systemctl is-active interceptor; true")?;
@@ -250,7 +277,7 @@ impl Run {
 
     /// `systemctl enable --now`: Type=notify returns once READY=1, and READY means capture is in
     /// the kernel: checked at once, with no wait.
-    fn start_service(&self) -> anyhow::Result<Duration> {
+    pub(super) fn start_service(&self) -> anyhow::Result<Duration> {
         let started = Instant::now();
         self.sh("systemctl enable --now interceptor")?;
         let took = started.elapsed();
@@ -260,7 +287,7 @@ impl Run {
     }
 
     /// The captured programs on the guest's root cgroup, as bpftool lists them.
-    fn capture_attached(&self) -> anyhow::Result<String> {
+    pub(super) fn capture_attached(&self) -> anyhow::Result<String> {
         let out = self.sh("bpftool cgroup show /sys/fs/cgroup")?;
         if !out.contains("connect4") {
             bail!("no capture programs on the root cgroup: {out}");
@@ -268,7 +295,7 @@ impl Run {
         Ok(out)
     }
 
-    fn capture_detached(&self) -> anyhow::Result<()> {
+    pub(super) fn capture_detached(&self) -> anyhow::Result<()> {
         let out = self.sh("bpftool cgroup show /sys/fs/cgroup")?;
         if out.contains("connect4") {
             bail!("capture programs still attached: {out}");
@@ -278,7 +305,7 @@ impl Run {
 
     /// The guest's app, by the service's mesh name: DNS and connection captured, carried over
     /// mTLS to the pod (which reverses the line).
-    fn outbound(&self, line: &str) -> anyhow::Result<()> {
+    pub(super) fn outbound(&self, line: &str) -> anyhow::Result<()> {
         // The pod answers and keeps the connection: the app's stdin stays open 3 s so socat
         // reads the answer before its end (it gives the other side 0.5 s after an EOF).
         let out = self.sh(&format!(
@@ -327,13 +354,13 @@ impl Run {
         Ok(())
     }
 
-    fn journal_tail(&self) -> String {
+    pub(super) fn journal_tail(&self) -> String {
         self.guest
             .sh("journalctl -u interceptor --no-pager -n 40 -o cat")
             .unwrap_or_else(|e| format!("{e:#}"))
     }
 
-    fn main_pid(&self) -> anyhow::Result<u32> {
+    pub(super) fn main_pid(&self) -> anyhow::Result<u32> {
         self.sh("systemctl show -p MainPID --value interceptor")?
             .trim()
             .parse()
@@ -459,7 +486,7 @@ impl Run {
     }
 
     /// systemctl stop: a clean exit, every program gone, the app's traffic no longer captured.
-    fn stop(&self) -> anyhow::Result<()> {
+    pub(super) fn stop(&self) -> anyhow::Result<()> {
         self.sh("systemctl stop interceptor")?;
         let result = self.sh("systemctl show -p Result --value interceptor")?;
         if result.trim() != "success" {
@@ -469,7 +496,7 @@ impl Run {
     }
 
     /// apt purge: nothing of ours is left.
-    fn purge(&self) -> anyhow::Result<()> {
+    pub(super) fn purge(&self) -> anyhow::Result<()> {
         self.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q interceptor >/root/apt.log 2>&1 || { cat /root/apt.log; exit 1; }")?;
         let left = self.sh(
             "for p in /etc/interceptor /var/lib/interceptor /usr/bin/interceptor \
@@ -497,17 +524,40 @@ fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<
     Ok(r)
 }
 
-pub fn smoke(release: Release, deb: &Path) -> anyhow::Result<()> {
+/// What the smoke test saw of restarts under load, and how fast capture went with the unit.
+pub struct Smoke {
+    pub outcomes: Vec<super::hitless::Outcome>,
+    pub crash_loop_detach: Duration,
+    pub stop_detach: Duration,
+}
+
+pub fn smoke(release: Release, deb: &Path, load_tool: &Path) -> anyhow::Result<Smoke> {
+    use super::hitless::LOAD;
     let run = step("boot", || Run::start(release, Source::Files, deb))?;
     step("install", || run.install())?;
     step("start (READY with capture)", || run.start_service())?;
     step("captured mesh connection over mTLS", || {
         run.outbound("hello-mesh")
     })?;
-    step("kill -9, restarted by systemd", || run.kill9())?;
-    step("stop detaches", || run.stop())?;
+    run.put_load_tool(load_tool)?;
+    let baseline = step("the load alone loses nothing", || run.baseline_load(LOAD))?;
+    let restart = step("systemctl restart under load: nothing lost", || {
+        run.restart_under_load(LOAD)
+    })?;
+    let crash = step("kill -9 under load, restarted by systemd", || {
+        run.kill9_under_load(LOAD)
+    })?;
+    let crash_loop_detach = step(
+        "crash loop past the start limit: capture gone within 1 s",
+        || run.crash_loop_fails_open(),
+    )?;
+    let stop_detach = step("stop: capture gone within 1 s", || run.stop_fails_open())?;
     step("purge leaves nothing", || run.purge())?;
-    Ok(())
+    Ok(Smoke {
+        outcomes: vec![baseline, restart, crash],
+        crash_loop_detach,
+        stop_detach,
+    })
 }
 
 pub struct Report {
