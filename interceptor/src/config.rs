@@ -321,6 +321,10 @@ pub struct RunArgs {
     /// (TLS close_notify, HTTP/2 GOAWAY); capture is detached first [default: 5s]
     #[arg(long, value_name = "DURATION")]
     pub shutdown_grace: Option<Wait>,
+    /// On `systemctl reload` (and a package upgrade), how long this process drains the
+    /// connections it holds once its successor serves [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<Wait>,
     /// Where the mesh comes from besides the files: `istiod` joins the control plane named by
     /// the Istio VM bundle [default: none]
     #[arg(long, value_enum)]
@@ -452,6 +456,7 @@ pub struct Settings {
     pub limits: Limits,
     pub timeouts: crate::transport::Timeouts,
     pub shutdown_grace: std::time::Duration,
+    pub drain_timeout: std::time::Duration,
 }
 
 impl Settings {
@@ -623,6 +628,7 @@ impl RunArgs {
             handshake_timeout: self.handshake_timeout.or(file.handshake_timeout),
             hedge_after: self.hedge_after.or(file.hedge_after),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
+            drain_timeout: self.drain_timeout.or(file.drain_timeout),
             gateway_identity: self.gateway_identity.or(file.gateway_identity),
             control_plane: self.control_plane.or(file.control_plane),
             istio_dir: self.istio_dir.or(file.istio_dir),
@@ -710,6 +716,9 @@ impl RunArgs {
                 args.hedge_after,
             ),
             shutdown_grace: shutdown_grace(args.shutdown_grace),
+            drain_timeout: args
+                .drain_timeout
+                .map_or(std::time::Duration::from_secs(60), |w| w.0),
             limits,
             gateway_identity: match args.gateway_identity {
                 Some(id) => {

@@ -17,6 +17,12 @@ use crate::config::FdStore as Mode;
 
 /// The store's record of how many processes came before this one.
 const GENERATION: &str = "generation";
+/// Set by a process that hands its descriptors to its successor itself (`systemctl reload`):
+/// LISTEN_FDS and LISTEN_FDNAMES are then ours, with no LISTEN_PID (the parent cannot know
+/// the child's pid before it runs).
+pub const HANDOVER_ENV: &str = "INTERCEPTOR_HANDOVER";
+/// The pipe a successor writes one byte to once it is ready.
+pub const READY_FD_ENV: &str = "INTERCEPTOR_HANDOVER_READY_FD";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,6 +56,10 @@ pub struct FdStore {
     kept: BTreeSet<String>,
     generation: u64,
     adopted_count: usize,
+    /// Our copy of every descriptor in the store, for a successor we start ourselves.
+    held: BTreeMap<String, OwnedFd>,
+    /// Started by a predecessor's reload: where to say we are ready.
+    ready_pipe: Option<OwnedFd>,
 }
 
 impl FdStore {
@@ -59,17 +69,7 @@ impl FdStore {
         let under_systemd = std::env::var_os("NOTIFY_SOCKET").is_some();
         // systemd 254 and later say how many descriptors the unit may store.
         let allowed = std::env::var("FDSTORE").map_or(true, |n| n.trim() != "0");
-        let mut adopted = BTreeMap::new();
-        match sd_notify::listen_fds_with_names() {
-            Ok(fds) => {
-                for (fd, name) in fds {
-                    // SAFETY: systemd passed this descriptor to this process (LISTEN_PID is ours)
-                    // and nothing else in the process owns it.
-                    adopted.insert(name, unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "ignoring the descriptors systemd passed"),
-        }
+        let (adopted, ready_pipe) = passed();
         let stored: BTreeSet<String> = adopted.keys().cloned().collect();
         let mut store = Self {
             enabled: mode == Mode::Auto && under_systemd && allowed,
@@ -78,6 +78,8 @@ impl FdStore {
             stored,
             kept: BTreeSet::new(),
             generation: 0,
+            held: BTreeMap::new(),
+            ready_pipe,
         };
         if !store.enabled {
             store.finish();
@@ -111,7 +113,34 @@ impl FdStore {
     pub fn take(&mut self, name: &str) -> Option<OwnedFd> {
         let fd = self.adopted.remove(name)?;
         self.kept.insert(name.to_string());
+        self.hold(name, fd.as_fd());
         Some(fd)
+    }
+
+    fn hold(&mut self, name: &str, fd: BorrowedFd<'_>) {
+        match fd.try_clone_to_owned() {
+            Ok(copy) => {
+                self.held.insert(name.to_string(), copy);
+            }
+            Err(e) => tracing::warn!(name, error = %e, "a reload will not hand this descriptor on"),
+        }
+    }
+
+    /// Every descriptor in the store, by name: what a successor started by a reload adopts.
+    pub fn held(&self) -> impl Iterator<Item = (&str, BorrowedFd<'_>)> {
+        self.held.iter().map(|(n, fd)| (n.as_str(), fd.as_fd()))
+    }
+
+    /// Tells the predecessor that started us (a reload) that we are ready; true if there was one.
+    pub fn tell_predecessor_ready(&mut self) -> bool {
+        let Some(pipe) = self.ready_pipe.take() else {
+            return false;
+        };
+        let mut pipe = std::fs::File::from(pipe);
+        if let Err(e) = pipe.write_all(b"1") {
+            tracing::warn!(error = %e, "cannot tell the process that started us we are ready");
+        }
+        true
     }
 
     /// The descriptor stored under `name`, to be read once and replaced (by `put` under the
@@ -148,6 +177,7 @@ impl FdStore {
         })?;
         self.stored.insert(name.to_string());
         self.kept.insert(name.to_string());
+        self.hold(name, fd);
         Ok(())
     }
 
@@ -172,6 +202,7 @@ impl FdStore {
     fn remove(&mut self, name: &str) {
         self.stored.remove(name);
         self.kept.remove(name);
+        self.held.remove(name);
         let state = [
             sd_notify::NotifyState::FdStoreRemove,
             sd_notify::NotifyState::FdName(name),
@@ -196,6 +227,57 @@ impl FdStore {
             0
         })
     }
+}
+
+/// The named descriptors systemd passed (LISTEN_PID is ours), or a predecessor's reload did
+/// (HANDOVER_ENV), and the pipe to tell that predecessor we are ready.
+fn passed() -> (BTreeMap<String, OwnedFd>, Option<OwnedFd>) {
+    let mut adopted = BTreeMap::new();
+    let handover = std::env::var_os(HANDOVER_ENV).is_some();
+    let fds = if handover {
+        handed_over()
+    } else {
+        sd_notify::listen_fds_with_names().map(|fds| fds.collect::<Vec<_>>())
+    };
+    match fds {
+        Ok(fds) => {
+            for (fd, name) in fds {
+                // SAFETY: passed to this process (by systemd, or by the predecessor that
+                // started it) and owned by nothing else in it.
+                adopted.insert(name, unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "ignoring the descriptors passed to us"),
+    }
+    let ready = handover
+        .then(|| std::env::var(READY_FD_ENV).ok()?.parse::<i32>().ok())
+        .flatten()
+        .filter(|fd| *fd > 2)
+        // SAFETY: the predecessor passed this pipe's write end to us alone.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    (adopted, ready)
+}
+
+/// LISTEN_FDS and LISTEN_FDNAMES as a predecessor set them (no LISTEN_PID), close-on-exec from
+/// here on.
+fn handed_over() -> std::io::Result<Vec<(i32, String)>> {
+    let n: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let names: Vec<&str> = names.split(':').collect();
+    let mut out = Vec::new();
+    for i in 0..n.max(0) {
+        let fd = 3 + i;
+        // SAFETY: fcntl on a descriptor number has no memory effects.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let name = names.get(i as usize).copied().unwrap_or("unknown");
+        out.push((fd, name.to_string()));
+    }
+    Ok(out)
 }
 
 fn bump(fd: OwnedFd) -> Result<u64, Error> {
@@ -245,6 +327,8 @@ mod tests {
             kept: BTreeSet::new(),
             generation: 0,
             adopted_count: 0,
+            held: BTreeMap::new(),
+            ready_pipe: None,
         };
         let fd = new_record().expect("memfd");
         store.put("x", fd.as_fd(), false).expect("no-op");

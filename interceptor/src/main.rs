@@ -39,6 +39,9 @@ enum Command {
     Explain(ExplainArgs),
     /// Ask the running daemon for its state: programs attached, cgroup, table, certificate
     Status(AdminArgs),
+    /// Hand the running daemon's listeners and capture to a successor running the binary
+    /// installed now, and return once it serves (the unit's ExecReload=: `systemctl reload`)
+    Reload,
 }
 
 #[derive(clap::Args)]
@@ -250,6 +253,9 @@ fn main() -> ExitCode {
                 interceptor::admin::print_explain(&v);
             }
             Ok(())
+        }),
+        Command::Reload => interceptor::daemon::reload_helper().map(|pid| {
+            println!("the successor (pid {pid}) serves; the previous process drains");
         }),
         Command::Status(args) => ask(&args, |admin| async move {
             let s: interceptor::admin::Status =

@@ -21,15 +21,16 @@ use crate::run;
 const NAME: &str = "interceptor";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Runs on `configure`: systemd learns of the unit (and a running daemon restarts onto the new
-/// binary after an upgrade, as Debian's services do); nothing is enabled or started. Paths and
+/// Runs on `configure`: systemd learns of the unit (and a running daemon hands over to the new
+/// binary after an upgrade: a reload, with nothing a client sees failing; a restart if it does
+/// not run); nothing is enabled or started. Paths and
 /// systemctl honour DPKG_ROOT (an install into another root runs no systemctl).
 const POSTINST: &str = r#"#!/bin/sh
 set -e
 if [ "$1" = configure ] && [ -z "${DPKG_ROOT:-}" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload || true
     if [ -n "$2" ]; then
-        systemctl try-restart interceptor.service || true
+        systemctl try-reload-or-restart interceptor.service || true
     fi
 fi
 mkdir -p "${DPKG_ROOT:-}/var/lib/interceptor"
@@ -42,7 +43,7 @@ exit 0
 "#;
 
 /// Runs before removal: a removed package's daemon is stopped (its programs detach with it:
-/// fail-open). An upgrade does not stop it here; postinst restarts it.
+/// fail-open). An upgrade does not stop it here; postinst reloads it.
 const PRERM: &str = r#"#!/bin/sh
 set -e
 if [ "$1" = remove ] && [ -z "${DPKG_ROOT:-}" ] && [ -d /run/systemd/system ]; then
@@ -111,6 +112,11 @@ fn files(bin: &[u8]) -> Vec<File> {
 
 /// Builds `interceptor_<version>_<arch>.deb` from `bin` into `out`; returns its path.
 pub fn build(bin: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    build_version(bin, out, VERSION)
+}
+
+/// As `build`, with another version (an upgrade for the VM tests).
+pub fn build_version(bin: &Path, out: &Path, version: &str) -> anyhow::Result<PathBuf> {
     let content = fs::read(bin).with_context(|| format!("--bin {}", bin.display()))?;
     let arch = output(Command::new("dpkg").arg("--print-architecture"))?;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -129,7 +135,7 @@ pub fn build(bin: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(root.join("etc/interceptor/mesh"))?;
     let installed_kib = dir_kib(&root)?;
     let control = format!(
-        "Package: {NAME}\nVersion: {VERSION}\nArchitecture: {arch}\nMaintainer: interceptor \
+        "Package: {NAME}\nVersion: {version}\nArchitecture: {arch}\nMaintainer: interceptor \
          developers <interceptor@localhost>\nInstalled-Size: {installed_kib}\nDepends: \
          {depends}\nSection: net\nPriority: optional\nDescription: eBPF transparent \
          interceptor joining this VM to an Istio service mesh\n Cgroup BPF programs send the \
@@ -147,7 +153,7 @@ pub fn build(bin: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     put(&root, "/DEBIAN/postinst", 0o755, POSTINST.as_bytes())?;
     put(&root, "/DEBIAN/prerm", 0o755, PRERM.as_bytes())?;
     put(&root, "/DEBIAN/postrm", 0o755, POSTRM.as_bytes())?;
-    let deb = out.join(format!("{NAME}_{VERSION}_{arch}.deb"));
+    let deb = out.join(format!("{NAME}_{version}_{arch}.deb"));
     run(Command::new("dpkg-deb")
         .args(["--root-owner-group", "-Zxz", "--build"])
         .arg(&root)

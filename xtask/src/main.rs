@@ -166,6 +166,27 @@ pub fn build_portable() -> anyhow::Result<PathBuf> {
         .join("interceptor"))
 }
 
+/// The guests' load tool (`restart-load`), built as `build_portable` builds the daemon so that
+/// it runs on Debian 11 too.
+pub fn build_portable_load_tool() -> anyhow::Result<PathBuf> {
+    setup::ensure_zig()?;
+    run(cargo().args([
+        "zigbuild",
+        "--release",
+        "-p",
+        "interceptor-tests",
+        "--bin",
+        "restart-load",
+        "--target",
+        PORTABLE_TARGET,
+    ]))?;
+    Ok(root()
+        .join("target")
+        .join("x86_64-unknown-linux-gnu")
+        .join("release")
+        .join("restart-load"))
+}
+
 /// Removes namespaces and cgroups left by an earlier test run that was killed before its
 /// destructors ran. Only names this project's harness makes.
 fn sweep_leftovers() {

@@ -6,6 +6,7 @@ mod cgroup;
 mod kernel;
 mod link;
 mod orig_dst;
+mod shared;
 
 pub use cgroup::{cgroup2_mount, resolve as resolve_cgroup};
 pub use orig_dst::OriginalDst;
@@ -32,10 +33,6 @@ use interceptor_ebpf::{globals, maps, programs};
 use crate::config::{InboundPorts, Ports};
 use crate::fdstore::FdStore;
 use crate::mesh::Table;
-
-/// The name the original-destination map has in systemd's store: a restarted process reads the
-/// entries its predecessor's programs wrote for connections still waiting to be accepted.
-const STORED_ORIG: &str = "map.orig-by-peer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -218,7 +215,9 @@ impl Capture {
             path: settings.cgroup.clone(),
             source,
         })?;
-        let mut ebpf = load(settings)?;
+        let pins = shared::Pins::of_previous(store);
+        let mut ebpf = load(settings, &pins)?;
+        shared::store_shared(&ebpf, store)?;
         // aya loads programs with the descriptors of the maps the object holds: loaded before
         // any map is taken out of it.
         load_programs(&mut ebpf, settings)?;
@@ -232,15 +231,7 @@ impl Capture {
             outbound: OutboundMode::take(&mut ebpf, &settings.passthrough)?,
         };
         prepare(&mut vips)?;
-        let orig = take_map(&mut ebpf, maps::ORIG_BY_PEER)?;
-        match &orig {
-            // An LRU map (maps.h); both kinds are a HashMap to aya.
-            aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => {
-                store.put(STORED_ORIG, data.fd().as_fd(), false)?
-            }
-            _ => return Err(Error::MapMissing(maps::ORIG_BY_PEER)),
-        }
-        let orig = HashMap::try_from(orig).map_err(map_error(maps::ORIG_BY_PEER))?;
+        let orig = take_hash::<IpPort, IpPort>(&mut ebpf, maps::ORIG_BY_PEER)?;
 
         let mut links = Links {
             store,
@@ -255,10 +246,11 @@ impl Capture {
             attached,
             adopted,
         } = links;
-        let previous = previous_orig(store);
+        let shared = pins.shared();
+        let previous = previous_orig(&mut { pins });
         let kept = store.enabled();
         tracing::info!(
-            cgroup = %settings.cgroup.display(), programs = ?attached, adopted,
+            cgroup = %settings.cgroup.display(), programs = ?attached, adopted, shared_maps = shared,
             "capture attached"
         );
         Ok((
@@ -309,13 +301,11 @@ impl Drop for Capture {
     }
 }
 
-/// The previous process's original-destination map: connections its programs captured while no
-/// process was accepting are found there.
-fn previous_orig(store: &mut FdStore) -> Option<HashMap<MapData, IpPort, IpPort>> {
-    let fd = store.take_replaced(STORED_ORIG)?;
-    let map = MapData::from_fd(fd)
-        .and_then(aya::maps::Map::from_map_data)
-        .and_then(HashMap::try_from);
+/// The previous process's original-destination map when it could not be shared: connections
+/// its programs captured while no process was accepting are found there.
+fn previous_orig(pins: &mut shared::Pins) -> Option<HashMap<MapData, IpPort, IpPort>> {
+    let data = pins.previous_orig.take()?;
+    let map = aya::maps::Map::from_map_data(data).and_then(HashMap::try_from);
     match map {
         Ok(map) => Some(map),
         Err(e) => {
@@ -417,9 +407,11 @@ impl AsRawFd for Fd {
 }
 
 /// The capture object with this process's globals, its maps created, no program loaded.
-fn load(settings: &Settings) -> Result<Ebpf, Error> {
+fn load(settings: &Settings, pins: &shared::Pins) -> Result<Ebpf, Error> {
     let tgid = std::process::id();
-    Ok(EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    pins.apply(&mut loader);
+    Ok(loader
         .override_global(globals::DAEMON_TGID, &tgid, true)
         .override_global(globals::OUTBOUND_PORT, &settings.ports.outbound, true)
         .override_global(globals::DNS_PORT, &settings.ports.dns, true)

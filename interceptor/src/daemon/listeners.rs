@@ -138,7 +138,11 @@ impl Listeners {
 
 /// TCP listeners on `addrs`, adopted or bound, as `net::bind_all` (a missing family is a
 /// warning).
-fn tcp(store: &mut FdStore, what: &str, addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+pub(super) fn tcp(
+    store: &mut FdStore,
+    what: &str,
+    addrs: &[SocketAddr],
+) -> std::io::Result<Vec<TcpListener>> {
     net::bind_each(addrs, what, |i, addr| {
         let name = format!("listen.{what}.{i}");
         if let Some(fd) = store.take(&name) {

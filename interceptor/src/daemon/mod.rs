@@ -5,6 +5,7 @@
 
 mod listeners;
 mod parts;
+mod reload;
 mod supervisor;
 
 pub use supervisor::{Died, Handle, Supervisor};
@@ -212,6 +213,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             store.restart(),
         ),
         s.admin_addr,
+        Some(&mut store),
     )?);
 
     // Sources: the first table, or the daemon does not start.
@@ -318,51 +320,81 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     // What the previous process stored and this one did not take goes now (a link to a
     // program this configuration no longer runs, a listener on a port it no longer uses).
     store.finish();
-    notify_systemd(&[sd_notify::NotifyState::Ready]);
-    let serve_through = store.enabled().then(|| ctx.readiness.clone());
-    supervise(sup, s.shutdown_grace, serve_through).await
+    if store.tell_predecessor_ready() {
+        // Started by a reload: from now on systemd's main process is this one.
+        notify_systemd(&[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Ready,
+        ]);
+    } else {
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+    }
+    let shutdown = Shutdown {
+        grace: s.shutdown_grace,
+        drain_timeout: s.drain_timeout,
+        store: store.enabled().then(|| (store, ctx.readiness.clone())),
+    };
+    supervise(sup, shutdown).await
 }
 
 /// After a hand-over's grace, how long the connections accepted last get to finish.
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How the daemon's life ends.
+enum End {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// A reload: the successor is ready and systemd's main process.
+    HandedOver,
+}
+
+/// How a stop goes.
+struct Shutdown {
+    /// SIGTERM: connections in progress get this long, then are closed cleanly.
+    grace: std::time::Duration,
+    /// After a reload: connections this process holds get this long.
+    drain_timeout: std::time::Duration,
+    /// systemd keeps the links and listeners (and can be handed them on a reload).
+    store: Option<(FdStore, Arc<crate::readiness::Readiness>)>,
+}
 
 /// Runs the parts until a stop signal (exit 0) or a dead part (exit non-zero). Then, with
 /// capture detached and the listeners closed, connections in progress get `grace` to end and
 /// are closed cleanly after it (`net::drain`). A dead part gets no grace: its connections are
 /// closed cleanly at once, so that systemd restarts us sooner.
 ///
-/// `serve_through` (systemd keeps the links and listeners): our stop detaches nothing, so the
-/// grace is spent still serving, and new connections and DNS queries are answered up to the
-/// end. What comes after waits in the kernel's queues for the next process on a restart; on a
-/// stop, systemd closes the store as we exit and capture detaches then.
-async fn supervise(
-    sup: Supervisor,
-    grace: std::time::Duration,
-    serve_through: Option<Arc<crate::readiness::Readiness>>,
-) -> anyhow::Result<()> {
-    let serving_through = serve_through.is_some();
+/// With systemd's store our stop detaches nothing: the grace is spent still serving, new
+/// connections and DNS queries answered up to its end; what comes after waits in the kernel's
+/// queues for the next process on a restart; on a stop, systemd closes the store as we exit and
+/// capture detaches then. SIGHUP (`systemctl reload`) hands everything to a successor, and
+/// this process drains what it holds for `drain_timeout`.
+async fn supervise(sup: Supervisor, shutdown: Shutdown) -> anyhow::Result<()> {
+    let Shutdown {
+        grace,
+        drain_timeout,
+        store,
+    } = shutdown;
+    let serving_through = store.is_some();
+    let mut end = End::Stop;
     let stop = async {
-        if let Err(e) = stop_signal().await {
-            tracing::error!(error = %e, "cannot wait for signals");
-            std::future::pending::<()>().await;
-        }
-        if let Some(readiness) = serve_through {
-            readiness.stopping();
-            notify_systemd(&[sd_notify::NotifyState::Stopping]);
-            // Everything answered for the grace (connections open then are closed cleanly at
-            // its end); then new connections are left in the queue for the next process, the
-            // short ones in flight finish, and DNS answers up to the exit.
-            let _ = tokio::time::timeout(grace, crate::net::drain::run(grace)).await;
-            crate::net::drain::stop_accepting();
-            let left = crate::net::drain::settle(SETTLE).await;
-            tracing::info!(
-                cut = left,
-                "stopping: served through the grace; new connections wait for the next process \
-                 (capture and listeners stay with systemd)"
-            );
-        }
+        end = match store {
+            Some((store, readiness)) => until_stop_or_handed_over(store, readiness, grace).await,
+            None => {
+                wait_for_stop().await;
+                End::Stop
+            }
+        };
     };
     let result = sup.run(stop).await;
+    if matches!(end, End::HandedOver) && result.is_ok() {
+        // Not STOPPING=1: the service goes on, in the successor.
+        let left = crate::net::drain::run(drain_timeout).await;
+        tracing::info!(
+            cut = left,
+            "reload: drained; the successor serves from here on"
+        );
+        return Ok(());
+    }
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     if serving_through && result.is_ok() {
         return Ok(());
@@ -390,6 +422,13 @@ fn notify_systemd(state: &[sd_notify::NotifyState]) {
 }
 
 /// Waits for SIGTERM or SIGINT.
+async fn wait_for_stop() {
+    if let Err(e) = stop_signal().await {
+        tracing::error!(error = %e, "cannot wait for signals");
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn stop_signal() -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -398,6 +437,76 @@ async fn stop_signal() -> std::io::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
     Ok(())
+}
+
+/// Under systemd's store: a stop signal serves through the grace (see `supervise`);
+/// `interceptor reload` (ExecReload=) takes everything for a successor, and a hand-over that
+/// fails leaves this process serving.
+async fn until_stop_or_handed_over(
+    store: FdStore,
+    readiness: Arc<crate::readiness::Readiness>,
+    grace: std::time::Duration,
+) -> End {
+    let listener = reload::socket_path()
+        .and_then(|p| reload::listen(&p).map_err(reload::Error::from))
+        .map_err(|e| tracing::warn!(error = %e, "systemctl reload is off (a restart is not)"))
+        .ok();
+    let stop = wait_for_stop();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            conn = next_reload(listener.as_ref()) => {
+                tracing::info!("reload: handing over to a successor");
+                match reload::offer(conn, &store).await {
+                    Ok(true) => {
+                        tracing::info!("reload: the successor is ready; draining");
+                        return End::HandedOver;
+                    }
+                    Ok(false) => tracing::error!("reload failed: this process goes on serving"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload failed: this process goes on serving");
+                    }
+                }
+            }
+        }
+    }
+    readiness.stopping();
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    // Everything answered for the grace (connections open then are closed cleanly at its end);
+    // then new connections are left in the queue for the next process, the short ones in
+    // flight finish, and DNS answers up to the exit.
+    let _ = tokio::time::timeout(grace, crate::net::drain::run(grace)).await;
+    crate::net::drain::stop_accepting();
+    let left = crate::net::drain::settle(SETTLE).await;
+    tracing::info!(
+        cut = left,
+        "stopping: served through the grace; new connections wait for the next process \
+         (capture and listeners stay with systemd)"
+    );
+    End::Stop
+}
+
+/// The next `interceptor reload` connection (never, without a socket).
+async fn next_reload(listener: Option<&tokio::net::UnixListener>) -> tokio::net::UnixStream {
+    loop {
+        match listener {
+            Some(l) => match l.accept().await {
+                Ok((conn, _)) => return conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reload socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// `interceptor reload`: see `reload`.
+pub fn reload_helper() -> anyhow::Result<u32> {
+    let path = reload::socket_path()?;
+    Ok(reload::run_helper(&path)?)
 }
 
 /// `interceptor gateway`: the same mesh source as `run`, no capture, so it needs no
@@ -430,6 +539,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     sup.add(parts::admin(
         ctx.admin_state(vec![], false, None, Default::default()),
         args.admin_addr,
+        None,
     )?);
     let source = FileSource::new(
         args.mesh.clone(),
@@ -474,7 +584,12 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     ctx.readiness.set(LISTENERS, true);
     tracing::info!(network = %args.network, listen = ?args.listen, hbone = ?hbone, admin = %args.admin_addr, endpoints = local, "gateway ready");
     notify_systemd(&[sd_notify::NotifyState::Ready]);
-    supervise(sup, args.shutdown_grace(), None).await
+    let shutdown = Shutdown {
+        grace: args.shutdown_grace(),
+        drain_timeout: args.shutdown_grace(),
+        store: None,
+    };
+    supervise(sup, shutdown).await
 }
 
 /// Loads the first table of `source` for `interceptor check`: every error, or the table.

@@ -24,9 +24,18 @@ use crate::xds;
 pub(super) const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// admin::Server: bound now (its port in use is a start failure), serving from here on.
-pub fn admin(state: Arc<admin::State>, addr: SocketAddr) -> anyhow::Result<Handle> {
-    let listeners =
-        net::bind_all(&[addr], "admin").with_context(|| format!("admin endpoint {addr}"))?;
+/// With a store, the listener is the previous process's (a successor started by a reload binds
+/// nothing its predecessor still holds).
+pub fn admin(
+    state: Arc<admin::State>,
+    addr: SocketAddr,
+    store: Option<&mut crate::fdstore::FdStore>,
+) -> anyhow::Result<Handle> {
+    let listeners = match store {
+        Some(store) => super::listeners::tcp(store, "admin", &[addr]),
+        None => net::bind_all(&[addr], "admin"),
+    }
+    .with_context(|| format!("admin endpoint {addr}"))?;
     let server = admin::Server::new(state);
     Ok(Handle::loops(
         "admin",

@@ -83,7 +83,9 @@ fn release_deb() -> anyhow::Result<PathBuf> {
 pub fn test(which: Which, scenarios: Scenarios) -> anyhow::Result<()> {
     crate::setup::ensure()?;
     let deb = release_deb()?;
+    let load_tool = crate::build_portable_load_tool()?;
     let mut rows = Vec::new();
+    let mut hitless_rows = Vec::new();
     let mut failed = Vec::new();
     let singles = if scenarios == Scenarios::Cross {
         Vec::new()
@@ -93,8 +95,11 @@ pub fn test(which: Which, scenarios: Scenarios) -> anyhow::Result<()> {
     for release in singles {
         for source in [scenario::Source::Files, scenario::Source::Istiod] {
             let started = Instant::now();
-            match scenario::full(release, source, &deb) {
-                Ok(report) => rows.push(report.row(started.elapsed())),
+            match scenario::full(release, source, &deb, &load_tool) {
+                Ok(report) => {
+                    rows.push(report.row(started.elapsed()));
+                    hitless_rows.extend(report.hitless_rows());
+                }
                 Err(e) => {
                     let what = format!("{} ({})", release.name(), source.name());
                     eprintln!("vm: {what} FAILED: {e:#}");
@@ -117,7 +122,13 @@ pub fn test(which: Which, scenarios: Scenarios) -> anyhow::Result<()> {
             }
         }
     }
-    let table = format!("{}\n{}\n", scenario::Report::header(), rows.join("\n"));
+    let table = format!(
+        "{}\n{}\n\nRestarts under load (mesh from files):\n\n| release {}\n{}\n",
+        scenario::Report::header(),
+        rows.join("\n"),
+        hitless::Outcome::header().replace('\n', "\n| --- "),
+        hitless_rows.join("\n")
+    );
     std::fs::write(vm_dir().join("results.md"), &table)?;
     println!("{table}");
     if !failed.is_empty() {
@@ -136,7 +147,23 @@ pub fn smoke(debug_dir: &Path) -> anyhow::Result<String> {
         &crate::root().join("target").join("vm").join("smoke-deb"),
     )
     .context("packaging the debug build for the smoke test")?;
-    let smoke = scenario::smoke(Release::Bookworm, &deb, &debug_dir.join("restart-load"))?;
+    // The same program as a newer package: what `apt install` of an upgrade does to a running
+    // daemon (its binary replaced under it, then the postinst's reload).
+    let upgrade = crate::deb::build_version(
+        &debug_dir.join("interceptor"),
+        &crate::root()
+            .join("target")
+            .join("vm")
+            .join("smoke-deb-upgrade"),
+        concat!(env!("CARGO_PKG_VERSION"), "+upgrade1"),
+    )
+    .context("packaging the upgrade for the smoke test")?;
+    let smoke = scenario::smoke(
+        Release::Bookworm,
+        &deb,
+        &upgrade,
+        &debug_dir.join("restart-load"),
+    )?;
     let rows: Vec<String> = smoke.outcomes.iter().map(|o| o.row()).collect();
     Ok(format!(
         "vm smoke (bookworm guest, systemd): passed in {:.0} s\n{}\n{}\n\

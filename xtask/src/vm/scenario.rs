@@ -531,7 +531,12 @@ pub struct Smoke {
     pub stop_detach: Duration,
 }
 
-pub fn smoke(release: Release, deb: &Path, load_tool: &Path) -> anyhow::Result<Smoke> {
+pub fn smoke(
+    release: Release,
+    deb: &Path,
+    upgrade: &Path,
+    load_tool: &Path,
+) -> anyhow::Result<Smoke> {
     use super::hitless::LOAD;
     let run = step("boot", || Run::start(release, Source::Files, deb))?;
     step("install", || run.install())?;
@@ -544,6 +549,13 @@ pub fn smoke(release: Release, deb: &Path, load_tool: &Path) -> anyhow::Result<S
     let restart = step("systemctl restart under load: nothing lost", || {
         run.restart_under_load(LOAD)
     })?;
+    let reload = step("systemctl reload under load: nothing lost at all", || {
+        run.reload_under_load(LOAD)
+    })?;
+    let upgraded = step(
+        "apt install of a newer package under load: nothing lost",
+        || run.upgrade_under_load(LOAD, upgrade),
+    )?;
     let crash = step("kill -9 under load, restarted by systemd", || {
         run.kill9_under_load(LOAD)
     })?;
@@ -554,7 +566,7 @@ pub fn smoke(release: Release, deb: &Path, load_tool: &Path) -> anyhow::Result<S
     let stop_detach = step("stop: capture gone within 1 s", || run.stop_fails_open())?;
     step("purge leaves nothing", || run.purge())?;
     Ok(Smoke {
-        outcomes: vec![baseline, restart, crash],
+        outcomes: vec![baseline, restart, reload, upgraded, crash],
         crash_loop_detach,
         stop_detach,
     })
@@ -571,9 +583,18 @@ pub struct Report {
     reboot: Duration,
     inspection: Inspection,
     local_hop: String,
+    hitless: Vec<super::hitless::Outcome>,
 }
 
 impl Report {
+    /// The restarts under load, one row each, the release first.
+    pub fn hitless_rows(&self) -> Vec<String> {
+        self.hitless
+            .iter()
+            .map(|o| format!("| {} {}", self.release.name(), o.row()))
+            .collect()
+    }
+
     pub fn header() -> &'static str {
         "| release (mesh from) | kernel | accel | boot | enable --now (READY) | outbound mTLS | inbound mTLS (sk_lookup) | getpeername → VIP | kill -9 → back | reboot → back | stop / purge | capabilities kept | programs attached | local hop (sockmap) | kTLS module | all steps |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -599,7 +620,12 @@ impl Report {
     }
 }
 
-pub fn full(release: Release, source: Source, deb: &Path) -> anyhow::Result<Report> {
+pub fn full(
+    release: Release,
+    source: Source,
+    deb: &Path,
+    load_tool: &Path,
+) -> anyhow::Result<Report> {
     let mut run = step("boot", || Run::start(release, source, deb))?;
     step("install", || run.install())?;
     let ready = step("start (READY with capture)", || run.start_service())?;
@@ -652,9 +678,31 @@ pub fn full(release: Release, source: Source, deb: &Path) -> anyhow::Result<Repo
             },
         )?;
     }
-    step("stop detaches", || run.stop())?;
+    let mut hitless = Vec::new();
+    if source == Source::Files {
+        use super::hitless::LOAD;
+        run.put_load_tool(load_tool)?;
+        hitless.push(step("the load alone loses nothing", || {
+            run.baseline_load(LOAD)
+        })?);
+        hitless.push(step("systemctl restart under load", || {
+            run.restart_under_load(LOAD)
+        })?);
+        hitless.push(step("systemctl reload under load", || {
+            run.reload_under_load(LOAD)
+        })?);
+        hitless.push(step("kill -9 under load", || run.kill9_under_load(LOAD))?);
+        step(
+            "crash loop past the start limit: capture gone within 1 s",
+            || run.crash_loop_fails_open(),
+        )?;
+        step("stop: capture gone within 1 s", || run.stop_fails_open())?;
+    } else {
+        step("stop detaches", || run.stop())?;
+    }
     step("purge leaves nothing", || run.purge())?;
     Ok(Report {
+        hitless,
         release,
         source,
         kernel: run.image.kernel_version.clone(),
