@@ -143,12 +143,6 @@ impl FdStore {
         true
     }
 
-    /// The descriptor stored under `name`, to be read once and replaced (by `put` under the
-    /// same name).
-    pub fn take_replaced(&mut self, name: &str) -> Option<OwnedFd> {
-        self.adopted.remove(name)
-    }
-
     /// Forgets a taken descriptor that turned out unusable: `put` will replace it.
     pub fn reject(&mut self, name: &str) {
         self.kept.remove(name);

@@ -122,6 +122,9 @@ pub struct Info {
     pub programs: Vec<String>,
     pub inbound_ports: Vec<u16>,
     pub inbound_all: bool,
+    /// Links taken over from the previous process and running this one's programs.
+    #[serde(default)]
+    pub adopted_links: usize,
 }
 
 /// Capture's state as the admin endpoint reads it: written at attach and on every sync.
@@ -267,11 +270,6 @@ impl Capture {
         ))
     }
 
-    /// Links taken over from the previous process (0: a fresh attach).
-    pub fn adopted(&self) -> usize {
-        self.adopted
-    }
-
     pub fn cgroup(&self) -> &std::path::Path {
         &self.cgroup
     }
@@ -287,6 +285,7 @@ impl Capture {
             programs: self.attached.iter().map(|p| p.to_string()).collect(),
             inbound_ports: inbound.map(|i| i.ports.clone()).unwrap_or_default(),
             inbound_all: inbound.is_some_and(|i| i.all),
+            adopted_links: self.adopted,
         }
     }
 }

@@ -366,8 +366,8 @@ struct Shutdown {
 /// With systemd's store our stop detaches nothing: the grace is spent still serving, new
 /// connections and DNS queries answered up to its end; what comes after waits in the kernel's
 /// queues for the next process on a restart; on a stop, systemd closes the store as we exit and
-/// capture detaches then. SIGHUP (`systemctl reload`) hands everything to a successor, and
-/// this process drains what it holds for `drain_timeout`.
+/// capture detaches then. `interceptor reload` (the unit's ExecReload=) hands everything to a
+/// successor, and this process drains what it holds for `drain_timeout`.
 async fn supervise(sup: Supervisor, shutdown: Shutdown) -> anyhow::Result<()> {
     let Shutdown {
         grace,
