@@ -148,35 +148,24 @@ const PORTABLE_TARGET: &str = "x86_64-unknown-linux-gnu.2.31";
 
 /// The release daemon for packages: built with zig as the linker against glibc 2.31's symbols.
 pub fn build_portable() -> anyhow::Result<PathBuf> {
-    setup::ensure_zig()?;
-    run(cargo().args([
-        "zigbuild",
-        "--release",
-        "-p",
-        "interceptor",
-        "--bin",
-        "interceptor",
-        "--target",
-        PORTABLE_TARGET,
-    ]))?;
-    Ok(root()
-        .join("target")
-        .join("x86_64-unknown-linux-gnu")
-        .join("release")
-        .join("interceptor"))
+    build_portable_bin("interceptor", "interceptor")
 }
 
-/// The guests' load tool (`restart-load`), built as `build_portable` builds the daemon so that
-/// it runs on Debian 11 too.
+/// The guests' load tool (`restart-load`), built as the daemon is so that it runs on Debian 11
+/// too.
 pub fn build_portable_load_tool() -> anyhow::Result<PathBuf> {
+    build_portable_bin("interceptor-tests", "restart-load")
+}
+
+fn build_portable_bin(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     setup::ensure_zig()?;
     run(cargo().args([
         "zigbuild",
         "--release",
         "-p",
-        "interceptor-tests",
+        package,
         "--bin",
-        "restart-load",
+        bin,
         "--target",
         PORTABLE_TARGET,
     ]))?;
@@ -184,7 +173,7 @@ pub fn build_portable_load_tool() -> anyhow::Result<PathBuf> {
         .join("target")
         .join("x86_64-unknown-linux-gnu")
         .join("release")
-        .join("restart-load"))
+        .join(bin))
 }
 
 /// Removes namespaces and cgroups left by an earlier test run that was killed before its

@@ -41,12 +41,15 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // A hand-over: the next process accepts what comes from then on (relaying listeners only;
+    // DNS and admin answer up to the end). One wait for the whole loop, not one per accept.
+    let handed_over = drain::accepting_stopped();
+    tokio::pin!(handed_over);
+    let relays = matches!(tasks, Tasks::Drained);
     loop {
         let accepted = tokio::select! {
             biased;
-            // A hand-over: the next process accepts what comes now (relaying listeners only;
-            // DNS and admin answer up to the end).
-            () = drain::accepting_stopped(), if matches!(tasks, Tasks::Drained) => {
+            () = &mut handed_over, if relays => {
                 std::future::pending::<()>().await;
                 continue;
             }
