@@ -141,6 +141,8 @@ pub struct Metrics {
     hbone_streams: Family<Direction, Counter>,
     /// HBONE connections open now, by direction.
     hbone_open: Family<Direction, Gauge>,
+    /// Outbound HTTP requests waiting for a connection (a DestinationRule's breakers).
+    pending_requests: Gauge,
     /// HTTP requests routed by the outbound HTTP path.
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
@@ -160,6 +162,7 @@ impl Default for Metrics {
             hbone_connections: Family::default(),
             hbone_streams: Family::default(),
             hbone_open: Family::default(),
+            pending_requests: Gauge::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
         }
@@ -184,6 +187,11 @@ impl Metrics {
         self.request_duration
             .get_or_create(labels)
             .observe(took.as_secs_f64() * 1000.0);
+    }
+
+    /// A request starts (`1`) or stops (`-1`) waiting for an upstream connection.
+    pub fn pending_request(&self, delta: i64) {
+        self.pending_requests.inc_by(delta);
     }
 
     pub fn dial_failed(&self, reason: &'static str) {
@@ -273,8 +281,13 @@ impl Metrics {
         );
         registry.register(
             "interceptor_outbound_refused",
-            "Outbound connections refused: by their route (no_cluster, black_hole, overflow) or, in the kernel, by REGISTRY_ONLY (registry_only)",
+            "Outbound connections or requests refused: by their route (no_cluster, black_hole), a circuit breaker (overflow, pending_overflow, request_overflow; retry_overflow: a retry not made) or, in the kernel, by REGISTRY_ONLY (registry_only)",
             self.outbound_refused.clone(),
+        );
+        registry.register(
+            "interceptor_upstream_pending_requests",
+            "Outbound HTTP requests waiting for an upstream connection (Envoy's upstream_rq_pending_active)",
+            self.pending_requests.clone(),
         );
         registry.register(
             "interceptor_gateway_refused",

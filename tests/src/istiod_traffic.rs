@@ -184,6 +184,21 @@ pub struct LoadBalancerSettings {
 #[derive(Clone, Debug, Deserialize)]
 pub struct ConnectionPool {
     pub tcp: Option<TcpPool>,
+    pub http: Option<HttpPool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPool {
+    #[serde(default)]
+    pub http1_max_pending_requests: u32,
+    #[serde(default)]
+    pub http2_max_requests: u32,
+    #[serde(default)]
+    pub max_requests_per_connection: u32,
+    #[serde(default)]
+    pub max_retries: u32,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -664,17 +679,27 @@ pub fn apply_policy(
         } as i32;
     }
     let tcp = p.connection_pool.as_ref().and_then(|cp| cp.tcp.as_ref());
+    let http = p
+        .connection_pool
+        .as_ref()
+        .and_then(|cp| cp.http.clone())
+        .unwrap_or_default();
     let max = tcp.and_then(|t| t.max_connections).unwrap_or(u32::MAX);
+    // applyConnectionPool: a count above 0 replaces the UINT32_MAX default.
+    let limit = |v: u32| UInt32Value {
+        value: if v > 0 { v } else { u32::MAX },
+    };
     c.circuit_breakers = Some(CircuitBreakers {
         thresholds: vec![Thresholds {
             max_connections: Some(UInt32Value { value: max }),
-            max_pending_requests: Some(UInt32Value { value: u32::MAX }),
-            max_requests: Some(UInt32Value { value: u32::MAX }),
-            max_retries: Some(UInt32Value { value: u32::MAX }),
+            max_pending_requests: Some(limit(http.http1_max_pending_requests)),
+            max_requests: Some(limit(http.http2_max_requests)),
+            max_retries: Some(limit(http.max_retries)),
             ..Default::default()
         }],
         ..Default::default()
     });
+    apply_http_protocol_options(c, &http);
     c.connect_timeout = Some(seconds(
         tcp.and_then(|t| t.connect_timeout.as_deref())
             .unwrap_or("10s"),
@@ -696,6 +721,52 @@ pub fn apply_policy(
             ..Default::default()
         });
     }
+}
+
+/// istiod's `applyConnectionPool` + `clusterWrapper.build` for the HTTP options: the idle timeout
+/// and requests per connection go into the `HttpProtocolOptions` extension's common options
+/// (an HTTP/1.1 cluster's explicit config beside them; sheet 3.3's example).
+fn apply_http_protocol_options(
+    c: &mut interceptor_proto::envoy::config::cluster::v3::Cluster,
+    http: &HttpPool,
+) {
+    use interceptor_proto::envoy::config::core::v3::{
+        Http1ProtocolOptions, HttpProtocolOptions as Common,
+    };
+    use interceptor_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    };
+    use interceptor_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    if http.max_requests_per_connection == 0 && http.idle_timeout.is_none() {
+        return;
+    }
+    let options = HttpProtocolOptions {
+        common_http_protocol_options: Some(Common {
+            idle_timeout: http.idle_timeout.as_deref().map(seconds),
+            max_requests_per_connection: (http.max_requests_per_connection > 0).then_some(
+                UInt32Value {
+                    value: http.max_requests_per_connection,
+                },
+            ),
+            ..Default::default()
+        }),
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::HttpProtocolOptions(
+                    Http1ProtocolOptions::default(),
+                )),
+            },
+        )),
+        ..Default::default()
+    };
+    c.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        interceptor_proto::google::protobuf::Any {
+            type_url: "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+                .into(),
+            value: prost::Message::encode_to_vec(&options),
+        },
+    );
 }
 
 /// istiod's `applyUpstreamTLSSettings` for a DestinationRule's mode (sheet 3.5; cluster_tls.go

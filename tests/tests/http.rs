@@ -23,6 +23,10 @@ const V1: &str = "10.77.0.20";
 const V2: &str = "10.77.0.21";
 /// Answers 503 to everything: a broken replica beside v1 in the `mixed` subset.
 const BROKEN: &str = "10.77.0.22";
+/// A second service on v1's address, with no VirtualService and a DestinationRule that limits
+/// its connection pool (Istio's circuit-breaking task).
+const RATINGS: &str = "ratings.shop.svc.cluster.local";
+const RATINGS_VIP: &str = "240.240.5.6";
 
 /// The service as a ServiceEntry, for the file source.
 fn service_entry() -> String {
@@ -39,6 +43,17 @@ spec:
   - {{address: {V1}, labels: {{version: v1, pool: mixed}}}}
   - {{address: {V2}, labels: {{version: v2}}}}
   - {{address: {BROKEN}, labels: {{version: v3, pool: mixed}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings, namespace: shop}}
+spec:
+  hosts: [{RATINGS}]
+  addresses: [{RATINGS_VIP}]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: {V1}}}
 "
     )
 }
@@ -59,8 +74,13 @@ fn control_plane_mesh() -> Mesh {
         }
         s.endpoints.push(e);
     }
+    let mut ratings = Service::new(RATINGS, RATINGS_VIP, 9080);
+    ratings.http_ports = vec![9080];
+    let mut e = Endpoint::new(V1, 9080);
+    e.mtls = false;
+    ratings.endpoints.push(e);
     Mesh {
-        services: vec![s],
+        services: vec![s, ratings],
         traffic: intent(),
         ..Default::default()
     }
@@ -69,6 +89,16 @@ fn control_plane_mesh() -> Mesh {
 /// The DestinationRule and VirtualService both sides follow.
 fn intent() -> String {
     "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: shop}
+spec:
+  host: ratings
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+---
+apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: reviews, namespace: shop}
 spec:
@@ -148,7 +178,7 @@ enum Side {
 /// The reference Envoy and its control plane.
 struct Reference {
     _cp: ControlPlane,
-    _envoy: Envoy,
+    envoy: Envoy,
 }
 
 struct World {
@@ -159,7 +189,7 @@ struct World {
     ic: Interceptor,
     /// The same, on another VM, following the test control plane.
     ic_istiod: Interceptor,
-    _reference: Reference,
+    reference: Reference,
 }
 
 impl World {
@@ -235,10 +265,7 @@ impl World {
             broken,
             ic,
             ic_istiod,
-            _reference: Reference {
-                _cp: cp,
-                _envoy: envoy,
-            },
+            reference: Reference { _cp: cp, envoy },
         }
     }
 
@@ -521,6 +548,117 @@ fn faults(w: &World, side: Side) {
         failed.len() <= 3 && failed.iter().all(|i| *i < 50),
         "{side:?}: the 503 replica was not ejected: failed {failed:?}"
     );
+}
+
+/// Istio's circuit-breaking task on the VM: `ratings` has no VirtualService, only a
+/// DestinationRule with `maxConnections: 1`, `http1MaxPendingRequests: 1` and
+/// `maxRequestsPerConnection: 1`. Every request gets its own upstream connection; of three
+/// slow requests at once, one is served, at most one waits for the connection (and is served
+/// after it), and the rest are refused at once with 503 `UO`, on both sides.
+#[test]
+fn a_destination_rules_connection_pool_limits_requests_as_envoy_does() {
+    let w = World::new();
+    let ratings = |path: &str| format!("http://{RATINGS_VIP}:9080{path}");
+    for ic in [&w.ic, &w.ic_istiod] {
+        let route = ic.json(&format!("/explain?target={RATINGS_VIP}:9080"))["connections"][0]
+            ["route"]
+            .to_string();
+        assert!(
+            route.contains("per request"),
+            "explain must say the DestinationRule makes ratings per request: {route}"
+        );
+    }
+    for side in SIDES {
+        let tag = format!("GET /cb-{side:?}-");
+        let out = w.curl(
+            side,
+            &[
+                "-w",
+                "\n%{http_code}\n",
+                &ratings(&format!("/cb-{side:?}-[1-10]")),
+            ],
+        );
+        assert_eq!(codes(&out), vec![200; 10], "{side:?}: {out}");
+        let conns: BTreeSet<String> =
+            w.v1.output()
+                .lines()
+                .filter(|l| l.contains(&tag))
+                .filter_map(|l| l.rsplit(' ').next().map(str::to_string))
+                .collect();
+        assert_eq!(
+            conns.len(),
+            10,
+            "{side:?}: maxRequestsPerConnection 1, yet 10 requests used {} upstream connections",
+            conns.len()
+        );
+        let slow = ratings("/delay/1500");
+        let out = w.curl(
+            side,
+            &[
+                "--parallel",
+                "--parallel-immediate",
+                "--parallel-max",
+                "3",
+                "-w",
+                "%{http_code} %{time_total}\n",
+                "-o",
+                "/dev/null",
+                "-o",
+                "/dev/null",
+                "-o",
+                "/dev/null",
+                &slow,
+                &slow,
+                &slow,
+            ],
+        );
+        let mut got: Vec<(u16, f64)> = out
+            .lines()
+            .filter_map(|l| {
+                let (c, t) = l.trim().split_once(' ')?;
+                Some((c.parse().ok()?, t.parse().ok()?))
+            })
+            .collect();
+        got.sort_by(|a, b| a.1.total_cmp(&b.1));
+        eprintln!("{side:?}: three slow requests at once: {got:?}");
+        assert_eq!(got.len(), 3, "{side:?}: {out}");
+        let served: Vec<f64> = got.iter().filter(|g| g.0 == 200).map(|g| g.1).collect();
+        let refused: Vec<f64> = got.iter().filter(|g| g.0 == 503).map(|g| g.1).collect();
+        assert_eq!(served.len() + refused.len(), 3, "{side:?}: {got:?}");
+        assert!(
+            (1..=2).contains(&served.len()),
+            "{side:?}: one connection and one pending request serve one or two: {got:?}"
+        );
+        assert!(
+            refused.iter().all(|t| *t < 1.0),
+            "{side:?}: an overflow is refused at once: {got:?}"
+        );
+        if let [first, second] = served[..] {
+            assert!(
+                second >= first + 1.0,
+                "{side:?}: the pending request must wait for the one connection: {got:?}"
+            );
+        }
+    }
+    let overflow = format!("cluster.outbound|9080||{RATINGS}.upstream_rq_pending_overflow");
+    assert!(
+        w.reference.envoy.wait_stat(&overflow, 1, 5.0),
+        "Envoy counted no pending overflow"
+    );
+    for ic in [&w.ic, &w.ic_istiod] {
+        assert!(ic.wait_counter(
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UO")],
+            1.0,
+            5.0
+        ));
+        assert!(ic.wait_counter(
+            "interceptor_outbound_refused_total",
+            &[("reason", "pending_overflow")],
+            1.0,
+            5.0
+        ));
+    }
 }
 
 #[test]

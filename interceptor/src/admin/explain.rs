@@ -354,6 +354,12 @@ fn connection(
     }
     let r = traffic::route(table, &subject, svc, dst, sni);
     v.route = Some(r.by.to_string());
+    if route::http::pool_needs_http(table, &subject, svc, dst) {
+        v.route = Some(format!(
+            "{} (per request: the DestinationRule's connectionPool.http limits)",
+            r.by
+        ));
+    }
     let destinations = match r.target.as_ref() {
         mesh::traffic::Target::Service => vec![mesh::traffic::Destination {
             host: svc.host.clone(),

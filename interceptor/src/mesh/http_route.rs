@@ -194,7 +194,8 @@ pub struct HttpRule {
 }
 
 /// istiod's routes for one service port: an RDS virtual host, already evaluated for this
-/// proxy by istiod (kept only where a VirtualService made them).
+/// proxy by istiod. One with istiod's default route alone (no VirtualService) keeps no rules:
+/// it only says the port is HTTP for that service.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VirtualHostRoutes {
     /// The route configuration it came in (`"9080"`).

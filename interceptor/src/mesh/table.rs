@@ -6,7 +6,7 @@
 //! usual EDS push) never re-allocates VIPs or rebuilds the name table; a service whose
 //! endpoints did not change keeps its `Arc`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -31,9 +31,12 @@ pub struct Traffic {
     pub virtual_services: Vec<Arc<VirtualService>>,
     pub destination_rules: Vec<Arc<DestinationRule>>,
     pub listener_routes: Vec<Arc<ListenerRoute>>,
-    /// istiod's HTTP routes (RDS virtual hosts a VirtualService made).
+    /// istiod's HTTP routes (RDS virtual hosts; those with no rules only say the port is HTTP).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub http_hosts: Vec<Arc<VirtualHostRoutes>>,
+    /// Service ports istiod serves as HTTP (an RDS virtual host names them).
+    #[serde(skip)]
+    http_services: HashSet<(Host, u16)>,
     /// istiod's inbound intent: when present, it decides inbound (not the files' policies).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inbound: Option<Arc<super::inbound::InboundIntent>>,
@@ -100,7 +103,10 @@ impl Traffic {
             ..Default::default()
         };
         for (i, h) in t.http_hosts.iter().enumerate() {
-            t.by_http_host.entry((h.host.clone(), h.port)).or_insert(i);
+            t.http_services.insert((h.host.clone(), h.port));
+            if !h.rules.is_empty() {
+                t.by_http_host.entry((h.host.clone(), h.port)).or_insert(i);
+            }
         }
         for (i, v) in virtual_services.iter().enumerate() {
             for h in &v.hosts {
@@ -139,6 +145,11 @@ impl Traffic {
     }
 
     /// istiod's HTTP routes for a service port, if a VirtualService made some.
+    /// Whether istiod serves `host`'s `port` as HTTP (its RDS has a virtual host for it).
+    pub fn is_http_service(&self, host: &Host, port: u16) -> bool {
+        !self.http_services.is_empty() && self.http_services.contains(&(host.clone(), port))
+    }
+
     pub fn http_host(&self, host: &Host, port: u16) -> Option<&Arc<VirtualHostRoutes>> {
         if self.by_http_host.is_empty() {
             return None;

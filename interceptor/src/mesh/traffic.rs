@@ -248,6 +248,42 @@ pub struct Pool {
     pub max_connections: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,
+    /// Requests waiting for a connection at once (`http1MaxPendingRequests`); beyond: 503 UO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight to the cluster at once (`http2MaxRequests`; Envoy applies it to
+    /// every protocol); beyond: 503 UO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Retries in flight to the cluster at once (`maxRetries`); beyond, a request is not
+    /// retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Requests one upstream connection carries before it is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// An upstream HTTP connection idle this long is closed (Envoy's default: 1 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+}
+
+impl Pool {
+    /// Whether a limit only the HTTP data path can keep is set (so an HTTP port with it is
+    /// served per request even where no VirtualService routes it).
+    pub fn limits_requests(&self) -> bool {
+        self.max_pending_requests.is_some()
+            || self.max_requests.is_some()
+            || self.max_retries.is_some()
+            || self.max_requests_per_connection.is_some()
+            || self.idle_timeout_ms.is_some()
+    }
+
+    /// Whether anything is set at all (istiod writes a cluster's breakers on every cluster).
+    pub fn is_set(&self) -> bool {
+        self.max_connections.is_some()
+            || self.connect_timeout_ms.is_some()
+            || self.limits_requests()
+    }
 }
 
 /// Envoy's outlier detection as a TCP proxy sees it: failures to connect in a row.
@@ -580,9 +616,20 @@ struct ConsistentHashSpec {
 #[serde(deny_unknown_fields)]
 struct ConnectionPoolSpec {
     tcp: Option<TcpPoolSpec>,
-    /// The HTTP data path's (not yet).
-    #[allow(dead_code)]
-    http: Option<Value>,
+    http: Option<HttpPoolSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpPoolSpec {
+    http1_max_pending_requests: Option<i64>,
+    http2_max_requests: Option<i64>,
+    max_requests_per_connection: Option<i64>,
+    max_retries: Option<i64>,
+    idle_timeout: Option<String>,
+    h2_upgrade_policy: Option<String>,
+    use_client_protocol: Option<bool>,
+    max_concurrent_streams: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -734,9 +781,51 @@ fn load_balancer(at: &str, lb: LoadBalancerSpec) -> Result<Option<LoadBalancer>,
 }
 
 fn pool(at: &str, p: ConnectionPoolSpec) -> Result<Option<Pool>, Invalid> {
-    let Some(tcp) = p.tcp else {
-        return Ok(None);
+    let mut pool = match p.tcp {
+        Some(tcp) => tcp_pool(at, tcp)?,
+        None => Pool::default(),
     };
+    if let Some(http) = p.http {
+        http_pool(at, http, &mut pool)?;
+    }
+    Ok(pool.is_set().then_some(pool))
+}
+
+/// `connectionPool.http` as istiod's `applyConnectionPool` reads it: a count of 0 (proto3's
+/// unset) leaves Envoy's unlimited default; a negative one is refused (Istio's validation).
+fn http_pool(at: &str, h: HttpPoolSpec, pool: &mut Pool) -> Result<(), Invalid> {
+    let count = |name: &str, v: Option<i64>| -> Result<Option<u32>, Invalid> {
+        match v {
+            None | Some(0) => Ok(None),
+            Some(n) if n > 0 => Ok(Some(u32::try_from(n).unwrap_or(u32::MAX))),
+            Some(_) => Err(invalid(
+                format!("{at}.connectionPool.http.{name}"),
+                "must be 0 or more",
+            )),
+        }
+    };
+    pool.max_pending_requests = count("http1MaxPendingRequests", h.http1_max_pending_requests)?;
+    pool.max_requests = count("http2MaxRequests", h.http2_max_requests)?;
+    pool.max_requests_per_connection =
+        count("maxRequestsPerConnection", h.max_requests_per_connection)?;
+    pool.max_retries = count("maxRetries", h.max_retries)?;
+    pool.idle_timeout_ms = h
+        .idle_timeout
+        .map(|t| duration(format!("{at}.connectionPool.http.idleTimeout"), &t))
+        .transpose()?
+        .filter(|ms| *ms > 0);
+    if h.h2_upgrade_policy
+        .as_deref()
+        .is_some_and(|p| p != "DEFAULT")
+        || h.use_client_protocol == Some(true)
+        || h.max_concurrent_streams.is_some()
+    {
+        tracing::warn!(at, "connectionPool.http h2UpgradePolicy/useClientProtocol/maxConcurrentStreams are not honoured yet (the port's declared protocol decides)");
+    }
+    Ok(())
+}
+
+fn tcp_pool(at: &str, tcp: TcpPoolSpec) -> Result<Pool, Invalid> {
     if tcp.tcp_keepalive.is_some()
         || tcp.max_connection_duration.is_some()
         || tcp.idle_timeout.is_some()
@@ -757,10 +846,11 @@ fn pool(at: &str, p: ConnectionPoolSpec) -> Result<Option<Pool>, Invalid> {
         .connect_timeout
         .map(|t| duration(format!("{at}.connectionPool.tcp.connectTimeout"), &t))
         .transpose()?;
-    Ok(Some(Pool {
+    Ok(Pool {
         max_connections,
         connect_timeout_ms,
-    }))
+        ..Pool::default()
+    })
 }
 
 /// As istiod's `applyOutlierDetection` reads it for a TCP cluster: consecutive5xxErrors (or
@@ -1208,6 +1298,45 @@ mod tests {
     }
 
     #[test]
+    fn http_pool_settings_are_read_as_istiod_applies_them() {
+        let d = dr("host: pg
+trafficPolicy:
+  connectionPool:
+    tcp: {maxConnections: 1}
+    http: {http1MaxPendingRequests: 1, http2MaxRequests: 0, maxRequestsPerConnection: 1, maxRetries: 3, idleTimeout: 30s}
+")
+        .unwrap();
+        let pool = d.policy(5432, "").pool.unwrap();
+        assert_eq!(
+            pool,
+            Pool {
+                max_connections: Some(1),
+                max_pending_requests: Some(1),
+                // 0 is proto3's unset: Envoy's unlimited default stays.
+                max_requests: None,
+                max_requests_per_connection: Some(1),
+                max_retries: Some(3),
+                idle_timeout_ms: Some(30_000),
+                connect_timeout_ms: None,
+            }
+        );
+        assert!(pool.limits_requests());
+        let only_http =
+            dr("host: pg\ntrafficPolicy: {connectionPool: {http: {http2MaxRequests: 10}}}\n")
+                .unwrap();
+        assert_eq!(
+            only_http.policy(5432, "").pool.unwrap().max_requests,
+            Some(10)
+        );
+        let e = dr("host: pg\ntrafficPolicy: {connectionPool: {http: {maxRetries: -1}}}\n")
+            .unwrap_err();
+        assert_eq!(e.field, "trafficPolicy.connectionPool.http.maxRetries");
+        let e = dr("host: pg\ntrafficPolicy: {connectionPool: {http: {idleTimeout: soon}}}\n")
+            .unwrap_err();
+        assert_eq!(e.field, "trafficPolicy.connectionPool.http.idleTimeout");
+    }
+
+    #[test]
     fn port_settings_replace_and_subsets_override_block_by_block() {
         let d = dr("host: pg
 trafficPolicy:
@@ -1229,7 +1358,8 @@ subsets:
             all.pool,
             Some(Pool {
                 max_connections: Some(100),
-                connect_timeout_ms: Some(1500)
+                connect_timeout_ms: Some(1500),
+                ..Pool::default()
             })
         );
         // Port level replaces the whole policy: no ROUND_ROBIN, no pool there.

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::breaker::Slot;
 use super::pool::{Body, Sender};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::route::http::authority;
@@ -71,8 +72,9 @@ where
         .await
 }
 
-/// A client connection over `io` (HTTP/2 or HTTP/1.1), its driver spawned.
-pub async fn handshake<I>(io: I, h2: bool) -> Result<Sender, hyper::Error>
+/// A client connection over `io` (HTTP/2 or HTTP/1.1), its driver spawned; `held` (a
+/// circuit breaker's count of it) lives as long as the connection.
+pub async fn handshake<I>(io: I, h2: bool, held: Option<Slot>) -> Result<Sender, hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -82,11 +84,17 @@ where
             .timer(TokioTimer::new())
             .handshake(io)
             .await?;
-        tokio::spawn(conn);
+        tokio::spawn(async move {
+            let _held = held;
+            conn.await
+        });
         Sender::H2(s)
     } else {
         let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn.with_upgrades());
+        tokio::spawn(async move {
+            let _held = held;
+            conn.with_upgrades().await
+        });
         Sender::H1(s)
     })
 }
@@ -283,6 +291,46 @@ impl Counted {
             }
             .boxed()
         })
+    }
+}
+
+/// A response whose body keeps a breaker's slot until it ends.
+pub trait Holding {
+    fn holding(self, held: Option<Slot>) -> Self;
+}
+
+impl Holding for Response<Body> {
+    fn holding(self, held: Option<Slot>) -> Self {
+        match held {
+            None => self,
+            Some(slot) => self.map(|inner| Held { inner, _slot: slot }.boxed()),
+        }
+    }
+}
+
+/// A body and the slot it holds.
+struct Held {
+    inner: Body,
+    _slot: Slot,
+}
+
+impl hyper::body::Body for Held {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -49,7 +49,8 @@ pub struct Outbound {
     /// Connections open per endpoint and cluster (least request, maxConnections).
     load: Arc<Load>,
     /// Upstream HTTP connections kept for the next request.
-    pool: super::pool::Pool,
+    pool: Arc<super::pool::Pool>,
+    breakers: super::breaker::Breakers,
     /// Mirrored copies in flight (bounded: a slow mirror sheds copies, never memory).
     mirroring: std::sync::atomic::AtomicUsize,
     metrics: Arc<Metrics>,
@@ -80,7 +81,8 @@ impl Outbound {
             gateway_identity,
             subject,
             load: Arc::default(),
-            pool: super::pool::Pool::default(),
+            pool: Arc::default(),
+            breakers: super::breaker::Breakers::default(),
             mirroring: Default::default(),
             metrics,
         })
@@ -117,8 +119,11 @@ impl Outbound {
             tracing::warn!(%peer, original = %dst, "outbound: no mesh service at the original destination; closing");
             return;
         };
-        // Requests are routed one by one where a VirtualService has HTTP rules for the port.
-        if route::http::http_routes(&table, &self.subject, dialed, dst).is_some() {
+        // Requests are routed one by one where a VirtualService has HTTP rules for the port,
+        // or its DestinationRule limits requests.
+        if route::http::http_routes(&table, &self.subject, dialed, dst).is_some()
+            || route::http::pool_needs_http(&table, &self.subject, dialed, dst)
+        {
             return self.serve_http(client, peer, dst).await;
         }
         // Read the ClientHello only where a route depends on its SNI.
@@ -140,7 +145,14 @@ impl Outbound {
         };
         let svc = cluster.service;
         let tls = self.tls.current();
-        let dial = match self.prepare(&table, &cluster, peer, dst, tls.as_deref()) {
+        let dial = match self.prepare(
+            &table,
+            &cluster,
+            peer,
+            dst,
+            tls.as_deref(),
+            Served::PerConnection,
+        ) {
             Ok(d) => d,
             Err(e) => {
                 self.metrics.outbound_refused(e.label());
@@ -191,6 +203,15 @@ impl Outbound {
     }
 }
 
+/// Whether a cluster's endpoints are dialed for a connection (its `maxConnections` refuses it
+/// here) or for a request (the HTTP path's breakers count connections, requests and pending
+/// requests instead).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Served {
+    PerConnection,
+    PerRequest,
+}
+
 /// How one cluster's endpoints are dialed, decided once per connection (or request).
 pub(super) struct Dial {
     /// In the order to try them.
@@ -217,6 +238,7 @@ impl Outbound {
         peer: SocketAddr,
         dst: SocketAddr,
         tls: Option<&tls::Configs>,
+        served: Served,
     ) -> Result<Dial, NoRoute> {
         let policy = cluster.policy.clone();
         let max_connections = policy.pool.and_then(|p| p.max_connections);
@@ -224,8 +246,10 @@ impl Outbound {
         // The cluster's name is a key only where its count or cursor is kept.
         let cluster_key =
             (max_connections.is_some() || lb == LoadBalancer::RoundRobin).then(|| cluster.name());
-        if let Some(e) = self.overflow(max_connections, cluster_key.as_deref()) {
-            return Err(e);
+        if served == Served::PerConnection {
+            if let Some(e) = self.overflow(max_connections, cluster_key.as_deref()) {
+                return Err(e);
+            }
         }
         let trust_domain = tls
             .map(|c| c.trust_domain())

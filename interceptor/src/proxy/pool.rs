@@ -1,14 +1,24 @@
 //! Upstream HTTP connections kept for the next request, across client connections: a client
 //! that opens a connection per request still reuses handshaked (mTLS) upstream connections,
-//! as Envoy's cluster connection pools do. HTTP/1.1 connections carry one request at a time;
-//! an HTTP/2 connection is shared by every request to its endpoint.
+//! as Envoy's cluster connection pools do. An HTTP/1.1 connection carries one request at a
+//! time and comes back when its response has been read to the end; an HTTP/2 connection is
+//! shared by every request to its endpoint. A DestinationRule's `maxRequestsPerConnection`
+//! and `idleTimeout` retire connections.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
+
+use super::breaker::Breaker;
 
 /// The body every request and response is carried in.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -23,19 +33,73 @@ pub enum Sender {
 }
 
 impl Sender {
-    fn usable(&self) -> bool {
+    fn is_closed(&self) -> bool {
         match self {
-            Sender::H1(s) => !s.is_closed() && s.is_ready(),
-            Sender::H2(s) => !s.is_closed() && s.is_ready(),
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// What retires a connection (a DestinationRule's `connectionPool.http`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnLimits {
+    /// Requests it carries before it is closed.
+    pub max_requests: Option<u32>,
+    /// Idle this long, it is not used again (and closed).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// A connection with its use count.
+pub struct Pooled {
+    sender: Sender,
+    /// Requests sent on it (shared by an HTTP/2 connection's handles).
+    uses: Arc<AtomicU32>,
+    limits: ConnLimits,
+    idle_since: Instant,
+}
+
+impl Pooled {
+    /// A connection just made, about to carry its first request.
+    pub fn new(sender: Sender, limits: ConnLimits) -> Self {
+        Pooled {
+            sender,
+            uses: Arc::new(AtomicU32::new(1)),
+            limits,
+            idle_since: Instant::now(),
         }
     }
 
+    pub fn is_h2(&self) -> bool {
+        matches!(self.sender, Sender::H2(_))
+    }
+
+    /// Whether it has carried all the requests it may.
+    fn spent(&self) -> bool {
+        self.limits
+            .max_requests
+            .is_some_and(|m| self.uses.load(Ordering::Relaxed) >= m)
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.sender.is_closed()
+            || self
+                .limits
+                .idle_timeout
+                .is_some_and(|t| now.duration_since(self.idle_since) >= t)
+    }
+
+    /// Sends `req`, once an HTTP/1.1 connection given back at the end of a response has
+    /// finished reading it.
     pub async fn send(
         &mut self,
         req: hyper::Request<Body>,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error> {
-        match self {
-            Sender::H1(s) => s.send_request(req).await,
+    ) -> Result<hyper::Response<Incoming>, hyper::Error> {
+        match &mut self.sender {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
             Sender::H2(s) => s.send_request(req).await,
         }
     }
@@ -54,37 +118,133 @@ pub struct Key {
 
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Sender>>>,
+    idle: Mutex<HashMap<Key, Vec<Pooled>>>,
 }
 
 impl Pool {
-    /// A connection to `key` ready for a request, if one is kept (closed ones are dropped).
-    pub fn take(&self, key: &Key) -> Option<Sender> {
+    /// A connection to `key` for a request, if one is kept (closed, idle-expired and spent ones
+    /// are dropped, which closes them).
+    pub fn take(&self, key: &Key) -> Option<Pooled> {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let kept = idle.get_mut(key)?;
-        kept.retain(|s| match s {
-            Sender::H1(s) => !s.is_closed(),
-            Sender::H2(s) => !s.is_closed(),
-        });
-        let at = kept.iter().position(Sender::usable)?;
-        match &kept[at] {
-            // HTTP/2: shared, it stays in the pool.
-            Sender::H2(s) => Some(Sender::H2(s.clone())),
-            Sender::H1(_) => Some(kept.swap_remove(at)),
+        kept.retain(|p| !p.expired(now) && !p.spent());
+        let at = kept.len().checked_sub(1)?;
+        let p = &kept[at];
+        p.uses.fetch_add(1, Ordering::Relaxed);
+        let taken = match &p.sender {
+            // HTTP/2: shared, it stays in the pool until it has carried its requests.
+            Sender::H2(s) => Pooled {
+                sender: Sender::H2(s.clone()),
+                uses: p.uses.clone(),
+                limits: p.limits,
+                idle_since: p.idle_since,
+            },
+            Sender::H1(_) => return kept.pop(),
+        };
+        if taken.spent() {
+            kept.pop();
+        }
+        Some(taken)
+    }
+
+    /// Keeps `conn` for the next request to `key`, unless it is spent.
+    pub fn put(&self, key: Key, mut conn: Pooled) {
+        if conn.spent() || conn.sender.is_closed() {
+            return;
+        }
+        conn.idle_since = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = idle.entry(key).or_default();
+        match &conn.sender {
+            Sender::H2(_) => match kept.iter_mut().find(|p| !p.sender.is_closed()) {
+                Some(shared) => shared.idle_since = conn.idle_since,
+                None => kept.push(conn),
+            },
+            Sender::H1(_) if kept.len() < MAX_IDLE_PER_KEY => kept.push(conn),
+            Sender::H1(_) => {}
         }
     }
 
-    /// Keeps `sender` for the next request to `key`.
-    pub fn put(&self, key: Key, sender: Sender) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = idle.entry(key).or_default();
-        match sender {
-            Sender::H2(_)
-                if kept
-                    .iter()
-                    .any(|s| matches!(s, Sender::H2(s) if !s.is_closed())) => {}
-            s if kept.len() < MAX_IDLE_PER_KEY => kept.push(s),
+    /// The response's body; its connection comes back to the pool: an HTTP/2 one now, an
+    /// HTTP/1.1 one when the body has been read to its end (dropped early, the connection
+    /// closes). A breaker's waiting requests are woken when it does.
+    pub fn return_with(
+        self: &Arc<Self>,
+        key: Key,
+        conn: Pooled,
+        body: Incoming,
+        breaker: Option<Arc<Breaker>>,
+    ) -> Body {
+        // An empty body may never be polled: its connection is free already.
+        if conn.is_h2() || body.is_end_stream() {
+            self.put(key, conn);
+            if let Some(b) = breaker {
+                b.release();
+            }
+            return body.boxed();
+        }
+        ReturnAtEnd {
+            inner: body,
+            back: Some((self.clone(), key, conn, breaker)),
+        }
+        .boxed()
+    }
+}
+
+type Back = (Arc<Pool>, Key, Pooled, Option<Arc<Breaker>>);
+
+/// An HTTP/1.1 response body that gives its connection back once read to the end.
+struct ReturnAtEnd {
+    inner: Incoming,
+    back: Option<Back>,
+}
+
+impl ReturnAtEnd {
+    fn give_back(&mut self) {
+        if let Some((pool, key, conn, breaker)) = self.back.take() {
+            pool.put(key, conn);
+            if let Some(b) = breaker {
+                b.release();
+            }
+        }
+    }
+}
+
+impl Drop for ReturnAtEnd {
+    fn drop(&mut self) {
+        // Dropped at its end without a last poll (hyper may stop at a known length).
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+impl hyper::body::Body for ReturnAtEnd {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.give_back(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
+            // An error ends the connection: it is not given back.
+            Poll::Ready(Some(Err(_))) => this.back = None,
             _ => {}
         }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -80,6 +80,28 @@ pub fn http_routes<'t>(
     })
 }
 
+/// Whether connections to `dst` are served per request with no VirtualService routing them:
+/// the port is HTTP and the service's DestinationRule sets `connectionPool.http` limits, which
+/// only a per-request path can keep (Envoy keeps them on every HTTP port; ours stays L4 where
+/// nothing needs more).
+pub fn pool_needs_http(
+    table: &Table,
+    subject: &Subject,
+    svc: &std::sync::Arc<Service>,
+    dst: SocketAddr,
+) -> bool {
+    let http = |p: &&crate::mesh::ServicePort| {
+        p.is_http() || table.traffic.is_http_service(&svc.host, p.number)
+    };
+    let Some(port) = svc.port(dst.port()).filter(http) else {
+        return false;
+    };
+    super::traffic::service_cluster(table, subject, svc, port)
+        .policy
+        .pool
+        .is_some_and(|p| p.limits_requests())
+}
+
 /// The rules in order, each with the matches this VM keeps; a rule all of whose matches are
 /// for other proxies is dropped, and nothing follows a catch-all (istiod stops there).
 fn applicable<'t>(vs: &'t VirtualService, subject: &Subject, port: u16) -> Vec<Applicable<'t>> {

@@ -17,7 +17,7 @@ use interceptor_proto::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
 use interceptor_proto::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
 use interceptor_proto::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
-use interceptor_proto::google::protobuf::{value::Kind, Any, Struct};
+use interceptor_proto::google::protobuf::{value::Kind, Any, Struct, UInt32Value};
 use interceptor_proto::nds::NameTable as NdsTable;
 use interceptor_proto::type_url;
 use prost::Message;
@@ -91,10 +91,28 @@ fn millis(d: &interceptor_proto::google::protobuf::Duration) -> u64 {
     u64::try_from(d.seconds).unwrap_or(0) * 1000 + u64::try_from(d.nanos).unwrap_or(0) / 1_000_000
 }
 
-/// The cluster's L4 traffic policy (sheet 3.3, in reverse): lb_policy, the first circuit
-/// breaker threshold's max_connections, connect_timeout, outlier_detection's consecutive_5xx
-/// and base_ejection_time (Envoy's defaults where unset: 5, 30 s).
-fn traffic_policy(c: &Cluster) -> TrafficPolicy {
+/// The cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions` common options, where
+/// istiod put the HTTP idle timeout and requests per connection (`clusterWrapper.build`).
+fn http_protocol_options(
+    c: &Cluster,
+) -> Result<Option<interceptor_proto::envoy::config::core::v3::HttpProtocolOptions>, Invalid> {
+    use interceptor_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    let Some(any) = c
+        .typed_extension_protocol_options
+        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+    else {
+        return Ok(None);
+    };
+    HttpProtocolOptions::decode(any.value.as_slice())
+        .map(|o| o.common_http_protocol_options)
+        .map_err(|e| invalid(&c.name, format!("unreadable HttpProtocolOptions: {e}")))
+}
+
+/// The cluster's traffic policy (sheet 3.3, in reverse): lb_policy, the first circuit breaker
+/// threshold (UINT32_MAX: no limit), connect_timeout, the HTTP protocol options' idle timeout
+/// and requests per connection, outlier_detection's consecutive_5xx and base_ejection_time
+/// (Envoy's defaults where unset: 5, 30 s).
+fn traffic_policy(c: &Cluster) -> Result<TrafficPolicy, Invalid> {
     use interceptor_proto::envoy::config::cluster::v3::cluster::LbPolicy;
     let load_balancer = match LbPolicy::try_from(c.lb_policy) {
         Ok(LbPolicy::RoundRobin) => Some(LoadBalancer::RoundRobin),
@@ -104,18 +122,33 @@ fn traffic_policy(c: &Cluster) -> TrafficPolicy {
         Ok(LbPolicy::RingHash | LbPolicy::Maglev) => Some(LoadBalancer::SourceIpHash),
         _ => None,
     };
-    let max_connections = c
+    let threshold = c
         .circuit_breakers
         .as_ref()
-        .and_then(|cb| cb.thresholds.first())
-        .and_then(|t| t.max_connections.as_ref())
-        .map(|v| v.value)
-        .filter(|v| *v != NO_LIMIT);
-    let connect_timeout_ms = c.connect_timeout.as_ref().map(millis);
-    let pool = (max_connections.is_some() || connect_timeout_ms.is_some()).then_some(Pool {
-        max_connections,
-        connect_timeout_ms,
-    });
+        .and_then(|cb| cb.thresholds.first());
+    let limit = |v: Option<&UInt32Value>| v.map(|v| v.value).filter(|v| *v != NO_LIMIT);
+    let common = http_protocol_options(c)?;
+    let pool = Pool {
+        max_connections: limit(threshold.and_then(|t| t.max_connections.as_ref())),
+        connect_timeout_ms: c.connect_timeout.as_ref().map(millis),
+        max_pending_requests: limit(threshold.and_then(|t| t.max_pending_requests.as_ref())),
+        max_requests: limit(threshold.and_then(|t| t.max_requests.as_ref())),
+        max_retries: limit(threshold.and_then(|t| t.max_retries.as_ref())),
+        // istiod writes it into the protocol options; older ones on the cluster itself.
+        #[allow(deprecated)]
+        max_requests_per_connection: limit(
+            common
+                .as_ref()
+                .and_then(|o| o.max_requests_per_connection.as_ref())
+                .or(c.max_requests_per_connection.as_ref()),
+        ),
+        idle_timeout_ms: common
+            .as_ref()
+            .and_then(|o| o.idle_timeout.as_ref())
+            .map(millis)
+            .filter(|ms| *ms > 0),
+    };
+    let pool = pool.is_set().then_some(pool);
     let outlier = c.outlier_detection.as_ref().map(|o| {
         let enforced = o
             .enforcing_consecutive_5xx
@@ -134,14 +167,14 @@ fn traffic_policy(c: &Cluster) -> TrafficPolicy {
                 .map_or(DEFAULT_MAX_EJECTION_PERCENT, |v| v.value.min(100)),
         }
     });
-    TrafficPolicy {
+    Ok(TrafficPolicy {
         load_balancer,
         pool,
         outlier,
         tls: None,
         // istiod already prioritised the endpoints by locality for us (EDS priorities).
         locality: None,
-    }
+    })
 }
 
 /// One endpoint of a ClusterLoadAssignment.
@@ -474,7 +507,7 @@ pub fn cluster(any: &Any) -> Result<Option<ClusterInfo>, Invalid> {
         inline,
         policy: TrafficPolicy {
             tls: upstream_tls(&c)?,
-            ..traffic_policy(&c)
+            ..traffic_policy(&c)?
         },
     }))
 }

@@ -1,7 +1,8 @@
 //! RDS: istiod's HTTP route configurations, read into the same HTTP rules the mesh files give
-//! (`mesh::http_route`). Only virtual hosts a VirtualService made are kept (a route carries
-//! `istio.config` metadata): a service with istiod's default route alone stays on the L4 path,
-//! as a service without `http` rules does from files. What we cannot honour NACKs the resource
+//! (`mesh::http_route`). Only virtual hosts a VirtualService made keep their rules (a route
+//! carries `istio.config` metadata): a service with istiod's default route alone is kept with
+//! none, which says the port is HTTP for it and leaves it on the L4 path unless its
+//! DestinationRule needs requests, as a service without `http` rules does from files. What we cannot honour NACKs the resource
 //! naming the virtual host and route; fields we do not need are ignored.
 //!
 //! I: pilot/pkg/networking/core/route/route.go (`TranslateRoute`, `TranslateRouteMatch`,
@@ -64,10 +65,6 @@ pub fn route_configuration(any: &Any) -> Result<(String, Vec<VirtualHostRoutes>)
 }
 
 fn virtual_host(rc: &str, vh: &VirtualHost) -> Result<Option<VirtualHostRoutes>, Invalid> {
-    let config = vh.routes.iter().find_map(route_config);
-    if config.is_none() {
-        return Ok(None);
-    }
     // `host:port`; allow_any / block_all have no port and are not a service's.
     let Some((host, port)) = vh
         .name
@@ -76,8 +73,9 @@ fn virtual_host(rc: &str, vh: &VirtualHost) -> Result<Option<VirtualHostRoutes>,
     else {
         return Ok(None);
     };
+    let config = vh.routes.iter().find_map(route_config);
     let mut rules = Vec::new();
-    for (i, r) in vh.routes.iter().enumerate() {
+    for (i, r) in vh.routes.iter().enumerate().filter(|_| config.is_some()) {
         let at = format!("virtual_hosts[{}].routes[{i}] ({})", vh.name, r.name);
         rules.push(rule(r).map_err(|m| invalid(rc, format!("{at}: {m}")))?);
     }
@@ -568,8 +566,8 @@ mod tests {
         };
         let (_, hosts) = route_configuration(&config(vec![default])).expect("valid");
         assert!(
-            hosts.is_empty(),
-            "no VirtualService: nothing for the HTTP path"
+            hosts.len() == 1 && hosts[0].rules.is_empty() && hosts[0].config.is_none(),
+            "no VirtualService: an HTTP service with no rules: {hosts:?}"
         );
         let redirect = Route {
             name: "old".into(),

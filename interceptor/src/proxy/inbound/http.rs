@@ -23,7 +23,7 @@ use crate::proxy::http::{
     follow_upgrade, handshake, local_response, request_protocol, serve, set_upgrade,
     strip_hop_by_hop, upgrade_protocol, upstream_request, Counted,
 };
-use crate::proxy::pool::{Body, Key};
+use crate::proxy::pool::{Body, ConnLimits, Key, Pooled};
 use crate::route::http::authority;
 use crate::route::policy::{self, HttpAttrs};
 use crate::spiffe::SpiffeId;
@@ -166,15 +166,15 @@ impl Inbound {
             transport: "app",
             h2,
         };
-        let mut sender = match self.app_pool.take(&key) {
-            Some(s) => s,
+        let mut conn = match self.app_pool.take(&key) {
+            Some(c) => c,
             None => {
                 let connected = match connect_app(client.dst, self.app_source4).await {
-                    Ok(stream) => handshake(stream, h2).await.map_err(|e| e.to_string()),
+                    Ok(stream) => handshake(stream, h2, None).await.map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
                 match connected {
-                    Ok(s) => s,
+                    Ok(s) => Pooled::new(s, ConnLimits::default()),
                     Err(e) => {
                         tracing::debug!(app = %client.dst, error = %e, "inbound HTTP: the app is unreachable");
                         self.metrics.inbound_refused("app_unreachable");
@@ -187,13 +187,15 @@ impl Inbound {
                 }
             }
         };
-        match sender.send(upstream_request(parts, body.boxed(), h2)).await {
+        match conn.send(upstream_request(parts, body.boxed(), h2)).await {
             Ok(resp) => {
-                if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-                    self.app_pool.put(key, sender);
-                }
                 let (head, body) = resp.into_parts();
-                (Response::from_parts(head, body.boxed()), "-")
+                let body = if head.status == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                    body.boxed()
+                } else {
+                    self.app_pool.return_with(key, conn, body, None)
+                };
+                (Response::from_parts(head, body), "-")
             }
             Err(e) => {
                 tracing::debug!(app = %client.dst, error = %e, "inbound HTTP: the app reset before answering");

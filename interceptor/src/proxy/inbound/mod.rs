@@ -44,7 +44,7 @@ pub struct Inbound {
     handshakes: Arc<crate::net::Limit>,
     metrics: Arc<Metrics>,
     /// Kept HTTP connections to the app (inbound HTTP).
-    app_pool: crate::proxy::pool::Pool,
+    app_pool: Arc<crate::proxy::pool::Pool>,
 }
 
 /// How an authorized connection goes on.
@@ -190,7 +190,7 @@ impl Inbound {
             app_source4,
             handshakes,
             metrics,
-            app_pool: crate::proxy::pool::Pool::default(),
+            app_pool: Arc::default(),
         })
     }
 

@@ -27,12 +27,14 @@ use crate::mesh::http_route::{
     Abort, HeaderOps, HttpAction, HttpMatch, HttpRule, Retries, RetryOn, Rewrite,
 };
 use crate::mesh::Table;
+use crate::metrics::Metrics;
 use crate::metrics::{self, RequestLabels};
+use crate::proxy::breaker::{Breaker, Overflow, Slot};
 use crate::proxy::http::{
     follow_upgrade, handshake, local_response, request_protocol, serve, set_upgrade,
-    strip_hop_by_hop, upgrade_protocol, upstream_request, Counted,
+    strip_hop_by_hop, upgrade_protocol, upstream_request, Counted, Holding,
 };
-use crate::proxy::pool::{Body, Key, Sender};
+use crate::proxy::pool::{Body, ConnLimits, Key, Pooled};
 use crate::route::http::{authority, http_routes, redirect_location, rewritten_path};
 use crate::route::traffic::{self, NoRoute};
 use crate::route::{EndpointAddr, Target};
@@ -56,6 +58,10 @@ struct Outcome {
     endpoint: Option<EndpointAddr>,
     version: String,
     attempts: u32,
+    /// The cluster's circuit breakers, where its DestinationRule sets limits.
+    limited: Option<Limited>,
+    /// The request counted in flight until its response ends.
+    held: Option<Slot>,
 }
 
 impl Outcome {
@@ -67,8 +73,44 @@ impl Outcome {
             endpoint: None,
             version: metrics::UNKNOWN.into(),
             attempts: 0,
+            limited: None,
+            held: None,
         }
     }
+
+    /// Envoy's answer to a circuit breaker's overflow.
+    fn overflow(cluster: String) -> Self {
+        let mut o = Outcome::local(503, OVERFLOW, "UO");
+        o.cluster = cluster;
+        o
+    }
+}
+
+const OVERFLOW: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+
+/// A cluster's limits (its DestinationRule's `connectionPool`) and its breaker.
+#[derive(Clone)]
+struct Limited {
+    breaker: Arc<Breaker>,
+    pool: crate::mesh::traffic::Pool,
+}
+
+impl Limited {
+    fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_requests: self.pool.max_requests_per_connection,
+            idle_timeout: self.pool.idle_timeout_ms.map(Duration::from_millis),
+        }
+    }
+}
+
+/// Why no request went upstream on a try.
+enum NotSent {
+    /// No endpoint could be connected to (Envoy's `UF`).
+    Unreachable,
+    /// The cluster's pending-request breaker is full (`UO`).
+    Overflow(Overflow),
 }
 
 /// A request body: kept (it can be sent again) or streamed once.
@@ -183,7 +225,7 @@ impl Outbound {
             attempts = outcome.attempts, duration_ms = started.elapsed().as_millis() as u64,
             "outbound request"
         );
-        Counted::wrap(outcome.response, self.metrics.clone(), labels, started)
+        Counted::wrap(outcome.response, self.metrics.clone(), labels, started).holding(outcome.held)
     }
 
     /// The rule for the request, its fault, then its forwarding; the route's name comes back for
@@ -289,6 +331,17 @@ impl Outbound {
         let mut tried: Vec<EndpointAddr> = Vec::new();
         let mut last = Outcome::local(503, "no healthy upstream", "UH");
         for n in 0..=retries.attempts {
+            // Envoy's max_retries breaker: a retry beyond it is not made.
+            let _retry = match last.limited.as_ref().filter(|_| n > 0) {
+                Some(l) => match l.breaker.retry(l.pool.max_retries) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        self.metrics.outbound_refused("retry_overflow");
+                        break;
+                    }
+                },
+                None => None,
+            };
             if n > 0 {
                 backoff(n).await;
             }
@@ -326,17 +379,37 @@ impl Outbound {
             Err(o) => return (*o, false),
         };
         let name = cluster.name();
+        let limited = self.limited(&dial, &name);
+        let held = match &limited {
+            Some(l) => match l.breaker.request(l.pool.max_requests) {
+                Ok(slot) => Some(slot),
+                Err(o) => return (self.overflowed(o, name), false),
+            },
+            None => None,
+        };
         let h2 = cluster.port.is_http2();
         let per_try = retries.per_try_timeout_ms.map(Duration::from_millis);
         let host = &cluster.service.host;
         let exchanged = self
-            .exchange(&dial, &name, h2, host, parts, body, per_try, peer)
+            .exchange(
+                &dial,
+                &name,
+                h2,
+                host,
+                parts,
+                body,
+                per_try,
+                peer,
+                limited.as_ref(),
+            )
             .await;
         let (target, sender, key, sent) = match exchanged {
             Ok(ok) => ok,
-            Err(()) => {
+            Err(NotSent::Overflow(o)) => return (self.overflowed(o, name), false),
+            Err(NotSent::Unreachable) => {
                 let mut o = Outcome::local(503, "upstream connect error or disconnect/reset before headers. reset reason: connection failure", "UF");
                 o.cluster = name;
+                o.limited = limited;
                 let retry = retries.retry_on.iter().any(|r| {
                     matches!(
                         r,
@@ -348,7 +421,9 @@ impl Outbound {
         };
         tried.push(target.endpoint.clone());
         let _open = self.load.open(dial.count_key(), &target.endpoint);
-        let (response, flags, retry) = self.judge(sent, retries, &dial, &target, key, sender);
+        let breaker = limited.as_ref().map(|l| l.breaker.clone());
+        let (response, flags, retry) =
+            self.judge(sent, retries, &dial, &target, (key, sender, breaker));
         let version = match &target.via {
             crate::route::Via::Direct(w) => metrics::canonical_revision(&w.labels),
             _ => metrics::UNKNOWN.into(),
@@ -360,6 +435,8 @@ impl Outbound {
             endpoint: Some(target.endpoint),
             version,
             attempts: 0,
+            limited,
+            held,
         };
         (outcome, retry)
     }
@@ -396,7 +473,7 @@ impl Outbound {
             Box::new(o)
         };
         let mut dial = self
-            .prepare(table, &cluster, peer, dst, tls.as_deref())
+            .prepare(table, &cluster, peer, dst, tls.as_deref(), super::Served::PerRequest)
             .map_err(|e| {
                 self.metrics.outbound_refused(e.label());
                 named(Outcome::local(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow", "UO"))
@@ -423,14 +500,18 @@ impl Outbound {
         body: &mut RequestBody,
         per_try: Option<Duration>,
         peer: SocketAddr,
-    ) -> Result<(Target, Sender, Key, Sent), ()> {
-        let (mut target, mut sender, mut key, reused) =
-            self.upstream(dial, name, h2, peer, host, true).await?;
-        let first = body.next().ok_or(())?;
+        limited: Option<&Limited>,
+    ) -> Result<(Target, Pooled, Key, Sent), NotSent> {
+        let (mut target, mut sender, mut key, reused) = self
+            .upstream(dial, name, h2, peer, host, true, limited)
+            .await?;
+        let first = body.next().ok_or(NotSent::Unreachable)?;
         let mut sent = send(&mut sender, upstream_request(parts, first, h2), per_try).await;
         if let Ok(Err(e)) = &sent {
-            if reused && (e.is_canceled() || e.is_incomplete_message()) {
-                let fresh = self.upstream(dial, name, h2, peer, host, false).await;
+            if reused && (e.is_canceled() || e.is_incomplete_message() || e.is_closed()) {
+                let fresh = self
+                    .upstream(dial, name, h2, peer, host, false, limited)
+                    .await;
                 if let (Ok(f), Some(b)) = (fresh, body.next()) {
                     (target, sender, key, _) = f;
                     sent = send(&mut sender, upstream_request(parts, b, h2), per_try).await;
@@ -448,8 +529,7 @@ impl Outbound {
         retries: &Retries,
         dial: &super::Dial,
         target: &Target,
-        key: Key,
-        sender: Sender,
+        (key, conn, breaker): (Key, Pooled, Option<Arc<Breaker>>),
     ) -> (Response<Body>, &'static str, bool) {
         match sent {
             Ok(Ok(resp)) => {
@@ -463,13 +543,15 @@ impl Outbound {
                     }
                 }
                 let retry = retriable_response(retries, &resp);
+                let (head, body) = resp.into_parts();
                 // A response dropped for a retry leaves its connection unusable; a switched
                 // one belongs to its upgrade.
-                if !retry && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-                    self.pool.put(key, sender);
-                }
-                let (head, body) = resp.into_parts();
-                (Response::from_parts(head, body.boxed()), "-", retry)
+                let body = if retry || head.status == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                    body.boxed()
+                } else {
+                    self.pool.return_with(key, conn, body, breaker)
+                };
+                (Response::from_parts(head, body), "-", retry)
             }
             Ok(Err(e)) => {
                 tracing::debug!(endpoint = %target.endpoint, error = %e, "outbound HTTP: the upstream reset before answering");
@@ -558,7 +640,14 @@ impl Outbound {
         };
         let tls = self.tls.current();
         let name = cluster.name();
-        let Ok(dial) = self.prepare(table, &cluster, peer, dst, tls.as_deref()) else {
+        let Ok(dial) = self.prepare(
+            table,
+            &cluster,
+            peer,
+            dst,
+            tls.as_deref(),
+            super::Served::PerRequest,
+        ) else {
             return;
         };
         if dial.targets.is_empty() {
@@ -566,8 +655,10 @@ impl Outbound {
         }
         let h2 = cluster.port.is_http2();
         let host = &cluster.service.host;
-        let Ok((target, mut sender, key, _)) =
-            self.upstream(&dial, &name, h2, peer, host, true).await
+        let limited = self.limited(&dial, &name);
+        let Ok((target, mut sender, key, _)) = self
+            .upstream(&dial, &name, h2, peer, host, true, limited.as_ref())
+            .await
         else {
             return;
         };
@@ -575,9 +666,11 @@ impl Outbound {
         match sender.send(upstream_request(&parts, body, h2)).await {
             Ok(resp) => {
                 // Read to its end so that the connection can carry the next request.
-                if resp.into_body().collect().await.is_ok() {
-                    self.pool.put(key, sender);
-                }
+                let breaker = limited.map(|l| l.breaker);
+                let body = self
+                    .pool
+                    .return_with(key, sender, resp.into_body(), breaker);
+                let _ = body.collect().await;
             }
             Err(e) => {
                 tracing::debug!(endpoint = %target.endpoint, error = %e, "outbound HTTP: the mirror failed");
@@ -586,7 +679,9 @@ impl Outbound {
     }
 
     /// A connection to the first endpoint kept from an earlier request, else a new one to the
-    /// first of the cluster's endpoints that answers.
+    /// first of the cluster's endpoints that answers; where the cluster's breakers leave no
+    /// room for another connection, the request waits as pending for one (Envoy's pool).
+    #[allow(clippy::too_many_arguments)]
     async fn upstream(
         &self,
         dial: &super::Dial,
@@ -594,29 +689,130 @@ impl Outbound {
         h2: bool,
         peer: SocketAddr,
         service: &crate::mesh::Host,
-        pooled: bool,
-    ) -> Result<(Target, Sender, Key, bool), ()> {
-        let key = |t: &Target| Key {
+        mut pooled: bool,
+        limited: Option<&Limited>,
+    ) -> Result<(Target, Pooled, Key, bool), NotSent> {
+        let first = &dial.targets[0];
+        let key = Key {
             cluster: cluster.to_string(),
-            endpoint: t.endpoint.to_string(),
-            transport: t.transport.label(),
+            endpoint: first.endpoint.to_string(),
+            transport: first.transport.label(),
             h2,
         };
-        let first = &dial.targets[0];
-        if let Some(s) = pooled.then(|| self.pool.take(&key(first))).flatten() {
-            return Ok((first.clone(), s, key(first), true));
+        let Some(l) = limited else {
+            if let Some(c) = pooled.then(|| self.pool.take(&key)).flatten() {
+                return Ok((first.clone(), c, key, true));
+            }
+            return self
+                .connect_new(
+                    dial,
+                    cluster,
+                    h2,
+                    peer,
+                    service,
+                    None,
+                    ConnLimits::default(),
+                )
+                .await;
+        };
+        let mut pending: Option<(Slot, PendingGauge)> = None;
+        loop {
+            let freed = l.breaker.freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(c) = pooled.then(|| self.pool.take(&key)).flatten() {
+                return Ok((first.clone(), c, key, true));
+            }
+            // Envoy counts a request pending from here until a connection carries it,
+            // connecting included.
+            if pending.is_none() {
+                let slot = l
+                    .breaker
+                    .pending(l.pool.max_pending_requests)
+                    .map_err(NotSent::Overflow)?;
+                pending = Some((slot, PendingGauge::new(&self.metrics)));
+            }
+            if let Some(held) = l.breaker.connection(&key.endpoint, l.pool.max_connections) {
+                return self
+                    .connect_new(
+                        dial,
+                        cluster,
+                        h2,
+                        peer,
+                        service,
+                        Some(held),
+                        l.conn_limits(),
+                    )
+                    .await;
+            }
+            freed.await;
+            pooled = true;
         }
+    }
+
+    /// A new connection to the first of the cluster's endpoints that answers.
+    #[allow(clippy::too_many_arguments)]
+    async fn connect_new(
+        &self,
+        dial: &super::Dial,
+        cluster: &str,
+        h2: bool,
+        peer: SocketAddr,
+        service: &crate::mesh::Host,
+        held: Option<Slot>,
+        limits: ConnLimits,
+    ) -> Result<(Target, Pooled, Key, bool), NotSent> {
         let (i, up) = self
             .connect(&dial.targets, &dial.policy, peer, service)
             .await
             .map_err(|e| {
                 tracing::debug!(%service, tried = e.tried, "outbound HTTP: no endpoint reachable");
+                NotSent::Unreachable
             })?;
         let target = &dial.targets[i];
-        let sender = handshake(boxed_io(up), h2).await.map_err(|e| {
+        let sender = handshake(boxed_io(up), h2, held).await.map_err(|e| {
             tracing::debug!(endpoint = %target.endpoint, h2, error = %e, "outbound HTTP handshake failed");
+            NotSent::Unreachable
         })?;
-        Ok((target.clone(), sender, key(target), false))
+        let key = Key {
+            cluster: cluster.to_string(),
+            endpoint: target.endpoint.to_string(),
+            transport: target.transport.label(),
+            h2,
+        };
+        Ok((target.clone(), Pooled::new(sender, limits), key, false))
+    }
+
+    /// The cluster's breakers, where its DestinationRule sets a limit.
+    fn limited(&self, dial: &super::Dial, cluster: &str) -> Option<Limited> {
+        let pool = dial.policy.pool?;
+        (pool.limits_requests() || pool.max_connections.is_some()).then(|| Limited {
+            breaker: self.breakers.get(cluster),
+            pool,
+        })
+    }
+
+    /// A breaker's overflow, counted, as Envoy answers it.
+    fn overflowed(&self, o: Overflow, cluster: String) -> Outcome {
+        self.metrics.outbound_refused(o.label());
+        tracing::debug!(%cluster, reason = o.label(), "outbound HTTP: circuit breaker overflow");
+        Outcome::overflow(cluster)
+    }
+}
+
+/// A request counted in `interceptor_upstream_pending_requests` while it waits.
+struct PendingGauge(Arc<Metrics>);
+
+impl PendingGauge {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.pending_request(1);
+        PendingGauge(metrics.clone())
+    }
+}
+
+impl Drop for PendingGauge {
+    fn drop(&mut self) {
+        self.0.pending_request(-1);
     }
 }
 
@@ -624,7 +820,7 @@ impl Outbound {
 type Sent = Result<Result<Response<Incoming>, hyper::Error>, tokio::time::error::Elapsed>;
 
 /// Sends `req` on `sender`, within the per-try timeout if there is one.
-async fn send(sender: &mut Sender, req: Request<Body>, per_try: Option<Duration>) -> Sent {
+async fn send(sender: &mut Pooled, req: Request<Body>, per_try: Option<Duration>) -> Sent {
     match per_try {
         None => Ok(sender.send(req).await),
         Some(t) => tokio::time::timeout(t, sender.send(req)).await,
