@@ -243,6 +243,11 @@ pub struct RunArgs {
     /// istio-locality, region.zone.subzone, as istio-agent reads it]
     #[arg(long, value_name = "REGION/ZONE/SUBZONE")]
     pub locality: Option<String>,
+    /// This VM's workload name in Istio's telemetry (its peers' `source_workload` and
+    /// `destination_workload`; Istio names a VM by its WorkloadGroup) [default: the bundle's
+    /// WORKLOAD_NAME with --control-plane istiod, else unknown]
+    #[arg(long, value_name = "NAME")]
+    pub workload_name: Option<String>,
     /// Outbound capture listener port on loopback [default: 15001]
     #[arg(long)]
     pub outbound_port: Option<u16>,
@@ -457,6 +462,8 @@ pub struct Settings {
     pub timeouts: crate::transport::Timeouts,
     pub shutdown_grace: std::time::Duration,
     pub drain_timeout: std::time::Duration,
+    /// `--workload-name` (else the bundle's).
+    pub workload_name: Option<String>,
 }
 
 impl Settings {
@@ -468,7 +475,46 @@ impl Settings {
             &self.policy.subject.namespace,
             &self.policy.subject.labels,
             bundle.map(|b| b.cluster_id.as_str()),
-            bundle.map(|b| b.workload_name.as_str()),
+            self.workload_name
+                .as_deref()
+                .or(bundle.map(|b| b.workload_name.as_str())),
+        )
+    }
+}
+
+impl Settings {
+    /// This VM as Istio's request and connection metrics name it (its own side).
+    pub fn peer(&self) -> crate::metrics::Peer {
+        let w = self.workload();
+        crate::metrics::Peer::new(
+            w.name.as_deref(),
+            w.namespace.as_deref(),
+            &self.policy.subject.labels,
+            w.cluster.as_deref(),
+        )
+    }
+
+    /// This VM's side of the request and connection telemetry.
+    pub fn local_telemetry(&self) -> crate::metadata_exchange::Local {
+        crate::metadata_exchange::Local {
+            peer: self.peer(),
+            headers: self.metadata_exchange(),
+        }
+    }
+
+    /// The `x-envoy-peer-metadata` headers this VM sends its HTTP peers.
+    pub fn metadata_exchange(&self) -> Option<crate::metadata_exchange::Ours> {
+        let w = self.workload();
+        let ns = w.namespace.as_deref().unwrap_or_default();
+        let name = w.name.as_deref().unwrap_or_default();
+        // istio-agent's node id shape; the address part is informational for a VM.
+        let id = format!("sidecar~0.0.0.0~{name}.{ns}~{ns}.svc.cluster.local");
+        crate::metadata_exchange::Ours::new(
+            &id,
+            name,
+            ns,
+            w.cluster.as_deref().unwrap_or_default(),
+            &self.policy.subject.labels,
         )
     }
 }
@@ -596,6 +642,7 @@ impl RunArgs {
             },
             root_namespace: self.root_namespace.or(file.root_namespace),
             locality: self.locality.or(file.locality),
+            workload_name: self.workload_name.or(file.workload_name),
             outbound_port: self.outbound_port.or(file.outbound_port),
             inbound_port: self.inbound_port.or(file.inbound_port),
             hbone_port: self.hbone_port.or(file.hbone_port),
@@ -716,6 +763,7 @@ impl RunArgs {
                 args.hedge_after,
             ),
             shutdown_grace: shutdown_grace(args.shutdown_grace),
+            workload_name: args.workload_name.clone(),
             drain_timeout: args
                 .drain_timeout
                 .map_or(std::time::Duration::from_secs(60), |w| w.0),

@@ -19,6 +19,7 @@ pub mod fdstore;
 pub mod health;
 pub mod identity;
 pub mod mesh;
+pub mod metadata_exchange;
 pub mod metrics;
 pub mod net;
 pub mod privilege;

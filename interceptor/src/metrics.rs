@@ -18,6 +18,163 @@ pub const GATEWAY: &str = "gateway";
 /// A principal nobody proved (plaintext, or the gateway's view).
 pub const UNKNOWN: &str = "unknown";
 
+/// One end of a request or connection, as Istio's telemetry names it (istio_stats.cc
+/// `populatePeerInfo`): a part nobody knows is `unknown`, a missing canonical revision
+/// `latest`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
+}
+
+impl Default for Peer {
+    fn default() -> Self {
+        Peer {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            app: UNKNOWN.into(),
+            version: UNKNOWN.into(),
+            canonical_service: UNKNOWN.into(),
+            canonical_revision: "latest".into(),
+            cluster: UNKNOWN.into(),
+        }
+    }
+}
+
+impl Peer {
+    /// From a workload's name, namespace, labels and cluster (the canonical service and
+    /// revision as istiod derives them, `crate::baggage`).
+    pub fn new(
+        workload: Option<&str>,
+        namespace: Option<&str>,
+        labels: &std::collections::BTreeMap<String, String>,
+        cluster: Option<&str>,
+    ) -> Self {
+        let known = |s: Option<&str>| {
+            s.filter(|s| !s.is_empty())
+                .map_or_else(|| UNKNOWN.to_string(), str::to_string)
+        };
+        let label = |k: &str| known(labels.get(k).map(String::as_str));
+        let canonical =
+            crate::baggage::Workload::new(namespace.unwrap_or_default(), labels, cluster, workload);
+        Peer {
+            workload: known(workload),
+            namespace: known(namespace),
+            app: label("app"),
+            version: label("version"),
+            canonical_service: known(canonical.service.as_deref()),
+            canonical_revision: canonical.revision.unwrap_or_else(|| "latest".into()),
+            cluster: known(
+                cluster.or_else(|| labels.get("topology.istio.io/cluster").map(String::as_str)),
+            ),
+        }
+    }
+
+    /// A mesh endpoint: its workload's name (a WorkloadEntry's or istiod's `istio.workload`;
+    /// an inline endpoint's ServiceEntry), namespace and labels. As Envoy reads istiod's
+    /// endpoint metadata, its app and version are its canonical service and revision.
+    pub fn of_workload(w: &crate::mesh::Workload) -> Self {
+        let name = w.name.rsplit('/').next().unwrap_or_default();
+        let name = name.split_once('#').map_or(name, |(n, _)| n);
+        let mut p = Peer::new(Some(name), Some(&w.namespace), &w.labels, None);
+        p.app = p.canonical_service.clone();
+        p.version = p.canonical_revision.clone();
+        p
+    }
+
+    /// The peer its metadata headers describe (if it sent them), its namespace taken from its
+    /// proved identity first, as Istio does.
+    pub fn of_peer(exchanged: Option<Peer>, spiffe: Option<&str>) -> Self {
+        let by_id = Peer::of_principal(spiffe);
+        match exchanged {
+            None => by_id,
+            Some(mut p) => {
+                if by_id.namespace != UNKNOWN {
+                    p.namespace = by_id.namespace;
+                }
+                p
+            }
+        }
+    }
+
+    /// A peer known only by its proved identity: its namespace (Istio reads it from the SAN).
+    pub fn of_principal(spiffe: Option<&str>) -> Self {
+        let namespace = spiffe.and_then(|id| id.split("/ns/").nth(1)?.split('/').next());
+        Peer {
+            namespace: namespace.map_or_else(|| UNKNOWN.to_string(), str::to_string),
+            ..Peer::default()
+        }
+    }
+}
+
+/// Istio's workload labels of both ends and the destination service's name and namespace.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Workloads {
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_cluster: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_app: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_cluster: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+}
+
+impl Default for Workloads {
+    fn default() -> Self {
+        Workloads::new(&Peer::default(), &Peer::default(), UNKNOWN, UNKNOWN)
+    }
+}
+
+impl Workloads {
+    /// `service` is the destination service's host: a Kubernetes one (`NAME.NS.svc...`) is
+    /// named by its first label (and its namespace by the second where none is given), another
+    /// by the whole host, as istiod names the cluster's `istio.services` entry.
+    pub fn new(source: &Peer, destination: &Peer, service: &str, service_namespace: &str) -> Self {
+        let kube = service
+            .split_once(".svc.")
+            .and_then(|(head, _)| head.split_once('.'));
+        let name = kube.map_or(service, |(n, _)| n);
+        let service_namespace = match (service_namespace, kube) {
+            ("" | UNKNOWN, Some((_, ns))) => ns,
+            (given, _) => given,
+        };
+        Workloads {
+            source_workload: source.workload.clone(),
+            source_workload_namespace: source.namespace.clone(),
+            source_app: source.app.clone(),
+            source_version: source.version.clone(),
+            source_canonical_service: source.canonical_service.clone(),
+            source_canonical_revision: source.canonical_revision.clone(),
+            source_cluster: source.cluster.clone(),
+            destination_workload: destination.workload.clone(),
+            destination_workload_namespace: destination.namespace.clone(),
+            destination_app: destination.app.clone(),
+            destination_canonical_service: destination.canonical_service.clone(),
+            destination_canonical_revision: destination.canonical_revision.clone(),
+            destination_cluster: destination.cluster.clone(),
+            destination_service_name: name.to_string(),
+            destination_service_namespace: if service_namespace.is_empty() {
+                UNKNOWN.to_string()
+            } else {
+                service_namespace.to_string()
+            },
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,
@@ -32,6 +189,8 @@ pub struct TcpLabels {
     /// The answering workload's canonical revision (outbound), as Istio's telemetry names
     /// it; `unknown` where no single workload is known (a gateway, a host name, inbound).
     pub destination_version: String,
+    #[prometheus(flatten)]
+    pub workloads: Workloads,
 }
 
 /// Istio's canonical revision of a workload (pkg/config/labels: the
@@ -51,7 +210,9 @@ pub fn canonical_revision(labels: &std::collections::BTreeMap<String, String>) -
 
 impl TcpLabels {
     pub fn new(reporter: &'static str, destination_service: String, mtls: bool) -> Self {
+        let unknown = Peer::default();
         Self {
+            workloads: Workloads::new(&unknown, &unknown, &destination_service, UNKNOWN),
             reporter,
             source_principal: UNKNOWN.into(),
             destination_principal: UNKNOWN.into(),
@@ -59,6 +220,11 @@ impl TcpLabels {
             connection_security_policy: if mtls { "mutual_tls" } else { "none" },
             destination_version: UNKNOWN.into(),
         }
+    }
+
+    pub fn workloads(mut self, workloads: Workloads) -> Self {
+        self.workloads = workloads;
+        self
     }
 
     pub fn version(mut self, version: String) -> Self {
@@ -73,12 +239,17 @@ impl TcpLabels {
     }
 }
 
-/// Istio's request metric labels (the ones a VM's source reporter knows).
+/// Istio's request metric labels, all 25 (sheet 6.2).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: &'static str,
     /// The client's SPIFFE id (ours outbound; the proved one inbound, else `unknown`).
     pub source_principal: String,
+    /// The server's SPIFFE id (ours inbound; outbound, the one the endpoint is expected to
+    /// prove, else `unknown`).
+    pub destination_principal: String,
+    #[prometheus(flatten)]
+    pub workloads: Workloads,
     pub destination_service: String,
     pub destination_version: String,
     /// `http` or `grpc`, as Istio labels them.
@@ -319,9 +490,21 @@ mod tests {
     #[test]
     fn istio_names_and_labels_in_the_exposition() {
         let m = Metrics::default();
+        let vm = Peer::new(
+            Some("billing"),
+            Some("a"),
+            &[("app".to_string(), "billing".to_string())].into(),
+            Some("vms"),
+        );
         let l = TcpLabels::new(SOURCE, "product.default.svc.cluster.local".into(), true)
             .principals(Some("spiffe://td/ns/a/sa/vm"), None)
-            .version("v2".into());
+            .version("v2".into())
+            .workloads(Workloads::new(
+                &vm,
+                &Peer::of_principal(Some("spiffe://td/ns/default/sa/product")),
+                "product.default.svc.cluster.local",
+                "",
+            ));
         m.opened(&l);
         m.closed(&l, 10, 20);
         m.inbound_refused("plaintext_strict");
@@ -329,7 +512,7 @@ mod tests {
         m.register(&mut reg);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
-        let labels = "reporter=\"source\",source_principal=\"spiffe://td/ns/a/sa/vm\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"mutual_tls\",destination_version=\"v2\"";
+        let labels = "reporter=\"source\",source_principal=\"spiffe://td/ns/a/sa/vm\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"mutual_tls\",destination_version=\"v2\",source_workload=\"billing\",source_workload_namespace=\"a\",source_app=\"billing\",source_version=\"unknown\",source_canonical_service=\"billing\",source_canonical_revision=\"latest\",source_cluster=\"vms\",destination_workload=\"unknown\",destination_workload_namespace=\"default\",destination_app=\"unknown\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"latest\",destination_cluster=\"unknown\",destination_service_name=\"product\",destination_service_namespace=\"default\"";
         assert!(
             text.contains(&format!("istio_tcp_connections_opened_total{{{labels}}} 1")),
             "{text}"

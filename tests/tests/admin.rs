@@ -140,7 +140,9 @@ fn readiness_waits_for_attach_and_the_table_and_metrics_count_real_traffic() {
     );
 
     let text = admin(&t, "/stats/prometheus");
-    let labels = "{reporter=\"source\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"none\",destination_version=\"latest\"}";
+    // Istio's names and label set; the VM has no workload name (unknown) in namespace
+    // default; the endpoint is the ServiceEntry's inline one.
+    let labels = "{reporter=\"source\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"product.default.svc.cluster.local\",connection_security_policy=\"none\",destination_version=\"latest\",source_workload=\"unknown\",source_workload_namespace=\"default\",source_app=\"unknown\",source_version=\"unknown\",source_canonical_service=\"unknown\",source_canonical_revision=\"latest\",source_cluster=\"unknown\",destination_workload=\"product\",destination_workload_namespace=\"default\",destination_app=\"product\",destination_canonical_service=\"product\",destination_canonical_revision=\"latest\",destination_cluster=\"unknown\",destination_service_name=\"product\",destination_service_namespace=\"default\"}";
     assert_eq!(
         sample(
             &text,

@@ -221,7 +221,7 @@ fn a_service_only_in_network_b_is_reached_through_the_gateway_with_tls_only_on_i
         m.sidecars[1].log()
     );
     // Its own admin endpoint counts the relayed connection; it saw neither identity.
-    assert!(gw.metrics().0.contains(&format!("istio_tcp_connections_closed_total{{reporter=\"gateway\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"{ONLY_B}\",connection_security_policy=\"mutual_tls\",destination_version=\"unknown\"}} 1")), "{}", gw.metrics().0);
+    assert!(gw.metrics().0.contains(&format!("istio_tcp_connections_closed_total{{reporter=\"gateway\",source_principal=\"unknown\",destination_principal=\"unknown\",destination_service=\"{ONLY_B}\",connection_security_policy=\"mutual_tls\",destination_version=\"unknown\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_app=\"unknown\",source_version=\"unknown\",source_canonical_service=\"unknown\",source_canonical_revision=\"latest\",source_cluster=\"unknown\",destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",destination_app=\"unknown\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"latest\",destination_cluster=\"unknown\",destination_service_name=\"onlyb\",destination_service_namespace=\"default\"}} 1")), "{}", gw.metrics().0);
     // The gateway held no capability at all.
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", gw.proc.pid())).expect("gateway status");

@@ -640,6 +640,39 @@ fn a_destination_rules_connection_pool_limits_requests_as_envoy_does() {
             );
         }
     }
+    // The answering workload as istiod's endpoint metadata names it (`istio.workload`), and as
+    // the files' ServiceEntry does.
+    assert!(
+        w.ic_istiod.wait_counter(
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service", RATINGS),
+                ("destination_service_name", "ratings"),
+                ("destination_service_namespace", "shop"),
+                ("destination_workload", &format!("ep-{V1}")),
+                ("destination_workload_namespace", "shop"),
+                ("destination_canonical_revision", "v1"),
+                ("destination_version", "v1"),
+                ("destination_cluster", "Kubernetes"),
+                ("response_code", "200"),
+            ],
+            10.0,
+            5.0
+        ),
+        "{}",
+        w.ic_istiod.metrics().0
+    );
+    assert!(w.ic.wait_counter(
+        "istio_requests_total",
+        &[
+            ("destination_workload", "ratings"),
+            ("destination_workload_namespace", "shop"),
+            ("response_code", "200"),
+        ],
+        10.0,
+        5.0
+    ));
     let overflow = format!("cluster.outbound|9080||{RATINGS}.upstream_rq_pending_overflow");
     assert!(
         w.reference.envoy.wait_stat(&overflow, 1, 5.0),

@@ -1645,6 +1645,111 @@ fn http_authorization_policy_from_files_decides_each_request() {
     assert_eq!(e["decision"]["reason"], "policy_not_allowed", "{e}");
 }
 
+/// Istio's request telemetry names both workloads: the VM's outbound HTTP path sends its
+/// `x-envoy-peer-metadata` headers, the pod's inbound reads and removes them (its metrics name
+/// the VM's workload, app and version; the app never sees them) and answers with its own,
+/// which the VM reads and removes (its metrics name the pod's workload as the pod says it, not
+/// as the VM's table has it; the client never sees them). Both sides carry Istio's 25 labels.
+#[test]
+fn request_metrics_name_both_workloads_through_the_metadata_exchange() {
+    let m = Mesh::new();
+    let _app = m.pod_node().http("pod", &["10.77.0.2:8080"]);
+    // A catch-all http route makes the VM's outbound to the pod per request.
+    let route = format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: product, namespace: default}}\nspec:\n  hosts: [{HOST}]\n  http:\n  - route: [{{destination: {{host: {HOST}}}}}]\n"
+    );
+    let vm_file = m.t.write(
+        "vm-mesh.yaml",
+        &format!("{}{route}", vm_mesh(&pod_workload("product"))),
+    );
+    let vm_ic = m
+        .vm_node()
+        .interceptor()
+        .mesh(&vm_file)
+        .resolv(&m.resolv)
+        .certs(&m.vm_certs)
+        .args([
+            "--workload-name",
+            "billing-vms",
+            "--label",
+            "app=billing",
+            "--label",
+            "version=v3",
+        ])
+        .start();
+    let policies = m.t.write(
+        "pod-policy.yaml",
+        &format!("{}{HTTP_POLICIES}", vm_mesh(&pod_workload("product"))),
+    );
+    let pod_ic = m
+        .pod_node()
+        .interceptor()
+        .mesh(&policies)
+        .resolv(&m.resolv)
+        .certs(&m.pod_certs)
+        .args(["--inbound-ports", "8080"])
+        .args([
+            "--namespace",
+            "default",
+            "--label",
+            "app=product",
+            "--label",
+            "version=v9",
+        ])
+        .args(["--workload-name", "product-group"])
+        .log("pod-ic")
+        .start();
+    let (_, out, err) = try_sh(&mut m.vm_node().with_resolv(
+        &m.resolv,
+        &format!("exec curl -sS -m 5 -i -X POST http://{HOST}:8080/orders"),
+    ));
+    assert!(out.contains("pod POST /orders"), "{out}{err}");
+    assert!(
+        !out.to_ascii_lowercase().contains("x-envoy-peer-metadata"),
+        "neither the app nor the client sees the exchange's headers: {out}"
+    );
+    let destination = [
+        ("reporter", "destination"),
+        ("source_workload", "billing-vms"),
+        ("source_workload_namespace", "default"),
+        ("source_app", "billing"),
+        ("source_version", "v3"),
+        ("source_canonical_service", "billing"),
+        ("source_canonical_revision", "v3"),
+        ("destination_workload", "product-group"),
+        ("destination_workload_namespace", "default"),
+        ("destination_app", "product"),
+        ("destination_canonical_revision", "v9"),
+        ("destination_service", HOST),
+        ("destination_service_name", "product"),
+        ("destination_service_namespace", "default"),
+        ("destination_principal", &format!("{TD}/product")),
+        ("response_code", "200"),
+    ];
+    assert!(
+        wait(5.0, || pod_ic.counter("istio_requests_total", &destination)
+            == 1.0),
+        "the pod's metrics: {}",
+        pod_ic.metrics().0
+    );
+    let source = [
+        ("reporter", "source"),
+        ("source_workload", "billing-vms"),
+        ("source_app", "billing"),
+        ("destination_workload", "product-group"),
+        ("destination_app", "product"),
+        ("destination_version", "latest"),
+        ("destination_service_name", "product"),
+        ("response_code", "200"),
+    ];
+    assert!(
+        wait(5.0, || vm_ic.counter("istio_requests_total", &source)
+            == 1.0),
+        "the VM's metrics: {}",
+        vm_ic.metrics().0
+    );
+}
+
 #[test]
 fn http_authorization_policy_from_istiod_decides_each_request() {
     use interceptor_tests::istiod::{ControlPlane, Endpoint, Mesh as CpMesh, Service};

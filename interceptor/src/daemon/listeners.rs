@@ -79,6 +79,7 @@ impl Listeners {
             s.network.clone(),
             s.gateway_identity.clone(),
             s.policy.subject.clone(),
+            Arc::new(s.local_telemetry()),
             ctx.metrics.clone(),
         );
         let limits = ctx.limits.clone();
@@ -96,6 +97,7 @@ impl Listeners {
                 s.ports.inbound,
                 s.inbound.hbone,
                 s.workload(),
+                Arc::new(s.local_telemetry()),
                 interceptor_ebpf::abi::INBOUND_SOURCE4,
                 ctx.limits.handshakes.clone(),
                 ctx.metrics.clone(),

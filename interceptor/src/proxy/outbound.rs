@@ -46,6 +46,8 @@ pub struct Outbound {
     /// Who this VM is, for the routes that depend on it (sourceLabels, sourceNamespace,
     /// exportTo) and which DestinationRule applies.
     subject: Subject,
+    /// How our metrics name this VM, and the headers that tell HTTP peers.
+    local: Arc<crate::metadata_exchange::Local>,
     /// Connections open per endpoint and cluster (least request, maxConnections).
     load: Arc<Load>,
     /// Upstream HTTP connections kept for the next request.
@@ -68,6 +70,7 @@ impl Outbound {
         network: String,
         gateway_identity: Option<SpiffeId>,
         subject: Subject,
+        local: Arc<crate::metadata_exchange::Local>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -80,6 +83,7 @@ impl Outbound {
             network,
             gateway_identity,
             subject,
+            local,
             load: Arc::default(),
             pool: Arc::default(),
             breakers: super::breaker::Breakers::default(),
@@ -174,7 +178,7 @@ impl Outbound {
         let targets = &dial.targets;
         let target = &targets[i];
         let _open = self.load.open(dial.count_key(), &target.endpoint);
-        let labels = labels(&upstream, target, svc, tls.as_deref());
+        let labels = labels(&upstream, target, svc, tls.as_deref(), &self.local.peer);
         self.metrics.opened(&labels);
         let peer_workload = match &upstream {
             Upstream::Hbone(s) => s.peer_workload().and_then(|w| w.service.clone()),
@@ -348,10 +352,18 @@ fn labels(
     target: &Target,
     svc: &Service,
     tls: Option<&tls::Configs>,
+    local: &metrics::Peer,
 ) -> TcpLabels {
     let mtls = upstream.is_mtls();
     let server = upstream.peer_identity(target.transport.identities());
-    TcpLabels::new(metrics::SOURCE, svc.host.to_string(), mtls)
+    let destination = match &target.via {
+        route::Via::Direct(w) => metrics::Peer::of_workload(w),
+        _ => metrics::Peer::of_principal(server.as_ref().map(SpiffeId::as_str)),
+    };
+    let host = svc.host.to_string();
+    let workloads = metrics::Workloads::new(local, &destination, &host, &svc.namespace);
+    TcpLabels::new(metrics::SOURCE, host, mtls)
+        .workloads(workloads)
         .principals(
             tls.filter(|_| mtls).map(|c| c.spiffe.as_str()),
             server.as_ref().map(SpiffeId::as_str),

@@ -192,6 +192,9 @@ pub struct EndpointInfo {
     pub priority: u32,
     /// `name;ns;svc;rev;cluster` of istio's workload metadata: (name, namespace).
     pub workload: Option<(String, String)>,
+    /// The same metadata's canonical service, canonical revision and cluster (empty: unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canonical: Option<(String, String, String)>,
 }
 
 /// Which clusters are ours to use (a service's, a subset's); the rest (inbound, BlackHole,
@@ -430,12 +433,15 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointInfo>, Inval
             let mtls = filter(md, "envoy.transport_socket_match")
                 .and_then(|s| struct_str(s, "tlsMode"))
                 .is_some_and(|m| m == "istio");
-            let workload = filter(md, "istio")
-                .and_then(|s| struct_str(s, "workload"))
-                .and_then(|w| {
-                    let mut f = w.split(';');
-                    Some((f.next()?.to_string(), f.next()?.to_string()))
-                });
+            let meta = filter(md, "istio").and_then(|s| struct_str(s, "workload"));
+            let workload = meta.and_then(|w| {
+                let mut f = w.split(';');
+                Some((f.next()?.to_string(), f.next()?.to_string()))
+            });
+            let canonical = meta.and_then(|w| {
+                let mut f = w.split(';').skip(2).map(str::to_string);
+                Some((f.next()?, f.next()?, f.next().unwrap_or_default()))
+            });
             // HEALTHY (1), UNKNOWN (0) and DEGRADED (5) take traffic, as in Envoy; UNHEALTHY,
             // DRAINING, TIMEOUT do not.
             let healthy = matches!(lb.health_status, 0 | 1 | 5);
@@ -453,6 +459,7 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointInfo>, Inval
                 locality: loc.clone(),
                 priority: locality.priority,
                 workload,
+                canonical,
             });
         }
     }
@@ -605,7 +612,41 @@ fn labels(mtls: bool, hbone: bool) -> Arc<BTreeMap<String, String>> {
         .clone()
 }
 
-fn workload(cluster: &ClusterInfo, e: &EndpointInfo) -> Workload {
+/// The endpoint's labels: its transport's, and the canonical service, revision and cluster of
+/// its `istio.workload` metadata (shared among a cluster's endpoints that have the same).
+fn endpoint_labels(
+    e: &EndpointInfo,
+    seen: &mut Vec<Arc<BTreeMap<String, String>>>,
+) -> Arc<BTreeMap<String, String>> {
+    let base = labels(e.mtls, e.hbone);
+    let Some((svc, rev, cluster)) = &e.canonical else {
+        return base;
+    };
+    let mut l = BTreeMap::clone(&base);
+    for (k, v) in [
+        ("service.istio.io/canonical-name", svc),
+        ("service.istio.io/canonical-revision", rev),
+        ("topology.istio.io/cluster", cluster),
+    ] {
+        if !v.is_empty() {
+            l.insert(k.to_string(), v.clone());
+        }
+    }
+    if let Some(same) = seen.iter().find(|s| ***s == l) {
+        return same.clone();
+    }
+    let l = Arc::new(l);
+    if seen.len() < 16 {
+        seen.push(l.clone());
+    }
+    l
+}
+
+fn workload(
+    cluster: &ClusterInfo,
+    e: &EndpointInfo,
+    seen: &mut Vec<Arc<BTreeMap<String, String>>>,
+) -> Workload {
     let (name, namespace) = match &e.workload {
         Some((n, ns)) => (format!("{ns}/{n}"), ns.clone()),
         None => (
@@ -617,7 +658,7 @@ fn workload(cluster: &ClusterInfo, e: &EndpointInfo) -> Workload {
         name,
         namespace,
         address: e.address.clone(),
-        labels: labels(e.mtls, e.hbone),
+        labels: endpoint_labels(e, seen),
         ports: BTreeMap::new(),
         port: Some(e.port),
         network: String::new(),
@@ -642,7 +683,10 @@ pub fn cluster_workloads(
         ClusterKind::Eds => assigned.unwrap_or(&[]),
         _ => &cluster.inline,
     };
-    eps.iter().map(|e| Arc::new(workload(cluster, e))).collect()
+    let mut seen = Vec::new();
+    eps.iter()
+        .map(|e| Arc::new(workload(cluster, e, &mut seen)))
+        .collect()
 }
 
 /// One service per host of the clusters: ports from its clusters, VIPs from the name table,

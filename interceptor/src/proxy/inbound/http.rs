@@ -43,6 +43,7 @@ pub(super) struct Client {
     pub app_h2: bool,
     /// The service served here (its host), else the address: `destination_service`.
     pub service: String,
+    pub service_namespace: String,
 }
 
 impl Inbound {
@@ -66,6 +67,8 @@ impl Inbound {
     async fn request(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
+        // The caller's Istio metadata headers: read and removed before anything sees them.
+        let exchanged = crate::metadata_exchange::take(&mut parts.headers);
         let upgrade = upgrade_protocol(&parts).filter(|_| !client.app_h2);
         let client_upgrade = upgrade
             .as_ref()
@@ -86,9 +89,23 @@ impl Inbound {
         follow_upgrade(&mut response, upgrade.as_ref(), client_upgrade);
         let status = response.status().as_u16();
         let source = client.identity.as_ref().map(SpiffeId::as_str);
+        // Istio answers with its own headers only to a peer that sent its.
+        if let (Some(_), Some(ours)) = (&exchanged, &self.local.headers) {
+            ours.add(response.headers_mut());
+        }
         let labels = RequestLabels {
             reporter: metrics::DESTINATION,
             source_principal: source.unwrap_or(metrics::UNKNOWN).to_string(),
+            destination_principal: self.tls.current().map_or_else(
+                || metrics::UNKNOWN.to_string(),
+                |id| id.spiffe.as_str().to_string(),
+            ),
+            workloads: metrics::Workloads::new(
+                &metrics::Peer::of_peer(exchanged, source),
+                &self.local.peer,
+                &client.service,
+                &client.service_namespace,
+            ),
             destination_service: client.service.clone(),
             destination_version: metrics::UNKNOWN.into(),
             request_protocol: request_protocol(&parts.headers),

@@ -45,6 +45,8 @@ pub struct Inbound {
     metrics: Arc<Metrics>,
     /// Kept HTTP connections to the app (inbound HTTP).
     app_pool: Arc<crate::proxy::pool::Pool>,
+    /// How our metrics name this VM, and the headers that tell HTTP peers.
+    local: Arc<crate::metadata_exchange::Local>,
 }
 
 /// How an authorized connection goes on.
@@ -174,6 +176,7 @@ impl Inbound {
         own_port: u16,
         hbone_port: Option<u16>,
         workload: crate::baggage::Workload,
+        local: Arc<crate::metadata_exchange::Local>,
         app_source4: Ipv4Addr,
         handshakes: Arc<crate::net::Limit>,
         metrics: Arc<Metrics>,
@@ -187,6 +190,7 @@ impl Inbound {
             baggage: workload
                 .header()
                 .and_then(|b| hyper::header::HeaderValue::from_str(&b).ok()),
+            local,
             app_source4,
             handshakes,
             metrics,
@@ -268,6 +272,18 @@ impl Inbound {
         }
     }
 
+    /// Istio's workload labels of an inbound connection: the client as its identity tells
+    /// (its namespace), this VM as the destination.
+    fn inbound_workloads(&self, source: Option<&str>, service: &str) -> metrics::Workloads {
+        let local = &self.local.peer;
+        metrics::Workloads::new(
+            &metrics::Peer::of_principal(source),
+            local,
+            service,
+            &local.namespace,
+        )
+    }
+
     /// A connection whose policy needs its requests, served as HTTP.
     async fn serve_requests<I>(self: &Arc<Self>, io: I, conn: &mut Conn, mtls: bool)
     where
@@ -283,6 +299,9 @@ impl Inbound {
             mtls,
             app_h2: service.is_some_and(|(_, sp)| sp.is_http2()),
             service: service.map_or_else(|| conn.dst.to_string(), |(s, _)| s.host.to_string()),
+            service_namespace: service
+                .map(|(s, _)| s.namespace.clone())
+                .unwrap_or_default(),
         };
         drop(table);
         self.serve_http(io, client).await;
@@ -372,10 +391,10 @@ impl Inbound {
         if let Some(rustls::HandshakeKind::Resumed) = tls.get_ref().1.handshake_kind() {
             conn.kind = Some(Kind::MtlsResumed);
         }
-        let labels = TcpLabels::new(metrics::DESTINATION, conn.dst.to_string(), true).principals(
-            conn.identity.as_ref().map(SpiffeId::as_str),
-            Some(id.spiffe.as_str()),
-        );
+        let source = conn.identity.as_ref().map(SpiffeId::as_str);
+        let labels = TcpLabels::new(metrics::DESTINATION, conn.dst.to_string(), true)
+            .principals(source, Some(id.spiffe.as_str()))
+            .workloads(self.inbound_workloads(source, &conn.dst.to_string()));
         self.metrics.opened(&labels);
         let r = relay(&mut tls, &mut app).await;
         self.metrics.closed(&labels, r.a_to_b, r.b_to_a);
@@ -413,7 +432,8 @@ impl Inbound {
         let mut app = connect_app(conn.dst, self.app_source4)
             .await
             .map_err(Refused::App)?;
-        let labels = TcpLabels::new(metrics::DESTINATION, conn.dst.to_string(), false);
+        let labels = TcpLabels::new(metrics::DESTINATION, conn.dst.to_string(), false)
+            .workloads(self.inbound_workloads(None, &conn.dst.to_string()));
         self.metrics.opened(&labels);
         let r = relay(&mut stream, &mut app).await;
         self.metrics.closed(&labels, r.a_to_b, r.b_to_a);

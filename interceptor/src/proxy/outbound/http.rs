@@ -62,6 +62,8 @@ struct Outcome {
     limited: Option<Limited>,
     /// The request counted in flight until its response ends.
     held: Option<Slot>,
+    /// The workload that answered, as Istio's telemetry names it.
+    destination: Option<metrics::Peer>,
 }
 
 impl Outcome {
@@ -75,6 +77,7 @@ impl Outcome {
             attempts: 0,
             limited: None,
             held: None,
+            destination: None,
         }
     }
 
@@ -200,18 +203,26 @@ impl Outbound {
             .await;
         follow_upgrade(&mut outcome.response, upgrade.as_ref(), client_upgrade);
         let status = outcome.response.status().as_u16();
-        let service = table
-            .service_for(dst)
-            .map(|(s, _)| s.host.to_string())
-            .unwrap_or_else(|| dst.to_string());
+        let (service, service_namespace) = table.service_for(dst).map_or_else(
+            || (dst.to_string(), String::new()),
+            |(s, _)| (s.host.to_string(), s.namespace.clone()),
+        );
+        let destination_version = labels_version(&outcome);
         let labels = RequestLabels {
             reporter: metrics::SOURCE,
             source_principal: self.tls.current().map_or_else(
                 || metrics::UNKNOWN.to_string(),
                 |id| id.spiffe.as_str().to_string(),
             ),
+            destination_principal: metrics::UNKNOWN.into(),
+            workloads: metrics::Workloads::new(
+                &self.local.peer,
+                &outcome.destination.take().unwrap_or_default(),
+                &service,
+                &service_namespace,
+            ),
             destination_service: service.clone(),
-            destination_version: outcome.version.clone(),
+            destination_version,
             request_protocol: request_protocol(&parts.headers),
             response_code: status,
             grpc_response_status: "",
@@ -287,6 +298,12 @@ impl Outbound {
             }
         };
         prepare_headers(&mut parts.headers, rule.map(|r| &r.request_headers));
+        // Our Istio metadata headers, to mesh services (not to external ones, as Istio's
+        // skip_external_clusters).
+        let internal = svc.location == crate::mesh::Location::MeshInternal;
+        if let Some(ours) = self.local.headers.as_ref().filter(|_| internal) {
+            ours.add(&mut parts.headers);
+        }
         if let Some(p) = upgrade {
             set_upgrade(&mut parts.headers, p);
         }
@@ -403,7 +420,7 @@ impl Outbound {
                 limited.as_ref(),
             )
             .await;
-        let (target, sender, key, sent) = match exchanged {
+        let (target, sender, key, mut sent) = match exchanged {
             Ok(ok) => ok,
             Err(NotSent::Overflow(o)) => return (self.overflowed(o, name), false),
             Err(NotSent::Unreachable) => {
@@ -421,6 +438,15 @@ impl Outbound {
         };
         tried.push(target.endpoint.clone());
         let _open = self.load.open(dial.count_key(), &target.endpoint);
+        // The server's Istio metadata headers name it best; else its endpoint's metadata.
+        let answered = match &mut sent {
+            Ok(Ok(r)) => crate::metadata_exchange::take(r.headers_mut()),
+            _ => None,
+        };
+        let destination = answered.or_else(|| match &target.via {
+            crate::route::Via::Direct(w) => Some(metrics::Peer::of_workload(w)),
+            _ => None,
+        });
         let breaker = limited.as_ref().map(|l| l.breaker.clone());
         let (response, flags, retry) =
             self.judge(sent, retries, &dial, &target, (key, sender, breaker));
@@ -437,6 +463,7 @@ impl Outbound {
             attempts: 0,
             limited,
             held,
+            destination,
         };
         (outcome, retry)
     }
@@ -814,6 +841,15 @@ impl Drop for PendingGauge {
     fn drop(&mut self) {
         self.0.pending_request(-1);
     }
+}
+
+/// `destination_version`: the answering workload's, as it said (its metadata headers) or as
+/// its endpoint's metadata says.
+fn labels_version(outcome: &Outcome) -> String {
+    outcome
+        .destination
+        .as_ref()
+        .map_or_else(|| outcome.version.clone(), |p| p.version.clone())
 }
 
 /// A request's result: the upstream's answer or error, or the per-try timeout.
