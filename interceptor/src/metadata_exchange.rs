@@ -154,13 +154,13 @@ mod tests {
         ours.add(&mut h);
         let peer = take(&mut h).unwrap();
         assert!(h.is_empty(), "the headers are removed: {h:?}");
-        assert_eq!(peer.workload, "billing-vm");
-        assert_eq!(peer.namespace, "shop");
-        assert_eq!(peer.app, "billing");
-        assert_eq!(peer.version, "v7");
-        assert_eq!(peer.canonical_service, "billing");
-        assert_eq!(peer.canonical_revision, "v7");
-        assert_eq!(peer.cluster, "vms");
+        assert_eq!(&*peer.workload, "billing-vm");
+        assert_eq!(&*peer.namespace, "shop");
+        assert_eq!(&*peer.app, "billing");
+        assert_eq!(&*peer.version, "v7");
+        assert_eq!(&*peer.canonical_service, "billing");
+        assert_eq!(&*peer.canonical_revision, "v7");
+        assert_eq!(&*peer.cluster, "vms");
     }
 
     #[test]
@@ -172,7 +172,7 @@ mod tests {
             // "not a struct" may decode as an empty struct (protobuf is lenient): then every
             // part is unknown.
             if let Some(p) = take(&mut h) {
-                assert_eq!(p.workload, "unknown", "{bad}");
+                assert_eq!(&*p.workload, "unknown", "{bad}");
             }
             assert!(h.is_empty());
         }

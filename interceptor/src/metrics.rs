@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 
 /// Who reports a connection, in Istio's terms.
 pub const SOURCE: &str = "source";
@@ -23,26 +24,30 @@ pub const UNKNOWN: &str = "unknown";
 /// `latest`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Peer {
-    pub workload: String,
-    pub namespace: String,
-    pub app: String,
-    pub version: String,
-    pub canonical_service: String,
-    pub canonical_revision: String,
-    pub cluster: String,
+    pub workload: Arc<str>,
+    pub namespace: Arc<str>,
+    pub app: Arc<str>,
+    pub version: Arc<str>,
+    pub canonical_service: Arc<str>,
+    pub canonical_revision: Arc<str>,
+    pub cluster: Arc<str>,
 }
 
 impl Default for Peer {
     fn default() -> Self {
-        Peer {
-            workload: UNKNOWN.into(),
-            namespace: UNKNOWN.into(),
-            app: UNKNOWN.into(),
-            version: UNKNOWN.into(),
-            canonical_service: UNKNOWN.into(),
-            canonical_revision: "latest".into(),
-            cluster: UNKNOWN.into(),
-        }
+        static NOBODY: std::sync::LazyLock<Peer> = std::sync::LazyLock::new(|| {
+            let unknown: Arc<str> = UNKNOWN.into();
+            Peer {
+                workload: unknown.clone(),
+                namespace: unknown.clone(),
+                app: unknown.clone(),
+                version: unknown.clone(),
+                canonical_service: unknown.clone(),
+                canonical_revision: "latest".into(),
+                cluster: unknown,
+            }
+        });
+        NOBODY.clone()
     }
 }
 
@@ -55,10 +60,8 @@ impl Peer {
         labels: &std::collections::BTreeMap<String, String>,
         cluster: Option<&str>,
     ) -> Self {
-        let known = |s: Option<&str>| {
-            s.filter(|s| !s.is_empty())
-                .map_or_else(|| UNKNOWN.to_string(), str::to_string)
-        };
+        let known =
+            |s: Option<&str>| -> Arc<str> { s.filter(|s| !s.is_empty()).unwrap_or(UNKNOWN).into() };
         let label = |k: &str| known(labels.get(k).map(String::as_str));
         let canonical =
             crate::baggage::Workload::new(namespace.unwrap_or_default(), labels, cluster, workload);
@@ -68,7 +71,7 @@ impl Peer {
             app: label("app"),
             version: label("version"),
             canonical_service: known(canonical.service.as_deref()),
-            canonical_revision: canonical.revision.unwrap_or_else(|| "latest".into()),
+            canonical_revision: canonical.revision.as_deref().unwrap_or("latest").into(),
             cluster: known(
                 cluster.or_else(|| labels.get("topology.istio.io/cluster").map(String::as_str)),
             ),
@@ -87,6 +90,21 @@ impl Peer {
         p
     }
 
+    /// An HBONE peer as its `baggage` names it (ztunnel's telemetry: the canonical service and
+    /// revision are also its app and version).
+    pub fn of_baggage(w: &crate::baggage::Workload) -> Self {
+        let known = |s: &Option<String>| -> Arc<str> { s.as_deref().unwrap_or(UNKNOWN).into() };
+        Peer {
+            workload: known(&w.name),
+            namespace: known(&w.namespace),
+            app: known(&w.service),
+            version: known(&w.revision),
+            canonical_service: known(&w.service),
+            canonical_revision: w.revision.as_deref().unwrap_or("latest").into(),
+            cluster: known(&w.cluster),
+        }
+    }
+
     /// The peer its metadata headers describe (if it sent them), its namespace taken from its
     /// proved identity first, as Istio does.
     pub fn of_peer(exchanged: Option<Peer>, spiffe: Option<&str>) -> Self {
@@ -94,7 +112,7 @@ impl Peer {
         match exchanged {
             None => by_id,
             Some(mut p) => {
-                if by_id.namespace != UNKNOWN {
+                if &*by_id.namespace != UNKNOWN {
                     p.namespace = by_id.namespace;
                 }
                 p
@@ -106,7 +124,7 @@ impl Peer {
     pub fn of_principal(spiffe: Option<&str>) -> Self {
         let namespace = spiffe.and_then(|id| id.split("/ns/").nth(1)?.split('/').next());
         Peer {
-            namespace: namespace.map_or_else(|| UNKNOWN.to_string(), str::to_string),
+            namespace: namespace.unwrap_or(UNKNOWN).into(),
             ..Peer::default()
         }
     }
@@ -115,21 +133,21 @@ impl Peer {
 /// Istio's workload labels of both ends and the destination service's name and namespace.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Workloads {
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_cluster: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_app: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_cluster: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    pub source_workload: Arc<str>,
+    pub source_workload_namespace: Arc<str>,
+    pub source_app: Arc<str>,
+    pub source_version: Arc<str>,
+    pub source_canonical_service: Arc<str>,
+    pub source_canonical_revision: Arc<str>,
+    pub source_cluster: Arc<str>,
+    pub destination_workload: Arc<str>,
+    pub destination_workload_namespace: Arc<str>,
+    pub destination_app: Arc<str>,
+    pub destination_canonical_service: Arc<str>,
+    pub destination_canonical_revision: Arc<str>,
+    pub destination_cluster: Arc<str>,
+    pub destination_service_name: Arc<str>,
+    pub destination_service_namespace: Arc<str>,
 }
 
 impl Default for Workloads {
@@ -165,11 +183,11 @@ impl Workloads {
             destination_canonical_service: destination.canonical_service.clone(),
             destination_canonical_revision: destination.canonical_revision.clone(),
             destination_cluster: destination.cluster.clone(),
-            destination_service_name: name.to_string(),
+            destination_service_name: name.into(),
             destination_service_namespace: if service_namespace.is_empty() {
-                UNKNOWN.to_string()
+                UNKNOWN.into()
             } else {
-                service_namespace.to_string()
+                service_namespace.into()
             },
         }
     }

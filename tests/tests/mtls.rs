@@ -1738,7 +1738,8 @@ fn request_metrics_name_both_workloads_through_the_metadata_exchange() {
         ("source_app", "billing"),
         ("destination_workload", "product-group"),
         ("destination_app", "product"),
-        ("destination_version", "latest"),
+        // As the pod said (its `version` label), not as the VM's table has it.
+        ("destination_version", "v9"),
         ("destination_service_name", "product"),
         ("response_code", "200"),
     ];

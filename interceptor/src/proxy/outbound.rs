@@ -53,6 +53,8 @@ pub struct Outbound {
     /// Upstream HTTP connections kept for the next request.
     pool: Arc<super::pool::Pool>,
     breakers: super::breaker::Breakers,
+    /// Endpoints' telemetry names, made once per table.
+    peers: Peers,
     /// Mirrored copies in flight (bounded: a slow mirror sheds copies, never memory).
     mirroring: std::sync::atomic::AtomicUsize,
     metrics: Arc<Metrics>,
@@ -87,6 +89,7 @@ impl Outbound {
             load: Arc::default(),
             pool: Arc::default(),
             breakers: super::breaker::Breakers::default(),
+            peers: Peers::default(),
             mirroring: Default::default(),
             metrics,
         })
@@ -178,7 +181,13 @@ impl Outbound {
         let targets = &dial.targets;
         let target = &targets[i];
         let _open = self.load.open(dial.count_key(), &target.endpoint);
-        let labels = labels(&upstream, target, svc, tls.as_deref(), &self.local.peer);
+        let labels = labels(
+            &upstream,
+            target,
+            svc,
+            tls.as_deref(),
+            (&self.local.peer, &self.peers, &table),
+        );
         self.metrics.opened(&labels);
         let peer_workload = match &upstream {
             Upstream::Hbone(s) => s.peer_workload().and_then(|w| w.service.clone()),
@@ -204,6 +213,31 @@ impl Outbound {
             duration_ms = started.elapsed().as_millis() as u64,
             "outbound connection closed"
         );
+    }
+}
+
+/// Each endpoint's name in Istio's telemetry, made once per table version (a request names
+/// its answering workload without rebuilding it).
+#[derive(Default)]
+pub(super) struct Peers {
+    by_workload: std::sync::Mutex<(u64, std::collections::HashMap<String, metrics::Peer>)>,
+}
+
+/// Workloads named before the cache starts over.
+const MAX_PEERS: usize = 4096;
+
+impl Peers {
+    pub(super) fn of(&self, table: &Table, w: &crate::mesh::Workload) -> metrics::Peer {
+        let mut c = self.by_workload.lock().unwrap_or_else(|e| e.into_inner());
+        if c.0 != table.version || c.1.len() >= MAX_PEERS {
+            *c = (table.version, Default::default());
+        }
+        if let Some(p) = c.1.get(&w.name) {
+            return p.clone();
+        }
+        let p = metrics::Peer::of_workload(w);
+        c.1.insert(w.name.clone(), p.clone());
+        p
     }
 }
 
@@ -352,12 +386,12 @@ fn labels(
     target: &Target,
     svc: &Service,
     tls: Option<&tls::Configs>,
-    local: &metrics::Peer,
+    (local, peers, table): (&metrics::Peer, &Peers, &Table),
 ) -> TcpLabels {
     let mtls = upstream.is_mtls();
     let server = upstream.peer_identity(target.transport.identities());
     let destination = match &target.via {
-        route::Via::Direct(w) => metrics::Peer::of_workload(w),
+        route::Via::Direct(w) => peers.of(table, w),
         _ => metrics::Peer::of_principal(server.as_ref().map(SpiffeId::as_str)),
     };
     let host = svc.host.to_string();

@@ -243,10 +243,17 @@ impl Tunnel {
         };
         let m = &self.inbound.metrics;
         m.hbone_stream(INBOUND);
-        let labels = TcpLabels::new(metrics::DESTINATION, service.clone(), true).principals(
-            self.client.as_ref().map(SpiffeId::as_str),
-            Some(self.ours.as_str()),
-        );
+        let client = self.client.as_ref().map(SpiffeId::as_str);
+        let peer = metrics::Peer::of_peer(Some(metrics::Peer::of_baggage(&source)), client);
+        let local = &self.inbound.local.peer;
+        let labels = TcpLabels::new(metrics::DESTINATION, service.clone(), true)
+            .principals(client, Some(self.ours.as_str()))
+            .workloads(metrics::Workloads::new(
+                &peer,
+                local,
+                &service,
+                &local.namespace,
+            ));
         m.opened(&labels);
         let r = relay(&mut tunnel, &mut app).await;
         m.closed(&labels, r.a_to_b, r.b_to_a);

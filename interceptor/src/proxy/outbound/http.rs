@@ -444,7 +444,7 @@ impl Outbound {
             _ => None,
         };
         let destination = answered.or_else(|| match &target.via {
-            crate::route::Via::Direct(w) => Some(metrics::Peer::of_workload(w)),
+            crate::route::Via::Direct(w) => Some(self.peers.of(table, w)),
             _ => None,
         });
         let breaker = limited.as_ref().map(|l| l.breaker.clone());
@@ -849,7 +849,7 @@ fn labels_version(outcome: &Outcome) -> String {
     outcome
         .destination
         .as_ref()
-        .map_or_else(|| outcome.version.clone(), |p| p.version.clone())
+        .map_or_else(|| outcome.version.clone(), |p| p.version.to_string())
 }
 
 /// A request's result: the upstream's answer or error, or the per-try timeout.
