@@ -624,6 +624,14 @@ impl Envoy {
             .unwrap_or(0)
     }
 
+    /// Every stat whose name matches `regex` (Envoy's /stats filter), as Envoy lists them.
+    pub fn stats(&self, regex: &str) -> String {
+        self.ns
+            .http_get(&self.admin, &format!("/stats?filter={regex}"))
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
     /// Waits until `stat(name)` reaches `at_least`.
     pub fn wait_stat(&self, name: &str, at_least: u64, secs: f64) -> bool {
         wait_for(secs, || (self.stat(name) >= at_least).then_some(())).is_some()

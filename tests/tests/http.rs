@@ -27,6 +27,9 @@ const BROKEN: &str = "10.77.0.22";
 /// its connection pool (Istio's circuit-breaking task).
 const RATINGS: &str = "ratings.shop.svc.cluster.local";
 const RATINGS_VIP: &str = "240.240.5.6";
+/// A third, whose DestinationRule caps the requests in flight (`http2MaxRequests: 1`).
+const DETAILS: &str = "details.shop.svc.cluster.local";
+const DETAILS_VIP: &str = "240.240.5.7";
 
 /// The service as a ServiceEntry, for the file source.
 fn service_entry() -> String {
@@ -50,6 +53,17 @@ metadata: {{name: ratings, namespace: shop}}
 spec:
   hosts: [{RATINGS}]
   addresses: [{RATINGS_VIP}]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: {V1}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: details, namespace: shop}}
+spec:
+  hosts: [{DETAILS}]
+  addresses: [{DETAILS_VIP}]
   ports: [{{number: 9080, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints:
@@ -79,8 +93,13 @@ fn control_plane_mesh() -> Mesh {
     let mut e = Endpoint::new(V1, 9080);
     e.mtls = false;
     ratings.endpoints.push(e);
+    let mut details = Service::new(DETAILS, DETAILS_VIP, 9080);
+    details.http_ports = vec![9080];
+    let mut e = Endpoint::new(V1, 9080);
+    e.mtls = false;
+    details.endpoints.push(e);
     Mesh {
-        services: vec![s, ratings],
+        services: vec![s, ratings, details],
         traffic: intent(),
         ..Default::default()
     }
@@ -97,6 +116,13 @@ spec:
     connectionPool:
       tcp: {maxConnections: 1}
       http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: details, namespace: shop}
+spec:
+  host: details
+  trafficPolicy: {connectionPool: {http: {http2MaxRequests: 1}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -673,6 +699,58 @@ fn a_destination_rules_connection_pool_limits_requests_as_envoy_does() {
         10.0,
         5.0
     ));
+    // http2MaxRequests caps requests in flight on an HTTP/1.1 cluster too (Envoy's
+    // max_requests): of three slow requests at once, one is served, the others refused at once.
+    for side in SIDES {
+        let slow = format!("http://{DETAILS_VIP}:9080/delay/1000");
+        let out = w.curl(
+            side,
+            &[
+                "--parallel",
+                "--parallel-immediate",
+                "--parallel-max",
+                "3",
+                "-w",
+                "%{http_code} %{time_total}\n",
+                "-o",
+                "/dev/null",
+                "-o",
+                "/dev/null",
+                "-o",
+                "/dev/null",
+                &slow,
+                &slow,
+                &slow,
+            ],
+        );
+        let mut got: Vec<(u16, f64)> = out
+            .lines()
+            .filter_map(|l| {
+                let (c, t) = l.trim().split_once(' ')?;
+                Some((c.parse().ok()?, t.parse().ok()?))
+            })
+            .collect();
+        got.sort_by(|a, b| a.1.total_cmp(&b.1));
+        eprintln!("{side:?}: http2MaxRequests 1, three slow requests at once: {got:?}");
+        let codes: Vec<u16> = got.iter().map(|g| g.0).collect();
+        assert_eq!(codes, vec![503, 503, 200], "{side:?}: {got:?}");
+        assert!(got[1].1 < 0.5, "{side:?}: refused at once: {got:?}");
+    }
+    // Envoy 1.40 counts it as upstream_rq_active_overflow.
+    let overflow = format!("cluster.outbound|9080||{DETAILS}.upstream_rq_active_overflow");
+    assert!(
+        w.reference.envoy.wait_stat(&overflow, 2, 5.0),
+        "Envoy counted no request overflow: {}",
+        w.reference.envoy.stats("overflow")
+    );
+    for ic in [&w.ic, &w.ic_istiod] {
+        assert!(ic.wait_counter(
+            "interceptor_outbound_refused_total",
+            &[("reason", "request_overflow")],
+            2.0,
+            5.0
+        ));
+    }
     let overflow = format!("cluster.outbound|9080||{RATINGS}.upstream_rq_pending_overflow");
     assert!(
         w.reference.envoy.wait_stat(&overflow, 1, 5.0),
