@@ -1699,6 +1699,12 @@ fn request_metrics_name_both_workloads_through_the_metadata_exchange() {
         .args(["--workload-name", "product-group"])
         .log("pod-ic")
         .start();
+    let dump = Tcpdump::start(
+        &m.pod_node().ns,
+        m.pod_node().iface("a"),
+        "tcp port 8080",
+        m.t.path("http-wire.pcap"),
+    );
     let (_, out, err) = try_sh(&mut m.vm_node().with_resolv(
         &m.resolv,
         &format!("exec curl -sS -m 5 -i -X POST http://{HOST}:8080/orders"),
@@ -1708,6 +1714,18 @@ fn request_metrics_name_both_workloads_through_the_metadata_exchange() {
         !out.to_ascii_lowercase().contains("x-envoy-peer-metadata"),
         "neither the app nor the client sees the exchange's headers: {out}"
     );
+    // The HTTP path's mTLS offers Istio's HTTP ALPN first, as Envoy's istio.alpn filter.
+    let pcap = dump.stop();
+    let payloads = tcp_payloads(&pcap, "dst port 8080");
+    let hello = interceptor::tls::parse_client_hello(&payloads[0])
+        .expect("a TLS ClientHello")
+        .expect("complete in the first segment");
+    let alpn: Vec<String> = hello
+        .alpn
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).to_string())
+        .collect();
+    assert_eq!(alpn, ["istio-http/1.1", "istio", "http/1.1"]);
     let destination = [
         ("reporter", "destination"),
         ("source_workload", "billing-vms"),

@@ -169,7 +169,12 @@ impl Outbound {
         };
         let started = Instant::now();
         let (i, upstream) = match self
-            .connect(&dial.targets, &dial.policy, peer, &svc.host)
+            .connect(
+                &dial.targets,
+                &dial.policy,
+                (peer, &svc.host),
+                tls::Alpn::Istio,
+            )
             .await
         {
             Ok(ok) => ok,
@@ -321,13 +326,14 @@ impl Outbound {
         })
     }
 
-    /// Dials `targets` in order (the next one when one fails), as the cluster's policy says.
+    /// Dials `targets` in order (the next one when one fails), as the cluster's policy says;
+    /// Istio mTLS offers `alpn`.
     async fn connect(
         &self,
         targets: &[Target],
         policy: &TrafficPolicy,
-        peer: SocketAddr,
-        service: &Host,
+        (peer, service): (SocketAddr, &Host),
+        alpn: tls::Alpn,
     ) -> Result<(usize, Upstream), crate::transport::Exhausted> {
         try_targets(
             targets,
@@ -348,6 +354,7 @@ impl Outbound {
                     client: peer,
                     service: service.as_str(),
                 },
+                alpn,
             ),
         )
         .await

@@ -37,6 +37,29 @@ pub enum Error {
 
 /// ALPN the outbound side offers (SPEC section 5: not `istio-peer-exchange`).
 pub const ALPN_ISTIO: &[u8] = b"istio";
+
+/// What an outbound mTLS connection will carry, and so the ALPN it offers: `istio` for bytes;
+/// for HTTP, as Envoy's `istio.alpn` filter overrides it per upstream protocol, the `istio-*`
+/// protocol (which steers an Istio sidecar to its HTTP filter chain), then `istio`, then the
+/// plain protocol (sheet 7.2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Alpn {
+    #[default]
+    Istio,
+    Http1,
+    Http2,
+}
+
+impl Alpn {
+    pub fn protocols(self) -> Vec<Vec<u8>> {
+        let list: &[&[u8]] = match self {
+            Alpn::Istio => &[ALPN_ISTIO],
+            Alpn::Http1 => &[b"istio-http/1.1", ALPN_ISTIO, b"http/1.1"],
+            Alpn::Http2 => &[b"istio-h2", ALPN_ISTIO, b"h2"],
+        };
+        list.iter().map(|a| a.to_vec()).collect()
+    }
+}
 /// ALPNs that mark a TLS connection as Istio mTLS on the inbound side (SPEC section 6).
 pub const ISTIO_ALPNS: [&[u8]; 5] = [
     b"istio",
@@ -109,8 +132,12 @@ pub fn client_for(
     base: &ClientConfig,
     roots: &Arc<RootCertStore>,
     expected: Vec<SpiffeId>,
+    alpn: Alpn,
 ) -> Arc<ClientConfig> {
     let mut cfg = expecting(base, roots, expected);
+    if alpn != Alpn::Istio {
+        cfg.alpn_protocols = alpn.protocols();
+    }
     cfg.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS_PER_ENDPOINT);
     Arc::new(cfg)
 }

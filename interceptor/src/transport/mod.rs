@@ -192,14 +192,16 @@ impl Dialer {
 
     /// Connects to `target` and sets up its transport.
     pub async fn dial(&self, target: &Target) -> Result<Upstream, DialError> {
-        self.dial_for(target, None).await
+        self.dial_for(target, None, tls::Alpn::Istio).await
     }
 
-    /// As `dial`, for an application connection (HBONE tells the peer of it).
+    /// As `dial`, for an application connection (HBONE tells the peer of it; Istio mTLS
+    /// offers `alpn`).
     pub async fn dial_for(
         &self,
         target: &Target,
         origin: Option<hbone::Origin<'_>>,
+        alpn: tls::Alpn,
     ) -> Result<Upstream, DialError> {
         match &target.transport {
             Transport::Plain => Ok(Upstream::Tcp(self.tcp(&target.endpoint).await?)),
@@ -265,9 +267,9 @@ impl Dialer {
             Transport::Tls { sni, identities } => {
                 let id = self.certificate()?;
                 let tcp = self.tcp(&target.endpoint).await?;
-                let config = self
-                    .configs
-                    .get(&id.client, &id.roots, &target.endpoint, identities);
+                let config =
+                    self.configs
+                        .get(&id.client, &id.roots, &target.endpoint, identities, alpn);
                 let name = ServerName::try_from(sni.to_string())
                     .map_err(|_| DialError::Sni(sni.to_string()))?;
                 let handshake = TlsConnector::from(config).connect(name, buffered(tcp));
@@ -370,7 +372,7 @@ impl Connector for Dialer {
 }
 
 /// Each target with its transport, for an application connection from `.1`.
-pub struct For<'a>(pub &'a Dialer, pub hbone::Origin<'a>);
+pub struct For<'a>(pub &'a Dialer, pub hbone::Origin<'a>, pub tls::Alpn);
 
 impl Connector for For<'_> {
     type Conn = Upstream;
@@ -381,7 +383,7 @@ impl Connector for For<'_> {
         &'a self,
         target: &'a Target,
     ) -> impl Future<Output = Result<Upstream, DialError>> + Send + 'a {
-        self.0.dial_for(target, Some(self.1))
+        self.0.dial_for(target, Some(self.1), self.2)
     }
 }
 
@@ -530,7 +532,7 @@ pub struct ClientConfigs {
     inner: Mutex<Option<ConfigCache>>,
 }
 
-type ConfigKey = (EndpointAddr, Vec<SpiffeId>);
+type ConfigKey = (EndpointAddr, Vec<SpiffeId>, tls::Alpn);
 /// The base the configs were made from, and the configs.
 type ConfigCache = (Arc<ClientConfig>, HashMap<ConfigKey, Arc<ClientConfig>>);
 
@@ -544,6 +546,7 @@ impl ClientConfigs {
         roots: &Arc<RootCertStore>,
         endpoint: &EndpointAddr,
         expected: &[SpiffeId],
+        alpn: tls::Alpn,
     ) -> Arc<ClientConfig> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = match &*inner {
@@ -554,10 +557,10 @@ impl ClientConfigs {
             *inner = Some((base.clone(), HashMap::new()));
         }
         let Some((_, map)) = inner.as_mut() else {
-            return tls::client_for(base, roots, expected.to_vec());
+            return tls::client_for(base, roots, expected.to_vec(), alpn);
         };
-        map.entry((endpoint.clone(), expected.to_vec()))
-            .or_insert_with(|| tls::client_for(base, roots, expected.to_vec()))
+        map.entry((endpoint.clone(), expected.to_vec(), alpn))
+            .or_insert_with(|| tls::client_for(base, roots, expected.to_vec(), alpn))
             .clone()
     }
 }
@@ -585,17 +588,64 @@ mod tests {
             address: Address::Ip(ip.parse().unwrap()),
             port: 80,
         };
+        use tls::Alpn::{Http1, Istio};
         let c = ClientConfigs::default();
-        let a = c.get(&b1, &roots, &ep("10.0.0.1"), &id("spiffe://td/ns/a/sa/x"));
-        let same = c.get(&b1, &roots, &ep("10.0.0.1"), &id("spiffe://td/ns/a/sa/x"));
+        let a = c.get(
+            &b1,
+            &roots,
+            &ep("10.0.0.1"),
+            &id("spiffe://td/ns/a/sa/x"),
+            Istio,
+        );
+        let same = c.get(
+            &b1,
+            &roots,
+            &ep("10.0.0.1"),
+            &id("spiffe://td/ns/a/sa/x"),
+            Istio,
+        );
         assert!(
             Arc::ptr_eq(&a, &same),
             "one config (one session store) per endpoint"
         );
-        let other_ep = c.get(&b1, &roots, &ep("10.0.0.2"), &id("spiffe://td/ns/a/sa/x"));
-        let other_id = c.get(&b1, &roots, &ep("10.0.0.1"), &id("spiffe://td/ns/a/sa/y"));
+        let other_ep = c.get(
+            &b1,
+            &roots,
+            &ep("10.0.0.2"),
+            &id("spiffe://td/ns/a/sa/x"),
+            Istio,
+        );
+        let other_id = c.get(
+            &b1,
+            &roots,
+            &ep("10.0.0.1"),
+            &id("spiffe://td/ns/a/sa/y"),
+            Istio,
+        );
         assert!(!Arc::ptr_eq(&a, &other_ep) && !Arc::ptr_eq(&a, &other_id));
-        let rotated = c.get(&b2, &roots, &ep("10.0.0.1"), &id("spiffe://td/ns/a/sa/x"));
+        let rotated = c.get(
+            &b2,
+            &roots,
+            &ep("10.0.0.1"),
+            &id("spiffe://td/ns/a/sa/x"),
+            Istio,
+        );
+        let http = c.get(
+            &b1,
+            &roots,
+            &ep("10.0.0.1"),
+            &id("spiffe://td/ns/a/sa/x"),
+            Http1,
+        );
+        assert!(!Arc::ptr_eq(&a, &http), "HTTP offers other protocols");
+        assert_eq!(
+            http.alpn_protocols,
+            [
+                b"istio-http/1.1".to_vec(),
+                b"istio".to_vec(),
+                b"http/1.1".to_vec()
+            ]
+        );
         assert!(!Arc::ptr_eq(&a, &rotated), "a new identity starts over");
     }
 

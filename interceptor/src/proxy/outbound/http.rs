@@ -790,7 +790,7 @@ impl Outbound {
         limits: ConnLimits,
     ) -> Result<(Target, Pooled, Key, bool), NotSent> {
         let (i, up) = self
-            .connect(&dial.targets, &dial.policy, peer, service)
+            .connect(&dial.targets, &dial.policy, (peer, service), alpn(h2))
             .await
             .map_err(|e| {
                 tracing::debug!(%service, tried = e.tried, "outbound HTTP: no endpoint reachable");
@@ -850,6 +850,14 @@ fn labels_version(outcome: &Outcome) -> String {
         .destination
         .as_ref()
         .map_or_else(|| outcome.version.clone(), |p| p.version.to_string())
+}
+
+/// The ALPN an HTTP connection to a sidecar offers, by the protocol it will carry.
+fn alpn(h2: bool) -> crate::tls::Alpn {
+    match h2 {
+        true => crate::tls::Alpn::Http2,
+        false => crate::tls::Alpn::Http1,
+    }
 }
 
 /// A request's result: the upstream's answer or error, or the per-try timeout.
