@@ -159,6 +159,20 @@ pub enum OutboundTrafficPolicy {
     RegistryOnly,
 }
 
+/// How connections to this VM's HTTP ports are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundHttp {
+    /// request by request, as an Istio sidecar's HTTP chains: each judged by
+    /// AuthorizationPolicy (403 `RBAC: access denied`), counted in Istio's request metrics
+    /// (reporter destination) and logged
+    #[default]
+    Requests,
+    /// relayed as bytes unless a policy needs a request's attributes: cheaper, but the
+    /// requests are neither counted nor logged
+    Connections,
+}
+
 /// Whether the daemon keeps its listeners and capture links in systemd's file descriptor store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -286,6 +300,10 @@ pub struct RunArgs {
     /// [default: auto]
     #[arg(long, value_enum)]
     pub fd_store: Option<FdStore>,
+    /// How connections to this VM's HTTP ports (declared HTTP, HTTP2 or gRPC; from istiod, its
+    /// HTTP inbound chains) are served [default: requests]
+    #[arg(long, value_enum)]
+    pub inbound_http: Option<InboundHttp>,
     /// What apps may reach outside the mesh (Istio's outboundTrafficPolicy) [default:
     /// allow-any; istiod's virtualOutbound wins]
     #[arg(long, value_enum)]
@@ -652,6 +670,7 @@ impl RunArgs {
             worker_threads: self.worker_threads.or(file.worker_threads),
             local_hop: self.local_hop.or(file.local_hop),
             fd_store: self.fd_store.or(file.fd_store),
+            inbound_http: self.inbound_http.or(file.inbound_http),
             outbound_traffic_policy: self
                 .outbound_traffic_policy
                 .or(file.outbound_traffic_policy),
@@ -914,6 +933,7 @@ impl RunArgs {
             .or_else(|| labels.get("istio-locality").map(|l| l.replace('.', "/")))
             .unwrap_or_default();
         Ok(InboundPolicy {
+            http_requests: self.inbound_http.unwrap_or_default() == InboundHttp::Requests,
             mode: self.mtls_mode.unwrap_or_default(),
             allow: AllowList::parse(&self.inbound_allow)?,
             subject: crate::route::policy::Subject {

@@ -101,13 +101,23 @@ impl Ours {
 pub fn take(headers: &mut HeaderMap) -> Option<Peer> {
     let _ = headers.remove(METADATA_ID);
     let value = headers.remove(METADATA)?;
+    read(value.as_bytes())
+}
+
+/// The peer an `x-envoy-peer-metadata` value describes (base64 of a protobuf Struct).
+pub fn read(value: &[u8]) -> Option<Peer> {
     if value.len() > MAX_HEADER {
         return None;
     }
     let bytes = base64::engine::general_purpose::STANDARD
-        .decode(value.as_bytes())
+        .decode(value)
         .ok()?;
-    let s = Struct::decode(bytes.as_slice()).ok()?;
+    decode(&bytes)
+}
+
+/// The peer a serialized Struct of Istio's workload fields describes.
+pub fn decode(bytes: &[u8]) -> Option<Peer> {
+    let s = Struct::decode(bytes).ok()?;
     let text = |st: &Struct, k: &str| match st.fields.get(k)?.kind.as_ref()? {
         Kind::StringValue(v) => Some(v.clone()),
         _ => None,

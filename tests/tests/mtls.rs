@@ -1645,7 +1645,8 @@ fn http_authorization_policy_from_files_decides_each_request() {
     assert_eq!(e["decision"]["reason"], "policy_not_allowed", "{e}");
 }
 
-/// Istio's request telemetry names both workloads: the VM's outbound HTTP path sends its
+/// Istio's request telemetry names both workloads (the pod's inbound HTTP port is served per
+/// request with no policy asking for it): the VM's outbound HTTP path sends its
 /// `x-envoy-peer-metadata` headers, the pod's inbound reads and removes them (its metrics name
 /// the VM's workload, app and version; the app never sees them) and answers with its own,
 /// which the VM reads and removes (its metrics name the pod's workload as the pod says it, not
@@ -1677,14 +1678,14 @@ fn request_metrics_name_both_workloads_through_the_metadata_exchange() {
             "version=v3",
         ])
         .start();
-    let policies = m.t.write(
-        "pod-policy.yaml",
-        &format!("{}{HTTP_POLICIES}", vm_mesh(&pod_workload("product"))),
-    );
+    // The pod's own service declares 8080 HTTP; no policy needs a request: its inbound is
+    // served per request by default (`--inbound-http requests`), as an Istio sidecar's.
+    let own =
+        m.t.write("pod-own.yaml", &vm_mesh(&pod_workload("product")));
     let pod_ic = m
         .pod_node()
         .interceptor()
-        .mesh(&policies)
+        .mesh(&own)
         .resolv(&m.resolv)
         .certs(&m.pod_certs)
         .args(["--inbound-ports", "8080"])

@@ -298,7 +298,7 @@ const FUZZ_SECONDS: u32 = 20;
 
 /// Every parser that reads outside input: DNS queries, ClientHellos (gateway SNI routing and
 /// inbound mTLS detection), the mesh files (Istio YAML, meshNetworks), the VM bundle, istiod's
-/// pushes and the CA's answers.
+/// pushes, the CA's answers and HTTP peers' Istio metadata headers.
 const FUZZ_TARGETS: &[&str] = &[
     "dns_query",
     "client_hello",
@@ -307,6 +307,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "vm_bundle",
     "xds_response",
     "ca_chain",
+    "peer_metadata",
 ];
 
 /// libFuzzer over each target. No sanitizer: `-s none` builds on the stable toolchain; a panic

@@ -114,7 +114,8 @@ pub struct InboundVerdict {
     /// The request judged (`METHOD PATH`), when one was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
-    /// The port is served request by request where a policy needs it.
+    /// An HTTP port: served request by request (with `--inbound-http connections`, only where
+    /// a policy needs it).
     #[serde(default)]
     pub http_port: bool,
     pub decision: route::policy::Decision,

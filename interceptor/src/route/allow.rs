@@ -81,6 +81,10 @@ pub struct InboundPolicy {
     /// `--inbound-allow`: who may connect over mTLS where no ALLOW policy applies.
     pub allow: AllowList,
     pub subject: super::policy::Subject,
+    /// `--inbound-http requests`: every connection to an HTTP port is served request by
+    /// request (judged, counted and logged per request, as an Istio sidecar's HTTP chains);
+    /// else only where a policy needs a request's attributes.
+    pub http_requests: bool,
 }
 
 #[cfg(test)]

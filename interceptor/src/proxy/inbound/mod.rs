@@ -53,8 +53,9 @@ pub struct Inbound {
 enum Serve {
     /// Relayed as bytes.
     L4,
-    /// Its policy needs each request (a path, a method, a header) and the port is HTTP; the
-    /// verdict without one is kept for a connection whose requests we cannot read.
+    /// The port is HTTP and served per request (`--inbound-http requests`, or its policy needs
+    /// each request: a path, a method, a header); the verdict without one is kept for a
+    /// connection whose requests we cannot read.
     Http(policy::Decision),
 }
 
@@ -259,10 +260,10 @@ impl Inbound {
                 http: None,
             },
         );
-        if !decision.allowed
-            && decision.needs_http
-            && crate::route::inbound_is_http(&table, conn.dst)
-        {
+        // An HTTP port is served per request (each judged on its own, as Envoy's HTTP RBAC),
+        // or, with `--inbound-http connections`, only where the verdict needs a request.
+        let per_request = self.policy.http_requests || (!decision.allowed && decision.needs_http);
+        if per_request && crate::route::inbound_is_http(&table, conn.dst) {
             return Ok(Serve::Http(decision));
         }
         audit(&decision, conn.peer, conn.dst);
@@ -421,13 +422,13 @@ impl Inbound {
                 return Ok(());
             }
             // TLS we do not terminate: its requests cannot be read; the verdict without them
-            // stands (failed closed).
-            Ok(Serve::Http(decision)) => {
+            // stands (failed closed), and an allowed one passes as bytes.
+            Ok(Serve::Http(decision)) if !decision.allowed => {
                 audit(&decision, conn.peer, conn.dst);
                 crate::net::reset(stream);
                 return Err(Refused::Policy(decision));
             }
-            Ok(Serve::L4) => {}
+            Ok(Serve::Http(_) | Serve::L4) => {}
         }
         let mut app = connect_app(conn.dst, self.app_source4)
             .await
