@@ -316,6 +316,55 @@ fn the_wire_carries_only_tls_1_3_with_alpn_h2_and_no_sni_to_15008() {
 
 /// AuthorizationPolicy on HBONE streams, as on the sidecar wire: a mesh-wide DENY of one
 /// principal beats the workload's ALLOW of port 8080; a port no ALLOW rule names gets 401.
+/// A stream to an HTTP port of the pod (its own service declares 8080 HTTP) is served request
+/// by request after its 200, as the sidecar's inbound HTTP chains take HBONE's inner streams:
+/// each request counted in Istio's request metrics with the client's proved identity.
+#[test]
+fn hbone_streams_to_an_http_port_are_served_request_by_request() {
+    let m = Mesh::new();
+    let _apps = m.apps();
+    let _vm_ic = m
+        .vm_run("label")
+        .args(["--label", "app=ratings", "--label", "version=v3"])
+        .start();
+    let own = m.t.write("pod-own.yaml", &vm_mesh("label"));
+    let pod_ic = m
+        .pod_node()
+        .interceptor()
+        .mesh(&own)
+        .resolv(&m.resolv)
+        .certs(&m.pod_certs)
+        .log("pod-ic")
+        .start();
+    for i in 0..3 {
+        let (ok, out) = m.curl(&format!("/over-hbone-{i}"));
+        assert!(
+            ok && out.contains(&format!("pod GET /over-hbone-{i}")),
+            "{out}"
+        );
+    }
+    assert!(
+        wait(5.0, || pod_ic.counter(
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &format!("{TD}/vm")),
+                ("destination_service", HOST),
+                ("request_protocol", "http"),
+                ("connection_security_policy", "mutual_tls"),
+                // The client's workload as its baggage named it.
+                ("source_canonical_service", "ratings"),
+                ("source_canonical_revision", "v3"),
+                ("source_workload_namespace", "default"),
+                ("response_code", "200"),
+            ]
+        ) == 3.0),
+        "{}",
+        pod_ic.metrics().0
+    );
+    assert!(hbone(&pod_ic, "streams", "inbound") >= 3.0);
+}
+
 #[test]
 fn hbone_streams_obey_authorization_policy() {
     let m = Mesh::new();
@@ -678,6 +727,8 @@ fn double_hbone_through_the_gateway_keeps_the_inner_tls_end_to_end() {
         .args(["--mesh-networks"])
         .arg(&networks)
         .args(["--network", "network-b"])
+        // The streams as bytes: their `forwarded`/`baggage` telemetry is what this checks.
+        .args(["--inbound-http", "connections"])
         .resolv(&resolv)
         .certs(&b_certs)
         .log("pod-b-ic")
@@ -841,6 +892,8 @@ fn hbone_peers_learn_the_client_the_service_and_the_workload_as_from_ztunnel() {
         .resolv(&m.resolv)
         .certs(&m.pod_certs)
         .args(["--label", "app=product", "--label", "version=v2"])
+        // The stream as bytes (its HTTP port served per request is another test's).
+        .args(["--inbound-http", "connections"])
         .log("pod-ic")
         .start();
     let vm_ic = m

@@ -65,6 +65,12 @@ impl StreamRefused {
     }
 }
 
+/// A stream let in: relayed to the app's connection, or served request by request.
+enum Opened {
+    App(SocketAddr, TcpStream),
+    Requests(SocketAddr),
+}
+
 /// What every stream of one connection shares.
 struct Tunnel {
     inbound: Arc<Inbound>,
@@ -132,11 +138,16 @@ impl Tunnel {
     ) -> Response<Empty<Bytes>> {
         let started = Instant::now();
         match self.open(&req).await {
-            Ok((authority, app)) => {
+            Ok(opened) => {
                 let this = self.clone();
-                crate::net::drain::spawn(
-                    async move { this.relay(req, authority, app, started).await },
-                );
+                crate::net::drain::spawn(async move {
+                    match opened {
+                        Opened::App(authority, app) => {
+                            this.relay(req, authority, app, started).await
+                        }
+                        Opened::Requests(authority) => this.requests(req, authority).await,
+                    }
+                });
                 let mut ok = status(StatusCode::OK);
                 if let Some(b) = &self.inbound.baggage {
                     ok.headers_mut().insert("baggage", b.clone());
@@ -155,11 +166,10 @@ impl Tunnel {
         }
     }
 
-    /// Checks the stream and connects to the app: the 200 means the app took it.
-    async fn open(
-        &self,
-        req: &Request<hyper::body::Incoming>,
-    ) -> Result<(SocketAddr, TcpStream), StreamRefused> {
+    /// Checks the stream and connects to the app: the 200 means the app took it. A stream to
+    /// an HTTP port served per request connects nothing yet: its requests go to the app one by
+    /// one, as the sidecar's inbound HTTP chains take HBONE's inner streams.
+    async fn open(&self, req: &Request<hyper::body::Incoming>) -> Result<Opened, StreamRefused> {
         if req.method() != Method::CONNECT {
             return Err(StreamRefused::NotConnect(req.method().clone()));
         }
@@ -183,6 +193,12 @@ impl Tunnel {
                 http: None,
             },
         );
+        if self
+            .inbound
+            .per_request(&self.inbound.store.load(), authority, &decision)
+        {
+            return Ok(Opened::Requests(authority));
+        }
         super::audit(&decision, self.peer, authority);
         if !decision.allowed {
             return Err(StreamRefused::NotAllowed(authority.port(), decision));
@@ -190,7 +206,7 @@ impl Tunnel {
         let app = connect_app(authority, self.inbound.app_source4)
             .await
             .map_err(StreamRefused::App)?;
-        Ok((authority, app))
+        Ok(Opened::App(authority, app))
     }
 
     /// The port this VM serves `host:port` of a mesh service on (SPEC 11: the destination
@@ -213,6 +229,29 @@ impl Tunnel {
             .find(|w| w.address == local)
             .map(|w| w.target_port(sp))
             .ok_or_else(|| StreamRefused::NotLocalService(raw.to_string()))
+    }
+
+    /// A stream to an HTTP port, served request by request after its 200.
+    async fn requests(&self, req: Request<hyper::body::Incoming>, authority: SocketAddr) {
+        let source = Workload::parse(
+            req.headers()
+                .get_all("baggage")
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
+        let tunnel = match hyper::upgrade::on(req).await {
+            Ok(up) => TokioIo::new(up),
+            Err(e) => {
+                tracing::info!(peer = %self.peer, %authority, error = %e, "inbound HBONE stream reset before it opened");
+                return;
+            }
+        };
+        self.inbound.metrics.hbone_stream(INBOUND);
+        let mut client = self
+            .inbound
+            .http_client(self.peer, authority, self.client.clone(), true);
+        client.baggage = Some(metrics::Peer::of_baggage(&source));
+        self.inbound.serve_http(tunnel, client).await;
     }
 
     async fn relay(

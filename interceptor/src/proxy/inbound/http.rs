@@ -44,6 +44,8 @@ pub(super) struct Client {
     /// The service served here (its host), else the address: `destination_service`.
     pub service: String,
     pub service_namespace: String,
+    /// The client's workload as its HBONE stream's `baggage` named it.
+    pub baggage: Option<metrics::Peer>,
 }
 
 impl Inbound {
@@ -101,7 +103,7 @@ impl Inbound {
                 |id| id.spiffe.as_str().to_string(),
             ),
             workloads: metrics::Workloads::new(
-                &metrics::Peer::of_peer(exchanged, source),
+                &metrics::Peer::of_peer(exchanged.or_else(|| client.baggage.clone()), source),
                 &self.local.peer,
                 &client.service,
                 &client.service_namespace,

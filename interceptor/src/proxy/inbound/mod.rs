@@ -262,8 +262,7 @@ impl Inbound {
         );
         // An HTTP port is served per request (each judged on its own, as Envoy's HTTP RBAC),
         // or, with `--inbound-http connections`, only where the verdict needs a request.
-        let per_request = self.policy.http_requests || (!decision.allowed && decision.needs_http);
-        if per_request && crate::route::inbound_is_http(&table, conn.dst) {
+        if self.per_request(&table, conn.dst, &decision) {
             return Ok(Serve::Http(decision));
         }
         audit(&decision, conn.peer, conn.dst);
@@ -285,28 +284,52 @@ impl Inbound {
         )
     }
 
-    /// A connection whose policy needs its requests, served as HTTP.
+    /// A connection to an HTTP port, served request by request.
     async fn serve_requests<I>(self: &Arc<Self>, io: I, conn: &mut Conn, mtls: bool)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         conn.kind = Some(Kind::Http);
+        let client = self.http_client(conn.peer, conn.dst, conn.identity.clone(), mtls);
+        self.serve_http(io, client).await;
+        conn.log(0, 0, &"served as HTTP (requests logged one by one)");
+    }
+
+    /// Who asks on a connection (or HBONE stream) to `dst` served as HTTP, and the service
+    /// there.
+    fn http_client(
+        &self,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        identity: Option<SpiffeId>,
+        mtls: bool,
+    ) -> http::Client {
         let table = self.store.load();
-        let service = crate::route::inbound_service(&table, conn.dst);
-        let client = http::Client {
-            peer: conn.peer,
-            dst: conn.dst,
-            identity: conn.identity.clone(),
+        let service = crate::route::inbound_service(&table, dst);
+        http::Client {
+            peer,
+            dst,
+            identity,
             mtls,
             app_h2: service.is_some_and(|(_, sp)| sp.is_http2()),
-            service: service.map_or_else(|| conn.dst.to_string(), |(s, _)| s.host.to_string()),
+            service: service.map_or_else(|| dst.to_string(), |(s, _)| s.host.to_string()),
             service_namespace: service
                 .map(|(s, _)| s.namespace.clone())
                 .unwrap_or_default(),
-        };
-        drop(table);
-        self.serve_http(io, client).await;
-        conn.log(0, 0, &"served as HTTP (requests logged one by one)");
+            baggage: None,
+        }
+    }
+
+    /// Whether a connection to `dst` with this verdict is served request by request: an HTTP
+    /// port, under `--inbound-http requests` or a policy that needs a request's attributes.
+    fn per_request(
+        &self,
+        table: &crate::mesh::Table,
+        dst: SocketAddr,
+        decision: &policy::Decision,
+    ) -> bool {
+        let wanted = self.policy.http_requests || (!decision.allowed && decision.needs_http);
+        wanted && crate::route::inbound_is_http(table, dst)
     }
 
     async fn serve_one(self: Arc<Self>, stream: TcpStream, conn: &mut Conn) -> Result<(), Refused> {
