@@ -618,36 +618,9 @@ fn a_destination_rules_connection_pool_limits_requests_as_envoy_does() {
             conns.len()
         );
         let slow = ratings("/delay/1500");
-        let out = w.curl(
-            side,
-            &[
-                "--parallel",
-                "--parallel-immediate",
-                "--parallel-max",
-                "3",
-                "-w",
-                "%{http_code} %{time_total}\n",
-                "-o",
-                "/dev/null",
-                "-o",
-                "/dev/null",
-                "-o",
-                "/dev/null",
-                &slow,
-                &slow,
-                &slow,
-            ],
-        );
-        let mut got: Vec<(u16, f64)> = out
-            .lines()
-            .filter_map(|l| {
-                let (c, t) = l.trim().split_once(' ')?;
-                Some((c.parse().ok()?, t.parse().ok()?))
-            })
-            .collect();
-        got.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let got = three_at_once(&w, side, &slow);
         eprintln!("{side:?}: three slow requests at once: {got:?}");
-        assert_eq!(got.len(), 3, "{side:?}: {out}");
+        assert_eq!(got.len(), 3, "{side:?}: {got:?}");
         let served: Vec<f64> = got.iter().filter(|g| g.0 == 200).map(|g| g.1).collect();
         let refused: Vec<f64> = got.iter().filter(|g| g.0 == 503).map(|g| g.1).collect();
         assert_eq!(served.len() + refused.len(), 3, "{side:?}: {got:?}");
@@ -703,34 +676,7 @@ fn a_destination_rules_connection_pool_limits_requests_as_envoy_does() {
     // max_requests): of three slow requests at once, one is served, the others refused at once.
     for side in SIDES {
         let slow = format!("http://{DETAILS_VIP}:9080/delay/1000");
-        let out = w.curl(
-            side,
-            &[
-                "--parallel",
-                "--parallel-immediate",
-                "--parallel-max",
-                "3",
-                "-w",
-                "%{http_code} %{time_total}\n",
-                "-o",
-                "/dev/null",
-                "-o",
-                "/dev/null",
-                "-o",
-                "/dev/null",
-                &slow,
-                &slow,
-                &slow,
-            ],
-        );
-        let mut got: Vec<(u16, f64)> = out
-            .lines()
-            .filter_map(|l| {
-                let (c, t) = l.trim().split_once(' ')?;
-                Some((c.parse().ok()?, t.parse().ok()?))
-            })
-            .collect();
-        got.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let got = three_at_once(&w, side, &slow);
         eprintln!("{side:?}: http2MaxRequests 1, three slow requests at once: {got:?}");
         let codes: Vec<u16> = got.iter().map(|g| g.0).collect();
         assert_eq!(codes, vec![503, 503, 200], "{side:?}: {got:?}");
@@ -770,6 +716,40 @@ fn a_destination_rules_connection_pool_limits_requests_as_envoy_does() {
             5.0
         ));
     }
+}
+
+/// Three requests to `url` at once (curl's parallel transfers, each on its own connection):
+/// (status, seconds) of each, quickest first.
+fn three_at_once(w: &World, side: Side, url: &str) -> Vec<(u16, f64)> {
+    let out = w.curl(
+        side,
+        &[
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            "3",
+            "-w",
+            "%{http_code} %{time_total}\n",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            url,
+            url,
+            url,
+        ],
+    );
+    let mut got: Vec<(u16, f64)> = out
+        .lines()
+        .filter_map(|l| {
+            let (c, t) = l.trim().split_once(' ')?;
+            Some((c.parse().ok()?, t.parse().ok()?))
+        })
+        .collect();
+    got.sort_by(|a, b| a.1.total_cmp(&b.1));
+    got
 }
 
 #[test]
