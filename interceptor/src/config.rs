@@ -159,6 +159,11 @@ pub enum OutboundTrafficPolicy {
     RegistryOnly,
 }
 
+/// `--protocol-detection-timeout`'s default: long enough for any client that speaks first,
+/// short enough that a server-first protocol on a port with no declared protocol is delayed,
+/// not hung as under Istio's 0s (no timeout).
+const DEFAULT_PROTOCOL_DETECTION: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How connections to this VM's HTTP ports are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -304,6 +309,12 @@ pub struct RunArgs {
     /// HTTP inbound chains) are served [default: requests]
     #[arg(long, value_enum)]
     pub inbound_http: Option<InboundHttp>,
+    /// How long a connection to a port with no declared protocol may take to show whether it
+    /// speaks HTTP (its request line or the HTTP/2 preface), where routing needs to know;
+    /// after that, or on other bytes, it is served as TCP. Istio waits for ever (its
+    /// protocolDetectionTimeout 0s), which hangs server-first protocols [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub protocol_detection_timeout: Option<Wait>,
     /// What apps may reach outside the mesh (Istio's outboundTrafficPolicy) [default:
     /// allow-any; istiod's virtualOutbound wins]
     #[arg(long, value_enum)]
@@ -480,6 +491,8 @@ pub struct Settings {
     pub timeouts: crate::transport::Timeouts,
     pub shutdown_grace: std::time::Duration,
     pub drain_timeout: std::time::Duration,
+    /// `--protocol-detection-timeout`.
+    pub protocol_detection: std::time::Duration,
     /// `--workload-name` (else the bundle's).
     pub workload_name: Option<String>,
 }
@@ -695,6 +708,9 @@ impl RunArgs {
             hedge_after: self.hedge_after.or(file.hedge_after),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
+            protocol_detection_timeout: self
+                .protocol_detection_timeout
+                .or(file.protocol_detection_timeout),
             gateway_identity: self.gateway_identity.or(file.gateway_identity),
             control_plane: self.control_plane.or(file.control_plane),
             istio_dir: self.istio_dir.or(file.istio_dir),
@@ -786,6 +802,9 @@ impl RunArgs {
             drain_timeout: args
                 .drain_timeout
                 .map_or(std::time::Duration::from_secs(60), |w| w.0),
+            protocol_detection: args
+                .protocol_detection_timeout
+                .map_or(DEFAULT_PROTOCOL_DETECTION, |w| w.0),
             limits,
             gateway_identity: match args.gateway_identity {
                 Some(id) => {
@@ -934,6 +953,9 @@ impl RunArgs {
             .unwrap_or_default();
         Ok(InboundPolicy {
             http_requests: self.inbound_http.unwrap_or_default() == InboundHttp::Requests,
+            protocol_detection: self
+                .protocol_detection_timeout
+                .map_or(DEFAULT_PROTOCOL_DETECTION, |w| w.0),
             mode: self.mtls_mode.unwrap_or_default(),
             allow: AllowList::parse(&self.inbound_allow)?,
             subject: crate::route::policy::Subject {

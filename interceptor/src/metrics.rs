@@ -303,6 +303,13 @@ pub struct Direction {
     pub direction: &'static str,
 }
 
+/// A sniffed connection: which way, and what its first bytes said.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Detected {
+    pub direction: &'static str,
+    pub protocol: &'static str,
+}
+
 /// A refusal or failure, by who saw it and why.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -332,6 +339,8 @@ pub struct Metrics {
     hbone_open: Family<Direction, Gauge>,
     /// Outbound HTTP requests waiting for a connection (a DestinationRule's breakers).
     pending_requests: Gauge,
+    /// Connections to sniffed ports, by what they turned out to speak.
+    detected: Family<Detected, Counter>,
     /// HTTP requests routed by the outbound HTTP path.
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
@@ -352,6 +361,7 @@ impl Default for Metrics {
             hbone_streams: Family::default(),
             hbone_open: Family::default(),
             pending_requests: Gauge::default(),
+            detected: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
         }
@@ -402,6 +412,17 @@ impl Metrics {
         self.outbound_refused
             .get_or_create(&Reason { reason })
             .inc_by(n);
+    }
+
+    /// A connection to a sniffed port turned out to speak `protocol` (http1, h2c, tcp, or
+    /// silent: nothing within the detection timeout).
+    pub fn detected(&self, direction: &'static str, protocol: &'static str) {
+        self.detected
+            .get_or_create(&Detected {
+                direction,
+                protocol,
+            })
+            .inc();
     }
 
     pub fn gateway_refused(&self, reason: &'static str) {
@@ -477,6 +498,11 @@ impl Metrics {
             "interceptor_upstream_pending_requests",
             "Outbound HTTP requests waiting for an upstream connection (Envoy's upstream_rq_pending_active)",
             self.pending_requests.clone(),
+        );
+        registry.register(
+            "interceptor_protocol_detected",
+            "Connections to ports whose protocol is sniffed (no HTTP or TCP declared), by direction and what their first bytes were: http1, h2c, tcp, or silent (nothing within --protocol-detection-timeout: served as TCP)",
+            self.detected.clone(),
         );
         registry.register(
             "interceptor_gateway_refused",

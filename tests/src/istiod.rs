@@ -129,6 +129,9 @@ pub struct Service {
     /// Ports declared HTTP: one `0.0.0.0_<port>` listener and RDS `"<port>"` for them all
     /// (VirtualService `http`).
     pub http_ports: Vec<u16>,
+    /// Ports of no declared protocol: sniffed, their `<VIP>_<port>` listener with an HTTP
+    /// chain taking RDS `"<fqdn>:<port>"` beside the TCP one.
+    pub auto_ports: Vec<u16>,
 }
 
 impl Service {
@@ -145,6 +148,7 @@ impl Service {
             kubernetes: host.ends_with(".svc.cluster.local"),
             tls_ports: vec![],
             http_ports: vec![],
+            auto_ports: vec![],
         }
     }
 }
@@ -680,6 +684,9 @@ impl Shared {
                     let mut c = cluster(s, *p, subset);
                     let policy = crate::istiod_traffic::policy_of(docs, &s.host, subset);
                     crate::istiod_traffic::apply_policy(&mut c, &policy, s);
+                    if s.auto_ports.contains(p) {
+                        crate::istiod_traffic::use_downstream_protocol(&mut c);
+                    }
                     out.insert(c.name.clone(), any(type_url::CLUSTER, &c));
                 }
             }
@@ -707,7 +714,7 @@ impl Shared {
             let docs = by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default();
             for vip in s.vips.iter().filter(|v| v.is_ipv4()) {
                 for p in s.ports.iter().filter(|p| !s.http_ports.contains(p)) {
-                    let l = crate::istiod_traffic::service_listener(
+                    let mut l = crate::istiod_traffic::service_listener(
                         docs,
                         &s.host,
                         &vip.to_string(),
@@ -715,6 +722,9 @@ impl Shared {
                         &s.ports,
                         s.tls_ports.contains(p),
                     );
+                    if s.auto_ports.contains(p) {
+                        l = crate::istiod_http::sniffed_listener(l, &s.host, *p);
+                    }
                     out.insert(l.name.clone(), any(type_url::LISTENER, &l));
                 }
             }
@@ -746,8 +756,8 @@ impl Shared {
         out
     }
 
-    /// RDS: per HTTP port, a route configuration over every service with the port, for a
-    /// proxy in `proxy_ns`.
+    /// RDS: per HTTP port, a route configuration over every service with the port, and one
+    /// per sniffed service port (`"<fqdn>:<port>"`), for a proxy in `proxy_ns`.
     fn routes(&self, proxy_ns: &str) -> BTreeMap<String, Any> {
         let mesh = self.mesh.lock().unwrap();
         let by_host = crate::istiod_traffic::by_host(crate::istiod_traffic::parse(&mesh.traffic));
@@ -756,6 +766,30 @@ impl Shared {
             .iter()
             .flat_map(|s| s.http_ports.iter().copied())
             .collect();
+        fn http_service<'a>(
+            s: &'a Service,
+            by_host: &'a HashMap<String, Vec<crate::istiod_traffic::Doc>>,
+        ) -> crate::istiod_http::HttpService<'a> {
+            crate::istiod_http::HttpService {
+                host: &s.host,
+                namespace: &s.namespace,
+                vips: s.vips.iter().map(|v| v.to_string()).collect(),
+                ports: &s.ports,
+                docs: by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default(),
+            }
+        }
+        let service = |s| http_service(s, &by_host);
+        let sniffed: Vec<(String, Any)> = mesh
+            .services
+            .iter()
+            .flat_map(|s| s.auto_ports.iter().map(move |p| (s, *p)))
+            .map(|(s, port)| {
+                (
+                    format!("{}:{port}", s.host),
+                    crate::istiod_http::sniffed_route_configuration(&service(s), port, proxy_ns),
+                )
+            })
+            .collect();
         ports
             .into_iter()
             .map(|port| {
@@ -763,19 +797,14 @@ impl Shared {
                     .services
                     .iter()
                     .filter(|s| s.http_ports.contains(&port))
-                    .map(|s| crate::istiod_http::HttpService {
-                        host: &s.host,
-                        namespace: &s.namespace,
-                        vips: s.vips.iter().map(|v| v.to_string()).collect(),
-                        ports: &s.ports,
-                        docs: by_host.get(&s.host).map(Vec::as_slice).unwrap_or_default(),
-                    })
+                    .map(service)
                     .collect();
                 (
                     port.to_string(),
                     crate::istiod_http::route_configuration(port, &services, proxy_ns),
                 )
             })
+            .chain(sniffed)
             .collect()
     }
 

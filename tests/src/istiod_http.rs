@@ -216,10 +216,50 @@ fn duration(s: &str) -> Duration {
 /// `0.0.0.0_<port>` with one HTTP chain (plaintext, http/1.1 or h2c) taking RDS `"<port>"`,
 /// the passthrough chain as its default (sheet 1.2, 1.4).
 pub fn http_listener(port: u16) -> Listener {
+    let mut passthrough = crate::istiod_traffic::passthrough_chain();
+    passthrough.name = "PassthroughFilterChain".into();
+    Listener {
+        name: format!("0.0.0.0_{port}"),
+        address: crate::istiod_traffic::socket_address("0.0.0.0", port),
+        bind_to_port: Some(BoolValue { value: false }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        continue_on_listener_filters_timeout: true,
+        listener_filters: vec![crate::istiod_traffic::http_inspector()],
+        filter_chains: vec![http_chain(
+            &port.to_string(),
+            &format!("outbound_0.0.0.0_{port}"),
+        )],
+        default_filter_chain: Some(passthrough),
+        ..Default::default()
+    }
+}
+
+/// A sniffed port's listener (sheet 1.2, "unnamed / unknown"): the service's `<VIP>_<port>`
+/// TCP listener, its chain made the default one, beside an HTTP chain (plaintext, http/1.1 or
+/// h2c, which the HTTP inspector tells) taking RDS `"<fqdn>:<port>"`; istiod's
+/// `listener_filters_timeout` is the mesh's protocolDetectionTimeout, 0s: no timeout.
+pub fn sniffed_listener(mut tcp: Listener, host: &str, port: u16) -> Listener {
+    if let [only] = tcp.filter_chains.as_slice() {
+        if only.filter_chain_match.is_none() {
+            tcp.default_filter_chain = tcp.filter_chains.pop();
+        }
+    }
+    let name = format!("{host}:{port}");
+    tcp.filter_chains
+        .insert(0, http_chain(&name, &format!("outbound_{}", tcp.name)));
+    tcp.listener_filters
+        .push(crate::istiod_traffic::http_inspector());
+    tcp.listener_filters_timeout = Some(Duration::default());
+    tcp
+}
+
+/// An outbound HTTP chain: plaintext that the HTTP inspector found to be HTTP/1.1 or h2c, into
+/// a connection manager taking RDS `route_config`.
+fn http_chain(route_config: &str, stat_prefix: &str) -> FilterChain {
     let hcm = HttpConnectionManager {
-        stat_prefix: format!("outbound_0.0.0.0_{port};"),
+        stat_prefix: format!("{stat_prefix};"),
         route_specifier: Some(RouteSpecifier::Rds(Rds {
-            route_config_name: port.to_string(),
+            route_config_name: route_config.to_string(),
             config_source: Some(ConfigSource {
                 initial_fetch_timeout: Some(Duration::default()),
                 resource_api_version: ApiVersion::V3 as i32,
@@ -249,32 +289,38 @@ pub fn http_listener(port: u16) -> Listener {
         ],
         ..Default::default()
     };
-    let mut passthrough = crate::istiod_traffic::passthrough_chain();
-    passthrough.name = "PassthroughFilterChain".into();
-    Listener {
-        name: format!("0.0.0.0_{port}"),
-        address: crate::istiod_traffic::socket_address("0.0.0.0", port),
-        bind_to_port: Some(BoolValue { value: false }),
-        traffic_direction: TrafficDirection::Outbound as i32,
-        continue_on_listener_filters_timeout: true,
-        listener_filters: vec![crate::istiod_traffic::http_inspector()],
-        filter_chains: vec![FilterChain {
-            filter_chain_match: Some(
-                interceptor_proto::envoy::config::listener::v3::FilterChainMatch {
-                    transport_protocol: "raw_buffer".into(),
-                    application_protocols: vec!["http/1.1".into(), "h2c".into()],
-                    ..Default::default()
-                },
-            ),
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(ConfigType::TypedConfig(any(HCM, &hcm))),
-            }],
-            ..Default::default()
+    FilterChain {
+        filter_chain_match: Some(
+            interceptor_proto::envoy::config::listener::v3::FilterChainMatch {
+                transport_protocol: "raw_buffer".into(),
+                application_protocols: vec!["http/1.1".into(), "h2c".into()],
+                ..Default::default()
+            },
+        ),
+        filters: vec![Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(ConfigType::TypedConfig(any(HCM, &hcm))),
         }],
-        default_filter_chain: Some(passthrough),
         ..Default::default()
     }
+}
+
+/// RDS `"<fqdn>:<port>"` for a sniffed port: the service's one virtual host, its domains
+/// rewritten to `*` (`getVirtualHostsForSniffedServicePort`, sheet 2.1); no catch-all.
+pub fn sniffed_route_configuration(s: &HttpService<'_>, port: u16, proxy_ns: &str) -> Any {
+    let mut host = virtual_host(s, port, proxy_ns);
+    host.domains = vec!["*".into()];
+    any(
+        ROUTE,
+        &RouteConfiguration {
+            name: format!("{}:{port}", s.host),
+            virtual_hosts: vec![host],
+            validate_clusters: Some(BoolValue { value: false }),
+            max_direct_response_body_size_bytes: Some(UInt32Value { value: 1_048_576 }),
+            ignore_port_in_host_matching: true,
+            ..Default::default()
+        },
+    )
 }
 
 /// RDS `"<port>"`: a virtual host per service with the port, then `allow_any`.

@@ -769,6 +769,37 @@ fn apply_http_protocol_options(
     );
 }
 
+/// istiod's `setUseDownstreamProtocol` for a sniffed port's cluster (sheet 7.2): requests go
+/// upstream in the protocol they came in (HTTP/1.1 stays 1.1, h2c goes as h2).
+pub fn use_downstream_protocol(c: &mut interceptor_proto::envoy::config::cluster::v3::Cluster) {
+    use interceptor_proto::envoy::config::core::v3::{Http1ProtocolOptions, Http2ProtocolOptions};
+    use interceptor_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        UpstreamProtocolOptions, UseDownstreamHttpConfig,
+    };
+    use interceptor_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    const KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    if c.typed_extension_protocol_options.contains_key(KEY) {
+        return;
+    }
+    let options = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+            UseDownstreamHttpConfig {
+                http_protocol_options: Some(Http1ProtocolOptions::default()),
+                http2_protocol_options: Some(Http2ProtocolOptions::default()),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    };
+    c.typed_extension_protocol_options.insert(
+        KEY.into(),
+        interceptor_proto::google::protobuf::Any {
+            type_url: format!("type.googleapis.com/{KEY}"),
+            value: prost::Message::encode_to_vec(&options),
+        },
+    );
+}
+
 /// istiod's `applyUpstreamTLSSettings` for a DestinationRule's mode (sheet 3.5; cluster_tls.go
 /// `buildUpstreamClusterTLSContext`, `constructUpstreamTLS`; cluster_builder.go
 /// `buildAutoMtlsSettings`): a user-supplied mode replaces the auto-mTLS matches with one

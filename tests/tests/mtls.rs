@@ -1751,6 +1751,7 @@ fn request_metrics_name_both_workloads_through_the_metadata_exchange() {
         "the pod's metrics: {}",
         pod_ic.metrics().0
     );
+    let (vm_principal, pod_principal) = (format!("{TD}/vm"), format!("{TD}/product"));
     let source = [
         ("reporter", "source"),
         ("source_workload", "billing-vms"),
@@ -1760,6 +1761,9 @@ fn request_metrics_name_both_workloads_through_the_metadata_exchange() {
         // As the pod said (its `version` label), not as the VM's table has it.
         ("destination_version", "v9"),
         ("destination_service_name", "product"),
+        // Both principals from the pooled upstream connection's mTLS.
+        ("source_principal", &vm_principal),
+        ("destination_principal", &pod_principal),
         ("response_code", "200"),
     ];
     assert!(

@@ -298,7 +298,8 @@ const FUZZ_SECONDS: u32 = 20;
 
 /// Every parser that reads outside input: DNS queries, ClientHellos (gateway SNI routing and
 /// inbound mTLS detection), the mesh files (Istio YAML, meshNetworks), the VM bundle, istiod's
-/// pushes, the CA's answers and HTTP peers' Istio metadata headers.
+/// pushes, the CA's answers, HTTP peers' Istio metadata headers and the first bytes sniffed
+/// on ports of no declared protocol.
 const FUZZ_TARGETS: &[&str] = &[
     "dns_query",
     "client_hello",
@@ -308,6 +309,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "xds_response",
     "ca_chain",
     "peer_metadata",
+    "protocol_sniff",
 ];
 
 /// libFuzzer over each target. No sanitizer: `-s none` builds on the stable toolchain; a panic

@@ -51,9 +51,10 @@ pub fn print_inbound(v: &InboundVerdict) {
     if v.decision.needs_http && v.request.is_none() {
         println!(
             "{}",
-            match v.http_port {
-                true => "a rule names a path, method, host or header: on this HTTP port each request is judged (give --path to judge one)",
-                false => "a rule names a path, method, host or header: this port is not HTTP, so the rule fails closed (as Istio on TCP chains)",
+            match v.protocol {
+                crate::mesh::ListenerProtocol::Http => "a rule names a path, method, host or header: on this HTTP port each request is judged (give --path to judge one)",
+                crate::mesh::ListenerProtocol::Auto => "a rule names a path, method, host or header: this port declares no protocol, so each request of a connection that speaks HTTP is judged (give --path to judge one); other connections fail the rule closed",
+                crate::mesh::ListenerProtocol::Tcp => "a rule names a path, method, host or header: this port is not HTTP, so the rule fails closed (as Istio on TCP chains)",
             }
         );
     }
@@ -107,6 +108,9 @@ pub fn print_explain(v: &Verdict) {
         );
         if let Some(route) = &c.route {
             println!("  route: {route}");
+        }
+        if c.protocol == Some(crate::mesh::ListenerProtocol::Auto) && c.http.is_some() {
+            println!("  the port declares no protocol: a connection whose first bytes are HTTP takes the http rules, any other its TCP route (--protocol-detection-timeout)");
         }
         for rule in c
             .http

@@ -54,6 +54,10 @@ pub struct ConnectionVerdict {
     /// this VM, in order (each cluster's share above is within its rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<serde_json::Value>,
+    /// How its connections are told apart: http, tcp, or auto (sniffed: those whose first
+    /// bytes are HTTP take the `http` rules, the rest the TCP route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<mesh::ListenerProtocol>,
 }
 
 /// One destination of a route.
@@ -118,6 +122,9 @@ pub struct InboundVerdict {
     /// a policy needs it).
     #[serde(default)]
     pub http_port: bool,
+    /// How its connections are told apart: http, tcp, or auto (sniffed: plaintext by its first
+    /// bytes, mTLS by its ALPN; those that speak HTTP are served as on an HTTP port).
+    pub protocol: mesh::ListenerProtocol,
     pub decision: route::policy::Decision,
 }
 
@@ -182,14 +189,19 @@ pub fn explain_inbound(state: &State, q: &InboundQuery) -> Result<InboundVerdict
             http: attrs.as_ref(),
         },
     );
-    let http_port = table.traffic.inbound.as_ref().map_or_else(
+    let protocol = table.traffic.inbound.as_ref().map_or_else(
         || {
             table
                 .services
                 .iter()
-                .any(|s| s.ports.iter().any(|p| p.is_http() && p.number == port))
+                .flat_map(|s| &s.ports)
+                .find(|p| p.number == port)
+                .map_or(mesh::ListenerProtocol::Tcp, |p| p.listener_protocol())
         },
-        |i| i.port(port).is_some_and(|p| p.http),
+        |i| {
+            i.port(port)
+                .map_or(mesh::ListenerProtocol::Tcp, |p| p.protocol())
+        },
     );
     Ok(InboundVerdict {
         port,
@@ -198,7 +210,8 @@ pub fn explain_inbound(state: &State, q: &InboundQuery) -> Result<InboundVerdict
         source,
         mtls,
         request: target.map(|t| format!("{method} {t}")),
-        http_port,
+        http_port: protocol == mesh::ListenerProtocol::Http,
+        protocol,
         decision,
     })
 }
@@ -287,6 +300,7 @@ fn connection(
         routes: vec![],
         skipped: vec![],
         http: None,
+        protocol: None,
     };
     if dst.port() == 53 {
         v.captured = attached;
@@ -309,6 +323,7 @@ fn connection(
         return v;
     };
     v.service = Some(svc.host.to_string());
+    v.protocol = Some(route::http::outbound_protocol(table, svc, dst.port()));
     v.captured = attached;
     v.why = if attached {
         format!(

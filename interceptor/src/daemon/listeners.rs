@@ -80,6 +80,7 @@ impl Listeners {
             s.gateway_identity.clone(),
             s.policy.subject.clone(),
             Arc::new(s.local_telemetry()),
+            s.protocol_detection,
             ctx.metrics.clone(),
         );
         let limits = ctx.limits.clone();

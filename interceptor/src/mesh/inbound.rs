@@ -34,8 +34,23 @@ pub struct InboundPort {
     /// Its chains are HTTP (an HTTP connection manager): requests can be judged one by one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub http: bool,
-    /// In chain order (istiod: AUDIT, DENY, ALLOW).
+    /// It also has TCP chains: with HTTP ones, the port is sniffed (istiod's Auto ports and
+    /// passthrough chains); an HTTP chain is taken by an mTLS client offering an Istio HTTP
+    /// ALPN, or by plaintext that starts as HTTP.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tcp: bool,
+    /// In chain order (istiod: AUDIT, DENY, ALLOW); an HTTP chain's where the port has both.
     pub filters: Arc<Vec<RbacFilter>>,
+}
+
+impl InboundPort {
+    pub fn protocol(&self) -> super::ListenerProtocol {
+        match (self.http, self.tcp) {
+            (true, false) => super::ListenerProtocol::Http,
+            (true, true) => super::ListenerProtocol::Auto,
+            (false, _) => super::ListenerProtocol::Tcp,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

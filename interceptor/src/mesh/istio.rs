@@ -453,10 +453,12 @@ fn service_entry(
                 format!("port {} listed twice", p.number),
             ));
         }
+        // Omitted, Istio's `protocol.Parse("")` makes it Unsupported: sniffed, whatever its
+        // name says (serviceentry `convertPort`); AUTO is a protocol Istio does not know either.
         let protocol = p
             .protocol
             .clone()
-            .unwrap_or_else(|| "TCP".into())
+            .unwrap_or_else(|| "AUTO".into())
             .to_ascii_uppercase();
         ports.push(ServicePort {
             number: p.number,

@@ -16,8 +16,8 @@ mod vip;
 pub use files::{release_freed_memory, FileSource};
 pub use istio::parse_documents;
 pub use model::{
-    Address, ClusterPolicy, Health, Host, Location, PortEndpoints, Resolution, Service,
-    ServicePort, SubsetEndpoints, Workload, WorkloadGroup, AMBIENT_REDIRECTION,
+    Address, ClusterPolicy, Health, Host, ListenerProtocol, Location, PortEndpoints, Resolution,
+    Service, ServicePort, SubsetEndpoints, Workload, WorkloadGroup, AMBIENT_REDIRECTION,
     DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE, TLS_MODE_LABEL, TUNNEL_LABEL,
 };
 pub use names::{NameEntry, NameTable};

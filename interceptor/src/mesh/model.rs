@@ -63,6 +63,18 @@ pub enum Location {
     MeshInternal,
 }
 
+/// What a proxy's listener for a port expects (istiod's `ListenerProtocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// Requests, one by one.
+    Http,
+    /// Bytes.
+    Tcp,
+    /// Either: the first bytes tell (an HTTP/1.x request line or the HTTP/2 preface).
+    Auto,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
     pub number: u16,
@@ -87,6 +99,26 @@ impl ServicePort {
     /// Whether its requests go upstream as HTTP/2 (Istio: HTTP2 and gRPC ports).
     pub fn is_http2(&self) -> bool {
         self.protocol_is(&["HTTP2", "GRPC", "GRPC-Web"])
+    }
+
+    /// How a proxy tells its connections apart, as istiod's `ModelProtocolToListenerProtocol`:
+    /// HTTP ports are HTTP, ports of a protocol Istio knows are TCP, and the rest (no protocol,
+    /// or one Istio does not know) are sniffed. As kube's `ConvertProtocol`, an unnamed
+    /// SMTP, DNS, MySQL or MongoDB port is TCP: sniffing would break those server-first
+    /// protocols.
+    pub fn listener_protocol(&self) -> ListenerProtocol {
+        if self.is_http() {
+            return ListenerProtocol::Http;
+        }
+        const KNOWN: [&str; 7] = ["TCP", "UDP", "HTTPS", "TLS", "Mongo", "Redis", "MySQL"];
+        if self.protocol_is(&KNOWN) {
+            return ListenerProtocol::Tcp;
+        }
+        const WELL_KNOWN_PORTS: [u16; 4] = [25, 53, 3306, 27017];
+        if self.protocol.is_empty() && WELL_KNOWN_PORTS.contains(&self.number) {
+            return ListenerProtocol::Tcp;
+        }
+        ListenerProtocol::Auto
     }
 
     /// The declared protocol is one of `names`, or (none declared) the port's name is one of
@@ -329,4 +361,42 @@ pub struct WorkloadGroup {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
     pub template: Workload,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(number: u16, name: &str, protocol: &str) -> ServicePort {
+        ServicePort {
+            number,
+            name: name.into(),
+            protocol: protocol.into(),
+            target_port: None,
+        }
+    }
+
+    /// istiod's `ModelProtocolToListenerProtocol` over `protocol.Parse` and kube's
+    /// `ConvertProtocol` (the name when no protocol is declared; well-known ports TCP).
+    #[test]
+    fn ports_are_http_tcp_or_sniffed_as_istio_classifies_them() {
+        use ListenerProtocol::*;
+        for (p, want) in [
+            (port(80, "", "HTTP"), Http),
+            (port(80, "", "grpc-web"), Http),
+            (port(9000, "grpc-api", ""), Http),
+            (port(5432, "", "TCP"), Tcp),
+            (port(443, "", "HTTPS"), Tcp),
+            (port(6379, "redis", ""), Tcp),
+            (port(7070, "web", ""), Auto),
+            (port(7070, "", ""), Auto),
+            (port(7070, "", "AUTO"), Auto),
+            (port(3306, "", ""), Tcp),
+            (port(25, "smtp", ""), Tcp),
+            // Declared but unknown to Istio: sniffed even on a well-known port.
+            (port(3306, "", "QUIC"), Auto),
+        ] {
+            assert_eq!(p.listener_protocol(), want, "{p:?}");
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! usual EDS push) never re-allocates VIPs or rebuilds the name table; a service whose
 //! endpoints did not change keeps its `Arc`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use super::model::{
     Address, Host, Location, PortEndpoints, Resolution, Service, ServicePort, Workload,
     WorkloadGroup, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE,
 };
-use super::model::{ClusterPolicy, SubsetEndpoints};
+use super::model::{ClusterPolicy, ListenerProtocol, SubsetEndpoints};
 use super::names::NameTable;
 use super::networks::Networks;
 use super::policy::{AuthorizationPolicy, PeerAuthentication};
@@ -34,9 +34,10 @@ pub struct Traffic {
     /// istiod's HTTP routes (RDS virtual hosts; those with no rules only say the port is HTTP).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub http_hosts: Vec<Arc<VirtualHostRoutes>>,
-    /// Service ports istiod serves as HTTP (an RDS virtual host names them).
+    /// Service ports istiod serves as HTTP (an RDS virtual host names them), and whether it
+    /// sniffs them (their route configuration is the port's own, `"<fqdn>:<port>"`).
     #[serde(skip)]
-    http_services: HashSet<(Host, u16)>,
+    http_services: HashMap<(Host, u16), ListenerProtocol>,
     /// istiod's inbound intent: when present, it decides inbound (not the files' policies).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inbound: Option<Arc<super::inbound::InboundIntent>>,
@@ -103,7 +104,13 @@ impl Traffic {
             ..Default::default()
         };
         for (i, h) in t.http_hosts.iter().enumerate() {
-            t.http_services.insert((h.host.clone(), h.port));
+            let protocol = match h.route_config == h.port.to_string() {
+                true => ListenerProtocol::Http,
+                false => ListenerProtocol::Auto,
+            };
+            t.http_services
+                .entry((h.host.clone(), h.port))
+                .or_insert(protocol);
             if !h.rules.is_empty() {
                 t.by_http_host.entry((h.host.clone(), h.port)).or_insert(i);
             }
@@ -147,7 +154,16 @@ impl Traffic {
     /// istiod's HTTP routes for a service port, if a VirtualService made some.
     /// Whether istiod serves `host`'s `port` as HTTP (its RDS has a virtual host for it).
     pub fn is_http_service(&self, host: &Host, port: u16) -> bool {
-        !self.http_services.is_empty() && self.http_services.contains(&(host.clone(), port))
+        self.http_protocol(host, port).is_some()
+    }
+
+    /// How istiod serves `host`'s `port` when it serves it as HTTP: declared (RDS `"<port>"`)
+    /// or sniffed (RDS `"<fqdn>:<port>"`, sheet 1.2).
+    pub fn http_protocol(&self, host: &Host, port: u16) -> Option<ListenerProtocol> {
+        if self.http_services.is_empty() {
+            return None;
+        }
+        self.http_services.get(&(host.clone(), port)).copied()
     }
 
     pub fn http_host(&self, host: &Host, port: u16) -> Option<&Arc<VirtualHostRoutes>> {

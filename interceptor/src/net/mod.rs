@@ -4,11 +4,14 @@
 
 pub mod drain;
 mod limit;
+mod peek;
 mod relay;
+pub mod sniff;
 mod splice;
 pub mod udp;
 
 pub use limit::{reset, Limit, Limits, Permit};
+pub use peek::{peek_until, Peek};
 
 pub use relay::{buffered, relay, relay_until, Buffered, End, Relayed, BUFFER, TLS_READ_AHEAD};
 pub use splice::splice_relay;

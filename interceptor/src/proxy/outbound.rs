@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::capture::OriginalDst;
 use crate::mesh::traffic::{LoadBalancer, TrafficPolicy};
-use crate::mesh::{Host, Service, Store, Table};
+use crate::mesh::{Host, ListenerProtocol, Service, Store, Table};
 use crate::metrics::{self, Metrics, TcpLabels};
 use crate::net::relay;
 use crate::route::balance::{self, Balance, Load};
@@ -57,6 +57,8 @@ pub struct Outbound {
     peers: Peers,
     /// Mirrored copies in flight (bounded: a slow mirror sheds copies, never memory).
     mirroring: std::sync::atomic::AtomicUsize,
+    /// How long a connection to a sniffed port may take to show that it speaks HTTP.
+    protocol_detection: std::time::Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -73,6 +75,7 @@ impl Outbound {
         gateway_identity: Option<SpiffeId>,
         subject: Subject,
         local: Arc<crate::metadata_exchange::Local>,
+        protocol_detection: std::time::Duration,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -91,6 +94,7 @@ impl Outbound {
             breakers: super::breaker::Breakers::default(),
             peers: Peers::default(),
             mirroring: Default::default(),
+            protocol_detection,
             metrics,
         })
     }
@@ -110,6 +114,26 @@ impl Outbound {
         .await
     }
 
+    /// Whether a connection to an HTTP-routed port is served as HTTP: always on a declared
+    /// HTTP port; on a sniffed one, as its first bytes say.
+    async fn speaks_http(
+        &self,
+        client: &TcpStream,
+        table: &Table,
+        svc: &Service,
+        dst: SocketAddr,
+    ) -> bool {
+        if route::http::outbound_protocol(table, svc, dst.port()) != ListenerProtocol::Auto {
+            return true;
+        }
+        let sniffed = crate::net::sniff::sniff(client, self.protocol_detection)
+            .await
+            .unwrap_or(crate::net::sniff::Sniffed::Silent);
+        self.metrics.detected("outbound", sniffed.label());
+        tracing::debug!(original = %dst, service = %svc.host, detected = sniffed.label(), "outbound: protocol sniffed");
+        sniffed.is_http()
+    }
+
     async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
         let _ = client.set_nodelay(true);
         let Some(dst) = self.orig.lookup(&client) else {
@@ -127,9 +151,12 @@ impl Outbound {
             return;
         };
         // Requests are routed one by one where a VirtualService has HTTP rules for the port,
-        // or its DestinationRule limits requests.
-        if route::http::http_routes(&table, &self.subject, dialed, dst).is_some()
-            || route::http::pool_needs_http(&table, &self.subject, dialed, dst)
+        // or its DestinationRule limits requests; on a port of no declared protocol, only if
+        // the connection turns out to speak HTTP (else its TCP routes take it, as istiod's
+        // default chain).
+        if (route::http::http_routes(&table, &self.subject, dialed, dst).is_some()
+            || route::http::pool_needs_http(&table, &self.subject, dialed, dst))
+            && self.speaks_http(&client, &table, dialed, dst).await
         {
             return self.serve_http(client, peer, dst).await;
         }

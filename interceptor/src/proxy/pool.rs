@@ -57,6 +57,9 @@ pub struct Pooled {
     uses: Arc<AtomicU32>,
     limits: ConnLimits,
     idle_since: Instant,
+    /// Who answered, as its certificate proved (None: plaintext): Istio's
+    /// `destination_principal` for every request it carries.
+    peer: Option<Arc<str>>,
 }
 
 impl Pooled {
@@ -67,7 +70,18 @@ impl Pooled {
             uses: Arc::new(AtomicU32::new(1)),
             limits,
             idle_since: Instant::now(),
+            peer: None,
         }
+    }
+
+    /// The identity the connection's mTLS proved.
+    pub fn with_peer(mut self, peer: Option<Arc<str>>) -> Self {
+        self.peer = peer;
+        self
+    }
+
+    pub fn peer(&self) -> Option<&Arc<str>> {
+        self.peer.as_ref()
     }
 
     pub fn is_h2(&self) -> bool {
@@ -139,6 +153,7 @@ impl Pool {
                 uses: p.uses.clone(),
                 limits: p.limits,
                 idle_since: p.idle_since,
+                peer: p.peer.clone(),
             },
             Sender::H1(_) => return kept.pop(),
         };

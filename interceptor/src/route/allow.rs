@@ -85,6 +85,9 @@ pub struct InboundPolicy {
     /// request (judged, counted and logged per request, as an Istio sidecar's HTTP chains);
     /// else only where a policy needs a request's attributes.
     pub http_requests: bool,
+    /// `--protocol-detection-timeout`: how long a plaintext connection to a sniffed port may
+    /// take to show whether it speaks HTTP.
+    pub protocol_detection: std::time::Duration,
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use super::traffic::{applies_here, unmapped, ForProxy};
 use crate::mesh::http_route::{HttpMatch, HttpRule, Redirect, Rewrite, ValueMatch};
 use crate::mesh::inbound::StringMatch;
 use crate::mesh::traffic::VirtualService;
-use crate::mesh::{Service, Table};
+use crate::mesh::{ListenerProtocol, Service, Table};
 
 /// The `http[]` rules that apply to this VM's connections to one service port.
 #[derive(Clone, Debug, Serialize)]
@@ -67,7 +67,7 @@ pub fn http_routes<'t>(
     if table.traffic.listener_route(dst).is_some() || !table.traffic.may_route(&svc.host) {
         return None;
     }
-    if !svc.port(dst.port()).is_some_and(|p| p.is_http()) {
+    if outbound_protocol(table, svc, dst.port()) == ListenerProtocol::Tcp {
         return None;
     }
     let vs = table
@@ -90,16 +90,40 @@ pub fn pool_needs_http(
     svc: &std::sync::Arc<Service>,
     dst: SocketAddr,
 ) -> bool {
-    let http = |p: &&crate::mesh::ServicePort| {
-        p.is_http() || table.traffic.is_http_service(&svc.host, p.number)
-    };
-    let Some(port) = svc.port(dst.port()).filter(http) else {
+    if outbound_protocol(table, svc, dst.port()) == ListenerProtocol::Tcp {
+        return false;
+    }
+    let Some(port) = svc.port(dst.port()) else {
         return false;
     };
     super::traffic::service_cluster(table, subject, svc, port)
         .policy
         .pool
         .is_some_and(|p| p.limits_requests())
+}
+
+/// How connections to `svc`'s `port` are told apart: as istiod's listeners and routes say
+/// (an RDS virtual host: HTTP, or sniffed where its route configuration is the port's own),
+/// else as the port's declared protocol or name says.
+pub fn outbound_protocol(table: &Table, svc: &Service, port: u16) -> ListenerProtocol {
+    if let Some(p) = table.traffic.http_protocol(&svc.host, port) {
+        return p;
+    }
+    svc.port(port)
+        .map_or(ListenerProtocol::Tcp, |p| p.listener_protocol())
+}
+
+/// Whether a request goes upstream as HTTP/2: always to HTTP2 and gRPC ports; on a sniffed
+/// port as it came (istiod gives sniffed ports `use_downstream_protocol_config`, sheet 7.2).
+pub fn upstream_h2(
+    table: &Table,
+    svc: &Service,
+    port: &crate::mesh::ServicePort,
+    version: hyper::http::Version,
+) -> bool {
+    port.is_http2()
+        || (version == hyper::http::Version::HTTP_2
+            && outbound_protocol(table, svc, port.number) == ListenerProtocol::Auto)
 }
 
 /// The rules in order, each with the matches this VM keeps; a rule all of whose matches are

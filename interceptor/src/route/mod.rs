@@ -23,7 +23,9 @@ mod wire;
 
 pub use allow::{AllowList, AllowListError, InboundPolicy, MtlsMode};
 pub use outliers::Outliers;
-pub use wire::{expected_identities, inbound_is_http, inbound_service, parse_sni, sni, sni_served};
+pub use wire::{
+    expected_identities, inbound_protocol, inbound_service, parse_sni, sni, sni_served,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;

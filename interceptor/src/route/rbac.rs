@@ -162,6 +162,7 @@ mod tests {
         InboundPort {
             mode: PeerMode::Strict,
             http: true,
+            tcp: false,
             filters: Arc::new(filters),
         }
     }

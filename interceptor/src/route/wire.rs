@@ -42,14 +42,23 @@ pub fn sni_served(
     )
 }
 
-/// Whether `dst` (this host's address and port) is an HTTP port, as Istio decides it: from
-/// istiod, its `virtualInbound` chains are HTTP ones; from the files, a service whose endpoint
-/// is this address and port declares the port HTTP (HTTP, HTTP2, gRPC, or by its name).
-pub fn inbound_is_http(table: &crate::mesh::Table, dst: std::net::SocketAddr) -> bool {
+/// How connections to `dst` (this host's address and port) are told apart, as Istio decides
+/// it: from istiod, by its `virtualInbound` chains for the port (HTTP ones, TCP ones, or both:
+/// sniffed); from the files, by the port a service whose endpoint is this address and port
+/// declares (HTTP, HTTP2, gRPC or by its name: HTTP; none: sniffed).
+pub fn inbound_protocol(
+    table: &crate::mesh::Table,
+    dst: std::net::SocketAddr,
+) -> crate::mesh::ListenerProtocol {
+    use crate::mesh::ListenerProtocol;
     if let Some(intent) = &table.traffic.inbound {
-        return intent.port(dst.port()).is_some_and(|p| p.http);
+        return intent
+            .port(dst.port())
+            .map_or(ListenerProtocol::Tcp, |p| p.protocol());
     }
-    inbound_service(table, dst).is_some_and(|(_, sp)| sp.is_http())
+    // A port no service of ours declares stays bytes (istiod's passthrough chains would sniff
+    // it; with the files nothing routes its requests).
+    inbound_service(table, dst).map_or(ListenerProtocol::Tcp, |(_, sp)| sp.listener_protocol())
 }
 
 /// The service (and its port) this host serves on `dst`: one whose endpoint is this address

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// What the first flight of a connection is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,105 +70,38 @@ pub fn looks_like_tls(first: &[u8]) -> bool {
     first.len() >= 2 && first[0] == 0x16 && first[1] == 0x03
 }
 
-/// What a ClientHello's peek buffer starts at: most hellos fit (post-quantum key shares make
-/// them ~1.8 KiB); it grows only for those that do not. A slow client holds no more than this.
-const FIRST_PEEK: usize = 4 * 1024;
-
 /// Peeks at `stream` until its first flight is classified. `first_byte` bounds the wait for
-/// any byte; `whole` bounds the wait for the rest of a ClientHello. Between peeks it sleeps
-/// until more bytes arrive, so a client sending its hello a byte at a time (slowloris) costs
-/// a wake-up per byte, not a busy loop.
+/// any byte; `whole` bounds the wait for the rest of a ClientHello.
 pub async fn peek_client_hello(
     stream: &TcpStream,
     first_byte: Duration,
     whole: Duration,
 ) -> std::io::Result<Peeked> {
-    let mut buf = vec![0u8; FIRST_PEEK];
-    let n = match tokio::time::timeout(first_byte, stream.peek(&mut buf)).await {
-        Ok(r) => r?,
-        Err(_) => return Ok(Peeked::Silent),
+    let decide = |b: &[u8]| {
+        // One byte of a handshake record is not enough to tell: wait for more, as for the
+        // rest of a hello (a client may well send its first segment a byte at a time).
+        if b.len() == 1 {
+            return (b[0] != 0x16).then_some(Peeked::Plain);
+        }
+        if !looks_like_tls(b) {
+            return Some(Peeked::Plain);
+        }
+        match parse_client_hello(b) {
+            Ok(Some(hello)) => Some(Peeked::Tls(hello)),
+            Err(e) => Some(Peeked::Malformed(e)),
+            Ok(None) => None,
+        }
     };
-    if n == 0 {
-        return Ok(Peeked::Silent);
-    }
-    // One byte of a handshake record is not enough to tell: wait for more, as for the rest
-    // of a hello (a client may well send its first segment a byte at a time).
-    let maybe_tls = if n == 1 {
-        buf[0] == 0x16
-    } else {
-        looks_like_tls(&buf[..n])
-    };
-    if !maybe_tls {
-        return Ok(Peeked::Plain);
-    }
-    let deadline = Instant::now() + whole;
-    let mut seen = n;
-    loop {
-        if seen >= 2 && !looks_like_tls(&buf[..seen]) {
-            return Ok(Peeked::Plain);
-        }
-        match parse_client_hello(&buf[..seen]) {
-            Ok(Some(hello)) => return Ok(Peeked::Tls(hello)),
-            Err(e) => return Ok(Peeked::Malformed(e)),
-            Ok(None) => {}
-        }
-        if seen == buf.len() {
-            if buf.len() >= MAX_HELLO {
-                return Ok(Peeked::Malformed("ClientHello too large".into()));
-            }
-            buf.resize((buf.len() * 4).min(MAX_HELLO), 0);
-            seen = peek_now(stream, &mut buf)?.unwrap_or(seen);
-            continue;
-        }
-        // Peeking leaves the socket readable, so waiting for readability would return at once:
-        // forget that readiness, look once more (bytes may have come in between), then wait
-        // for the next arrival.
-        let _ = stream.try_io(tokio::io::Interest::READABLE, || {
-            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
-        });
-        match peek_now(stream, &mut buf)? {
-            Some(0) => return Ok(Peeked::Malformed("closed during ClientHello".into())),
-            Some(n) if n > seen => {
-                seen = n;
-                continue;
-            }
-            _ => {}
-        }
-        if tokio::time::timeout_at(deadline, stream.readable())
-            .await
-            .is_err()
-        {
-            return Ok(Peeked::Malformed("incomplete ClientHello".into()));
-        }
-        match peek_now(stream, &mut buf)? {
-            Some(0) => return Ok(Peeked::Malformed("closed during ClientHello".into())),
-            Some(n) => seen = n.max(seen),
-            None => {}
-        }
-    }
-}
-
-/// One non-blocking peek: Some(bytes queued, up to `buf`'s size; 0 at EOF), None if none yet.
-fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
-    // SAFETY: buf is valid for writes of its length; MSG_PEEK | MSG_DONTWAIT only reads.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n >= 0 {
-        return Ok(Some(n as usize));
-    }
-    let e = std::io::Error::last_os_error();
-    if e.kind() == std::io::ErrorKind::WouldBlock {
-        Ok(None)
-    } else {
-        Err(e)
-    }
+    let malformed = |m: &str| Peeked::Malformed(m.into());
+    Ok(
+        match crate::net::peek_until(stream, first_byte, whole, MAX_HELLO, decide).await? {
+            crate::net::Peek::Decided(p) => p,
+            crate::net::Peek::Nothing => Peeked::Silent,
+            crate::net::Peek::Closed => malformed("closed during ClientHello"),
+            crate::net::Peek::TimedOut => malformed("incomplete ClientHello"),
+            crate::net::Peek::Full => malformed("ClientHello too large"),
+        },
+    )
 }
 
 #[cfg(test)]

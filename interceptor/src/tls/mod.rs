@@ -73,6 +73,12 @@ pub fn is_istio_alpn(alpn: &[u8]) -> bool {
     ISTIO_ALPNS.contains(&alpn)
 }
 
+/// The ALPNs by which an Istio client says its mTLS carries HTTP: on a sniffed port they
+/// take the HTTP chains (istiod's `mtlsHTTPALPNs`, sheet 4.2).
+pub fn is_istio_http_alpn(alpn: &[u8]) -> bool {
+    ISTIO_ALPNS[2..].contains(&alpn)
+}
+
 pub fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     // AES-128-GCM-SHA256 first, as BoringSSL (Envoy) prefers on AES-NI hardware: faster bulk

@@ -52,6 +52,8 @@ struct Chains {
     plaintext: bool,
     /// A chain is an HTTP connection manager's.
     http: bool,
+    /// A chain is not (a TCP proxy's).
+    tcp: bool,
     filters: Option<Vec<RbacFilter>>,
 }
 
@@ -75,12 +77,17 @@ pub fn inbound(l: &Listener) -> Result<InboundIntent, Invalid> {
             ("tls", true) => c.mtls = true,
             _ => c.plaintext = true,
         }
-        c.http |= chain.filters.iter().any(
+        let hcm = chain.filters.iter().any(
             |f| matches!(&f.config_type, Some(ConfigType::TypedConfig(any)) if any.type_url == HCM),
         );
-        if c.filters.is_none() {
+        // The first HTTP chain's filters judge a sniffed port: requests by all their
+        // attributes, bytes by those they have (an ALLOW needing a path fails closed, a DENY
+        // naming one denies: what istiod writes into the TCP chains).
+        if c.filters.is_none() || (hcm && !c.http) {
             c.filters = Some(rbac_filters(&at, chain)?);
         }
+        c.http |= hcm;
+        c.tcp |= !hcm;
     }
     let port_of = |c: Chains| InboundPort {
         mode: match (c.mtls, c.plaintext) {
@@ -89,6 +96,7 @@ pub fn inbound(l: &Listener) -> Result<InboundIntent, Invalid> {
             _ => PeerMode::Disable,
         },
         http: c.http,
+        tcp: c.tcp,
         filters: Arc::new(c.filters.unwrap_or_default()),
     };
     let mut out = InboundIntent::default();
@@ -331,5 +339,51 @@ mod tests {
         };
         let e = inbound(&bad).unwrap_err();
         assert!(e.message.contains("filter_chains[0].filters[0]"), "{e}");
+    }
+
+    /// istiod's Auto ports (and passthrough chains) have HTTP chains beside TCP ones: sniffed,
+    /// judged by the HTTP chain's RBAC.
+    #[test]
+    fn http_and_tcp_chains_on_one_port_make_it_sniffed() {
+        use crate::mesh::ListenerProtocol;
+        let hcm = || Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(ConfigType::TypedConfig(Any {
+                type_url: HCM.into(),
+                value: HttpConnectionManager::default().encode_to_vec(),
+            })),
+        };
+        let deny = || {
+            use interceptor_proto::envoy::extensions::filters::network::rbac::v3::Rbac as NetRbac;
+            rbac(
+                NetRbac {
+                    rules: Some(Rbac {
+                        action: Action::Deny as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )
+        };
+        let l = Listener {
+            name: VIRTUAL_INBOUND.into(),
+            filter_chains: vec![
+                chain(None, "raw_buffer", false, vec![]),
+                chain(None, "raw_buffer", false, vec![hcm()]),
+                chain(Some(7080), "raw_buffer", false, vec![deny()]),
+                chain(Some(7080), "raw_buffer", false, vec![hcm()]),
+                chain(Some(8080), "raw_buffer", false, vec![hcm()]),
+                chain(Some(9090), "raw_buffer", false, vec![deny()]),
+            ],
+            ..Default::default()
+        };
+        let i = inbound(&l).unwrap();
+        assert_eq!(i.ports[&7080].protocol(), ListenerProtocol::Auto);
+        // The HTTP chain's filters (none here), not the TCP chain's DENY.
+        assert!(i.ports[&7080].filters.is_empty());
+        assert_eq!(i.ports[&8080].protocol(), ListenerProtocol::Http);
+        assert_eq!(i.ports[&9090].protocol(), ListenerProtocol::Tcp);
+        assert_eq!(i.port(7000).unwrap().protocol(), ListenerProtocol::Auto);
     }
 }

@@ -722,11 +722,12 @@ pub fn service(
                 sans.push(s.clone());
             }
         }
-        // Workloads name their port per endpoint (EDS): the port needs no name.
+        // Workloads name their port per endpoint (EDS): the port needs no name. Its protocol
+        // is TCP unless istiod's listeners and routes say HTTP or sniffed (`Traffic`).
         ports.push(ServicePort {
             number: c.port,
             name: String::new(),
-            protocol: String::new(),
+            protocol: "TCP".into(),
             target_port: None,
         });
         port_endpoints.insert(c.port, workloads(c));

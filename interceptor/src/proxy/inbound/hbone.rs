@@ -193,9 +193,11 @@ impl Tunnel {
                 http: None,
             },
         );
+        // A stream to a sniffed port is not sniffed (its first bytes are inside the stream):
+        // it stays bytes, as a TCP chain would take it.
         if self
             .inbound
-            .per_request(&self.inbound.store.load(), authority, &decision)
+            .per_request(&self.inbound.store.load(), authority, None, &decision)
         {
             return Ok(Opened::Requests(authority));
         }

@@ -41,11 +41,20 @@ pub(super) struct Client {
     pub mtls: bool,
     /// Requests go to the app as HTTP/2 (its port is HTTP2 or gRPC), else HTTP/1.1.
     pub app_h2: bool,
+    /// The port is sniffed: requests go to the app as they came (HTTP/2 or HTTP/1.1), as
+    /// istiod's `use_downstream_protocol_config` for such ports.
+    pub app_as_client: bool,
     /// The service served here (its host), else the address: `destination_service`.
     pub service: String,
     pub service_namespace: String,
     /// The client's workload as its HBONE stream's `baggage` named it.
     pub baggage: Option<metrics::Peer>,
+}
+
+impl Client {
+    fn app_h2(&self, version: hyper::Version) -> bool {
+        self.app_h2 || (self.app_as_client && version == hyper::Version::HTTP_2)
+    }
 }
 
 impl Inbound {
@@ -71,7 +80,7 @@ impl Inbound {
         let (mut parts, body) = req.into_parts();
         // The caller's Istio metadata headers: read and removed before anything sees them.
         let exchanged = crate::metadata_exchange::take(&mut parts.headers);
-        let upgrade = upgrade_protocol(&parts).filter(|_| !client.app_h2);
+        let upgrade = upgrade_protocol(&parts).filter(|_| !client.app_h2(parts.version));
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
@@ -163,7 +172,7 @@ impl Inbound {
         upgrade: Option<&HeaderValue>,
         client: &Client,
     ) -> (Response<Body>, &'static str) {
-        let h2 = client.app_h2;
+        let h2 = client.app_h2(parts.version);
         let trailers = parts
             .headers
             .get(hyper::header::TE)

@@ -15,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::mesh::ListenerProtocol;
 use crate::metrics::{self, Metrics, TcpLabels};
 use crate::net::{buffered, relay};
 use crate::route::{policy, InboundPolicy, MtlsMode};
@@ -143,6 +144,9 @@ struct Conn {
     identity: Option<SpiffeId>,
     /// Held until the handshake is done (or the connection is known not to have one).
     pending: Option<crate::net::Permit>,
+    /// Whether it speaks HTTP, where its port is sniffed: as its mTLS ALPN or its first
+    /// plaintext bytes say (None: not told; served as bytes).
+    speaks_http: Option<bool>,
 }
 
 impl Conn {
@@ -232,6 +236,7 @@ impl Inbound {
             kind: None,
             identity: None,
             pending: Some(pending),
+            speaks_http: None,
         };
         let served = if Some(dst.port()) == self.hbone_port {
             let _ = stream.set_nodelay(true);
@@ -262,7 +267,7 @@ impl Inbound {
         );
         // An HTTP port is served per request (each judged on its own, as Envoy's HTTP RBAC),
         // or, with `--inbound-http connections`, only where the verdict needs a request.
-        if self.per_request(&table, conn.dst, &decision) {
+        if self.per_request(&table, conn.dst, conn.speaks_http, &decision) {
             return Ok(Serve::Http(decision));
         }
         audit(&decision, conn.peer, conn.dst);
@@ -312,6 +317,7 @@ impl Inbound {
             identity,
             mtls,
             app_h2: service.is_some_and(|(_, sp)| sp.is_http2()),
+            app_as_client: crate::route::inbound_protocol(&table, dst) == ListenerProtocol::Auto,
             service: service.map_or_else(|| dst.to_string(), |(s, _)| s.host.to_string()),
             service_namespace: service
                 .map(|(s, _)| s.namespace.clone())
@@ -321,15 +327,35 @@ impl Inbound {
     }
 
     /// Whether a connection to `dst` with this verdict is served request by request: an HTTP
-    /// port, under `--inbound-http requests` or a policy that needs a request's attributes.
+    /// port (or a sniffed one the connection speaks HTTP to), under `--inbound-http requests`
+    /// or a policy that needs a request's attributes.
     fn per_request(
         &self,
         table: &crate::mesh::Table,
         dst: SocketAddr,
+        speaks_http: Option<bool>,
         decision: &policy::Decision,
     ) -> bool {
         let wanted = self.policy.http_requests || (!decision.allowed && decision.needs_http);
-        wanted && crate::route::inbound_is_http(table, dst)
+        wanted
+            && match crate::route::inbound_protocol(table, dst) {
+                ListenerProtocol::Http => true,
+                ListenerProtocol::Auto => speaks_http == Some(true),
+                ListenerProtocol::Tcp => false,
+            }
+    }
+
+    /// On a sniffed port, whether a plaintext connection speaks HTTP, from its first bytes.
+    async fn sniff(&self, stream: &TcpStream, conn: &mut Conn) {
+        let table = self.store.load();
+        if crate::route::inbound_protocol(&table, conn.dst) != ListenerProtocol::Auto {
+            return;
+        }
+        let sniffed = crate::net::sniff::sniff(stream, self.policy.protocol_detection)
+            .await
+            .unwrap_or(crate::net::sniff::Sniffed::Silent);
+        self.metrics.detected("inbound", sniffed.label());
+        conn.speaks_http = Some(sniffed.is_http());
     }
 
     async fn serve_one(self: Arc<Self>, stream: TcpStream, conn: &mut Conn) -> Result<(), Refused> {
@@ -346,6 +372,7 @@ impl Inbound {
                 self.passthrough(stream, conn, Kind::TlsPassthrough).await
             }
             Peeked::Tls(hello) if strict || hello.has_istio_alpn() => {
+                conn.speaks_http = Some(hello.alpn.iter().any(|a| tls::is_istio_http_alpn(a)));
                 if let Some(sni) = &hello.sni {
                     let table = self.store.load();
                     if crate::route::sni_served(&table, sni, conn.dst) == Some(false) {
@@ -356,6 +383,10 @@ impl Inbound {
             }
             Peeked::Tls(_) => self.passthrough(stream, conn, Kind::TlsPassthrough).await,
             Peeked::Plain | Peeked::Silent if !strict => {
+                // A client silent this long speaks second: bytes, not waited for twice.
+                if matches!(peeked, Peeked::Silent) {
+                    conn.speaks_http = Some(false);
+                }
                 self.passthrough(stream, conn, Kind::Plaintext).await
             }
             Peeked::Plain | Peeked::Silent => Err(Refused::PlaintextStrict),
@@ -434,6 +465,9 @@ impl Inbound {
     ) -> Result<(), Refused> {
         conn.kind = Some(kind);
         conn.pending = None;
+        if kind == Kind::Plaintext && conn.speaks_http.is_none() {
+            self.sniff(&stream, conn).await;
+        }
         // Istio applies AuthorizationPolicy to plaintext too: no principal, no namespace.
         match self.authorize(conn, false) {
             Err(refused) => {

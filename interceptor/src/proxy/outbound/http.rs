@@ -35,7 +35,7 @@ use crate::proxy::http::{
     strip_hop_by_hop, upgrade_protocol, upstream_request, Counted, Holding,
 };
 use crate::proxy::pool::{Body, ConnLimits, Key, Pooled};
-use crate::route::http::{authority, http_routes, redirect_location, rewritten_path};
+use crate::route::http::{authority, http_routes, redirect_location, rewritten_path, upstream_h2};
 use crate::route::traffic::{self, NoRoute};
 use crate::route::{EndpointAddr, Target};
 use crate::transport::Upstream;
@@ -64,6 +64,8 @@ struct Outcome {
     held: Option<Slot>,
     /// The workload that answered, as Istio's telemetry names it.
     destination: Option<metrics::Peer>,
+    /// Its identity, as its certificate proved (None: plaintext, or no answer).
+    principal: Option<Arc<str>>,
 }
 
 impl Outcome {
@@ -78,6 +80,7 @@ impl Outcome {
             limited: None,
             held: None,
             destination: None,
+            principal: None,
         }
     }
 
@@ -210,11 +213,20 @@ impl Outbound {
         let destination_version = labels_version(&outcome);
         let labels = RequestLabels {
             reporter: metrics::SOURCE,
-            source_principal: self.tls.current().map_or_else(
-                || metrics::UNKNOWN.to_string(),
-                |id| id.spiffe.as_str().to_string(),
-            ),
-            destination_principal: metrics::UNKNOWN.into(),
+            // As Envoy's source reporter: both principals from the upstream connection's
+            // mTLS; a plaintext one (or none) names neither.
+            source_principal: match &outcome.principal {
+                Some(_) => self.tls.current().map_or_else(
+                    || metrics::UNKNOWN.to_string(),
+                    |id| id.spiffe.as_str().to_string(),
+                ),
+                None => metrics::UNKNOWN.to_string(),
+            },
+            destination_principal: outcome
+                .principal
+                .as_deref()
+                .unwrap_or(metrics::UNKNOWN)
+                .into(),
             workloads: metrics::Workloads::new(
                 &self.local.peer,
                 &outcome.destination.take().unwrap_or_default(),
@@ -404,7 +416,7 @@ impl Outbound {
             },
             None => None,
         };
-        let h2 = cluster.port.is_http2();
+        let h2 = upstream_h2(table, cluster.service, cluster.port, parts.version);
         let per_try = retries.per_try_timeout_ms.map(Duration::from_millis);
         let host = &cluster.service.host;
         let exchanged = self
@@ -448,6 +460,7 @@ impl Outbound {
             _ => None,
         });
         let breaker = limited.as_ref().map(|l| l.breaker.clone());
+        let principal = sender.peer().cloned();
         let (response, flags, retry) =
             self.judge(sent, retries, &dial, &target, (key, sender, breaker));
         let version = match &target.via {
@@ -464,6 +477,7 @@ impl Outbound {
             limited,
             held,
             destination,
+            principal,
         };
         (outcome, retry)
     }
@@ -680,7 +694,7 @@ impl Outbound {
         if dial.targets.is_empty() {
             return;
         }
-        let h2 = cluster.port.is_http2();
+        let h2 = upstream_h2(table, cluster.service, cluster.port, parts.version);
         let host = &cluster.service.host;
         let limited = self.limited(&dial, &name);
         let Ok((target, mut sender, key, _)) = self
@@ -797,6 +811,9 @@ impl Outbound {
                 NotSent::Unreachable
             })?;
         let target = &dial.targets[i];
+        let peer = up
+            .peer_identity(target.transport.identities())
+            .map(|id| Arc::<str>::from(id.as_str()));
         let sender = handshake(boxed_io(up), h2, held).await.map_err(|e| {
             tracing::debug!(endpoint = %target.endpoint, h2, error = %e, "outbound HTTP handshake failed");
             NotSent::Unreachable
@@ -807,7 +824,12 @@ impl Outbound {
             transport: target.transport.label(),
             h2,
         };
-        Ok((target.clone(), Pooled::new(sender, limits), key, false))
+        Ok((
+            target.clone(),
+            Pooled::new(sender, limits).with_peer(peer),
+            key,
+            false,
+        ))
     }
 
     /// The cluster's breakers, where its DestinationRule sets a limit.
