@@ -719,8 +719,19 @@ fn route(
         None => rule.name.clone(),
     };
     let headers = rule.headers.clone().unwrap_or_default();
-    let (req_add, req_remove) = header_ops(headers.request.as_ref());
-    let (resp_add, resp_remove) = header_ops(headers.response.as_ref());
+    let (mut req_add, mut req_remove) = header_ops(headers.request.as_ref());
+    let (mut resp_add, mut resp_remove) = header_ops(headers.response.as_ref());
+    // A lone destination's own operations are appended to the route's
+    // (`applyHTTPRouteDestination`); several destinations carry theirs on their clusters.
+    if let [only] = rule.route.as_slice() {
+        let own = only.headers.clone().unwrap_or_default();
+        let (add, remove) = header_ops(own.request.as_ref());
+        req_add.extend(add);
+        req_remove.extend(remove);
+        let (add, remove) = header_ops(own.response.as_ref());
+        resp_add.extend(add);
+        resp_remove.extend(remove);
+    }
     let action = route_action(vs, rule, s, port);
     let mut per_filter: HashMap<String, Any> = HashMap::new();
     if let Some(f) = &rule.fault {
@@ -806,12 +817,23 @@ fn route_action(vs: &Doc, rule: &HttpRoute, s: &HttpService<'_>, port: u16) -> A
                         .route
                         .iter()
                         .filter(|d| d.weight.unwrap_or(0) > 0)
-                        .map(|d| ClusterWeight {
-                            name: cluster(d),
-                            weight: Some(UInt32Value {
-                                value: d.weight.unwrap_or(0),
-                            }),
-                            ..Default::default()
+                        .map(|d| {
+                            let own = d.headers.clone().unwrap_or_default();
+                            let (request_headers_to_add, request_headers_to_remove) =
+                                header_ops(own.request.as_ref());
+                            let (response_headers_to_add, response_headers_to_remove) =
+                                header_ops(own.response.as_ref());
+                            ClusterWeight {
+                                name: cluster(d),
+                                weight: Some(UInt32Value {
+                                    value: d.weight.unwrap_or(0),
+                                }),
+                                request_headers_to_add,
+                                request_headers_to_remove,
+                                response_headers_to_add,
+                                response_headers_to_remove,
+                                ..Default::default()
+                            }
                         })
                         .collect(),
                     ..Default::default()

@@ -247,6 +247,9 @@ pub struct TlsMatch {
 pub struct RouteDestination {
     pub destination: Destination,
     pub weight: Option<u32>,
+    /// An HTTP route destination's own header operations.
+    #[serde(default)]
+    pub headers: Option<crate::istiod_http::Headers>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -182,6 +182,16 @@ spec:
     match: [{uri: {prefix: /old/}}]
     rewrite: {uri: /api/new/, authority: reviews.internal}
     route: [{destination: {host: reviews, subset: v2}}]
+  - name: tagged
+    match: [{uri: {prefix: /tagged}}]
+    headers: {request: {set: {x-rule: tagged}}}
+    route:
+    - destination: {host: reviews, subset: v1}
+      weight: 50
+      headers: {request: {set: {x-dest: one}}, response: {add: {x-answered-by: one}}}
+    - destination: {host: reviews, subset: v2}
+      weight: 50
+      headers: {request: {set: {x-dest: two}, remove: [x-drop]}, response: {set: {x-answered-by: two}}}
   - name: split
     match: [{uri: {prefix: /api}}, {uri: {regex: '/v[0-9]+/.*'}}]
     route:
@@ -349,6 +359,7 @@ fn requests_are_routed_one_by_one_by_header_path_and_method_and_split_by_weight(
     let w = World::new();
     for side in SIDES {
         routing(&w, side);
+        per_destination_headers(&w, side);
     }
     for ic in [&w.ic, &w.ic_istiod] {
         assert!(ic.wait_counter(
@@ -368,6 +379,42 @@ fn requests_are_routed_one_by_one_by_header_path_and_method_and_split_by_weight(
             5.0
         ));
     }
+}
+
+/// Each destination of a weighted route carries its own header operations (Envoy's weighted
+/// clusters' ones), beside its rule's: the endpoint a request went to saw its destination's
+/// request headers, and the answer carries its destination's response headers.
+fn per_destination_headers(w: &World, side: Side) {
+    let urls: Vec<String> = (0..16).map(|i| url(&format!("/tagged/{i}"))).collect();
+    let mut args = vec!["-D", "-", "-H", "x-drop: yes"];
+    args.extend(urls.iter().map(String::as_str));
+    let out = w.curl(side, &args);
+    let answers: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 16, "{side:?}: {out}");
+    let mut seen = BTreeSet::new();
+    for a in answers {
+        let lower = a.to_ascii_lowercase();
+        let (dest, answered_by) = match () {
+            _ if a.contains("v1 GET /tagged") => ("x-dest=one", "x-answered-by: one"),
+            _ if a.contains("v2 GET /tagged") => ("x-dest=two", "x-answered-by: two"),
+            _ => panic!("{side:?}: neither v1 nor v2 answered: {a}"),
+        };
+        seen.insert(dest);
+        assert!(lower.contains(dest), "{side:?}: {a}");
+        assert!(lower.contains(answered_by), "{side:?}: {a}");
+        assert!(lower.contains("x-rule=tagged"), "{side:?}: {a}");
+        // Only v2's destination removes it.
+        assert_eq!(
+            lower.contains("x-drop=yes"),
+            dest == "x-dest=one",
+            "{side:?}: {a}"
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "{side:?}: 16 requests went to one destination"
+    );
 }
 
 fn routing(w: &World, side: Side) {

@@ -382,6 +382,7 @@ fn connection(
             subset: String::new(),
             port: Some(dst.port()),
             weight: 1,
+            headers: None,
         }],
         mesh::traffic::Target::Clusters(ds) => ds.clone(),
         mesh::traffic::Target::BlackHole | mesh::traffic::Target::Passthrough => {

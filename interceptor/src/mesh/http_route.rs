@@ -122,7 +122,7 @@ pub enum Abort {
 }
 
 /// Header operations of one direction.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeaderOps {
     pub set: Vec<(String, String)>,
     pub add: Vec<(String, String)>,
@@ -132,6 +132,20 @@ pub struct HeaderOps {
 impl HeaderOps {
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// A route destination's own header operations (`route[].headers`; Envoy's weighted cluster
+/// ones), applied when a request goes to it, before its rule's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationHeaders {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
+}
+
+impl DestinationHeaders {
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty()
     }
 }
 
@@ -227,7 +241,7 @@ pub(super) struct HttpRouteSpec {
     #[serde(default, rename = "match")]
     matches: Vec<HttpMatchSpec>,
     #[serde(default)]
-    route: Vec<super::traffic::RouteDestinationSpec>,
+    route: Vec<HttpRouteDestinationSpec>,
     direct_response: Option<DirectResponseSpec>,
     timeout: Option<String>,
     retries: Option<RetriesSpec>,
@@ -244,6 +258,15 @@ pub(super) struct HttpRouteSpec {
     mirror_percent: Option<i64>,
     // Not honoured on the VM yet: logged, as it changes no answer a mesh client sees.
     cors_policy: Option<Value>,
+}
+
+/// `HTTPRouteDestination`: a route destination with its own header operations.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpRouteDestinationSpec {
+    destination: super::traffic::DestinationSpec,
+    weight: Option<i64>,
+    headers: Option<HeadersSpec>,
 }
 
 #[derive(Deserialize)]
@@ -427,7 +450,7 @@ fn http_rule(at: &str, r: HttpRouteSpec) -> Result<HttpRule, Invalid> {
     let action = match (r.direct_response, r.redirect, r.route.is_empty()) {
         (Some(d), None, true) => direct_response(at, d)?,
         (None, Some(rd), true) => HttpAction::Redirect(redirect(at, rd)?),
-        (None, None, _) => HttpAction::Forward(destinations(at, r.route)?),
+        (None, None, _) => HttpAction::Forward(http_destinations(at, r.route)?),
         _ => {
             return Err(invalid(
                 at,
@@ -804,6 +827,33 @@ fn grpc_code(s: &str) -> Option<u8> {
         .and_then(|p| u8::try_from(p).ok())
 }
 
+/// The destinations as TCP routes have them, each with its own header operations.
+fn http_destinations(
+    at: &str,
+    route: Vec<HttpRouteDestinationSpec>,
+) -> Result<Vec<Destination>, Invalid> {
+    let mut headers = Vec::new();
+    let mut plain = Vec::new();
+    for d in route {
+        headers.push(d.headers);
+        plain.push(super::traffic::RouteDestinationSpec {
+            destination: d.destination,
+            weight: d.weight,
+        });
+    }
+    let mut out = destinations(at, plain)?;
+    for (j, (d, h)) in out.iter_mut().zip(headers).enumerate() {
+        let Some(h) = h else { continue };
+        let field = format!("{at}.route[{j}].headers");
+        let ops = DestinationHeaders {
+            request: header_ops(&format!("{field}.request"), h.request)?,
+            response: header_ops(&format!("{field}.response"), h.response)?,
+        };
+        d.headers = (!ops.is_empty()).then(|| Box::new(ops));
+    }
+    Ok(out)
+}
+
 fn header_ops(field: &str, spec: Option<HeaderOpsSpec>) -> Result<HeaderOps, Invalid> {
     let Some(spec) = spec else {
         return Ok(HeaderOps::default());
@@ -848,6 +898,31 @@ mod tests {
     fn rules(yaml: &str) -> Result<Vec<HttpRule>, Invalid> {
         let spec: Vec<HttpRouteSpec> = serde_yaml_ng::from_str(yaml).expect("yaml");
         http_rules(spec)
+    }
+
+    #[test]
+    fn each_route_destination_keeps_its_own_header_operations() {
+        let r = rules(
+            "- route:
+  - destination: {host: reviews, subset: v1}
+    weight: 50
+    headers: {request: {set: {X-Dest: one}}, response: {add: {x-by: one}}}
+  - {destination: {host: reviews, subset: v2}, weight: 50}
+",
+        )
+        .expect("valid");
+        let HttpAction::Forward(ds) = &r[0].action else {
+            panic!("{:?}", r[0].action)
+        };
+        let h = ds[0].headers.as_deref().expect("v1's headers");
+        assert_eq!(h.request.set, [("x-dest".to_string(), "one".to_string())]);
+        assert_eq!(h.response.add, [("x-by".to_string(), "one".to_string())]);
+        assert!(ds[1].headers.is_none());
+        let e = rules(
+            "- route: [{destination: {host: reviews}, headers: {request: {set: {':authority': x}}}}]",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("route[0].headers.request"), "{e}");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Destination {
     pub port: Option<u16>,
     /// Relative (Envoy's weighted clusters); Istio's are percentages.
     pub weight: u32,
+    /// An HTTP route destination's own header operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Box<super::http_route::DestinationHeaders>>,
 }
 
 /// Where a route's connections go when it names no service (istiod's catch-all clusters).
@@ -520,8 +523,8 @@ struct TcpMatchSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RouteDestinationSpec {
-    destination: DestinationSpec,
-    weight: Option<i64>,
+    pub(super) destination: DestinationSpec,
+    pub(super) weight: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -1070,6 +1073,7 @@ pub(super) fn destinations(
             subset: r.destination.subset.unwrap_or_default(),
             port,
             weight,
+            headers: None,
         });
     }
     if out.iter().all(|d| d.weight == 0) {

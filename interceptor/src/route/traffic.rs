@@ -659,6 +659,7 @@ mod tests {
                         subset: "v2".into(),
                         port: None,
                         weight: 100,
+                        headers: None,
                     }],
                 },
                 TcpRule {
@@ -669,12 +670,14 @@ mod tests {
                             subset: "v1".into(),
                             port: None,
                             weight: 80,
+                            headers: None,
                         },
                         Destination {
                             host: Host::new("product.default.svc.cluster.local"),
                             subset: "v2".into(),
                             port: None,
                             weight: 20,
+                            headers: None,
                         },
                     ],
                 },
@@ -804,6 +807,7 @@ mod tests {
                 subset: subset.into(),
                 port: None,
                 weight: 100,
+                headers: None,
             }],
         }
     }

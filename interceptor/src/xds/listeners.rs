@@ -257,6 +257,7 @@ pub(super) fn destination(cluster: &str, weight: u32) -> Result<Destination, Str
         subset: subset.to_string(),
         port: Some(port),
         weight,
+        headers: None,
     })
 }
 

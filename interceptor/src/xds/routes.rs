@@ -30,8 +30,8 @@ use prost::Message;
 use super::listeners::destination;
 use super::resources::Invalid;
 use crate::mesh::http_route::{
-    Abort, Fault, HeaderOps, HttpAction, HttpMatch, HttpRule, Mirror, Redirect, Retries, RetryOn,
-    Rewrite, ValueMatch, VirtualHostRoutes,
+    Abort, DestinationHeaders, Fault, HeaderOps, HttpAction, HttpMatch, HttpRule, Mirror, Redirect,
+    Retries, RetryOn, Rewrite, ValueMatch, VirtualHostRoutes,
 };
 use crate::mesh::inbound::StringMatch;
 use crate::mesh::Host;
@@ -122,7 +122,7 @@ fn rule(r: &Route) -> Result<HttpRule, String> {
                     .clusters
                     .iter()
                     .filter(|c| c.weight.as_ref().is_some_and(|v| v.value > 0))
-                    .map(|c| destination(&c.name, c.weight.as_ref().map_or(0, |v| v.value)))
+                    .map(weighted_destination)
                     .collect::<Result<_, _>>()?,
                 _ => return Err("a cluster header or plugin is not supported".into()),
             };
@@ -390,6 +390,20 @@ fn fault(any: &Any) -> Result<Fault, String> {
         }
     };
     Ok(Fault { delay, abort })
+}
+
+/// A weighted cluster, with the header operations istiod puts on it from its route
+/// destination's `headers`.
+fn weighted_destination(
+    c: &interceptor_proto::envoy::config::route::v3::weighted_cluster::ClusterWeight,
+) -> Result<crate::mesh::traffic::Destination, String> {
+    let mut d = destination(&c.name, c.weight.as_ref().map_or(0, |v| v.value))?;
+    let headers = DestinationHeaders {
+        request: header_ops(&c.request_headers_to_add, &c.request_headers_to_remove),
+        response: header_ops(&c.response_headers_to_add, &c.response_headers_to_remove),
+    };
+    d.headers = (!headers.is_empty()).then(|| Box::new(headers));
+    Ok(d)
 }
 
 fn header_ops(add: &[HeaderValueOption], remove: &[String]) -> HeaderOps {

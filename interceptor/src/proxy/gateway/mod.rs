@@ -172,6 +172,7 @@ impl Gateway {
                 subset: subset.clone(),
                 port: Some(port),
                 weight: 1,
+                headers: None,
             };
             match traffic::cluster(&table, &subject, &dest, port) {
                 Ok(c) => c,

@@ -24,7 +24,8 @@ use tokio::net::TcpStream;
 
 use super::Outbound;
 use crate::mesh::http_route::{
-    Abort, HeaderOps, HttpAction, HttpMatch, HttpRule, Retries, RetryOn, Rewrite,
+    Abort, DestinationHeaders, HeaderOps, HttpAction, HttpMatch, HttpRule, Retries, RetryOn,
+    Rewrite,
 };
 use crate::mesh::Table;
 use crate::metrics::Metrics;
@@ -403,7 +404,7 @@ impl Outbound {
         peer: SocketAddr,
         dst: SocketAddr,
     ) -> (Outcome, bool) {
-        let (cluster, dial) = match self.cluster_dial(table, rule, tried, peer, dst) {
+        let (cluster, dial, dest_headers) = match self.cluster_dial(table, rule, tried, peer, dst) {
             Ok(ok) => ok,
             Err(o) => return (*o, false),
         };
@@ -419,13 +420,23 @@ impl Outbound {
         let h2 = upstream_h2(table, cluster.service, cluster.port, parts.version);
         let per_try = retries.per_try_timeout_ms.map(Duration::from_millis);
         let host = &cluster.service.host;
+        let request = |b: Body| {
+            let mut req = upstream_request(parts, b, h2);
+            if let Some(d) = &dest_headers {
+                apply_destination_ops(
+                    req.headers_mut(),
+                    &d.request,
+                    rule.map(|r| &r.request_headers),
+                );
+            }
+            req
+        };
         let exchanged = self
             .exchange(
                 &dial,
                 &name,
-                h2,
+                (h2, &request),
                 host,
-                parts,
                 body,
                 per_try,
                 peer,
@@ -461,8 +472,12 @@ impl Outbound {
         });
         let breaker = limited.as_ref().map(|l| l.breaker.clone());
         let principal = sender.peer().cloned();
-        let (response, flags, retry) =
+        let (mut response, flags, retry) =
             self.judge(sent, retries, &dial, &target, (key, sender, breaker));
+        // A destination's response operations go before its rule's (applied at the end).
+        if let Some(d) = &dest_headers {
+            apply_ops(response.headers_mut(), &d.response);
+        }
         let version = match &target.via {
             crate::route::Via::Direct(w) => metrics::canonical_revision(&w.labels),
             _ => metrics::UNKNOWN.into(),
@@ -485,23 +500,35 @@ impl Outbound {
     /// The cluster a try goes to (the rule's weighted pick, else the service's) and its
     /// endpoints in order, those not tried yet first (Envoy's previous_hosts predicate); or the
     /// answer when there is none.
-    fn cluster_dial<'t>(
+    #[allow(clippy::type_complexity)]
+    fn cluster_dial<'t, 'r>(
         &self,
         table: &'t Table,
-        rule: Option<&HttpRule>,
+        rule: Option<&'r HttpRule>,
         tried: &[EndpointAddr],
         peer: SocketAddr,
         dst: SocketAddr,
-    ) -> Result<(traffic::Cluster<'t>, super::Dial), Box<Outcome>> {
+    ) -> Result<
+        (
+            traffic::Cluster<'t>,
+            super::Dial,
+            Option<&'r DestinationHeaders>,
+        ),
+        Box<Outcome>,
+    > {
         let Some((svc, port)) = table.service_for(dst) else {
             return Err(Box::new(Outcome::local(503, "no healthy upstream", "NC")));
         };
+        let mut headers = None;
         let cluster = match rule.map(|r| &r.action) {
             Some(HttpAction::Forward(ds)) => traffic::pick(ds)
                 .ok_or_else(|| NoRoute::NoCluster {
                     cluster: "(a route without destinations)".into(),
                 })
-                .and_then(|d| traffic::cluster(table, &self.subject, d, dst.port())),
+                .and_then(|d| {
+                    headers = d.headers.as_deref();
+                    traffic::cluster(table, &self.subject, d, dst.port())
+                }),
             _ => Ok(traffic::service_cluster(table, &self.subject, svc, port)),
         };
         let cluster = cluster.map_err(|e| {
@@ -525,7 +552,7 @@ impl Outbound {
         if dial.targets.is_empty() {
             return Err(named(Outcome::local(503, "no healthy upstream", "UH")));
         }
-        Ok((cluster, dial))
+        Ok((cluster, dial, headers))
     }
 
     /// A connection and the request sent on it. A kept connection the endpoint had already
@@ -535,9 +562,8 @@ impl Outbound {
         &self,
         dial: &super::Dial,
         name: &str,
-        h2: bool,
+        (h2, request): (bool, &(dyn Fn(Body) -> Request<Body> + Sync)),
         host: &crate::mesh::Host,
-        parts: &Parts,
         body: &mut RequestBody,
         per_try: Option<Duration>,
         peer: SocketAddr,
@@ -547,7 +573,7 @@ impl Outbound {
             .upstream(dial, name, h2, peer, host, true, limited)
             .await?;
         let first = body.next().ok_or(NotSent::Unreachable)?;
-        let mut sent = send(&mut sender, upstream_request(parts, first, h2), per_try).await;
+        let mut sent = send(&mut sender, request(first), per_try).await;
         if let Ok(Err(e)) = &sent {
             if reused && (e.is_canceled() || e.is_incomplete_message() || e.is_closed()) {
                 let fresh = self
@@ -555,7 +581,7 @@ impl Outbound {
                     .await;
                 if let (Ok(f), Some(b)) = (fresh, body.next()) {
                     (target, sender, key, _) = f;
-                    sent = send(&mut sender, upstream_request(parts, b, h2), per_try).await;
+                    sent = send(&mut sender, request(b), per_try).await;
                 }
             }
         }
@@ -1014,6 +1040,21 @@ fn prepare_headers(headers: &mut HeaderMap, ops: Option<&HeaderOps>) {
     if let Some(ops) = ops {
         apply_ops(headers, ops);
     }
+}
+
+/// A route destination's request operations, on a request its rule's already went over: as
+/// Envoy applies a weighted cluster's before its route's, a header the rule removes or sets
+/// ends as the rule leaves it.
+fn apply_destination_ops(headers: &mut HeaderMap, ops: &HeaderOps, rule: Option<&HeaderOps>) {
+    let ruled = |n: &String| {
+        rule.is_some_and(|r| r.remove.contains(n) || r.set.iter().any(|(k, _)| k == n))
+    };
+    let ops = HeaderOps {
+        set: ops.set.iter().filter(|(k, _)| !ruled(k)).cloned().collect(),
+        add: ops.add.iter().filter(|(k, _)| !ruled(k)).cloned().collect(),
+        remove: ops.remove.iter().filter(|k| !ruled(k)).cloned().collect(),
+    };
+    apply_ops(headers, &ops);
 }
 
 /// VirtualService header operations: remove, then set (replace), then add (append).
