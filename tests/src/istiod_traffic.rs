@@ -199,6 +199,9 @@ pub struct HttpPool {
     #[serde(default)]
     pub max_retries: u32,
     pub idle_timeout: Option<String>,
+    pub h2_upgrade_policy: Option<String>,
+    #[serde(default)]
+    pub use_client_protocol: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -728,7 +731,9 @@ pub fn apply_policy(
 
 /// istiod's `applyConnectionPool` + `clusterWrapper.build` for the HTTP options: the idle timeout
 /// and requests per connection go into the `HttpProtocolOptions` extension's common options
-/// (an HTTP/1.1 cluster's explicit config beside them; sheet 3.3's example).
+/// (an HTTP/1.1 cluster's explicit config beside them; sheet 3.3's example), with the upstream
+/// protocol `setUpstreamProtocol` picks: `use_downstream_protocol_config` for
+/// `useClientProtocol`, explicit HTTP/2 for `h2UpgradePolicy: UPGRADE`.
 fn apply_http_protocol_options(
     c: &mut interceptor_proto::envoy::config::cluster::v3::Cluster,
     http: &HttpPool,
@@ -740,9 +745,35 @@ fn apply_http_protocol_options(
         explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
     };
     use interceptor_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
-    if http.max_requests_per_connection == 0 && http.idle_timeout.is_none() {
+    let upgrade = http.h2_upgrade_policy.as_deref() == Some("UPGRADE");
+    if http.max_requests_per_connection == 0
+        && http.idle_timeout.is_none()
+        && !upgrade
+        && !http.use_client_protocol
+    {
         return;
     }
+    use interceptor_proto::envoy::config::core::v3::Http2ProtocolOptions;
+    use interceptor_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::UseDownstreamHttpConfig;
+    let protocol = if http.use_client_protocol {
+        UpstreamProtocolOptions::UseDownstreamProtocolConfig(UseDownstreamHttpConfig {
+            http_protocol_options: Some(Http1ProtocolOptions::default()),
+            http2_protocol_options: Some(Http2ProtocolOptions::default()),
+            ..Default::default()
+        })
+    } else if upgrade {
+        UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                Http2ProtocolOptions::default(),
+            )),
+        })
+    } else {
+        UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(ProtocolConfig::HttpProtocolOptions(
+                Http1ProtocolOptions::default(),
+            )),
+        })
+    };
     let options = HttpProtocolOptions {
         common_http_protocol_options: Some(Common {
             idle_timeout: http.idle_timeout.as_deref().map(seconds),
@@ -753,13 +784,7 @@ fn apply_http_protocol_options(
             ),
             ..Default::default()
         }),
-        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-            ExplicitHttpConfig {
-                protocol_config: Some(ProtocolConfig::HttpProtocolOptions(
-                    Http1ProtocolOptions::default(),
-                )),
-            },
-        )),
+        upstream_protocol_options: Some(protocol),
         ..Default::default()
     };
     c.typed_extension_protocol_options.insert(

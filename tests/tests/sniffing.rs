@@ -5,6 +5,11 @@
 //! inbound, a plaintext connection to such a port of this VM is served per request when it
 //! speaks HTTP and as bytes when not, and an mTLS one as its ALPN says.
 //!
+//! The upstream protocol as istiod's `setUpstreamProtocol` picks it (sheet 7.2): a sniffed
+//! port's requests go as they came; a DestinationRule's `useClientProtocol` does the same on a
+//! declared HTTP port (gRPC to a port named `http`), and `h2UpgradePolicy: UPGRADE` sends
+//! HTTP/1.1 clients' requests as HTTP/2.
+//!
 //! The reference: a real Envoy sidecar fed the listeners, routes and clusters the test control
 //! plane makes as istiod does for sniffed ports (`<VIP>_<port>` with an HTTP chain taking RDS
 //! `"<fqdn>:<port>"` beside the TCP default chain, the HTTP inspector with no timeout, the
@@ -34,6 +39,12 @@ const GREETING: &str = "220 ledger ready";
 const HEALTH: &str = "health.shop.svc.cluster.local";
 const HEALTH_VIP: &str = "240.240.6.3";
 const GRPC_PORT: u16 = 7073;
+/// The same gRPC server behind ports declared HTTP (HTTP/1.1): with `useClientProtocol`, and
+/// with `h2UpgradePolicy: UPGRADE`.
+const AS_CLIENT: &str = "as-client.shop.svc.cluster.local";
+const AS_CLIENT_VIP: &str = "240.240.6.4";
+const UPGRADED: &str = "upgraded.shop.svc.cluster.local";
+const UPGRADED_VIP: &str = "240.240.6.5";
 
 /// Both services as ServiceEntries whose ports name no protocol.
 fn service_entries() -> String {
@@ -68,6 +79,28 @@ spec:
   hosts: [{HEALTH}]
   addresses: [{HEALTH_VIP}]
   ports: [{{number: {GRPC_PORT}, name: checks}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: {LEDGER_IP}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: as-client, namespace: shop}}
+spec:
+  hosts: [{AS_CLIENT}]
+  addresses: [{AS_CLIENT_VIP}]
+  ports: [{{number: {GRPC_PORT}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: {LEDGER_IP}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: upgraded, namespace: shop}}
+spec:
+  hosts: [{UPGRADED}]
+  addresses: [{UPGRADED_VIP}]
+  ports: [{{number: {GRPC_PORT}, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints:
   - {{address: {LEDGER_IP}}}
@@ -114,6 +147,36 @@ spec:
   hosts: [health]
   http:
   - route: [{destination: {host: health}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: as-client, namespace: shop}
+spec:
+  host: as-client
+  trafficPolicy: {connectionPool: {http: {useClientProtocol: true}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: as-client, namespace: shop}
+spec:
+  hosts: [as-client]
+  http:
+  - route: [{destination: {host: as-client}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: upgraded, namespace: shop}
+spec:
+  host: upgraded
+  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: upgraded, namespace: shop}
+spec:
+  hosts: [upgraded]
+  http:
+  - route: [{destination: {host: upgraded}}]
 "
     .to_string()
 }
@@ -139,8 +202,22 @@ fn control_plane_mesh() -> Mesh {
     let mut e = Endpoint::new(LEDGER_IP, GRPC_PORT);
     e.mtls = false;
     health.endpoints.push(e);
+    let declared_http = |host: &str, vip: &str| {
+        let mut s = Service::new(host, vip, GRPC_PORT);
+        s.http_ports = vec![GRPC_PORT];
+        let mut e = Endpoint::new(LEDGER_IP, GRPC_PORT);
+        e.mtls = false;
+        s.endpoints.push(e);
+        s
+    };
     Mesh {
-        services: vec![stock, ledger, health],
+        services: vec![
+            stock,
+            ledger,
+            health,
+            declared_http(AS_CLIENT, AS_CLIENT_VIP),
+            declared_http(UPGRADED, UPGRADED_VIP),
+        ],
         traffic: intent(),
         ..Default::default()
     }
@@ -243,6 +320,8 @@ impl World {
             (LEDGER_VIP, ECHO_PORT),
             (LEDGER_VIP, GREETING_PORT),
             (HEALTH_VIP, GRPC_PORT),
+            (AS_CLIENT_VIP, GRPC_PORT),
+            (UPGRADED_VIP, GRPC_PORT),
         ] {
             let routed = wait_for(20.0, || {
                 let v = ic_istiod.json(&format!("/explain?target={vip}:{port}"));
@@ -260,8 +339,8 @@ impl World {
             "spiffe://cluster.local/ns/shop/sa/envoy",
             Key::Ecdsa,
         );
-        // virtualOutbound and the four `<VIP>_<port>` listeners.
-        let envoy = interceptor_tests::envoy::sidecar(t.node("envoy"), &cp, &istiod, &certs, 5);
+        // virtualOutbound, the four `<VIP>_<port>` listeners and `0.0.0.0_7073`.
+        let envoy = interceptor_tests::envoy::sidecar(t.node("envoy"), &cp, &istiod, &certs, 6);
         Self {
             t,
             _apps: apps,
@@ -366,16 +445,16 @@ fn http_is_routed_per_request(w: &World, side: Side) {
         out.contains("v1 GET /items") && out.contains("v2 GET /items"),
         "{side:?}: {out}"
     );
+    grpc_checks(w, side, HEALTH_VIP);
+}
+
+/// Three gRPC health checks through `side` to the ledger's gRPC server at `vip`: all served.
+fn grpc_checks(w: &World, side: Side, vip: &str) {
     let out = w
         .client(
             side,
             helper_bin("grpc-health").to_str().expect("utf-8 path"),
-            &[
-                "check",
-                &format!("http://{HEALTH_VIP}:{GRPC_PORT}"),
-                "ledger",
-                "3",
-            ],
+            &["check", &format!("http://{vip}:{GRPC_PORT}"), "ledger", "3"],
         )
         .output()
         .expect("grpc-health runs");
@@ -383,9 +462,34 @@ fn http_is_routed_per_request(w: &World, side: Side) {
     assert_eq!(
         text.lines().filter(|l| *l == "ok SERVING").count(),
         3,
-        "{side:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{side:?} to {vip}: {text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.log(side)
     );
+}
+
+/// A DestinationRule picks the upstream protocol on a port declared HTTP (HTTP/1.1):
+/// `useClientProtocol` carries gRPC (HTTP/2) through, and `h2UpgradePolicy: UPGRADE` sends an
+/// HTTP/1.1 client's request to the gRPC server as HTTP/2 (which answers it in gRPC's terms:
+/// only an HTTP/2 server could).
+#[test]
+fn a_destination_rule_picks_the_upstream_http_protocol_as_envoy_does() {
+    let w = World::new();
+    for side in SIDES {
+        grpc_checks(&w, side, AS_CLIENT_VIP);
+        let out = w.curl(
+            side,
+            &[
+                "-i",
+                &format!("http://{UPGRADED_VIP}:{GRPC_PORT}/grpc.health.v1.Health/Nope"),
+            ],
+        );
+        assert!(
+            out.to_ascii_lowercase().contains("grpc-status"),
+            "{side:?}: not answered by the gRPC server over HTTP/2: {out}\n{}",
+            w.log(side)
+        );
+    }
 }
 
 /// Bytes that are not HTTP on a port with HTTP rules take the port's TCP route, untouched.

@@ -268,6 +268,19 @@ pub struct Pool {
     /// An upstream HTTP connection idle this long is closed (Envoy's default: 1 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_ms: Option<u64>,
+    /// How requests go upstream where the port's declared protocol does not say HTTP/2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamProtocol>,
+}
+
+/// The DestinationRule's choice of upstream HTTP protocol (istiod's `setUpstreamProtocol`,
+/// sheet 7.2): `useClientProtocol` (Envoy's `use_downstream_protocol_config`) or
+/// `h2UpgradePolicy: UPGRADE` (HTTP/2 to every endpoint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    AsClient,
+    Http2,
 }
 
 impl Pool {
@@ -286,6 +299,7 @@ impl Pool {
         self.max_connections.is_some()
             || self.connect_timeout_ms.is_some()
             || self.limits_requests()
+            || self.upstream.is_some()
     }
 }
 
@@ -817,13 +831,24 @@ fn http_pool(at: &str, h: HttpPoolSpec, pool: &mut Pool) -> Result<(), Invalid> 
         .map(|t| duration(format!("{at}.connectionPool.http.idleTimeout"), &t))
         .transpose()?
         .filter(|ms| *ms > 0);
-    if h.h2_upgrade_policy
-        .as_deref()
-        .is_some_and(|p| p != "DEFAULT")
-        || h.use_client_protocol == Some(true)
-        || h.max_concurrent_streams.is_some()
-    {
-        tracing::warn!(at, "connectionPool.http h2UpgradePolicy/useClientProtocol/maxConcurrentStreams are not honoured yet (the port's declared protocol decides)");
+    // istiod: useClientProtocol before h2UpgradePolicy; DO_NOT_UPGRADE and DEFAULT (the
+    // mesh's, DO_NOT_UPGRADE unless set) leave the port's protocol.
+    pool.upstream = match (h.use_client_protocol, h.h2_upgrade_policy.as_deref()) {
+        (Some(true), _) => Some(UpstreamProtocol::AsClient),
+        (_, Some("UPGRADE")) => Some(UpstreamProtocol::Http2),
+        (_, None | Some("DEFAULT" | "DO_NOT_UPGRADE")) => None,
+        (_, Some(other)) => {
+            return Err(invalid(
+                format!("{at}.connectionPool.http.h2UpgradePolicy"),
+                format!("unknown policy {other:?} (DEFAULT, DO_NOT_UPGRADE, UPGRADE)"),
+            ))
+        }
+    };
+    if h.max_concurrent_streams.is_some() {
+        tracing::warn!(
+            at,
+            "connectionPool.http maxConcurrentStreams is not honoured yet"
+        );
     }
     Ok(())
 }
@@ -1322,9 +1347,33 @@ trafficPolicy:
                 max_retries: Some(3),
                 idle_timeout_ms: Some(30_000),
                 connect_timeout_ms: None,
+                upstream: None,
             }
         );
         assert!(pool.limits_requests());
+        // The upstream protocol: useClientProtocol before h2UpgradePolicy, as istiod.
+        for (http, want) in [
+            ("{h2UpgradePolicy: UPGRADE}", Some(UpstreamProtocol::Http2)),
+            ("{h2UpgradePolicy: DO_NOT_UPGRADE}", None),
+            (
+                "{useClientProtocol: true, h2UpgradePolicy: UPGRADE}",
+                Some(UpstreamProtocol::AsClient),
+            ),
+        ] {
+            let d = dr(&format!(
+                "host: pg\ntrafficPolicy: {{connectionPool: {{http: {http}}}}}\n"
+            ))
+            .unwrap();
+            assert_eq!(
+                d.policy(5432, "").pool.and_then(|p| p.upstream),
+                want,
+                "{http}"
+            );
+        }
+        assert!(dr(
+            "host: pg\ntrafficPolicy: {connectionPool: {http: {h2UpgradePolicy: SOMETIMES}}}\n"
+        )
+        .is_err());
         let only_http =
             dr("host: pg\ntrafficPolicy: {connectionPool: {http: {http2MaxRequests: 10}}}\n")
                 .unwrap();

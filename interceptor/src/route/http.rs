@@ -113,17 +113,28 @@ pub fn outbound_protocol(table: &Table, svc: &Service, port: u16) -> ListenerPro
         .map_or(ListenerProtocol::Tcp, |p| p.listener_protocol())
 }
 
-/// Whether a request goes upstream as HTTP/2: always to HTTP2 and gRPC ports; on a sniffed
-/// port as it came (istiod gives sniffed ports `use_downstream_protocol_config`, sheet 7.2).
+/// Whether a request goes upstream as HTTP/2, as istiod's `setUpstreamProtocol` decides for
+/// the cluster (sheet 7.2): always to HTTP2 and gRPC ports; else as the DestinationRule says
+/// (`useClientProtocol`: as it came; `h2UpgradePolicy: UPGRADE`: HTTP/2); else, on a sniffed
+/// port, as it came (`use_downstream_protocol_config`); else HTTP/1.1.
 pub fn upstream_h2(
     table: &Table,
-    svc: &Service,
-    port: &crate::mesh::ServicePort,
+    cluster: &super::traffic::Cluster<'_>,
     version: hyper::http::Version,
 ) -> bool {
-    port.is_http2()
-        || (version == hyper::http::Version::HTTP_2
-            && outbound_protocol(table, svc, port.number) == ListenerProtocol::Auto)
+    use crate::mesh::traffic::UpstreamProtocol;
+    if cluster.port.is_http2() {
+        return true;
+    }
+    let h2 = version == hyper::http::Version::HTTP_2;
+    match cluster.policy.pool.and_then(|p| p.upstream) {
+        Some(UpstreamProtocol::AsClient) => h2,
+        Some(UpstreamProtocol::Http2) => true,
+        None => {
+            h2 && outbound_protocol(table, cluster.service, cluster.port.number)
+                == ListenerProtocol::Auto
+        }
+    }
 }
 
 /// The rules in order, each with the matches this VM keeps; a rule all of whose matches are

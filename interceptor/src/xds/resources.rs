@@ -91,11 +91,15 @@ fn millis(d: &interceptor_proto::google::protobuf::Duration) -> u64 {
     u64::try_from(d.seconds).unwrap_or(0) * 1000 + u64::try_from(d.nanos).unwrap_or(0) / 1_000_000
 }
 
-/// The cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions` common options, where
-/// istiod put the HTTP idle timeout and requests per connection (`clusterWrapper.build`).
+/// The cluster's `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`, where istiod put the
+/// HTTP idle timeout and requests per connection (`clusterWrapper.build`) and the upstream
+/// protocol (`setUpstreamProtocol`).
 fn http_protocol_options(
     c: &Cluster,
-) -> Result<Option<interceptor_proto::envoy::config::core::v3::HttpProtocolOptions>, Invalid> {
+) -> Result<
+    Option<interceptor_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions>,
+    Invalid,
+> {
     use interceptor_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
     let Some(any) = c
         .typed_extension_protocol_options
@@ -104,8 +108,37 @@ fn http_protocol_options(
         return Ok(None);
     };
     HttpProtocolOptions::decode(any.value.as_slice())
-        .map(|o| o.common_http_protocol_options)
+        .map(Some)
         .map_err(|e| invalid(&c.name, format!("unreadable HttpProtocolOptions: {e}")))
+}
+
+/// HTTP/2 to every endpoint (explicit HTTP/2: HTTP2 and gRPC ports, or `h2UpgradePolicy:
+/// UPGRADE`; older istiods set the cluster's own field), or as the client came
+/// (`use_downstream_protocol_config`: `useClientProtocol`, sniffed ports).
+#[allow(deprecated)]
+fn upstream_protocol(
+    c: &Cluster,
+    options: Option<
+        &interceptor_proto::envoy::extensions::upstreams::http::v3::HttpProtocolOptions,
+    >,
+) -> Option<mesh::traffic::UpstreamProtocol> {
+    use interceptor_proto::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
+    };
+    use mesh::traffic::UpstreamProtocol;
+    match options.and_then(|o| o.upstream_protocol_options.as_ref()) {
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
+            Some(ProtocolConfig::Http2ProtocolOptions(_)) => Some(UpstreamProtocol::Http2),
+            _ => None,
+        },
+        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => {
+            Some(UpstreamProtocol::AsClient)
+        }
+        _ => c
+            .http2_protocol_options
+            .is_some()
+            .then_some(UpstreamProtocol::Http2),
+    }
 }
 
 /// The cluster's traffic policy (sheet 3.3, in reverse): lb_policy, the first circuit breaker
@@ -127,7 +160,10 @@ fn traffic_policy(c: &Cluster) -> Result<TrafficPolicy, Invalid> {
         .as_ref()
         .and_then(|cb| cb.thresholds.first());
     let limit = |v: Option<&UInt32Value>| v.map(|v| v.value).filter(|v| *v != NO_LIMIT);
-    let common = http_protocol_options(c)?;
+    let options = http_protocol_options(c)?;
+    let common = options
+        .as_ref()
+        .and_then(|o| o.common_http_protocol_options.as_ref());
     let pool = Pool {
         max_connections: limit(threshold.and_then(|t| t.max_connections.as_ref())),
         connect_timeout_ms: c.connect_timeout.as_ref().map(millis),
@@ -138,15 +174,14 @@ fn traffic_policy(c: &Cluster) -> Result<TrafficPolicy, Invalid> {
         #[allow(deprecated)]
         max_requests_per_connection: limit(
             common
-                .as_ref()
                 .and_then(|o| o.max_requests_per_connection.as_ref())
                 .or(c.max_requests_per_connection.as_ref()),
         ),
         idle_timeout_ms: common
-            .as_ref()
             .and_then(|o| o.idle_timeout.as_ref())
             .map(millis)
             .filter(|ms| *ms > 0),
+        upstream: upstream_protocol(c, options.as_ref()),
     };
     let pool = pool.is_set().then_some(pool);
     let outlier = c.outlier_detection.as_ref().map(|o| {

@@ -417,7 +417,7 @@ impl Outbound {
             },
             None => None,
         };
-        let h2 = upstream_h2(table, cluster.service, cluster.port, parts.version);
+        let h2 = upstream_h2(table, &cluster, parts.version);
         let per_try = retries.per_try_timeout_ms.map(Duration::from_millis);
         let host = &cluster.service.host;
         let request = |b: Body| {
@@ -720,7 +720,7 @@ impl Outbound {
         if dial.targets.is_empty() {
             return;
         }
-        let h2 = upstream_h2(table, cluster.service, cluster.port, parts.version);
+        let h2 = upstream_h2(table, &cluster, parts.version);
         let host = &cluster.service.host;
         let limited = self.limited(&dial, &name);
         let Ok((target, mut sender, key, _)) = self
