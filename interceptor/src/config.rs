@@ -309,6 +309,11 @@ pub struct RunArgs {
     /// HTTP inbound chains) are served [default: requests]
     #[arg(long, value_enum)]
     pub inbound_http: Option<InboundHttp>,
+    /// How long a cold start may wait for the mesh to be usable (istiod's first table, the
+    /// first certificate from the Istio CA) before telling systemd READY=1 anyway; capture is
+    /// attached before [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub startup_wait: Option<Wait>,
     /// How long a connection to a port with no declared protocol may take to show whether it
     /// speaks HTTP (its request line or the HTTP/2 preface), where routing needs to know;
     /// after that, or on other bytes, it is served as TCP. Istio waits for ever (its
@@ -493,6 +498,8 @@ pub struct Settings {
     pub drain_timeout: std::time::Duration,
     /// `--protocol-detection-timeout`.
     pub protocol_detection: std::time::Duration,
+    /// `--startup-wait`.
+    pub startup_wait: std::time::Duration,
     /// `--workload-name` (else the bundle's).
     pub workload_name: Option<String>,
 }
@@ -711,6 +718,7 @@ impl RunArgs {
             protocol_detection_timeout: self
                 .protocol_detection_timeout
                 .or(file.protocol_detection_timeout),
+            startup_wait: self.startup_wait.or(file.startup_wait),
             gateway_identity: self.gateway_identity.or(file.gateway_identity),
             control_plane: self.control_plane.or(file.control_plane),
             istio_dir: self.istio_dir.or(file.istio_dir),
@@ -805,6 +813,9 @@ impl RunArgs {
             protocol_detection: args
                 .protocol_detection_timeout
                 .map_or(DEFAULT_PROTOCOL_DETECTION, |w| w.0),
+            startup_wait: args
+                .startup_wait
+                .map_or(std::time::Duration::from_secs(30), |w| w.0),
             limits,
             gateway_identity: match args.gateway_identity {
                 Some(id) => {

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Default)]
 pub struct Readiness {
     state: Mutex<ReadinessState>,
+    /// Woken at every change (`wait_for`).
+    changed: tokio::sync::Notify,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -55,7 +57,39 @@ impl Readiness {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut ReadinessState) -> T) -> T {
-        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+        let out = f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_waiters();
+        out
+    }
+
+    /// Waits until `conditions` are all met, at most `wait`: Err with what is still missing
+    /// (or why never: a part died, a stop began).
+    pub async fn wait_for(
+        &self,
+        conditions: &[&str],
+        wait: std::time::Duration,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let state = self.state();
+            if state.failed.is_some() || state.stopping {
+                return Err(state.reason());
+            }
+            let missing: Vec<&str> = conditions
+                .iter()
+                .copied()
+                .filter(|c| state.conditions.get(*c) != Some(&true))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(format!("waiting for {}", missing.join(", ")));
+            }
+        }
     }
 
     pub fn set(&self, condition: &str, ok: bool) {
@@ -75,6 +109,6 @@ impl Readiness {
     }
 
     pub fn state(&self) -> ReadinessState {
-        self.with(|s| s.clone())
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

@@ -13,6 +13,7 @@ pub mod istiod_http;
 pub mod istiod_sds;
 pub mod istiod_traffic;
 mod netns;
+pub mod notify;
 mod process;
 mod topology;
 pub mod wire;

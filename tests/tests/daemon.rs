@@ -3,6 +3,7 @@
 //! The death is real: the daemon under test is built with its `test-hooks` feature, which makes
 //! one accept loop panic on its first connection.
 
+use interceptor_tests::notify::NotifySocket;
 use interceptor_tests::{try_sh, wait_for, Topology};
 
 const MESH: &str = r#"
@@ -119,36 +120,6 @@ fn systemd_restarts(restart: &str, status: std::process::ExitStatus) -> bool {
             _ => false,
         },
         other => panic!("Restart={other}: not modelled by this test"),
-    }
-}
-
-/// systemd's side of `Type=notify`: a datagram socket at `NOTIFY_SOCKET`.
-struct NotifySocket {
-    sock: std::os::unix::net::UnixDatagram,
-    path: std::path::PathBuf,
-}
-
-impl NotifySocket {
-    fn bind(path: std::path::PathBuf) -> Self {
-        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
-        sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-            .expect("timeout");
-        Self { sock, path }
-    }
-
-    /// The next message that carries `what` (e.g. `READY=1`); panics after 30 s without.
-    fn wait_for(&self, what: &str) -> String {
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = self
-                .sock
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("no {what} from the daemon: {e}"));
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if msg.lines().any(|l| l == what) {
-                return msg;
-            }
-        }
     }
 }
 

@@ -14,6 +14,7 @@ use interceptor_tests::certs::{uri_sans, Ca, Key};
 use interceptor_tests::envoy::{inbound_config, Envoy};
 use interceptor_tests::istiod::{ControlPlane, Endpoint, Mesh, Service};
 use interceptor_tests::istiod_ca::CaFault;
+use interceptor_tests::notify::NotifySocket;
 use interceptor_tests::{sh, try_sh, wait_for, Interceptor, Net, Proc, Run, Topology};
 
 const TOKEN: &str = "vm-bootstrap-token";
@@ -285,6 +286,54 @@ fn the_ca_issues_from_the_token_renews_at_half_life_and_then_trusts_the_certific
     assert_eq!((last.identity.as_str(), last.auth), (VM_ID, "certificate"));
     let (ok, out) = w.curl("/with-renewed-by-certificate");
     assert!(ok, "{out}");
+}
+
+/// systemd's READY=1 on a cold start waits for the first certificate, so that a unit ordered
+/// after this one finds mesh mTLS working; at most `--startup-wait`: with the CA down for good
+/// it comes once the wait is over (capture is attached, `/healthz/ready` still waits).
+#[test]
+fn ready_waits_for_the_first_certificate_up_to_the_startup_wait() {
+    let w = World::new(Duration::from_secs(3600));
+    *w.cp.ca_state().fault.lock().unwrap() = CaFault::Down;
+    let notify = NotifySocket::bind(w.t.path("notify.sock"));
+    let socket = notify.path.to_str().expect("utf-8 path").to_string();
+    let ic = w
+        .vm()
+        .env("NOTIFY_SOCKET", &socket)
+        .args(["--startup-wait", "60s"])
+        .start_except("certificate");
+    // Capture attached, istiod's table in force, no certificate: no READY=1.
+    assert!(
+        notify.within("READY=1", 3.0).is_none(),
+        "READY=1 without a certificate: {}",
+        ic.log()
+    );
+    *w.cp.ca_state().fault.lock().unwrap() = CaFault::None;
+    notify.wait_for("READY=1");
+    assert!(w.certs().join("cert-chain.pem").exists());
+    let (ok, out) = w.curl("/right-after-ready");
+    assert!(ok, "mesh mTLS right after READY=1: {out}");
+    drop(ic);
+
+    // No certificate on disk and the CA down: READY=1 after the wait all the same.
+    for f in ["cert-chain.pem", "key.pem"] {
+        std::fs::remove_file(w.certs().join(f)).expect("the issued certificate");
+    }
+    *w.cp.ca_state().fault.lock().unwrap() = CaFault::Down;
+    let notify = NotifySocket::bind(w.t.path("notify-2.sock"));
+    let socket = notify.path.to_str().expect("utf-8 path").to_string();
+    let ic = w
+        .vm()
+        .env("NOTIFY_SOCKET", &socket)
+        .args(["--startup-wait", "2s"])
+        .start_except("certificate");
+    assert!(
+        notify.within("READY=1", 10.0).is_some(),
+        "no READY=1 after --startup-wait: {}",
+        ic.log()
+    );
+    let readiness = ic.json("/status")["readiness"].clone();
+    assert_eq!(readiness["conditions"]["certificate"], false, "{readiness}");
 }
 
 /// The CA is down past expiry: outbound mTLS is refused with a clear reason, DNS still

@@ -327,7 +327,20 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             sd_notify::NotifyState::Ready,
         ]);
     } else {
-        notify_systemd(&[sd_notify::NotifyState::Ready]);
+        // A cold start: READY=1 once the mesh is usable (istiod's first table, the first
+        // certificate), so units ordered after this one find mTLS working; at most
+        // --startup-wait, as capture is attached already and a dead istiod must not hold the
+        // boot (a reload's successor says it at once: systemd must know its pid before the
+        // predecessor exits).
+        let wanted: Vec<&'static str> = [TABLE, xds::READY, identity::READY]
+            .into_iter()
+            .filter(|c| conditions.contains(c))
+            .collect();
+        tokio::spawn(ready_when_usable(
+            ctx.readiness.clone(),
+            wanted,
+            s.startup_wait,
+        ));
     }
     let shutdown = Shutdown {
         grace: s.shutdown_grace,
@@ -412,6 +425,27 @@ async fn supervise(sup: Supervisor, shutdown: Shutdown) -> anyhow::Result<()> {
         );
     }
     result.map_err(anyhow::Error::from)
+}
+
+/// READY=1 once `wanted` are met, or after `wait` anyway; never once a stop began.
+async fn ready_when_usable(
+    readiness: Arc<crate::readiness::Readiness>,
+    wanted: Vec<&'static str>,
+    wait: std::time::Duration,
+) {
+    if let Err(why) = readiness.wait_for(&wanted, wait).await {
+        let state = readiness.state();
+        if state.stopping || state.failed.is_some() {
+            return;
+        }
+        tracing::warn!(
+            waited_ms = wait.as_millis() as u64,
+            %why,
+            "telling systemd READY=1 without the mesh usable yet (capture is attached; \
+             /healthz/ready says what it waits for)"
+        );
+    }
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
 }
 
 /// Tells systemd (Type=notify) where we are; a no-op outside systemd.
