@@ -52,6 +52,8 @@ pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfigur
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const FAULT: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const CORS: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors";
+const CORS_POLICY: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
 const PREVIOUS_HOSTS: &str =
     "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
 
@@ -74,6 +76,24 @@ pub struct HttpRoute {
     pub rewrite: Option<RewriteSpec>,
     pub mirror: Option<crate::istiod_traffic::Destination>,
     pub mirror_percentage: Option<Percent>,
+    pub cors_policy: Option<CorsSpec>,
+}
+
+/// A VirtualService `corsPolicy`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CorsSpec {
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatch>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<String>,
+    pub allow_credentials: Option<bool>,
+    pub unmatched_preflights: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -276,6 +296,14 @@ fn http_chain(route_config: &str, stat_prefix: &str) -> FilterChain {
                     FAULT,
                     &HttpFault::default(),
                 ))),
+                ..Default::default()
+            },
+            HttpFilter {
+                name: "envoy.filters.http.cors".into(),
+                config_type: Some(HttpFilterConfig::TypedConfig(Any {
+                    type_url: CORS.into(),
+                    value: vec![],
+                })),
                 ..Default::default()
             },
             HttpFilter {
@@ -634,6 +662,48 @@ fn fault(f: &Fault) -> Any {
 
 /// `applyHTTPRouteDestination`'s rewrite: uri -> prefix_rewrite, uriRegexRewrite ->
 /// regex_rewrite, authority -> host_rewrite_literal.
+/// istiod's `TranslateCORSPolicy`: origins as string matchers, the lists comma-joined, the age
+/// in seconds, always enabled, non-matching preflights forwarded unless IGNORE.
+fn cors(c: &CorsSpec) -> Any {
+    use interceptor_proto::envoy::config::core::v3::RuntimeFractionalPercent;
+    use interceptor_proto::envoy::extensions::filters::http::cors::v3::CorsPolicy;
+    any(
+        CORS_POLICY,
+        &CorsPolicy {
+            allow_origin_string_match: c
+                .allow_origins
+                .iter()
+                .filter_map(|m| {
+                    Some(StringMatcher {
+                        match_pattern: Some(string_matcher(m)?),
+                        ..Default::default()
+                    })
+                })
+                .collect(),
+            allow_methods: c.allow_methods.join(","),
+            allow_headers: c.allow_headers.join(","),
+            expose_headers: c.expose_headers.join(","),
+            max_age: c
+                .max_age
+                .as_deref()
+                .map(|a| (crate::istiod_traffic::duration_ms(a) / 1000).to_string())
+                .unwrap_or_default(),
+            allow_credentials: c.allow_credentials.map(|value| BoolValue { value }),
+            filter_enabled: Some(RuntimeFractionalPercent {
+                default_value: Some(FractionalPercent {
+                    numerator: 100,
+                    denominator: DenominatorType::Hundred as i32,
+                }),
+                ..Default::default()
+            }),
+            forward_not_matching_preflights: Some(BoolValue {
+                value: c.unmatched_preflights.as_deref() != Some("IGNORE"),
+            }),
+            ..Default::default()
+        },
+    )
+}
+
 fn rewrite(a: &mut RouteAction, rw: &RewriteSpec) {
     use interceptor_proto::envoy::config::route::v3::route_action::HostRewriteSpecifier;
     use interceptor_proto::envoy::r#type::matcher::v3::RegexMatchAndSubstitute;
@@ -736,6 +806,9 @@ fn route(
     let mut per_filter: HashMap<String, Any> = HashMap::new();
     if let Some(f) = &rule.fault {
         per_filter.insert("envoy.filters.http.fault".into(), fault(f));
+    }
+    if let Some(c) = &rule.cors_policy {
+        per_filter.insert("envoy.filters.http.cors".into(), cors(c));
     }
     let config = format!(
         "/apis/networking.istio.io/v1/namespaces/{}/virtual-service/{}",

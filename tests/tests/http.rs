@@ -182,6 +182,16 @@ spec:
     match: [{uri: {prefix: /old/}}]
     rewrite: {uri: /api/new/, authority: reviews.internal}
     route: [{destination: {host: reviews, subset: v2}}]
+  - name: cors
+    match: [{uri: {prefix: /cors}}]
+    corsPolicy:
+      allowOrigins: [{exact: 'https://shop.example'}, {regex: 'https://.*[.]partner[.]example'}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-custom]
+      exposeHeaders: [x-served-by]
+      maxAge: 86400s
+      allowCredentials: true
+    route: [{destination: {host: reviews, subset: v1}}]
   - name: tagged
     match: [{uri: {prefix: /tagged}}]
     headers: {request: {set: {x-rule: tagged}}}
@@ -360,6 +370,7 @@ fn requests_are_routed_one_by_one_by_header_path_and_method_and_split_by_weight(
     for side in SIDES {
         routing(&w, side);
         per_destination_headers(&w, side);
+        cors(&w, side);
     }
     for ic in [&w.ic, &w.ic_istiod] {
         assert!(ic.wait_counter(
@@ -378,6 +389,107 @@ fn requests_are_routed_one_by_one_by_header_path_and_method_and_split_by_weight(
             1.0,
             5.0
         ));
+    }
+}
+
+/// A route's `corsPolicy`, as Envoy's CORS filter runs it: a preflight from an allowed origin
+/// is answered without reaching the app; another origin's goes to the app; an allowed
+/// origin's requests are answered with its allow headers, other requests with none.
+fn cors(w: &World, side: Side) {
+    let header = |out: &str, name: &str| -> Option<String> {
+        out.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    };
+    let preflights = || World::answered(&w.v1, "OPTIONS /cors");
+    let before = preflights();
+    let out = w.curl(
+        side,
+        &[
+            "-i",
+            "-X",
+            "OPTIONS",
+            "-H",
+            "origin: https://a.partner.example",
+            "-H",
+            "access-control-request-method: POST",
+            &url("/cors/preflight"),
+        ],
+    );
+    assert!(out.starts_with("HTTP/1.1 200"), "{side:?}: {out}");
+    for (name, want) in [
+        ("access-control-allow-origin", "https://a.partner.example"),
+        ("access-control-allow-methods", "GET,POST"),
+        ("access-control-allow-headers", "x-custom"),
+        ("access-control-max-age", "86400"),
+        ("access-control-allow-credentials", "true"),
+    ] {
+        assert_eq!(
+            header(&out, name).as_deref(),
+            Some(want),
+            "{side:?} {name}: {out}"
+        );
+    }
+    assert_eq!(
+        preflights(),
+        before,
+        "{side:?}: the preflight reached the app"
+    );
+    // Another origin's preflight is the app's to answer.
+    let out = w.curl(
+        side,
+        &[
+            "-i",
+            "-X",
+            "OPTIONS",
+            "-H",
+            "origin: https://evil.example",
+            "-H",
+            "access-control-request-method: POST",
+            &url("/cors/other"),
+        ],
+    );
+    assert!(out.contains("v1 OPTIONS /cors/other"), "{side:?}: {out}");
+    assert_eq!(
+        header(&out, "access-control-allow-origin"),
+        None,
+        "{side:?}: {out}"
+    );
+    // Requests: an allowed origin is told so, another origin and no origin are not.
+    let out = w.curl(
+        side,
+        &[
+            "-i",
+            "-H",
+            "origin: https://shop.example",
+            &url("/cors/get"),
+        ],
+    );
+    assert!(out.contains("v1 GET /cors/get"), "{side:?}: {out}");
+    for (name, want) in [
+        ("access-control-allow-origin", "https://shop.example"),
+        ("access-control-allow-credentials", "true"),
+        ("access-control-expose-headers", "x-served-by"),
+    ] {
+        assert_eq!(
+            header(&out, name).as_deref(),
+            Some(want),
+            "{side:?} {name}: {out}"
+        );
+    }
+    for extra in [&["-H", "origin: https://evil.example"][..], &[]] {
+        let mut args = vec!["-i"];
+        args.extend_from_slice(extra);
+        let u = url("/cors/get");
+        args.push(&u);
+        let out = w.curl(side, &args);
+        assert!(out.contains("v1 GET /cors/get"), "{side:?}: {out}");
+        assert_eq!(
+            header(&out, "access-control-allow-origin"),
+            None,
+            "{side:?}: {out}"
+        );
     }
 }
 

@@ -188,6 +188,22 @@ pub struct Rewrite {
     pub authority: Option<String>,
 }
 
+/// `corsPolicy`, as Envoy's CORS filter runs it on the route (istiod's `TranslateCORSPolicy`):
+/// the lists comma-joined and the age in seconds, as Envoy's `CorsPolicy` carries them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cors {
+    pub allow_origins: Vec<StringMatch>,
+    pub allow_methods: String,
+    pub allow_headers: String,
+    pub expose_headers: String,
+    /// Seconds.
+    pub max_age: String,
+    pub allow_credentials: bool,
+    /// A preflight from an origin not allowed goes upstream (`unmatchedPreflights: FORWARD`,
+    /// the default); else it is answered 200 with no CORS headers.
+    pub forward_unmatched_preflights: bool,
+}
+
 /// One `http[]` rule (from istiod: one Envoy route, its one match).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HttpRule {
@@ -205,6 +221,8 @@ pub struct HttpRule {
     pub rewrite: Option<Rewrite>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<Mirror>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<Box<Cors>>,
 }
 
 /// istiod's routes for one service port: an RDS virtual host, already evaluated for this
@@ -256,8 +274,26 @@ pub(super) struct HttpRouteSpec {
     mirrors: Vec<MirrorSpec>,
     mirror_percentage: Option<PercentSpec>,
     mirror_percent: Option<i64>,
-    // Not honoured on the VM yet: logged, as it changes no answer a mesh client sees.
-    cors_policy: Option<Value>,
+    cors_policy: Option<CorsSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CorsSpec {
+    #[serde(default)]
+    allow_origins: Vec<StringMatchSpec>,
+    /// Deprecated in istio/api: exact origins.
+    #[serde(default)]
+    allow_origin: Vec<String>,
+    #[serde(default)]
+    allow_methods: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    max_age: Option<String>,
+    allow_credentials: Option<bool>,
+    unmatched_preflights: Option<String>,
 }
 
 /// `HTTPRouteDestination`: a route destination with its own header operations.
@@ -430,12 +466,6 @@ fn http_rule(at: &str, r: HttpRouteSpec) -> Result<HttpRule, Invalid> {
             "not supported yet on the VM (the request would go elsewhere than Istio sends it)",
         ));
     }
-    if r.cors_policy.is_some() {
-        tracing::warn!(
-            at,
-            "VirtualService http corsPolicy is not honoured yet: CORS is the application's"
-        );
-    }
     let mirrors = mirrors(
         at,
         r.mirror,
@@ -478,6 +508,48 @@ fn http_rule(at: &str, r: HttpRouteSpec) -> Result<HttpRule, Invalid> {
         response_headers: header_ops(&format!("{at}.headers.response"), headers.response)?,
         rewrite,
         mirrors,
+        cors: r
+            .cors_policy
+            .map(|c| cors(at, c))
+            .transpose()?
+            .map(Box::new),
+    })
+}
+
+/// istiod's `TranslateCORSPolicy`.
+fn cors(at: &str, c: CorsSpec) -> Result<Cors, Invalid> {
+    let field = format!("{at}.corsPolicy");
+    let mut allow_origins: Vec<StringMatch> =
+        c.allow_origin.into_iter().map(StringMatch::Exact).collect();
+    for (i, o) in c.allow_origins.into_iter().enumerate() {
+        let at = format!("{field}.allowOrigins[{i}]");
+        allow_origins
+            .push(string_match(&at, o)?.ok_or_else(|| invalid(at, "one of exact, prefix, regex"))?);
+    }
+    let max_age = c
+        .max_age
+        .map(|a| duration(format!("{field}.maxAge"), &a))
+        .transpose()?
+        .map(|ms| (ms / 1000).to_string())
+        .unwrap_or_default();
+    let forward_unmatched_preflights = match c.unmatched_preflights.as_deref() {
+        None | Some("UNSPECIFIED" | "FORWARD") => true,
+        Some("IGNORE") => false,
+        Some(other) => {
+            return Err(invalid(
+                format!("{field}.unmatchedPreflights"),
+                format!("unknown value {other:?} (FORWARD, IGNORE)"),
+            ))
+        }
+    };
+    Ok(Cors {
+        allow_origins,
+        allow_methods: c.allow_methods.join(","),
+        allow_headers: c.allow_headers.join(","),
+        expose_headers: c.expose_headers.join(","),
+        max_age,
+        allow_credentials: c.allow_credentials.unwrap_or(false),
+        forward_unmatched_preflights,
     })
 }
 
@@ -898,6 +970,36 @@ mod tests {
     fn rules(yaml: &str) -> Result<Vec<HttpRule>, Invalid> {
         let spec: Vec<HttpRouteSpec> = serde_yaml_ng::from_str(yaml).expect("yaml");
         http_rules(spec)
+    }
+
+    #[test]
+    fn a_cors_policy_is_read_as_istiod_translates_it() {
+        let r = rules(
+            "- corsPolicy:
+    allowOrigins: [{exact: 'https://a.example'}, {prefix: 'https://b.'}]
+    allowOrigin: ['https://old.example']
+    allowMethods: [GET, POST]
+    exposeHeaders: [x-a, x-b]
+    maxAge: 24h
+    unmatchedPreflights: IGNORE
+  route: [{destination: {host: reviews}}]
+",
+        )
+        .expect("valid");
+        let c = r[0].cors.as_deref().expect("cors");
+        assert_eq!(c.allow_origins.len(), 3);
+        assert_eq!(c.allow_methods, "GET,POST");
+        assert_eq!(c.expose_headers, "x-a,x-b");
+        assert_eq!(c.max_age, "86400");
+        assert!(!c.allow_credentials && !c.forward_unmatched_preflights);
+        let e = rules(
+            "- corsPolicy: {unmatchedPreflights: SOMETIMES}\n  route: [{destination: {host: r}}]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("corsPolicy.unmatchedPreflights"),
+            "{e}"
+        );
     }
 
     #[test]

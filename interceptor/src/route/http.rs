@@ -362,6 +362,7 @@ mod tests {
             response_headers: Default::default(),
             rewrite: None,
             mirrors: vec![],
+            cors: None,
         }
     }
 

@@ -12,6 +12,7 @@
 
 mod allow;
 pub mod balance;
+pub mod cors;
 pub mod http;
 mod locality;
 mod outliers;

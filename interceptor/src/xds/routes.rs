@@ -30,8 +30,8 @@ use prost::Message;
 use super::listeners::destination;
 use super::resources::Invalid;
 use crate::mesh::http_route::{
-    Abort, DestinationHeaders, Fault, HeaderOps, HttpAction, HttpMatch, HttpRule, Mirror, Redirect,
-    Retries, RetryOn, Rewrite, ValueMatch, VirtualHostRoutes,
+    Abort, Cors, DestinationHeaders, Fault, HeaderOps, HttpAction, HttpMatch, HttpRule, Mirror,
+    Redirect, Retries, RetryOn, Rewrite, ValueMatch, VirtualHostRoutes,
 };
 use crate::mesh::inbound::StringMatch;
 use crate::mesh::Host;
@@ -39,6 +39,7 @@ use regex as regex_crate;
 
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 const FAULT_FILTER: &str = "envoy.filters.http.fault";
+const CORS_FILTER: &str = "envoy.filters.http.cors";
 
 fn invalid(resource: &str, message: impl Into<String>) -> Invalid {
     Invalid {
@@ -170,7 +171,41 @@ fn rule(r: &Route) -> Result<HttpRule, String> {
         response_headers: header_ops(&r.response_headers_to_add, &r.response_headers_to_remove),
         rewrite,
         mirrors,
+        cors: r
+            .typed_per_filter_config
+            .get(CORS_FILTER)
+            .map(cors)
+            .transpose()?
+            .flatten()
+            .map(Box::new),
     })
+}
+
+/// The route's `CorsPolicy` (istiod's `TranslateCORSPolicy`); None where it is switched off.
+fn cors(any: &Any) -> Result<Option<Cors>, String> {
+    use interceptor_proto::envoy::extensions::filters::http::cors::v3::CorsPolicy;
+    let c = CorsPolicy::decode(any.value.as_slice()).map_err(|e| format!("CorsPolicy: {e}"))?;
+    let off = c
+        .filter_enabled
+        .as_ref()
+        .and_then(|f| f.default_value.as_ref())
+        .is_some_and(|p| p.numerator == 0);
+    if off {
+        return Ok(None);
+    }
+    Ok(Some(Cors {
+        allow_origins: c
+            .allow_origin_string_match
+            .iter()
+            .map(string_match)
+            .collect::<Result<_, _>>()?,
+        allow_methods: c.allow_methods,
+        allow_headers: c.allow_headers,
+        expose_headers: c.expose_headers,
+        max_age: c.max_age,
+        allow_credentials: c.allow_credentials.is_some_and(|b| b.value),
+        forward_unmatched_preflights: c.forward_not_matching_preflights.is_none_or(|b| b.value),
+    }))
 }
 
 /// `prefix_rewrite`, `regex_rewrite`, `host_rewrite_literal` (istiod's `rewrite`).

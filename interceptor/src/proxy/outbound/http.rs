@@ -282,6 +282,41 @@ impl Outbound {
         if let Some(outcome) = fault(rule).await {
             return (outcome, by);
         }
+        // Envoy's filter order: fault, then CORS, then the route's action.
+        let cors = rule.and_then(|r| r.cors.as_deref());
+        let allowed = match cors.map(|c| crate::route::cors::step(c, parts)) {
+            Some(crate::route::cors::Step::Answer(headers)) => {
+                let mut o = Outcome::local(200, "", "-");
+                o.response.headers_mut().extend(headers);
+                return (o, by);
+            }
+            Some(crate::route::cors::Step::Allowed(origin)) => cors.zip(Some(origin)),
+            _ => None,
+        };
+        let (mut outcome, by) = self
+            .act(table, parts, body, (rule, by, matched), upgrade, peer, dst)
+            .await;
+        if let Some((c, origin)) = allowed {
+            crate::route::cors::allow(c, origin, outcome.response.headers_mut());
+        }
+        (outcome, by)
+    }
+
+    /// The rule's action for the request: an answer, a redirect, or its forwarding.
+    #[allow(clippy::too_many_arguments)]
+    async fn act(
+        self: &Arc<Self>,
+        table: &Arc<Table>,
+        parts: &mut Parts,
+        body: Incoming,
+        (rule, by, matched): (Option<&HttpRule>, String, Option<&HttpMatch>),
+        upgrade: Option<&HeaderValue>,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> (Outcome, String) {
+        let Some((svc, _)) = table.service_for(dst) else {
+            return (Outcome::local(503, "no healthy upstream", "NC"), by);
+        };
         if let Some(HttpRule {
             action: HttpAction::Respond { status, body },
             ..
