@@ -3,14 +3,12 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Version};
@@ -262,14 +260,15 @@ fn grpc_status(headers: &HeaderMap) -> Option<&'static str> {
     GRPC_STATUS.get(n).copied()
 }
 
-/// A response body that counts its request when it is done (sent whole, or dropped on a
-/// reset), as Istio counts a request at its end: the duration is to the last byte and the gRPC
-/// status is the one its trailers (or its trailers-only head) carry.
+/// A response body's duty of counting its request when it is done (sent whole, or dropped
+/// on a reset), as Istio counts a request at its end: the duration is to the last byte and the
+/// gRPC status is the one its trailers (or its trailers-only head) carry. It keeps the
+/// request's breaker slot, if any, as long as it lasts.
 pub struct Counted {
-    inner: Body,
     metrics: Arc<Metrics>,
     labels: Option<RequestLabels>,
     started: Instant,
+    _held: Option<Slot>,
 }
 
 impl Counted {
@@ -278,87 +277,27 @@ impl Counted {
         metrics: Arc<Metrics>,
         mut labels: RequestLabels,
         started: Instant,
+        held: Option<Slot>,
     ) -> Response<Body> {
         if let Some(s) = grpc_status(response.headers()) {
             labels.grpc_response_status = s;
         }
-        response.map(|inner| {
-            Counted {
-                inner,
-                metrics,
-                labels: Some(labels),
-                started,
-            }
-            .boxed()
-        })
+        let counted = Counted {
+            metrics,
+            labels: Some(labels),
+            started,
+            _held: held,
+        };
+        response.map(|inner| super::body::Watched::new(inner, counted).boxed())
     }
 }
 
-/// A response whose body keeps a breaker's slot until it ends.
-pub trait Holding {
-    fn holding(self, held: Option<Slot>) -> Self;
-}
-
-impl Holding for Response<Body> {
-    fn holding(self, held: Option<Slot>) -> Self {
-        match held {
-            None => self,
-            Some(slot) => self.map(|inner| Held { inner, _slot: slot }.boxed()),
+impl super::body::Watch for Counted {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        let status = frame.trailers_ref().and_then(grpc_status);
+        if let (Some(s), Some(labels)) = (status, self.labels.as_mut()) {
+            labels.grpc_response_status = s;
         }
-    }
-}
-
-/// A body and the slot it holds.
-struct Held {
-    inner: Body,
-    _slot: Slot,
-}
-
-impl hyper::body::Body for Held {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl hyper::body::Body for Counted {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            let status = frame.trailers_ref().and_then(grpc_status);
-            if let (Some(s), Some(labels)) = (status, this.labels.as_mut()) {
-                labels.grpc_response_status = s;
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -3,6 +3,7 @@
 //! `pool` are what the outbound and inbound HTTP paths share. Policy is in `route`, dialing in
 //! `transport`, sockets in `net`.
 
+mod body;
 mod breaker;
 mod gateway;
 mod http;

@@ -6,16 +6,14 @@
 //! and `idleTimeout` retire connections.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::{http1, http2};
 
 use super::breaker::Breaker;
@@ -192,74 +190,33 @@ impl Pool {
         breaker: Option<Arc<Breaker>>,
     ) -> Body {
         // An empty body may never be polled: its connection is free already.
-        if conn.is_h2() || body.is_end_stream() {
-            self.put(key, conn);
-            if let Some(b) = breaker {
-                b.release();
-            }
+        let done = conn.is_h2() || body.is_end_stream();
+        let mut back = GiveBack(Some((self.clone(), key, conn, breaker)));
+        if done {
+            super::body::Watch::ended(&mut back);
             return body.boxed();
         }
-        ReturnAtEnd {
-            inner: body,
-            back: Some((self.clone(), key, conn, breaker)),
-        }
-        .boxed()
+        super::body::Watched::new(body, back).boxed()
     }
 }
 
 type Back = (Arc<Pool>, Key, Pooled, Option<Arc<Breaker>>);
 
-/// An HTTP/1.1 response body that gives its connection back once read to the end.
-struct ReturnAtEnd {
-    inner: Incoming,
-    back: Option<Back>,
-}
+/// An HTTP/1.1 response body's duty: give its connection back once read to the end (an error
+/// ends the connection: it is not given back).
+struct GiveBack(Option<Back>);
 
-impl ReturnAtEnd {
-    fn give_back(&mut self) {
-        if let Some((pool, key, conn, breaker)) = self.back.take() {
+impl super::body::Watch for GiveBack {
+    fn ended(&mut self) {
+        if let Some((pool, key, conn, breaker)) = self.0.take() {
             pool.put(key, conn);
             if let Some(b) = breaker {
                 b.release();
             }
         }
     }
-}
 
-impl Drop for ReturnAtEnd {
-    fn drop(&mut self) {
-        // Dropped at its end without a last poll (hyper may stop at a known length).
-        if self.inner.is_end_stream() {
-            self.give_back();
-        }
-    }
-}
-
-impl hyper::body::Body for ReturnAtEnd {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
-            // An error ends the connection: it is not given back.
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn failed(&mut self) {
+        self.0 = None;
     }
 }

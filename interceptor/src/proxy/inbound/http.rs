@@ -135,7 +135,7 @@ impl Inbound {
             policy = decision.policy.as_deref().unwrap_or("-"),
             duration_ms = started.elapsed().as_millis() as u64, "inbound request"
         );
-        Counted::wrap(response, self.metrics.clone(), labels, started)
+        Counted::wrap(response, self.metrics.clone(), labels, started, None)
     }
 
     /// The policy's verdict on this request (AUDIT matches logged).

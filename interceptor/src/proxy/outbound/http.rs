@@ -33,7 +33,7 @@ use crate::metrics::{self, RequestLabels};
 use crate::proxy::breaker::{Breaker, Overflow, Slot};
 use crate::proxy::http::{
     follow_upgrade, handshake, local_response, request_protocol, serve, set_upgrade,
-    strip_hop_by_hop, upgrade_protocol, upstream_request, Counted, Holding,
+    strip_hop_by_hop, upgrade_protocol, upstream_request, Counted,
 };
 use crate::proxy::pool::{Body, ConnLimits, Key, Pooled};
 use crate::route::http::{authority, http_routes, redirect_location, rewritten_path, upstream_h2};
@@ -249,7 +249,13 @@ impl Outbound {
             attempts = outcome.attempts, duration_ms = started.elapsed().as_millis() as u64,
             "outbound request"
         );
-        Counted::wrap(outcome.response, self.metrics.clone(), labels, started).holding(outcome.held)
+        Counted::wrap(
+            outcome.response,
+            self.metrics.clone(),
+            labels,
+            started,
+            outcome.held,
+        )
     }
 
     /// The rule for the request, its fault, then its forwarding; the route's name comes back for
