@@ -403,20 +403,23 @@ fn cors(w: &World, side: Side) {
         })
     };
     let preflights = || World::answered(&w.v1, "OPTIONS /cors");
+    let preflight = |origin: &str, path: &str| {
+        w.curl(
+            side,
+            &[
+                "-i",
+                "-X",
+                "OPTIONS",
+                "-H",
+                &format!("origin: {origin}"),
+                "-H",
+                "access-control-request-method: POST",
+                &url(path),
+            ],
+        )
+    };
     let before = preflights();
-    let out = w.curl(
-        side,
-        &[
-            "-i",
-            "-X",
-            "OPTIONS",
-            "-H",
-            "origin: https://a.partner.example",
-            "-H",
-            "access-control-request-method: POST",
-            &url("/cors/preflight"),
-        ],
-    );
+    let out = preflight("https://a.partner.example", "/cors/preflight");
     assert!(out.starts_with("HTTP/1.1 200"), "{side:?}: {out}");
     for (name, want) in [
         ("access-control-allow-origin", "https://a.partner.example"),
@@ -437,19 +440,7 @@ fn cors(w: &World, side: Side) {
         "{side:?}: the preflight reached the app"
     );
     // Another origin's preflight is the app's to answer.
-    let out = w.curl(
-        side,
-        &[
-            "-i",
-            "-X",
-            "OPTIONS",
-            "-H",
-            "origin: https://evil.example",
-            "-H",
-            "access-control-request-method: POST",
-            &url("/cors/other"),
-        ],
-    );
+    let out = preflight("https://evil.example", "/cors/other");
     assert!(out.contains("v1 OPTIONS /cors/other"), "{side:?}: {out}");
     assert_eq!(
         header(&out, "access-control-allow-origin"),
