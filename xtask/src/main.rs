@@ -208,9 +208,47 @@ fn sweep_leftovers() {
     }
 }
 
+/// What a cold `test` writes under target/ (debug tree without incremental state, clippy's,
+/// the fuzz builds, the guest image), measured on a clean clone: reported beside the free space
+/// so a run that will not fit says so before it starts instead of dying in a linker.
+const TEST_DISK_GIB: f64 = 7.0;
+
+/// Free space on the filesystem holding target/, in GiB (df, as it is what a user would run).
+fn free_gib(dir: &Path) -> Option<f64> {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let bytes: f64 = text.lines().nth(1)?.trim().parse().ok()?;
+    Some(bytes / f64::from(1u32 << 30))
+}
+
+fn report_disk() {
+    let target = root().join("target");
+    let _ = std::fs::create_dir_all(&target);
+    match free_gib(&target) {
+        Some(free) if free < TEST_DISK_GIB => eprintln!(
+            "warning: {free:.1} GiB free under {}; a cold `cargo xtask test` writes about \
+             {TEST_DISK_GIB} GiB there and may run out (builds already there need less)",
+            target.display()
+        ),
+        Some(free) => eprintln!("disk: {free:.1} GiB free under {}", target.display()),
+        None => eprintln!(
+            "disk: could not read the free space under {}",
+            target.display()
+        ),
+    }
+}
+
 fn test() -> anyhow::Result<()> {
     setup::ensure()?;
     sweep_leftovers();
+    report_disk();
+    // The suite builds every workspace crate once: incremental state would only take disk
+    // (1.7 GiB of the debug tree).
+    std::env::set_var("CARGO_INCREMENTAL", "0");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
