@@ -365,6 +365,68 @@ fn hbone_streams_to_an_http_port_are_served_request_by_request() {
     assert!(hbone(&pod_ic, "streams", "inbound") >= 3.0);
 }
 
+/// A port of the pod's own service with no declared protocol (a ServiceEntry port without
+/// `protocol`: sniffed, as istiod's Auto listeners): an HBONE stream's first bytes, inside the
+/// stream, decide after its 200 — HTTP is served request by request (Istio's request metrics,
+/// reporter destination, the client's proved identity), other bytes reach the app byte-exact
+/// with what was read to tell replayed first.
+#[test]
+fn hbone_streams_to_a_port_of_no_declared_protocol_are_sniffed() {
+    let m = Mesh::new();
+    let _apps = m.apps();
+    let vm_ic = m.vm("label");
+    let own = vm_mesh("label")
+        .replace(", protocol: HTTP", "")
+        .replace(", protocol: TCP", "");
+    let own = m.t.write("pod-own.yaml", &own);
+    let pod_ic = m
+        .pod_node()
+        .interceptor()
+        .mesh(&own)
+        .resolv(&m.resolv)
+        .certs(&m.pod_certs)
+        .log("pod-ic")
+        .start();
+    for i in 0..3 {
+        let (ok, out) = m.curl(&format!("/sniffed-{i}"));
+        assert!(
+            ok && out.contains(&format!("pod GET /sniffed-{i}")),
+            "{out}\n{}\n{}",
+            vm_ic.log(),
+            pod_ic.log()
+        );
+    }
+    assert!(
+        wait(5.0, || pod_ic.counter(
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &format!("{TD}/vm")),
+                ("request_protocol", "http"),
+                ("connection_security_policy", "mutual_tls"),
+                ("response_code", "200"),
+            ]
+        ) == 3.0),
+        "{}",
+        pod_ic.metrics().0
+    );
+    let detected = |protocol: &str| {
+        pod_ic.counter(
+            "interceptor_protocol_detected_total",
+            &[("direction", "inbound"), ("protocol", protocol)],
+        )
+    };
+    assert!(detected("http1") >= 1.0, "{}", pod_ic.metrics().0);
+    let r = m.check(&["sequential", &format!("{VIP}:9000"), "20"]);
+    assert_eq!(r["echoed"], 20, "{r}\n{}", pod_ic.log());
+    assert_eq!(detected("tcp"), 20.0, "{}", pod_ic.metrics().0);
+    // The bytes made no requests.
+    assert_eq!(
+        pod_ic.counter("istio_requests_total", &[("reporter", "destination")]),
+        3.0
+    );
+}
+
 #[test]
 fn hbone_streams_obey_authorization_policy() {
     let m = Mesh::new();

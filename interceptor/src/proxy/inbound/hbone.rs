@@ -19,8 +19,9 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{connect_app, Conn, Inbound, Kind, Refused, HANDSHAKE};
 use crate::baggage::{self, Workload};
-use crate::mesh::Address;
+use crate::mesh::{Address, ListenerProtocol};
 use crate::metrics::{self, TcpLabels, INBOUND};
+use crate::net::sniff::{sniff_read, Rewind};
 use crate::net::{buffered, relay};
 use crate::spiffe::{uri_sans, SpiffeId};
 use crate::transport::hbone::serve_draining;
@@ -65,11 +66,39 @@ impl StreamRefused {
     }
 }
 
-/// A stream let in: relayed to the app's connection, or served request by request.
+/// A stream let in: relayed to the app's connection, served request by request, or (a port of
+/// no declared protocol) told by its first bytes.
 enum Opened {
     App(SocketAddr, TcpStream),
     Requests(SocketAddr),
+    Sniff(SocketAddr, crate::route::policy::Decision),
 }
+
+/// What a stream's CONNECT says of its client, taken before the upgrade consumes it.
+struct Head {
+    forwarded: Option<String>,
+    source: Workload,
+}
+
+impl Head {
+    fn of(req: &Request<hyper::body::Incoming>) -> Self {
+        Self {
+            forwarded: req
+                .headers()
+                .get("forwarded")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            source: Workload::parse(
+                req.headers()
+                    .get_all("baggage")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            ),
+        }
+    }
+}
+
+type Tunneled = TokioIo<hyper::upgrade::Upgraded>;
 
 /// What every stream of one connection shares.
 struct Tunnel {
@@ -146,6 +175,9 @@ impl Tunnel {
                             this.relay(req, authority, app, started).await
                         }
                         Opened::Requests(authority) => this.requests(req, authority).await,
+                        Opened::Sniff(authority, decision) => {
+                            this.sniffed(req, authority, decision, started).await
+                        }
                     }
                 });
                 let mut ok = status(StatusCode::OK);
@@ -193,13 +225,20 @@ impl Tunnel {
                 http: None,
             },
         );
-        // A stream to a sniffed port is not sniffed (its first bytes are inside the stream):
-        // it stays bytes, as a TCP chain would take it.
-        if self
-            .inbound
-            .per_request(&self.inbound.store.load(), authority, None, &decision)
-        {
+        let table = self.inbound.store.load();
+        if self.inbound.per_request(&table, authority, None, &decision) {
             return Ok(Opened::Requests(authority));
+        }
+        // A port of no declared protocol that would be served per request if the stream
+        // speaks HTTP: its first bytes (inside the stream, after the 200) decide, as the
+        // sidecar's sniffed inbound chains. A refusal no request could change is said now.
+        if crate::route::inbound_protocol(&table, authority) == ListenerProtocol::Auto
+            && self
+                .inbound
+                .per_request(&table, authority, Some(true), &decision)
+            && (decision.allowed || decision.needs_http)
+        {
+            return Ok(Opened::Sniff(authority, decision));
         }
         super::audit(&decision, self.peer, authority);
         if !decision.allowed {
@@ -233,59 +272,120 @@ impl Tunnel {
             .ok_or_else(|| StreamRefused::NotLocalService(raw.to_string()))
     }
 
-    /// A stream to an HTTP port, served request by request after its 200.
-    async fn requests(&self, req: Request<hyper::body::Incoming>, authority: SocketAddr) {
-        let source = Workload::parse(
-            req.headers()
-                .get_all("baggage")
-                .iter()
-                .filter_map(|v| v.to_str().ok()),
-        );
-        let tunnel = match hyper::upgrade::on(req).await {
-            Ok(up) => TokioIo::new(up),
+    /// The stream's bytes once its 200 is sent (counted), or None if it was reset first.
+    async fn upgrade(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        authority: SocketAddr,
+    ) -> Option<Tunneled> {
+        match hyper::upgrade::on(req).await {
+            Ok(up) => {
+                self.inbound.metrics.hbone_stream(INBOUND);
+                Some(TokioIo::new(up))
+            }
             Err(e) => {
                 tracing::info!(peer = %self.peer, %authority, error = %e, "inbound HBONE stream reset before it opened");
-                return;
+                None
             }
-        };
-        self.inbound.metrics.hbone_stream(INBOUND);
+        }
+    }
+
+    /// A stream to an HTTP port, served request by request after its 200.
+    async fn requests(&self, req: Request<hyper::body::Incoming>, authority: SocketAddr) {
+        let head = Head::of(&req);
+        if let Some(tunnel) = self.upgrade(req, authority).await {
+            self.serve_requests(tunnel, &head, authority).await;
+        }
+    }
+
+    async fn serve_requests<I>(&self, io: I, head: &Head, authority: SocketAddr)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let mut client = self
             .inbound
             .http_client(self.peer, authority, self.client.clone(), true);
-        client.baggage = Some(metrics::Peer::of_baggage(&source));
-        self.inbound.serve_http(tunnel, client).await;
+        client.baggage = Some(metrics::Peer::of_baggage(&head.source));
+        self.inbound.serve_http(io, client).await;
+    }
+
+    /// A stream to a port of no declared protocol: HTTP served per request, other bytes (or
+    /// none: a server-first protocol) relayed to the app if the policy lets them in. The 200
+    /// is already sent: a refusal or an unreachable app ends the stream.
+    async fn sniffed(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        authority: SocketAddr,
+        decision: crate::route::policy::Decision,
+        started: Instant,
+    ) {
+        let head = Head::of(&req);
+        let Some(mut tunnel) = self.upgrade(req, authority).await else {
+            return;
+        };
+        let wait = self.inbound.policy.protocol_detection;
+        let (sniffed, read) = match sniff_read(&mut tunnel, super::FIRST_BYTES, wait).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::info!(peer = %self.peer, %authority, error = %e, "inbound HBONE stream ended before it spoke");
+                return;
+            }
+        };
+        self.inbound.metrics.detected("inbound", sniffed.label());
+        let tunnel = Rewind::new(read, tunnel);
+        if sniffed.is_http() {
+            return self.serve_requests(tunnel, &head, authority).await;
+        }
+        super::audit(&decision, self.peer, authority);
+        let refused = if decision.allowed {
+            match connect_app(authority, self.inbound.app_source4).await {
+                Ok(app) => {
+                    return self
+                        .relay_bytes(tunnel, &head, authority, app, started)
+                        .await
+                }
+                Err(e) => StreamRefused::App(e),
+            }
+        } else {
+            StreamRefused::NotAllowed(authority.port(), decision)
+        };
+        self.inbound.metrics.inbound_refused(refused.label());
+        tracing::info!(
+            peer = %self.peer, identity = self.client.as_ref().map(SpiffeId::as_str).unwrap_or("-"),
+            %authority, protocol = sniffed.label(), result = %refused,
+            "inbound HBONE stream to a sniffed port refused after its 200"
+        );
     }
 
     async fn relay(
         &self,
         req: Request<hyper::body::Incoming>,
         authority: SocketAddr,
-        mut app: TcpStream,
+        app: TcpStream,
         started: Instant,
     ) {
-        let forwarded = req
-            .headers()
-            .get("forwarded")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let source = Workload::parse(
-            req.headers()
-                .get_all("baggage")
-                .iter()
-                .filter_map(|v| v.to_str().ok()),
-        );
+        let head = Head::of(&req);
+        if let Some(tunnel) = self.upgrade(req, authority).await {
+            self.relay_bytes(tunnel, &head, authority, app, started)
+                .await;
+        }
+    }
+
+    async fn relay_bytes<I>(
+        &self,
+        mut tunnel: I,
+        head: &Head,
+        authority: SocketAddr,
+        mut app: TcpStream,
+        started: Instant,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let (forwarded, source) = (&head.forwarded, &head.source);
         let service = self.destination_service(forwarded.as_deref(), authority);
-        let mut tunnel = match hyper::upgrade::on(req).await {
-            Ok(up) => TokioIo::new(up),
-            Err(e) => {
-                tracing::info!(peer = %self.peer, %authority, error = %e, "inbound HBONE stream reset before it opened");
-                return;
-            }
-        };
         let m = &self.inbound.metrics;
-        m.hbone_stream(INBOUND);
         let client = self.client.as_ref().map(SpiffeId::as_str);
-        let peer = metrics::Peer::of_peer(Some(metrics::Peer::of_baggage(&source)), client);
+        let peer = metrics::Peer::of_peer(Some(metrics::Peer::of_baggage(source)), client);
         let local = &self.inbound.local.peer;
         let labels = TcpLabels::new(metrics::DESTINATION, service.clone(), true)
             .principals(client, Some(self.ours.as_str()))
