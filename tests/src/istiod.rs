@@ -885,12 +885,26 @@ impl Shared {
 
     /// Does the call carry our bearer token?
     pub(crate) fn token_matches<T>(&self, req: &Request<T>) -> bool {
-        let token = self.token.lock().unwrap().clone();
-        req.metadata()
+        self.token_identity(req).is_some()
+    }
+
+    /// Whom the request's bearer token stands for: the control plane's token's identity, or
+    /// one of `CaState::more_tokens`.
+    pub(crate) fn token_identity<T>(&self, req: &Request<T>) -> Option<String> {
+        let bearer = req
+            .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            == Some(token.as_str())
+            .and_then(|v| v.strip_prefix("Bearer "))?;
+        if bearer == self.token.lock().unwrap().as_str() {
+            return Some(self.ca_state.token_identity.lock().unwrap().clone());
+        }
+        self.ca_state
+            .more_tokens
+            .lock()
+            .unwrap()
+            .get(bearer)
+            .cloned()
     }
 
     /// The bearer token, or a client certificate from our root, as istiod accepts either.

@@ -46,6 +46,9 @@ pub struct Issued {
 pub struct CaState {
     /// Who the bearer token stands for.
     pub token_identity: Mutex<String>,
+    /// More bearer tokens, each standing for its own identity (several VMs joining one
+    /// control plane, as Kubernetes service account tokens do).
+    pub more_tokens: Mutex<std::collections::BTreeMap<String, String>>,
     /// Issue for this long whatever the client asks (short lifetimes for rotation tests).
     pub lifetime: Mutex<Option<Duration>>,
     pub fault: Mutex<CaFault>,
@@ -66,14 +69,14 @@ impl IstioCertificateService for CaService {
         if fault == CaFault::Down {
             return Err(Status::unavailable("CA is down"));
         }
-        let token_ok = shared.token_matches(&request);
+        let token_id = shared.token_identity(&request);
         let cert_ids = request
             .extensions()
             .get::<Peer>()
             .map(|p| p.identities.clone())
             .unwrap_or_default();
-        let (identity, auth) = if token_ok {
-            (state.token_identity.lock().unwrap().clone(), "token")
+        let (identity, auth) = if let Some(id) = token_id {
+            (id, "token")
         } else if let Some(id) = cert_ids.first() {
             (id.clone(), "certificate")
         } else {

@@ -110,15 +110,18 @@ pub fn test(which: Which, scenarios: Scenarios) -> anyhow::Result<()> {
         }
     }
     if which.releases().contains(&Release::Bookworm) && scenarios != Scenarios::Single {
-        match cross::run(Release::Bookworm, &deb) {
-            Ok(summary) => {
-                eprintln!("vm: cross-VM demo: {summary}");
-                rows.push(format!("\nCross-VM demo (bookworm): {summary}"));
-            }
-            Err(e) => {
-                eprintln!("vm: cross-VM demo FAILED: {e:#}");
-                rows.push(format!("\nCross-VM demo (bookworm): FAILED: {e:#}"));
-                failed.push("cross-VM demo".into());
+        for source in [scenario::Source::Files, scenario::Source::Istiod] {
+            let what = format!("cross-VM demo (bookworm, mesh from {})", source.name());
+            match cross::run(Release::Bookworm, source, &deb) {
+                Ok(summary) => {
+                    eprintln!("vm: {what}: {summary}");
+                    rows.push(format!("\n{what}: {summary}"));
+                }
+                Err(e) => {
+                    eprintln!("vm: {what} FAILED: {e:#}");
+                    rows.push(format!("\n{what}: FAILED: {e:#}"));
+                    failed.push(what);
+                }
             }
         }
     }

@@ -75,8 +75,8 @@ impl Source {
 }
 
 /// Where the guest reaches the control plane (a guestfwd to the host's loopback).
-const ISTIOD_ADDR: &str = "10.0.2.101";
-const ISTIOD_PORT: u16 = 15012;
+pub(super) const ISTIOD_ADDR: &str = "10.0.2.101";
+pub(super) const ISTIOD_PORT: u16 = 15012;
 const TOKEN: &str = "vm-test-bootstrap-token";
 const VIP: &str = "240.240.0.10";
 
@@ -100,6 +100,32 @@ fn istiod_mesh() -> interceptor_tests::istiod::Mesh {
         }),
         ..Default::default()
     }
+}
+
+/// The Istio VM bundle as `istioctl x workload entry configure` writes it (written under
+/// `dir` on the host), placed in the guest as Istio's VM guide says: cluster.env, mesh config,
+/// root cert, token, and the hosts line for istiod.
+pub(super) fn put_bundle(
+    guest: &Guest,
+    dir: &Path,
+    spec: &interceptor_tests::bundle::Spec,
+) -> anyhow::Result<()> {
+    let root = interceptor_tests::bundle::write_bundle(dir, spec);
+    for f in [
+        "var/lib/istio/envoy/cluster.env",
+        "etc/istio/config/mesh",
+        "etc/certs/root-cert.pem",
+        "var/run/secrets/tokens/istio-token",
+    ] {
+        let remote = format!("/{f}");
+        guest.sh(&format!("mkdir -p $(dirname {remote})"))?;
+        guest.put(&root.join(f), &remote)?;
+    }
+    guest.sh(&format!(
+        "echo '{} istiod.istio-system.svc' >> /etc/hosts",
+        spec.istiod_ip
+    ))?;
+    Ok(())
 }
 
 /// One booted guest with the host side of the mesh around it.
@@ -251,24 +277,11 @@ impl Run {
     /// istiod). The token lives under /var/run, a tmpfs: gone after a reboot, as on a VM whose
     /// token was good for the first start only.
     fn istiod_config(&self) -> anyhow::Result<()> {
-        use interceptor_tests::bundle::{write_bundle, Spec as Bundle};
+        use interceptor_tests::bundle::Spec as Bundle;
         let mut spec = Bundle::new("default", "vm", ISTIOD_ADDR, &self.mesh.ca.pem());
         spec.token = TOKEN.into();
         spec.inbound_ports = APP_PORT.to_string();
-        let root = write_bundle(&self.mesh.dir.join("bundle"), &spec);
-        for f in [
-            "var/lib/istio/envoy/cluster.env",
-            "etc/istio/config/mesh",
-            "etc/certs/root-cert.pem",
-            "var/run/secrets/tokens/istio-token",
-        ] {
-            let remote = format!("/{f}");
-            self.sh(&format!("mkdir -p $(dirname {remote})"))?;
-            self.guest.put(&root.join(f), &remote)?;
-        }
-        self.sh(&format!(
-            "echo '{ISTIOD_ADDR} istiod.istio-system.svc' >> /etc/hosts"
-        ))?;
+        put_bundle(&self.guest, &self.mesh.dir.join("bundle"), &spec)?;
         self.guest.write(
             "/etc/interceptor/config.yaml",
             "control-plane: istiod\nistio-dir: /\n",
