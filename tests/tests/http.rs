@@ -194,11 +194,11 @@ spec:
     route: [{destination: {host: reviews, subset: v1}}]
   - name: tagged
     match: [{uri: {prefix: /tagged}}]
-    headers: {request: {set: {x-rule: tagged}}}
+    headers: {request: {set: {x-rule: tagged}, add: {x-both: rule}}}
     route:
     - destination: {host: reviews, subset: v1}
       weight: 50
-      headers: {request: {set: {x-dest: one}}, response: {add: {x-answered-by: one}}}
+      headers: {request: {set: {x-dest: one, x-both: dest}}, response: {add: {x-answered-by: one}}}
     - destination: {host: reviews, subset: v2}
       weight: 50
       headers: {request: {set: {x-dest: two}, remove: [x-drop]}, response: {set: {x-answered-by: two}}}
@@ -486,7 +486,8 @@ fn cors(w: &World, side: Side) {
 
 /// Each destination of a weighted route carries its own header operations (Envoy's weighted
 /// clusters' ones), beside its rule's: the endpoint a request went to saw its destination's
-/// request headers, and the answer carries its destination's response headers.
+/// request headers (a header both touch as Envoy's order leaves it), and the answer carries its
+/// destination's response headers.
 fn per_destination_headers(w: &World, side: Side) {
     let urls: Vec<String> = (0..16).map(|i| url(&format!("/tagged/{i}"))).collect();
     let mut args = vec!["-D", "-", "-H", "x-drop: yes"];
@@ -506,6 +507,14 @@ fn per_destination_headers(w: &World, side: Side) {
         assert!(lower.contains(dest), "{side:?}: {a}");
         assert!(lower.contains(answered_by), "{side:?}: {a}");
         assert!(lower.contains("x-rule=tagged"), "{side:?}: {a}");
+        // The rule adds to a header destination one sets: Envoy runs the destination's
+        // operations first, so both values arrive there, the rule's alone at two.
+        assert!(lower.contains("x-both=rule"), "{side:?}: {a}");
+        assert_eq!(
+            lower.contains("x-both=dest"),
+            dest == "x-dest=one",
+            "{side:?}: {a}"
+        );
         // Only v2's destination removes it.
         assert_eq!(
             lower.contains("x-drop=yes"),

@@ -1085,7 +1085,8 @@ fn prepare_headers(headers: &mut HeaderMap, ops: Option<&HeaderOps>) {
 
 /// A route destination's request operations, on a request its rule's already went over: as
 /// Envoy applies a weighted cluster's before its route's, a header the rule removes or sets
-/// ends as the rule leaves it.
+/// ends as the rule leaves it, and one the rule adds to keeps the rule's values after what the
+/// destination's operations left (they are taken off, the destination's applied, put back).
 fn apply_destination_ops(headers: &mut HeaderMap, ops: &HeaderOps, rule: Option<&HeaderOps>) {
     let ruled = |n: &String| {
         rule.is_some_and(|r| r.remove.contains(n) || r.set.iter().any(|(k, _)| k == n))
@@ -1095,7 +1096,51 @@ fn apply_destination_ops(headers: &mut HeaderMap, ops: &HeaderOps, rule: Option<
         add: ops.add.iter().filter(|(k, _)| !ruled(k)).cloned().collect(),
         remove: ops.remove.iter().filter(|k| !ruled(k)).cloned().collect(),
     };
+    let rule_added = take_rule_added(headers, &ops, rule);
     apply_ops(headers, &ops);
+    for (name, values) in rule_added {
+        for v in values {
+            headers.append(name.clone(), v);
+        }
+    }
+}
+
+/// The values the rule's `add` appended to headers the destination's `ops` touch: taken off
+/// the end of each (apply_ops appends what parses, in order).
+fn take_rule_added(
+    headers: &mut HeaderMap,
+    ops: &HeaderOps,
+    rule: Option<&HeaderOps>,
+) -> Vec<(HeaderName, Vec<HeaderValue>)> {
+    let Some(rule) = rule else {
+        return Vec::new();
+    };
+    let touched = |n: &str| {
+        ops.remove.iter().any(|k| k == n) || ops.set.iter().chain(&ops.add).any(|(k, _)| k == n)
+    };
+    let mut names: Vec<HeaderName> = rule
+        .add
+        .iter()
+        .filter(|(k, v)| touched(k) && HeaderValue::from_str(v).is_ok())
+        .filter_map(|(k, _)| HeaderName::from_bytes(k.as_bytes()).ok())
+        .collect();
+    names.dedup();
+    let mut taken = Vec::new();
+    for name in names {
+        let added = rule
+            .add
+            .iter()
+            .filter(|(k, v)| name == k.as_str() && HeaderValue::from_str(v).is_ok())
+            .count();
+        let mut all: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+        let theirs = all.split_off(all.len().saturating_sub(added));
+        headers.remove(&name);
+        for v in all {
+            headers.append(name.clone(), v);
+        }
+        taken.push((name, theirs));
+    }
+    taken
 }
 
 /// VirtualService header operations: remove, then set (replace), then add (append).
@@ -1149,6 +1194,44 @@ impl RefusedStream for hyper::Error {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_header_the_rule_adds_to_keeps_the_rule_values_after_the_destination_ops() {
+        let ops = |set: &[(&str, &str)], add: &[(&str, &str)], remove: &[&str]| HeaderOps {
+            set: set
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            add: add
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            remove: remove.iter().map(|k| k.to_string()).collect(),
+        };
+        let rule = ops(
+            &[("x-set", "rule")],
+            &[("x-both", "rule"), ("x-gone", "rule")],
+            &[],
+        );
+        let mut h = HeaderMap::new();
+        h.append("x-both", HeaderValue::from_static("client"));
+        h.append("x-gone", HeaderValue::from_static("client"));
+        apply_ops(&mut h, &rule);
+        let dest = ops(&[("x-both", "dest"), ("x-set", "dest")], &[], &["x-gone"]);
+        apply_destination_ops(&mut h, &dest, Some(&rule));
+        let values = |n: &str| -> Vec<&str> {
+            h.get_all(n)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        };
+        // Envoy: the destination's set, then the rule's add.
+        assert_eq!(values("x-both"), ["dest", "rule"]);
+        // The destination's remove, then the rule's add.
+        assert_eq!(values("x-gone"), ["rule"]);
+        // The rule's set wins.
+        assert_eq!(values("x-set"), ["rule"]);
+    }
     use super::*;
 
     #[test]
