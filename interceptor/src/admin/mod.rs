@@ -164,230 +164,270 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt:
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// One counter family with a single label: `(label value, count)` each.
+fn counters<'a>(
+    e: &mut DescriptorEncoder,
+    (name, help, label): (&str, &str, &str),
+    values: impl IntoIterator<Item = (&'a str, u64)>,
+) -> std::fmt::Result {
+    let mut family = e.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (value, n) in values {
+        ConstCounter::new(n).encode(family.encode_family(&[(label, value)])?)?;
+    }
+    Ok(())
+}
+
 impl Collector for Pulled {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let s = &self.0;
-        let table = s.store.load();
-        gauge(
-            &mut e,
-            "interceptor_ready",
-            "1 when programs are attached, the table loaded and listeners up",
-            i64::from(s.is_ready()),
-        )?;
-        gauge(
-            &mut e,
-            "interceptor_mesh_table_version",
-            "Version of the mesh table in force",
-            table.version as i64,
-        )?;
-        gauge(
-            &mut e,
-            "interceptor_mesh_services",
-            "Services in the mesh table",
-            table.services.len() as i64,
-        )?;
-        gauge(
-            &mut e,
-            "interceptor_mesh_workloads",
-            "Workloads in the mesh table",
-            table.workloads.len() as i64,
-        )?;
-        gauge(
-            &mut e,
-            "interceptor_capture_vips",
-            "(VIP, port) entries in the kernel capture map",
-            s.capture.vips() as i64,
-        )?;
-        gauge(
-            &mut e,
-            "interceptor_capture_programs",
-            "BPF programs attached",
-            s.capture.info().map_or(0, |c| c.programs.len()) as i64,
-        )?;
-        gauge(
-            &mut e,
-            "interceptor_generation",
-            "Restarts that took over the previous process's listeners and capture (0: fresh)",
-            s.restart.generation as i64,
-        )?;
-        gauge(
-            &mut e,
-            "interceptor_adopted_descriptors",
-            "Listeners and links this process adopted from systemd's descriptor store",
-            s.restart.adopted as i64,
-        )?;
-        if let Some(id) = s.identity.current() {
-            gauge(
-                &mut e,
-                "interceptor_cert_expiry_seconds",
-                "Seconds until the workload certificate expires",
-                id.expires_in().as_secs() as i64,
-            )?;
-        }
-        if let Some(ca) = &s.ca {
-            let ca = ca.get();
-            let c = ConstCounter::new(ca.renewals);
-            c.encode(e.encode_descriptor(
-                "interceptor_cert_renewals",
-                "Certificates issued by the Istio CA and put in force",
-                None,
-                c.metric_type(),
-            )?)?;
-            let mut family = e.encode_descriptor(
-                "interceptor_cert_renewal_failures",
-                "Failed requests to the Istio CA, by reason",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for (reason, n) in &ca.failures_by_reason {
-                ConstCounter::new(*n)
-                    .encode(family.encode_family(&[("reason", reason.as_str())])?)?;
-            }
-            if let Some(t) = ca.last_renewal_unix {
-                gauge(
-                    &mut e,
-                    "interceptor_cert_last_renewal_timestamp_seconds",
-                    "When the Istio CA last issued this VM's certificate (Unix time)",
-                    t as i64,
-                )?;
-            }
-            gauge(
-                &mut e,
-                "interceptor_cert_expired",
-                "1 while the certificate is expired and not renewed (outbound mTLS refused)",
-                i64::from(ca.expired),
-            )?;
-        }
-        if let Some(h) = &s.health {
-            let p = h.state();
-            gauge(
-                &mut e,
-                "interceptor_probe_healthy",
-                "The application's readiness probe: 1 healthy, 0 unhealthy, -1 not decided yet",
-                p.healthy.map_or(-1, i64::from),
-            )?;
-            let mut family = e.encode_descriptor(
-                "interceptor_probe_runs",
-                "Application probes run, by result",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for (result, n) in [("success", p.probes - p.failures), ("failure", p.failures)] {
-                ConstCounter::new(n).encode(family.encode_family(&[("result", result)])?)?;
-            }
-        }
-        let mut family = e.encode_descriptor(
-            "interceptor_limit_refused",
-            "New work refused at a resource cap (work in progress went on), by cap",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for l in s.limits.all() {
-            ConstCounter::new(l.refused()).encode(family.encode_family(&[("limit", l.name)])?)?;
-        }
-        for (name, help, value) in [
-            (
-                "interceptor_limit_in_use",
-                "Work counted against each resource cap now",
-                (|l: &crate::net::Limit| l.in_use()) as fn(&crate::net::Limit) -> usize,
-            ),
-            ("interceptor_limit_max", "Each resource cap", |l| l.max()),
-        ] {
-            let mut family = e.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for l in s.limits.all() {
-                ConstGauge::new(value(l) as i64)
-                    .encode(family.encode_family(&[("limit", l.name)])?)?;
-            }
-        }
-        let mut family = e.encode_descriptor(
-            "interceptor_mesh_reload_errors",
-            "Mesh source loads rejected (the last good table stayed), by reason",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
+        state_gauges(s, &mut e)?;
+        identity_metrics(s, &mut e)?;
+        probe_metrics(s, &mut e)?;
+        limit_metrics(s, &mut e)?;
         let by_reason = s.store.reload_errors_by_reason();
-        for reason in crate::mesh::Error::REASONS {
-            let n = by_reason.get(reason).copied().unwrap_or(0);
-            ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
-        }
-        if let Some(x) = &s.xds {
-            let x = x.get();
-            gauge(
-                &mut e,
-                "interceptor_xds_connected",
-                "1 while a stream to istiod is up",
-                i64::from(x.connection == xds::Connection::Connected),
-            )?;
-            gauge(
-                &mut e,
-                "interceptor_xds_synced",
-                "1 once every subscribed type was accepted from istiod",
-                i64::from(x.synced),
-            )?;
-            let c = ConstCounter::new(x.reconnects);
-            c.encode(e.encode_descriptor(
-                "interceptor_xds_reconnects",
-                "Streams to istiod started again after one ended",
-                None,
-                c.metric_type(),
-            )?)?;
-            for (name, help, pick) in [
-                (
-                    "interceptor_xds_accepted",
-                    "istiod pushes applied and ACKed, by type",
-                    (|t: &xds::status::TypeStatus| t.acks) as fn(&xds::status::TypeStatus) -> u64,
-                ),
-                (
-                    "interceptor_xds_rejected",
-                    "istiod pushes refused (NACKed), by type",
-                    |t: &xds::status::TypeStatus| t.nacks,
-                ),
-            ] {
-                let mut family = e.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    prometheus_client::metrics::MetricType::Counter,
-                )?;
-                for (ty, t) in &x.types {
-                    ConstCounter::new(pick(t))
-                        .encode(family.encode_family(&[("type", ty.as_str())])?)?;
-                }
-            }
-            let g = prometheus_client::metrics::gauge::ConstGauge::new(x.last_apply_ms);
-            g.encode(e.encode_descriptor(
-                "interceptor_xds_apply_milliseconds",
-                "Time from a decoded istiod response to its table in force, last push",
-                None,
-                g.metric_type(),
-            )?)?;
-        }
+        counters(
+            &mut e,
+            (
+                "interceptor_mesh_reload_errors",
+                "Mesh source loads rejected (the last good table stayed), by reason",
+                "reason",
+            ),
+            crate::mesh::Error::REASONS
+                .iter()
+                .map(|r| (*r, by_reason.get(r).copied().unwrap_or(0))),
+        )?;
+        xds_metrics(s, &mut e)?;
         if let Some(st) = &s.dns {
-            let mut family = e.encode_descriptor(
-                "interceptor_dns_requests",
-                "DNS queries by how they were answered",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
+            counters(
+                &mut e,
+                (
+                    "interceptor_dns_requests",
+                    "DNS queries by how they were answered",
+                    "result",
+                ),
+                [
+                    ("table", &st.table),
+                    ("upstream", &st.upstream),
+                    ("servfail", &st.servfail),
+                    ("formerr", &st.formerr),
+                    ("dropped", &st.dropped),
+                ]
+                .map(|(result, v)| (result, v.load(Ordering::Relaxed))),
             )?;
-            for (result, v) in [
-                ("table", &st.table),
-                ("upstream", &st.upstream),
-                ("servfail", &st.servfail),
-                ("formerr", &st.formerr),
-                ("dropped", &st.dropped),
-            ] {
-                let labels = [("result", result)];
-                ConstCounter::new(v.load(Ordering::Relaxed))
-                    .encode(family.encode_family(&labels)?)?;
-            }
         }
         Ok(())
     }
+}
+
+/// Readiness, the table, capture and restarts.
+fn state_gauges(s: &State, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let table = s.store.load();
+    for (name, help, v) in [
+        (
+            "interceptor_ready",
+            "1 when programs are attached, the table loaded and listeners up",
+            i64::from(s.is_ready()),
+        ),
+        (
+            "interceptor_mesh_table_version",
+            "Version of the mesh table in force",
+            table.version as i64,
+        ),
+        (
+            "interceptor_mesh_services",
+            "Services in the mesh table",
+            table.services.len() as i64,
+        ),
+        (
+            "interceptor_mesh_workloads",
+            "Workloads in the mesh table",
+            table.workloads.len() as i64,
+        ),
+        (
+            "interceptor_capture_vips",
+            "(VIP, port) entries in the kernel capture map",
+            s.capture.vips() as i64,
+        ),
+        (
+            "interceptor_capture_programs",
+            "BPF programs attached",
+            s.capture.info().map_or(0, |c| c.programs.len()) as i64,
+        ),
+        (
+            "interceptor_generation",
+            "Restarts that took over the previous process's listeners and capture (0: fresh)",
+            s.restart.generation as i64,
+        ),
+        (
+            "interceptor_adopted_descriptors",
+            "Listeners and links this process adopted from systemd's descriptor store",
+            s.restart.adopted as i64,
+        ),
+    ] {
+        gauge(e, name, help, v)?;
+    }
+    Ok(())
+}
+
+/// The certificate and the Istio CA's renewals.
+fn identity_metrics(s: &State, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    if let Some(id) = s.identity.current() {
+        gauge(
+            e,
+            "interceptor_cert_expiry_seconds",
+            "Seconds until the workload certificate expires",
+            id.expires_in().as_secs() as i64,
+        )?;
+    }
+    let Some(ca) = &s.ca else {
+        return Ok(());
+    };
+    let ca = ca.get();
+    counter(
+        e,
+        "interceptor_cert_renewals",
+        "Certificates issued by the Istio CA and put in force",
+        ca.renewals,
+    )?;
+    counters(
+        e,
+        (
+            "interceptor_cert_renewal_failures",
+            "Failed requests to the Istio CA, by reason",
+            "reason",
+        ),
+        ca.failures_by_reason.iter().map(|(r, n)| (r.as_str(), *n)),
+    )?;
+    if let Some(t) = ca.last_renewal_unix {
+        gauge(
+            e,
+            "interceptor_cert_last_renewal_timestamp_seconds",
+            "When the Istio CA last issued this VM's certificate (Unix time)",
+            t as i64,
+        )?;
+    }
+    gauge(
+        e,
+        "interceptor_cert_expired",
+        "1 while the certificate is expired and not renewed (outbound mTLS refused)",
+        i64::from(ca.expired),
+    )
+}
+
+/// The application's readiness probe, when there is one.
+fn probe_metrics(s: &State, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let Some(h) = &s.health else {
+        return Ok(());
+    };
+    let p = h.state();
+    gauge(
+        e,
+        "interceptor_probe_healthy",
+        "The application's readiness probe: 1 healthy, 0 unhealthy, -1 not decided yet",
+        p.healthy.map_or(-1, i64::from),
+    )?;
+    counters(
+        e,
+        (
+            "interceptor_probe_runs",
+            "Application probes run, by result",
+            "result",
+        ),
+        [("success", p.probes - p.failures), ("failure", p.failures)],
+    )
+}
+
+/// Each resource cap: what it refused, what it holds, how far it goes.
+fn limit_metrics(s: &State, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    counters(
+        e,
+        (
+            "interceptor_limit_refused",
+            "New work refused at a resource cap (work in progress went on), by cap",
+            "limit",
+        ),
+        s.limits.all().map(|l| (l.name, l.refused())),
+    )?;
+    for (name, help, value) in [
+        (
+            "interceptor_limit_in_use",
+            "Work counted against each resource cap now",
+            (|l: &crate::net::Limit| l.in_use()) as fn(&crate::net::Limit) -> usize,
+        ),
+        ("interceptor_limit_max", "Each resource cap", |l| l.max()),
+    ] {
+        let mut family = e.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for l in s.limits.all() {
+            ConstGauge::new(value(l) as i64).encode(family.encode_family(&[("limit", l.name)])?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The stream to istiod and what it pushed.
+fn xds_metrics(s: &State, e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let Some(x) = &s.xds else {
+        return Ok(());
+    };
+    let x = x.get();
+    gauge(
+        e,
+        "interceptor_xds_connected",
+        "1 while a stream to istiod is up",
+        i64::from(x.connection == xds::Connection::Connected),
+    )?;
+    gauge(
+        e,
+        "interceptor_xds_synced",
+        "1 once every subscribed type was accepted from istiod",
+        i64::from(x.synced),
+    )?;
+    counter(
+        e,
+        "interceptor_xds_reconnects",
+        "Streams to istiod started again after one ended",
+        x.reconnects,
+    )?;
+    counters(
+        e,
+        (
+            "interceptor_xds_accepted",
+            "istiod pushes applied and ACKed, by type",
+            "type",
+        ),
+        x.types.iter().map(|(ty, t)| (ty.as_str(), t.acks)),
+    )?;
+    counters(
+        e,
+        (
+            "interceptor_xds_rejected",
+            "istiod pushes refused (NACKed), by type",
+            "type",
+        ),
+        x.types.iter().map(|(ty, t)| (ty.as_str(), t.nacks)),
+    )?;
+    let g = ConstGauge::new(x.last_apply_ms);
+    g.encode(e.encode_descriptor(
+        "interceptor_xds_apply_milliseconds",
+        "Time from a decoded istiod response to its table in force, last push",
+        None,
+        g.metric_type(),
+    )?)
 }
 
 /// The admin HTTP server.
