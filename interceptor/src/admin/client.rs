@@ -215,6 +215,17 @@ pub fn print_status(s: &Status) {
     } else {
         println!("ready: NO ({})", s.readiness.reason());
     }
+    print_capture(s);
+    println!("captured (VIP, port) entries: {}", s.captured_vips);
+    print_table(s);
+    if let Some(x) = &s.istiod {
+        print_istiod(x);
+    }
+    print_identity(s);
+    print_rest(s);
+}
+
+fn print_capture(s: &Status) {
     match &s.capture {
         Some(c) => {
             let cgroup = c.cgroup.as_ref().map(|p| p.display().to_string());
@@ -238,7 +249,10 @@ pub fn print_status(s: &Status) {
         }
         None => println!("capture: not attached yet"),
     }
-    println!("captured (VIP, port) entries: {}", s.captured_vips);
+}
+
+/// The table in force and each source's share of it.
+fn print_table(s: &Status) {
     println!(
         "mesh table: version {}, {} services, {} workloads, {} DNS names, loaded {}s ago, {} rejected reloads",
         s.table.version,
@@ -268,50 +282,55 @@ pub fn print_status(s: &Status) {
             println!("  last load refused (the table above stays): {e}");
         }
     }
-    if let Some(x) = &s.istiod {
+}
+
+fn print_istiod(x: &crate::xds::XdsStatus) {
+    println!(
+        "istiod: {:?} ({}) to {}, {}s; {}{}{} reconnects",
+        x.connection,
+        x.protocol,
+        x.server,
+        now_unix().saturating_sub(x.since_unix),
+        if x.synced {
+            "in sync; "
+        } else {
+            "not synced yet; "
+        },
+        if x.from_persisted {
+            "table from the persisted copy; "
+        } else {
+            ""
+        },
+        x.reconnects
+    );
+    for (ty, t) in &x.types {
         println!(
-            "istiod: {:?} ({}) to {}, {}s; {}{}{} reconnects",
-            x.connection,
-            x.protocol,
-            x.server,
-            now_unix().saturating_sub(x.since_unix),
-            if x.synced {
-                "in sync; "
-            } else {
-                "not synced yet; "
-            },
-            if x.from_persisted {
-                "table from the persisted copy; "
-            } else {
-                ""
-            },
-            x.reconnects
+            "  {ty}: version {:?} nonce {:?}, {} resources, {} accepted, {} refused{}",
+            t.version,
+            t.nonce,
+            t.resources,
+            t.acks,
+            t.nacks,
+            t.last_nack
+                .as_ref()
+                .map(|n| format!("; last refusal: {n}"))
+                .unwrap_or_default()
         );
-        for (ty, t) in &x.types {
-            println!(
-                "  {ty}: version {:?} nonce {:?}, {} resources, {} accepted, {} refused{}",
-                t.version,
-                t.nonce,
-                t.resources,
-                t.acks,
-                t.nacks,
-                t.last_nack
-                    .as_ref()
-                    .map(|n| format!("; last refusal: {n}"))
-                    .unwrap_or_default()
-            );
-        }
-        if let Some(e) = &x.last_error {
-            println!("  last error: {e}");
-        }
-        if x.last_push_unix > 0 {
-            println!(
-                "  last push {}s ago, applied in {:.1} ms",
-                now_unix().saturating_sub(x.last_push_unix),
-                x.last_apply_ms
-            );
-        }
     }
+    if let Some(e) = &x.last_error {
+        println!("  last error: {e}");
+    }
+    if x.last_push_unix > 0 {
+        println!(
+            "  last push {}s ago, applied in {:.1} ms",
+            now_unix().saturating_sub(x.last_push_unix),
+            x.last_apply_ms
+        );
+    }
+}
+
+/// The certificate and the Istio CA.
+fn print_identity(s: &Status) {
     match &s.identity {
         Some(id) => println!(
             "identity: {} (serial {}) valid for {}h{}m",
@@ -352,6 +371,10 @@ pub fn print_status(s: &Status) {
             println!("  files not written: {e}");
         }
     }
+}
+
+/// The application probe, the network and how a restart goes.
+fn print_rest(s: &Status) {
     if let Some(p) = &s.probe {
         let verdict = match p.healthy {
             Some(true) => "healthy".to_string(),
